@@ -1,0 +1,66 @@
+"""Builder: validates a model against the build limits and the target, plans kernels and memory.
+
+All validation happens here, before any weight is converted, and each error says what to change.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+
+from kiln.build.engine import Engine, EngineManifest
+from kiln.build.plan import kernel_plan, memory_plan
+from kiln.build.target import detect_target, device_name, resolve_dtype
+from kiln.config import BuildConfig
+from kiln.convert.checkpoint import CheckpointReader
+from kiln.convert.converter import convert_checkpoint, dummy_weights
+from kiln.convert.safetensors_io import DTYPE_NAMES
+from kiln.errors import ConfigError
+from kiln.models import ModelSource
+from kiln.models.config import ModelConfig
+
+
+def validate(model: ModelConfig, build: BuildConfig) -> BuildConfig:
+    """Returns the build config with target and dtype resolved, or raises naming the fix."""
+    target = detect_target() if build.target == "auto" else build.target
+    here = detect_target()
+    if target != "cpu" and here != target:
+        raise ConfigError(f"target {target} needs that GPU present to plan and tune kernels (this machine: "
+                          f"{here}); build on the target machine or use --target auto")
+    dtype = resolve_dtype(build.dtype, model.checkpoint_dtype, target)
+    limit = model.max_supported_positions
+    if build.max_seq_len > limit:
+        raise ConfigError(f"max_seq_len={build.max_seq_len} exceeds the model's {limit} positions "
+                          f"(max_position_embeddings{' with rope scaling' if model.rope.rope_type != 'default' else ''}); "
+                          f"lower --max-seq-len to {limit} or less")
+    if model.sliding_window is not None and build.max_seq_len > model.sliding_window:
+        raise ConfigError(f"max_seq_len={build.max_seq_len} exceeds the model's sliding window "
+                          f"({model.sliding_window}); sliding-window attention is not supported yet, so lower "
+                          f"--max-seq-len to {model.sliding_window}")
+    return build.replace(target=target, dtype=dtype)
+
+
+class Builder:
+    def build(self, model: ModelSource, config: BuildConfig, tune: bool = True) -> Engine:
+        resolved = validate(model.config, config)
+        dtype = DTYPE_NAMES[resolved.dtype]
+        manifest = EngineManifest(
+            model_config=model.config,
+            build_config=resolved,
+            target_device_name=device_name() if resolved.target != "cpu" else "cpu",
+            kernel_plan=kernel_plan(resolved.target, model.config, resolved, dtype, tune=tune),
+            memory_plan=memory_plan(model.config, resolved, dtype),
+            tensors={},
+            has_tokenizer=False,
+        )
+        if model.is_dummy:
+            device = torch.device("cpu" if resolved.target == "cpu" else "cuda")
+            produce = partial(dummy_weights, model.config, dtype, device)
+        else:
+            produce = partial(_convert, model, dtype)
+        return Engine(manifest=manifest, produce_weights=produce, tokenizer_source=model.tokenizer_dir)
+
+
+def _convert(model: ModelSource, dtype: torch.dtype):
+    return convert_checkpoint(model.config, CheckpointReader(model.checkpoint_dir), dtype)

@@ -1,0 +1,52 @@
+"""What the build decides besides weights: the memory plan and the kernel plan."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from kiln.config import BuildConfig
+from kiln.kernels import reference_plan
+from kiln.models.config import ModelConfig
+from kiln.models.decoder import weight_spec
+
+
+def kv_bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
+    return 2 * config.num_layers * config.num_kv_heads * config.head_dim * dtype.itemsize
+
+
+def memory_plan(config: ModelConfig, build: BuildConfig, dtype: torch.dtype) -> dict[str, int]:
+    """Bytes the engine needs at its limits, so users can see what fits before loading."""
+    weights = sum(_numel(s) for s in weight_spec(config).values()) * dtype.itemsize
+    per_token = kv_bytes_per_token(config, dtype)
+    blocks_per_seq = -(-build.max_seq_len // build.tokens_per_block)
+    widest = max(config.q_size + 2 * config.kv_size, 2 * config.intermediate_size, config.hidden_size)
+    activations = build.max_num_tokens * (widest + 3 * config.hidden_size) * dtype.itemsize
+    logits = build.max_batch_size * config.vocab_size * 4
+    return {
+        "weight_bytes": weights,
+        "kv_bytes_per_token": per_token,
+        "kv_bytes_per_block": per_token * build.tokens_per_block,
+        "kv_blocks_for_full_batch": build.max_batch_size * blocks_per_seq,
+        "kv_bytes_for_full_batch": build.max_batch_size * blocks_per_seq * build.tokens_per_block * per_token,
+        "activation_bytes": activations,
+        "logits_bytes": logits,
+    }
+
+
+def kernel_plan(target: str, config: ModelConfig, build: BuildConfig, dtype: torch.dtype,
+                tune: bool) -> dict[str, dict[str, Any]]:
+    """Reference ops on the CPU; Triton ops (tuned for this engine's shapes when ``tune``) on GPUs."""
+    if target == "cpu":
+        return reference_plan()
+    from kiln.build.tuning import gpu_kernel_plan  # needs triton
+
+    return gpu_kernel_plan(config, build, dtype, tune=tune)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n

@@ -1,0 +1,173 @@
+"""Build-time and run-time configs. Frozen, validated on construction, one field per CLI flag."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from kiln.errors import ConfigError, RequestError
+
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+TARGETS = ("auto", "cpu", "sm80", "sm86", "sm89", "sm90")
+CAPACITY_POLICIES = ("guaranteed_no_evict", "max_utilization")
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """The limits fixed into an engine. The runtime may lower batch size / tokens, never raise them."""
+
+    max_batch_size: int = 8
+    max_input_len: int = 1024
+    max_seq_len: int = 2048
+    max_num_tokens: int = 2048
+    max_beam_width: int = 1
+    tokens_per_block: int = 32
+    dtype: str = "auto"
+    tp_size: int = 1
+    target: str = "auto"
+
+    def __post_init__(self):
+        for name in ("max_batch_size", "max_input_len", "max_seq_len", "max_num_tokens", "tokens_per_block"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype {self.dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
+        if self.target not in TARGETS:
+            raise ConfigError(f"target {self.target!r} is not supported; choose one of {', '.join(TARGETS)}")
+        if self.tp_size != 1:
+            raise ConfigError(f"tp_size={self.tp_size}: this kiln builds single-GPU engines only; use tp_size=1")
+        if self.max_beam_width != 1:
+            raise ConfigError(f"max_beam_width={self.max_beam_width}: beam search is not supported yet; use 1")
+        if self.max_input_len > self.max_seq_len:
+            raise ConfigError(f"max_input_len ({self.max_input_len}) must be <= max_seq_len "
+                              f"({self.max_seq_len}); raise --max-seq-len or lower --max-input-len")
+        if self.tokens_per_block & (self.tokens_per_block - 1) or self.tokens_per_block < 4:
+            raise ConfigError(f"tokens_per_block must be a power of two >= 4, got {self.tokens_per_block}")
+
+    @property
+    def requires_chunked_context(self) -> bool:
+        """A full-length prompt does not fit one iteration: it must be split across iterations."""
+        return self.max_num_tokens < self.max_input_len
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "BuildConfig":
+        return cls(**d)
+
+    def replace(self, **kw) -> "BuildConfig":
+        return replace(self, **kw)
+
+
+@dataclass(frozen=True)
+class KvCacheConfig:
+    """How much memory the KV block pool takes, sized once at load."""
+
+    free_gpu_memory_fraction: float = 0.9
+    max_tokens: int | None = None
+    enable_block_reuse: bool = True
+
+    def __post_init__(self):
+        if not 0.0 < self.free_gpu_memory_fraction <= 1.0:
+            raise ConfigError(f"free_gpu_memory_fraction must be in (0, 1], got {self.free_gpu_memory_fraction}")
+        if self.max_tokens is not None and self.max_tokens <= 0:
+            raise ConfigError(f"kv cache max_tokens must be positive, got {self.max_tokens}")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    capacity_scheduler_policy: str = "guaranteed_no_evict"
+    enable_chunked_context: bool = True
+
+    def __post_init__(self):
+        if self.capacity_scheduler_policy not in CAPACITY_POLICIES:
+            raise ConfigError(f"capacity_scheduler_policy {self.capacity_scheduler_policy!r} is not supported; "
+                              f"choose one of {', '.join(CAPACITY_POLICIES)}")
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request sampling. temperature == 0 means greedy."""
+
+    max_tokens: int = 16
+    min_tokens: int = 0
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    seed: int | None = None
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    n: int = 1
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    include_stop_str_in_output: bool = False
+
+    def __post_init__(self):
+        # Accept lists and a bare string where a tuple is meant, as users write them.
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        object.__setattr__(self, "stop", tuple(self.stop or ()))
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids or ()))
+        checks = [
+            (isinstance(self.max_tokens, int) and self.max_tokens >= 1, "max_tokens must be an integer >= 1"),
+            (isinstance(self.min_tokens, int) and 0 <= self.min_tokens <= self.max_tokens,
+             "min_tokens must be between 0 and max_tokens"),
+            (self.temperature >= 0.0, "temperature must be >= 0"),
+            (isinstance(self.top_k, int) and self.top_k >= 0, "top_k must be an integer >= 0 (0 disables it)"),
+            (0.0 < self.top_p <= 1.0, "top_p must be in (0, 1]"),
+            (0.0 <= self.min_p <= 1.0, "min_p must be in [0, 1]"),
+            (self.repetition_penalty > 0.0, "repetition_penalty must be > 0"),
+            (-2.0 <= self.presence_penalty <= 2.0, "presence_penalty must be in [-2, 2]"),
+            (-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty must be in [-2, 2]"),
+            (isinstance(self.n, int) and self.n >= 1, "n must be an integer >= 1"),
+            (self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20),
+             "logprobs must be an integer in [0, 20]"),
+            (self.prompt_logprobs is None or (isinstance(self.prompt_logprobs, int) and 0 <= self.prompt_logprobs <= 20),
+             "prompt_logprobs must be an integer in [0, 20]"),
+            (self.seed is None or isinstance(self.seed, int), "seed must be an integer"),
+            (all(isinstance(s, str) and s for s in self.stop), "stop must be non-empty strings"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise RequestError(f"invalid sampling parameter: {message}")
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def replace(self, **kw) -> "SamplingParams":
+        return replace(self, **kw)
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """Options given when an engine is loaded (LLM / Executor / serve / bench)."""
+
+    max_batch_size: int | None = None
+    max_num_tokens: int | None = None
+    kv_cache_config: KvCacheConfig = field(default_factory=KvCacheConfig)
+    scheduler_config: SchedulerConfig = field(default_factory=SchedulerConfig)
+    enable_cuda_graphs: bool = True
+    device: str | None = None
+
+    def resolve(self, build: BuildConfig) -> tuple[int, int]:
+        """Effective (max_batch_size, max_num_tokens): lower than the engine's or equal, never higher."""
+        batch = self.max_batch_size or build.max_batch_size
+        tokens = self.max_num_tokens or build.max_num_tokens
+        if batch > build.max_batch_size:
+            raise ConfigError(f"max_batch_size={batch} exceeds the engine's {build.max_batch_size}; "
+                              "rebuild the engine with a larger --max-batch-size")
+        if tokens > build.max_num_tokens:
+            raise ConfigError(f"max_num_tokens={tokens} exceeds the engine's {build.max_num_tokens}; "
+                              "rebuild the engine with a larger --max-num-tokens")
+        if tokens < build.max_input_len and not self.scheduler_config.enable_chunked_context:
+            raise ConfigError(f"max_num_tokens={tokens} is below max_input_len={build.max_input_len}, so long "
+                              "prompts need chunked context; enable it or raise max_num_tokens")
+        return batch, tokens

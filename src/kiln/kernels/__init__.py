@@ -1,0 +1,62 @@
+"""Kernel dispatch: the model calls ops through one ``KernelOps`` chosen by the engine's kernel plan.
+
+Every op has a plain-PyTorch reference (``*_ref``), which is the CPU path and the test oracle, and may
+have Triton implementations registered beside it. The plan maps op name -> {"impl": name, "config": {...}}.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+from kiln.errors import EngineError
+from kiln.kernels.activation import silu_mul_ref
+from kiln.kernels.attention import AttentionMetadata, paged_attention_ref
+from kiln.kernels.norm import add_rms_norm_ref, rms_norm_ref
+from kiln.kernels.rotary import rotary_kv_write_ref
+
+OPS = ("rms_norm", "add_rms_norm", "silu_mul", "rotary_kv_write", "attention")
+
+_REFERENCE: dict[str, Callable] = {
+    "rms_norm": rms_norm_ref,
+    "add_rms_norm": add_rms_norm_ref,
+    "silu_mul": silu_mul_ref,
+    "rotary_kv_write": rotary_kv_write_ref,
+    "attention": paged_attention_ref,
+}
+
+
+def _triton_impls() -> dict[str, Callable]:
+    from kiln.kernels import triton_ops  # lazy: triton is only needed on GPU targets
+
+    return triton_ops.IMPLS
+
+
+IMPL_PROVIDERS: dict[str, Callable[[], dict[str, Callable]]] = {
+    "reference": lambda: _REFERENCE,
+    "triton": _triton_impls,
+}
+
+
+def reference_plan() -> dict[str, dict[str, Any]]:
+    return {op: {"impl": "reference", "config": {}} for op in OPS}
+
+
+class KernelOps:
+    """The ops a model calls, bound once at load from the kernel plan (no per-call dispatch logic)."""
+
+    def __init__(self, plan: dict[str, dict[str, Any]]):
+        self.plan = plan
+        for op in OPS:
+            entry = plan.get(op, {"impl": "reference", "config": {}})
+            impl = entry["impl"]
+            if impl not in IMPL_PROVIDERS:
+                raise EngineError(f"kernel plan names unknown implementation {impl!r} for {op}; "
+                                  f"known: {', '.join(IMPL_PROVIDERS)}")
+            fn = IMPL_PROVIDERS[impl]()[op]
+            config = entry.get("config") or {}
+            setattr(self, op, functools.partial(fn, **config) if config else fn)
+
+
+__all__ = ["AttentionMetadata", "KernelOps", "OPS", "reference_plan"]

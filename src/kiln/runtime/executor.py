@@ -1,0 +1,467 @@
+"""The Executor: in-flight batching over a background loop thread.
+
+Clients enqueue Requests from any thread; the loop drains new requests and cancellations, asks the
+scheduler for one batch plan, has the model runner execute it, then turns sampled tokens into
+per-request responses (stop checks, detokenization, streaming deltas). A failure in one request's
+work becomes an error response for that request alone; the loop and the other requests go on.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import queue
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kiln.config import RuntimeConfig, SamplingParams
+from kiln.errors import KilnError, RequestError
+from kiln.runtime.kv_cache import BlockPool
+from kiln.runtime.loader import LoadedEngine, load_engine, num_kv_blocks
+from kiln.runtime.model_runner import ModelRunner, RunnerOutput, allocate_kv_cache
+from kiln.runtime.request import Request, Response, Result
+from kiln.runtime.scheduler import ScheduledSequence, Scheduler, SchedulerOutput
+from kiln.runtime.sequence import Sequence
+from kiln.runtime.tokenizer import IncrementalDetokenizer
+
+logger = logging.getLogger(__name__)
+
+ResponseCallback = Callable[[Response], None]
+
+
+@dataclass
+class IterationStats:
+    iteration: int
+    timestamp: float
+    iteration_time_ms: float
+    batch_size: int
+    num_context_tokens: int
+    num_decode_tokens: int
+    num_preempted: int
+    kv_blocks_used: int
+    kv_blocks_free: int
+    kv_blocks_total: int
+    prefix_cache_hit_rate: float
+    num_waiting: int
+    num_running: int
+
+
+@dataclass
+class _Sample:
+    seq: Sequence
+    detok: IncrementalDetokenizer | None
+    text: str = ""
+    num_sent_tokens: int = 0
+    num_sent_chars: int = 0
+    log_probs: list[float] = field(default_factory=list)
+    top_logprobs: list[dict[int, float]] = field(default_factory=list)
+    finish_reason: str | None = None
+
+
+@dataclass
+class _RequestState:
+    request_id: int
+    request: Request
+    params: SamplingParams
+    prompt_ids: list[int]
+    callback: ResponseCallback | None
+    arrival_time: float
+    samples: list[_Sample] = field(default_factory=list)
+    prompt_logprobs: list[dict[int, float] | None] = field(default_factory=list)
+    first_token_time: float | None = None
+    finish_time: float | None = None
+
+    @property
+    def is_finished(self) -> bool:
+        return len(self.samples) == self.params.n and all(s.finish_reason for s in self.samples)
+
+
+class Executor:
+    def __init__(self, engine: str | Path | LoadedEngine, config: RuntimeConfig | None = None, progress: bool = False,
+                 **options):
+        config = config or RuntimeConfig(**options)
+        self.engine = engine if isinstance(engine, LoadedEngine) else load_engine(engine, config.device,
+                                                                                  progress=progress)
+        build = self.engine.build_config
+        self.max_batch_size, self.max_num_tokens = config.resolve(build)
+        self.config = config
+        model = self.engine.model
+        num_blocks = num_kv_blocks(self.engine, config.kv_cache_config,
+                                   activation_bytes=self.engine.manifest.memory_plan["activation_bytes"])
+        self.pool = BlockPool(num_blocks, build.tokens_per_block, config.kv_cache_config.enable_block_reuse)
+        self.runner = ModelRunner(model, allocate_kv_cache(model, num_blocks, build.tokens_per_block))
+        self.scheduler = Scheduler(self.pool, self.max_batch_size, self.max_num_tokens, build.max_seq_len,
+                                   config.scheduler_config.capacity_scheduler_policy,
+                                   config.scheduler_config.enable_chunked_context)
+        self.tokenizer = self.engine.tokenizer
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._wakeup = threading.Event()
+        self._ready: collections.deque[Response] = collections.deque()
+        self._ready_cv = threading.Condition()
+        self._requests: dict[int, _RequestState] = {}
+        self._seq_to_request: dict[int, _RequestState] = {}
+        self._next_id = 0
+        self._id_lock = threading.Lock()
+        self._stats: collections.deque[IterationStats] = collections.deque(maxlen=1000)
+        self._iteration = 0
+        self._shutdown = False
+        self.counters = collections.Counter()  # prompt_tokens, generation_tokens, requests_*
+        self._thread = threading.Thread(target=self._loop, name="kiln-executor", daemon=True)
+        self._thread.start()
+
+    # ---- client API (any thread) ---------------------------------------------------------------
+    def enqueue_request(self, request: Request, on_response: ResponseCallback | None = None) -> int:
+        """Queues a request; returns its id. Invalid requests get an error response, never an exception
+        that stops the caller's other requests."""
+        if self._shutdown:
+            raise KilnError("executor is shut down")
+        with self._id_lock:
+            request_id = self._next_id
+            self._next_id += 1
+        self._inbox.put(("add", request_id, request, on_response, time.time()))
+        self._wakeup.set()
+        return request_id
+
+    def enqueue_requests(self, requests: list[Request]) -> list[int]:
+        return [self.enqueue_request(r) for r in requests]
+
+    def cancel_request(self, request_id: int) -> None:
+        self._inbox.put(("cancel", request_id))
+        self._wakeup.set()
+
+    def await_responses(self, request_id: int | None = None, timeout: float | None = None) -> list[Response]:
+        """Responses ready now (waiting up to ``timeout`` seconds for at least one); only those of
+        ``request_id`` when given."""
+        def pick() -> list[Response]:
+            if request_id is None:
+                out = list(self._ready)
+                self._ready.clear()
+                return out
+            out = [r for r in self._ready if r.request_id == request_id]
+            if out:
+                keep = [r for r in self._ready if r.request_id != request_id]
+                self._ready.clear()
+                self._ready.extend(keep)
+            return out
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._ready_cv:
+            while True:
+                got = pick()
+                if got or self._shutdown:
+                    return got
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return []
+                self._ready_cv.wait(remaining)
+
+    def get_latest_iteration_stats(self) -> list[IterationStats]:
+        """Stats of the iterations since the previous call."""
+        out = list(self._stats)
+        self._stats.clear()
+        return out
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting) + self._inbox.qsize()
+
+    def is_alive(self) -> bool:
+        return self._thread.is_alive() and not self._shutdown
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Stops the loop; unfinished requests end with finish reason 'cancelled'."""
+        if self._shutdown:
+            return
+        self._inbox.put(("shutdown",))
+        self._wakeup.set()
+        self._thread.join(timeout)
+        self._shutdown = True
+        with self._ready_cv:
+            self._ready_cv.notify_all()
+
+    def __enter__(self) -> "Executor":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+    # ---- the loop ------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            if not self._drain_inbox():
+                break
+            if not self.scheduler.has_work():
+                self._wakeup.wait(0.05)
+                self._wakeup.clear()
+                continue
+            try:
+                self._step()
+            except Exception as e:  # a bug in the loop itself: fail what is in flight, keep serving
+                logger.exception("executor iteration failed")
+                for state in list(self._requests.values()):
+                    self._fail(state, f"internal error: {e}")
+        for state in list(self._requests.values()):
+            self._finish_all(state, "cancelled")
+
+    def _drain_inbox(self) -> bool:
+        while True:
+            try:
+                msg = self._inbox.get_nowait()
+            except queue.Empty:
+                return True
+            if msg[0] == "shutdown":
+                return False
+            if msg[0] == "add":
+                self._add(*msg[1:])
+            elif msg[0] == "cancel":
+                state = self._requests.get(msg[1])
+                if state is not None:
+                    self._finish_all(state, "cancelled")
+
+    def _step(self) -> None:
+        t0 = time.perf_counter()
+        plan = self.scheduler.schedule()
+        if plan.is_empty:
+            self._wakeup.wait(0.005)
+            self._wakeup.clear()
+            return
+        out = self._execute(plan)
+        self.scheduler.update(plan, out.sampled)
+        self._process(plan, out)
+        self._record_stats(plan, t0)
+
+    def _execute(self, plan: SchedulerOutput) -> RunnerOutput:
+        """Runs the plan; if it fails, runs each sequence alone so only the failing ones get errors."""
+        try:
+            return self.runner.execute(plan)
+        except Exception as batch_error:
+            logger.warning("batch of %d failed (%s); isolating", len(plan.scheduled), batch_error)
+        out = RunnerOutput()
+        kept: list[ScheduledSequence] = []
+        for s in plan.scheduled:
+            try:
+                part = self.runner.execute(SchedulerOutput(scheduled=[s]))
+            except Exception as e:
+                state = self._seq_to_request.get(s.seq.seq_id)
+                if state is not None:
+                    self._fail(state, f"{type(e).__name__}: {e}")
+                continue
+            kept.append(s)
+            for name in ("sampled", "forked", "logprobs", "prompt_logprobs"):
+                getattr(out, name).update(getattr(part, name))
+        plan.scheduled = kept
+        return out
+
+    # ---- requests ------------------------------------------------------------------------------
+    def _add(self, request_id: int, request: Request, callback: ResponseCallback | None, arrival: float) -> None:
+        try:
+            params = request.effective_sampling()
+            prompt = self._validate(request, params)
+        except (KilnError, ValueError, TypeError) as e:
+            self._emit(Response(request_id, error_msg=str(e)), callback)
+            self.counters["requests_rejected"] += 1
+            return
+        state = _RequestState(request_id, request, params, prompt, callback, arrival)
+        self._requests[request_id] = state
+        seed = params.seed if params.seed is not None else random.getrandbits(62)
+        seq = Sequence(self.scheduler.new_seq_id(), request_id, list(prompt), len(prompt), params, seed,
+                       stop_ids=self._stop_ids(request, params))
+        self._register(state, seq)
+        self.scheduler.add(seq)
+        self.counters["prompt_tokens"] += len(prompt)
+
+    def _validate(self, request: Request, params: SamplingParams) -> list[int]:
+        build = self.engine.build_config
+        ids = request.input_token_ids
+        if not isinstance(ids, (list, tuple)) or not ids:
+            raise RequestError("input_token_ids must be a non-empty list of token ids")
+        vocab = self.engine.model_config.vocab_size
+        if not all(isinstance(t, int) and 0 <= t < vocab for t in ids):
+            raise RequestError(f"input_token_ids must be integers in [0, {vocab})")
+        if len(ids) > build.max_input_len:
+            raise RequestError(f"prompt has {len(ids)} tokens but the engine's max_input_len is "
+                               f"{build.max_input_len}; shorten the prompt or rebuild with a larger --max-input-len")
+        if len(ids) + params.max_tokens > build.max_seq_len:
+            raise RequestError(f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the engine's "
+                               f"max_seq_len {build.max_seq_len}; lower max_tokens to "
+                               f"{max(build.max_seq_len - len(ids), 0)} or rebuild with a larger --max-seq-len")
+        if params.stop and self.tokenizer is None:
+            raise RequestError("stop strings need a tokenizer, and this engine has none; use stop_token_ids")
+        need = self.scheduler.blocks_for(len(ids) + params.max_tokens) * params.n
+        if need > self.pool.num_blocks:
+            raise RequestError(f"request needs {need} KV blocks (prompt + max_tokens, n={params.n}) but the pool "
+                               f"has {self.pool.num_blocks}; lower max_tokens or n, or give the KV cache more "
+                               "memory (free_gpu_memory_fraction / max_tokens)")
+        return list(ids)
+
+    def _stop_ids(self, request: Request, params: SamplingParams) -> tuple[int, ...]:
+        eos = () if params.ignore_eos else ((request.end_id,) if request.end_id is not None
+                                            else self.engine.model_config.eos_token_ids)
+        return tuple(dict.fromkeys((*eos, *params.stop_token_ids)))
+
+    def _register(self, state: _RequestState, seq: Sequence) -> None:
+        detok = IncrementalDetokenizer(self.tokenizer, state.prompt_ids) if self.tokenizer else None
+        state.samples.append(_Sample(seq, detok))
+        self._seq_to_request[seq.seq_id] = state
+
+    # ---- outputs -------------------------------------------------------------------------------
+    def _process(self, plan: SchedulerOutput, out: RunnerOutput) -> None:
+        now = time.time()
+        touched: dict[int, _RequestState] = {}
+        for s in plan.scheduled:
+            seq = s.seq
+            state = self._seq_to_request.get(seq.seq_id)
+            if state is None or seq.is_finished:
+                continue
+            try:
+                if seq.seq_id in out.prompt_logprobs:
+                    self._add_prompt_logprobs(state, *out.prompt_logprobs[seq.seq_id])
+                if seq.seq_id not in out.sampled:
+                    continue
+                touched[state.request_id] = state
+                if state.first_token_time is None:
+                    state.first_token_time = now
+                sample = state.samples[seq.sample_index]
+                self._accept_token(sample, out.logprobs.get(seq.seq_id))
+                for token, seed, entry in out.forked.get(seq.seq_id, ()):
+                    child = self.scheduler.fork(seq, token, len(state.samples), seed)
+                    self._register(state, child)
+                    self._accept_token(state.samples[-1], entry)
+                if out.forked.get(seq.seq_id):
+                    seq.forks_pending = 0
+            except Exception as e:
+                logger.exception("request %s failed in post-processing", seq.request_id)
+                self._fail(state, f"{type(e).__name__}: {e}")
+                touched.pop(state.request_id, None)
+        for state in touched.values():
+            self._respond(state)
+
+    def _accept_token(self, sample: _Sample, logprob_entry: tuple | None) -> None:
+        seq = sample.seq
+        token = seq.token_ids[-1]
+        params = seq.params
+        self.counters["generation_tokens"] += 1
+        if logprob_entry is not None:
+            sample.log_probs.append(logprob_entry[0])
+            sample.top_logprobs.append(logprob_entry[1])
+        is_stop_token = token in seq.stop_ids and seq.num_output_tokens > params.min_tokens - 1
+        if sample.detok is not None and not is_stop_token:
+            sample.text += sample.detok.add(token)
+        reason = None
+        if is_stop_token:
+            reason = "stop"
+        elif params.stop and seq.num_output_tokens >= params.min_tokens and self._trim_stop_string(sample):
+            reason = "stop"
+        elif seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.scheduler.max_seq_len:
+            reason = "length"
+        if reason:
+            self._finish_sample(sample, reason)
+
+    def _trim_stop_string(self, sample: _Sample) -> bool:
+        """Ends the text at the first stop string (searching only where new text could complete one)."""
+        params = sample.seq.params
+        longest = max(len(s) for s in params.stop)
+        search_from = max(0, sample.num_sent_chars - longest + 1)
+        hits = [(i, stop) for stop in params.stop if (i := sample.text.find(stop, search_from)) >= 0]
+        if not hits:
+            return False
+        index, stop = min(hits)
+        sample.text = sample.text[:index + len(stop)] if params.include_stop_str_in_output else sample.text[:index]
+        return True
+
+    def _add_prompt_logprobs(self, state: _RequestState, start: int, entries: list[dict[int, float]]) -> None:
+        if not state.prompt_logprobs:
+            state.prompt_logprobs.append(None)  # the first prompt token has no predecessor
+        if start + 1 == len(state.prompt_logprobs):
+            state.prompt_logprobs.extend(entries)
+
+    def _finish_sample(self, sample: _Sample, reason: str) -> None:
+        sample.finish_reason = reason
+        self.scheduler.finish(sample.seq, reason)
+
+    def _finish_all(self, state: _RequestState, reason: str) -> None:
+        for sample in state.samples:
+            if sample.finish_reason is None:
+                self._finish_sample(sample, reason)
+        # Samples not forked yet (n > 1, prompt unfinished) end with the request, empty.
+        while len(state.samples) < state.params.n:
+            empty = Sequence(-1, state.request_id, list(state.prompt_ids), len(state.prompt_ids), state.params, 0,
+                             sample_index=len(state.samples))
+            state.samples.append(_Sample(empty, None, finish_reason=reason))
+        self._respond(state)
+
+    def _fail(self, state: _RequestState, message: str) -> None:
+        for sample in state.samples:
+            if sample.finish_reason is None:
+                self._finish_sample(sample, "error")
+        self._drop(state)
+        self.counters["requests_failed"] += 1
+        self._emit(Response(state.request_id, error_msg=message), state.callback)
+
+    def _drop(self, state: _RequestState) -> None:
+        self._requests.pop(state.request_id, None)
+        for sample in state.samples:
+            self._seq_to_request.pop(sample.seq.seq_id, None)
+
+    def _respond(self, state: _RequestState) -> None:
+        finished = state.is_finished
+        if finished:
+            state.finish_time = time.time()
+            self._drop(state)
+            self.counters["requests_finished"] += 1
+        elif not state.request.streaming:
+            return
+        holdback = 0 if finished else max((len(s) for s in state.params.stop), default=1) - 1
+        tokens, texts, lps, tops = [], [], [], []
+        for s in state.samples:
+            n_tok = s.seq.num_output_tokens
+            start_tok = s.num_sent_tokens if state.request.streaming else 0
+            start_chr = s.num_sent_chars if state.request.streaming else 0
+            end_chr = len(s.text) if s.finish_reason else max(start_chr, len(s.text) - holdback)
+            tokens.append(s.seq.output_token_ids[start_tok:n_tok])
+            texts.append(s.text[start_chr:end_chr])
+            lps.append(s.log_probs[start_tok:])
+            tops.append(s.top_logprobs[start_tok:])
+            s.num_sent_tokens, s.num_sent_chars = n_tok, end_chr
+        want_lp = state.params.logprobs is not None
+        result = Result(
+            output_token_ids=tokens, text=texts, finish_reasons=[s.finish_reason for s in state.samples],
+            is_final=finished, log_probs=lps if want_lp else None, top_logprobs=tops if want_lp else None,
+            prompt_logprobs=state.prompt_logprobs if state.params.prompt_logprobs is not None and finished else None,
+            num_prompt_tokens=len(state.prompt_ids),
+            num_cached_prompt_tokens=state.samples[0].seq.num_prefix_hit_tokens,
+            arrival_time=state.arrival_time, first_token_time=state.first_token_time, finish_time=state.finish_time,
+        )
+        self._emit(Response(state.request_id, result=result), state.callback)
+
+    def _emit(self, response: Response, callback: ResponseCallback | None) -> None:
+        if callback is not None:
+            try:
+                callback(response)
+            except Exception:
+                logger.exception("response callback failed for request %s", response.request_id)
+            return
+        with self._ready_cv:
+            self._ready.append(response)
+            self._ready_cv.notify_all()
+
+    def _record_stats(self, plan: SchedulerOutput, t0: float) -> None:
+        self._iteration += 1
+        decode = plan.num_decode_tokens
+        self._stats.append(IterationStats(
+            iteration=self._iteration, timestamp=time.time(),
+            iteration_time_ms=(time.perf_counter() - t0) * 1e3, batch_size=len(plan.scheduled),
+            num_context_tokens=plan.num_tokens - decode, num_decode_tokens=decode,
+            num_preempted=len(plan.preempted), kv_blocks_used=self.pool.num_used_blocks,
+            kv_blocks_free=self.pool.num_free_blocks, kv_blocks_total=self.pool.num_blocks,
+            prefix_cache_hit_rate=self.pool.hit_rate, num_waiting=len(self.scheduler.waiting),
+            num_running=len(self.scheduler.running)))
+

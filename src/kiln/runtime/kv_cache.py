@@ -1,0 +1,101 @@
+"""The KV block pool: fixed-size blocks of the paged KV cache, allocated once at load.
+
+Blocks are handed to sequences through block tables. With block reuse (prefix caching) every full
+block is keyed by a hash chained with its parent block's, so two prompts with the same first N blocks
+share them; a block nobody references stays cached until the LRU end of the free list reaches it.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+from collections.abc import Sequence
+
+
+def block_hashes(token_ids: Sequence[int], block_size: int, num_blocks: int, parent: int | None = None,
+                 start_block: int = 0) -> list[int]:
+    """Chained hashes of full blocks start_block .. num_blocks-1 of token_ids."""
+    hashes = []
+    for b in range(start_block, num_blocks):
+        parent = hash((parent, tuple(token_ids[b * block_size:(b + 1) * block_size])))
+        hashes.append(parent)
+    return hashes
+
+
+class BlockPool:
+    def __init__(self, num_blocks: int, block_size: int, enable_reuse: bool = True):
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_reuse = enable_reuse
+        self.ref_counts = [0] * num_blocks
+        self._free: deque[int] = deque(range(num_blocks))   # blocks holding nothing reusable
+        self._evictable: OrderedDict[int, None] = OrderedDict()  # cached, unreferenced; LRU first
+        self._by_hash: dict[int, int] = {}
+        self._hash_of: dict[int, int] = {}
+        self.prefix_queries = 0  # prompt tokens looked up
+        self.prefix_hits = 0     # of those, tokens found in cache
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self._free) + len(self._evictable)
+
+    @property
+    def num_used_blocks(self) -> int:
+        return self.num_blocks - self.num_free_blocks
+
+    @property
+    def hit_rate(self) -> float:
+        return self.prefix_hits / self.prefix_queries if self.prefix_queries else 0.0
+
+    def allocate(self, n: int) -> list[int]:
+        if n > self.num_free_blocks:
+            raise RuntimeError(f"KV block pool exhausted: asked {n}, {self.num_free_blocks} free")
+        out = []
+        for _ in range(n):
+            if self._free:
+                block = self._free.popleft()
+            else:
+                block, _ = self._evictable.popitem(last=False)
+                del self._by_hash[self._hash_of.pop(block)]
+            self.ref_counts[block] = 1
+            out.append(block)
+        return out
+
+    def acquire(self, blocks: Sequence[int]) -> None:
+        """Adds a reference to blocks already holding data (prefix hits, forked sequences)."""
+        for block in blocks:
+            if self.ref_counts[block] == 0:
+                self._evictable.pop(block, None)
+            self.ref_counts[block] += 1
+
+    def release(self, blocks: Sequence[int]) -> None:
+        # Last blocks first: the tail of a sequence is the least likely to be shared, so evict it first.
+        for block in reversed(blocks):
+            self.ref_counts[block] -= 1
+            assert self.ref_counts[block] >= 0, f"block {block} released twice"
+            if self.ref_counts[block] == 0:
+                if block in self._hash_of:
+                    self._evictable[block] = None
+                else:
+                    self._free.append(block)
+
+    def match_prefix(self, token_ids: Sequence[int], hashes: list[int]) -> list[int]:
+        """Cached blocks for the longest cached prefix (at least one token is left to compute)."""
+        if not self.enable_reuse:
+            return []
+        self.prefix_queries += len(token_ids)
+        max_blocks = (len(token_ids) - 1) // self.block_size
+        hits = []
+        for h in hashes[:max_blocks]:
+            block = self._by_hash.get(h)
+            if block is None:
+                break
+            hits.append(block)
+        self.acquire(hits)
+        self.prefix_hits += len(hits) * self.block_size
+        return hits
+
+    def cache_block(self, block: int, block_hash: int) -> None:
+        """Marks a full, computed block as reusable under its chained hash."""
+        if self.enable_reuse and block_hash not in self._by_hash and block not in self._hash_of:
+            self._by_hash[block_hash] = block
+            self._hash_of[block] = block_hash

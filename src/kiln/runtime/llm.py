@@ -1,0 +1,222 @@
+"""The LLM API: prompts in, RequestOutputs out, on top of the Executor.
+
+``LLM(path)`` takes an engine folder, a Hugging Face folder (built once and cached per build config in
+the user cache folder) or nothing (the bundled stories260K model).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from kiln.build.engine import MANIFEST_FILE, EngineManifest
+from kiln.config import BuildConfig, KvCacheConfig, RuntimeConfig, SamplingParams, SchedulerConfig
+from kiln.errors import ConfigError, KilnError, RequestError
+from kiln.runtime.executor import Executor
+from kiln.runtime.request import Request, Response
+from kiln.version import ENGINE_FORMAT_VERSION, __version__
+
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "data" / "stories260K"
+DEFAULT_MODEL_NAME = "stories260K"
+
+Prompt = str | list[int]
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+    logprobs: list[dict[int, float]] | None = None  # per token: top-k ids -> logprob (sampled token included)
+    cumulative_logprob: float | None = None
+    text_diff: str = ""
+    token_ids_diff: list[int] = field(default_factory=list)
+
+
+@dataclass
+class RequestMetrics:
+    arrival_time: float
+    first_token_time: float | None
+    finish_time: float | None
+    num_cached_tokens: int = 0
+
+
+@dataclass
+class RequestOutput:
+    request_id: int
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool
+    metrics: RequestMetrics | None = None
+    prompt_logprobs: list[dict[int, float] | None] | None = None
+    error: str | None = None
+
+
+def cache_root() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "kiln" / "engines"
+
+
+def default_build_config(model_config, **overrides) -> BuildConfig:
+    """BuildConfig defaults fitted to the model (never longer than its positions); explicit values win."""
+    base = BuildConfig()
+    max_seq = overrides.get("max_seq_len") or min(base.max_seq_len, model_config.max_supported_positions)
+    max_input = overrides.get("max_input_len") or min(base.max_input_len, max_seq)
+    values = {"max_seq_len": max_seq, "max_input_len": max_input}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return BuildConfig(**values)
+
+
+def ensure_engine(model: str | Path | None, build_config: BuildConfig | None = None, progress: bool = True) -> Path:
+    """An engine folder for ``model``: itself if it is one, else built (once) into the user cache."""
+    from kiln.build import Builder
+    from kiln.models import AutoModelForCausalLM
+
+    path = Path(model) if model is not None else DEFAULT_MODEL_DIR
+    if (path / MANIFEST_FILE).is_file():
+        if build_config is not None:
+            raise ConfigError(f"{path} is already an engine; build options apply to Hugging Face folders only")
+        return path
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"{path}: neither an engine folder ({MANIFEST_FILE}) nor a Hugging Face model folder "
+                          "(config.json)")
+    source = AutoModelForCausalLM.from_hugging_face(path)
+    if build_config is None:
+        build_config = (BuildConfig(max_batch_size=64, max_input_len=256, max_seq_len=512, max_num_tokens=2048)
+                        if path == DEFAULT_MODEL_DIR else default_build_config(source.config))
+    from kiln.build.builder import validate
+
+    resolved = validate(source.config, build_config)
+    stamp = [__version__, ENGINE_FORMAT_VERSION, str(path.resolve()), resolved.to_dict()]
+    stamp += [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(path.iterdir()) if f.is_file()]
+    key = hashlib.sha256(json.dumps(stamp, sort_keys=True).encode()).hexdigest()[:16]
+    engine_dir = cache_root() / f"{path.name}-{key}"
+    if (engine_dir / MANIFEST_FILE).is_file():
+        try:
+            EngineManifest.read(engine_dir)
+            return engine_dir
+        except KilnError:
+            pass  # stale or damaged cache entry: rebuild it
+    Builder().build(source, resolved).save(engine_dir, progress=progress)
+    return engine_dir
+
+
+class LLM:
+    def __init__(self, model: str | Path | None = None, *, max_batch_size: int | None = None,
+                 max_num_tokens: int | None = None, kv_cache_config: KvCacheConfig | None = None,
+                 scheduler_config: SchedulerConfig | None = None, build_config: BuildConfig | None = None,
+                 enable_cuda_graphs: bool = True, device: str | None = None, progress: bool = True):
+        self.engine_dir = ensure_engine(model, build_config, progress=progress)
+        config = RuntimeConfig(max_batch_size=max_batch_size, max_num_tokens=max_num_tokens,
+                               kv_cache_config=kv_cache_config or KvCacheConfig(),
+                               scheduler_config=scheduler_config or SchedulerConfig(),
+                               enable_cuda_graphs=enable_cuda_graphs, device=device)
+        self.executor = Executor(self.engine_dir, config, progress=progress)
+        self.tokenizer = self.executor.tokenizer
+
+    # ---- prompts ----------------------------------------------------------------------------------
+    def _to_request(self, prompt: Prompt, params: SamplingParams, streaming: bool) -> Request:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise RequestError("this engine has no tokenizer; pass token ids instead of text")
+            return Request(self.tokenizer.encode(prompt), sampling_params=params, streaming=streaming, prompt=prompt)
+        return Request(list(prompt), sampling_params=params, streaming=streaming)
+
+    @staticmethod
+    def _as_batch(prompts) -> list[Prompt]:
+        if isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int)):
+            return [prompts]
+        return list(prompts)
+
+    # ---- generate ---------------------------------------------------------------------------------
+    def generate(self, prompts: Prompt | Sequence[Prompt],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        batch = self._as_batch(prompts)
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+            params = [sampling_params or SamplingParams()] * len(batch)
+        else:
+            params = list(sampling_params)
+            if len(params) != len(batch):
+                raise ConfigError(f"got {len(params)} SamplingParams for {len(batch)} prompts")
+        requests = [self._to_request(p, sp, streaming=False) for p, sp in zip(batch, params)]
+        ids = self.executor.enqueue_requests(requests)
+        by_id = dict(zip(ids, requests))
+        done: dict[int, RequestOutput] = {}
+        with tqdm(total=len(ids), desc="generate", unit="req", disable=not use_tqdm) as bar:
+            while len(done) < len(ids):
+                for resp in self.executor.await_responses(timeout=1.0):
+                    if resp.request_id in by_id and (resp.has_error() or resp.result.is_final):
+                        done[resp.request_id] = _to_output(resp, by_id[resp.request_id], None)
+                        bar.update(1)
+                if not self.executor.is_alive() and len(done) < len(ids):
+                    raise KilnError("executor stopped before all requests finished")
+        return [done[i] for i in ids]
+
+    async def generate_async(self, prompt: Prompt, sampling_params: SamplingParams | None = None,
+                             streaming: bool = True) -> AsyncIterator[RequestOutput]:
+        """Yields RequestOutputs as tokens arrive (cumulative text, plus text_diff); the last is final."""
+        loop = asyncio.get_running_loop()
+        responses: asyncio.Queue[Response] = asyncio.Queue()
+        request = self._to_request(prompt, sampling_params or SamplingParams(), streaming)
+        request_id = self.executor.enqueue_request(
+            request, on_response=lambda r: loop.call_soon_threadsafe(responses.put_nowait, r))
+        previous = None
+        try:
+            while True:
+                resp = await responses.get()
+                previous = _to_output(resp, request, previous)
+                previous.request_id = request_id
+                yield previous
+                if previous.finished:
+                    return
+        finally:
+            if previous is None or not previous.finished:
+                self.executor.cancel_request(request_id)
+
+    def shutdown(self) -> None:
+        self.executor.shutdown()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+
+def _to_output(resp: Response, request: Request, previous: RequestOutput | None) -> RequestOutput:
+    """Folds one (possibly delta) response into a cumulative RequestOutput."""
+    if resp.has_error():
+        outputs = previous.outputs if previous else [CompletionOutput(0, "", [], "error")]
+        for o in outputs:
+            o.finish_reason = "error"
+        return RequestOutput(resp.request_id, request.prompt, list(request.input_token_ids), outputs, True,
+                             error=resp.error_msg)
+    r = resp.result
+    outputs = []
+    for i, (tokens, text, reason) in enumerate(zip(r.output_token_ids, r.text, r.finish_reasons)):
+        before = previous.outputs[i] if previous and i < len(previous.outputs) else None
+        lps = None
+        if r.log_probs is not None:
+            new = []
+            for chosen, top, token in zip(r.log_probs[i], r.top_logprobs[i], tokens):
+                entry = dict(top)
+                entry[token] = chosen
+                new.append(entry)
+            lps = (before.logprobs if before and before.logprobs else []) + new
+        all_tokens = (before.token_ids if before else []) + tokens
+        cumulative = (sum(e[t] for e, t in zip(lps, all_tokens)) if lps is not None else None)
+        outputs.append(CompletionOutput(i, (before.text if before else "") + text, all_tokens, reason, lps,
+                                        cumulative, text_diff=text, token_ids_diff=tokens))
+    metrics = RequestMetrics(r.arrival_time, r.first_token_time, r.finish_time, r.num_cached_prompt_tokens)
+    return RequestOutput(resp.request_id, request.prompt, list(request.input_token_ids), outputs, r.is_final,
+                         metrics, r.prompt_logprobs)

@@ -1,0 +1,77 @@
+"""Engine on disk -> engine in memory: weights on the device, kernels bound, KV pool sized once."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from kiln.build.engine import TOKENIZER_DIR, EngineManifest, engine_device, load_weights
+from kiln.config import KvCacheConfig
+from kiln.errors import ConfigError
+from kiln.kernels import KernelOps
+from kiln.models.decoder import DecoderModel
+from kiln.runtime.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedEngine:
+    engine_dir: Path
+    manifest: EngineManifest
+    model: DecoderModel
+    tokenizer: Tokenizer | None
+    device: torch.device
+    load_seconds: float
+
+    @property
+    def build_config(self):
+        return self.manifest.build_config
+
+    @property
+    def model_config(self):
+        return self.manifest.model_config
+
+
+def load_engine(engine_dir: str | Path, device: str | None = None, verify: bool = True,
+                progress: bool = True) -> LoadedEngine:
+    t0 = time.perf_counter()
+    engine_dir = Path(engine_dir)
+    manifest = EngineManifest.read(engine_dir)
+    dev = torch.device(device) if device else engine_device(manifest)
+    weights = load_weights(engine_dir, manifest, dev, verify=verify, progress=progress)
+    ops = KernelOps(manifest.kernel_plan)
+    model = DecoderModel(manifest.model_config, weights, ops, manifest.build_config.max_seq_len)
+    tokenizer = None
+    if manifest.has_tokenizer:
+        cfg = manifest.model_config
+        tokenizer = Tokenizer(engine_dir / TOKENIZER_DIR, eos_token_ids=cfg.eos_token_ids, bos_token_id=cfg.bos_token_id)
+    return LoadedEngine(engine_dir, manifest, model, tokenizer, dev, time.perf_counter() - t0)
+
+
+def num_kv_blocks(engine: LoadedEngine, kv: KvCacheConfig, activation_bytes: int = 0) -> int:
+    """Blocks for the pool: ``max_tokens`` if given, and on a GPU at most ``free_gpu_memory_fraction`` of
+    the memory free after weights and activations; on the CPU, enough for a full batch at max_seq_len."""
+    m = engine.manifest
+    block_size = m.build_config.tokens_per_block
+    block_bytes = m.memory_plan["kv_bytes_per_block"]
+    limits = []
+    if kv.max_tokens is not None:
+        limits.append(-(-kv.max_tokens // block_size))
+    if engine.device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(engine.device)
+        limits.append(int((free - activation_bytes) * kv.free_gpu_memory_fraction) // block_bytes)
+    elif kv.max_tokens is None:
+        limits.append(m.memory_plan["kv_blocks_for_full_batch"])
+    blocks = min(limits)
+    min_blocks = -(-m.build_config.max_seq_len // block_size)
+    if blocks < min_blocks:
+        raise ConfigError(f"the KV cache would hold {blocks} blocks of {block_size} tokens, fewer than one "
+                          f"max_seq_len sequence needs ({min_blocks}); raise free_gpu_memory_fraction / "
+                          "kv max_tokens, or rebuild with a smaller --max-seq-len")
+    logger.info("KV cache: %d blocks of %d tokens (%.2f GiB)", blocks, block_size, blocks * block_bytes / 2**30)
+    return blocks

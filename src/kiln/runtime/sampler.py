@@ -1,0 +1,163 @@
+"""Batched sampling on the device, one row per sequence, each row with its own parameters.
+
+Random rows draw from a counter-based hash of (seed, step, token id) rather than a shared generator,
+so a seeded request gives the same tokens whatever else is in the batch, on CPU and GPU alike.
+Sampling is done by the exponential race: argmax(p / E) with E ~ Exp(1) picks token i with
+probability p_i.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kiln.runtime.sequence import Sequence
+
+_MASK64 = (1 << 64) - 1
+
+
+def _signed(x: int) -> int:
+    x &= _MASK64
+    return x - (1 << 64) if x >= 1 << 63 else x
+
+
+_C_SEED, _C_STEP, _C_TOKEN = _signed(0x9E3779B97F4A7C15), _signed(0xC2B2AE3D27D4EB4F), _signed(0x165667B19E3779F9)
+_M1, _M2 = _signed(0xBF58476D1CE4E5B9), _signed(0x94D049BB133111EB)
+
+
+def _shr(x: torch.Tensor, s: int) -> torch.Tensor:
+    """Logical right shift of int64 (torch's >> is arithmetic)."""
+    return (x >> s) & ((1 << (64 - s)) - 1)
+
+
+def uniform_noise(seeds: torch.Tensor, steps: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """[N, V] floats in (0, 1) from splitmix64 of (seed, step, token); int64 arithmetic wraps."""
+    token = torch.arange(vocab_size, device=seeds.device, dtype=torch.int64)
+    x = seeds[:, None] * _C_SEED + steps[:, None] * _C_STEP + token[None, :] * _C_TOKEN
+    x = x ^ _shr(x, 30)
+    x = x * _M1
+    x = x ^ _shr(x, 27)
+    x = x * _M2
+    x = x ^ _shr(x, 31)
+    return (_shr(x, 40).float() + 0.5) * (1.0 / (1 << 24))
+
+
+@dataclass
+class SamplingTensors:
+    temperature: torch.Tensor  # [N] (0 for greedy rows, set to 1 to avoid division by zero)
+    is_greedy: torch.Tensor    # [N] bool
+    top_k: torch.Tensor        # [N] int64, vocab size when disabled
+    top_p: torch.Tensor
+    min_p: torch.Tensor
+    seeds: torch.Tensor
+    steps: torch.Tensor
+    any_random: bool
+    any_top_k_or_p: bool
+    any_min_p: bool
+    any_penalty: bool
+    any_min_tokens: bool
+
+
+def build_sampling_tensors(seqs: list[Sequence], vocab_size: int, device: torch.device) -> SamplingTensors:
+    ps = [s.params for s in seqs]
+    greedy = [p.is_greedy for p in ps]
+    return SamplingTensors(
+        temperature=torch.tensor([1.0 if g else p.temperature for p, g in zip(ps, greedy)], device=device),
+        is_greedy=torch.tensor(greedy, device=device),
+        top_k=torch.tensor([p.top_k if 0 < p.top_k < vocab_size else vocab_size for p in ps], device=device),
+        top_p=torch.tensor([p.top_p for p in ps], device=device),
+        min_p=torch.tensor([p.min_p for p in ps], device=device),
+        seeds=torch.tensor([s.seed for s in seqs], dtype=torch.int64, device=device),
+        steps=torch.tensor([s.num_output_tokens for s in seqs], dtype=torch.int64, device=device),
+        any_random=not all(greedy),
+        any_top_k_or_p=any(not g and (0 < p.top_k < vocab_size or p.top_p < 1.0) for p, g in zip(ps, greedy)),
+        any_min_p=any(not g and p.min_p > 0 for p, g in zip(ps, greedy)),
+        any_penalty=any(p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty for p in ps),
+        any_min_tokens=any(s.num_output_tokens < p.min_tokens for s, p in zip(seqs, ps)),
+    )
+
+
+def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """Repetition penalty over prompt and output tokens (HF/vLLM semantics); presence and frequency
+    penalties over output tokens (OpenAI semantics)."""
+    n, vocab = logits.shape
+    device = logits.device
+    out_counts = torch.zeros(n, vocab, device=device)
+    seen = torch.zeros(n, vocab, dtype=torch.bool, device=device)
+    rows_out, cols_out, rows_all, cols_all = [], [], [], []
+    for i, s in enumerate(seqs):
+        out_ids = s.output_token_ids
+        rows_out += [i] * len(out_ids)
+        cols_out += out_ids
+        rows_all += [i] * s.num_tokens
+        cols_all += s.token_ids
+    if cols_out:
+        out_counts.index_put_((torch.tensor(rows_out, device=device), torch.tensor(cols_out, device=device)),
+                              torch.ones(len(cols_out), device=device), accumulate=True)
+    if cols_all:
+        seen[torch.tensor(rows_all, device=device), torch.tensor(cols_all, device=device)] = True
+    rep = torch.tensor([s.params.repetition_penalty for s in seqs], device=device)[:, None]
+    penalized = torch.where(logits > 0, logits / rep, logits * rep)
+    logits = torch.where(seen, penalized, logits)
+    presence = torch.tensor([s.params.presence_penalty for s in seqs], device=device)[:, None]
+    frequency = torch.tensor([s.params.frequency_penalty for s in seqs], device=device)[:, None]
+    return logits - frequency * out_counts - presence * (out_counts > 0).float()
+
+
+def mask_stop_tokens(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """min_tokens: EOS and stop token ids cannot be sampled before a sequence has that many tokens."""
+    rows, cols = [], []
+    for i, s in enumerate(seqs):
+        if s.num_output_tokens < s.params.min_tokens:
+            rows += [i] * len(s.stop_ids)
+            cols += list(s.stop_ids)
+    if rows:
+        logits = logits.clone()
+        logits[torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device)] = float("-inf")
+    return logits
+
+
+def top_k_top_p_min_p(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
+    """Masks (to -inf) tokens outside each row's top-k, nucleus top-p and min-p sets."""
+    vocab = logits.shape[-1]
+    if t.any_top_k_or_p:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        ranks = torch.arange(vocab, device=logits.device)[None, :]
+        drop = ranks >= t.top_k[:, None]
+        probs = sorted_logits.softmax(dim=-1)
+        before = probs.cumsum(dim=-1) - probs  # mass strictly above each token
+        drop |= before > t.top_p[:, None]
+        drop[:, 0] = False
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+    if t.any_min_p:
+        probs = logits.softmax(dim=-1)
+        logits = logits.masked_fill(probs < t.min_p[:, None] * probs.max(dim=-1, keepdim=True).values,
+                                    float("-inf"))
+    return logits
+
+
+def sample(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """logits: [N, V] float32 for seqs (one row each). Returns [N] int64 token ids on the device."""
+    t = build_sampling_tensors(seqs, logits.shape[-1], logits.device)
+    if t.any_penalty:
+        logits = apply_penalties(logits, seqs)
+    if t.any_min_tokens:
+        logits = mask_stop_tokens(logits, seqs)
+    greedy_tokens = logits.argmax(dim=-1)
+    if not t.any_random:
+        return greedy_tokens
+    scaled = top_k_top_p_min_p(logits / t.temperature[:, None], t)
+    probs = scaled.softmax(dim=-1)
+    race = probs / -torch.log(uniform_noise(t.seeds, t.steps, logits.shape[-1]))
+    return torch.where(t.is_greedy, greedy_tokens, race.argmax(dim=-1))
+
+
+def top_logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Log-probabilities of the model's distribution (before sampling adjustments): of each chosen
+    token [N], and the top k per row ([N, k] values and ids)."""
+    logprobs = logits.log_softmax(dim=-1)
+    chosen = logprobs.gather(-1, tokens[:, None]).squeeze(-1)
+    values, ids = logprobs.topk(k, dim=-1) if k > 0 else (logprobs[:, :0], tokens[:, None][:, :0])
+    return chosen, values, ids

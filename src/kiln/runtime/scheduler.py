@@ -1,0 +1,267 @@
+"""The scheduler: each iteration, one batch plan within the request and token limits.
+
+Running sequences go first: decodes (one token each), then unfinished context chunks; then waiting
+sequences are admitted in arrival order, a long prompt taking as many tokens as the budget leaves
+(chunked context). Capacity policies decide admission:
+
+- ``guaranteed_no_evict``: admit only if the free blocks cover every running sequence's remaining
+  worst case plus the newcomer's, so no sequence ever runs out of blocks.
+- ``max_utilization``: admit when the blocks for this step exist; when a running sequence needs a block
+  and none is free, the newest sequence is preempted (blocks freed, recomputed later).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from dataclasses import dataclass, field
+
+from kiln.runtime.kv_cache import BlockPool, block_hashes
+from kiln.runtime.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledSequence:
+    seq: Sequence
+    num_new_tokens: int
+
+    @property
+    def start(self) -> int:
+        return self.seq.num_computed_tokens
+
+    @property
+    def samples(self) -> bool:
+        """After this step every token is computed, so the runner samples the next one."""
+        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledSequence] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+    block_copies: list[tuple[int, int]] = field(default_factory=list)  # (src, dst), done before the forward
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+    @property
+    def num_decode_tokens(self) -> int:
+        return sum(1 for s in self.scheduled if s.num_new_tokens == 1 and s.seq.num_output_tokens > 0)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    def __init__(self, pool: BlockPool, max_batch_size: int, max_num_tokens: int, max_seq_len: int,
+                 policy: str = "guaranteed_no_evict", enable_chunked_context: bool = True):
+        self.pool = pool
+        self.block_size = pool.block_size
+        self.max_batch_size = max_batch_size
+        self.max_num_tokens = max_num_tokens
+        self.max_seq_len = max_seq_len
+        self.guaranteed = policy == "guaranteed_no_evict"
+        self.enable_chunked_context = enable_chunked_context
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self._pending_copies: list[tuple[int, int]] = []
+        self._seq_ids = itertools.count()
+        self._arrivals = itertools.count()
+        self.num_preemptions = 0
+
+    # ---- bookkeeping -------------------------------------------------------------------------
+    def new_seq_id(self) -> int:
+        return next(self._seq_ids)
+
+    def add(self, seq: Sequence) -> None:
+        seq.arrival_index = next(self._arrivals)
+        self.waiting.append(seq)
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def worst_case_blocks(self, seq: Sequence) -> int:
+        """Blocks a sequence (and the samples it will fork) may still allocate before it finishes."""
+        own = self.blocks_for(min(seq.max_total_tokens, self.max_seq_len))
+        return max(0, own - len(seq.block_table)) + seq.forks_pending * own
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Ends a sequence wherever it is, frees its blocks at once."""
+        if seq.status is SequenceStatus.FINISHED:
+            return
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        else:
+            self.waiting.remove(seq)
+        self.pool.release(seq.block_table)
+        seq.block_table = []
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+
+    # ---- one iteration -----------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput(block_copies=self._pending_copies)
+        self._pending_copies = []
+        budget = self.max_num_tokens
+        scheduled_ids: set[int] = set()
+
+        # 1. decodes, oldest first; under max_utilization a missing block preempts the newest sequence.
+        for seq in sorted((s for s in self.running if s.num_tokens - s.num_computed_tokens == 1),
+                          key=lambda s: s.arrival_index):
+            if len(out.scheduled) >= self.max_batch_size or budget == 0:
+                break
+            if seq.status is not SequenceStatus.RUNNING:
+                continue  # preempted earlier in this loop
+            if not self._grow(seq, 1, out, scheduled_ids):
+                continue
+            out.scheduled.append(ScheduledSequence(seq, 1))
+            scheduled_ids.add(seq.seq_id)
+            budget -= 1
+
+        # 2. running context chunks (long prompts spanning iterations).
+        for seq in sorted((s for s in self.running if s.num_tokens - s.num_computed_tokens > 1),
+                          key=lambda s: s.arrival_index):
+            if len(out.scheduled) >= self.max_batch_size or budget == 0:
+                break
+            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if not self._try_allocate(seq, num_new):
+                continue
+            out.scheduled.append(ScheduledSequence(seq, num_new))
+            scheduled_ids.add(seq.seq_id)
+            budget -= num_new
+
+        # 3. admit waiting sequences in arrival order.
+        outstanding = sum(self.worst_case_blocks(s) for s in self.running) if self.guaranteed else 0
+        while self.waiting and len(out.scheduled) < self.max_batch_size and budget > 0:
+            seq = self.waiting[0]
+            if not seq.block_table:
+                self._match_prefix(seq)
+            remaining = seq.num_tokens - seq.num_computed_tokens
+            if remaining > budget and not self.enable_chunked_context:
+                self._unmatch(seq)
+                break
+            num_new = min(remaining, budget)
+            if self.guaranteed:
+                need = self.worst_case_blocks(seq)
+                if self.pool.num_free_blocks - outstanding < need:
+                    self._unmatch(seq)
+                    break
+                outstanding += need - (self.blocks_for(seq.num_computed_tokens + num_new) - len(seq.block_table))
+            if not self._try_allocate(seq, num_new):
+                self._unmatch(seq)
+                break
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            out.scheduled.append(ScheduledSequence(seq, num_new))
+            budget -= num_new
+        return out
+
+    def update(self, out: SchedulerOutput, sampled: dict[int, int]) -> None:
+        """Advances computed tokens, registers full blocks for reuse, appends sampled tokens."""
+        for s in out.scheduled:
+            seq = s.seq
+            seq.num_computed_tokens += s.num_new_tokens
+            self._cache_full_blocks(seq)
+            token = sampled.get(seq.seq_id)
+            if token is not None:
+                seq.token_ids.append(token)
+
+    def fork(self, parent: Sequence, token: int, sample_index: int, seed: int) -> Sequence:
+        """A new sample of parent's request sharing its computed prompt blocks (the partial last block
+        is copied, since both will write into it)."""
+        child = Sequence(self.new_seq_id(), parent.request_id, parent.token_ids[:-1] + [token],
+                         parent.num_prompt_tokens, parent.params, seed, sample_index, parent.arrival_index,
+                         parent.stop_ids)
+        child.block_hashes = list(parent.block_hashes)
+        full = parent.num_computed_tokens // self.block_size
+        needs_copy = parent.num_computed_tokens % self.block_size != 0
+        if needs_copy and self.pool.num_free_blocks == 0:
+            # No block to copy into (max_utilization only): the child recomputes, reusing cached blocks.
+            self.waiting.appendleft(child)
+            return child
+        shared = parent.block_table[:full]
+        self.pool.acquire(shared)
+        child.block_table = list(shared)
+        if needs_copy:
+            (dst,) = self.pool.allocate(1)
+            self._pending_copies.append((parent.block_table[full], dst))
+            child.block_table.append(dst)
+        child.num_computed_tokens = parent.num_computed_tokens
+        child.num_cached_blocks = min(parent.num_cached_blocks, full)
+        child.status = SequenceStatus.RUNNING
+        self.running.append(child)
+        return child
+
+    # ---- helpers -----------------------------------------------------------------------------
+    def _try_allocate(self, seq: Sequence, num_new: int) -> bool:
+        need = self.blocks_for(seq.num_computed_tokens + num_new) - len(seq.block_table)
+        if need <= 0:
+            return True
+        if need > self.pool.num_free_blocks:
+            return False
+        seq.block_table.extend(self.pool.allocate(need))
+        return True
+
+    def _grow(self, seq: Sequence, num_new: int, out: SchedulerOutput, scheduled_ids: set[int]) -> bool:
+        while not self._try_allocate(seq, num_new):
+            if self.guaranteed:
+                return False  # cannot happen with correct reservations; wait rather than corrupt
+            victims = [s for s in self.running if s.seq_id not in scheduled_ids]
+            victim = max(victims, key=lambda s: s.arrival_index)
+            self._preempt(victim, out)
+            if victim is seq:
+                return False
+        return True
+
+    def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
+        self.running.remove(seq)
+        self.pool.release(seq.block_table)
+        seq.block_table = []
+        seq.num_computed_tokens = 0
+        seq.num_cached_blocks = 0
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        # Back to the queue in arrival order, so the oldest preempted sequence resumes first.
+        index = next((i for i, w in enumerate(self.waiting) if w.arrival_index > seq.arrival_index),
+                     len(self.waiting))
+        self.waiting.insert(index, seq)
+        out.preempted.append(seq)
+
+    def _ensure_hashes(self, seq: Sequence, num_full_blocks: int) -> None:
+        have = len(seq.block_hashes)
+        if num_full_blocks > have:
+            parent = seq.block_hashes[-1] if have else None
+            seq.block_hashes.extend(block_hashes(seq.token_ids, self.block_size, num_full_blocks, parent, have))
+
+    def _match_prefix(self, seq: Sequence) -> None:
+        if seq.wants_prompt_logprobs or not self.pool.enable_reuse:
+            return
+        self._ensure_hashes(seq, seq.num_tokens // self.block_size)
+        hits = self.pool.match_prefix(seq.token_ids, seq.block_hashes)
+        seq.block_table = hits
+        seq.num_computed_tokens = len(hits) * self.block_size
+        seq.num_cached_blocks = len(hits)
+        seq.num_prefix_hit_tokens = max(seq.num_prefix_hit_tokens, seq.num_computed_tokens)
+
+    def _unmatch(self, seq: Sequence) -> None:
+        """Gives back blocks taken for a sequence that could not be admitted this iteration."""
+        self.pool.release(seq.block_table)
+        seq.block_table = []
+        seq.num_computed_tokens = 0
+        seq.num_cached_blocks = 0
+
+    def _cache_full_blocks(self, seq: Sequence) -> None:
+        full = seq.num_computed_tokens // self.block_size
+        if full <= seq.num_cached_blocks or not self.pool.enable_reuse:
+            return
+        self._ensure_hashes(seq, full)
+        for b in range(seq.num_cached_blocks, full):
+            self.pool.cache_block(seq.block_table[b], seq.block_hashes[b])
+        seq.num_cached_blocks = full

@@ -1,0 +1,4 @@
+__version__ = "0.1.0"
+
+# Bumped whenever the engine folder layout or manifest schema changes incompatibly.
+ENGINE_FORMAT_VERSION = 1
