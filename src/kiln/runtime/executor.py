@@ -22,7 +22,7 @@ from kiln.config import RuntimeConfig, SamplingParams
 from kiln.errors import KilnError, RequestError
 from kiln.runtime.kv_cache import BlockPool
 from kiln.runtime.loader import LoadedEngine, load_engine, num_kv_blocks
-from kiln.runtime.model_runner import ModelRunner, RunnerOutput, allocate_kv_cache
+from kiln.runtime.model_runner import ModelRunner, RunnerOutput, allocate_kv_cache, graph_batch_sizes
 from kiln.runtime.request import Request, Response, Result
 from kiln.runtime.scheduler import ScheduledSequence, Scheduler, SchedulerOutput
 from kiln.runtime.sequence import Sequence
@@ -93,7 +93,10 @@ class Executor:
         num_blocks = num_kv_blocks(self.engine, config.kv_cache_config,
                                    activation_bytes=self.engine.manifest.memory_plan["activation_bytes"])
         self.pool = BlockPool(num_blocks, build.tokens_per_block, config.kv_cache_config.enable_block_reuse)
-        self.runner = ModelRunner(model, allocate_kv_cache(model, num_blocks, build.tokens_per_block))
+        self.runner = ModelRunner(model, allocate_kv_cache(model, num_blocks, build.tokens_per_block),
+                                  self.max_batch_size, self.max_num_tokens, build.max_seq_len)
+        if self._use_cuda_graphs(config):
+            self.runner.capture_decode_graphs(graph_batch_sizes(self.max_batch_size))
         self.scheduler = Scheduler(self.pool, self.max_batch_size, self.max_num_tokens, build.max_seq_len,
                                    config.scheduler_config.capacity_scheduler_policy,
                                    config.scheduler_config.enable_chunked_context)
@@ -112,6 +115,11 @@ class Executor:
         self.counters = collections.Counter()  # prompt_tokens, generation_tokens, requests_*
         self._thread = threading.Thread(target=self._loop, name="kiln-executor", daemon=True)
         self._thread.start()
+
+    def _use_cuda_graphs(self, config: RuntimeConfig) -> bool:
+        # The reference attention sizes its loops from host lists, which a captured graph would freeze.
+        attention_impl = self.engine.manifest.kernel_plan.get("attention", {}).get("impl", "reference")
+        return config.enable_cuda_graphs and self.engine.device.type == "cuda" and attention_impl != "reference"
 
     # ---- client API (any thread) ---------------------------------------------------------------
     def enqueue_request(self, request: Request, on_response: ResponseCallback | None = None) -> int:

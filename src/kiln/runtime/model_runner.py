@@ -56,41 +56,152 @@ def allocate_kv_cache(model: DecoderModel, num_blocks: int, block_size: int) -> 
                        dtype=model.dtype, device=model.device)
 
 
+def graph_batch_sizes(max_batch_size: int) -> list[int]:
+    """Padded decode batch sizes that get a CUDA graph: 1, 2, 4, 8, then steps of 8 up to 32 and
+    of 16 beyond, and max_batch_size itself (padding waste stays under ~1/3 at any batch size)."""
+    sizes = {b for b in (1, 2, 4) if b <= max_batch_size}
+    sizes.update(range(8, min(32, max_batch_size) + 1, 8))
+    sizes.update(range(48, max_batch_size + 1, 16))
+    sizes.add(max_batch_size)
+    return sorted(sizes)
+
+
+class InputBuffers:
+    """Static input tensors, allocated once: every step writes into them (pinned host staging, one copy
+    per dtype), so CUDA graphs captured on them see the new inputs and nothing is reallocated."""
+
+    def __init__(self, max_num_tokens: int, max_batch_size: int, max_blocks_per_seq: int, device: torch.device):
+        self.max_num_tokens = max_num_tokens
+        self.max_batch_size = max_batch_size
+        self.max_blocks_per_seq = max_blocks_per_seq
+        pin = device.type == "cuda"
+        # int64 rows: input ids, positions, KV slots, logits rows
+        self.host64 = torch.zeros(4, max_num_tokens, dtype=torch.int64, pin_memory=pin)
+        # int32: seq_lens [B], query_start_loc [B + 1], block_tables [B, max_blocks]
+        self.n32 = 2 * max_batch_size + 1 + max_batch_size * max_blocks_per_seq
+        self.host32 = torch.zeros(self.n32, dtype=torch.int32, pin_memory=pin)
+        self.np64, self.np32 = self.host64.numpy(), self.host32.numpy()
+        self.dev64 = torch.zeros_like(self.host64, device=device)
+        self.dev32 = torch.zeros_like(self.host32, device=device)
+        b = max_batch_size
+        self.seq_lens = self.dev32[:b]
+        self.query_start_loc = self.dev32[b:2 * b + 1]
+        self.block_tables = self.dev32[2 * b + 1:].view(b, max_blocks_per_seq)
+        self.np_seq_lens = self.np32[:b]
+        self.np_query_start_loc = self.np32[b:2 * b + 1]
+        self.np_block_tables = self.np32[2 * b + 1:].reshape(b, max_blocks_per_seq)
+
+    def upload(self) -> None:
+        self.dev64.copy_(self.host64, non_blocking=True)
+        self.dev32.copy_(self.host32, non_blocking=True)
+
+
 class ModelRunner:
-    def __init__(self, model: DecoderModel, kv_cache: torch.Tensor):
+    def __init__(self, model: DecoderModel, kv_cache: torch.Tensor, max_batch_size: int, max_num_tokens: int,
+                 max_seq_len: int):
         self.model = model
         self.kv_cache = kv_cache
         self.block_size = kv_cache.shape[3]
         self.device = model.device
+        self.max_batch_size = max_batch_size
+        self.buffers = InputBuffers(max(max_num_tokens, max_batch_size), max_batch_size,
+                                    -(-max_seq_len // self.block_size), self.device)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graph_capture_seconds = 0.0
 
     def execute(self, plan: SchedulerOutput) -> RunnerOutput:
         for src, dst in plan.block_copies:
             self.kv_cache[:, :, dst].copy_(self.kv_cache[:, :, src])
         batch = self._prepare(plan)
-        logits = self.model.forward(*batch.forward_args)
+        if batch.graph_size:
+            graph, logits = self.graphs[batch.graph_size]
+            graph.replay()
+        else:
+            logits = self.model.forward(*batch.forward_args)
         return self._sample(batch, logits)
+
+    # ---- CUDA graphs -------------------------------------------------------------------------
+    def capture_decode_graphs(self, batch_sizes: list[int]) -> None:
+        """Captures one decode forward per padded batch size (largest first, sharing one memory pool).
+        Only for device-side kernels: the reference attention reads host lists that a graph would freeze."""
+        import time
+
+        t0 = time.perf_counter()
+        buf = self.buffers
+        pool = torch.cuda.graph_pool_handle()
+        stream = torch.cuda.Stream(self.device)
+        for size in sorted(batch_sizes, reverse=True):
+            self._fill_padding(0, size)
+            buf.np64[3, :size] = range(size)
+            buf.upload()
+            args = self._forward_args(size, size, size, [0] * size, [1] * size)
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):
+                for _ in range(2):  # compile and autotune outside the capture
+                    self.model.forward(*args)
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool, stream=stream):
+                logits = self.model.forward(*args)
+            self.graphs[size] = (graph, logits)
+        torch.cuda.synchronize(self.device)
+        self.graph_capture_seconds = time.perf_counter() - t0
+
+    def _graph_size(self, plan: SchedulerOutput, num_tokens: int, has_prompt_logprobs: bool) -> int:
+        if not self.graphs or has_prompt_logprobs or num_tokens != len(plan.scheduled):
+            return 0
+        return next((size for size in sorted(self.graphs) if size >= num_tokens), 0)
+
+    def _fill_padding(self, start: int, end: int) -> None:
+        """Rows start..end of a padded decode batch: no KV write (slot -1), no keys (seq_len 0)."""
+        buf = self.buffers
+        buf.np64[0:2, start:end] = 0
+        buf.np64[2, start:end] = -1
+        buf.np_seq_lens[start:end] = 0
+        buf.np_query_start_loc[start + 1:end + 1] = range(start + 1, end + 1)
+        buf.np_block_tables[start:end] = 0
+
+    def _forward_args(self, num_tokens: int, num_seqs: int, num_logits: int, seq_lens: list[int],
+                      query_lens: list[int]) -> tuple:
+        buf = self.buffers
+        meta = AttentionMetadata(
+            seq_lens=buf.seq_lens[:num_seqs],
+            query_start_loc=buf.query_start_loc[:num_seqs + 1],
+            block_tables=buf.block_tables[:num_seqs],
+            seq_lens_host=seq_lens,
+            query_lens_host=query_lens,
+            sliding_window=self.model.config.sliding_window,
+        )
+        d = buf.dev64
+        return (d[0, :num_tokens], d[1, :num_tokens], self.kv_cache, d[2, :num_tokens], meta, d[3, :num_logits])
 
     # ---- batch preparation -------------------------------------------------------------------
     def _prepare(self, plan: SchedulerOutput) -> "_Batch":
         bs = self.block_size
-        input_ids, positions, slots, starts, seq_lens, q_lens = [], [], [], [0], [], []
+        buf = self.buffers
+        ids_np, pos_np, slot_np, rows_np = buf.np64
+        seq_lens, q_lens = [], []
         logits_rows: list[int] = []   # packed token indices whose logits are computed
         sample_seqs: list[Sequence] = []
         sample_rows: list[int] = []   # for each sampling sequence, its row in the logits
         prompt_lp: list[tuple[Sequence, int, int, int]] = []  # seq, first logits row, start pos, count
-        max_blocks = max(len(s.seq.block_table) for s in plan.scheduled)
-        tables = []
-        for s in plan.scheduled:
+        offset = 0
+        buf.np_query_start_loc[0] = 0
+        for i, s in enumerate(plan.scheduled):
             seq, start, n = s.seq, s.start, s.num_new_tokens
-            offset = len(input_ids)
-            input_ids += seq.token_ids[start:start + n]
-            positions += range(start, start + n)
+            end = start + n
+            ids_np[offset:offset + n] = seq.token_ids[start:end]
+            pos_np[offset:offset + n] = range(start, end)
             table = seq.block_table
-            slots += [table[p // bs] * bs + p % bs for p in range(start, start + n)]
-            starts.append(offset + n)
-            seq_lens.append(start + n)
+            if n == 1:
+                slot_np[offset] = table[start // bs] * bs + start % bs
+            else:
+                slot_np[offset:offset + n] = [table[p // bs] * bs + p % bs for p in range(start, end)]
+            buf.np_block_tables[i, :len(table)] = table
+            buf.np_seq_lens[i] = end
+            buf.np_query_start_loc[i + 1] = offset + n
+            seq_lens.append(end)
             q_lens.append(n)
-            tables.append(table + [0] * (max_blocks - len(table)))
             last_row_is_end = False
             if seq.wants_prompt_logprobs and start < seq.num_prompt_tokens:
                 count = min(n, seq.num_prompt_tokens - start)
@@ -102,24 +213,18 @@ class ModelRunner:
                     logits_rows.append(offset + n - 1)
                 sample_seqs.append(seq)
                 sample_rows.append(len(logits_rows) - 1)
-        dev = self.device
-        meta = AttentionMetadata(
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            query_start_loc=torch.tensor(starts, dtype=torch.int32, device=dev),
-            block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
-            seq_lens_host=seq_lens,
-            query_lens_host=q_lens,
-            sliding_window=self.model.config.sliding_window,
-        )
-        forward_args = (
-            torch.tensor(input_ids, dtype=torch.int64, device=dev),
-            torch.tensor(positions, dtype=torch.int64, device=dev),
-            self.kv_cache,
-            torch.tensor(slots, dtype=torch.int64, device=dev),
-            meta,
-            torch.tensor(logits_rows, dtype=torch.int64, device=dev),
-        )
-        return _Batch(forward_args, sample_seqs, sample_rows, prompt_lp)
+            offset += n
+        num_seqs = len(plan.scheduled)
+        graph_size = self._graph_size(plan, offset, bool(prompt_lp))
+        if graph_size:
+            self._fill_padding(num_seqs, graph_size)
+            rows_np[:graph_size] = range(graph_size)  # the graph computes logits for every row
+            buf.upload()
+            return _Batch(None, sample_seqs, sample_rows, prompt_lp, graph_size)
+        rows_np[:len(logits_rows)] = logits_rows
+        buf.upload()
+        args = self._forward_args(offset, num_seqs, len(logits_rows), seq_lens, q_lens)
+        return _Batch(args, sample_seqs, sample_rows, prompt_lp, 0)
 
     # ---- sampling ----------------------------------------------------------------------------
     def _sample(self, batch: "_Batch", logits: torch.Tensor) -> RunnerOutput:
@@ -176,7 +281,8 @@ class ModelRunner:
 
 @dataclass
 class _Batch:
-    forward_args: tuple
+    forward_args: tuple | None  # None when a captured graph runs the step
     sample_seqs: list[Sequence]
     sample_rows: list[int]
     prompt_lp: list[tuple[Sequence, int, int, int]]
+    graph_size: int
