@@ -192,6 +192,7 @@ class Executor:
         self._wakeup.set()
         self._thread.join(timeout)
         self._shutdown = True
+        self.runner.release()
         with self._ready_cv:
             self._ready_cv.notify_all()
 

@@ -18,6 +18,8 @@ from kiln.runtime.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
+MAX_POOL_FULL_BATCHES = 4
+
 
 @dataclass
 class LoadedEngine:
@@ -55,7 +57,9 @@ def load_engine(engine_dir: str | Path, device: str | None = None, verify: bool 
 
 def num_kv_blocks(engine: LoadedEngine, kv: KvCacheConfig, activation_bytes: int = 0) -> int:
     """Blocks for the pool: ``max_tokens`` if given, and on a GPU at most ``free_gpu_memory_fraction`` of
-    the memory free after weights and activations; on the CPU, enough for a full batch at max_seq_len."""
+    the memory free after weights and activations; on the CPU, enough for a full batch at max_seq_len.
+    Never more than MAX_POOL_FULL_BATCHES full batches at max_seq_len: beyond that, extra blocks only
+    keep more cached prefixes, while a small model would otherwise take the whole GPU."""
     m = engine.manifest
     block_size = m.build_config.tokens_per_block
     block_bytes = m.memory_plan["kv_bytes_per_block"]
@@ -67,7 +71,7 @@ def num_kv_blocks(engine: LoadedEngine, kv: KvCacheConfig, activation_bytes: int
         limits.append(int((free - activation_bytes) * kv.free_gpu_memory_fraction) // block_bytes)
     elif kv.max_tokens is None:
         limits.append(m.memory_plan["kv_blocks_for_full_batch"])
-    blocks = min(limits)
+    blocks = min(limits + [MAX_POOL_FULL_BATCHES * m.memory_plan["kv_blocks_for_full_batch"]])
     min_blocks = -(-m.build_config.max_seq_len // block_size)
     if blocks < min_blocks:
         raise ConfigError(f"the KV cache would hold {blocks} blocks of {block_size} tokens, fewer than one "

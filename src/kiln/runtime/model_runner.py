@@ -109,6 +109,13 @@ class ModelRunner:
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.graph_capture_seconds = 0.0
 
+    def release(self) -> None:
+        """Frees the KV cache and graphs (the executor has stopped)."""
+        self.graphs.clear()
+        self.kv_cache = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
     def execute(self, plan: SchedulerOutput) -> RunnerOutput:
         for src, dst in plan.block_copies:
             self.kv_cache[:, :, dst].copy_(self.kv_cache[:, :, src])
