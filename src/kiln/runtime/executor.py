@@ -72,6 +72,7 @@ class _RequestState:
     arrival_time: float
     samples: list[_Sample] = field(default_factory=list)
     prompt_logprobs: list[dict[int, float] | None] = field(default_factory=list)
+    schedule_time: float | None = None
     first_token_time: float | None = None
     finish_time: float | None = None
 
@@ -242,9 +243,10 @@ class Executor:
             self._wakeup.wait(0.005)
             self._wakeup.clear()
             return
+        scheduled_at = time.time()
         out = self._execute(plan)
         self.scheduler.update(plan, out.sampled)
-        self._process(plan, out)
+        self._process(plan, out, scheduled_at)
         self._record_stats(plan, t0)
 
     def _execute(self, plan: SchedulerOutput) -> RunnerOutput:
@@ -322,7 +324,7 @@ class Executor:
         self._seq_to_request[seq.seq_id] = state
 
     # ---- outputs -------------------------------------------------------------------------------
-    def _process(self, plan: SchedulerOutput, out: RunnerOutput) -> None:
+    def _process(self, plan: SchedulerOutput, out: RunnerOutput, scheduled_at: float) -> None:
         now = time.time()
         touched: dict[int, _RequestState] = {}
         for s in plan.scheduled:
@@ -330,6 +332,8 @@ class Executor:
             state = self._seq_to_request.get(seq.seq_id)
             if state is None or seq.is_finished:
                 continue
+            if state.schedule_time is None:
+                state.schedule_time = scheduled_at
             try:
                 if seq.seq_id in out.prompt_logprobs:
                     self._add_prompt_logprobs(state, *out.prompt_logprobs[seq.seq_id])
@@ -447,7 +451,8 @@ class Executor:
             prompt_logprobs=state.prompt_logprobs if state.params.prompt_logprobs is not None and finished else None,
             num_prompt_tokens=len(state.prompt_ids),
             num_cached_prompt_tokens=state.samples[0].seq.num_prefix_hit_tokens,
-            arrival_time=state.arrival_time, first_token_time=state.first_token_time, finish_time=state.finish_time,
+            arrival_time=state.arrival_time, schedule_time=state.schedule_time,
+            first_token_time=state.first_token_time, finish_time=state.finish_time,
         )
         self._emit(Response(state.request_id, result=result), state.callback)
 

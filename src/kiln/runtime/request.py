@@ -43,6 +43,7 @@ class Result:
     num_prompt_tokens: int = 0
     num_cached_prompt_tokens: int = 0
     arrival_time: float = 0.0
+    schedule_time: float | None = None  # when an iteration first ran the request (queue time ends)
     first_token_time: float | None = None
     finish_time: float | None = None
 
