@@ -1,0 +1,131 @@
+"""Shared fixtures: the ``gpu`` marker, an isolated engine cache, tiny random-weight Hugging Face
+checkpoints, kiln engines built from them, and the bundled stories260K engine."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import NamedTuple
+
+import pytest
+import torch
+
+from kiln import BuildConfig, Builder
+from kiln.models import AutoModelForCausalLM
+from kiln.runtime.llm import DEFAULT_MODEL_DIR
+
+STORIES_DIR = DEFAULT_MODEL_DIR
+
+# Small enough to build and run in well under a second, large enough for GQA (4 heads over 2 KV heads).
+# No EOS: random weights would stop at it by chance; tests of EOS handling set their own.
+TINY_HF_CONFIG = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      bos_token_id=1, eos_token_id=None, pad_token_id=0)
+
+# Limits for engines of tiny models; tests override what they exercise.
+TINY_BUILD = dict(max_batch_size=4, max_input_len=96, max_seq_len=128, max_num_tokens=256, tokens_per_block=8,
+                  dtype="float32", target="cpu")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def isolated_engine_cache(tmp_path_factory):
+    """``LLM(hf_dir)`` and ``kiln generate`` cache engines under XDG_CACHE_HOME: keep the tests' apart."""
+    previous = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg_cache"))
+    yield Path(os.environ["XDG_CACHE_HOME"])
+    if previous is None:
+        os.environ.pop("XDG_CACHE_HOME", None)
+    else:
+        os.environ["XDG_CACHE_HOME"] = previous
+
+
+class TinyCheckpoint(NamedTuple):
+    path: Path
+    model: torch.nn.Module  # the Hugging Face model whose weights were saved, float32, eval mode
+
+
+def make_hf_model(architecture: str = "LlamaForCausalLM", seed: int = 0, **config_overrides) -> torch.nn.Module:
+    """A float32 HF model with every parameter random, biases and norm weights included (HF would
+    initialise those to 0 and 1, which hides a swapped or dropped tensor), scaled so that logits are
+    well separated and greedy choices are not near-ties."""
+    import transformers
+
+    config_class = getattr(transformers, architecture.replace("ForCausalLM", "Config"))
+    model_class = getattr(transformers, architecture)
+    config = config_class(**{**TINY_HF_CONFIG, **config_overrides})
+    torch.manual_seed(seed)
+    model = model_class(config).float().eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.copy_(1.0 + 0.2 * torch.randn_like(param))
+            elif name.endswith(".bias"):
+                param.normal_(0.0, 0.2)
+            elif "embed_tokens" in name or name.startswith("lm_head"):
+                param.normal_(0.0, 0.5)
+            else:
+                param.normal_(0.0, 1.0 / math.sqrt(param.shape[-1]))
+    return model
+
+
+def save_hf_checkpoint(model: torch.nn.Module, path: Path, weights: str = "safetensors") -> Path:
+    """Writes ``model`` as a Hugging Face folder: ``safetensors`` (one file), ``sharded`` (safetensors
+    shards + index) or ``bin`` (pytorch_model.bin, as older checkpoints have)."""
+    if weights == "bin":
+        model.config.architectures = [type(model).__name__]  # model.save_pretrained would set it
+        model.config.save_pretrained(path)
+        torch.save(model.state_dict(), path / "pytorch_model.bin")
+    elif weights in ("safetensors", "sharded"):
+        model.save_pretrained(path, max_shard_size="40KB" if weights == "sharded" else "10GB")
+    else:
+        raise ValueError(f"unknown weights format {weights!r}")
+    return path
+
+
+@pytest.fixture
+def tiny_hf_checkpoint(tmp_path):
+    """Factory: ``tiny_hf_checkpoint(architecture, weights=..., seed=..., **config)`` -> TinyCheckpoint."""
+    counter = iter(range(1_000_000))
+
+    def make(architecture: str = "LlamaForCausalLM", weights: str = "safetensors", seed: int = 0,
+             **config_overrides) -> TinyCheckpoint:
+        model = make_hf_model(architecture, seed, **config_overrides)
+        path = save_hf_checkpoint(model, tmp_path / f"hf{next(counter)}", weights)
+        return TinyCheckpoint(path, model)
+
+    return make
+
+
+def build_engine(hf_dir: Path, engine_dir: Path, **build_overrides) -> Path:
+    """Builds and saves a kiln engine from a HF folder (TINY_BUILD limits unless overridden)."""
+    source = AutoModelForCausalLM.from_hugging_face(hf_dir)
+    engine = Builder().build(source, BuildConfig(**{**TINY_BUILD, **build_overrides}))
+    return engine.save(engine_dir, progress=False)
+
+
+@pytest.fixture
+def tiny_engine(tmp_path):
+    """Factory: ``tiny_engine(hf_dir, **build_overrides)`` -> engine folder under tmp_path."""
+    counter = iter(range(1_000_000))
+
+    def make(hf_dir: Path, **build_overrides) -> Path:
+        return build_engine(hf_dir, tmp_path / f"engine{next(counter)}", **build_overrides)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def stories_engine(tmp_path_factory) -> Path:
+    """The bundled stories260K model as a float32 CPU engine, built once per session."""
+    return build_engine(STORIES_DIR, tmp_path_factory.mktemp("stories260K_engine"), max_batch_size=8,
+                        max_input_len=128, max_seq_len=512, max_num_tokens=512, tokens_per_block=16)
