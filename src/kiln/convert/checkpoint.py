@@ -8,6 +8,8 @@ where the file's format allows), never unpickled freely.
 from __future__ import annotations
 
 import json
+import pickle
+import re
 from pathlib import Path
 
 import torch
@@ -56,8 +58,9 @@ class CheckpointReader:
                     self._handles[file] = _load_bin(file)
             except CheckpointError:
                 raise
-            except Exception as e:  # damaged files come in many shapes; name the file
-                raise CheckpointError(f"{file}: cannot read weights ({e})") from e
+            except Exception as e:  # damaged files come in many shapes; name the file, keep one line
+                reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise CheckpointError(f"{file}: cannot read weights ({reason})") from e
         return self._handles[file]
 
     def names(self) -> set[str]:
@@ -67,13 +70,22 @@ class CheckpointReader:
         handle = self._open(self._file_of[name])
         return handle.get_tensor(name) if hasattr(handle, "get_tensor") else handle[name]
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The tensor's shape from the file's metadata, without reading its data."""
+        handle = self._open(self._file_of[name])
+        return tuple(handle.get_slice(name).get_shape() if hasattr(handle, "get_slice") else handle[name].shape)
+
 
 def _load_bin(file: Path) -> dict[str, torch.Tensor]:
     try:
-        return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:
-        # Legacy (non-zip) files cannot be memory-mapped; still restricted to weights only.
-        return torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"{file}: not a weights-only PyTorch file ({e}); kiln never unpickles "
-                              "arbitrary objects: convert it to safetensors") from e
+        try:
+            return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:
+            # Legacy (non-zip) files cannot be memory-mapped; still restricted to weights only.
+            return torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        culprit = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        raise CheckpointError(f"{file}: holds Python objects besides tensors"
+                              f"{f' ({culprit.group(1)})' if culprit else ''}; kiln reads .bin files with "
+                              "torch.load(weights_only=True) only and never unpickles arbitrary objects: "
+                              "convert it to safetensors") from e

@@ -13,9 +13,11 @@ from kiln.models.config import ModelConfig
 from kiln.models.decoder import weight_spec
 
 
-def check_names(config: ModelConfig, reader: CheckpointReader) -> None:
-    """Fails before any conversion, naming missing and unexpected checkpoint tensors."""
-    needed = {src for name in weight_spec(config) for src in hf_sources(name)}
+def check_checkpoint(config: ModelConfig, reader: CheckpointReader) -> None:
+    """Fails before any conversion, naming missing and unexpected checkpoint tensors, then tensors whose
+    shapes (read from file metadata) do not fit config.json."""
+    spec = weight_spec(config)
+    needed = {src for name in spec for src in hf_sources(name)}
     present = {n for n in reader.names() if not IGNORED.match(n)}
     if config.tie_word_embeddings:
         present.discard("lm_head.weight")  # some tied checkpoints store a copy; the embedding is used
@@ -29,17 +31,22 @@ def check_names(config: ModelConfig, reader: CheckpointReader) -> None:
             parts.append(f"unexpected {len(unexpected)} tensors ({', '.join(unexpected[:4])})")
         raise CheckpointError(f"{reader.path}: checkpoint does not match config.json ({config.architecture}): "
                               f"{'; '.join(parts)}")
+    for name, shape in spec.items():
+        sources = hf_sources(name)
+        shapes = [reader.shape(src) for src in sources]
+        if any(s[1:] != shape[1:] for s in shapes) or sum(s[0] for s in shapes) != shape[0]:
+            found = ", ".join(f"{src} {list(s)}" for src, s in zip(sources, shapes))
+            raise CheckpointError(f"{reader.path}: {found} do not fit config.json, which implies {name} "
+                                  f"{list(shape)}; the config does not describe these weights")
 
 
 def convert_checkpoint(config: ModelConfig, reader: CheckpointReader, dtype: torch.dtype
                        ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yields (kiln name, tensor) in weight_spec order: fused, cast, contiguous, on the host."""
-    for name, shape in weight_spec(config).items():
+    """Yields (kiln name, tensor) in weight_spec order: fused, cast, contiguous, on the host.
+    Shapes were checked by check_checkpoint."""
+    for name in weight_spec(config):
         parts = [reader.get(src) for src in hf_sources(name)]
         tensor = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
-        if tuple(tensor.shape) != shape:
-            raise CheckpointError(f"{reader.path}: {name} from {hf_sources(name)} has shape "
-                                  f"{tuple(tensor.shape)}, config.json implies {shape}")
         yield name, tensor.to(dtype).contiguous()
 
 

@@ -50,22 +50,26 @@ def write_streaming(path: Path, spec: dict[str, tuple[tuple[int, ...], torch.dty
     checksums: dict[str, int] = {}
     expected = iter(spec.items())
     tmp = path.with_suffix(path.suffix + ".partial")
-    with open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(header_bytes)))
-        f.write(header_bytes)
-        for name, tensor in produce:
-            want_name, (shape, dtype) = next(expected)
-            if name != want_name or tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
-                raise EngineError(f"internal: converter produced {name} {tuple(tensor.shape)} {tensor.dtype}, "
-                                  f"expected {want_name} {tuple(shape)} {dtype}")
-            data = tensor_bytes(tensor)
-            f.write(data)
-            checksums[name] = zlib.crc32(data)
-            if on_tensor:
-                on_tensor(name, data.nbytes)
-        leftover = [n for n, _ in expected]
-        if leftover:
-            raise EngineError(f"internal: converter did not produce {', '.join(leftover[:5])}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(header_bytes)))
+            f.write(header_bytes)
+            for name, tensor in produce:
+                want_name, (shape, dtype) = next(expected)
+                if name != want_name or tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
+                    raise EngineError(f"internal: converter produced {name} {tuple(tensor.shape)} {tensor.dtype}, "
+                                      f"expected {want_name} {tuple(shape)} {dtype}")
+                data = tensor_bytes(tensor)
+                f.write(data)
+                checksums[name] = zlib.crc32(data)
+                if on_tensor:
+                    on_tensor(name, data.nbytes)
+            leftover = [n for n, _ in expected]
+            if leftover:
+                raise EngineError(f"internal: converter did not produce {', '.join(leftover[:5])}")
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a failed or interrupted build leaves no half-written file behind
+        raise
     os.replace(tmp, path)
     return checksums
 

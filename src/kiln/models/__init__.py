@@ -1,7 +1,7 @@
 """Model families kiln runs, and the entry points that read a checkpoint's description.
 
-``from_hugging_face`` reads only ``config.json`` (and checks the weight names); weights are streamed
-later by the build. ``from_preset`` describes a well-known architecture with random (dummy) weights.
+``from_hugging_face`` reads only ``config.json`` (and checks the weights' names and shapes against it);
+weights are streamed later by the build. ``from_preset`` describes a well-known architecture with random (dummy) weights.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kiln.convert.checkpoint import CheckpointReader
-from kiln.convert.converter import check_names
+from kiln.convert.converter import check_checkpoint
 from kiln.errors import ConfigError
 from kiln.models.config import SUPPORTED_ARCHITECTURES, ModelConfig
 from kiln.models.presets import PRESETS, preset_hf_config
@@ -42,7 +42,7 @@ class AutoModelForCausalLM:
         if cls.architecture is not None and config.architecture != cls.architecture:
             raise ConfigError(f"{path} holds a {config.architecture}, not a {cls.architecture}; "
                               "use AutoModelForCausalLM")
-        check_names(config, CheckpointReader(path))
+        check_checkpoint(config, CheckpointReader(path))
         return ModelSource(config=config, checkpoint_dir=path, tokenizer_dir=path, name=path.name)
 
     @classmethod
