@@ -91,9 +91,13 @@ class EngineManifest:
             raise EngineError(f"{path}: format_version {version} is older than this kiln's "
                               f"({ENGINE_FORMAT_VERSION}); rebuild the engine")
         try:
+            build_config = BuildConfig.from_dict(d["build_config"])
+            if d["target"]["name"] != build_config.target:
+                raise EngineError(f"{path}: target.name {d['target']['name']!r} disagrees with build_config.target "
+                                  f"{build_config.target!r} (manifest edited?); rebuild the engine")
             return cls(
                 model_config=ModelConfig.from_dict(d["model_config"]),
-                build_config=BuildConfig.from_dict(d["build_config"]),
+                build_config=build_config,
                 target_device_name=d["target"]["device_name"],
                 kernel_plan=d["kernel_plan"],
                 memory_plan=d["memory_plan"],
