@@ -74,6 +74,9 @@ class Tokenizer:
         return self._sp.decode(ids)
 
 
+MAX_DANGLING_BYTES = 3  # of a UTF-8 character (at most 4 bytes) cut at a token boundary
+
+
 class IncrementalDetokenizer:
     """Turns a growing list of token ids into text deltas.
 
@@ -84,8 +87,15 @@ class IncrementalDetokenizer:
     def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int]):
         self.tokenizer = tokenizer
         self.ids = list(prompt_ids[-6:])
-        self.prefix_offset = 0
-        self.read_offset = len(self.ids)
+        # The window must hold whole characters: a prompt of token ids may start the window, or end, inside
+        # a multi-byte character (byte-fallback tokens), which decodes to U+FFFD, and some decoders then
+        # replace the whole byte run. Take the widest window that decodes cleanly; bytes dangling at the
+        # end count as unread, so the first delta carries the whole character.
+        n = len(self.ids)
+        self.prefix_offset, self.read_offset = next(
+            (start, end) for start in range(min(MAX_DANGLING_BYTES, n) + 1)
+            for end in range(n, max(start, n - MAX_DANGLING_BYTES) - 1, -1)
+            if not _has_broken_edge(tokenizer.decode(self.ids[start:end])))
         self.text = ""
 
     def add(self, token_id: int) -> str:
@@ -99,3 +109,7 @@ class IncrementalDetokenizer:
             self.text += delta
             return delta
         return ""
+
+
+def _has_broken_edge(text: str) -> bool:
+    return text.startswith("\ufffd") or text.endswith("\ufffd")
