@@ -31,7 +31,7 @@ class BlockPool:
         self._evictable: OrderedDict[int, None] = OrderedDict()  # cached, unreferenced; LRU first
         self._by_hash: dict[int, int] = {}
         self._hash_of: dict[int, int] = {}
-        self.prefix_queries = 0  # prompt tokens looked up
+        self.prefix_queries = 0  # tokens looked up by admitted sequences
         self.prefix_hits = 0     # of those, tokens found in cache
 
     @property
@@ -79,10 +79,10 @@ class BlockPool:
                     self._free.append(block)
 
     def match_prefix(self, token_ids: Sequence[int], hashes: list[int]) -> list[int]:
-        """Cached blocks for the longest cached prefix (at least one token is left to compute)."""
+        """Cached blocks for the longest cached prefix (at least one token is left to compute), acquired.
+        Lookups are not counted here: a sequence may be looked up again each iteration it waits."""
         if not self.enable_reuse:
             return []
-        self.prefix_queries += len(token_ids)
         max_blocks = (len(token_ids) - 1) // self.block_size
         hits = []
         for h in hashes[:max_blocks]:
@@ -91,8 +91,12 @@ class BlockPool:
                 break
             hits.append(block)
         self.acquire(hits)
-        self.prefix_hits += len(hits) * self.block_size
         return hits
+
+    def record_lookup(self, num_tokens: int, num_hit_tokens: int) -> None:
+        """Counts one admitted sequence's lookup in the hit rate."""
+        self.prefix_queries += num_tokens
+        self.prefix_hits += num_hit_tokens
 
     def cache_block(self, block: int, block_hash: int) -> None:
         """Marks a full, computed block as reusable under its chained hash."""

@@ -123,26 +123,32 @@ class Scheduler:
             scheduled_ids.add(seq.seq_id)
             budget -= 1
 
-        # 2. running context chunks (long prompts spanning iterations).
+        # 2. running context chunks (long prompts spanning iterations), oldest first; like decodes, a chunk
+        #    short of blocks preempts the newest sequence, so newer arrivals cannot starve an old prompt.
         for seq in sorted((s for s in self.running if s.num_tokens - s.num_computed_tokens > 1),
                           key=lambda s: s.arrival_index):
             if len(out.scheduled) >= self.max_batch_size or budget == 0:
                 break
+            if seq.status is not SequenceStatus.RUNNING:
+                continue  # preempted earlier in this loop
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            if not self._try_allocate(seq, num_new):
+            if not self._grow(seq, num_new, out, scheduled_ids):
                 continue
             out.scheduled.append(ScheduledSequence(seq, num_new))
             scheduled_ids.add(seq.seq_id)
             budget -= num_new
 
-        # 3. admit waiting sequences in arrival order.
+        # 3. admit waiting sequences in arrival order; none in an iteration that ran out of blocks (what was
+        #    just paused would be readmitted only to be paused again).
         outstanding = sum(self.worst_case_blocks(s) for s in self.running) if self.guaranteed else 0
-        while self.waiting and len(out.scheduled) < self.max_batch_size and budget > 0:
+        while self.waiting and not out.preempted and len(out.scheduled) < self.max_batch_size and budget > 0:
             seq = self.waiting[0]
             if not seq.block_table:
                 self._match_prefix(seq)
             remaining = seq.num_tokens - seq.num_computed_tokens
-            if remaining > budget and not self.enable_chunked_context:
+            # Without chunked context a prompt waits for an iteration with room for all of it; a preempted
+            # sequence longer than any iteration (prompt + outputs > max_num_tokens) is chunked regardless.
+            if not self.enable_chunked_context and budget < remaining <= self.max_num_tokens:
                 self._unmatch(seq)
                 break
             num_new = min(remaining, budget)
@@ -156,6 +162,7 @@ class Scheduler:
                 self._unmatch(seq)
                 break
             self.waiting.popleft()
+            self._record_prefix_hits(seq)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             out.scheduled.append(ScheduledSequence(seq, num_new))
@@ -166,6 +173,8 @@ class Scheduler:
         """Advances computed tokens, registers full blocks for reuse, appends sampled tokens."""
         for s in out.scheduled:
             seq = s.seq
+            if seq.is_finished:
+                continue  # ended while its step ran (its request failed); its blocks are gone
             seq.num_computed_tokens += s.num_new_tokens
             self._cache_full_blocks(seq)
             token = sampled.get(seq.seq_id)
@@ -183,7 +192,7 @@ class Scheduler:
         needs_copy = parent.num_computed_tokens % self.block_size != 0
         if needs_copy and self.pool.num_free_blocks == 0:
             # No block to copy into (max_utilization only): the child recomputes, reusing cached blocks.
-            self.waiting.appendleft(child)
+            self._enqueue_waiting(child)
             return child
         shared = parent.block_table[:full]
         self.pool.acquire(shared)
@@ -228,11 +237,14 @@ class Scheduler:
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
-        # Back to the queue in arrival order, so the oldest preempted sequence resumes first.
+        self._enqueue_waiting(seq)
+        out.preempted.append(seq)
+
+    def _enqueue_waiting(self, seq: Sequence) -> None:
+        """Back to the queue in arrival order, so the oldest paused sequence resumes first."""
         index = next((i for i, w in enumerate(self.waiting) if w.arrival_index > seq.arrival_index),
                      len(self.waiting))
         self.waiting.insert(index, seq)
-        out.preempted.append(seq)
 
     def _ensure_hashes(self, seq: Sequence, num_full_blocks: int) -> None:
         have = len(seq.block_hashes)
@@ -240,15 +252,26 @@ class Scheduler:
             parent = seq.block_hashes[-1] if have else None
             seq.block_hashes.extend(block_hashes(seq.token_ids, self.block_size, num_full_blocks, parent, have))
 
+    def _uses_prefix_cache(self, seq: Sequence) -> bool:
+        # Prompt logprobs need every prompt position's logits, so those prompts are computed in full.
+        return self.pool.enable_reuse and not seq.wants_prompt_logprobs
+
     def _match_prefix(self, seq: Sequence) -> None:
-        if seq.wants_prompt_logprobs or not self.pool.enable_reuse:
+        if not self._uses_prefix_cache(seq):
             return
         self._ensure_hashes(seq, seq.num_tokens // self.block_size)
         hits = self.pool.match_prefix(seq.token_ids, seq.block_hashes)
         seq.block_table = hits
         seq.num_computed_tokens = len(hits) * self.block_size
         seq.num_cached_blocks = len(hits)
-        seq.num_prefix_hit_tokens = max(seq.num_prefix_hit_tokens, seq.num_computed_tokens)
+
+    def _record_prefix_hits(self, seq: Sequence) -> None:
+        """Counts an admitted sequence's cache lookup once (not each iteration it waited); the request
+        reports the prompt tokens found at its first admission, not what a resumed sequence re-found."""
+        if self._uses_prefix_cache(seq):
+            self.pool.record_lookup(seq.num_tokens, seq.num_computed_tokens)
+        if seq.num_preemptions == 0:
+            seq.num_prefix_hit_tokens = seq.num_computed_tokens
 
     def _unmatch(self, seq: Sequence) -> None:
         """Gives back blocks taken for a sequence that could not be admitted this iteration."""
