@@ -109,7 +109,8 @@ class Executor:
         self._requests: dict[int, _RequestState] = {}
         self._seq_to_request: dict[int, _RequestState] = {}
         self._next_id = 0
-        self._id_lock = threading.Lock()
+        self._inbox_lock = threading.Lock()  # orders ids, and every add before the shutdown message
+        self._accepting = True
         self._stats: collections.deque[IterationStats] = collections.deque(maxlen=1000)
         self._iteration = 0
         self._shutdown = False
@@ -126,12 +127,12 @@ class Executor:
     def enqueue_request(self, request: Request, on_response: ResponseCallback | None = None) -> int:
         """Queues a request; returns its id. Invalid requests get an error response, never an exception
         that stops the caller's other requests."""
-        if self._shutdown:
-            raise KilnError("executor is shut down")
-        with self._id_lock:
+        with self._inbox_lock:
+            if not self._accepting:
+                raise KilnError("executor is shut down; create a new one to serve more requests")
             request_id = self._next_id
             self._next_id += 1
-        self._inbox.put(("add", request_id, request, on_response, time.time()))
+            self._inbox.put(("add", request_id, request, on_response, time.time()))
         self._wakeup.set()
         return request_id
 
@@ -187,9 +188,11 @@ class Executor:
 
     def shutdown(self, timeout: float = 30.0) -> None:
         """Stops the loop; unfinished requests end with finish reason 'cancelled'."""
-        if self._shutdown:
-            return
-        self._inbox.put(("shutdown",))
+        with self._inbox_lock:
+            if not self._accepting:
+                return
+            self._accepting = False
+            self._inbox.put(("shutdown",))
         self._wakeup.set()
         self._thread.join(timeout)
         self._shutdown = True
@@ -343,13 +346,14 @@ class Executor:
                 if state.first_token_time is None:
                     state.first_token_time = now
                 sample = state.samples[seq.sample_index]
-                self._accept_token(sample, out.logprobs.get(seq.seq_id))
+                # Fork the other samples first: the parent's token may end it, freeing the prompt's blocks.
                 for token, seed, entry in out.forked.get(seq.seq_id, ()):
                     child = self.scheduler.fork(seq, token, len(state.samples), seed)
                     self._register(state, child)
                     self._accept_token(state.samples[-1], entry)
                 if out.forked.get(seq.seq_id):
                     seq.forks_pending = 0
+                self._accept_token(sample, out.logprobs.get(seq.seq_id))
             except Exception as e:
                 logger.exception("request %s failed in post-processing", seq.request_id)
                 self._fail(state, f"{type(e).__name__}: {e}")
@@ -366,23 +370,26 @@ class Executor:
             sample.log_probs.append(logprob_entry[0])
             sample.top_logprobs.append(logprob_entry[1])
         is_stop_token = token in seq.stop_ids and seq.num_output_tokens > params.min_tokens - 1
+        new_text_start = len(sample.text)
         if sample.detok is not None and not is_stop_token:
             sample.text += sample.detok.add(token)
         reason = None
         if is_stop_token:
             reason = "stop"
-        elif params.stop and seq.num_output_tokens >= params.min_tokens and self._trim_stop_string(sample):
+        elif (params.stop and seq.num_output_tokens >= params.min_tokens
+              and self._trim_stop_string(sample, new_text_start)):
             reason = "stop"
         elif seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.scheduler.max_seq_len:
             reason = "length"
         if reason:
             self._finish_sample(sample, reason)
 
-    def _trim_stop_string(self, sample: _Sample) -> bool:
-        """Ends the text at the first stop string (searching only where new text could complete one)."""
+    def _trim_stop_string(self, sample: _Sample, new_text_start: int) -> bool:
+        """Ends the text at the first stop string that the text from ``new_text_start`` on completes
+        (one that appeared earlier, before min_tokens, does not count)."""
         params = sample.seq.params
         longest = max(len(s) for s in params.stop)
-        search_from = max(0, sample.num_sent_chars - longest + 1)
+        search_from = max(0, new_text_start - longest + 1)
         hits = [(i, stop) for stop in params.stop if (i := sample.text.find(stop, search_from)) >= 0]
         if not hits:
             return False
@@ -391,10 +398,13 @@ class Executor:
         return True
 
     def _add_prompt_logprobs(self, state: _RequestState, start: int, entries: list[dict[int, float]]) -> None:
+        """entries score prompt tokens start+1 ...; a preempted sequence recomputes its prompt in other
+        chunks, so only the part past what was collected is new."""
         if not state.prompt_logprobs:
             state.prompt_logprobs.append(None)  # the first prompt token has no predecessor
-        if start + 1 == len(state.prompt_logprobs):
-            state.prompt_logprobs.extend(entries)
+        num_known = len(state.prompt_logprobs) - (start + 1)
+        if 0 <= num_known < len(entries):
+            state.prompt_logprobs.extend(entries[num_known:])
 
     def _finish_sample(self, sample: _Sample, reason: str) -> None:
         sample.finish_reason = reason
