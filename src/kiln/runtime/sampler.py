@@ -68,7 +68,7 @@ def build_sampling_tensors(seqs: list[Sequence], vocab_size: int, device: torch.
         top_k=torch.tensor([p.top_k if 0 < p.top_k < vocab_size else vocab_size for p in ps], device=device),
         top_p=torch.tensor([p.top_p for p in ps], device=device),
         min_p=torch.tensor([p.min_p for p in ps], device=device),
-        seeds=torch.tensor([s.seed for s in seqs], dtype=torch.int64, device=device),
+        seeds=torch.tensor([_signed(s.seed) for s in seqs], dtype=torch.int64, device=device),
         steps=torch.tensor([s.num_output_tokens for s in seqs], dtype=torch.int64, device=device),
         any_random=not all(greedy),
         any_top_k_or_p=any(not g and (0 < p.top_k < vocab_size or p.top_p < 1.0) for p, g in zip(ps, greedy)),
@@ -119,15 +119,18 @@ def mask_stop_tokens(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor
 
 
 def top_k_top_p_min_p(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
-    """Masks (to -inf) tokens outside each row's top-k, nucleus top-p and min-p sets."""
+    """Masks (to -inf) tokens outside each row's top-k, then nucleus top-p of what top-k kept, then
+    min-p of what is left: the order and tie rules of Hugging Face's logits warpers."""
     vocab = logits.shape[-1]
     if t.any_top_k_or_p:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         ranks = torch.arange(vocab, device=logits.device)[None, :]
-        drop = ranks >= t.top_k[:, None]
+        sorted_logits = sorted_logits.masked_fill(ranks >= t.top_k[:, None], float("-inf"))
         probs = sorted_logits.softmax(dim=-1)
-        before = probs.cumsum(dim=-1) - probs  # mass strictly above each token
-        drop |= before > t.top_p[:, None]
+        # Mass of each token and all less likely ones, summed from the tail so that top_p = 1 drops
+        # nothing by rounding; the most likely token always stays.
+        mass_from_here = probs.flip(-1).cumsum(dim=-1).flip(-1)
+        drop = mass_from_here <= 1.0 - t.top_p[:, None]
         drop[:, 0] = False
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
