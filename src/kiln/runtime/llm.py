@@ -10,6 +10,7 @@ import asyncio
 import hashlib
 import json
 import os
+import queue
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -149,17 +150,22 @@ class LLM:
             if len(params) != len(batch):
                 raise ConfigError(f"got {len(params)} SamplingParams for {len(batch)} prompts")
         requests = [self._to_request(p, sp, streaming=False) for p, sp in zip(batch, params)]
-        ids = self.executor.enqueue_requests(requests)
+        # Responses come through a callback of our own, so another client of the same executor (a
+        # concurrent generate, await_responses) neither takes ours nor loses its own.
+        finals: queue.SimpleQueue[Response] = queue.SimpleQueue()
+        ids = [self.executor.enqueue_request(r, on_response=finals.put) for r in requests]
         by_id = dict(zip(ids, requests))
         done: dict[int, RequestOutput] = {}
         with tqdm(total=len(ids), desc="generate", unit="req", disable=not use_tqdm) as bar:
             while len(done) < len(ids):
-                for resp in self.executor.await_responses(timeout=1.0):
-                    if resp.request_id in by_id and (resp.has_error() or resp.result.is_final):
-                        done[resp.request_id] = _to_output(resp, by_id[resp.request_id], None)
-                        bar.update(1)
-                if not self.executor.is_alive() and len(done) < len(ids):
-                    raise KilnError("executor stopped before all requests finished")
+                try:
+                    resp = finals.get(timeout=1.0)
+                except queue.Empty:
+                    if not self.executor.is_alive():
+                        raise KilnError("executor stopped before all requests finished") from None
+                    continue
+                done[resp.request_id] = _to_output(resp, by_id[resp.request_id], None)
+                bar.update(1)
         return [done[i] for i in ids]
 
     async def generate_async(self, prompt: Prompt, sampling_params: SamplingParams | None = None,
