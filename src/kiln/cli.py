@@ -99,16 +99,22 @@ def cmd_generate(args) -> int:
                             top_p=args.top_p, seed=args.seed, ignore_eos=args.ignore_eos)
     with LLM(args.engine or args.model, progress=sys.stderr.isatty()) as llm:
         async def stream() -> str | None:
-            last = None
+            """Writes the prompt once text starts, then the text as it arrives; returns a failure's error."""
+            started = False
             async for out in llm.generate_async(args.prompt, params, streaming=True):
+                if out.error:
+                    if started:
+                        sys.stdout.write("\n")
+                    return out.error
+                if not started:  # a rejected request writes nothing to stdout
+                    sys.stdout.write(args.prompt)
+                    started = True
                 sys.stdout.write(out.outputs[0].text_diff)
                 sys.stdout.flush()
-                last = out
-            return last.error if last else None
+            sys.stdout.write("\n")
+            return None
 
-        sys.stdout.write(args.prompt)
         error = asyncio.run(stream())
-        sys.stdout.write("\n")
     if error:
         raise KilnError(error)
     return 0
@@ -125,7 +131,8 @@ def cmd_inspect(args) -> int:
     from kiln.build.engine import EngineManifest
 
     m = EngineManifest.read(args.engine)
-    files = {f.name: f.stat().st_size for f in sorted(Path(args.engine).rglob("*")) if f.is_file()}
+    files = {f.relative_to(args.engine).as_posix(): f.stat().st_size
+             for f in sorted(Path(args.engine).rglob("*")) if f.is_file()}
     summary = {
         "engine": str(args.engine), "kiln_version": m.kiln_version, "format_version": m.format_version,
         "target": {"name": m.target, "device": m.target_device_name},
@@ -152,7 +159,7 @@ def cmd_inspect(args) -> int:
         print(f"  {op:<16} {entry['impl']:<10} {json.dumps(config) if config else ''}")
     print("files")
     for name, size in files.items():
-        print(f"  {name:<26} {_human(size)}")
+        print(f"  {name:<34} {_human(size)}")
     return 0
 
 
