@@ -1,7 +1,8 @@
 """Model families kiln runs, and the entry points that read a checkpoint's description.
 
 ``from_hugging_face`` reads only ``config.json`` (and checks the weights' names and shapes against it);
-weights are streamed later by the build. ``from_preset`` describes a well-known architecture with random (dummy) weights.
+weights are streamed later by the build. ``from_preset`` describes a well-known architecture with random
+(dummy) weights.
 """
 
 from __future__ import annotations
