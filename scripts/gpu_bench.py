@@ -234,45 +234,23 @@ def bench_kiln(engine_dir: Path, out: Path, check: bool) -> None:
 
 # ---- 5. HF baseline ------------------------------------------------------------------------------
 def bench_hf(engine_dir: Path) -> None:
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """HF eager generate on the engine's own weights (mapped back to HF names by the bench tool)."""
+    from kiln.bench.hf_backend import model_from_engine
+    from kiln.build.engine import EngineManifest
 
-    from kiln.build.engine import EngineManifest, load_weights
-
-    m = EngineManifest.read(engine_dir)
-    c = m.model_config
-    hf_cfg = LlamaConfig(vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
-                         num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads,
-                         num_key_value_heads=c.num_kv_heads, max_position_embeddings=c.max_position_embeddings,
-                         rms_norm_eps=c.rms_norm_eps, rope_theta=c.rope.theta, tie_word_embeddings=False)
-    with torch.device("meta"):
-        model = LlamaForCausalLM(hf_cfg)
-    w = load_weights(engine_dir, m, torch.device("cuda"), verify=False, progress=False)
-    q, kv = c.q_size, c.kv_size
-    sd = {"model.embed_tokens.weight": w["embed.weight"], "model.norm.weight": w["norm.weight"], "lm_head.weight": w["lm_head.weight"]}
-    for n in range(c.num_layers):
-        p = f"model.layers.{n}."
-        qkv = w[f"layers.{n}.qkv.weight"]
-        gu = w[f"layers.{n}.gate_up.weight"]
-        sd.update({p + "input_layernorm.weight": w[f"layers.{n}.attn_norm.weight"],
-                   p + "post_attention_layernorm.weight": w[f"layers.{n}.mlp_norm.weight"],
-                   p + "self_attn.q_proj.weight": qkv[:q], p + "self_attn.k_proj.weight": qkv[q:q + kv],
-                   p + "self_attn.v_proj.weight": qkv[q + kv:], p + "self_attn.o_proj.weight": w[f"layers.{n}.o.weight"],
-                   p + "mlp.gate_proj.weight": gu[:c.intermediate_size], p + "mlp.up_proj.weight": gu[c.intermediate_size:],
-                   p + "mlp.down_proj.weight": w[f"layers.{n}.down.weight"]})
-    model.load_state_dict(sd, assign=True, strict=False)
-    model.model.rotary_emb = type(model.model.rotary_emb)(hf_cfg, device="cuda")
-    model.eval()
+    manifest = EngineManifest.read(engine_dir)
+    model = model_from_engine(engine_dir, manifest, torch.device("cuda"), progress=False)
+    vocab = manifest.model_config.vocab_size
     for batch in (1, 64):
-        ids = torch.randint(0, c.vocab_size, (batch, 128), device="cuda")
-        gen = dict(max_new_tokens=128, min_new_tokens=128, do_sample=False, pad_token_id=0)
-        with torch.no_grad():
+        ids = torch.randint(0, vocab, (batch, 128), device="cuda")
+        with torch.inference_mode():
             model.generate(ids[:, :16], max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)
             torch.cuda.synchronize()
             t0 = time.perf_counter()
-            model.generate(ids, **gen)
+            model.generate(ids, max_new_tokens=128, min_new_tokens=128, do_sample=False, pad_token_id=0)
             torch.cuda.synchronize()
         RESULTS[f"hf_eager_b{batch}_tok_s"] = batch * 128 / (time.perf_counter() - t0)
-    del model, w, sd
+    del model
     gc.collect()
     torch.cuda.empty_cache()
 
