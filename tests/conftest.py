@@ -28,6 +28,13 @@ TINY_BUILD = dict(max_batch_size=4, max_input_len=96, max_seq_len=128, max_num_t
                   dtype="float32", target="cpu")
 
 
+def pytest_configure(config):
+    # Test models are tiny, so intra-op threads gain nothing, and where the 2 CI cores are shared (executor
+    # threads, server subprocesses, other jobs) OpenMP threads spin and crawl. Measured here under load 3 on
+    # 2 cores, test_models_vs_hf.py: 92 s with torch's 2 threads, 10 s with 1.
+    torch.set_num_threads(1)
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
