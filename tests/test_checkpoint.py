@@ -58,6 +58,15 @@ def test_config_json_written_by_installed_transformers_parses(tiny_hf_checkpoint
     assert config.max_supported_positions == 2 * hf.max_position_embeddings
 
 
+@pytest.mark.parametrize("architecture, overrides", [
+    ("LlamaForCausalLM", dict(tie_word_embeddings=True)), ("LlamaForCausalLM", dict(attention_bias=True)),
+    ("Qwen2ForCausalLM", dict(head_dim=32)), ("MistralForCausalLM", dict(num_key_value_heads=1)),
+])
+def test_parameter_count_matches_hf(architecture, overrides, tiny_hf_checkpoint):
+    checkpoint = tiny_hf_checkpoint(architecture, **overrides)
+    assert ModelConfig.from_hf_dir(checkpoint.path).num_params() == sum(p.numel() for p in checkpoint.model.parameters())
+
+
 def fused_reference(state_dict: dict[str, torch.Tensor], num_layers: int, tied: bool) -> dict[str, torch.Tensor]:
     """kiln's tensors written out by hand from HF's, independently of the name map."""
     out = {"embed.weight": state_dict["model.embed_tokens.weight"], "norm.weight": state_dict["model.norm.weight"]}
@@ -155,6 +164,8 @@ def test_config_that_does_not_describe_the_weights_fails_before_conversion(tiny_
     ("architectures", ["GPT2LMHeadModel"], "unsupported architecture.*LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM"),
     ("rope_parameters", {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0},
      "unsupported rope scaling type 'yarn'; kiln supports default, linear, llama3"),
+    ("rope_parameters", {"rope_type": "llama3", "factor": 8.0, "rope_theta": 10000.0},
+     "rope scaling type 'llama3' needs original_max_position_embeddings"),
     ("hidden_act", "gelu", "unsupported hidden_act 'gelu'; kiln supports 'silu'"),
     ("mlp_bias", True, "unsupported mlp_bias"),
 ])

@@ -83,7 +83,9 @@ class ModelConfig:
 
     def num_params(self) -> int:
         h, i = self.hidden_size, self.intermediate_size
-        per_layer = h * (self.q_size + 2 * self.kv_size) + self.q_size * h + 3 * h * i + 2 * h
+        qkv = self.q_size + 2 * self.kv_size
+        per_layer = h * qkv + self.q_size * h + 3 * h * i + 2 * h
+        per_layer += (qkv if self.qkv_bias else 0) + (h if self.o_bias else 0)
         head = 0 if self.tie_word_embeddings else self.vocab_size * h
         return self.vocab_size * h + head + self.num_layers * per_layer + h
 
@@ -174,6 +176,9 @@ def _parse_rope(hf: dict[str, Any]) -> RopeConfig:
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise ConfigError(f"unsupported rope scaling type {rope_type!r}; kiln supports "
                           f"{', '.join(SUPPORTED_ROPE_TYPES)}")
+    if rope_type == "llama3" and not params.get("original_max_position_embeddings"):
+        raise ConfigError("rope scaling type 'llama3' needs original_max_position_embeddings (the context the "
+                          "model was trained with); add it to config.json")
     theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
     factor = float(params.get("factor", 1.0))
     if rope_type != "default" and not (factor >= 1.0 and math.isfinite(factor)):
