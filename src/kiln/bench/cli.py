@@ -99,30 +99,33 @@ def _add_run_options(p) -> None:
     p.add_argument("--num-requests", type=_positive_int, help="use the first N requests (default: all)")
     p.add_argument("--warmup", type=_non_negative_int, default=DEFAULT_WARMUP,
                    help=f"requests run (and not measured) before the benchmark (default {DEFAULT_WARMUP})")
-    p.add_argument("--kv-cache-free-gpu-mem-fraction", type=float, default=KvCacheConfig().free_gpu_memory_fraction,
-                   help="share of the GPU memory free after loading that the KV cache takes")
+    p.add_argument("--kv-cache-free-gpu-mem-fraction", type=float,
+                   help=f"share of the GPU memory free after loading that the KV cache takes (default "
+                        f"{KvCacheConfig().free_gpu_memory_fraction})")
     p.add_argument("--report-json", help="write the report as JSON (trtllm-bench key names) to this file")
 
 
 def _add_throughput(sub) -> None:
     p = sub.add_parser("throughput", help="offline maximum throughput of a dataset",
                        description="Run a dataset through the engine (EOS ignored: every request produces exactly "
-                                   "its output_tokens) and report trtllm-bench's figures. With --plot, sweep the "
-                                   "concurrency and draw the latency-throughput curve, one line per backend.")
+                                   "its output_tokens) and report trtllm-bench's figures. With --sweep, run once "
+                                   "per concurrency; with --plot, draw that sweep's latency-throughput curve, one "
+                                   "line per backend.")
     _add_run_options(p)
     p.add_argument("--concurrency", type=_positive_int, help="most requests in flight (default: all at once)")
     p.add_argument("--streaming", action="store_true", help="stream tokens; adds TTFT / TPOT / per-user speed")
     p.add_argument("--max-batch-size", type=_positive_int, help="runtime batch size (at most the engine's)")
     p.add_argument("--max-num-tokens", type=_positive_int, help="runtime tokens per iteration (at most the engine's)")
-    p.add_argument("--scheduler-policy", choices=CAPACITY_POLICIES, default=CAPACITY_POLICIES[0])
+    p.add_argument("--scheduler-policy", choices=CAPACITY_POLICIES,
+                   help=f"capacity scheduler policy (default {CAPACITY_POLICIES[0]})")
     p.add_argument("--backend", default="kiln",
                    help="kiln, hf (Hugging Face transformers generate, static batches), or both: kiln,hf")
     p.add_argument("--hf-model", help="for hf: the checkpoint the engine was built from (default: the engine's "
                                       "weights in a transformers model)")
-    p.add_argument("--plot", help="sweep the concurrency and plot output tok/s against tok/s/user to this PNG")
     p.add_argument("--sweep", type=_positive_int_list,
-                   help="concurrencies of the sweep, e.g. 1,4,16,64 (default: powers of two up to --concurrency "
-                        "or the max batch size)")
+                   help="run once per concurrency, e.g. 1,4,16,64 (with --plot, default: powers of two up to "
+                        "--concurrency or the max batch size)")
+    p.add_argument("--plot", help="sweep the concurrency and plot output tok/s against tok/s/user to this PNG")
     p.add_argument("--sweep-waves", type=_positive_int, default=DEFAULT_SWEEP_WAVES,
                    help=f"a sweep point at concurrency c runs the first waves x c requests (default "
                         f"{DEFAULT_SWEEP_WAVES})")
@@ -137,6 +140,20 @@ def _add_latency(sub) -> None:
     p.set_defaults(func=cmd_latency)
 
 
+def _kv_cache_config(args) -> KvCacheConfig:
+    if args.kv_cache_free_gpu_mem_fraction is None:
+        return KvCacheConfig()
+    return KvCacheConfig(free_gpu_memory_fraction=args.kv_cache_free_gpu_mem_fraction)
+
+
+def _note_no_effect(args, options: tuple[str, ...], why: str) -> None:
+    """Says so on stderr when options given have no effect on this run."""
+    given = [f"--{name.replace('_', '-')}" for name in options if getattr(args, name, None) is not None]
+    if given:
+        print(f"kiln bench: note: {', '.join(given)} {'has' if len(given) == 1 else 'have'} no effect here: {why}",
+              file=sys.stderr)
+
+
 def _load_requests(args):
     from kiln.bench.dataset import TokenSpace, check_fits_engine, read_dataset
     from kiln.build.engine import EngineManifest
@@ -149,6 +166,8 @@ def _load_requests(args):
                               "requests; lower it or prepare a larger dataset")
         requests = requests[:args.num_requests]
     check_fits_engine(requests, manifest.build_config, manifest.model_config.vocab_size)
+    if manifest.target == "cpu":
+        _note_no_effect(args, ("kv_cache_free_gpu_mem_fraction",), "a CPU engine's KV cache holds a full batch")
     return manifest, requests
 
 
@@ -171,14 +190,17 @@ def cmd_throughput(args) -> int:
                           "comma-separated")
     if args.hf_model and "hf" not in backends:
         raise ConfigError("--hf-model applies to --backend hf only; add hf to --backend")
-    if args.sweep and not args.plot:
-        raise ConfigError("--sweep sets the concurrencies of a plot; add --plot FILE.png")
-    manifest, requests = _load_requests(args)
-    config = RuntimeConfig(max_batch_size=args.max_batch_size, max_num_tokens=args.max_num_tokens,
-                           kv_cache_config=KvCacheConfig(free_gpu_memory_fraction=args.kv_cache_free_gpu_mem_fraction),
-                           scheduler_config=SchedulerConfig(capacity_scheduler_policy=args.scheduler_policy))
-    config.resolve(manifest.build_config)  # runtime limits above the engine's fail here, before loading
     if args.plot:
+        _require_matplotlib()
+    scheduler = SchedulerConfig(args.scheduler_policy or SchedulerConfig().capacity_scheduler_policy)
+    config = RuntimeConfig(max_batch_size=args.max_batch_size, max_num_tokens=args.max_num_tokens,
+                           kv_cache_config=_kv_cache_config(args), scheduler_config=scheduler)
+    manifest, requests = _load_requests(args)
+    config.resolve(manifest.build_config)  # runtime limits above the engine's fail here, before loading
+    if "kiln" not in backends:
+        _note_no_effect(args, ("max_num_tokens", "scheduler_policy", "kv_cache_free_gpu_mem_fraction"),
+                        "the hf backend runs static batches without kiln's scheduler or KV cache")
+    if args.sweep or args.plot:
         top = args.concurrency or args.max_batch_size or manifest.build_config.max_batch_size
         concurrencies, waves = args.sweep or _powers_of_two_up_to(top), args.sweep_waves
     else:
@@ -194,6 +216,14 @@ def cmd_throughput(args) -> int:
     return 0
 
 
+def _require_matplotlib() -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ModuleNotFoundError as e:
+        raise ConfigError("--plot needs matplotlib: pip install matplotlib, or leave --plot out and plot the "
+                          "--report-json runs elsewhere with kiln.bench.plot.plot_sweep") from e
+
+
 def _powers_of_two_up_to(top: int) -> list[int]:
     values = [1 << i for i in range(top.bit_length()) if 1 << i < top]
     return values + [top]
@@ -202,8 +232,8 @@ def _powers_of_two_up_to(top: int) -> list[int]:
 def cmd_latency(args) -> int:
     from kiln.bench.latency import run_latency
 
+    config = RuntimeConfig(kv_cache_config=_kv_cache_config(args))
     _, requests = _load_requests(args)
-    config = RuntimeConfig(kv_cache_config=KvCacheConfig(free_gpu_memory_fraction=args.kv_cache_free_gpu_mem_fraction))
     report = run_latency(args.engine, requests, config=config, warmup=args.warmup, dataset_path=args.dataset)
     _finish([report], args.report_json)
     return 0

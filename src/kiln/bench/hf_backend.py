@@ -78,11 +78,12 @@ def model_from_engine(engine_dir: str | Path, manifest: EngineManifest, device: 
     with torch.device(device):
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=manifest.dtype)
     shapes = {name: t.shape for name, t in model.state_dict().items()}
+    mapped = {src for name in weight_spec(mc) for src in hf_sources(name)} | {"lm_head.weight"}
+    if mapped ^ shapes.keys():
+        raise ConfigError(f"transformers' {mc.architecture} does not take this engine's weights (differing: "
+                          f"{', '.join(sorted(mapped ^ shapes.keys())[:4])}); give the Hugging Face checkpoint "
+                          "with --hf-model")
     state = hf_state_dict(load_weights(engine_dir, manifest, device, progress=progress), mc, shapes)
-    if state.keys() != shapes.keys():
-        raise ConfigError(f"transformers' {mc.architecture} does not take this engine's weights (missing "
-                          f"{sorted(shapes.keys() - state.keys())[:3]}, unexpected {sorted(state.keys() - shapes.keys())[:3]}); "
-                          "give the Hugging Face checkpoint with --hf-model")
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval()
 

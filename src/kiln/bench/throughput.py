@@ -103,23 +103,11 @@ class KilnBackend:
                         if not executor.is_alive():
                             raise KilnError(f"the executor stopped with {len(active)} requests unfinished")
                         continue
-                    state = active[response.request_id]
-                    item = state.item
-                    if response.has_error():
-                        raise KilnError(f"task {item.task_id} failed: {response.error_msg}")
-                    result = response.result
-                    state.num_output_tokens += len(result.output_token_ids[0])  # streaming: deltas
-                    if not result.is_final:
-                        continue
-                    del active[response.request_id]
-                    if state.num_output_tokens != item.output_tokens:
-                        raise KilnError(f"task {item.task_id} produced {state.num_output_tokens} of its "
-                                        f"{item.output_tokens} output tokens (finish reason "
-                                        f"{result.finish_reasons[0]!r})")
-                    records.append(RequestRecord(item.task_id, len(item.input_ids), state.num_output_tokens,
-                                                 result.arrival_time, result.first_token_time, result.finish_time))
-                    bar.update(1)
-                    submit()
+                    record = _account(active, response)
+                    if record is not None:
+                        records.append(record)
+                        bar.update(1)
+                        submit()
         finally:
             for request_id in active:
                 executor.cancel_request(request_id)
@@ -136,6 +124,25 @@ class KilnBackend:
 class _InFlight:
     item: BenchRequest
     num_output_tokens: int = 0
+
+
+def _account(active: dict[int, _InFlight], response: Response) -> RequestRecord | None:
+    """Counts a response's tokens (streaming responses are deltas); a final one ends its request, which
+    must have produced exactly its output_tokens."""
+    state = active[response.request_id]
+    item = state.item
+    if response.has_error():
+        raise KilnError(f"task {item.task_id} failed: {response.error_msg}")
+    result = response.result
+    state.num_output_tokens += len(result.output_token_ids[0])
+    if not result.is_final:
+        return None
+    del active[response.request_id]
+    if state.num_output_tokens != item.output_tokens:
+        raise KilnError(f"task {item.task_id} produced {state.num_output_tokens} of its {item.output_tokens} "
+                        f"output tokens (finish reason {result.finish_reasons[0]!r})")
+    return RequestRecord(item.task_id, len(item.input_ids), state.num_output_tokens, result.arrival_time,
+                         result.first_token_time, result.finish_time)
 
 
 class _IterationTotals:
