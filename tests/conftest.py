@@ -11,6 +11,11 @@ from typing import NamedTuple
 import pytest
 import torch
 
+# Triton fixes when it is imported whether kernels compile or run in its interpreter; without a GPU
+# only the interpreter can run them (tests/test_kernels.py), so choose it before kiln imports triton.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from kiln import BuildConfig, Builder
 from kiln.models import AutoModelForCausalLM
 from kiln.runtime.llm import DEFAULT_MODEL_DIR

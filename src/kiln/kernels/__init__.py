@@ -7,6 +7,7 @@ have Triton implementations registered beside it. The plan maps op name -> {"imp
 from __future__ import annotations
 
 import functools
+import importlib.util
 from collections.abc import Callable
 from typing import Any
 
@@ -28,7 +29,10 @@ _REFERENCE: dict[str, Callable] = {
 
 
 def _triton_impls() -> dict[str, Callable]:
-    from kiln.kernels import triton_ops  # lazy: triton is only needed on GPU targets
+    if importlib.util.find_spec("triton") is None:
+        raise EngineError("this engine's kernel plan uses Triton kernels, but triton is not installed; "
+                          "pip install triton (or kiln[gpu])")
+    from kiln.kernels import triton_ops
 
     return triton_ops.IMPLS
 

@@ -3,13 +3,25 @@
 One op covers context chunks (many query tokens per sequence, attending to cached prefix blocks and
 to themselves) and decode (one query token per sequence): the new tokens' K/V are written to the
 cache first (rotary.py), then every key is read from the cache.
+
+The Triton path runs one flash-attention kernel in two launch shapes. Its rows are (query token, query
+head) pairs of one KV head's group, so each key/value tile is loaded once for the whole group (GQA/MQA).
+Context batches tile the query tokens (BLOCK_M rows per program). Decode batches (one query per
+sequence) split each sequence's keys into ``num_splits`` ranges, one program each (flash-decoding), and
+a reduction kernel merges the partial results; decode reads only device tensors and shapes, so it can
+be captured in a CUDA graph.
 """
 
 from __future__ import annotations
 
+import functools
+import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+
+from kiln.kernels.triton_jit import jit, next_power_of_2, tl
 
 
 @dataclass
@@ -62,4 +74,183 @@ def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
         probs = scores.softmax(dim=-1)
         out[start:start + q_len] = torch.einsum("hqk,khd->qhd", probs, v).to(q.dtype)
         start += q_len
+    return out
+
+
+@jit(do_not_specialize=["block_table_stride", "sliding_window", "num_splits"])
+def _paged_attention_kernel(
+        q_ptr, q_row_stride, q_head_stride, k_cache_ptr, v_cache_ptr, cache_block_stride, cache_slot_stride,
+        cache_head_stride, block_tables_ptr, block_table_stride, seq_lens_ptr, query_start_loc_ptr,
+        out_ptr, out_row_stride, out_head_stride, partial_out_ptr, partial_lse_ptr, scale_log2, sliding_window,
+        num_splits, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, KV_BLOCK_SIZE: tl.constexpr,
+        BLOCK_Q: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        IS_SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Program (query tile, KV head, sequence * num_splits + split): BLOCK_Q query tokens x BLOCK_G heads
+    of the group against the split's share of the keys the tile can see. Without IS_SPLIT the result is
+    written to out; with it, normalized partial outputs and their log2-sum-exp go to the partial buffers."""
+    q_tile = tl.num_programs(0) - 1 - tl.program_id(0)  # the longest causal ranges start first
+    kv_head = tl.program_id(1)
+    seq = tl.program_id(2) // num_splits
+    split = tl.program_id(2) % num_splits
+    q_start = tl.load(query_start_loc_ptr + seq)
+    q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
+    if q_tile * BLOCK_Q >= q_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + seq)
+    context_len = seq_len - q_len  # keys before this step's queries (cached prefix, earlier chunks)
+
+    rows = tl.arange(0, BLOCK_Q * BLOCK_G)
+    token = q_tile * BLOCK_Q + rows // BLOCK_G
+    head = kv_head * GROUP + rows % BLOCK_G
+    row_mask = (token < q_len) & (rows % BLOCK_G < GROUP)
+    q_pos = context_len + token
+    dims = tl.arange(0, BLOCK_D)
+    dim_mask = dims < HEAD_DIM
+    q = tl.load(q_ptr + (q_start + token).to(tl.int64)[:, None] * q_row_stride + head[:, None] * q_head_stride
+                + dims[None, :], mask=row_mask[:, None] & dim_mask[None, :], other=0.0)
+
+    # Keys the tile can see: from the window start of its first query to its last query, shared
+    # evenly (in whole BLOCK_N tiles) among the splits.
+    kv_begin = tl.maximum(context_len + q_tile * BLOCK_Q - sliding_window + 1, 0)
+    kv_end = tl.minimum(seq_len, context_len + (q_tile + 1) * BLOCK_Q)
+    split_len = tl.cdiv(tl.cdiv(tl.maximum(kv_end - kv_begin, 0), num_splits), BLOCK_N) * BLOCK_N
+    lo = kv_begin + split * split_len
+    hi = tl.minimum(lo + split_len, kv_end)
+
+    m = tl.full([BLOCK_Q * BLOCK_G], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_Q * BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_Q * BLOCK_G, BLOCK_D], tl.float32)
+    block_table = block_tables_ptr + seq.to(tl.int64) * block_table_stride
+    for start in range(lo, hi, BLOCK_N):
+        keys = start + tl.arange(0, BLOCK_N)
+        key_mask = keys < hi
+        block = tl.load(block_table + keys // KV_BLOCK_SIZE, mask=key_mask, other=0).to(tl.int64)
+        kv_offsets = (block * cache_block_stride + (keys % KV_BLOCK_SIZE) * cache_slot_stride
+                      + kv_head * cache_head_stride)
+        kv_mask = key_mask[:, None] & dim_mask[None, :]
+        k = tl.load(k_cache_ptr + kv_offsets[:, None] + dims[None, :], mask=kv_mask, other=0.0)
+        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
+        visible = (key_mask[None, :] & (keys[None, :] <= q_pos[:, None])
+                   & (keys[None, :] > q_pos[:, None] - sliding_window))
+        scores = tl.where(visible, scores, float("-inf"))
+        m_new = tl.maximum(m, tl.max(scores, 1))
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw no key yet stay at zero
+        p = tl.exp2(scores - m_shift[:, None])
+        alpha = tl.exp2(m - m_shift)
+        l = l * alpha + tl.sum(p, 1)
+        v = tl.load(v_cache_ptr + kv_offsets[:, None] + dims[None, :], mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m = m_new
+
+    l_safe = tl.where(l > 0, l, 1.0)  # a row that saw no key (a padded decode row, an empty split): zeros
+    out = acc / l_safe[:, None]
+    out_mask = row_mask[:, None] & dim_mask[None, :]
+    if IS_SPLIT:
+        partial = (seq * tl.num_programs(1) * GROUP + head) * num_splits + split
+        tl.store(partial_out_ptr + partial.to(tl.int64)[:, None] * HEAD_DIM + dims[None, :], out, mask=out_mask)
+        tl.store(partial_lse_ptr + partial, tl.where(l > 0, m + tl.log2(l_safe), float("-inf")), mask=row_mask)
+    else:
+        tl.store(out_ptr + (q_start + token).to(tl.int64)[:, None] * out_row_stride
+                 + head[:, None] * out_head_stride + dims[None, :], out.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+@jit(do_not_specialize=["num_splits"])
+def _split_reduce_kernel(partial_out_ptr, partial_lse_ptr, query_start_loc_ptr, out_ptr, out_row_stride,
+                         out_head_stride, num_splits, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr,
+                         BLOCK_D: tl.constexpr):
+    """Program (head, sequence): merges the sequence's split results weighted by their sum-exp."""
+    head = tl.program_id(0)
+    seq = tl.program_id(1)
+    q_start = tl.load(query_start_loc_ptr + seq)
+    if tl.load(query_start_loc_ptr + seq + 1) == q_start:
+        return
+    splits = tl.arange(0, BLOCK_S)
+    dims = tl.arange(0, BLOCK_D)
+    partial = (seq * tl.num_programs(0) + head) * num_splits + splits
+    lse = tl.load(partial_lse_ptr + partial, mask=splits < num_splits, other=float("-inf"))
+    lse_max = tl.max(lse, 0)
+    lse_max = tl.where(lse_max > float("-inf"), lse_max, 0.0)  # every split empty: a padded row, zeros
+    weight = tl.exp2(lse - lse_max)  # empty splits (lse -inf) weigh nothing
+    total = tl.sum(weight, 0)
+    parts = tl.load(partial_out_ptr + partial.to(tl.int64)[:, None] * HEAD_DIM + dims[None, :],
+                    mask=(splits < num_splits)[:, None] & (dims < HEAD_DIM)[None, :], other=0.0)
+    out = tl.sum(weight[:, None] * parts, 0) / tl.where(total > 0, total, 1.0)
+    tl.store(out_ptr + q_start.to(tl.int64) * out_row_stride + head * out_head_stride + dims,
+             out.to(out_ptr.dtype.element_ty), mask=dims < HEAD_DIM)
+
+
+# Context launch parameters before tuning (``kiln build`` times candidates on the target GPU and stores
+# the winners in the kernel plan): 64 query rows x 64 keys per tile over 4 warps and 2 pipeline stages,
+# the flash-attention tutorial's smallest config for head_dim 128; it compiles for sm90 with head_dim 128
+# in 220 registers per thread without spills (ptxas -v). Chosen by that, not by a timing.
+DEFAULT_CONTEXT_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
+# Decode before tuning: at most 16 splits of tiles of 32 keys (8 KB of bf16 K per tile at head_dim 128)
+# over 4 warps; see default_decode_config. Chosen by arithmetic, not by a timing.
+MAX_DEFAULT_SPLITS = 16
+DEFAULT_DECODE_KERNEL = {"BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
+
+
+def default_decode_config(batch_size: int, num_kv_heads: int, num_sms: int) -> dict[str, Any]:
+    """Splits (a power of two, at most MAX_DEFAULT_SPLITS) until the batch's programs fill two waves of
+    the GPU's SMs: a batch of one sequence has only num_kv_heads programs without splitting."""
+    num_splits = 1
+    while num_splits < MAX_DEFAULT_SPLITS and batch_size * num_kv_heads * num_splits < 2 * num_sms:
+        num_splits *= 2
+    return {"num_splits": num_splits, **DEFAULT_DECODE_KERNEL}
+
+
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
+def decode_config(decode: list[dict[str, Any]] | None, batch_size: int, num_kv_heads: int,
+                  device: torch.device) -> dict[str, Any]:
+    """The decode entry tuned for the smallest batch bucket that holds ``batch_size`` (else the largest)."""
+    if not decode:
+        return default_decode_config(batch_size, num_kv_heads, _num_sms(device))
+    return next((c for c in decode if c["max_batch_size"] >= batch_size), decode[-1])
+
+
+def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+                           scale: float, context: dict[str, Any] | None = None,
+                           decode: list[dict[str, Any]] | None = None) -> torch.Tensor:
+    """As paged_attention_ref. ``context``: BLOCK_M / BLOCK_N / num_warps / num_stages for batches with
+    context chunks; ``decode``: per batch bucket (ascending ``max_batch_size``) num_splits / BLOCK_N /
+    num_warps / num_stages for decode-only batches."""
+    num_tokens, num_heads, head_dim = q.shape
+    num_seqs = meta.seq_lens.shape[0]
+    num_kv_heads = k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    assert q.stride(2) == 1 and k_cache.stride() == v_cache.stride() and k_cache.stride(3) == 1
+    assert q.dtype == k_cache.dtype == v_cache.dtype
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if meta.is_decode_only:
+        config = decode_config(decode, num_seqs, num_kv_heads, q.device)
+        num_splits, block_q, block_g = config["num_splits"], 1, max(16, next_power_of_2(group))
+        num_q_tiles = 1
+    else:
+        config = context or DEFAULT_CONTEXT_CONFIG
+        block_g = next_power_of_2(group)
+        num_splits, block_q = 1, max(1, config["BLOCK_M"] // block_g)
+        num_q_tiles = -(-max(meta.query_lens_host) // block_q)
+    is_split = num_splits > 1
+    if is_split:
+        partial_out = torch.empty(num_seqs, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
+        partial_lse = torch.empty(num_seqs, num_heads, num_splits, dtype=torch.float32, device=q.device)
+    else:
+        partial_out = partial_lse = out  # not read without IS_SPLIT
+    _paged_attention_kernel[(num_q_tiles, num_kv_heads, num_seqs * num_splits)](
+        q, q.stride(0), q.stride(1), k_cache, v_cache, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        meta.block_tables, meta.block_tables.stride(0), meta.seq_lens, meta.query_start_loc,
+        out, out.stride(0), out.stride(1), partial_out, partial_lse, scale * math.log2(math.e),
+        meta.sliding_window or (1 << 30), num_splits,
+        GROUP=group, HEAD_DIM=head_dim, KV_BLOCK_SIZE=k_cache.shape[1], BLOCK_Q=block_q, BLOCK_G=block_g,
+        BLOCK_N=config["BLOCK_N"], BLOCK_D=next_power_of_2(head_dim),
+        IS_SPLIT=is_split, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=config["num_warps"], num_stages=config["num_stages"])
+    if is_split:
+        _split_reduce_kernel[(num_heads, num_seqs)](
+            partial_out, partial_lse, meta.query_start_loc, out, out.stride(0), out.stride(1), num_splits,
+            HEAD_DIM=head_dim, BLOCK_S=next_power_of_2(num_splits), BLOCK_D=next_power_of_2(head_dim))
     return out

@@ -1,0 +1,22 @@
+"""The Triton implementation of every op, bound by ``KernelOps`` where the kernel plan says "triton".
+
+Each kernel lives beside its reference (norm.py, activation.py, rotary.py, attention.py) and takes the
+reference's arguments plus its launch config, which the plan supplies as keyword arguments.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from kiln.kernels.activation import silu_mul_triton
+from kiln.kernels.attention import paged_attention_triton
+from kiln.kernels.norm import add_rms_norm_triton, rms_norm_triton
+from kiln.kernels.rotary import rotary_kv_write_triton
+
+IMPLS: dict[str, Callable] = {
+    "rms_norm": rms_norm_triton,
+    "add_rms_norm": add_rms_norm_triton,
+    "silu_mul": silu_mul_triton,
+    "rotary_kv_write": rotary_kv_write_triton,
+    "attention": paged_attention_triton,
+}
