@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 LOG_SCALE_SPAN = 20.0  # values spanning more than this factor (kiln vs hf) are drawn on a log axis
 
@@ -28,9 +29,12 @@ def plot_sweep(reports: list[dict[str, Any]], path: str | Path) -> Path:
                         xytext=(4, 4), fontsize=8)
         xs += x
         ys += y
-    for values, set_scale in ((xs, ax.set_xscale), (ys, ax.set_yscale)):
+    for values, set_scale, axis in ((xs, ax.set_xscale, ax.xaxis), (ys, ax.set_yscale, ax.yaxis)):
         if max(values) > LOG_SCALE_SPAN * min(values):
             set_scale("log")
+            axis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+            axis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+            axis.set_minor_formatter(NullFormatter())
     first = reports[0]
     d = first["dataset"]
     ax.set_title(f"{first['engine']['model']}, {first['engine']['dtype']}, ISL/OSL {d['avg_isl']}/{d['avg_osl']}, "
