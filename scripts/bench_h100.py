@@ -37,6 +37,9 @@ THROUGHPUT_CASES = [
 ]
 SWEEP_CONCURRENCIES = "1,4,16,64"  # one static batch per point for hf (--sweep-waves 1): ~13 s each at 8B
 LATENCY_REQUESTS = 16
+# A kiln command needs ~20 s to start and load a 16 GB engine before it measures anything: with less
+# than this left, a step is skipped rather than cut.
+MIN_STEP_SECONDS = 30
 
 
 class Steps:
@@ -50,7 +53,7 @@ class Steps:
 
     def kiln(self, name: str, *args: str) -> bool:
         left = self.deadline - time.monotonic()
-        if left < 30:
+        if left < MIN_STEP_SECONDS:
             self.outcomes[name] = "skipped: out of time"
             print(f"[bench_h100] {name}: skipped, {left:.0f} s left", flush=True)
             return False
@@ -94,8 +97,6 @@ def main() -> int:
                         "--dtype", "bfloat16", "--max-batch-size", str(args.max_batch_size), "--max-input-len",
                         "2048", "--max-seq-len", "4096", "--max-num-tokens", "8192"):
         return write_summary(out, steps, args.scale)
-    if steps.kiln("inspect", "inspect", str(engine), "--json"):
-        (out / "engine.json").write_text((out / "logs" / "inspect.log").read_text())
 
     counts = {(isl, osl): max(1, round(n * args.scale)) for isl, osl, n, _, _ in THROUGHPUT_CASES}
     for (isl, osl), n in counts.items():
@@ -130,11 +131,14 @@ def _load(path: Path) -> dict | None:
 def write_summary(out: Path, steps: Steps, scale: float) -> int:
     """Markdown tables in the layout of docs/benchmarks.md, from the reports this run wrote."""
     lines = ["# kiln bench on one GPU: measured", ""]
-    engine = _load(out / "engine.json")
-    if engine:
-        lines += [f"Engine: {engine['model']['architecture']}, {engine['limits']['dtype']}, "
-                  f"{engine['target']['device']}; limits {json.dumps(engine['limits'])}", ""]
     sweep = (_load(out / "sweep_128_128.json") or {}).get("runs", [])
+    first = next((r for r in map(_load, sorted(out.glob("throughput_*.json"))) if r), None)
+    if first:
+        e, m, w = first["engine"], first["machine"], first["world_info"]
+        lines += [f"Engine: {e['model']}, {e['dtype']}, max batch size {w['max_batch_size']}, max tokens "
+                  f"{w['max_num_tokens']}, {w['kv_cache_blocks']} KV blocks of {w['tokens_per_block']} tokens. "
+                  f"Machine: {m['name']} ({m['memory.total']:.0f} GiB), torch {m['torch_version']}, "
+                  f"CUDA {m['cuda_version']}.", ""]
     hf_at = {r["request_info"]["max_concurrency"]: r for r in sweep if r["engine"]["backend"] == "hf"}
     lines += ["| ISL/OSL | requests (TensorRT-LLM's) | kiln output tok/s | TensorRT-LLM H100 FP16 | kiln / TRT-LLM "
               "| HF transformers, batch 64 | kiln / HF |", "|---|---|---|---|---|---|---|"]
