@@ -35,10 +35,12 @@ THROUGHPUT_CASES = [
     (1000, 1000, 256, 3000, 7161),
     (128, 2048, 256, 3000, 8883),
 ]
-SWEEP_CONCURRENCIES = "1,4,16,64"  # one static batch per point for hf (--sweep-waves 1): ~13 s each at 8B
+# One static batch per point for hf (--sweep-waves 1): 128 new tokens take ~13 s at batch 1 and at batch 64
+# (HF generate measured on this GPU at 10 and 650 tok/s, ../shared/TARGETS.md).
+SWEEP_CONCURRENCIES = "1,4,16,64"
 LATENCY_REQUESTS = 16
-# A kiln command needs ~20 s to start and load a 16 GB engine before it measures anything: with less
-# than this left, a step is skipped rather than cut.
+# A kiln command starts Python and torch and loads a 16 GB engine before it measures anything: with
+# less than this left, a step is skipped rather than cut part-way.
 MIN_STEP_SECONDS = 30
 
 
