@@ -32,7 +32,9 @@ def _shr(x: torch.Tensor, s: int) -> torch.Tensor:
 
 
 def uniform_noise(seeds: torch.Tensor, steps: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """[N, V] floats in (0, 1) from splitmix64 of (seed, step, token); int64 arithmetic wraps."""
+    """[N, V] floats in (0, 1) from splitmix64 of (seed, step, token); int64 arithmetic wraps.
+    The top 23 bits, so that k + 0.5 is exact in float32 and u < 1: with 24 bits the largest value
+    rounded to 1.0, whose exponential (0) made that token win the race whatever its probability."""
     token = torch.arange(vocab_size, device=seeds.device, dtype=torch.int64)
     x = seeds[:, None] * _C_SEED + steps[:, None] * _C_STEP + token[None, :] * _C_TOKEN
     x = x ^ _shr(x, 30)
@@ -40,7 +42,7 @@ def uniform_noise(seeds: torch.Tensor, steps: torch.Tensor, vocab_size: int) -> 
     x = x ^ _shr(x, 27)
     x = x * _M2
     x = x ^ _shr(x, 31)
-    return (_shr(x, 40).float() + 0.5) * (1.0 / (1 << 24))
+    return (_shr(x, 41).float() + 0.5) * (1.0 / (1 << 23))
 
 
 @dataclass

@@ -1,0 +1,229 @@
+"""Sampling: every SamplingParams field against a plain reference.
+
+The first half tests the batched sampler directly (kiln.runtime.sampler): the counter-based noise
+against a pure-Python splitmix64, the exponential race against the softmax distribution, masks against
+Hugging Face's logits warpers, penalties against a loop, seeded rows against the same rows in other
+batches. The second half runs requests through the Executor on the bundled stories260K model: stop
+strings (also spanning tokens, also streamed), stop token ids, ignore_eos, min_tokens, n > 1, logprobs
+and prompt logprobs against log_softmax of Hugging Face's logits.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from transformers import (MinPLogitsWarper, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
+                          TopKLogitsWarper, TopPLogitsWarper)
+
+from kiln.config import SamplingParams
+from kiln.runtime.sampler import apply_penalties, build_sampling_tensors, sample, top_k_top_p_min_p, top_logprobs
+from kiln.runtime.sampler import uniform_noise
+from kiln.runtime.sequence import Sequence
+
+MASK64 = (1 << 64) - 1
+# Upper quantiles of the chi-square distribution (1 - 1e-4), by degrees of freedom.
+CHI2_QUANTILE_9999 = {2: 18.42, 7: 29.88}
+
+
+def make_seq(params: SamplingParams, token_ids=(1, 2, 3), num_prompt_tokens: int | None = None, seed: int = 0,
+             stop_ids: tuple[int, ...] = ()) -> Sequence:
+    num_prompt = len(token_ids) if num_prompt_tokens is None else num_prompt_tokens
+    return Sequence(0, 0, list(token_ids), num_prompt, params, seed, stop_ids=stop_ids)
+
+
+# ---- the noise ------------------------------------------------------------------------------------
+
+def splitmix64_uniform(seed: int, step: int, token: int) -> float:
+    """The sampler's noise for one (seed, step, token) in plain Python integers."""
+    x = (seed * 0x9E3779B97F4A7C15 + step * 0xC2B2AE3D27D4EB4F + token * 0x165667B19E3779F9) & MASK64
+    x ^= x >> 30
+    x = (x * 0xBF58476D1CE4E5B9) & MASK64
+    x ^= x >> 27
+    x = (x * 0x94D049BB133111EB) & MASK64
+    x ^= x >> 31
+    return ((x >> 41) + 0.5) / (1 << 23)
+
+
+def test_uniform_noise_wraps_like_splitmix64_in_python_integers():
+    rng = random.Random(0)
+    seeds = [0, 1, 2**62 - 1, 2**63 - 1, -1, -(2**63), rng.getrandbits(63), -rng.getrandbits(62)]
+    steps = [0, 1, 17, 2**40 + 3]
+    vocab = 300
+    rows = [(seed, step) for seed in seeds for step in steps]
+    noise = uniform_noise(torch.tensor([r[0] for r in rows]), torch.tensor([r[1] for r in rows]), vocab)
+    expected = torch.tensor([[splitmix64_uniform(seed, step, t) for t in range(vocab)] for seed, step in rows],
+                            dtype=torch.float64)
+    assert torch.equal(noise.double(), expected)
+
+
+def test_uniform_noise_stays_inside_the_open_interval():
+    # With 24 bits the largest value rounded to 1.0 in float32 (about 2% of rows of a 128K vocabulary),
+    # and -log(1.0) = 0 let that token win the race whatever its probability.
+    noise = uniform_noise(torch.arange(256), torch.zeros(256, dtype=torch.int64), 128256)
+    assert noise.min() > 0 and noise.max() < 1
+
+
+# ---- distributions ----------------------------------------------------------------------------------
+
+def chi_square(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    expected = probs * counts.sum()
+    kept = probs > 0
+    assert counts[~kept].sum() == 0, "a masked token was sampled"
+    return float(((counts[kept] - expected[kept]) ** 2 / expected[kept]).sum())
+
+
+@pytest.mark.parametrize("params, allowed_probs", [
+    (SamplingParams(temperature=1.0), None),
+    (SamplingParams(temperature=0.6), None),
+    # top_k=5 keeps 5 tokens; top_p=0.85 of those keeps 3; min_p=0.2 of the max keeps the same 3.
+    (SamplingParams(temperature=1.0, top_k=5, top_p=0.85, min_p=0.2), [0, 1, 2]),
+], ids=["t1", "t0.6", "top_k_p_min_p"])
+def test_exponential_race_draws_from_the_softmax(params, allowed_probs):
+    logits = torch.tensor([2.0, 1.6, 1.0, 0.2, 0.0, -0.5, -1.0, -3.0])
+    probs = (logits / params.temperature).softmax(-1)
+    if allowed_probs is not None:
+        keep = torch.zeros(8, dtype=torch.bool)
+        keep[allowed_probs] = True
+        probs = torch.where(keep, probs, 0.0)
+        probs = probs / probs.sum()
+    n = 40_000
+    seqs = [make_seq(params, seed=seed) for seed in range(n)]  # distinct seeds: independent draws
+    counts = torch.bincount(sample(logits.repeat(n, 1), seqs), minlength=8).double()
+    degrees = int((probs > 0).sum()) - 1
+    assert chi_square(counts, probs.double()) < CHI2_QUANTILE_9999[degrees]
+
+
+def test_greedy_rows_take_the_argmax_and_ignore_noise_settings():
+    logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(0))
+    seqs = [make_seq(SamplingParams(temperature=0.0, top_k=3, top_p=0.5, seed=i), seed=i) for i in range(6)]
+    assert torch.equal(sample(logits, seqs), logits.argmax(-1))
+
+
+# ---- masks against Hugging Face's warpers -----------------------------------------------------------------
+
+def hf_mask(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    scores = TemperatureLogitsWarper(p.temperature)(None, logits[None].clone())
+    if p.top_k:
+        scores = TopKLogitsWarper(p.top_k)(None, scores)
+    if p.top_p < 1.0:
+        scores = TopPLogitsWarper(p.top_p)(None, scores)
+    if p.min_p > 0:
+        scores = MinPLogitsWarper(p.min_p)(None, scores)
+    return torch.isinf(scores[0])
+
+
+def test_top_k_top_p_min_p_masks_match_hugging_face_row_by_row():
+    gen = torch.Generator().manual_seed(1)
+    rng = random.Random(1)
+    vocab = 97
+    params = [SamplingParams(temperature=rng.choice([0.5, 1.0, 1.7]), top_k=rng.choice([0, 1, 5, 40, 97, 200]),
+                             top_p=rng.choice([1.0, 0.95, 0.6, 0.1]), min_p=rng.choice([0.0, 0.05, 0.3]))
+              for _ in range(64)]
+    logits = torch.randn(64, vocab, generator=gen) * 3
+    seqs = [make_seq(p) for p in params]
+    tensors = build_sampling_tensors(seqs, vocab, logits.device)
+    masked = top_k_top_p_min_p(logits / tensors.temperature[:, None], tensors)
+    for i, p in enumerate(params):
+        assert torch.equal(torch.isinf(masked[i]), hf_mask(logits[i], p)), p
+
+
+def test_sampled_tokens_stay_inside_the_masks():
+    gen = torch.Generator().manual_seed(2)
+    logits = torch.randn(1, 64, generator=gen) * 2
+    p = SamplingParams(temperature=1.3, top_k=10, top_p=0.7, min_p=0.1)
+    allowed = ~hf_mask(logits[0], p)
+    tokens = sample(logits.repeat(2000, 1), [make_seq(p, seed=s) for s in range(2000)])
+    assert allowed[tokens].all()
+    assert len(set(tokens.tolist())) == int(allowed.sum())  # and every kept token is reachable
+
+
+# ---- penalties and min_tokens -----------------------------------------------------------------------------
+
+def reference_penalties(logits: torch.Tensor, prompt: list[int], output: list[int], p: SamplingParams) -> torch.Tensor:
+    out = logits.clone()
+    for t in set(prompt + output):
+        out[t] = out[t] / p.repetition_penalty if out[t] > 0 else out[t] * p.repetition_penalty
+    for t in set(output):
+        out[t] -= p.presence_penalty + p.frequency_penalty * output.count(t)
+    return out
+
+
+def test_penalties_match_a_plain_loop_and_hugging_face_repetition_penalty():
+    gen = torch.Generator().manual_seed(3)
+    vocab = 40
+    cases = [
+        (SamplingParams(repetition_penalty=1.3), [1, 2, 3, 3], [3, 4, 4]),
+        (SamplingParams(presence_penalty=0.7), [5, 6], [6, 7, 7, 7]),
+        (SamplingParams(frequency_penalty=-0.4), [8], [9, 9, 10]),
+        (SamplingParams(repetition_penalty=0.8, presence_penalty=-1.0, frequency_penalty=1.5), [11, 12], [12, 13, 13]),
+        (SamplingParams(), [1, 2], [3]),
+    ]
+    logits = torch.randn(len(cases), vocab, generator=gen) * 2
+    seqs = [make_seq(p, prompt + output, len(prompt)) for p, prompt, output in cases]
+    penalized = apply_penalties(logits, seqs)
+    for i, (p, prompt, output) in enumerate(cases):
+        torch.testing.assert_close(penalized[i], reference_penalties(logits[i], prompt, output, p))
+        if p.repetition_penalty != 1.0:
+            hf = RepetitionPenaltyLogitsProcessor(p.repetition_penalty)(torch.tensor([prompt + output]), logits[i:i + 1])
+            pure_rep = reference_penalties(logits[i], prompt, output, SamplingParams(repetition_penalty=p.repetition_penalty))
+            torch.testing.assert_close(hf[0], pure_rep)
+
+
+def test_min_tokens_masks_stop_ids_until_reached():
+    logits = torch.zeros(4, 10)
+    logits[:, 2] = 5.0   # EOS is the most likely token
+    logits[:, 7] = 4.0   # a stop token id is the next
+    p = SamplingParams(temperature=0.0, min_tokens=2, max_tokens=8)
+    seqs = [make_seq(p, [1] + [4] * k, 1, stop_ids=(2, 7)) for k in range(4)]  # 0..3 outputs so far
+    assert sample(logits, seqs).tolist() == [0, 0, 2, 2]
+
+
+# ---- seeds ----------------------------------------------------------------------------------------------
+
+def test_a_seeded_row_samples_the_same_token_in_any_batch():
+    gen = torch.Generator().manual_seed(4)
+    vocab = 64
+    target_logits = torch.randn(vocab, generator=gen)
+    target = make_seq(SamplingParams(temperature=0.9, top_k=20, seed=123), token_ids=[1, 2, 3, 9, 9], seed=123,
+                      num_prompt_tokens=3)
+    alone = sample(target_logits[None], [target]).item()
+    rng = random.Random(4)
+    for trial in range(20):
+        others = [make_seq(SamplingParams(temperature=rng.choice([0.0, 0.5, 1.5]), top_p=rng.choice([1.0, 0.5]),
+                                          min_p=rng.choice([0.0, 0.2]), repetition_penalty=rng.choice([1.0, 1.2])),
+                           seed=rng.getrandbits(62)) for _ in range(rng.randint(0, 7))]
+        position = rng.randint(0, len(others))
+        batch = others[:position] + [target] + others[position:]
+        logits = torch.randn(len(batch), vocab, generator=gen)
+        logits[position] = target_logits
+        assert sample(logits, batch)[position].item() == alone
+    # Another seed or another step draws other noise (the same token only by chance: check many).
+    steps = [make_seq(target.params, [1, 2, 3] + [9] * k, 3, seed=123) for k in range(16)]
+    assert len(set(sample(target_logits.repeat(16, 1), steps).tolist())) > 1
+
+
+def test_seeds_of_any_size_wrap_to_64_bits():
+    logits = torch.randn(3, 30, generator=torch.Generator().manual_seed(5))
+    p = SamplingParams(temperature=1.0)
+    small = sample(logits, [make_seq(p, seed=s) for s in (7, 8, 9)])
+    wrapped = sample(logits, [make_seq(p, seed=s + 2**64) for s in (7, 8, 9)])
+    assert torch.equal(small, wrapped)
+    sample(logits, [make_seq(p, seed=s) for s in (2**70, -(2**65), 2**63)])  # no int64 overflow
+
+
+# ---- logprobs ----------------------------------------------------------------------------------------------
+
+def test_top_logprobs_are_the_log_softmax():
+    logits = torch.randn(5, 33, generator=torch.Generator().manual_seed(6)) * 4
+    tokens = torch.tensor([0, 5, 32, 7, 7])
+    chosen, values, ids = top_logprobs(logits, tokens, 4)
+    reference = torch.log_softmax(logits.double(), -1)
+    torch.testing.assert_close(chosen.double(), reference.gather(-1, tokens[:, None])[:, 0])
+    ref_values, ref_ids = reference.topk(4, dim=-1)
+    torch.testing.assert_close(values.double(), ref_values)
+    assert torch.equal(ids, ref_ids)
+    chosen0, values0, ids0 = top_logprobs(logits, tokens, 0)
+    assert values0.shape == (5, 0) and ids0.shape == (5, 0)
+    torch.testing.assert_close(chosen0, chosen)
