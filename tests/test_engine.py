@@ -13,6 +13,7 @@ from safetensors import safe_open
 from conftest import TINY_BUILD
 from kiln import LLM, BuildConfig, Builder, Executor, Request, SamplingParams
 from kiln.build.engine import MANIFEST_FILE, WEIGHTS_FILE, EngineManifest
+from kiln.build.target import resolve_dtype
 from kiln.errors import ConfigError, EngineError
 from kiln.models import AutoModelForCausalLM
 from kiln.version import ENGINE_FORMAT_VERSION, __version__
@@ -163,6 +164,16 @@ def test_folder_that_is_no_engine_is_named(tmp_path, tiny_llama, tiny_engine):
 def test_build_config_errors_say_what_to_change(overrides, message):
     with pytest.raises(ConfigError, match=message):
         BuildConfig(**{**TINY_BUILD, **overrides})
+
+
+def test_dtype_auto_keeps_the_checkpoints_where_the_target_runs_it():
+    assert resolve_dtype("auto", "bfloat16", "sm90") == "bfloat16"
+    assert resolve_dtype("auto", "float16", "cpu") == "float32"  # CPU float16 matmuls are slow or missing
+    assert resolve_dtype("float16", "bfloat16", "sm80") == "float16"
+    for dtype in ("auto", "bfloat16"):  # a detected pre-Ampere GPU (T4 is sm75)
+        with pytest.raises(ConfigError, match=r"bfloat16 needs compute capability 8.0 or newer \(target sm75\); "
+                                              "build with --dtype float16"):
+            resolve_dtype(dtype, "bfloat16", "sm75")
 
 
 def test_max_seq_len_beyond_positions_fails_unless_rope_scaling_allows_it(tiny_hf_checkpoint):
