@@ -290,3 +290,73 @@ def test_model_forward_with_triton_plan_matches_reference_plan():
     triton_plan = {op: {"impl": "triton", "config": {}} for op in OPS}
     for triton_logits, reference_logits in zip(run(triton_plan), run({})):
         torch.testing.assert_close(triton_logits, reference_logits, rtol=1e-4, atol=1e-4)
+
+
+# ---- kernel plan and tuning ----------------------------------------------------------------------
+TINY_MODEL = ModelConfig(architecture="LlamaForCausalLM", vocab_size=64, hidden_size=64, intermediate_size=96,
+                         num_layers=1, num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=64)
+
+
+def test_decode_batch_buckets():
+    from kiln.build.tuning import decode_batch_buckets
+
+    assert decode_batch_buckets(1) == [1]
+    assert decode_batch_buckets(8) == [1, 2, 4, 8]
+    assert decode_batch_buckets(48) == [1, 2, 4, 8, 16, 32, 48]
+
+
+def test_tuning_runs_every_candidate_and_keeps_the_fastest(monkeypatch):
+    """Every candidate config runs on this engine's shapes; a fake clock (time = warps, then BLOCK_N,
+    then splits) says which must win; the plan is JSON and binds through KernelOps."""
+    from kiln.build import tuning
+    from kiln.config import BuildConfig
+
+    runs = []
+
+    def fake_median_ms(fn):
+        fn()
+        runs.append(fn.keywords)
+        return fn.keywords["num_warps"] + fn.keywords.get("BLOCK_N", 0) / 1000 + fn.keywords.get("num_splits", 0) / 1e6
+
+    monkeypatch.setattr(tuning, "_median_ms", fake_median_ms)
+    build = BuildConfig(max_batch_size=3, max_input_len=16, max_seq_len=32, max_num_tokens=32, tokens_per_block=8,
+                        dtype="float32", target="cpu")
+    configs = tuning.TuningRun(TINY_MODEL, build, torch.float32, num_sms=1, device=DEVICE).tune()
+    plan = json.loads(json.dumps(tuning._plan(configs)))
+
+    assert plan["rms_norm"]["config"] == plan["add_rms_norm"]["config"] == {"num_warps": 4}
+    assert plan["silu_mul"]["config"] == {"BLOCK": 1024, "num_warps": 4}
+    assert plan["rotary_kv_write"]["config"] == {"num_warps": 1}
+    assert plan["attention"]["config"]["context"] == {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 3}
+    decode = plan["attention"]["config"]["decode"]
+    assert [entry["max_batch_size"] for entry in decode] == [1, 2, 3]
+    assert all(entry == {"max_batch_size": entry["max_batch_size"], "BLOCK_N": 32, "num_warps": 2, "num_stages": 2,
+                         "num_splits": 1} for entry in decode)
+    # Two token counts (3, 32) for norms, SiLU and rotary; one context batch; per decode bucket, each
+    # kernel config with the splits that one SM's worth of programs allows (1 2 4, 1 2, 1).
+    assert len(runs) == (2 * 2 * len(tuning.NORM_CANDIDATES) + 2 * len(tuning.SILU_MUL_CANDIDATES)
+                         + 2 * len(tuning.ROTARY_CANDIDATES) + len(tuning.CONTEXT_CANDIDATES)
+                         + len(tuning.DECODE_KERNEL_CANDIDATES) * (3 + 2 + 1))
+    ops = KernelOps(plan)
+    attention = AttentionCase([1, 1], [20, 3], 4, 2, 16, 8, torch.float32)
+    assert_close(ops.attention(attention.q, attention.k_cache, attention.v_cache, attention.meta, attention.scale),
+                 attention.reference(), ATTENTION_TOLERANCES)
+
+
+@gpu
+def test_gpu_kernel_plan_tuned_on_this_gpu():
+    from kiln.build.target import detect_target
+    from kiln.build.tuning import gpu_kernel_plan
+    from kiln.config import BuildConfig
+
+    build = BuildConfig(max_batch_size=4, max_input_len=64, max_seq_len=128, max_num_tokens=128, tokens_per_block=16,
+                        dtype="bfloat16", target=detect_target())
+    for tune in (False, True):
+        plan = json.loads(json.dumps(gpu_kernel_plan(TINY_MODEL, build, torch.bfloat16, tune=tune)))
+        assert {entry["impl"] for entry in plan.values()} == {"triton"} and set(plan) == set(OPS)
+        assert [entry["max_batch_size"] for entry in plan["attention"]["config"]["decode"]] == [1, 2, 4]
+        ops = KernelOps(plan)
+        for seq_lens in ([100, 7, 0], [60]):
+            attention = AttentionCase([1] * len(seq_lens), seq_lens, 4, 2, 16, 16, torch.bfloat16)
+            out = ops.attention(attention.q, attention.k_cache, attention.v_cache, attention.meta, attention.scale)
+            assert_close(out, attention.reference(), ATTENTION_TOLERANCES)

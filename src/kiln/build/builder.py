@@ -5,6 +5,7 @@ All validation happens here, before any weight is converted, and each error says
 
 from __future__ import annotations
 
+import tempfile
 from functools import partial
 
 import torch
@@ -17,6 +18,7 @@ from kiln.convert.checkpoint import CheckpointReader
 from kiln.convert.converter import convert_checkpoint, dummy_weights
 from kiln.convert.safetensors_io import DTYPE_NAMES
 from kiln.errors import ConfigError
+from kiln.kernels.triton_jit import compile_cache
 from kiln.models import ModelSource
 from kiln.models.config import ModelConfig
 
@@ -45,11 +47,15 @@ class Builder:
     def build(self, model: ModelSource, config: BuildConfig, tune: bool = True) -> Engine:
         resolved = validate(model.config, config)
         dtype = DTYPE_NAMES[resolved.dtype]
+        # Kernels compiled while tuning are saved in the engine folder, so that loading compiles nothing.
+        kernel_cache = tempfile.TemporaryDirectory(prefix="kiln-kernels-") if resolved.target != "cpu" else None
+        with compile_cache(kernel_cache.name if kernel_cache else None):
+            plan = kernel_plan(resolved.target, model.config, resolved, dtype, tune=tune)
         manifest = EngineManifest(
             model_config=model.config,
             build_config=resolved,
             target_device_name=device_name() if resolved.target != "cpu" else "cpu",
-            kernel_plan=kernel_plan(resolved.target, model.config, resolved, dtype, tune=tune),
+            kernel_plan=plan,
             memory_plan=memory_plan(model.config, resolved, dtype),
             tensors={},
             has_tokenizer=False,
@@ -59,7 +65,8 @@ class Builder:
             produce = partial(dummy_weights, model.config, dtype, device)
         else:
             produce = partial(_convert, model, dtype)
-        return Engine(manifest=manifest, produce_weights=produce, tokenizer_source=model.tokenizer_dir)
+        return Engine(manifest=manifest, produce_weights=produce, tokenizer_source=model.tokenizer_dir,
+                      kernel_cache=kernel_cache)
 
 
 def _convert(model: ModelSource, dtype: torch.dtype):

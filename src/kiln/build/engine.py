@@ -1,4 +1,5 @@
-"""The engine folder: ``manifest.json`` (versioned, JSON only) + ``rank0.safetensors`` + ``tokenizer/``.
+"""The engine folder: ``manifest.json`` (versioned, JSON only) + ``rank0.safetensors`` + ``tokenizer/``
+(+ ``triton_cache/``, the kernels compiled for a GPU target, which loading reuses).
 
 Nothing in an engine is pickled. The manifest is written last, so a build that stops half-way leaves
 no engine that looks complete. Loading checks the format version, the target GPU, that every tensor is
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -29,6 +31,7 @@ from kiln.version import ENGINE_FORMAT_VERSION, __version__
 MANIFEST_FILE = "manifest.json"
 WEIGHTS_FILE = "rank0.safetensors"
 TOKENIZER_DIR = "tokenizer"
+COMPILE_CACHE_DIR = "triton_cache"  # the Triton kernels compiled for this engine (GPU targets)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                    "generation_config.json", "chat_template.jinja")
 
@@ -118,6 +121,7 @@ class Engine:
     manifest: EngineManifest
     produce_weights: Callable[[], Iterator[tuple[str, torch.Tensor]]]
     tokenizer_source: Path | None
+    kernel_cache: tempfile.TemporaryDirectory | None = None  # Triton kernels compiled by the build
 
     def save(self, engine_dir: str | Path, progress: bool = True) -> Path:
         engine_dir = Path(engine_dir)
@@ -134,6 +138,8 @@ class Engine:
         tensors = {name: {"shape": list(shape), "dtype": DTYPE_TO_ST[dtype], "crc32": checksums[name]}
                    for name, (shape, dtype) in spec.items()}
         has_tokenizer = self._copy_tokenizer(engine_dir)
+        if self.kernel_cache is not None:
+            shutil.copytree(self.kernel_cache.name, engine_dir / COMPILE_CACHE_DIR, dirs_exist_ok=True)
         final = EngineManifest(**{**m.__dict__, "tensors": tensors, "has_tokenizer": has_tokenizer,
                                   "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
         tmp = engine_dir / (MANIFEST_FILE + ".partial")

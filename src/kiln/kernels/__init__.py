@@ -62,5 +62,9 @@ class KernelOps:
             config = entry.get("config") or {}
             setattr(self, op, functools.partial(fn, **config) if config else fn)
 
+    @property
+    def uses_triton(self) -> bool:
+        return any(self.plan.get(op, {}).get("impl") == "triton" for op in OPS)
+
 
 __all__ = ["AttentionMetadata", "KernelOps", "OPS", "reference_plan"]

@@ -94,9 +94,9 @@ def _paged_attention_kernel(
     split = tl.program_id(2) % num_splits
     q_start = tl.load(query_start_loc_ptr + seq)
     q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
+    seq_len = tl.load(seq_lens_ptr + seq)  # loaded with q_len, not after the test: one memory latency less
     if q_tile * BLOCK_Q >= q_len:
         return
-    seq_len = tl.load(seq_lens_ptr + seq)
     context_len = seq_len - q_len  # keys before this step's queries (cached prefix, earlier chunks)
 
     rows = tl.arange(0, BLOCK_Q * BLOCK_G)
@@ -182,7 +182,7 @@ def _split_reduce_kernel(partial_out_ptr, partial_lse_ptr, query_start_loc_ptr, 
 # Context launch parameters before tuning (``kiln build`` times candidates on the target GPU and stores
 # the winners in the kernel plan): 64 query rows x 64 keys per tile over 4 warps and 2 pipeline stages,
 # the flash-attention tutorial's smallest config for head_dim 128; it compiles for sm90 with head_dim 128
-# in 220 registers per thread without spills (ptxas -v). Chosen by that, not by a timing.
+# in 220 registers per thread without spills (ptxas -v, Triton 3.9). Chosen by that, not by a timing.
 DEFAULT_CONTEXT_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
 # Decode before tuning: at most 16 splits of tiles of 32 keys (8 KB of bf16 K per tile at head_dim 128)
 # over 4 warps; see default_decode_config. Chosen by arithmetic, not by a timing.

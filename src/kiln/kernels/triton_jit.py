@@ -1,4 +1,5 @@
-"""Triton for the kernel files, which kiln imports whether Triton is installed or not.
+"""Triton for the kernel files, which kiln imports whether Triton is installed or not, and the place
+of its compile cache.
 
 Without Triton (CPU-only installs run the references) ``jit`` leaves a kernel a plain function that
 nothing launches: KernelOps refuses a Triton plan there. Triton decides when it is imported whether
@@ -7,7 +8,11 @@ kernels compile or run in its interpreter (TRITON_INTERPRET=1, set by the tests 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import logging
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 try:
@@ -15,6 +20,8 @@ try:
     import triton.language as tl
 except ImportError:
     triton = tl = None
+
+logger = logging.getLogger(__name__)
 
 
 def jit(fn: Callable | None = None, **options: Any):
@@ -26,3 +33,34 @@ def jit(fn: Callable | None = None, **options: Any):
 
 def next_power_of_2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
+
+
+def use_compile_cache(directory: Path) -> None:
+    """Points Triton's compile cache (process-wide) at ``directory``: kept in an engine's folder, the
+    kernels compiled on its first load make every later load compile nothing. A folder that cannot be
+    written leaves Triton's default cache in use."""
+    try:
+        directory.mkdir(exist_ok=True)
+    except OSError as e:
+        logger.warning("cannot keep compiled kernels in %s (%s); using Triton's default cache", directory, e)
+        return
+    if not os.access(directory, os.W_OK):
+        logger.warning("cannot write to %s; compiled kernels go to Triton's default cache", directory)
+        return
+    os.environ["TRITON_CACHE_DIR"] = str(directory)
+
+
+@contextlib.contextmanager
+def compile_cache(directory: str | None) -> Iterator[None]:
+    """Triton's compile cache in ``directory`` for the duration (the build's tuning, whose kernels are
+    then saved in the engine folder); None leaves it where it is."""
+    previous = os.environ.get("TRITON_CACHE_DIR")
+    if directory is not None:
+        os.environ["TRITON_CACHE_DIR"] = directory
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("TRITON_CACHE_DIR", None)
+        else:
+            os.environ["TRITON_CACHE_DIR"] = previous

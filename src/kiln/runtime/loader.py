@@ -9,10 +9,11 @@ from pathlib import Path
 
 import torch
 
-from kiln.build.engine import TOKENIZER_DIR, EngineManifest, engine_device, load_weights
+from kiln.build.engine import COMPILE_CACHE_DIR, TOKENIZER_DIR, EngineManifest, engine_device, load_weights
 from kiln.config import KvCacheConfig
 from kiln.errors import ConfigError
 from kiln.kernels import KernelOps
+from kiln.kernels.triton_jit import use_compile_cache
 from kiln.models.decoder import DecoderModel
 from kiln.runtime.tokenizer import Tokenizer
 
@@ -47,6 +48,8 @@ def load_engine(engine_dir: str | Path, device: str | None = None, verify: bool 
     dev = torch.device(device) if device else engine_device(manifest)
     weights = load_weights(engine_dir, manifest, dev, verify=verify, progress=progress)
     ops = KernelOps(manifest.kernel_plan)
+    if ops.uses_triton:
+        use_compile_cache(engine_dir / COMPILE_CACHE_DIR)
     model = DecoderModel(manifest.model_config, weights, ops, manifest.build_config.max_seq_len)
     tokenizer = None
     if manifest.has_tokenizer:

@@ -1,0 +1,193 @@
+"""The kernel plan of a GPU engine: Triton for every op on sm80+, launch configs tuned at build time.
+
+Tuning times a few candidate configs per op with ``triton.testing.do_bench`` (median, L2 flushed
+before each run) on random inputs of this engine's shapes and stores the winners in the plan, so the
+runtime never tunes. Each op is timed at the sizes the runtime will see: decode batches (one token per
+sequence, batch buckets 1, 2, 4, ... up to max_batch_size) and context batches (up to max_num_tokens).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import torch
+
+from kiln.build.target import compute_capability
+from kiln.config import BuildConfig
+from kiln.kernels import OPS, reference_plan
+from kiln.kernels.activation import DEFAULT_SILU_MUL_CONFIG, silu_mul_triton
+from kiln.kernels.attention import (DEFAULT_CONTEXT_CONFIG, AttentionMetadata, default_decode_config,
+                                    paged_attention_triton)
+from kiln.kernels.norm import add_rms_norm_triton, default_norm_warps, rms_norm_triton
+from kiln.kernels.rotary import DEFAULT_ROTARY_CONFIG, rope_cos_sin, rotary_kv_write_triton
+from kiln.models.config import ModelConfig
+
+logger = logging.getLogger(__name__)
+
+# The Triton kernels use bf16 tensor-core dots and cp.async pipelining: Ampere (sm80) and newer.
+MIN_TRITON_CAPABILITY = 80
+
+# do_bench budget per candidate and shape, in ms. do_bench repeats a run for REP_MS over its estimated
+# time including a 256 MB L2 flush (~0.1 ms on an H100 at 3 TB/s), so even the slowest run timed here
+# (a full context batch, ~1 ms) gets several repeats and the sub-0.1 ms ones ~40+ for the median. An 8B
+# engine with max_batch_size 64 makes ~130 timings: ~1.5 s. Compiling each candidate once comes on top
+# (0.1 s for a norm kernel, 0.6 s for an attention variant on this CPU-only dev machine, for sm90).
+WARMUP_MS = 2
+REP_MS = 8
+
+# Candidates: a handful per op around the defaults, covering fewer / more threads per row or tile.
+NORM_CANDIDATES = [{"num_warps": w} for w in (4, 8, 16)]
+SILU_MUL_CANDIDATES = [{"BLOCK": b, "num_warps": w} for b, w in ((1024, 4), (2048, 4), (2048, 8), (4096, 8))]
+ROTARY_CANDIDATES = [{"num_warps": w} for w in (1, 2, 4, 8)]
+CONTEXT_CANDIDATES = [{"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": s}
+                      for m, n, w, s in ((64, 64, 4, 2), (64, 32, 4, 3), (128, 64, 8, 2), (128, 32, 4, 3))]
+DECODE_KERNEL_CANDIDATES = [{"BLOCK_N": n, "num_warps": w, "num_stages": 2} for n, w in ((32, 4), (64, 4), (32, 2))]
+DECODE_SPLITS = (1, 2, 4, 8, 16, 32)
+# Splits beyond this many programs per SM only add reduction work: the batch already fills the GPU.
+MAX_DECODE_PROGRAMS_PER_SM = 8
+# Keys of one decode tuning batch at most (2 GiB of K and V for an 8B model's layer): the context length
+# is lowered for the largest buckets of long-sequence engines to stay within it.
+MAX_TUNING_KV_TOKENS = 1 << 19
+
+
+def gpu_kernel_plan(config: ModelConfig, build: BuildConfig, dtype: torch.dtype, tune: bool
+                    ) -> dict[str, dict[str, Any]]:
+    """Triton for every op on sm80+ (reference ops below), with configs tuned here when ``tune``."""
+    if compute_capability(build.target) < MIN_TRITON_CAPABILITY:
+        logger.warning("target %s is older than sm%d: the engine runs the reference (PyTorch) ops",
+                       build.target, MIN_TRITON_CAPABILITY)
+        return reference_plan()
+    device = torch.device("cuda", torch.cuda.current_device())
+    num_sms = torch.cuda.get_device_properties(device).multi_processor_count
+    if not tune:
+        return _plan(_default_configs(config, build, num_sms))
+    t0 = time.perf_counter()
+    configs = TuningRun(config, build, dtype, num_sms, device).tune()
+    logger.info("kernel tuning took %.1f s", time.perf_counter() - t0)
+    return _plan(configs)
+
+
+def decode_batch_buckets(max_batch_size: int) -> list[int]:
+    """1, 2, 4, ... below max_batch_size, then max_batch_size: a decode batch uses the first bucket that
+    holds it."""
+    return [b for b in (1 << i for i in range(max_batch_size.bit_length())) if b < max_batch_size] + [max_batch_size]
+
+
+def _plan(configs: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {op: {"impl": "triton", "config": configs[op]} for op in OPS}
+
+
+def _default_configs(config: ModelConfig, build: BuildConfig, num_sms: int) -> dict[str, Any]:
+    norm = {"num_warps": default_norm_warps(config.hidden_size)}
+    decode = [{"max_batch_size": b, **default_decode_config(b, config.num_kv_heads, num_sms)}
+              for b in decode_batch_buckets(build.max_batch_size)]
+    return {"rms_norm": norm, "add_rms_norm": norm, "silu_mul": DEFAULT_SILU_MUL_CONFIG,
+            "rotary_kv_write": DEFAULT_ROTARY_CONFIG,
+            "attention": {"context": DEFAULT_CONTEXT_CONFIG, "decode": decode}}
+
+
+def _median_ms(fn: Callable[[], Any]) -> float:
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=WARMUP_MS, rep=REP_MS, return_mode="median")
+
+
+def _fastest(candidates: list[dict[str, Any]], runs: list[Callable[..., Any]], op: str) -> dict[str, Any]:
+    """The candidate whose times, each relative to the best candidate at that shape, sum lowest.
+    ``runs``: one callable per input shape, taking the candidate's config as keyword arguments."""
+    times = [[_median_ms(partial(run, **candidate)) for run in runs] for candidate in candidates]
+    best = [min(column) for column in zip(*times)]
+    scores = [sum(t / b for t, b in zip(row, best)) for row in times]
+    winner = min(range(len(candidates)), key=scores.__getitem__)
+    logger.info("tuned %s: %s (%s ms; candidates %s)", op, candidates[winner],
+                ", ".join(f"{t:.4f}" for t in times[winner]), len(candidates))
+    return candidates[winner]
+
+
+class TuningRun:
+    """Random inputs of one engine's shapes on ``device``, and the timing of each op on them."""
+
+    def __init__(self, config: ModelConfig, build: BuildConfig, dtype: torch.dtype, num_sms: int,
+                 device: torch.device):
+        self.config, self.build, self.dtype, self.num_sms, self.device = config, build, dtype, num_sms, device
+        # Token counts of a decode-sized and of a full context iteration.
+        self.token_counts = sorted({min(build.max_batch_size, build.max_num_tokens), build.max_num_tokens})
+
+    def randn(self, *shape: int) -> torch.Tensor:
+        return torch.randn(*shape, dtype=self.dtype, device=self.device)
+
+    def tune(self) -> dict[str, Any]:
+        cfg = self.config
+        weight = self.randn(cfg.hidden_size)
+        hidden = [self.randn(t, cfg.hidden_size) for t in self.token_counts]
+        residual = [self.randn(t, cfg.hidden_size) for t in self.token_counts]
+        gate_up = [self.randn(t, 2 * cfg.intermediate_size) for t in self.token_counts]
+        return {
+            "rms_norm": _fastest(NORM_CANDIDATES, [partial(rms_norm_triton, x, weight, cfg.rms_norm_eps)
+                                                   for x in hidden], "rms_norm"),
+            "add_rms_norm": _fastest(NORM_CANDIDATES, [partial(add_rms_norm_triton, x, r, weight, cfg.rms_norm_eps)
+                                                       for x, r in zip(hidden, residual)], "add_rms_norm"),
+            "silu_mul": _fastest(SILU_MUL_CANDIDATES, [partial(silu_mul_triton, g) for g in gate_up], "silu_mul"),
+            "rotary_kv_write": _fastest(ROTARY_CANDIDATES, [self.rotary_run(t) for t in self.token_counts],
+                                        "rotary_kv_write"),
+            "attention": {"context": self.tune_context(), "decode": self.tune_decode()},
+        }
+
+    def kv_cache(self, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One layer's K and V caches with room for num_tokens tokens."""
+        cfg, block_size = self.config, self.build.tokens_per_block
+        num_blocks = -(-num_tokens // block_size)
+        shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
+        return self.randn(*shape), self.randn(*shape)
+
+    def rotary_run(self, num_tokens: int) -> Callable[..., torch.Tensor]:
+        cfg = self.config
+        qkv = self.randn(num_tokens, cfg.q_size + 2 * cfg.kv_size)
+        q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
+        k_cache, v_cache = self.kv_cache(num_tokens)
+        positions = torch.randint(0, self.build.max_seq_len, (num_tokens,), device=self.device)
+        slots = torch.randperm(k_cache.shape[0] * k_cache.shape[1], device=self.device)[:num_tokens]
+        cos_sin = rope_cos_sin(cfg.rope, cfg.head_dim, self.build.max_seq_len).to(self.device)
+        return partial(rotary_kv_write_triton, q.view(num_tokens, cfg.num_heads, cfg.head_dim),
+                       k.view(num_tokens, cfg.num_kv_heads, cfg.head_dim),
+                       v.view(num_tokens, cfg.num_kv_heads, cfg.head_dim), positions, cos_sin, k_cache, v_cache, slots)
+
+    def attention_run(self, q_lens: list[int], seq_lens: list[int], key: str) -> Callable[..., torch.Tensor]:
+        """Attention over sequences with scattered cache blocks; the run takes one context / decode config."""
+        cfg, block_size = self.config, self.build.tokens_per_block
+        blocks_per_seq = -(-max(seq_lens) // block_size)
+        k_cache, v_cache = self.kv_cache(len(seq_lens) * blocks_per_seq * block_size)
+        tables = torch.randperm(k_cache.shape[0], device=self.device, dtype=torch.int32).view(len(seq_lens), -1)
+        meta = AttentionMetadata(
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=self.device),
+            query_start_loc=torch.tensor([0, *itertools.accumulate(q_lens)], dtype=torch.int32, device=self.device),
+            block_tables=tables, seq_lens_host=seq_lens, query_lens_host=q_lens)
+        q = self.randn(sum(q_lens), cfg.num_heads, cfg.head_dim)
+        attention = partial(paged_attention_triton, q, k_cache, v_cache, meta, cfg.head_dim ** -0.5)
+        if key == "context":
+            return lambda **config: attention(context=config)
+        return lambda **config: attention(decode=[{"max_batch_size": len(seq_lens), **config}])
+
+    def tune_context(self) -> dict[str, Any]:
+        """Full context iterations: max_num_tokens of prompts of max_input_len tokens (or one shorter)."""
+        prompt_len = min(self.build.max_input_len, self.build.max_num_tokens)
+        q_lens = [prompt_len] * (self.build.max_num_tokens // prompt_len)
+        return _fastest(CONTEXT_CANDIDATES, [self.attention_run(q_lens, q_lens, "context")], "attention context")
+
+    def tune_decode(self) -> list[dict[str, Any]]:
+        """Per batch bucket, at a representative context length: half of max_seq_len, the mean length of a
+        sequence that grows to the limit (at most MAX_TUNING_KV_TOKENS keys in all)."""
+        entries = []
+        for batch in decode_batch_buckets(self.build.max_batch_size):
+            context_len = max(1, min(self.build.max_seq_len // 2, MAX_TUNING_KV_TOKENS // batch))
+            max_splits = max(1, MAX_DECODE_PROGRAMS_PER_SM * self.num_sms // (batch * self.config.num_kv_heads))
+            candidates = [{**kernel, "num_splits": s} for kernel in DECODE_KERNEL_CANDIDATES
+                          for s in DECODE_SPLITS if s == 1 or s <= max_splits]
+            run = self.attention_run([1] * batch, [context_len] * batch, "decode")
+            entries.append({"max_batch_size": batch, **_fastest(candidates, [run], f"attention decode batch {batch}")})
+        return entries
