@@ -231,8 +231,9 @@ def test_sliding_window_matches_reference(decode):
 @gpu
 def test_decode_attention_in_a_cuda_graph():
     """Captured once, replayed on new lengths and block tables written into the same device tensors."""
-    attention = AttentionCase([1] * 8, [0] * 8, 32, 8, 128, 32, torch.bfloat16)
+    attention = AttentionCase([1] * 8, [700] * 8, 32, 8, 128, 32, torch.bfloat16)  # tables for 700 keys
     meta = attention.meta
+    meta.seq_lens.zero_()  # captured on padded rows, as the runtime does
     decode = [{"max_batch_size": 8, "num_splits": 4, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}]
     attention.triton(decode=decode)  # compile outside the capture
     graph = torch.cuda.CUDAGraph()

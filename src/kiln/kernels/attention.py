@@ -77,7 +77,11 @@ def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     return out
 
 
-@jit(do_not_specialize=["block_table_stride", "sliding_window", "num_splits"])
+# Metadata pointers and sizes that the runtime's own buffers make vary (in alignment, or by step) are
+# not specialized on: each variant would be another compile, at load or on the first request.
+@jit(do_not_specialize=["block_table_stride", "sliding_window", "num_splits"],
+     do_not_specialize_on_alignment=["block_tables_ptr", "seq_lens_ptr", "query_start_loc_ptr",
+                                     "block_table_stride", "sliding_window", "num_splits"])
 def _paged_attention_kernel(
         q_ptr, q_row_stride, q_head_stride, k_cache_ptr, v_cache_ptr, cache_block_stride, cache_slot_stride,
         cache_head_stride, block_tables_ptr, block_table_stride, seq_lens_ptr, query_start_loc_ptr,
@@ -154,7 +158,7 @@ def _paged_attention_kernel(
                  + head[:, None] * out_head_stride + dims[None, :], out.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
-@jit(do_not_specialize=["num_splits"])
+@jit(do_not_specialize=["num_splits"], do_not_specialize_on_alignment=["query_start_loc_ptr", "num_splits"])
 def _split_reduce_kernel(partial_out_ptr, partial_lse_ptr, query_start_loc_ptr, out_ptr, out_row_stride,
                          out_head_stride, num_splits, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr,
                          BLOCK_D: tl.constexpr):

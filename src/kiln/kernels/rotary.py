@@ -64,7 +64,7 @@ def rotary_kv_write_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, posit
     return q_rot
 
 
-@jit
+@jit(do_not_specialize_on_alignment=["positions_ptr", "slot_mapping_ptr"])  # views of the runtime's buffers
 def _rotary_kv_write_kernel(
         q_ptr, q_row_stride, q_head_stride, k_ptr, k_row_stride, k_head_stride, v_ptr, v_row_stride, v_head_stride,
         positions_ptr, cos_sin_ptr, cos_sin_row_stride, slot_mapping_ptr,

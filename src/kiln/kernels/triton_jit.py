@@ -9,6 +9,7 @@ kernels compile or run in its interpreter (TRITON_INTERPRET=1, set by the tests 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import os
 from collections.abc import Callable, Iterator
@@ -25,9 +26,12 @@ logger = logging.getLogger(__name__)
 
 
 def jit(fn: Callable | None = None, **options: Any):
-    """``triton.jit``: ``@jit`` or ``@jit(do_not_specialize=[...])``."""
+    """``triton.jit``: ``@jit`` or ``@jit(do_not_specialize=[...], ...)``. An option this Triton lacks
+    (do_not_specialize_on_alignment before 3.2) is dropped: it only saves compiles."""
     if triton is None:
         return fn if fn is not None else (lambda f: f)
+    known = inspect.signature(triton.jit).parameters
+    options = {name: value for name, value in options.items() if name in known}
     return triton.jit(fn, **options) if fn is not None else triton.jit(**options)
 
 
