@@ -333,10 +333,10 @@ def test_tuning_runs_every_candidate_and_keeps_the_fastest(monkeypatch):
     assert [entry["max_batch_size"] for entry in decode] == [1, 2, 3]
     assert all(entry == {"max_batch_size": entry["max_batch_size"], "BLOCK_N": 32, "num_warps": 2, "num_stages": 2,
                          "num_splits": 1} for entry in decode)
-    # Two token counts (3, 32) for norms, SiLU and rotary; one context batch; per decode bucket, each
-    # kernel config with the splits that one SM's worth of programs allows (1 2 4, 1 2, 1).
-    assert len(runs) == (2 * 2 * len(tuning.NORM_CANDIDATES) + 2 * len(tuning.SILU_MUL_CANDIDATES)
-                         + 2 * len(tuning.ROTARY_CANDIDATES) + len(tuning.CONTEXT_CANDIDATES)
+    # Three token counts (1, 3, 32) for norms, SiLU and rotary; one context batch; per decode bucket,
+    # each kernel config with the splits that one SM's worth of programs allows (1 2 4, 1 2, 1).
+    assert len(runs) == (3 * 2 * len(tuning.NORM_CANDIDATES) + 3 * len(tuning.SILU_MUL_CANDIDATES)
+                         + 3 * len(tuning.ROTARY_CANDIDATES) + len(tuning.CONTEXT_CANDIDATES)
                          + len(tuning.DECODE_KERNEL_CANDIDATES) * (3 + 2 + 1))
     ops = KernelOps(plan)
     attention = AttentionCase([1, 1], [20, 3], 4, 2, 16, 8, torch.float32)

@@ -35,7 +35,7 @@ MIN_TRITON_CAPABILITY = 80
 # do_bench budget per candidate and shape, in ms. do_bench repeats a run for REP_MS over its estimated
 # time including a 256 MB L2 flush (~0.1 ms on an H100 at 3 TB/s), so even the slowest run timed here
 # (a full context batch, ~1 ms) gets several repeats and the sub-0.1 ms ones ~40+ for the median. An 8B
-# engine with max_batch_size 64 makes ~130 timings: ~1.5 s. Compiling each candidate once comes on top
+# engine with max_batch_size 64 makes ~150 timings: ~2 s. Compiling each candidate once comes on top
 # (0.1 s for a norm kernel, 0.6 s for an attention variant on this CPU-only dev machine, for sm90).
 WARMUP_MS = 2
 REP_MS = 8
@@ -115,8 +115,8 @@ class TuningRun:
     def __init__(self, config: ModelConfig, build: BuildConfig, dtype: torch.dtype, num_sms: int,
                  device: torch.device):
         self.config, self.build, self.dtype, self.num_sms, self.device = config, build, dtype, num_sms, device
-        # Token counts of a decode-sized and of a full context iteration.
-        self.token_counts = sorted({min(build.max_batch_size, build.max_num_tokens), build.max_num_tokens})
+        # Token counts of a batch-1 and a full-batch decode iteration, and of a full context iteration.
+        self.token_counts = sorted({1, min(build.max_batch_size, build.max_num_tokens), build.max_num_tokens})
 
     def randn(self, *shape: int) -> torch.Tensor:
         return torch.randn(*shape, dtype=self.dtype, device=self.device)
