@@ -1,0 +1,327 @@
+"""The Executor on the bundled stories260K model: correctness under load, cancellation, errors, shutdown,
+streaming and statistics.
+
+The engine here has small limits (max_seq_len 128, 4-token blocks), so that a pool of 32 blocks is the
+minimum the loader accepts and a handful of requests runs it out of memory.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections import defaultdict
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conftest import STORIES_DIR, build_engine
+from kiln import Executor, KvCacheConfig, Request, RuntimeConfig, SamplingParams, SchedulerConfig
+from kiln.config import CAPACITY_POLICIES
+from kiln.errors import KilnError
+from kiln.runtime.loader import load_engine
+from kiln.runtime.request import Response
+
+BLOCK = 4
+MAX_SEQ_LEN = 128
+EOS = 2
+FREQUENT_TOKEN = 426  # "." in stories260K
+GREEDY = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    path = build_engine(STORIES_DIR, tmp_path_factory.mktemp("stories_small_blocks"), max_batch_size=8,
+                        max_input_len=64, max_seq_len=MAX_SEQ_LEN, max_num_tokens=128, tokens_per_block=BLOCK)
+    return load_engine(path, progress=False)
+
+
+def make_executor(engine, policy: str = "guaranteed_no_evict", chunked: bool = True, reuse: bool = True,
+                  kv_tokens: int | None = None, **limits) -> Executor:
+    return Executor(engine, RuntimeConfig(
+        kv_cache_config=KvCacheConfig(max_tokens=kv_tokens, enable_block_reuse=reuse),
+        scheduler_config=SchedulerConfig(policy, chunked), **limits))
+
+
+def collect(ex: Executor, ids: list[int], timeout: float = 60.0) -> dict[int, list[Response]]:
+    """Every response of ``ids`` until each has its final (or error) one."""
+    pending, got = set(ids), defaultdict(list)
+    deadline = time.monotonic() + timeout
+    while pending:
+        assert time.monotonic() < deadline, f"requests {sorted(pending)} never finished"
+        for resp in ex.await_responses(timeout=1.0):
+            got[resp.request_id].append(resp)
+            if resp.has_error() or resp.result.is_final:
+                pending.discard(resp.request_id)
+    return got
+
+
+def run_requests(ex: Executor, requests: list[Request]) -> list[Response]:
+    """Final responses, in the order of ``requests``."""
+    ids = ex.enqueue_requests(requests)
+    got = collect(ex, ids)
+    return [got[i][-1] for i in ids]
+
+
+def joined(responses: list[Response]) -> tuple[list[list[int]], list[str]]:
+    """Streamed deltas added up, per sample."""
+    num_samples = len(responses[-1].result.output_token_ids)
+    tokens, texts = [[] for _ in range(num_samples)], [""] * num_samples
+    for r in responses:
+        for i, (t, s) in enumerate(zip(r.result.output_token_ids, r.result.text)):
+            tokens[i] += t
+            texts[i] += s
+    return tokens, texts
+
+
+def assert_pool_full(ex: Executor) -> None:
+    assert ex.pool.num_free_blocks == ex.pool.num_blocks
+    assert ex.pool.ref_counts == [0] * ex.pool.num_blocks
+    assert not ex.scheduler.running and not ex.scheduler.waiting
+
+
+def prompts_with_shared_prefixes(seed: int, count: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    shared = [rng.randrange(3, 512) for _ in range(24)]
+    return [[1] + shared[:rng.randint(4, 24)] + [rng.randrange(3, 512) for _ in range(rng.randint(1, 36))]
+            for _ in range(count)]
+
+
+# ---- the same greedy tokens whatever else runs ----------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def greedy_alone(engine):
+    prompts = prompts_with_shared_prefixes(0, 10)
+    with make_executor(engine) as ex:
+        return prompts, [run_requests(ex, [Request(p, sampling_params=GREEDY)])[0].result.output_token_ids[0]
+                         for p in prompts]
+
+
+@pytest.mark.parametrize("setting", ["chunked", "prefix_reuse", "preemption", "no_chunking_no_reuse"])
+def test_greedy_tokens_are_the_same_alone_and_in_a_crowded_batch(engine, greedy_alone, setting):
+    prompts, alone = greedy_alone
+    ex = {
+        "chunked": lambda: make_executor(engine, reuse=False, max_num_tokens=16),
+        "prefix_reuse": lambda: make_executor(engine, max_batch_size=3),
+        "preemption": lambda: make_executor(engine, "max_utilization", kv_tokens=MAX_SEQ_LEN, max_num_tokens=32),
+        "no_chunking_no_reuse": lambda: make_executor(engine, chunked=False, reuse=False, max_num_tokens=64),
+    }[setting]()
+    with ex:
+        results = run_requests(ex, [Request(p, sampling_params=GREEDY) for p in prompts])
+        assert [r.result.output_token_ids[0] for r in results] == alone
+        stats = ex.get_latest_iteration_stats()
+        assert max(s.batch_size for s in stats) > 1
+        assert all(s.num_context_tokens + s.num_decode_tokens <= ex.max_num_tokens for s in stats)
+        if setting == "chunked":  # prompts longer than 16 tokens ran in pieces
+            assert max(len(p) for p in prompts) > 16 and max(s.num_context_tokens for s in stats) <= 16
+        if setting == "prefix_reuse":
+            assert ex.pool.hit_rate > 0 and any(r.result.num_cached_prompt_tokens > 0 for r in results)
+        if setting == "preemption":
+            assert ex.scheduler.num_preemptions > 0 and any(s.num_preempted for s in stats)
+        assert_pool_full(ex)
+
+
+# ---- random load ---------------------------------------------------------------------------------------
+
+@st.composite
+def loads(draw):
+    policy = draw(st.sampled_from(CAPACITY_POLICIES))
+    chunked = draw(st.booleans())
+    # Mostly the smallest pool the loader accepts (32 blocks): max_utilization has to preempt.
+    options = dict(reuse=draw(st.booleans()), kv_tokens=draw(st.sampled_from([MAX_SEQ_LEN, MAX_SEQ_LEN, 256])),
+                   max_batch_size=draw(st.integers(1, 8)),
+                   max_num_tokens=draw(st.integers(8 if chunked else 64, 128)))
+    rng = random.Random(draw(st.integers(0, 2**32)))
+    shared = [rng.randrange(3, 512) for _ in range(32)]
+    requests = []
+    for _ in range(draw(st.integers(3, 10))):
+        prompt = [1] + shared[:draw(st.integers(0, 32))] + [rng.randrange(3, 512) for _ in range(draw(st.integers(0, 31)))]
+        params = SamplingParams(max_tokens=draw(st.integers(1, 48)), n=draw(st.sampled_from([1, 1, 1, 2, 3])),
+                                temperature=draw(st.sampled_from([0.0, 1.0])), ignore_eos=draw(st.booleans()),
+                                seed=rng.getrandbits(32))
+        # A frequent token as the end id, so that some samples stop early.
+        end_id = draw(st.sampled_from([None, FREQUENT_TOKEN]))
+        requests.append(Request(prompt, sampling_params=params, streaming=draw(st.booleans()), end_id=end_id))
+    cancel = [draw(st.booleans()) and draw(st.booleans()) for _ in requests]
+    return policy, chunked, options, requests, cancel
+
+
+@settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(load=loads())
+def test_random_load_ends_every_request_once_within_limits(engine, load):
+    policy, chunked, options, requests, cancel = load
+    with make_executor(engine, policy, chunked, **options) as ex:
+        ids = []
+        for request, cancel_it in zip(requests, cancel):
+            ids.append(ex.enqueue_request(request))
+            if cancel_it:  # at once, or later: while waiting, mid-prompt or mid-decode
+                threading.Timer(random.Random(ids[-1]).choice([0.0, 0.01, 0.05]), ex.cancel_request, [ids[-1]]).start()
+        got = collect(ex, ids)
+        time.sleep(0.1)  # late cancellations are no-ops, and nothing more arrives
+        for resp in ex.await_responses(timeout=0):
+            got[resp.request_id].append(resp)
+        for request_id, request, was_cancelled in zip(ids, requests, cancel):
+            responses = got[request_id]
+            params = request.sampling_params
+            if -(-(len(request.input_token_ids) + params.max_tokens) // BLOCK) * params.n > ex.pool.num_blocks:
+                assert len(responses) == 1 and "KV blocks" in responses[0].error_msg
+                continue
+            assert all(not r.has_error() for r in responses)
+            assert [r.result.is_final for r in responses] == [False] * (len(responses) - 1) + [True]
+            assert request.streaming or len(responses) == 1
+            final = responses[-1].result
+            tokens, texts = joined(responses) if request.streaming else (final.output_token_ids, final.text)
+            assert len(tokens) == params.n and len(final.finish_reasons) == params.n
+            for sample_tokens, reason in zip(tokens, final.finish_reasons):
+                assert len(sample_tokens) <= params.max_tokens
+                if reason == "length":
+                    assert len(sample_tokens) == params.max_tokens
+                elif reason == "stop":
+                    assert not params.ignore_eos and sample_tokens[-1] == (request.end_id or EOS)
+                else:
+                    assert was_cancelled and reason == "cancelled"
+        stats = ex.get_latest_iteration_stats()
+        assert all(s.batch_size <= ex.max_batch_size for s in stats)
+        assert all(0 < s.num_context_tokens + s.num_decode_tokens <= ex.max_num_tokens for s in stats)
+        assert all(s.kv_blocks_used + s.kv_blocks_free == s.kv_blocks_total == ex.pool.num_blocks for s in stats)
+        assert_pool_full(ex)
+
+
+# ---- cancellation, errors, shutdown -----------------------------------------------------------------------------
+
+def first_response(ex: Executor, request_id: int) -> Response:
+    responses = ex.await_responses(request_id, timeout=30.0)
+    assert responses, "no response"
+    return responses[0]
+
+
+def test_cancellation_frees_blocks_at_once(engine):
+    with make_executor(engine) as ex:
+        long = SamplingParams(temperature=0.0, max_tokens=80, ignore_eos=True)
+        running = ex.enqueue_request(Request([1, 45, 67, 89] * 5, sampling_params=long, streaming=True))
+        first_response(ex, running)
+        assert ex.pool.num_used_blocks > 0
+        ex.cancel_request(running)
+        final = collect(ex, [running])[running][-1].result
+        assert final.is_final and final.finish_reasons == ["cancelled"] and len(final.output_token_ids[0]) < 80
+        assert_pool_full(ex)  # the final response is sent after the blocks are back
+        ex.cancel_request(running)  # again, and an id that never existed: no effect
+        ex.cancel_request(10_000)
+        assert run_requests(ex, [Request([1, 5, 6], sampling_params=GREEDY)])[0].result.finish_reasons == ["length"]
+
+
+def test_an_exception_in_one_request_fails_only_that_request(engine, greedy_alone, monkeypatch):
+    prompts, alone = greedy_alone
+    with make_executor(engine) as ex:
+        execute = ex.runner.execute
+        bad_prompt = [1, 400, 401, 402, 403, 404, 405]
+
+        def fail_for_bad_prompt(plan):
+            if any(s.seq.token_ids[:7] == bad_prompt and s.seq.sample_index == 1 for s in plan.scheduled):
+                raise RuntimeError("injected failure")
+            return execute(plan)
+
+        monkeypatch.setattr(ex.runner, "execute", fail_for_bad_prompt)
+        # The bad request's second sample fails after the fork: its first sample, in the same plan, ends
+        # with it (and fills its second block in that step, which must not be registered for reuse).
+        bad = Request(bad_prompt, sampling_params=SamplingParams(temperature=0.0, max_tokens=20, n=2))
+        results = run_requests(ex, [Request(p, sampling_params=GREEDY) for p in prompts[:4]] + [bad])
+        assert results[-1].has_error() and "injected failure" in results[-1].error_msg
+        assert [r.result.output_token_ids[0] for r in results[:4]] == alone[:4]
+        assert_pool_full(ex)
+        assert ex.is_alive()
+        later = run_requests(ex, [Request(prompts[4], sampling_params=GREEDY)])[0]
+        assert later.result.output_token_ids[0] == alone[4]
+
+
+def test_shutdown_cancels_requests_in_flight(engine):
+    ex = make_executor(engine)
+    long = SamplingParams(temperature=0.0, max_tokens=100, ignore_eos=True)
+    ids = [ex.enqueue_request(Request([1, 7, 8 + i], sampling_params=long)) for i in range(3)]
+    while ex.num_running == 0:
+        time.sleep(0.01)
+    ex.shutdown()
+    assert not ex.is_alive()
+    finals = {r.request_id: r for r in ex.await_responses(timeout=0)}
+    assert sorted(finals) == ids
+    assert all(r.result.is_final and r.result.finish_reasons == ["cancelled"] for r in finals.values())
+    assert ex.await_responses(timeout=5.0) == []  # returns at once once shut down
+    with pytest.raises(KilnError, match="shut down"):
+        ex.enqueue_request(Request([1, 2, 3]))
+    ex.shutdown()  # twice is fine
+
+
+def test_await_responses_by_id_leaves_the_others(engine):
+    with make_executor(engine) as ex:
+        a, b = ex.enqueue_requests([Request([1, 20, 30], sampling_params=GREEDY),
+                                    Request([1, 21, 31], sampling_params=GREEDY)])
+        only_b = collect_by_id(ex, b)
+        assert {r.request_id for r in only_b} == {b}
+        rest = collect(ex, [a])
+        assert {r.request_id for r in rest[a]} == {a} and rest[a][-1].result.is_final
+
+
+def collect_by_id(ex: Executor, request_id: int) -> list[Response]:
+    responses: list[Response] = []
+    while not responses or not responses[-1].result.is_final:
+        responses += ex.await_responses(request_id, timeout=30.0)
+    return responses
+
+
+# ---- streaming, stats, prefix counts, prompt logprobs under preemption ------------------------------------
+
+def test_streaming_deltas_add_up_to_the_non_streaming_output(engine):
+    params = SamplingParams(temperature=0.8, seed=11, max_tokens=30, n=2, logprobs=2, ignore_eos=True)
+    with make_executor(engine) as ex:
+        whole = run_requests(ex, [Request([1, 300, 301, 302], sampling_params=params)])[0].result
+        request_id = ex.enqueue_request(Request([1, 300, 301, 302], sampling_params=params, streaming=True))
+        responses = collect(ex, [request_id])[request_id]
+    assert len(responses) > 2 and responses[-1].result.is_final
+    tokens, texts = joined(responses)
+    assert tokens == whole.output_token_ids and texts == whole.text
+    for i in range(2):
+        assert sum((r.result.log_probs[i] for r in responses), []) == whole.log_probs[i]
+        assert sum((r.result.top_logprobs[i] for r in responses), []) == whole.top_logprobs[i]
+    times = responses[-1].result
+    assert times.arrival_time <= times.first_token_time <= times.finish_time
+
+
+def test_iteration_stats_count_every_token(engine):
+    prompts = [[1] + list(range(10, 10 + length)) for length in (5, 17, 30)]
+    with make_executor(engine, reuse=False, max_num_tokens=16) as ex:
+        ex.get_latest_iteration_stats()  # only what follows
+        results = run_requests(ex, [Request(p, sampling_params=GREEDY) for p in prompts])
+        stats = ex.get_latest_iteration_stats()
+        assert ex.get_latest_iteration_stats() == []  # each call returns the iterations since the last
+    num_outputs = sum(len(r.result.output_token_ids[0]) for r in results)
+    assert sum(s.num_context_tokens for s in stats) == sum(map(len, prompts))
+    assert sum(s.num_decode_tokens for s in stats) == num_outputs - len(prompts)  # first tokens come from prompts
+    assert [s.iteration for s in stats] == list(range(stats[0].iteration, stats[0].iteration + len(stats)))
+    assert all(s.iteration_time_ms > 0 and s.timestamp > 0 for s in stats)
+    assert max(s.num_waiting for s in stats) > 0 or max(s.num_running for s in stats) == 3
+    assert max(s.kv_blocks_used for s in stats) > 0 and stats[-1].prefix_cache_hit_rate == 0.0
+
+
+def test_cached_prompt_tokens_are_reported_once(engine):
+    prompt = [1] + list(range(100, 130))  # 31 tokens: 7 full blocks can be reused (one token must run)
+    with make_executor(engine) as ex:
+        first, second = (run_requests(ex, [Request(prompt, sampling_params=GREEDY)])[0].result for _ in range(2))
+        assert first.num_cached_prompt_tokens == 0
+        assert second.num_cached_prompt_tokens == 28 and second.output_token_ids == first.output_token_ids
+        assert ex.pool.hit_rate == pytest.approx(28 / (2 * 31))
+
+
+def test_prompt_logprobs_survive_preemption_and_chunking(engine):
+    prompts = prompts_with_shared_prefixes(1, 6)
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True, prompt_logprobs=1)
+    with make_executor(engine) as ex:
+        reference = [r.result.prompt_logprobs for r in run_requests(ex, [Request(p, sampling_params=params) for p in prompts])]
+    with make_executor(engine, "max_utilization", kv_tokens=MAX_SEQ_LEN, max_num_tokens=24) as ex:
+        pressed = [r.result.prompt_logprobs for r in run_requests(ex, [Request(p, sampling_params=params) for p in prompts])]
+        assert ex.scheduler.num_preemptions > 0
+    for prompt, ref, got in zip(prompts, reference, pressed):
+        assert len(got) == len(prompt) and got[0] is None
+        for want, have in zip(ref[1:], got[1:]):
+            assert want.keys() == have.keys()
+            assert all(abs(want[t] - have[t]) < 1e-4 for t in want)
