@@ -250,7 +250,8 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         out, out.stride(0), out.stride(1), partial_out, partial_lse, scale * math.log2(math.e),
         meta.sliding_window or (1 << 30), num_splits,
         GROUP=group, HEAD_DIM=head_dim, KV_BLOCK_SIZE=k_cache.shape[1], BLOCK_Q=block_q, BLOCK_G=block_g,
-        BLOCK_N=config["BLOCK_N"], BLOCK_D=next_power_of_2(head_dim),
+        # tl.dot needs K >= 16: small heads (stories260K's 8) are padded, masked by HEAD_DIM.
+        BLOCK_N=config["BLOCK_N"], BLOCK_D=max(16, next_power_of_2(head_dim)),
         IS_SPLIT=is_split, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=config["num_warps"], num_stages=config["num_stages"])
     if is_split:
