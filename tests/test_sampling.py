@@ -17,10 +17,14 @@ import torch
 from transformers import (MinPLogitsWarper, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
                           TopKLogitsWarper, TopPLogitsWarper)
 
+from conftest import STORIES_DIR
+from kiln import Executor, Request, RuntimeConfig
 from kiln.config import SamplingParams
-from kiln.runtime.sampler import apply_penalties, build_sampling_tensors, sample, top_k_top_p_min_p, top_logprobs
-from kiln.runtime.sampler import uniform_noise
+from kiln.runtime.model_runner import derive_seed
+from kiln.runtime.sampler import (apply_penalties, build_sampling_tensors, sample, top_k_top_p_min_p, top_logprobs,
+                                  uniform_noise)
 from kiln.runtime.sequence import Sequence
+from test_executor import collect, joined, run_requests
 
 MASK64 = (1 << 64) - 1
 # Upper quantiles of the chi-square distribution (1 - 1e-4), by degrees of freedom.
@@ -61,7 +65,7 @@ def test_uniform_noise_wraps_like_splitmix64_in_python_integers():
 def test_uniform_noise_stays_inside_the_open_interval():
     # With 24 bits the largest value rounded to 1.0 in float32 (about 2% of rows of a 128K vocabulary),
     # and -log(1.0) = 0 let that token win the race whatever its probability.
-    noise = uniform_noise(torch.arange(256), torch.zeros(256, dtype=torch.int64), 128256)
+    noise = uniform_noise(torch.arange(128), torch.zeros(128, dtype=torch.int64), 128256)
     assert noise.min() > 0 and noise.max() < 1
 
 
@@ -227,3 +231,178 @@ def test_top_logprobs_are_the_log_softmax():
     chosen0, values0, ids0 = top_logprobs(logits, tokens, 0)
     assert values0.shape == (5, 0) and ids0.shape == (5, 0)
     torch.testing.assert_close(chosen0, chosen)
+
+
+# ---- through the Executor ---------------------------------------------------------------------------------
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=48, ignore_eos=True)
+PROMPT = "Once upon a time, there was a little"
+
+
+@pytest.fixture(scope="module")
+def executor(stories_engine):
+    with Executor(stories_engine, RuntimeConfig()) as ex:
+        yield ex
+
+
+@pytest.fixture(scope="module")
+def hf_model():
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(STORIES_DIR, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def baseline(executor):
+    """Greedy tokens of PROMPT and the text each one added (one streamed response per token)."""
+    prompt_ids = executor.tokenizer.encode(PROMPT)
+    request_id = executor.enqueue_request(Request(prompt_ids, sampling_params=GREEDY, streaming=True))
+    responses = collect(executor, [request_id])[request_id]
+    assert [len(r.result.output_token_ids[0]) for r in responses] == [1] * GREEDY.max_tokens
+    return prompt_ids, [r.result.output_token_ids[0][0] for r in responses], [r.result.text[0] for r in responses]
+
+
+def spanning_stop_string(pieces: list[str]) -> tuple[str, int]:
+    """Two characters either side of a token boundary, first occurring there, and the number of tokens
+    after which the text first contains it."""
+    text = "".join(pieces)
+    for k in range(5, len(pieces)):
+        boundary = len("".join(pieces[:k]))
+        stop = text[boundary - 2:boundary + 2]
+        if len(pieces[k - 1]) >= 2 and len(pieces[k]) >= 2 and text.find(stop) == boundary - 2:
+            return stop, k + 1
+    raise AssertionError("no token boundary with two characters either side")
+
+
+@pytest.mark.parametrize("include", [False, True], ids=["trimmed", "included"])
+@pytest.mark.parametrize("streaming", [False, True], ids=["whole", "streamed"])
+def test_stop_string_spanning_tokens_ends_the_text_where_it_completes(executor, baseline, include, streaming):
+    prompt_ids, tokens, pieces = baseline
+    stop, num_tokens = spanning_stop_string(pieces)
+    text = "".join(pieces)
+    expected = text[:text.find(stop) + (len(stop) if include else 0)]
+    params = GREEDY.replace(stop=("never in a story #", stop), include_stop_str_in_output=include)
+    request_id = executor.enqueue_request(Request(prompt_ids, sampling_params=params, streaming=streaming))
+    responses = collect(executor, [request_id])[request_id]
+    got_tokens, got_texts = joined(responses)
+    assert responses[-1].result.finish_reasons == ["stop"]
+    assert got_tokens == [tokens[:num_tokens]] and got_texts == [expected]
+    streamed = ""
+    for r in responses:  # text is held back until it cannot be the start of a stop string
+        streamed += r.result.text[0]
+        assert expected.startswith(streamed)
+
+
+def test_a_stop_string_before_min_tokens_does_not_count(executor, baseline):
+    prompt_ids, tokens, pieces = baseline
+    text = "".join(pieces)
+    early = len("".join(pieces[:3]))
+    stop = next(text[i:i + 3] for i in range(early - 3) if text.count(text[i:i + 3]) == 1)
+    result = run_requests(executor, [Request(prompt_ids, sampling_params=GREEDY.replace(stop=(stop,), min_tokens=6))])
+    assert result[0].result.finish_reasons == ["length"] and result[0].result.text == [text]
+
+
+def test_stop_token_ids_end_id_and_ignore_eos(executor, baseline):
+    prompt_ids, tokens, pieces = baseline
+    j = next(j for j in range(3, len(tokens)) if tokens[j] not in tokens[:j])
+    stop_token = tokens[j]
+    stopped = [
+        Request(prompt_ids, sampling_params=GREEDY.replace(stop_token_ids=(stop_token,))),
+        Request(prompt_ids, sampling_params=GREEDY.replace(ignore_eos=False), end_id=stop_token),
+        # ignore_eos ignores the end id only: stop_token_ids still stop.
+        Request(prompt_ids, sampling_params=GREEDY.replace(stop_token_ids=(stop_token,)), end_id=stop_token),
+    ]
+    for result in (r.result for r in run_requests(executor, stopped)):
+        assert result.output_token_ids == [tokens[:j + 1]] and result.finish_reasons == ["stop"]
+        assert result.text == ["".join(pieces[:j])]  # the stop token's text is not part of the output
+    ignoring = run_requests(executor, [Request(prompt_ids, sampling_params=GREEDY, end_id=stop_token)])[0].result
+    assert ignoring.output_token_ids == [tokens] and ignoring.finish_reasons == ["length"]
+
+
+def test_min_tokens_holds_stop_tokens_back(executor, baseline):
+    prompt_ids, tokens, _ = baseline
+    j = next(j for j in range(3, len(tokens)) if tokens[j] not in tokens[:j])
+    params = GREEDY.replace(stop_token_ids=(tokens[j],), min_tokens=j + 4)
+    result = run_requests(executor, [Request(prompt_ids, sampling_params=params)])[0].result
+    out = result.output_token_ids[0]
+    assert out[:j] == tokens[:j] and tokens[j] not in out[:j + 4]
+    if result.finish_reasons == ["stop"]:
+        assert out[-1] == tokens[j] and len(out) > j + 4
+    else:
+        assert result.finish_reasons == ["length"] and len(out) == GREEDY.max_tokens
+
+
+def test_n_samples_share_the_prompt_blocks_and_equal_single_requests_with_derived_seeds(executor, monkeypatch):
+    block_size = executor.pool.block_size
+    prompt = [1] + list(range(40, 40 + 2 * block_size + 5))  # 2 full blocks and a partial one
+    params = SamplingParams(temperature=0.9, seed=77, n=3, max_tokens=24, ignore_eos=True)
+    tables = []
+    execute = executor.runner.execute
+
+    def record_tables(plan):  # runs on the loop thread, so the pool is consistent here
+        samples = [s.seq for s in plan.scheduled if s.seq.token_ids[:len(prompt)] == prompt]
+        if len(samples) == 3 and all(len(seq.block_table) == 3 for seq in samples):  # decoding in the third block
+            tables.append([(list(seq.block_table), [executor.pool.ref_counts[b] for b in seq.block_table])
+                           for seq in samples])
+        return execute(plan)
+
+    monkeypatch.setattr(executor.runner, "execute", record_tables)
+    together = run_requests(executor, [Request(prompt, sampling_params=params)])[0].result
+    monkeypatch.undo()
+    assert tables
+    for samples in tables:
+        assert len({tuple(table[:2]) for table, _ in samples}) == 1       # the full prompt blocks, shared
+        assert len({table[2] for table, _ in samples}) == 3               # each its own copy of the partial one
+        assert all(counts == [3, 3, 1] for _, counts in samples)
+    alone = [run_requests(executor, [Request(prompt, sampling_params=params.replace(n=1, seed=derive_seed(77, i)))])[0]
+             .result.output_token_ids[0] for i in range(3)]
+    assert together.output_token_ids == alone
+    assert len({tuple(t) for t in alone}) == 3
+
+
+def test_a_seeded_request_gives_the_same_tokens_alone_and_in_a_crowd(executor):
+    params = SamplingParams(temperature=1.0, top_k=40, top_p=0.9, seed=2024, max_tokens=32, ignore_eos=True)
+    target = Request([1, 200, 201, 202, 203], sampling_params=params)
+    alone = run_requests(executor, [target])[0].result.output_token_ids
+    assert run_requests(executor, [target])[0].result.output_token_ids == alone
+    rng = random.Random(9)
+    crowd = [Request([1] + [rng.randrange(3, 512) for _ in range(rng.randint(1, 60))],
+                     sampling_params=SamplingParams(temperature=rng.choice([0.0, 0.7, 1.3]), max_tokens=rng.randint(1, 40),
+                                                    repetition_penalty=rng.choice([1.0, 1.3])))
+             for _ in range(7)]
+    results = run_requests(executor, crowd[:3] + [target] + crowd[3:])
+    assert results[3].result.output_token_ids == alone
+
+
+def test_penalties_match_greedy_decoding_with_a_plain_loop_over_hugging_face_logits(executor, hf_model):
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, repetition_penalty=1.3,
+                            presence_penalty=0.4, frequency_penalty=0.3)
+    prompt = executor.tokenizer.encode("The cat sat on the mat. The cat")
+    got = run_requests(executor, [Request(prompt, sampling_params=params)])[0].result.output_token_ids[0]
+    output: list[int] = []
+    with torch.no_grad():
+        for _ in range(params.max_tokens):
+            logits = hf_model(torch.tensor([prompt + output])).logits[0, -1]
+            output.append(int(reference_penalties(logits, prompt, output, params).argmax()))
+    assert got == output
+
+
+def test_logprobs_and_prompt_logprobs_are_the_log_softmax_of_reference_logits(executor, hf_model):
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=3, prompt_logprobs=2)
+    prompt = executor.tokenizer.encode(PROMPT)
+    result = run_requests(executor, [Request(prompt, sampling_params=params)])[0].result
+    output = result.output_token_ids[0]
+    with torch.no_grad():
+        reference = torch.log_softmax(hf_model(torch.tensor([prompt + output])).logits[0].double(), -1)
+    assert result.prompt_logprobs[0] is None and len(result.prompt_logprobs) == len(prompt)
+    for position in range(1, len(prompt)):
+        entry, row = result.prompt_logprobs[position], reference[position - 1]
+        top = row.topk(2)
+        assert set(entry) == set(top.indices.tolist()) | {prompt[position]}
+        assert all(abs(entry[t] - row[t].item()) < 1e-4 for t in entry)
+    for j, token in enumerate(output):
+        row = reference[len(prompt) - 1 + j]
+        assert abs(result.log_probs[0][j] - row[token].item()) < 1e-4
+        top = row.topk(3)
+        assert list(result.top_logprobs[0][j]) == top.indices.tolist()
+        assert all(abs(result.top_logprobs[0][j][t] - row[t].item()) < 1e-4 for t in top.indices.tolist())
