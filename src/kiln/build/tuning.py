@@ -68,6 +68,7 @@ def gpu_kernel_plan(config: ModelConfig, build: BuildConfig, dtype: torch.dtype,
         return _plan(_default_configs(config, build, num_sms))
     t0 = time.perf_counter()
     configs = TuningRun(config, build, dtype, num_sms, device).tune()
+    torch.cuda.empty_cache()  # the tuning inputs' memory goes back to the GPU, for a KV pool sized later
     logger.info("kernel tuning took %.1f s", time.perf_counter() - t0)
     return _plan(configs)
 
