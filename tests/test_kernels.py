@@ -114,7 +114,7 @@ def fused_qkv_views(num_tokens: int, num_heads: int, num_kv_heads: int, head_dim
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=DTYPE_ID)
 @pytest.mark.parametrize("rope", list(ROPES))
 @pytest.mark.parametrize("num_tokens,num_heads,num_kv_heads,head_dim,block_size", [
-    (7, 8, 2, 64, 16), (5, 4, 4, 128, 32), (3, 6, 1, 64, 16), (4, 6, 2, 12, 16),
+    (7, 8, 2, 64, 16), (5, 4, 4, 128, 32), (3, 6, 1, 64, 16), (4, 6, 2, 12, 16), (5, 8, 4, 8, 16),
     pytest.param(1, 32, 8, 128, 32, marks=gpu), pytest.param(2048, 32, 8, 128, 32, marks=gpu)])
 def test_rotary_kv_write(num_tokens, num_heads, num_kv_heads, head_dim, block_size, rope, dtype):
     max_positions = 4096
@@ -169,6 +169,7 @@ CONTEXT_CASES = {
     "mqa": ([11, 4], [30, 4], 6, 1, 64, 32),
     "gqa8_head_dim_128": ([13], [40], 8, 1, 128, 32),
     "mha_awkward_head_dim": ([6, 10], [6, 25], 3, 3, 48, 16),
+    "stories260k_head_dim_8": ([7, 12], [20, 12], 8, 4, 8, 16),
     "gpu_llama3_8b_prompts": pytest.param(([2048, 700, 1], [2048, 700, 1], 32, 8, 128, 32), marks=gpu),
     "gpu_llama3_8b_chunks": pytest.param(([512, 1000, 300], [2048, 1900, 1500], 32, 8, 128, 32), marks=gpu),
 }
@@ -190,6 +191,7 @@ DECODE_CASES = {
     "gqa4_padded_rows": ([33, 1, 70, 0, 0], 8, 2, 64, 16),
     "mha_head_dim_128": ([100, 3, 64], 4, 4, 128, 32),
     "mqa_group_8": ([45, 17], 8, 1, 64, 16),
+    "stories260k_head_dim_8": ([30, 0, 9], 8, 4, 8, 16),
     "gpu_llama3_8b_batch_1": pytest.param(([400], 32, 8, 128, 32), marks=gpu),
     "gpu_llama3_8b_batch_64": pytest.param(
         ([1024 + (i * 977) % 3072 for i in range(60)] + [0] * 4, 32, 8, 128, 32), marks=gpu),
