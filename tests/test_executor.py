@@ -136,7 +136,8 @@ def loads(draw):
     shared = [rng.randrange(3, 512) for _ in range(32)]
     requests = []
     for _ in range(draw(st.integers(3, 10))):
-        prompt = [1] + shared[:draw(st.integers(0, 32))] + [rng.randrange(3, 512) for _ in range(draw(st.integers(0, 31)))]
+        own = [rng.randrange(3, 512) for _ in range(draw(st.integers(0, 31)))]
+        prompt = [1] + shared[:draw(st.integers(0, 32))] + own
         params = SamplingParams(max_tokens=draw(st.integers(1, 48)), n=draw(st.sampled_from([1, 1, 1, 2, 3])),
                                 temperature=draw(st.sampled_from([0.0, 1.0])), ignore_eos=draw(st.booleans()),
                                 seed=rng.getrandbits(32))
@@ -315,10 +316,11 @@ def test_cached_prompt_tokens_are_reported_once(engine):
 def test_prompt_logprobs_survive_preemption_and_chunking(engine):
     prompts = prompts_with_shared_prefixes(1, 6)
     params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True, prompt_logprobs=1)
+    requests = [Request(p, sampling_params=params) for p in prompts]
     with make_executor(engine) as ex:
-        reference = [r.result.prompt_logprobs for r in run_requests(ex, [Request(p, sampling_params=params) for p in prompts])]
+        reference = [r.result.prompt_logprobs for r in run_requests(ex, requests)]
     with make_executor(engine, "max_utilization", kv_tokens=MAX_SEQ_LEN, max_num_tokens=24) as ex:
-        pressed = [r.result.prompt_logprobs for r in run_requests(ex, [Request(p, sampling_params=params) for p in prompts])]
+        pressed = [r.result.prompt_logprobs for r in run_requests(ex, requests)]
         assert ex.scheduler.num_preemptions > 0
     for prompt, ref, got in zip(prompts, reference, pressed):
         assert len(got) == len(prompt) and got[0] is None

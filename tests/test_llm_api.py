@@ -25,7 +25,8 @@ def test_generate_takes_one_sampling_params_per_prompt(llm):
     token_prompt = llm.tokenizer.encode("The dog ran")
     params = [GREEDY, SamplingParams(temperature=0.8, seed=3, max_tokens=9, n=2, ignore_eos=True, logprobs=1)]
     text_out, ids_out = llm.generate(["Once upon a time", token_prompt], params, use_tqdm=False)
-    assert text_out.prompt == "Once upon a time" and text_out.prompt_token_ids == llm.tokenizer.encode("Once upon a time")
+    assert text_out.prompt == "Once upon a time"
+    assert text_out.prompt_token_ids == llm.tokenizer.encode("Once upon a time")
     assert ids_out.prompt is None and ids_out.prompt_token_ids == token_prompt
     assert [len(o.token_ids) for o in text_out.outputs] == [24]
     assert [len(o.token_ids) for o in ids_out.outputs] == [9, 9] and [o.index for o in ids_out.outputs] == [0, 1]

@@ -170,9 +170,10 @@ def test_penalties_match_a_plain_loop_and_hugging_face_repetition_penalty():
     for i, (p, prompt, output) in enumerate(cases):
         torch.testing.assert_close(penalized[i], reference_penalties(logits[i], prompt, output, p))
         if p.repetition_penalty != 1.0:
-            hf = RepetitionPenaltyLogitsProcessor(p.repetition_penalty)(torch.tensor([prompt + output]), logits[i:i + 1])
-            pure_rep = reference_penalties(logits[i], prompt, output, SamplingParams(repetition_penalty=p.repetition_penalty))
-            torch.testing.assert_close(hf[0], pure_rep)
+            rep = p.repetition_penalty
+            hf = RepetitionPenaltyLogitsProcessor(rep)(torch.tensor([prompt + output]), logits[i:i + 1])
+            torch.testing.assert_close(hf[0], reference_penalties(logits[i], prompt, output,
+                                                                  SamplingParams(repetition_penalty=rep)))
 
 
 def test_min_tokens_masks_stop_ids_until_reached():
@@ -367,7 +368,8 @@ def test_a_seeded_request_gives_the_same_tokens_alone_and_in_a_crowd(executor):
     assert run_requests(executor, [target])[0].result.output_token_ids == alone
     rng = random.Random(9)
     crowd = [Request([1] + [rng.randrange(3, 512) for _ in range(rng.randint(1, 60))],
-                     sampling_params=SamplingParams(temperature=rng.choice([0.0, 0.7, 1.3]), max_tokens=rng.randint(1, 40),
+                     sampling_params=SamplingParams(temperature=rng.choice([0.0, 0.7, 1.3]),
+                                                    max_tokens=rng.randint(1, 40),
                                                     repetition_penalty=rng.choice([1.0, 1.3])))
              for _ in range(7)]
     results = run_requests(executor, crowd[:3] + [target] + crowd[3:])

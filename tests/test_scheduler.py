@@ -295,6 +295,25 @@ def test_n_samples_share_the_prompt_blocks_and_copy_the_partial_one():
     assert pool.num_free_blocks == 16 and pool.ref_counts == [0] * 16
 
 
+def test_a_fork_without_a_free_block_waits_and_recomputes_from_the_cache():
+    pool = BlockPool(4, 4)
+    scheduler = Scheduler(pool, max_batch_size=4, max_num_tokens=32, max_seq_len=MAX_SEQ_LEN,
+                          policy="max_utilization")
+    parent = Sequence(0, 0, list(range(1, 11)), 10, SamplingParams(max_tokens=2, n=2), seed=0)
+    other = Sequence(1, 1, [7], 1, SamplingParams(max_tokens=2), seed=0)
+    scheduler.add(parent)
+    scheduler.add(other)
+    scheduler.update(scheduler.schedule(), {0: 5, 1: 6})
+    assert pool.num_free_blocks == 0  # no block to copy the parent's partial block into
+    child = scheduler.fork(parent, 9, 1, seed=1)
+    assert child.status is SequenceStatus.WAITING and child.block_table == []
+    scheduler.finish(other, "length")
+    plan = scheduler.schedule()
+    (entry,) = [s for s in plan.scheduled if s.seq is child]
+    assert (entry.start, entry.num_new_tokens) == (8, 3)  # the 2 full prompt blocks came from the cache
+    assert child.block_table[:2] == parent.block_table[:2] and not plan.block_copies
+
+
 def test_a_sequence_finished_during_its_step_is_not_updated():
     # The Executor fails a request whose forward raised after the plan was made; update must skip it
     # (it used to index the freed block table).
