@@ -199,13 +199,13 @@ def first_response(ex: Executor, request_id: int) -> Response:
 
 def test_cancellation_frees_blocks_at_once(engine):
     with make_executor(engine) as ex:
-        long = SamplingParams(temperature=0.0, max_tokens=80, ignore_eos=True)
+        long = SamplingParams(temperature=0.0, max_tokens=100, ignore_eos=True)
         running = ex.enqueue_request(Request([1, 45, 67, 89] * 5, sampling_params=long, streaming=True))
         first_response(ex, running)
         assert ex.pool.num_used_blocks > 0
         ex.cancel_request(running)
         final = collect(ex, [running])[running][-1].result
-        assert final.is_final and final.finish_reasons == ["cancelled"] and len(final.output_token_ids[0]) < 80
+        assert final.is_final and final.finish_reasons == ["cancelled"] and len(final.output_token_ids[0]) < 100
         assert_pool_full(ex)  # the final response is sent after the blocks are back
         ex.cancel_request(running)  # again, and an id that never existed: no effect
         ex.cancel_request(10_000)
@@ -300,7 +300,7 @@ def test_iteration_stats_count_every_token(engine):
     assert sum(s.num_decode_tokens for s in stats) == num_outputs - len(prompts)  # first tokens come from prompts
     assert [s.iteration for s in stats] == list(range(stats[0].iteration, stats[0].iteration + len(stats)))
     assert all(s.iteration_time_ms > 0 and s.timestamp > 0 for s in stats)
-    assert max(s.num_waiting for s in stats) > 0 or max(s.num_running for s in stats) == 3
+    assert max(s.num_running for s in stats) >= 1 and (stats[-1].num_running, stats[-1].num_waiting) == (0, 0)
     assert max(s.kv_blocks_used for s in stats) > 0 and stats[-1].prefix_cache_hit_rate == 0.0
 
 
