@@ -14,7 +14,7 @@ from kiln import BuildConfig, Builder
 from kiln.models import AutoModelForCausalLM
 from kiln.runtime.executor import Executor
 from kiln.runtime.llm import DEFAULT_MODEL_DIR
-from kiln.serve import create_app
+from kiln.serve.app import create_app
 
 SHORT_LIMITS = BuildConfig(max_batch_size=4, max_input_len=32, max_seq_len=64, max_num_tokens=64, tokens_per_block=16,
                            dtype="float32", target="cpu")
