@@ -140,10 +140,11 @@ def simulate(requests: list[FakeRequest], num_blocks: int, block_size: int, max_
                 for seq in samples[index].values():
                     if not seq.is_finished:
                         finish(seq, "cancelled")
+        running = {s.seq_id for s in scheduler.running}
         decodes = {s.seq_id for s in scheduler.running if s.num_tokens - s.num_computed_tokens == 1}
         waiting = {s.seq_id for s in scheduler.waiting}
         plan = scheduler.schedule()
-        check_plan(scheduler, plan, decodes, waiting)
+        check_plan(scheduler, plan, running, decodes, waiting)
         num_preemptions += len(plan.preempted)
         out = runner.execute(plan)
         scheduler.update(plan, out.sampled)
@@ -164,9 +165,11 @@ def simulate(requests: list[FakeRequest], num_blocks: int, block_size: int, max_
     return Run(scheduler, samples, num_finishes, step, num_preemptions)
 
 
-def check_plan(scheduler: Scheduler, plan: SchedulerOutput, decodes: set[int], waiting: set[int]) -> None:
+def check_plan(scheduler: Scheduler, plan: SchedulerOutput, running: set[int], decodes: set[int],
+               waiting: set[int]) -> None:
     """One iteration's plan against the limits, the capacity policy and first-come-first-served order;
-    ``decodes`` and ``waiting``: sequence ids running one token behind, and waiting, before it was made."""
+    ``running``, ``decodes``, ``waiting``: ids of the sequences running, running one token behind, and
+    waiting, before it was made."""
     assert len(plan.scheduled) <= scheduler.max_batch_size
     assert plan.num_tokens <= scheduler.max_num_tokens
     assert len({s.seq.seq_id for s in plan.scheduled}) == len(plan.scheduled)
@@ -176,6 +179,8 @@ def check_plan(scheduler: Scheduler, plan: SchedulerOutput, decodes: set[int], w
         assert not plan.preempted
         num_decodes = sum(1 for s in plan.scheduled if s.seq.seq_id in decodes)
         assert num_decodes == min(len(decodes), scheduler.max_batch_size, scheduler.max_num_tokens)
+        if len(plan.scheduled) < scheduler.max_batch_size and plan.num_tokens < scheduler.max_num_tokens:
+            assert running <= {s.seq.seq_id for s in plan.scheduled}  # context chunks get their blocks too
     admitted = [s.seq for s in plan.scheduled if s.seq.seq_id in waiting]
     if admitted:  # nothing older is left waiting, or running with a context chunk skipped
         newest = max(seq.arrival_index for seq in admitted)
