@@ -46,10 +46,11 @@ def test_generate_takes_one_sampling_params_per_prompt(llm):
 
 
 def test_a_bad_prompt_gets_an_error_output_and_the_others_finish(llm):
-    too_long = SamplingParams(max_tokens=10_000)
+    too_long = SamplingParams(max_tokens=10_000, n=2)
     good, bad = llm.generate(["Once upon a time", "Once upon a time"], [GREEDY, too_long], use_tqdm=False)
     assert good.error is None and len(good.outputs[0].token_ids) == 24
-    assert "max_seq_len" in bad.error and bad.finished and bad.outputs[0].finish_reason == "error"
+    assert "max_seq_len" in bad.error and bad.finished
+    assert [(o.index, o.finish_reason) for o in bad.outputs] == [(0, "error"), (1, "error")]  # one per sample
 
 
 def stream(llm: LLM, prompt, params: SamplingParams, stop_after: int | None = None) -> list:

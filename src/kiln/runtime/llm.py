@@ -202,7 +202,8 @@ class LLM:
 def _to_output(resp: Response, request: Request, previous: RequestOutput | None) -> RequestOutput:
     """Folds one (possibly delta) response into a cumulative RequestOutput."""
     if resp.has_error():
-        outputs = previous.outputs if previous else [CompletionOutput(0, "", [], "error")]
+        outputs = previous.outputs if previous else [CompletionOutput(i, "", [], "error")
+                                                     for i in range(request.sampling_params.n)]
         for o in outputs:
             o.finish_reason = "error"
         return RequestOutput(resp.request_id, request.prompt, list(request.input_token_ids), outputs, True,
