@@ -93,9 +93,21 @@ def _default_configs(config: ModelConfig, build: BuildConfig, num_sms: int) -> d
 
 
 def _median_ms(fn: Callable[[], Any]) -> float:
+    """Median time of one call replayed from a CUDA graph, as the runtime's decode steps run: timed
+    eagerly, a kernel of a few microseconds measures Python launch overhead (Triton's launcher, the
+    split buffers' allocation) instead, which favours configs with the fewest launches (on the H100 it
+    chose 2 decode splits for the 8B engine at batch 1)."""
     import triton.testing
 
-    return triton.testing.do_bench(fn, warmup=WARMUP_MS, rep=REP_MS, return_mode="median")
+    fn()  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    try:
+        return triton.testing.do_bench(graph.replay, warmup=WARMUP_MS, rep=REP_MS, return_mode="median")
+    finally:
+        del graph
 
 
 def _fastest(candidates: list[dict[str, Any]], runs: list[Callable[..., Any]], op: str) -> dict[str, Any]:

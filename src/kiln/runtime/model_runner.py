@@ -247,7 +247,9 @@ class ModelRunner:
                     rows.append(row)
                     fork_parents.append((seq, seed))
         if seqs:
-            row_logits = logits[torch.tensor(rows, device=logits.device)]
+            # Decode steps sample rows 0..n-1 in order: a view, no index copy to the device.
+            in_order = rows == list(range(len(rows)))
+            row_logits = logits[:len(rows)] if in_order else logits[torch.tensor(rows, device=logits.device)]
             tokens = sample(row_logits, seqs)
             want_lp = max((s.params.logprobs for s in seqs if s.params.logprobs is not None), default=None)
             lp_host = [t.tolist() for t in top_logprobs(row_logits, tokens, want_lp)] if want_lp is not None else None

@@ -143,8 +143,17 @@ def top_k_top_p_min_p(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
     return logits
 
 
+def is_plain_greedy(seqs: list[Sequence]) -> bool:
+    """Every row is an argmax of the raw logits (no penalty, no min_tokens mask): checked on the host so
+    the common greedy step copies no parameter tensors to the device."""
+    return all(p.is_greedy and p.repetition_penalty == 1.0 and not p.presence_penalty and not p.frequency_penalty
+               and s.num_output_tokens >= p.min_tokens for s, p in ((s, s.params) for s in seqs))
+
+
 def sample(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     """logits: [N, V] float32 for seqs (one row each). Returns [N] int64 token ids on the device."""
+    if is_plain_greedy(seqs):
+        return logits.argmax(dim=-1)
     t = build_sampling_tensors(seqs, logits.shape[-1], logits.device)
     if t.any_penalty:
         logits = apply_penalties(logits, seqs)
