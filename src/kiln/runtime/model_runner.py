@@ -107,6 +107,7 @@ class ModelRunner:
         self.buffers = InputBuffers(max(max_num_tokens, max_batch_size), max_batch_size,
                                     -(-max_seq_len // self.block_size), self.device)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._row_keys: list[tuple | None] = [None] * max_batch_size  # whose block table each row holds
         self.graph_capture_seconds = 0.0
 
     def release(self) -> None:
@@ -167,6 +168,7 @@ class ModelRunner:
         buf.np_seq_lens[start:end] = 0
         buf.np_query_start_loc[start + 1:end + 1] = range(start + 1, end + 1)
         buf.np_block_tables[start:end] = 0
+        self._row_keys[start:end] = [None] * (end - start)
 
     def _forward_args(self, num_tokens: int, num_seqs: int, num_logits: int, seq_lens: list[int],
                       query_lens: list[int]) -> tuple:
@@ -197,14 +199,20 @@ class ModelRunner:
         for i, s in enumerate(plan.scheduled):
             seq, start, n = s.seq, s.start, s.num_new_tokens
             end = start + n
-            ids_np[offset:offset + n] = seq.token_ids[start:end]
-            pos_np[offset:offset + n] = range(start, end)
             table = seq.block_table
-            if n == 1:
+            if n == 1:  # decode: scalar writes, the common case at large batch sizes
+                ids_np[offset] = seq.token_ids[start]
+                pos_np[offset] = start
                 slot_np[offset] = table[start // bs] * bs + start % bs
             else:
+                ids_np[offset:offset + n] = seq.token_ids[start:end]
+                pos_np[offset:offset + n] = range(start, end)
                 slot_np[offset:offset + n] = [table[p // bs] * bs + p % bs for p in range(start, end)]
-            buf.np_block_tables[i, :len(table)] = table
+            # A row holding the same table as last step keeps it (tables only grow, or restart on preemption).
+            row_key = (seq.seq_id, len(table), seq.num_preemptions)
+            if self._row_keys[i] != row_key:
+                buf.np_block_tables[i, :len(table)] = table
+                self._row_keys[i] = row_key
             buf.np_seq_lens[i] = end
             buf.np_query_start_loc[i + 1] = offset + n
             seq_lens.append(end)

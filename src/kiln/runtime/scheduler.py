@@ -140,7 +140,10 @@ class Scheduler:
 
         # 3. admit waiting sequences in arrival order; none in an iteration that ran out of blocks (what was
         #    just paused would be readmitted only to be paused again).
-        outstanding = sum(self.worst_case_blocks(s) for s in self.running) if self.guaranteed else 0
+        # (Blocks the running sequences may still take: summed only when something waits, since a full
+        # decode batch would otherwise pay for it every iteration.)
+        outstanding = (sum(self.worst_case_blocks(s) for s in self.running)
+                       if self.guaranteed and self.waiting and not out.preempted else 0)
         while self.waiting and not out.preempted and len(out.scheduled) < self.max_batch_size and budget > 0:
             seq = self.waiting[0]
             if not seq.block_table:
