@@ -131,8 +131,7 @@ def cmd_inspect(args) -> int:
     from kiln.build.engine import EngineManifest
 
     m = EngineManifest.read(args.engine)
-    files = {f.relative_to(args.engine).as_posix(): f.stat().st_size
-             for f in sorted(Path(args.engine).rglob("*")) if f.is_file()}
+    files = _file_sizes(Path(args.engine))
     summary = {
         "engine": str(args.engine), "kiln_version": m.kiln_version, "format_version": m.format_version,
         "target": {"name": m.target, "device": m.target_device_name},
@@ -161,6 +160,18 @@ def cmd_inspect(args) -> int:
     for name, size in files.items():
         print(f"  {name:<34} {_human(size)}")
     return 0
+
+
+def _file_sizes(engine_dir: Path) -> dict[str, int]:
+    """Each file of the engine, except the Triton cache, which counts as one entry (files summed)."""
+    sizes: dict[str, int] = {}
+    for f in sorted(engine_dir.rglob("*")):
+        if f.is_file():
+            name = f.relative_to(engine_dir).as_posix()
+            if name.startswith("triton_cache/"):
+                name = "triton_cache/ (compiled kernels)"
+            sizes[name] = sizes.get(name, 0) + f.stat().st_size
+    return sizes
 
 
 def _human(n: int) -> str:

@@ -10,6 +10,7 @@ from kiln.errors import ConfigError, RequestError
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 TARGETS = ("auto", "cpu", "sm80", "sm86", "sm89", "sm90")
 CAPACITY_POLICIES = ("guaranteed_no_evict", "max_utilization")
+GREEDY_TEMPERATURE = 1e-5
 
 
 @dataclass(frozen=True)
@@ -140,7 +141,8 @@ class SamplingParams:
 
     @property
     def is_greedy(self) -> bool:
-        return self.temperature == 0.0
+        # Below this, logits / temperature overflows float32 (as vLLM, such temperatures mean greedy).
+        return self.temperature < GREEDY_TEMPERATURE
 
     def replace(self, **kw) -> "SamplingParams":
         return replace(self, **kw)

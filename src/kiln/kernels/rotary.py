@@ -19,7 +19,7 @@ def rope_inv_freq(rope: RopeConfig, head_dim: int) -> torch.Tensor:
     if rope.rope_type == "linear":
         return inv_freq / rope.factor
     if rope.rope_type == "llama3":
-        old_len = rope.original_max_position_embeddings or 8192
+        old_len = rope.original_max_position_embeddings
         low_wavelen = old_len / rope.low_freq_factor
         high_wavelen = old_len / rope.high_freq_factor
         wavelen = 2 * math.pi / inv_freq

@@ -196,7 +196,8 @@ class Executor:
         self._wakeup.set()
         self._thread.join(timeout)
         self._shutdown = True
-        self.runner.release()
+        if not self._thread.is_alive():  # a loop still inside an iteration keeps its KV cache
+            self.runner.release()
         with self._ready_cv:
             self._ready_cv.notify_all()
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from kiln.build.engine import MANIFEST_FILE, EngineManifest
+from kiln.build.engine import MANIFEST_FILE, WEIGHTS_FILE, EngineManifest
 from kiln.config import BuildConfig, KvCacheConfig, RuntimeConfig, SamplingParams, SchedulerConfig
 from kiln.errors import ConfigError, KilnError, RequestError
 from kiln.runtime.executor import Executor
@@ -87,6 +87,8 @@ def ensure_engine(model: str | Path | None, build_config: BuildConfig | None = N
         if build_config is not None:
             raise ConfigError(f"{path} is already an engine; build options apply to Hugging Face folders only")
         return path
+    if (path / WEIGHTS_FILE).is_file() and not (path / "config.json").is_file():
+        EngineManifest.read(path)  # an engine folder without its manifest: says so, and how to fix it
     if not (path / "config.json").is_file():
         raise ConfigError(f"{path}: neither an engine folder ({MANIFEST_FILE}) nor a Hugging Face model folder "
                           "(config.json)")
