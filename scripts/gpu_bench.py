@@ -198,14 +198,15 @@ def ttft(ex: Executor, length: int, vocab: int, reps: int = 5) -> float:
     return statistics.median(times[1:]) * 1e3
 
 
-def profile_decode_step(ex: Executor, vocab: int, out: Path) -> None:
+def profile_decode(ex: Executor, vocab: int, out: Path, batch: int) -> None:
+    """Kernel time by name over 16 decode steps (after one 128-token prefill per sequence)."""
     from torch.profiler import ProfilerActivity, profile
 
-    prompts = torch.randint(0, vocab, (1, 128)).tolist()
+    prompts = torch.randint(0, vocab, (batch, 128)).tolist()
     with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
-        run_requests(ex, prompts, 16)
+        run_requests(ex, prompts, 17)
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
-    (out / "profile_decode_b1.txt").write_text(table)
+    (out / f"profile_decode_b{batch}.txt").write_text(table)
 
 
 def bench_kiln(engine_dir: Path, out: Path, check: bool) -> None:
@@ -243,7 +244,8 @@ def bench_kiln(engine_dir: Path, out: Path, check: bool) -> None:
         RESULTS[f"decode_b{b}_tok_s"] = decode_throughput(ex, b, vocab)
     RESULTS["ttft_128_ms"] = ttft(ex, 128, vocab)
     RESULTS["ttft_2048_ms"] = ttft(ex, 2048, vocab)
-    profile_decode_step(ex, vocab, out)
+    for batch in (1, 64):
+        profile_decode(ex, vocab, out, batch)
     ex.shutdown()
     del ex
     gc.collect()
