@@ -86,7 +86,7 @@ def main() -> int:
     parser.add_argument("--engine-dir", default="/tmp/kiln-bench/llama-3-8b-bf16", help="the 16 GB engine")
     parser.add_argument("--budget-seconds", type=float, default=570.0, help="all steps together")
     parser.add_argument("--scale", type=float, default=1.0, help="multiplies the throughput request counts")
-    parser.add_argument("--max-batch-size", type=int, default=256)
+    parser.add_argument("--max-batch-size", type=int, default=512)
     args = parser.parse_args()
     out, engine = Path(args.out).resolve(), Path(args.engine_dir)
     data = Path(tempfile.gettempdir()) / "kiln-bench-datasets"  # reproducible by seed: not worth bringing back
