@@ -148,8 +148,10 @@ def test_folder_that_is_no_engine_is_named(tmp_path, tiny_llama, tiny_engine):
         Executor(tmp_path / "nowhere")
     engine_dir = tiny_engine(tiny_llama.path)
     (engine_dir / MANIFEST_FILE).unlink()  # what a build that stopped half-way leaves
-    with pytest.raises(ConfigError, match=r"neither an engine folder \(manifest.json\) nor a Hugging Face model"):
+    with pytest.raises(EngineError, match=r"manifest.json: missing \(incomplete build"):
         LLM(engine_dir, progress=False)
+    with pytest.raises(ConfigError, match=r"neither an engine folder \(manifest.json\) nor a Hugging Face model"):
+        LLM(tmp_path, progress=False)
 
 
 # ---- build validation ---------------------------------------------------------------------------------
