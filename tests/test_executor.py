@@ -327,3 +327,18 @@ def test_prompt_logprobs_survive_preemption_and_chunking(engine):
         for want, have in zip(ref[1:], got[1:]):
             assert want.keys() == have.keys()
             assert all(abs(want[t] - have[t]) < 1e-4 for t in want)
+
+
+def test_a_malformed_request_gets_an_error_and_the_loop_goes_on(engine):
+    with make_executor(engine) as ex:
+        bad = ex.enqueue_request(Request([1, 2, 3], sampling_params=None))
+        assert "SamplingParams" in first_response(ex, bad).error_msg
+        assert ex.is_alive()
+        (good,) = run_requests(ex, [Request([1, 403, 407], sampling_params=SamplingParams(max_tokens=4, temperature=0.0))])
+        assert not good.has_error() and len(good.result.output_token_ids[0]) == 4
+
+
+@pytest.mark.parametrize("options", [dict(max_batch_size=-2), dict(max_num_tokens=0), dict(max_num_tokens=1.5)])
+def test_runtime_limits_must_be_positive_integers(options):
+    with pytest.raises(KilnError, match="must be a positive integer"):
+        RuntimeConfig(**options)

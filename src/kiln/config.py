@@ -46,11 +46,6 @@ class BuildConfig:
         if self.tokens_per_block & (self.tokens_per_block - 1) or self.tokens_per_block < 4:
             raise ConfigError(f"tokens_per_block must be a power of two >= 4, got {self.tokens_per_block}")
 
-    @property
-    def requires_chunked_context(self) -> bool:
-        """A full-length prompt does not fit one iteration: it must be split across iterations."""
-        return self.max_num_tokens < self.max_input_len
-
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -158,6 +153,12 @@ class RuntimeConfig:
     scheduler_config: SchedulerConfig = field(default_factory=SchedulerConfig)
     enable_cuda_graphs: bool = True
     device: str | None = None
+
+    def __post_init__(self):
+        for name in ("max_batch_size", "max_num_tokens"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+                raise ConfigError(f"{name} must be a positive integer (or left unset for the engine's), got {value!r}")
 
     def resolve(self, build: BuildConfig) -> tuple[int, int]:
         """Effective (max_batch_size, max_num_tokens): lower than the engine's or equal, never higher."""

@@ -171,8 +171,9 @@ class Executor:
 
     def get_latest_iteration_stats(self) -> list[IterationStats]:
         """Stats of the iterations since the previous call."""
-        out = list(self._stats)
-        self._stats.clear()
+        out = []
+        while self._stats:  # popleft, so stats the loop appends meanwhile are kept for the next call
+            out.append(self._stats.popleft())
         return out
 
     @property
@@ -278,18 +279,21 @@ class Executor:
     # ---- requests ------------------------------------------------------------------------------
     def _add(self, request_id: int, request: Request, callback: ResponseCallback | None, arrival: float) -> None:
         try:
+            if not isinstance(request, Request) or not isinstance(request.sampling_params, SamplingParams):
+                raise RequestError("enqueue a kiln Request whose sampling_params is a SamplingParams")
             params = request.effective_sampling()
             prompt = self._validate(request, params)
-        except (KilnError, ValueError, TypeError) as e:
-            self._emit(Response(request_id, error_msg=str(e)), callback)
+            state = _RequestState(request_id, request, params, prompt, callback, arrival)
+            seed = params.seed if params.seed is not None else random.getrandbits(62)
+            seq = Sequence(self.scheduler.new_seq_id(), request_id, list(prompt), len(prompt), params, seed,
+                           stop_ids=self._stop_ids(request, params))
+            self._register(state, seq)  # last: registers nothing if it raises
+        except Exception as e:  # whatever a request holds, it must not stop the loop
+            message = str(e) if isinstance(e, (KilnError, ValueError, TypeError)) else f"{type(e).__name__}: {e}"
+            self._emit(Response(request_id, error_msg=message), callback)
             self.counters["requests_rejected"] += 1
             return
-        state = _RequestState(request_id, request, params, prompt, callback, arrival)
         self._requests[request_id] = state
-        seed = params.seed if params.seed is not None else random.getrandbits(62)
-        seq = Sequence(self.scheduler.new_seq_id(), request_id, list(prompt), len(prompt), params, seed,
-                       stop_ids=self._stop_ids(request, params))
-        self._register(state, seq)
         self.scheduler.add(seq)
         self.counters["prompt_tokens"] += len(prompt)
 

@@ -7,16 +7,21 @@ share them; a block nobody references stays cached until the LRU end of the free
 
 from __future__ import annotations
 
+import array
+import hashlib
 from collections import OrderedDict, deque
 from collections.abc import Sequence
 
 
-def block_hashes(token_ids: Sequence[int], block_size: int, num_blocks: int, parent: int | None = None,
-                 start_block: int = 0) -> list[int]:
-    """Chained hashes of full blocks start_block .. num_blocks-1 of token_ids."""
+def block_hashes(token_ids: Sequence[int], block_size: int, num_blocks: int, parent: bytes | None = None,
+                 start_block: int = 0) -> list[bytes]:
+    """Chained 128-bit hashes (BLAKE2b of the parent's hash and the block's token ids) of full blocks
+    start_block .. num_blocks-1 of token_ids. A collision would silently reuse another prompt's KV, so
+    not Python's 64-bit hash()."""
     hashes = []
     for b in range(start_block, num_blocks):
-        parent = hash((parent, tuple(token_ids[b * block_size:(b + 1) * block_size])))
+        block = array.array("q", token_ids[b * block_size:(b + 1) * block_size]).tobytes()
+        parent = hashlib.blake2b(block, digest_size=16, key=parent or b"").digest()
         hashes.append(parent)
     return hashes
 
@@ -29,8 +34,8 @@ class BlockPool:
         self.ref_counts = [0] * num_blocks
         self._free: deque[int] = deque(range(num_blocks))   # blocks holding nothing reusable
         self._evictable: OrderedDict[int, None] = OrderedDict()  # cached, unreferenced; LRU first
-        self._by_hash: dict[int, int] = {}
-        self._hash_of: dict[int, int] = {}
+        self._by_hash: dict[bytes, int] = {}
+        self._hash_of: dict[int, bytes] = {}
         self.prefix_queries = 0  # tokens looked up by admitted sequences
         self.prefix_hits = 0     # of those, tokens found in cache
 
@@ -78,7 +83,7 @@ class BlockPool:
                 else:
                     self._free.append(block)
 
-    def match_prefix(self, token_ids: Sequence[int], hashes: list[int]) -> list[int]:
+    def match_prefix(self, token_ids: Sequence[int], hashes: list[bytes]) -> list[int]:
         """Cached blocks for the longest cached prefix (at least one token is left to compute), acquired.
         Lookups are not counted here: a sequence may be looked up again each iteration it waits."""
         if not self.enable_reuse:
@@ -98,7 +103,7 @@ class BlockPool:
         self.prefix_queries += num_tokens
         self.prefix_hits += num_hit_tokens
 
-    def cache_block(self, block: int, block_hash: int) -> None:
+    def cache_block(self, block: int, block_hash: bytes) -> None:
         """Marks a full, computed block as reusable under its chained hash."""
         if self.enable_reuse and block_hash not in self._by_hash and block not in self._hash_of:
             self._by_hash[block_hash] = block

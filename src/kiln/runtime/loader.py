@@ -29,7 +29,6 @@ class LoadedEngine:
     model: DecoderModel
     tokenizer: Tokenizer | None
     device: torch.device
-    load_seconds: float
 
     @property
     def build_config(self):
@@ -55,7 +54,8 @@ def load_engine(engine_dir: str | Path, device: str | None = None, verify: bool 
     if manifest.has_tokenizer:
         cfg = manifest.model_config
         tokenizer = Tokenizer(engine_dir / TOKENIZER_DIR, eos_token_ids=cfg.eos_token_ids, bos_token_id=cfg.bos_token_id)
-    return LoadedEngine(engine_dir, manifest, model, tokenizer, dev, time.perf_counter() - t0)
+    logger.info("loaded %s onto %s in %.1f s", engine_dir, dev, time.perf_counter() - t0)
+    return LoadedEngine(engine_dir, manifest, model, tokenizer, dev)
 
 
 def num_kv_blocks(engine: LoadedEngine, kv: KvCacheConfig, activation_bytes: int = 0) -> int:

@@ -6,6 +6,7 @@ sequence that caught up, log-probabilities where asked). It holds the KV cache t
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, field
 
 import torch
@@ -74,7 +75,8 @@ class InputBuffers:
         self.max_num_tokens = max_num_tokens
         self.max_batch_size = max_batch_size
         self.max_blocks_per_seq = max_blocks_per_seq
-        pin = device.type == "cuda"
+        pin = self.pinned = device.type == "cuda"
+        self.uploaded: torch.cuda.Event | None = None
         # int64 rows: input ids, positions, KV slots, logits rows
         self.host64 = torch.zeros(4, max_num_tokens, dtype=torch.int64, pin_memory=pin)
         # int32: seq_lens [B], query_start_loc [B + 1], block_tables [B, max_blocks]
@@ -91,9 +93,18 @@ class InputBuffers:
         self.np_query_start_loc = self.np32[b:2 * b + 1]
         self.np_block_tables = self.np32[2 * b + 1:].reshape(b, max_blocks_per_seq)
 
+    def wait_uploaded(self) -> None:
+        """Before the host writes the staging buffers again: the previous step's copies must have run (a
+        step that samples nothing never synchronizes, and its copy may still be queued behind a forward)."""
+        if self.uploaded is not None:
+            self.uploaded.synchronize()
+
     def upload(self) -> None:
         self.dev64.copy_(self.host64, non_blocking=True)
         self.dev32.copy_(self.host32, non_blocking=True)
+        if self.pinned:
+            self.uploaded = torch.cuda.Event()
+            self.uploaded.record()
 
 
 class ModelRunner:
@@ -107,12 +118,14 @@ class ModelRunner:
         self.buffers = InputBuffers(max(max_num_tokens, max_batch_size), max_batch_size,
                                     -(-max_seq_len // self.block_size), self.device)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graph_sizes: list[int] = []
         self._row_keys: list[tuple | None] = [None] * max_batch_size  # whose block table each row holds
         self.graph_capture_seconds = 0.0
 
     def release(self) -> None:
         """Frees the KV cache and graphs (the executor has stopped)."""
         self.graphs.clear()
+        self.graph_sizes = []
         self.kv_cache = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -152,13 +165,18 @@ class ModelRunner:
             with torch.cuda.graph(graph, pool=pool, stream=stream):
                 logits = self.model.forward(*args)
             self.graphs[size] = (graph, logits)
+        self.graph_sizes = sorted(self.graphs)
         torch.cuda.synchronize(self.device)
         self.graph_capture_seconds = time.perf_counter() - t0
 
     def _graph_size(self, plan: SchedulerOutput, num_tokens: int, has_prompt_logprobs: bool) -> int:
-        if not self.graphs or has_prompt_logprobs or num_tokens != len(plan.scheduled):
+        """The smallest captured batch size that holds a decode-only plan whose sequence i samples from
+        logits row i (every sequence samples), else 0 (run eagerly)."""
+        if (not self.graph_sizes or has_prompt_logprobs or num_tokens != len(plan.scheduled)
+                or not all(s.samples for s in plan.scheduled)):
             return 0
-        return next((size for size in sorted(self.graphs) if size >= num_tokens), 0)
+        index = bisect.bisect_left(self.graph_sizes, num_tokens)
+        return self.graph_sizes[index] if index < len(self.graph_sizes) else 0
 
     def _fill_padding(self, start: int, end: int) -> None:
         """Rows start..end of a padded decode batch: no KV write (slot -1), no keys (seq_len 0)."""
@@ -188,6 +206,7 @@ class ModelRunner:
     def _prepare(self, plan: SchedulerOutput) -> "_Batch":
         bs = self.block_size
         buf = self.buffers
+        buf.wait_uploaded()
         ids_np, pos_np, slot_np, rows_np = buf.np64
         seq_lens, q_lens = [], []
         logits_rows: list[int] = []   # packed token indices whose logits are computed

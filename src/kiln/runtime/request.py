@@ -10,9 +10,6 @@ from dataclasses import dataclass, field
 
 from kiln.config import SamplingParams
 
-FINISH_REASONS = ("stop", "length", "cancelled", "error")
-
-
 @dataclass
 class Request:
     input_token_ids: list[int]

@@ -34,7 +34,7 @@ class Sequence:
         self.stop_ids = stop_ids            # EOS (unless ignore_eos) and stop_token_ids
         self.num_computed_tokens = 0
         self.block_table: list[int] = []
-        self.block_hashes: list[int] = []  # chained hashes of full blocks, computed as they fill
+        self.block_hashes: list[bytes] = []  # chained hashes of full blocks, computed as they fill
         self.num_cached_blocks = 0         # leading blocks registered in the pool's prefix cache
         self.num_prefix_hit_tokens = 0
         self.status = SequenceStatus.WAITING

@@ -37,7 +37,6 @@ class ChatTemplate:
     def __init__(self, tokenizer: Tokenizer, source: str | None = None):
         self.tokenizer = tokenizer
         self.source = source or tokenizer.chat_template or PLAIN_CHAT_TEMPLATE
-        self.is_plain = self.source == PLAIN_CHAT_TEMPLATE
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                             extensions=["jinja2.ext.loopcontrols"])
         env.filters["tojson"] = _tojson
