@@ -215,15 +215,15 @@ def test_cancellation_frees_blocks_at_once(engine):
 def test_an_exception_in_one_request_fails_only_that_request(engine, greedy_alone, monkeypatch):
     prompts, alone = greedy_alone
     with make_executor(engine) as ex:
-        execute = ex.runner.execute
+        launch = ex.runner.launch
         bad_prompt = [1, 400, 401, 402, 403, 404, 405]
 
         def fail_for_bad_prompt(plan):
             if any(s.seq.token_ids[:7] == bad_prompt and s.seq.sample_index == 1 for s in plan.scheduled):
                 raise RuntimeError("injected failure")
-            return execute(plan)
+            return launch(plan)
 
-        monkeypatch.setattr(ex.runner, "execute", fail_for_bad_prompt)
+        monkeypatch.setattr(ex.runner, "launch", fail_for_bad_prompt)
         # The bad request's second sample fails after the fork: its first sample, in the same plan, ends
         # with it (and fills its second block in that step, which must not be registered for reuse).
         bad = Request(bad_prompt, sampling_params=SamplingParams(temperature=0.0, max_tokens=20, n=2))

@@ -338,16 +338,16 @@ def test_n_samples_share_the_prompt_blocks_and_equal_single_requests_with_derive
     prompt = [1] + list(range(40, 40 + 2 * block_size + 5))  # 2 full blocks and a partial one
     params = SamplingParams(temperature=0.9, seed=77, n=3, max_tokens=24, ignore_eos=True)
     tables = []
-    execute = executor.runner.execute
+    launch = executor.runner.launch
 
     def record_tables(plan):  # runs on the loop thread, so the pool is consistent here
         samples = [s.seq for s in plan.scheduled if s.seq.token_ids[:len(prompt)] == prompt]
         if len(samples) == 3 and all(len(seq.block_table) == 3 for seq in samples):  # decoding in the third block
             tables.append([(list(seq.block_table), [executor.pool.ref_counts[b] for b in seq.block_table])
                            for seq in samples])
-        return execute(plan)
+        return launch(plan)
 
-    monkeypatch.setattr(executor.runner, "execute", record_tables)
+    monkeypatch.setattr(executor.runner, "launch", record_tables)
     together = run_requests(executor, [Request(prompt, sampling_params=params)])[0].result
     monkeypatch.undo()
     assert tables

@@ -22,9 +22,9 @@ from kiln.config import RuntimeConfig, SamplingParams
 from kiln.errors import KilnError, RequestError
 from kiln.runtime.kv_cache import BlockPool
 from kiln.runtime.loader import LoadedEngine, load_engine, num_kv_blocks
-from kiln.runtime.model_runner import ModelRunner, RunnerOutput, allocate_kv_cache, graph_batch_sizes
+from kiln.runtime.model_runner import LaunchedStep, ModelRunner, RunnerOutput, allocate_kv_cache, graph_batch_sizes
 from kiln.runtime.request import Request, Response, Result
-from kiln.runtime.scheduler import ScheduledSequence, Scheduler, SchedulerOutput
+from kiln.runtime.scheduler import Scheduler, SchedulerOutput
 from kiln.runtime.sequence import Sequence
 from kiln.runtime.tokenizer import IncrementalDetokenizer
 
@@ -60,6 +60,7 @@ class _Sample:
     log_probs: list[float] = field(default_factory=list)
     top_logprobs: list[dict[int, float]] = field(default_factory=list)
     finish_reason: str | None = None
+    num_tokens: int = 0  # output tokens accepted (the sequence may hold a PENDING one after them)
 
 
 @dataclass
@@ -113,6 +114,9 @@ class Executor:
         self._accepting = True
         self._stats: collections.deque[IterationStats] = collections.deque(maxlen=1000)
         self._iteration = 0
+        self._in_flight: LaunchedStep | None = None  # launched, its tokens not yet processed
+        self._last_step_end = 0.0
+        self._penalized: set[int] = set()  # requests whose penalties read token ids on the device
         self._shutdown = False
         self.counters = collections.Counter()  # prompt_tokens, generation_tokens, requests_*
         self._thread = threading.Thread(target=self._loop, name="kiln-executor", daemon=True)
@@ -214,6 +218,9 @@ class Executor:
             if not self._drain_inbox():
                 break
             if not self.scheduler.has_work():
+                if self._in_flight is not None:
+                    self._complete(self._in_flight)
+                    continue
                 self._wakeup.wait(0.05)
                 self._wakeup.clear()
                 continue
@@ -242,39 +249,62 @@ class Executor:
                     self._finish_all(state, "cancelled")
 
     def _step(self) -> None:
+        """Plans and launches one step, then processes the previous step's tokens while the device runs
+        this one: the host's work overlaps the GPU's. The step was planned with the previous step's
+        sampled tokens still PENDING; the device feeds them in (ModelRunner.launch)."""
         t0 = time.perf_counter()
+        if self._in_flight is not None and self._penalized:
+            self._complete(self._in_flight)  # penalties count token ids, so they must be known first
         plan = self.scheduler.schedule()
         if plan.is_empty:
-            self._wakeup.wait(0.005)
-            self._wakeup.clear()
+            if self._in_flight is not None:
+                self._complete(self._in_flight)
+            else:
+                self._wakeup.wait(0.005)
+                self._wakeup.clear()
             return
         scheduled_at = time.time()
-        out = self._execute(plan)
-        self.scheduler.update(plan, out.sampled)
-        self._process(plan, out, scheduled_at)
-        self._record_stats(plan, t0)
-
-    def _execute(self, plan: SchedulerOutput) -> RunnerOutput:
-        """Runs the plan; if it fails, runs each sequence alone so only the failing ones get errors."""
         try:
-            return self.runner.execute(plan)
+            step = self.runner.launch(plan)
         except Exception as batch_error:
             logger.warning("batch of %d failed (%s); isolating", len(plan.scheduled), batch_error)
-        out = RunnerOutput()
-        kept: list[ScheduledSequence] = []
+            if self._in_flight is not None:
+                self._complete(self._in_flight)  # single runs read their inputs from the host
+            self._run_isolated(plan, scheduled_at)
+            return
+        step.plan, step.scheduled_at, step.started = plan, scheduled_at, t0
+        step.pending = self.scheduler.advance(plan, {seq.seq_id for seq in step.batch.sample_seqs})
+        previous, self._in_flight = self._in_flight, step
+        if previous is not None:
+            self._complete(previous)
+
+    def _run_isolated(self, plan: SchedulerOutput, scheduled_at: float) -> None:
+        """Runs each sequence of a failed batch alone, so only the failing ones get errors."""
         for s in plan.scheduled:
+            if s.seq.is_finished:
+                continue
+            single = SchedulerOutput(scheduled=[s])
             try:
-                part = self.runner.execute(SchedulerOutput(scheduled=[s]))
+                step = self.runner.launch(single)
             except Exception as e:
                 state = self._seq_to_request.get(s.seq.seq_id)
                 if state is not None:
                     self._fail(state, f"{type(e).__name__}: {e}")
                 continue
-            kept.append(s)
-            for name in ("sampled", "forked", "logprobs", "prompt_logprobs"):
-                getattr(out, name).update(getattr(part, name))
-        plan.scheduled = kept
-        return out
+            step.plan, step.scheduled_at, step.started = single, scheduled_at, time.perf_counter()
+            step.pending = self.scheduler.advance(single, {seq.seq_id for seq in step.batch.sample_seqs})
+            self._complete(step)
+
+    def _complete(self, step: LaunchedStep) -> None:
+        """Waits for a launched step's tokens, puts them in place of its PENDING ones, processes them."""
+        if step is self._in_flight:
+            self._in_flight = None
+        out = self.runner.collect(step)
+        for seq in step.batch.sample_seqs:
+            if seq.seq_id in step.pending:
+                self.scheduler.resolve(seq, step.pending[seq.seq_id], out.sampled[seq.seq_id])
+        self._process(step.plan, out, step.scheduled_at)
+        self._record_stats(step)
 
     # ---- requests ------------------------------------------------------------------------------
     def _add(self, request_id: int, request: Request, callback: ResponseCallback | None, arrival: float) -> None:
@@ -294,6 +324,8 @@ class Executor:
             self.counters["requests_rejected"] += 1
             return
         self._requests[request_id] = state
+        if params.repetition_penalty != 1.0 or params.presence_penalty or params.frequency_penalty:
+            self._penalized.add(request_id)
         self.scheduler.add(seq)
         self.counters["prompt_tokens"] += len(prompt)
 
@@ -355,10 +387,10 @@ class Executor:
                 for token, seed, entry in out.forked.get(seq.seq_id, ()):
                     child = self.scheduler.fork(seq, token, len(state.samples), seed)
                     self._register(state, child)
-                    self._accept_token(state.samples[-1], entry)
+                    self._accept_token(state.samples[-1], token, entry)
                 if out.forked.get(seq.seq_id):
                     seq.forks_pending = 0
-                self._accept_token(sample, out.logprobs.get(seq.seq_id))
+                self._accept_token(sample, out.sampled[seq.seq_id], out.logprobs.get(seq.seq_id))
             except Exception as e:
                 logger.exception("request %s failed in post-processing", seq.request_id)
                 self._fail(state, f"{type(e).__name__}: {e}")
@@ -366,25 +398,25 @@ class Executor:
         for state in touched.values():
             self._respond(state)
 
-    def _accept_token(self, sample: _Sample, logprob_entry: tuple | None) -> None:
+    def _accept_token(self, sample: _Sample, token: int, logprob_entry: tuple | None) -> None:
         seq = sample.seq
-        token = seq.token_ids[-1]
+        sample.num_tokens += 1
+        count = sample.num_tokens  # the sequence may already hold the next token, PENDING
         params = seq.params
         self.counters["generation_tokens"] += 1
         if logprob_entry is not None:
             sample.log_probs.append(logprob_entry[0])
             sample.top_logprobs.append(logprob_entry[1])
-        is_stop_token = token in seq.stop_ids and seq.num_output_tokens > params.min_tokens - 1
+        is_stop_token = token in seq.stop_ids and count >= params.min_tokens
         new_text_start = len(sample.text)
         if sample.detok is not None and not is_stop_token:
             sample.text += sample.detok.add(token)
         reason = None
         if is_stop_token:
             reason = "stop"
-        elif (params.stop and seq.num_output_tokens >= params.min_tokens
-              and self._trim_stop_string(sample, new_text_start)):
+        elif params.stop and count >= params.min_tokens and self._trim_stop_string(sample, new_text_start):
             reason = "stop"
-        elif seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.scheduler.max_seq_len:
+        elif count >= params.max_tokens or seq.num_prompt_tokens + count >= self.scheduler.max_seq_len:
             reason = "length"
         if reason:
             self._finish_sample(sample, reason)
@@ -436,6 +468,7 @@ class Executor:
 
     def _drop(self, state: _RequestState) -> None:
         self._requests.pop(state.request_id, None)
+        self._penalized.discard(state.request_id)
         for sample in state.samples:
             self._seq_to_request.pop(sample.seq.seq_id, None)
 
@@ -450,7 +483,7 @@ class Executor:
         holdback = 0 if finished else max((len(s) for s in state.params.stop), default=1) - 1
         tokens, texts, lps, tops = [], [], [], []
         for s in state.samples:
-            n_tok = s.seq.num_output_tokens
+            n_tok = s.num_tokens
             start_tok = s.num_sent_tokens if state.request.streaming else 0
             start_chr = s.num_sent_chars if state.request.streaming else 0
             end_chr = len(s.text) if s.finish_reason else max(start_chr, len(s.text) - holdback)
@@ -482,12 +515,18 @@ class Executor:
             self._ready.append(response)
             self._ready_cv.notify_all()
 
-    def _record_stats(self, plan: SchedulerOutput, t0: float) -> None:
+    def _record_stats(self, step: LaunchedStep) -> None:
+        """When a step's tokens are processed. Its time runs from the previous step's end (steps overlap)
+        or, after an idle spell, from when it was planned: in steady state, the time per step."""
         self._iteration += 1
+        plan = step.plan
         decode = plan.num_decode_tokens
+        now = time.perf_counter()
+        started = max(step.started, self._last_step_end)
+        self._last_step_end = now
         self._stats.append(IterationStats(
             iteration=self._iteration, timestamp=time.time(),
-            iteration_time_ms=(time.perf_counter() - t0) * 1e3, batch_size=len(plan.scheduled),
+            iteration_time_ms=(now - started) * 1e3, batch_size=len(plan.scheduled),
             num_context_tokens=plan.num_tokens - decode, num_decode_tokens=decode,
             num_preempted=len(plan.preempted), kv_blocks_used=self.pool.num_used_blocks,
             kv_blocks_free=self.pool.num_free_blocks, kv_blocks_total=self.pool.num_blocks,

@@ -15,7 +15,7 @@ from kiln.kernels import AttentionMetadata
 from kiln.models.decoder import DecoderModel
 from kiln.runtime.sampler import sample, top_logprobs
 from kiln.runtime.scheduler import SchedulerOutput
-from kiln.runtime.sequence import Sequence
+from kiln.runtime.sequence import PENDING, Sequence
 
 
 def derive_seed(seed: int, sample_index: int) -> int:
@@ -120,6 +120,11 @@ class ModelRunner:
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.graph_sizes: list[int] = []
         self._row_keys: list[tuple | None] = [None] * max_batch_size  # whose block table each row holds
+        self.last_tokens = torch.zeros(max_batch_size, dtype=torch.int64, device=self.device)
+        pin = self.buffers.pinned
+        # Room for the sampled tokens of a full batch with forked samples; a larger step copies synchronously.
+        self._token_host = [torch.zeros(4 * max_batch_size, dtype=torch.int64, pin_memory=pin) for _ in range(2)]
+        self._token_flip = 0
         self.graph_capture_seconds = 0.0
 
     def release(self) -> None:
@@ -131,15 +136,50 @@ class ModelRunner:
             torch.cuda.empty_cache()
 
     def execute(self, plan: SchedulerOutput) -> RunnerOutput:
+        return self.collect(self.launch(plan))
+
+    def launch(self, plan: SchedulerOutput) -> "LaunchedStep":
+        """Queues the step's work on the device (forward, sampling, the copy of the tokens to the host)
+        without waiting for it; ``collect`` waits. Input tokens still PENDING on the host are taken on
+        the device from the previous step's sampled tokens."""
         for src, dst in plan.block_copies:
             self.kv_cache[:, :, dst].copy_(self.kv_cache[:, :, src])
         batch = self._prepare(plan)
+        if batch.has_pending_inputs:
+            num_rows = batch.graph_size or batch.num_tokens
+            ids = self.buffers.dev64[0, :num_rows]
+            ids.copy_(torch.where(ids < 0, self.last_tokens[(-ids - 1).clamp(min=0)], ids))
         if batch.graph_size:
             graph, logits = self.graphs[batch.graph_size]
             graph.replay()
         else:
             logits = self.model.forward(*batch.forward_args)
         return self._sample(batch, logits)
+
+    def collect(self, step: "LaunchedStep") -> RunnerOutput:
+        """Waits for a launched step's tokens and turns them into a RunnerOutput."""
+        out = RunnerOutput()
+        if step.tokens is not None:
+            if step.ready is not None:
+                step.ready.synchronize()
+            tokens = step.tokens.tolist()
+            lp_host = [t.tolist() for t in step.logprobs] if step.logprobs is not None else None
+            num_own = len(step.batch.sample_seqs)
+            for i, seq in enumerate(step.rows):
+                entry = None
+                if lp_host is not None and seq.params.logprobs is not None:
+                    k = seq.params.logprobs
+                    entry = (lp_host[0][i], dict(zip(lp_host[2][i][:k], lp_host[1][i][:k])))
+                if i >= num_own:
+                    parent, seed = step.fork_parents[i - num_own]
+                    out.forked.setdefault(parent.seq_id, []).append((tokens[i], seed, entry))
+                else:
+                    out.sampled[seq.seq_id] = tokens[i]
+                    if entry is not None:
+                        out.logprobs[seq.seq_id] = entry
+        for seq, logits, start in step.prompt_logits:
+            out.prompt_logprobs[seq.seq_id] = (start, self._prompt_logprobs(seq, logits, start))
+        return out
 
     # ---- CUDA graphs -------------------------------------------------------------------------
     def capture_decode_graphs(self, batch_sizes: list[int]) -> None:
@@ -214,13 +254,18 @@ class ModelRunner:
         sample_rows: list[int] = []   # for each sampling sequence, its row in the logits
         prompt_lp: list[tuple[Sequence, int, int, int]] = []  # seq, first logits row, start pos, count
         offset = 0
+        has_pending = False
         buf.np_query_start_loc[0] = 0
         for i, s in enumerate(plan.scheduled):
             seq, start, n = s.seq, s.start, s.num_new_tokens
             end = start + n
             table = seq.block_table
             if n == 1:  # decode: scalar writes, the common case at large batch sizes
-                ids_np[offset] = seq.token_ids[start]
+                token = seq.token_ids[start]
+                if token == PENDING:  # sampled by the previous step, still on the device: its row there
+                    token = -1 - seq.pending_row
+                    has_pending = True
+                ids_np[offset] = token
                 pos_np[offset] = start
                 slot_np[offset] = table[start // bs] * bs + start % bs
             else:
@@ -254,15 +299,15 @@ class ModelRunner:
             self._fill_padding(num_seqs, graph_size)
             rows_np[:graph_size] = range(graph_size)  # the graph computes logits for every row
             buf.upload()
-            return _Batch(None, sample_seqs, sample_rows, prompt_lp, graph_size)
+            return _Batch(None, sample_seqs, sample_rows, prompt_lp, graph_size, offset, has_pending)
         rows_np[:len(logits_rows)] = logits_rows
         buf.upload()
         args = self._forward_args(offset, num_seqs, len(logits_rows), seq_lens, q_lens)
-        return _Batch(args, sample_seqs, sample_rows, prompt_lp, 0)
+        return _Batch(args, sample_seqs, sample_rows, prompt_lp, 0, offset, has_pending)
 
     # ---- sampling ----------------------------------------------------------------------------
-    def _sample(self, batch: "_Batch", logits: torch.Tensor) -> RunnerOutput:
-        out = RunnerOutput()
+    def _sample(self, batch: "_Batch", logits: torch.Tensor) -> "LaunchedStep":
+        step = LaunchedStep(batch)
         rows = list(batch.sample_rows)
         seqs: list = list(batch.sample_seqs)
         fork_parents: list[tuple[Sequence, int]] = []
@@ -279,24 +324,30 @@ class ModelRunner:
             row_logits = logits[:len(rows)] if in_order else logits[torch.tensor(rows, device=logits.device)]
             tokens = sample(row_logits, seqs)
             want_lp = max((s.params.logprobs for s in seqs if s.params.logprobs is not None), default=None)
-            lp_host = [t.tolist() for t in top_logprobs(row_logits, tokens, want_lp)] if want_lp is not None else None
-            tokens_host = tokens.tolist()
+            if want_lp is not None:
+                step.logprobs = top_logprobs(row_logits, tokens, want_lp)
             num_own = len(batch.sample_seqs)
-            for i, seq in enumerate(seqs):
-                entry = None
-                if lp_host is not None and seq.params.logprobs is not None:
-                    k = seq.params.logprobs
-                    entry = (lp_host[0][i], dict(zip(lp_host[2][i][:k], lp_host[1][i][:k])))
-                if i >= num_own:
-                    parent, seed = fork_parents[i - num_own]
-                    out.forked.setdefault(parent.seq_id, []).append((tokens_host[i], seed, entry))
-                else:
-                    out.sampled[seq.seq_id] = tokens_host[i]
-                    if entry is not None:
-                        out.logprobs[seq.seq_id] = entry
-        for seq, first_row, start, count in batch.prompt_lp:
-            out.prompt_logprobs[seq.seq_id] = (start, self._prompt_logprobs(seq, logits[first_row:first_row + count], start))
-        return out
+            self.last_tokens[:num_own].copy_(tokens[:num_own])  # what the next step's PENDING inputs are
+            for row, seq in enumerate(batch.sample_seqs):
+                seq.pending_row = row
+            step.rows, step.fork_parents = seqs, fork_parents
+            step.tokens, step.ready = self._to_host(tokens)
+        # Prompt logprobs read logits the next step may overwrite (a graph's output): cloned.
+        step.prompt_logits = [(seq, logits[first:first + count].clone(), start)
+                              for seq, first, start, count in batch.prompt_lp]
+        return step
+
+    def _to_host(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+        """Starts the copy of sampled tokens into one of two pinned buffers (the other may still be read
+        by the host for the previous step); the event marks when it has landed."""
+        if not self.buffers.pinned or tokens.shape[0] > self._token_host[0].shape[0]:
+            return tokens.cpu(), None
+        self._token_flip ^= 1
+        host = self._token_host[self._token_flip][:tokens.shape[0]]
+        host.copy_(tokens, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        return host, ready
 
     @staticmethod
     def _prompt_logprobs(seq: Sequence, logits: torch.Tensor, start: int) -> list[dict[int, float]]:
@@ -322,3 +373,23 @@ class _Batch:
     sample_rows: list[int]
     prompt_lp: list[tuple[Sequence, int, int, int]]
     graph_size: int
+    num_tokens: int
+    has_pending_inputs: bool
+
+
+@dataclass
+class LaunchedStep:
+    """A step whose work is queued on the device; ``ModelRunner.collect`` turns it into a RunnerOutput."""
+
+    batch: _Batch
+    rows: list = field(default_factory=list)                  # sampling rows: sequences, then fork rows
+    fork_parents: list[tuple[Sequence, int]] = field(default_factory=list)
+    tokens: torch.Tensor | None = None                          # host tensor, valid once ``ready`` fired
+    ready: torch.cuda.Event | None = None
+    logprobs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # on the device
+    prompt_logits: list[tuple[Sequence, torch.Tensor, int]] = field(default_factory=list)
+    # Set by the executor: the plan, when it was scheduled, each sampling sequence's PENDING token index.
+    plan: SchedulerOutput | None = None
+    scheduled_at: float = 0.0  # wall clock
+    started: float = 0.0       # perf_counter when its planning began
+    pending: dict[int, int] = field(default_factory=dict)

@@ -17,7 +17,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from kiln.runtime.kv_cache import BlockPool, block_hashes
-from kiln.runtime.sequence import Sequence, SequenceStatus
+from kiln.runtime.sequence import PENDING, Sequence, SequenceStatus
 
 
 @dataclass
@@ -100,6 +100,8 @@ class Scheduler:
             self.waiting.remove(seq)
         self.pool.release(seq.block_table)
         seq.block_table = []
+        while seq.token_ids and seq.token_ids[-1] == PENDING:  # sampled after its end: never happened
+            seq.token_ids.pop()
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
 
@@ -117,6 +119,8 @@ class Scheduler:
                 break
             if seq.status is not SequenceStatus.RUNNING:
                 continue  # preempted earlier in this loop
+            if seq.num_tokens >= self.max_seq_len or seq.num_output_tokens >= seq.params.max_tokens:
+                continue  # its last token is PENDING: it ends when that token arrives
             if not self._grow(seq, 1, out, scheduled_ids):
                 continue
             out.scheduled.append(ScheduledSequence(seq, 1))
@@ -172,27 +176,47 @@ class Scheduler:
             budget -= num_new
         return out
 
-    def update(self, out: SchedulerOutput, sampled: dict[int, int]) -> None:
-        """Advances computed tokens, registers full blocks for reuse, appends sampled tokens."""
+    def advance(self, out: SchedulerOutput, sampling: set[int]) -> dict[int, int]:
+        """After a step is launched: computed tokens advance, full blocks are registered for reuse, and
+        each sequence in ``sampling`` gets a PENDING token (sampled on the device, value not known yet),
+        so the next step can be planned before this one's tokens reach the host. Returns, per sequence,
+        the index of its PENDING token."""
+        pending = {}
         for s in out.scheduled:
             seq = s.seq
             if seq.is_finished:
                 continue  # ended while its step ran (its request failed); its blocks are gone
             seq.num_computed_tokens += s.num_new_tokens
             self._cache_full_blocks(seq)
-            token = sampled.get(seq.seq_id)
-            if token is not None:
-                seq.token_ids.append(token)
+            if seq.seq_id in sampling:
+                pending[seq.seq_id] = len(seq.token_ids)
+                seq.token_ids.append(PENDING)
+        return pending
+
+    @staticmethod
+    def resolve(seq: Sequence, index: int, token: int) -> None:
+        """The value of a PENDING token, once it reached the host."""
+        if index < len(seq.token_ids):  # a finished sequence dropped its pending tokens
+            seq.token_ids[index] = token
+
+    def update(self, out: SchedulerOutput, sampled: dict[int, int]) -> None:
+        """advance + resolve in one go, for a step whose tokens are already known."""
+        pending = self.advance(out, set(sampled))
+        for s in out.scheduled:
+            if s.seq.seq_id in pending:
+                self.resolve(s.seq, pending[s.seq.seq_id], sampled[s.seq.seq_id])
 
     def fork(self, parent: Sequence, token: int, sample_index: int, seed: int) -> Sequence:
         """A new sample of parent's request sharing its computed prompt blocks (the partial last block
         is copied, since both will write into it)."""
-        child = Sequence(self.new_seq_id(), parent.request_id, parent.token_ids[:-1] + [token],
-                         parent.num_prompt_tokens, parent.params, seed, sample_index, parent.arrival_index,
-                         parent.stop_ids)
-        child.block_hashes = list(parent.block_hashes)
-        full = parent.num_computed_tokens // self.block_size
-        needs_copy = parent.num_computed_tokens % self.block_size != 0
+        # The parent may be a step ahead already (its first token computed, a PENDING one after it): the
+        # child takes the prompt's KV only and computes its own first token.
+        num_prompt = parent.num_prompt_tokens
+        child = Sequence(self.new_seq_id(), parent.request_id, parent.token_ids[:num_prompt] + [token],
+                         num_prompt, parent.params, seed, sample_index, parent.arrival_index, parent.stop_ids)
+        full = num_prompt // self.block_size
+        child.block_hashes = parent.block_hashes[:full]
+        needs_copy = num_prompt % self.block_size != 0
         if needs_copy and self.pool.num_free_blocks == 0:
             # No block to copy into (max_utilization only): the child recomputes, reusing cached blocks.
             self._enqueue_waiting(child)
@@ -204,7 +228,7 @@ class Scheduler:
             (dst,) = self.pool.allocate(1)
             self._pending_copies.append((parent.block_table[full], dst))
             child.block_table.append(dst)
-        child.num_computed_tokens = parent.num_computed_tokens
+        child.num_computed_tokens = num_prompt
         child.num_cached_blocks = min(parent.num_cached_blocks, full)
         child.status = SequenceStatus.RUNNING
         self.running.append(child)
@@ -284,7 +308,8 @@ class Scheduler:
         seq.num_cached_blocks = 0
 
     def _cache_full_blocks(self, seq: Sequence) -> None:
-        full = seq.num_computed_tokens // self.block_size
+        # Only blocks whose tokens are all known (a PENDING token cannot be hashed yet).
+        full = min(seq.num_computed_tokens, seq.num_known_tokens) // self.block_size
         if full <= seq.num_cached_blocks or not self.pool.enable_reuse:
             return
         self._ensure_hashes(seq, full)

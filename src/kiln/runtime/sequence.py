@@ -13,6 +13,11 @@ import enum
 from kiln.config import SamplingParams
 
 
+# A token sampled on the device whose value has not reached the host yet (the executor plans the next
+# step before it does); token ids are never negative otherwise.
+PENDING = -1
+
+
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -33,6 +38,7 @@ class Sequence:
         self.arrival_index = arrival_index  # FIFO order; preemption takes the newest first
         self.stop_ids = stop_ids            # EOS (unless ignore_eos) and stop_token_ids
         self.num_computed_tokens = 0
+        self.pending_row = 0  # row of its last sampled token in the runner's last step (see PENDING)
         self.block_table: list[int] = []
         self.block_hashes: list[bytes] = []  # chained hashes of full blocks, computed as they fill
         self.num_cached_blocks = 0         # leading blocks registered in the pool's prefix cache
@@ -45,6 +51,14 @@ class Sequence:
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
+
+    @property
+    def num_known_tokens(self) -> int:
+        """Tokens before the first PENDING one (there are at most two, at the end)."""
+        n = len(self.token_ids)
+        while n and self.token_ids[n - 1] == PENDING:
+            n -= 1
+        return n
 
     @property
     def num_output_tokens(self) -> int:
