@@ -214,7 +214,7 @@ def _to_output(resp: Response, request: Request, previous: RequestOutput | None)
     outputs = []
     for i, (tokens, text, reason) in enumerate(zip(r.output_token_ids, r.text, r.finish_reasons)):
         before = previous.outputs[i] if previous and i < len(previous.outputs) else None
-        lps = None
+        lps = cumulative = None
         if r.log_probs is not None:
             new = []
             for chosen, top, token in zip(r.log_probs[i], r.top_logprobs[i], tokens):
@@ -222,8 +222,10 @@ def _to_output(resp: Response, request: Request, previous: RequestOutput | None)
                 entry[token] = chosen
                 new.append(entry)
             lps = (before.logprobs if before and before.logprobs else []) + new
+            # Summed over this response's tokens only: streaming stays linear in the output length.
+            cumulative = (before.cumulative_logprob if before and before.cumulative_logprob else 0.0) \
+                + sum(r.log_probs[i])
         all_tokens = (before.token_ids if before else []) + tokens
-        cumulative = (sum(e[t] for e, t in zip(lps, all_tokens)) if lps is not None else None)
         outputs.append(CompletionOutput(i, (before.text if before else "") + text, all_tokens, reason, lps,
                                         cumulative, text_diff=text, token_ids_diff=tokens))
     metrics = RequestMetrics(r.arrival_time, r.first_token_time, r.finish_time, r.num_cached_prompt_tokens)
