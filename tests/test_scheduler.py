@@ -23,6 +23,14 @@ from kiln.runtime.model_runner import RunnerOutput
 from kiln.runtime.scheduler import Scheduler, SchedulerOutput
 from kiln.runtime.sequence import Sequence, SequenceStatus
 
+
+def update(scheduler: Scheduler, plan: SchedulerOutput, sampled: dict[int, int]) -> None:
+    """A step whose tokens are known at once: the executor's advance, then resolve."""
+    pending = scheduler.advance(plan, set(sampled))
+    for s in plan.scheduled:
+        if s.seq.seq_id in pending:
+            scheduler.resolve(s.seq, pending[s.seq.seq_id], sampled[s.seq.seq_id])
+
 VOCAB = 31
 STOP = 0
 MAX_SEQ_LEN = 48
@@ -147,7 +155,7 @@ def simulate(requests: list[FakeRequest], num_blocks: int, block_size: int, max_
         check_plan(scheduler, plan, running, decodes, waiting)
         num_preemptions += len(plan.preempted)
         out = runner.execute(plan)
-        scheduler.update(plan, out.sampled)
+        update(scheduler, plan, out.sampled)
         for s in plan.scheduled:
             seq = s.seq
             if seq.seq_id not in out.sampled or seq.is_finished:
@@ -286,7 +294,7 @@ def test_n_samples_share_the_prompt_blocks_and_copy_the_partial_one():
     parent = Sequence(0, 0, list(range(1, 11)), 10, SamplingParams(max_tokens=4, n=3), seed=0)
     scheduler.add(parent)
     plan = scheduler.schedule()
-    scheduler.update(plan, {parent.seq_id: 5})
+    update(scheduler, plan, {parent.seq_id: 5})
     children = [scheduler.fork(parent, token, i, seed=i) for i, token in ((1, 6), (2, 7))]
     full, partial = parent.block_table[:2], parent.block_table[2]
     assert [pool.ref_counts[b] for b in full] == [3, 3] and pool.ref_counts[partial] == 1
@@ -308,7 +316,7 @@ def test_a_fork_without_a_free_block_waits_and_recomputes_from_the_cache():
     other = Sequence(1, 1, [7], 1, SamplingParams(max_tokens=2), seed=0)
     scheduler.add(parent)
     scheduler.add(other)
-    scheduler.update(scheduler.schedule(), {0: 5, 1: 6})
+    update(scheduler, scheduler.schedule(), {0: 5, 1: 6})
     assert pool.num_free_blocks == 0  # no block to copy the parent's partial block into
     child = scheduler.fork(parent, 9, 1, seed=1)
     assert child.status is SequenceStatus.WAITING and child.block_table == []
@@ -328,7 +336,7 @@ def test_a_sequence_finished_during_its_step_is_not_updated():
     scheduler.add(seq)
     plan = scheduler.schedule()
     scheduler.finish(seq, "error")
-    scheduler.update(plan, {seq.seq_id: 3})
+    update(scheduler, plan, {seq.seq_id: 3})
     assert seq.num_tokens == 9 and pool.num_free_blocks == 8
 
 
@@ -338,11 +346,11 @@ def test_prefix_lookups_are_counted_once_per_admission():
     prompt = list(range(1, 10))
     first = Sequence(0, 0, list(prompt), 9, SamplingParams(max_tokens=8), seed=0)  # 5 blocks worst case
     scheduler.add(first)
-    scheduler.update(scheduler.schedule(), {0: 1})
+    update(scheduler, scheduler.schedule(), {0: 1})
     second = Sequence(1, 1, list(prompt), 9, SamplingParams(max_tokens=8), seed=0)
     scheduler.add(second)
     for _ in range(3):  # the second waits (guaranteed_no_evict: no room for its worst case)
-        scheduler.update(scheduler.schedule(), {0: 1})
+        update(scheduler, scheduler.schedule(), {0: 1})
         assert second.status is SequenceStatus.WAITING
     assert (pool.prefix_queries, pool.prefix_hits) == (9, 0)
     scheduler.finish(first, "stop")

@@ -72,16 +72,13 @@ class InputBuffers:
     per dtype), so CUDA graphs captured on them see the new inputs and nothing is reallocated."""
 
     def __init__(self, max_num_tokens: int, max_batch_size: int, max_blocks_per_seq: int, device: torch.device):
-        self.max_num_tokens = max_num_tokens
-        self.max_batch_size = max_batch_size
-        self.max_blocks_per_seq = max_blocks_per_seq
         pin = self.pinned = device.type == "cuda"
         self.uploaded: torch.cuda.Event | None = None
         # int64 rows: input ids, positions, KV slots, logits rows
         self.host64 = torch.zeros(4, max_num_tokens, dtype=torch.int64, pin_memory=pin)
         # int32: seq_lens [B], query_start_loc [B + 1], block_tables [B, max_blocks]
-        self.n32 = 2 * max_batch_size + 1 + max_batch_size * max_blocks_per_seq
-        self.host32 = torch.zeros(self.n32, dtype=torch.int32, pin_memory=pin)
+        num32 = 2 * max_batch_size + 1 + max_batch_size * max_blocks_per_seq
+        self.host32 = torch.zeros(num32, dtype=torch.int32, pin_memory=pin)
         self.np64, self.np32 = self.host64.numpy(), self.host32.numpy()
         self.dev64 = torch.zeros_like(self.host64, device=device)
         self.dev32 = torch.zeros_like(self.host32, device=device)
@@ -114,7 +111,6 @@ class ModelRunner:
         self.kv_cache = kv_cache
         self.block_size = kv_cache.shape[3]
         self.device = model.device
-        self.max_batch_size = max_batch_size
         self.buffers = InputBuffers(max(max_num_tokens, max_batch_size), max_batch_size,
                                     -(-max_seq_len // self.block_size), self.device)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
@@ -134,9 +130,6 @@ class ModelRunner:
         self.kv_cache = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
-
-    def execute(self, plan: SchedulerOutput) -> RunnerOutput:
-        return self.collect(self.launch(plan))
 
     def launch(self, plan: SchedulerOutput) -> "LaunchedStep":
         """Queues the step's work on the device (forward, sampling, the copy of the tokens to the host)

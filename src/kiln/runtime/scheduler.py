@@ -199,13 +199,6 @@ class Scheduler:
         if index < len(seq.token_ids):  # a finished sequence dropped its pending tokens
             seq.token_ids[index] = token
 
-    def update(self, out: SchedulerOutput, sampled: dict[int, int]) -> None:
-        """advance + resolve in one go, for a step whose tokens are already known."""
-        pending = self.advance(out, set(sampled))
-        for s in out.scheduled:
-            if s.seq.seq_id in pending:
-                self.resolve(s.seq, pending[s.seq.seq_id], sampled[s.seq.seq_id])
-
     def fork(self, parent: Sequence, token: int, sample_index: int, seed: int) -> Sequence:
         """A new sample of parent's request sharing its computed prompt blocks (the partial last block
         is copied, since both will write into it)."""
