@@ -31,6 +31,7 @@ def update(scheduler: Scheduler, plan: SchedulerOutput, sampled: dict[int, int])
         if s.seq.seq_id in pending:
             scheduler.resolve(s.seq, pending[s.seq.seq_id], sampled[s.seq.seq_id])
 
+
 VOCAB = 31
 STOP = 0
 MAX_SEQ_LEN = 48

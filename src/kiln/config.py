@@ -135,6 +135,11 @@ class SamplingParams:
                 raise RequestError(f"invalid sampling parameter: {message}")
 
     @property
+    def has_penalties(self) -> bool:
+        """Repetition, presence or frequency penalties: the sampler counts the sequence's token ids."""
+        return self.repetition_penalty != 1.0 or bool(self.presence_penalty) or bool(self.frequency_penalty)
+
+    @property
     def is_greedy(self) -> bool:
         # Below this, logits / temperature overflows float32 (as vLLM, such temperatures mean greedy).
         return self.temperature < GREEDY_TEMPERATURE

@@ -116,7 +116,7 @@ class Executor:
         self._iteration = 0
         self._in_flight: LaunchedStep | None = None  # launched, its tokens not yet processed
         self._last_step_end = 0.0
-        self._penalized: set[int] = set()  # requests whose penalties read token ids on the device
+        self._penalized: set[int] = set()  # requests whose penalties count token ids on the host
         self._shutdown = False
         self.counters = collections.Counter()  # prompt_tokens, generation_tokens, requests_*
         self._thread = threading.Thread(target=self._loop, name="kiln-executor", daemon=True)
@@ -265,15 +265,13 @@ class Executor:
             return
         scheduled_at = time.time()
         try:
-            step = self.runner.launch(plan)
+            step = self._launch(plan, scheduled_at, t0)
         except Exception as batch_error:
             logger.warning("batch of %d failed (%s); isolating", len(plan.scheduled), batch_error)
             if self._in_flight is not None:
                 self._complete(self._in_flight)  # single runs read their inputs from the host
             self._run_isolated(plan, scheduled_at)
             return
-        step.plan, step.scheduled_at, step.started = plan, scheduled_at, t0
-        step.pending = self.scheduler.advance(plan, {seq.seq_id for seq in step.batch.sample_seqs})
         previous, self._in_flight = self._in_flight, step
         if previous is not None:
             self._complete(previous)
@@ -283,17 +281,21 @@ class Executor:
         for s in plan.scheduled:
             if s.seq.is_finished:
                 continue
-            single = SchedulerOutput(scheduled=[s])
             try:
-                step = self.runner.launch(single)
+                step = self._launch(SchedulerOutput(scheduled=[s]), scheduled_at, time.perf_counter())
             except Exception as e:
                 state = self._seq_to_request.get(s.seq.seq_id)
                 if state is not None:
                     self._fail(state, f"{type(e).__name__}: {e}")
                 continue
-            step.plan, step.scheduled_at, step.started = single, scheduled_at, time.perf_counter()
-            step.pending = self.scheduler.advance(single, {seq.seq_id for seq in step.batch.sample_seqs})
             self._complete(step)
+
+    def _launch(self, plan: SchedulerOutput, scheduled_at: float, started: float) -> LaunchedStep:
+        """Queues the plan on the device and advances the scheduler past it (PENDING tokens appended)."""
+        step = self.runner.launch(plan)
+        step.plan, step.scheduled_at, step.started = plan, scheduled_at, started
+        step.pending = self.scheduler.advance(plan, {seq.seq_id for seq in step.batch.sample_seqs})
+        return step
 
     def _complete(self, step: LaunchedStep) -> None:
         """Waits for a launched step's tokens, puts them in place of its PENDING ones, processes them."""
@@ -324,7 +326,7 @@ class Executor:
             self.counters["requests_rejected"] += 1
             return
         self._requests[request_id] = state
-        if params.repetition_penalty != 1.0 or params.presence_penalty or params.frequency_penalty:
+        if params.has_penalties:
             self._penalized.add(request_id)
         self.scheduler.add(seq)
         self.counters["prompt_tokens"] += len(prompt)

@@ -75,7 +75,7 @@ def build_sampling_tensors(seqs: list[Sequence], vocab_size: int, device: torch.
         any_random=not all(greedy),
         any_top_k_or_p=any(not g and (0 < p.top_k < vocab_size or p.top_p < 1.0) for p, g in zip(ps, greedy)),
         any_min_p=any(not g and p.min_p > 0 for p, g in zip(ps, greedy)),
-        any_penalty=any(p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty for p in ps),
+        any_penalty=any(p.has_penalties for p in ps),
         any_min_tokens=any(s.num_output_tokens < p.min_tokens for s, p in zip(seqs, ps)),
     )
 
@@ -146,8 +146,8 @@ def top_k_top_p_min_p(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
 def is_plain_greedy(seqs: list[Sequence]) -> bool:
     """Every row is an argmax of the raw logits (no penalty, no min_tokens mask): checked on the host so
     the common greedy step copies no parameter tensors to the device."""
-    return all(p.is_greedy and p.repetition_penalty == 1.0 and not p.presence_penalty and not p.frequency_penalty
-               and s.num_output_tokens >= p.min_tokens for s, p in ((s, s.params) for s in seqs))
+    return all(s.params.is_greedy and not s.params.has_penalties and s.num_output_tokens >= s.params.min_tokens
+               for s in seqs)
 
 
 def sample(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
