@@ -256,7 +256,7 @@ def bench_kiln(engine_dir: Path, out: Path, check: bool) -> None:
 def bench_hf(engine_dir: Path) -> None:
     """HF eager generate on the engine's own weights (mapped back to HF names by the bench tool)."""
     from kiln.bench.hf_backend import model_from_engine
-    from kiln.build.engine import EngineManifest
+    from kiln.engine.manifest import EngineManifest
 
     manifest = EngineManifest.read(engine_dir)
     model = model_from_engine(engine_dir, manifest, torch.device("cuda"), progress=False)

@@ -14,7 +14,7 @@ from kiln.bench.hf_backend import HF_CONFIG_CLASSES, HFBackend, hf_config_dict, 
 from kiln.bench.latency import run_latency
 from kiln.bench.report import PERCENTILE_KEYS
 from kiln.bench.throughput import KilnBackend, benchmark
-from kiln.build.engine import EngineManifest, load_weights
+from kiln.engine import EngineManifest, load_weights
 from kiln.cli import main
 from kiln.config import BuildConfig, RuntimeConfig, SamplingParams
 from kiln.convert.checkpoint import CheckpointReader
@@ -197,7 +197,7 @@ def test_options_without_effect_are_named(engine, dataset_file, capsys):
 
 @pytest.fixture(scope="module")
 def engine_without_tokenizer(tmp_path_factory):
-    from kiln.build import Builder
+    from kiln.builder import Builder
     from kiln.models import ModelSource
 
     source = ModelSource(ModelConfig.from_hf_dir(DEFAULT_MODEL_DIR), checkpoint_dir=None, tokenizer_dir=None,

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import TINY_BUILD
 from kiln import BuildConfig, Builder
-from kiln.build.engine import EngineManifest, load_weights
+from kiln.engine import EngineManifest, load_weights
 from kiln.convert.checkpoint import CheckpointReader
 from kiln.errors import CheckpointError, ConfigError
 from kiln.models import AutoModelForCausalLM, MistralForCausalLM, ModelConfig

@@ -12,8 +12,8 @@ from safetensors import safe_open
 
 from conftest import TINY_BUILD
 from kiln import LLM, BuildConfig, Builder, Executor, Request, SamplingParams
-from kiln.build.engine import MANIFEST_FILE, WEIGHTS_FILE, EngineManifest
-from kiln.build.target import resolve_dtype
+from kiln.engine.manifest import MANIFEST_FILE, WEIGHTS_FILE, EngineManifest
+from kiln.engine.target import resolve_dtype
 from kiln.errors import ConfigError, EngineError
 from kiln.models import AutoModelForCausalLM
 from kiln.version import ENGINE_FORMAT_VERSION, __version__

@@ -301,7 +301,7 @@ TINY_MODEL = ModelConfig(architecture="LlamaForCausalLM", vocab_size=64, hidden_
 
 
 def test_decode_batch_buckets():
-    from kiln.build.tuning import decode_batch_buckets
+    from kiln.builder.tuning import decode_batch_buckets
 
     assert decode_batch_buckets(1) == [1]
     assert decode_batch_buckets(8) == [1, 2, 4, 8]
@@ -311,7 +311,7 @@ def test_decode_batch_buckets():
 def test_tuning_runs_every_candidate_and_keeps_the_fastest(monkeypatch):
     """Every candidate config runs on this engine's shapes; a fake clock (time = warps, then BLOCK_N,
     then splits) says which must win; the plan is JSON and binds through KernelOps."""
-    from kiln.build import tuning
+    from kiln.builder import tuning
     from kiln.config import BuildConfig
 
     runs = []
@@ -348,8 +348,8 @@ def test_tuning_runs_every_candidate_and_keeps_the_fastest(monkeypatch):
 
 @gpu
 def test_gpu_kernel_plan_tuned_on_this_gpu():
-    from kiln.build.target import detect_target
-    from kiln.build.tuning import gpu_kernel_plan
+    from kiln.engine.target import detect_target
+    from kiln.builder.tuning import gpu_kernel_plan
     from kiln.config import BuildConfig
 
     build = BuildConfig(max_batch_size=4, max_input_len=64, max_seq_len=128, max_num_tokens=128, tokens_per_block=16,

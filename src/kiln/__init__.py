@@ -1,6 +1,6 @@
 """kiln: build an inference engine from a Hugging Face checkpoint, then serve it with in-flight batching."""
 
-from kiln.build import Builder, Engine
+from kiln.builder import Builder, Engine
 from kiln.config import BuildConfig, KvCacheConfig, RuntimeConfig, SamplingParams, SchedulerConfig
 from kiln.errors import KilnError
 from kiln.runtime.executor import Executor

@@ -45,7 +45,7 @@ def _add_build(sub) -> None:
 
 
 def cmd_build(args) -> int:
-    from kiln.build import Builder
+    from kiln.builder import Builder
     from kiln.models import PRESETS, AutoModelForCausalLM
     from kiln.runtime.llm import default_build_config
 
@@ -128,7 +128,7 @@ def _add_inspect(sub) -> None:
 
 
 def cmd_inspect(args) -> int:
-    from kiln.build.engine import EngineManifest
+    from kiln.engine.manifest import EngineManifest
 
     m = EngineManifest.read(args.engine)
     files = _file_sizes(Path(args.engine))

@@ -156,7 +156,7 @@ def _note_no_effect(args, options: tuple[str, ...], why: str) -> None:
 
 def _load_requests(args):
     from kiln.bench.dataset import TokenSpace, check_fits_engine, read_dataset
-    from kiln.build.engine import EngineManifest
+    from kiln.engine.manifest import EngineManifest
 
     manifest = EngineManifest.read(args.engine)
     requests = read_dataset(args.dataset, TokenSpace.from_engine(args.engine).tokenizer)

@@ -15,7 +15,7 @@ from typing import TextIO
 
 import numpy as np
 
-from kiln.build.engine import TOKENIZER_DIR, EngineManifest
+from kiln.engine.manifest import TOKENIZER_DIR, EngineManifest
 from kiln.config import BuildConfig
 from kiln.errors import ConfigError, KilnError
 from kiln.runtime.tokenizer import Tokenizer

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from kiln.bench.dataset import BenchRequest
 from kiln.bench.report import BenchRun, RequestRecord, engine_details
 from kiln.bench.throughput import release_device_memory
-from kiln.build.engine import EngineManifest, engine_device, load_weights
+from kiln.engine import EngineManifest, engine_device, load_weights
 from kiln.convert.name_map import hf_sources
 from kiln.errors import ConfigError, KilnError
 from kiln.models.config import ModelConfig

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from kiln.bench.dataset import BenchRequest
-from kiln.build.engine import EngineManifest
+from kiln.engine.manifest import EngineManifest
 
 PERCENTILE_KEYS = ("minimum", "maximum", "average", "p50", "p90", "p95", "p99")
 RULE = "=" * 59

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from kiln.build.engine import MANIFEST_FILE, WEIGHTS_FILE, EngineManifest
+from kiln.engine.manifest import MANIFEST_FILE, WEIGHTS_FILE, EngineManifest
 from kiln.config import BuildConfig, KvCacheConfig, RuntimeConfig, SamplingParams, SchedulerConfig
 from kiln.errors import ConfigError, KilnError, RequestError
 from kiln.runtime.executor import Executor
@@ -79,7 +79,7 @@ def default_build_config(model_config, **overrides) -> BuildConfig:
 
 def ensure_engine(model: str | Path | None, build_config: BuildConfig | None = None, progress: bool = True) -> Path:
     """An engine folder for ``model``: itself if it is one, else built (once) into the user cache."""
-    from kiln.build import Builder
+    from kiln.builder import Builder
     from kiln.models import AutoModelForCausalLM
 
     path = Path(model) if model is not None else DEFAULT_MODEL_DIR
@@ -96,7 +96,7 @@ def ensure_engine(model: str | Path | None, build_config: BuildConfig | None = N
     if build_config is None:
         build_config = (BuildConfig(max_batch_size=64, max_input_len=256, max_seq_len=512, max_num_tokens=2048)
                         if path == DEFAULT_MODEL_DIR else default_build_config(source.config))
-    from kiln.build.builder import validate
+    from kiln.builder.builder import validate
 
     resolved = validate(source.config, build_config)
     stamp = [__version__, ENGINE_FORMAT_VERSION, str(path.resolve()), resolved.to_dict()]

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import torch
 
-from kiln.build.engine import COMPILE_CACHE_DIR, TOKENIZER_DIR, EngineManifest, engine_device, load_weights
+from kiln.engine import EngineManifest, engine_device, load_weights
+from kiln.engine.manifest import COMPILE_CACHE_DIR, TOKENIZER_DIR
 from kiln.config import KvCacheConfig
 from kiln.errors import ConfigError
 from kiln.kernels import KernelOps

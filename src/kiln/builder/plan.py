@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from kiln.config import BuildConfig
+from kiln.engine.weights import DTYPE_TO_ST
 from kiln.kernels import reference_plan
 from kiln.models.config import ModelConfig
 from kiln.models.decoder import weight_spec
@@ -14,6 +15,11 @@ from kiln.models.decoder import weight_spec
 
 def kv_bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
     return 2 * config.num_layers * config.num_kv_heads * config.head_dim * dtype.itemsize
+
+
+def tensor_table(config: ModelConfig, dtype: torch.dtype) -> dict[str, dict[str, Any]]:
+    """The manifest's tensor list before any weight exists: name -> shape and dtype, in file order."""
+    return {name: {"shape": list(shape), "dtype": DTYPE_TO_ST[dtype]} for name, shape in weight_spec(config).items()}
 
 
 def memory_plan(config: ModelConfig, build: BuildConfig, dtype: torch.dtype) -> dict[str, int]:
@@ -40,7 +46,7 @@ def kernel_plan(target: str, config: ModelConfig, build: BuildConfig, dtype: tor
     """Reference ops on the CPU; Triton ops (tuned for this engine's shapes when ``tune``) on GPUs."""
     if target == "cpu":
         return reference_plan()
-    from kiln.build.tuning import gpu_kernel_plan  # needs triton
+    from kiln.builder.tuning import gpu_kernel_plan  # needs triton
 
     return gpu_kernel_plan(config, build, dtype, tune=tune)
 

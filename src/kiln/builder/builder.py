@@ -10,13 +10,13 @@ from functools import partial
 
 import torch
 
-from kiln.build.engine import Engine, EngineManifest
-from kiln.build.plan import kernel_plan, memory_plan
-from kiln.build.target import detect_target, device_name, resolve_dtype
+from kiln.builder.plan import kernel_plan, memory_plan, tensor_table
 from kiln.config import BuildConfig
 from kiln.convert.checkpoint import CheckpointReader
 from kiln.convert.converter import convert_checkpoint, dummy_weights
-from kiln.convert.safetensors_io import DTYPE_NAMES
+from kiln.engine import Engine, EngineManifest
+from kiln.engine.target import detect_target, device_name, resolve_dtype
+from kiln.engine.weights import DTYPE_NAMES
 from kiln.errors import ConfigError
 from kiln.kernels.triton_jit import compile_cache
 from kiln.models import ModelSource
@@ -57,7 +57,7 @@ class Builder:
             target_device_name=device_name() if resolved.target != "cpu" else "cpu",
             kernel_plan=plan,
             memory_plan=memory_plan(model.config, resolved, dtype),
-            tensors={},
+            tensors=tensor_table(model.config, dtype),
             has_tokenizer=False,
         )
         if model.is_dummy:

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from kiln.build.target import compute_capability
+from kiln.engine.target import compute_capability
 from kiln.config import BuildConfig
 from kiln.kernels import OPS, reference_plan
 from kiln.kernels.activation import DEFAULT_SILU_MUL_CONFIG, silu_mul_triton

@@ -1,31 +1,24 @@
-"""The engine folder: ``manifest.json`` (versioned, JSON only) + ``rank0.safetensors`` + ``tokenizer/``
-(+ ``triton_cache/``, the kernels compiled for a GPU target, which loading reuses).
+"""The engine folder's format: file names and ``manifest.json`` (versioned, JSON only).
 
-Nothing in an engine is pickled. The manifest is written last, so a build that stops half-way leaves
-no engine that looks complete. Loading checks the format version, the target GPU, that every tensor is
-there with the manifest's shape and dtype, and each tensor's CRC32.
+An engine folder holds ``manifest.json`` + ``rank0.safetensors`` + ``tokenizer/`` (+ ``triton_cache/``,
+the kernels compiled for a GPU target, which loading reuses). Nothing in an engine is pickled. The manifest
+lists every tensor (shape, dtype, CRC32) in file order; it is the contract between the builder, which
+writes it, and the runtime, which reads it.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
-import time
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
-from kiln.build.target import check_target_present
 from kiln.config import BuildConfig
-from kiln.convert.safetensors_io import DTYPE_NAMES, DTYPE_TO_ST, read_verified, write_streaming
+from kiln.engine.weights import DTYPE_NAMES
 from kiln.errors import EngineError
 from kiln.models.config import ModelConfig
-from kiln.models.decoder import weight_spec
 from kiln.version import ENGINE_FORMAT_VERSION, __version__
 
 MANIFEST_FILE = "manifest.json"
@@ -43,7 +36,7 @@ class EngineManifest:
     target_device_name: str
     kernel_plan: dict[str, Any]
     memory_plan: dict[str, int]
-    tensors: dict[str, dict[str, Any]]
+    tensors: dict[str, dict[str, Any]]  # name -> {shape, dtype (safetensors name), crc32 once saved}, file order
     has_tokenizer: bool
     kiln_version: str = __version__
     format_version: int = ENGINE_FORMAT_VERSION
@@ -114,65 +107,3 @@ class EngineManifest:
             raise EngineError(f"{path}: field {e} missing or invalid; rebuild the engine") from e
 
 
-@dataclass
-class Engine:
-    """A built engine: the manifest and a producer of its weights, streamed to disk by ``save``."""
-
-    manifest: EngineManifest
-    produce_weights: Callable[[], Iterator[tuple[str, torch.Tensor]]]
-    tokenizer_source: Path | None
-    kernel_cache: tempfile.TemporaryDirectory | None = None  # Triton kernels compiled by the build
-
-    def save(self, engine_dir: str | Path, progress: bool = True) -> Path:
-        engine_dir = Path(engine_dir)
-        engine_dir.mkdir(parents=True, exist_ok=True)
-        (engine_dir / MANIFEST_FILE).unlink(missing_ok=True)
-        m = self.manifest
-        dtype = m.dtype
-        spec = {name: (shape, dtype) for name, shape in weight_spec(m.model_config).items()}
-        total = m.memory_plan["weight_bytes"]
-        with tqdm(total=total, unit="B", unit_scale=True, desc="build: writing weights", disable=not progress) as bar:
-            checksums = write_streaming(engine_dir / WEIGHTS_FILE, spec, self.produce_weights(),
-                                        metadata={"format": "pt", "kiln_version": __version__},
-                                        on_tensor=lambda _n, nbytes: bar.update(nbytes))
-        tensors = {name: {"shape": list(shape), "dtype": DTYPE_TO_ST[dtype], "crc32": checksums[name]}
-                   for name, (shape, dtype) in spec.items()}
-        has_tokenizer = self._copy_tokenizer(engine_dir)
-        if self.kernel_cache is not None:
-            shutil.copytree(self.kernel_cache.name, engine_dir / COMPILE_CACHE_DIR, dirs_exist_ok=True)
-        final = EngineManifest(**{**m.__dict__, "tensors": tensors, "has_tokenizer": has_tokenizer,
-                                  "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
-        tmp = engine_dir / (MANIFEST_FILE + ".partial")
-        tmp.write_text(final.to_json())
-        tmp.replace(engine_dir / MANIFEST_FILE)
-        self.manifest = final
-        return engine_dir
-
-    def _copy_tokenizer(self, engine_dir: Path) -> bool:
-        out = engine_dir / TOKENIZER_DIR
-        if out.exists():
-            shutil.rmtree(out)
-        if self.tokenizer_source is None:
-            return False
-        files = [self.tokenizer_source / f for f in TOKENIZER_FILES if (self.tokenizer_source / f).is_file()]
-        if not any(f.name in ("tokenizer.json", "tokenizer.model") for f in files):
-            return False
-        out.mkdir()
-        for f in files:
-            shutil.copyfile(f, out / f.name)
-        return True
-
-
-def load_weights(engine_dir: str | Path, manifest: EngineManifest, device: torch.device, verify: bool = True,
-                 progress: bool = True) -> dict[str, torch.Tensor]:
-    path = Path(engine_dir) / WEIGHTS_FILE
-    if not path.is_file():
-        raise EngineError(f"{path}: missing; rebuild the engine")
-    total = manifest.memory_plan["weight_bytes"]
-    with tqdm(total=total, unit="B", unit_scale=True, desc="load: weights", disable=not progress) as bar:
-        return read_verified(path, manifest.tensors, device, verify=verify,
-                             on_tensor=lambda _n, nbytes: bar.update(nbytes))
-
-
-def engine_device(manifest: EngineManifest) -> torch.device:
-    return check_target_present(manifest.target, manifest.target_device_name)
