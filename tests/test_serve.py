@@ -109,7 +109,7 @@ def server():
 @pytest.fixture(scope="module")
 def guarded_server(stories_engine):
     """An engine folder, an API key from the environment, one sequence at a time and a queue of one."""
-    proc = ServerProcess(str(stories_engine), "--served-model-name", "tiny", "--max-batch-size", "1",
+    proc = ServerProcess(str(stories_engine), "--served-model-name", "org/tiny", "--max-batch-size", "1",
                          "--max-queue-size", "1", env={"KILN_API_KEY": "sesame"})
     yield proc
     assert proc.stop() == 0, proc.logs()
@@ -257,6 +257,20 @@ def test_models_health_version(server):
     assert models["object"] == "list" and models["data"][0]["id"] == DEFAULT_MODEL_NAME
     assert httpx.get(f"{server.url}/health").json() == {"status": "ok"}
     assert httpx.get(f"{server.url}/version").json()["version"]
+
+
+def test_models_retrieve(client, server):
+    listed = client.models.list().data[0]
+    card = client.models.retrieve(DEFAULT_MODEL_NAME)
+    assert (card.id, card.object, card.owned_by) == (DEFAULT_MODEL_NAME, "model", "kiln")
+    assert card.max_model_len == listed.max_model_len
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4")
+    response = httpx.get(f"{server.url}/v1/models/gpt-4")
+    assert response.status_code == 404
+    assert response.json()["error"] == {"message": f"the model 'gpt-4' does not exist; this server serves "
+                                                   f"'{DEFAULT_MODEL_NAME}'", "type": "invalid_request_error",
+                                        "param": "model", "code": "model_not_found"}
 
 
 # ---- bad input: 4xx in OpenAI's error shape, never a 500 ----------------------------------------------
@@ -411,9 +425,12 @@ def test_api_key_guards_v1_routes_only(guarded_server):
         assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
     response = httpx.post(url + COMPLETIONS, json={"prompt": "hi"})
     assert response.status_code == 401
+    assert httpx.get(f"{url}/v1/models/org/tiny").status_code == 401
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="sesame", max_retries=0)
-    assert client.models.list().data[0].id == "tiny"
-    assert client.completions.create(model="tiny", prompt=PROMPT, max_tokens=3).usage.completion_tokens <= 3
+    assert client.models.list().data[0].id == "org/tiny"
+    assert client.models.retrieve("org/tiny").id == "org/tiny", "the openai client sends the slash as %2F"
+    assert httpx.get(f"{url}/v1/models/org/tiny", headers={"Authorization": "Bearer sesame"}).json()["id"] == "org/tiny"
+    assert client.completions.create(model="org/tiny", prompt=PROMPT, max_tokens=3).usage.completion_tokens <= 3
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"{url}/v1", api_key="nope", max_retries=0).models.list()
 

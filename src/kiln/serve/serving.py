@@ -253,10 +253,14 @@ class OpenAIServing:
         self.build_config = executor.engine.build_config
 
     # ---- checks shared by both endpoints ------------------------------------------------------
-    def _check_common(self, body: p.SamplingFields) -> None:
-        if body.model is not None and body.model != self.model_name:
-            raise APIError(404, f"the model '{body.model}' does not exist; this server serves '{self.model_name}'",
+    def check_model(self, model: str | None) -> None:
+        """A 404 unless ``model`` is the served name (or left out)."""
+        if model is not None and model != self.model_name:
+            raise APIError(404, f"the model '{model}' does not exist; this server serves '{self.model_name}'",
                            param="model", code="model_not_found")
+
+    def _check_common(self, body: p.SamplingFields) -> None:
+        self.check_model(body.model)
         unsupported = body.unsupported_fields()
         if unsupported:
             raise APIError(400, f"{unsupported[0]} is not supported by kiln yet; leave it out of the request",
