@@ -252,6 +252,17 @@ def test_chat_logprobs_n_and_stop(client):
     assert stopped.message.content == greedy[:greedy.index(stop)] and stopped.finish_reason == "stop"
 
 
+def test_metadata_is_accepted_and_ignored(client):
+    tags = {"run": "eval-7", "owner": "kiln"}
+    plain = client.completions.create(model=DEFAULT_MODEL_NAME, prompt=PROMPT, max_tokens=6, temperature=0)
+    tagged = client.completions.create(model=DEFAULT_MODEL_NAME, prompt=PROMPT, max_tokens=6, temperature=0,
+                                       extra_body={"metadata": tags})
+    assert tagged.choices[0].text == plain.choices[0].text
+    chat = client.chat.completions.create(model=DEFAULT_MODEL_NAME, messages=[{"role": "user", "content": "hi"}],
+                                          max_completion_tokens=4, metadata=tags)
+    assert chat.choices[0].message.content is not None
+
+
 def test_models_health_version(server):
     models = httpx.get(f"{server.url}/v1/models").json()
     assert models["object"] == "list" and models["data"][0]["id"] == DEFAULT_MODEL_NAME
@@ -287,6 +298,9 @@ BAD_REQUESTS = [
     (COMPLETIONS, {"prompt": "hi", "temperature": "hot"}, 400, "temperature", "temperature"),
     (COMPLETIONS, {"prompt": {"text": "hi"}}, 400, "prompt must be a string", "prompt"),
     (COMPLETIONS, {"prompt": "hi", "max_token": 5}, 400, "unrecognized request argument: max_token", "max_token"),
+    (COMPLETIONS, {"prompt": "hi", "metadata": {"run": 7}}, 400, "metadata.run", "metadata.run"),
+    (CHAT, {"messages": USER, "metadata": "run-7"}, 400, "metadata", "metadata"),
+    (CHAT, {"messages": USER, "temprature": 0}, 400, "unrecognized request argument: temprature", "temprature"),
     (COMPLETIONS, {"prompt": "hi", "model": "gpt-4"}, 404, "does not exist", "model"),
     (COMPLETIONS, {"prompt": ""}, 400, "prompt must not be empty", "prompt"),
     (COMPLETIONS, {"prompt": []}, 400, "prompt must not be empty", "prompt"),

@@ -54,6 +54,7 @@ class SamplingFields(StrictModel):
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
     user: str | None = Field(None, description="an end-user identifier; accepted and not used")
+    metadata: dict[str, str] | None = Field(None, description="key-value tags for the caller; accepted and not used")
     top_k: int | None = Field(None, description="kiln extra: keep the k likeliest tokens (0: off)")
     min_p: float | None = Field(None, description="kiln extra: drop tokens below min_p x the top probability")
     repetition_penalty: float | None = Field(None, description="kiln extra: > 1 discourages repeated tokens")
