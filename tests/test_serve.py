@@ -505,6 +505,19 @@ def test_cli_errors_are_one_line(capsys, args, words):
     assert err.startswith("kiln serve: error:") and words in err and "\n" not in err
 
 
+def test_help_states_each_default_once(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        kiln_main(["serve", "--help"])
+    out = capsys.readouterr().out
+    assert exit_.value.code == 0
+    # One entry per argument: a line indented by two spaces, then its wrapped continuation lines.
+    entries = {" ".join(entry.split()) for entry in re.split(r"\n  (?! )", out.split("positional arguments:")[1])}
+    for entry in entries:
+        assert entry.count("default") <= 1, entry
+    for default in ("127.0.0.1", "8000", "guaranteed_no_evict", "30.0", "info", "0.9"):
+        assert sum(f"default: {default})" in entry for entry in entries) == 1, default
+
+
 def test_cli_port_in_use(capsys):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
