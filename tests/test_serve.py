@@ -193,6 +193,38 @@ def test_completion_echo_with_prompt_logprobs(client, tokenizer):
     assert all(lp <= 0 for lp in choice.logprobs.token_logprobs[1:])
 
 
+def test_echo_with_max_tokens_0_scores_the_prompt(client, server, tokenizer):
+    """The scoring idiom of lm-evaluation-harness: the prompt back with its logprobs, nothing generated."""
+    scored = client.completions.create(model=DEFAULT_MODEL_NAME, prompt=PROMPT, max_tokens=0, echo=True, logprobs=2)
+    one = client.completions.create(model=DEFAULT_MODEL_NAME, prompt=PROMPT, max_tokens=1, echo=True, logprobs=2)
+    num_prompt = len(tokenizer.encode(PROMPT))
+    choice, lp = scored.choices[0], scored.choices[0].logprobs
+    assert choice.text == PROMPT and choice.finish_reason == "length"
+    assert (scored.usage.prompt_tokens, scored.usage.completion_tokens, scored.usage.total_tokens) == (
+        num_prompt, 0, num_prompt)
+    assert len(lp.tokens) == num_prompt and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    expected = one.choices[0].logprobs
+    assert lp.tokens == expected.tokens[:num_prompt] and lp.text_offset == expected.text_offset[:num_prompt]
+    assert lp.token_logprobs == expected.token_logprobs[:num_prompt]
+    assert lp.top_logprobs == expected.top_logprobs[:num_prompt]
+
+    # As lm-evaluation-harness sends it: token ids, several prompts in one request.
+    ids = [tokenizer.encode(PROMPT), tokenizer.encode("The dog ran")]
+    body = {"model": DEFAULT_MODEL_NAME, "prompt": ids, "max_tokens": 0, "echo": True, "logprobs": 1,
+            "temperature": 0, "seed": 1234}
+    batch = httpx.post(server.url + COMPLETIONS, json=body, timeout=60).json()
+    assert [c["index"] for c in batch["choices"]] == [0, 1] and batch["usage"]["completion_tokens"] == 0
+    assert batch["choices"][0]["logprobs"]["token_logprobs"] == lp.token_logprobs
+    assert [len(c["logprobs"]["tokens"]) for c in batch["choices"]] == [len(i) for i in ids]
+    assert all(c["finish_reason"] == "length" for c in batch["choices"])
+
+    chunks = list(client.completions.create(model=DEFAULT_MODEL_NAME, prompt=PROMPT, max_tokens=0, echo=True,
+                                            stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == PROMPT
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == 0
+
+
 def test_stop_strings(client):
     text = client.completions.create(model=DEFAULT_MODEL_NAME, prompt=PROMPT, max_tokens=32, temperature=0).choices[0].text
     stop = text[len(text) // 2:len(text) // 2 + 3]
@@ -309,7 +341,8 @@ BAD_REQUESTS = [
     (COMPLETIONS, {"prompt": "hi", "max_tokens": 100000}, 400, "max_seq_len", None),
     (COMPLETIONS, {"prompt": [1, 99999]}, 400, "[0, 512)", None),
     (COMPLETIONS, {"prompt": [1, -3]}, 400, "[0, 512)", None),
-    (COMPLETIONS, {"prompt": "hi", "max_tokens": 0}, 400, "max_tokens must be", None),
+    (COMPLETIONS, {"prompt": "hi", "max_tokens": 0}, 400, "max_tokens=0 needs echo=true", "max_tokens"),
+    (COMPLETIONS, {"prompt": "hi", "max_tokens": -1}, 400, "max_tokens must be", None),
     (COMPLETIONS, {"prompt": "hi", "top_p": 3}, 400, "top_p", None),
     (COMPLETIONS, {"prompt": "hi", "temperature": -1}, 400, "temperature", None),
     (COMPLETIONS, {"prompt": "hi", "n": 0}, 400, "n must be", None),

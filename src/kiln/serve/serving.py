@@ -145,9 +145,14 @@ class ChoiceTracker:
 
 
 class CompletionView:
-    def __init__(self, model: str, prompts: list[Prompt], n: int, echo: bool, tokenizer: Tokenizer | None):
+    """``is_scoring`` (echo with max_tokens=0): the engine ran each prompt with one new token, which the
+    choices drop; they end at "length" and the usage counts no completion tokens."""
+
+    def __init__(self, model: str, prompts: list[Prompt], n: int, echo: bool, tokenizer: Tokenizer | None,
+                 is_scoring: bool = False):
         self.id, self.created, self.model = p.new_id("cmpl"), p.now(), model
         self.prompts, self.n, self.echo, self.tokenizer = prompts, n, echo, tokenizer
+        self.is_scoring = is_scoring
         self.offsets = dict.fromkeys(range(len(prompts) * n), 0)  # text offset of each choice's next logprob token
 
     def _echo_text(self, index: int) -> str:
@@ -159,7 +164,14 @@ class CompletionView:
         return self.tokenizer.decode(prompt.token_ids) if self.tokenizer is not None else ""
 
     def _wrap(self, choices: list[p.CompletionChoice], usage: p.Usage | None = None) -> p.CompletionResponse:
+        if usage is not None and self.is_scoring:
+            usage = usage.model_copy(update={"completion_tokens": 0, "total_tokens": usage.prompt_tokens})
         return p.CompletionResponse(id=self.id, created=self.created, model=self.model, choices=choices, usage=usage)
+
+    def _output(self, f: Fragment) -> Fragment:
+        if not self.is_scoring:
+            return f
+        return Fragment(f.index, "", None if f.logprobs is None else [], f.finish_reason and "length")
 
     def _logprobs(self, index: int, tokens: list[TokenLogprob] | None) -> p.CompletionLogprobs | None:
         if tokens is None:
@@ -181,6 +193,7 @@ class CompletionView:
         return [self._wrap([p.CompletionChoice(index=i, text=self._echo_text(i))]) for i in self.offsets]
 
     def chunk(self, f: Fragment) -> BaseModel:
+        f = self._output(f)
         return self._wrap([p.CompletionChoice(index=f.index, text=f.text, logprobs=self._logprobs(f.index, f.logprobs),
                                               finish_reason=f.finish_reason)])
 
@@ -189,7 +202,7 @@ class CompletionView:
 
     def response(self, fragments: list[Fragment], echoed: dict[int, list[TokenLogprob]], usage: p.Usage) -> BaseModel:
         choices = []
-        for f in fragments:
+        for f in map(self._output, fragments):
             text, tokens = f.text, f.logprobs
             if self.echo:
                 text = self._echo_text(f.index) + text
@@ -324,11 +337,18 @@ class OpenAIServing:
         if body.echo and body.logprobs is not None and body.stream:
             raise APIError(400, "echo with logprobs needs stream=false (prompt logprobs come with the last token)",
                            param="echo")
+        is_scoring = body.max_tokens == 0
+        if is_scoring and not body.echo:
+            raise APIError(400, "max_tokens must be at least 1; max_tokens=0 needs echo=true (it returns the prompt "
+                                "with its logprobs and generates nothing)", param="max_tokens")
         prompts = self._completion_prompts(body.prompt)
-        requests = [self._request(body, prompt, body.max_tokens, body.logprobs,
+        # Scoring runs each prompt with one new token, which the view drops (the prompt's logprobs come
+        # from the same forward pass): the engine needs no max_tokens=0 case.
+        max_tokens = 1 if is_scoring else body.max_tokens
+        requests = [self._request(body, prompt, max_tokens, body.logprobs,
                                   prompt_logprobs=body.logprobs if body.echo else None) for prompt in prompts]
         n = requests[0].sampling_params.n
-        view = CompletionView(self.model_name, prompts, n, bool(body.echo), self.tokenizer)
+        view = CompletionView(self.model_name, prompts, n, bool(body.echo), self.tokenizer, is_scoring)
         return await self.generate(view, requests, prompts, body, receive)
 
     # ---- /v1/chat/completions -----------------------------------------------------------------
