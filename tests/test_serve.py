@@ -21,6 +21,7 @@ import httpx
 import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from test_serve_chat import TOOL_TEMPLATE
 
 from kiln.cli import main as kiln_main
 from kiln.models.config import ModelConfig
@@ -111,6 +112,16 @@ def guarded_server(stories_engine):
     """An engine folder, an API key from the environment, one sequence at a time and a queue of one."""
     proc = ServerProcess(str(stories_engine), "--served-model-name", "org/tiny", "--max-batch-size", "1",
                          "--max-queue-size", "1", env={"KILN_API_KEY": "sesame"})
+    yield proc
+    assert proc.stop() == 0, proc.logs()
+
+
+@pytest.fixture(scope="module")
+def tool_server(tmp_path_factory):
+    """stories260K with a chat template that renders tool calls and tool results."""
+    template = tmp_path_factory.mktemp("tool_template") / "tools.jinja"
+    template.write_text(TOOL_TEMPLATE)
+    proc = ServerProcess("--chat-template", str(template))
     yield proc
     assert proc.stop() == 0, proc.logs()
 
@@ -293,6 +304,35 @@ def test_metadata_is_accepted_and_ignored(client):
     chat = client.chat.completions.create(model=DEFAULT_MODEL_NAME, messages=[{"role": "user", "content": "hi"}],
                                           max_completion_tokens=4, metadata=tags)
     assert chat.choices[0].message.content is not None
+
+
+TOOL_HISTORY = [
+    {"role": "user", "content": "Weather in Oslo?"},
+    {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Oslo"}'}}]},
+    {"role": "tool", "tool_call_id": "call_1", "content": "-3 C"},
+]
+
+
+def test_chat_history_with_tool_messages_renders_through_the_template(tool_server, tokenizer):
+    client = openai.OpenAI(base_url=f"{tool_server.url}/v1", api_key="unused", max_retries=0)
+    out = client.chat.completions.create(model=DEFAULT_MODEL_NAME, messages=TOOL_HISTORY, max_completion_tokens=4)
+    rendered = 'user: Weather in Oslo?\n<call weather {"city": "Oslo"}>\n<result call_1>-3 C</result>\nassistant:'
+    assert out.usage.prompt_tokens == len(tokenizer.encode(rendered, add_special_tokens=False))
+    missing_id = httpx.post(tool_server.url + CHAT, json={"messages": [{"role": "tool", "content": "-3 C"}]})
+    assert missing_id.status_code == 400 and missing_id.json()["error"]["param"] == "messages.0.tool_call_id"
+
+
+def test_tool_messages_need_a_template_that_renders_them(client):
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model=DEFAULT_MODEL_NAME, messages=[TOOL_HISTORY[0], TOOL_HISTORY[2]])
+    error = refused.value.body
+    assert error["param"] == "messages.1.role"
+    assert error["message"].startswith("messages[1]: role 'tool' is not supported by kiln's plain chat template")
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model=DEFAULT_MODEL_NAME, messages=TOOL_HISTORY[:2])
+    error = refused.value.body
+    assert error["param"] == "messages.1.tool_calls" and "role 'assistant' with tool_calls" in error["message"]
 
 
 def test_models_health_version(server):

@@ -8,7 +8,9 @@ after every prompt was accepted, so no refusal ever arrives inside a 200.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from typing import Any
 
 from pydantic import BaseModel
 from starlette.responses import JSONResponse
@@ -49,6 +51,15 @@ class APIError(Exception):
 
 def sse(payload: BaseModel) -> str:
     return f"data: {payload.model_dump_json()}\n\n"
+
+
+def _json_object_or_text(text: str) -> dict[str, Any] | str:
+    """A tool call's arguments as templates expect them (``arguments | tojson``), if they are a JSON object."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return text
+    return value if isinstance(value, dict) else text
 
 
 @dataclass
@@ -352,22 +363,47 @@ class OpenAIServing:
         return await self.generate(view, requests, prompts, body, receive)
 
     # ---- /v1/chat/completions -----------------------------------------------------------------
+    def _chat_message(self, i: int, message: p.ChatMessage) -> dict[str, Any]:
+        """Message ``i`` as the chat template sees it, as in Hugging Face transformers: tool calls with
+        their arguments parsed from JSON (text that is not a JSON object stays text)."""
+        content = message.content
+        if isinstance(content, list):
+            for part in content:
+                if part.type != "text" or part.text is None:
+                    raise APIError(400, f"messages[{i}]: content part type '{part.type}' is not supported; "
+                                        "kiln takes text parts only", param=f"messages.{i}.content")
+            content = "\n".join(part.text for part in content)
+        role = "system" if message.role == "developer" else message.role
+        entry: dict[str, Any] = {"role": role, "content": content or ""}
+        if message.name is not None:
+            entry["name"] = message.name
+        template = self.chat_template
+        if role == "tool":
+            if message.tool_call_id is None:
+                raise APIError(400, f"messages[{i}]: a tool message needs tool_call_id, the id of the call it "
+                                    "answers", param=f"messages.{i}.tool_call_id")
+            if not template.supports_tool_role:
+                raise APIError(400, f"messages[{i}]: role 'tool' is not supported by {template.name}, which "
+                                    "never mentions it; give one that renders tool messages with --chat-template",
+                               param=f"messages.{i}.role")
+            entry["tool_call_id"] = message.tool_call_id
+        if message.tool_calls:
+            if role != "assistant":
+                raise APIError(400, f"messages[{i}]: only assistant messages carry tool_calls, not role '{role}'",
+                               param=f"messages.{i}.tool_calls")
+            if not template.supports_tool_calls:
+                raise APIError(400, f"messages[{i}]: role 'assistant' with tool_calls is not supported by "
+                                    f"{template.name}, which never reads tool_calls; give one that renders them "
+                                    "with --chat-template", param=f"messages.{i}.tool_calls")
+            entry["tool_calls"] = [{"id": call.id, "type": call.type,
+                                    "function": {"name": call.function.name,
+                                                 "arguments": _json_object_or_text(call.function.arguments)}}
+                                   for call in message.tool_calls]
+        return entry
+
     def _chat_prompt(self, body: p.ChatCompletionRequest) -> Prompt:
         self._need_tokenizer("chat messages")
-        messages = []
-        for i, message in enumerate(body.messages):
-            content = message.content
-            if isinstance(content, list):
-                for part in content:
-                    if part.type != "text" or part.text is None:
-                        raise APIError(400, f"messages[{i}]: content part type '{part.type}' is not supported; "
-                                            "kiln takes text parts only", param=f"messages.{i}.content")
-                content = "\n".join(part.text for part in content)
-            role = "system" if message.role == "developer" else message.role
-            entry = {"role": role, "content": content or ""}
-            if message.name is not None:
-                entry["name"] = message.name
-            messages.append(entry)
+        messages = [self._chat_message(i, message) for i, message in enumerate(body.messages)]
         try:
             ids = self.chat_template.encode(messages)
         except RequestError as e:
