@@ -21,6 +21,7 @@ import httpx
 import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from test_serve_chat import TOOL_TEMPLATE
 
 from kiln.cli import main as kiln_main
 from kiln.models.config import ModelConfig
@@ -109,8 +110,18 @@ def server():
 @pytest.fixture(scope="module")
 def guarded_server(stories_engine):
     """An engine folder, an API key from the environment, one sequence at a time and a queue of one."""
-    proc = ServerProcess(str(stories_engine), "--served-model-name", "tiny", "--max-batch-size", "1",
+    proc = ServerProcess(str(stories_engine), "--served-model-name", "org/tiny", "--max-batch-size", "1",
                          "--max-queue-size", "1", env={"KILN_API_KEY": "sesame"})
+    yield proc
+    assert proc.stop() == 0, proc.logs()
+
+
+@pytest.fixture(scope="module")
+def tool_server(tmp_path_factory):
+    """stories260K with a chat template that renders tool calls and tool results."""
+    template = tmp_path_factory.mktemp("tool_template") / "tools.jinja"
+    template.write_text(TOOL_TEMPLATE)
+    proc = ServerProcess("--chat-template", str(template))
     yield proc
     assert proc.stop() == 0, proc.logs()
 
@@ -193,6 +204,38 @@ def test_completion_echo_with_prompt_logprobs(client, tokenizer):
     assert all(lp <= 0 for lp in choice.logprobs.token_logprobs[1:])
 
 
+def test_echo_with_max_tokens_0_scores_the_prompt(client, server, tokenizer):
+    """The scoring idiom of lm-evaluation-harness: the prompt back with its logprobs, nothing generated."""
+    scored = client.completions.create(model=DEFAULT_MODEL_NAME, prompt=PROMPT, max_tokens=0, echo=True, logprobs=2)
+    one = client.completions.create(model=DEFAULT_MODEL_NAME, prompt=PROMPT, max_tokens=1, echo=True, logprobs=2)
+    num_prompt = len(tokenizer.encode(PROMPT))
+    choice, lp = scored.choices[0], scored.choices[0].logprobs
+    assert choice.text == PROMPT and choice.finish_reason == "length"
+    assert (scored.usage.prompt_tokens, scored.usage.completion_tokens, scored.usage.total_tokens) == (
+        num_prompt, 0, num_prompt)
+    assert len(lp.tokens) == num_prompt and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    expected = one.choices[0].logprobs
+    assert lp.tokens == expected.tokens[:num_prompt] and lp.text_offset == expected.text_offset[:num_prompt]
+    assert lp.token_logprobs == expected.token_logprobs[:num_prompt]
+    assert lp.top_logprobs == expected.top_logprobs[:num_prompt]
+
+    # As lm-evaluation-harness sends it: token ids, several prompts in one request.
+    ids = [tokenizer.encode(PROMPT), tokenizer.encode("The dog ran")]
+    body = {"model": DEFAULT_MODEL_NAME, "prompt": ids, "max_tokens": 0, "echo": True, "logprobs": 1,
+            "temperature": 0, "seed": 1234}
+    batch = httpx.post(server.url + COMPLETIONS, json=body, timeout=60).json()
+    assert [c["index"] for c in batch["choices"]] == [0, 1] and batch["usage"]["completion_tokens"] == 0
+    assert batch["choices"][0]["logprobs"]["token_logprobs"] == lp.token_logprobs
+    assert [len(c["logprobs"]["tokens"]) for c in batch["choices"]] == [len(i) for i in ids]
+    assert all(c["finish_reason"] == "length" for c in batch["choices"])
+
+    chunks = list(client.completions.create(model=DEFAULT_MODEL_NAME, prompt=PROMPT, max_tokens=0, echo=True,
+                                            stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == PROMPT
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == 0
+
+
 def test_stop_strings(client):
     text = client.completions.create(model=DEFAULT_MODEL_NAME, prompt=PROMPT, max_tokens=32, temperature=0).choices[0].text
     stop = text[len(text) // 2:len(text) // 2 + 3]
@@ -252,11 +295,65 @@ def test_chat_logprobs_n_and_stop(client):
     assert stopped.message.content == greedy[:greedy.index(stop)] and stopped.finish_reason == "stop"
 
 
+def test_metadata_is_accepted_and_ignored(client):
+    tags = {"run": "eval-7", "owner": "kiln"}
+    plain = client.completions.create(model=DEFAULT_MODEL_NAME, prompt=PROMPT, max_tokens=6, temperature=0)
+    tagged = client.completions.create(model=DEFAULT_MODEL_NAME, prompt=PROMPT, max_tokens=6, temperature=0,
+                                       extra_body={"metadata": tags})
+    assert tagged.choices[0].text == plain.choices[0].text
+    chat = client.chat.completions.create(model=DEFAULT_MODEL_NAME, messages=[{"role": "user", "content": "hi"}],
+                                          max_completion_tokens=4, metadata=tags)
+    assert chat.choices[0].message.content is not None
+
+
+TOOL_HISTORY = [
+    {"role": "user", "content": "Weather in Oslo?"},
+    {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Oslo"}'}}]},
+    {"role": "tool", "tool_call_id": "call_1", "content": "-3 C"},
+]
+
+
+def test_chat_history_with_tool_messages_renders_through_the_template(tool_server, tokenizer):
+    client = openai.OpenAI(base_url=f"{tool_server.url}/v1", api_key="unused", max_retries=0)
+    out = client.chat.completions.create(model=DEFAULT_MODEL_NAME, messages=TOOL_HISTORY, max_completion_tokens=4)
+    rendered = 'user: Weather in Oslo?\n<call weather {"city": "Oslo"}>\n<result call_1>-3 C</result>\nassistant:'
+    assert out.usage.prompt_tokens == len(tokenizer.encode(rendered, add_special_tokens=False))
+    missing_id = httpx.post(tool_server.url + CHAT, json={"messages": [{"role": "tool", "content": "-3 C"}]})
+    assert missing_id.status_code == 400 and missing_id.json()["error"]["param"] == "messages.0.tool_call_id"
+
+
+def test_tool_messages_need_a_template_that_renders_them(client):
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model=DEFAULT_MODEL_NAME, messages=[TOOL_HISTORY[0], TOOL_HISTORY[2]])
+    error = refused.value.body
+    assert error["param"] == "messages.1.role"
+    assert error["message"].startswith("messages[1]: role 'tool' is not supported by kiln's plain chat template")
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model=DEFAULT_MODEL_NAME, messages=TOOL_HISTORY[:2])
+    error = refused.value.body
+    assert error["param"] == "messages.1.tool_calls" and "role 'assistant' with tool_calls" in error["message"]
+
+
 def test_models_health_version(server):
     models = httpx.get(f"{server.url}/v1/models").json()
     assert models["object"] == "list" and models["data"][0]["id"] == DEFAULT_MODEL_NAME
     assert httpx.get(f"{server.url}/health").json() == {"status": "ok"}
     assert httpx.get(f"{server.url}/version").json()["version"]
+
+
+def test_models_retrieve(client, server):
+    listed = client.models.list().data[0]
+    card = client.models.retrieve(DEFAULT_MODEL_NAME)
+    assert (card.id, card.object, card.owned_by) == (DEFAULT_MODEL_NAME, "model", "kiln")
+    assert card.max_model_len == listed.max_model_len
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4")
+    response = httpx.get(f"{server.url}/v1/models/gpt-4")
+    assert response.status_code == 404
+    assert response.json()["error"] == {"message": f"the model 'gpt-4' does not exist; this server serves "
+                                                   f"'{DEFAULT_MODEL_NAME}'", "type": "invalid_request_error",
+                                        "param": "model", "code": "model_not_found"}
 
 
 # ---- bad input: 4xx in OpenAI's error shape, never a 500 ----------------------------------------------
@@ -273,6 +370,9 @@ BAD_REQUESTS = [
     (COMPLETIONS, {"prompt": "hi", "temperature": "hot"}, 400, "temperature", "temperature"),
     (COMPLETIONS, {"prompt": {"text": "hi"}}, 400, "prompt must be a string", "prompt"),
     (COMPLETIONS, {"prompt": "hi", "max_token": 5}, 400, "unrecognized request argument: max_token", "max_token"),
+    (COMPLETIONS, {"prompt": "hi", "metadata": {"run": 7}}, 400, "metadata.run", "metadata.run"),
+    (CHAT, {"messages": USER, "metadata": "run-7"}, 400, "metadata", "metadata"),
+    (CHAT, {"messages": USER, "temprature": 0}, 400, "unrecognized request argument: temprature", "temprature"),
     (COMPLETIONS, {"prompt": "hi", "model": "gpt-4"}, 404, "does not exist", "model"),
     (COMPLETIONS, {"prompt": ""}, 400, "prompt must not be empty", "prompt"),
     (COMPLETIONS, {"prompt": []}, 400, "prompt must not be empty", "prompt"),
@@ -281,7 +381,8 @@ BAD_REQUESTS = [
     (COMPLETIONS, {"prompt": "hi", "max_tokens": 100000}, 400, "max_seq_len", None),
     (COMPLETIONS, {"prompt": [1, 99999]}, 400, "[0, 512)", None),
     (COMPLETIONS, {"prompt": [1, -3]}, 400, "[0, 512)", None),
-    (COMPLETIONS, {"prompt": "hi", "max_tokens": 0}, 400, "max_tokens must be", None),
+    (COMPLETIONS, {"prompt": "hi", "max_tokens": 0}, 400, "max_tokens=0 needs echo=true", "max_tokens"),
+    (COMPLETIONS, {"prompt": "hi", "max_tokens": -1}, 400, "max_tokens must be", None),
     (COMPLETIONS, {"prompt": "hi", "top_p": 3}, 400, "top_p", None),
     (COMPLETIONS, {"prompt": "hi", "temperature": -1}, 400, "temperature", None),
     (COMPLETIONS, {"prompt": "hi", "n": 0}, 400, "n must be", None),
@@ -411,9 +512,12 @@ def test_api_key_guards_v1_routes_only(guarded_server):
         assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
     response = httpx.post(url + COMPLETIONS, json={"prompt": "hi"})
     assert response.status_code == 401
+    assert httpx.get(f"{url}/v1/models/org/tiny").status_code == 401
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="sesame", max_retries=0)
-    assert client.models.list().data[0].id == "tiny"
-    assert client.completions.create(model="tiny", prompt=PROMPT, max_tokens=3).usage.completion_tokens <= 3
+    assert client.models.list().data[0].id == "org/tiny"
+    assert client.models.retrieve("org/tiny").id == "org/tiny", "the openai client sends the slash as %2F"
+    assert httpx.get(f"{url}/v1/models/org/tiny", headers={"Authorization": "Bearer sesame"}).json()["id"] == "org/tiny"
+    assert client.completions.create(model="org/tiny", prompt=PROMPT, max_tokens=3).usage.completion_tokens <= 3
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"{url}/v1", api_key="nope", max_retries=0).models.list()
 
@@ -472,6 +576,19 @@ def test_cli_errors_are_one_line(capsys, args, words):
     assert kiln_main(["serve", *args]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("kiln serve: error:") and words in err and "\n" not in err
+
+
+def test_help_states_each_default_once(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        kiln_main(["serve", "--help"])
+    out = capsys.readouterr().out
+    assert exit_.value.code == 0
+    # One entry per argument: a line indented by two spaces, then its wrapped continuation lines.
+    entries = {" ".join(entry.split()) for entry in re.split(r"\n  (?! )", out.split("positional arguments:")[1])}
+    for entry in entries:
+        assert entry.count("default") <= 1, entry
+    for default in ("127.0.0.1", "8000", "guaranteed_no_evict", "30.0", "info", "0.9"):
+        assert sum(f"default: {default})" in entry for entry in entries) == 1, default
 
 
 def test_cli_port_in_use(capsys):

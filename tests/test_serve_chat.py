@@ -67,3 +67,38 @@ def test_templates_run_sandboxed(tmp_path):
     chat = ChatTemplate(tokenizer_with_template(tmp_path, None), "{{ ''.__class__.__mro__[1].__subclasses__() }}")
     with pytest.raises(RequestError, match="chat template rejected.*unsafe"):
         chat.render([{"role": "user", "content": "x"}])
+
+
+# A tool-using model's template, shortened: tool results and the assistant's calls have their own markup.
+TOOL_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message.role == 'tool' %}<result {{ message.tool_call_id }}>{{ message.content }}</result>\n"
+    "{% elif message.tool_calls is defined %}"
+    "{% for call in message.tool_calls %}<call {{ call.function.name }} {{ call.function.arguments | tojson }}>\n"
+    "{% endfor %}"
+    "{% else %}{{ message.role }}: {{ message.content }}\n{% endif %}"
+    "{% endfor %}assistant:"
+)
+
+
+def test_tool_support_is_what_the_template_names(tmp_path):
+    tokenizer = tokenizer_with_template(tmp_path, None)
+    tools = ChatTemplate(tokenizer, TOOL_TEMPLATE)
+    assert tools.supports_tool_role and tools.supports_tool_calls and tools.name == "the given chat template"
+    for chat in (ChatTemplate(tokenizer), ChatTemplate(tokenizer, ALTERNATING_TEMPLATE)):
+        assert not chat.supports_tool_role and not chat.supports_tool_calls
+    assert "plain" in ChatTemplate(tokenizer).name
+    only_results = ChatTemplate(tokenizer, "{% for m in messages %}{% if m['role'] in ['tool'] %}x{% endif %}"
+                                           "{% endfor %}")
+    assert only_results.supports_tool_role and not only_results.supports_tool_calls
+
+
+def test_tool_messages_render_through_the_template(tmp_path):
+    chat = ChatTemplate(tokenizer_with_template(tmp_path, None), TOOL_TEMPLATE)
+    messages = [{"role": "user", "content": "Weather in Oslo?"},
+                {"role": "assistant", "content": "", "tool_calls": [
+                    {"id": "call_1", "type": "function",
+                     "function": {"name": "weather", "arguments": {"city": "Oslo"}}}]},
+                {"role": "tool", "content": "-3 C", "tool_call_id": "call_1"}]
+    assert chat.render(messages) == ('user: Weather in Oslo?\n<call weather {"city": "Oslo"}>\n'
+                                     '<result call_1>-3 C</result>\nassistant:')

@@ -124,10 +124,18 @@ def create_app(executor: Executor, model_name: str = DEFAULT_MODEL_NAME, api_key
     async def chat_completions(body: p.ChatCompletionRequest, request: Request) -> Response:
         return await serving.chat(body, request.receive)
 
+    def model_card() -> p.ModelCard:
+        return p.ModelCard(id=model_name, created=p.now(), max_model_len=serving.build_config.max_seq_len)
+
     @v1.get("/models")
     async def models() -> p.ModelList:
-        card = p.ModelCard(id=model_name, created=p.now(), max_model_len=serving.build_config.max_seq_len)
-        return p.ModelList(data=[card])
+        return p.ModelList(data=[model_card()])
+
+    # ``:path``: served names such as "org/model" hold slashes (sent raw, or as %2F by the openai client).
+    @v1.get("/models/{model_id:path}")
+    async def model(model_id: str) -> p.ModelCard:
+        serving.check_model(model_id)
+        return model_card()
 
     app.include_router(v1)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import signal
@@ -24,26 +23,30 @@ def add_parser(subparsers) -> None:
         "serve", help="serve a model over an OpenAI-compatible HTTP API",
         description="Serve an engine over OpenAI's HTTP API: /v1/completions, /v1/chat/completions, /v1/models, "
                     "plus /health, /metrics (Prometheus) and /version. Given a Hugging Face folder it builds and "
-                    "caches an engine first; given nothing it serves the bundled stories260K model.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                    "caches an engine first; given nothing it serves the bundled stories260K model.")
+    # Each help string states its default itself: ArgumentDefaultsHelpFormatter would repeat the ones that a
+    # sentence explains ("default: the model folder's name") and add "(default: None)" to the rest.
     p.add_argument("model", nargs="?", help="engine folder or Hugging Face model folder (default: stories260K)")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
-    p.add_argument("--port", type=int, default=8000, help="TCP port (0: any free port)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on, 0.0.0.0 for every interface (default: %(default)s)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port, 0 for any free port (default: %(default)s)")
     p.add_argument("--served-model-name", help="the model name clients send (default: the model folder's name)")
     p.add_argument("--api-key", help=f"require 'Authorization: Bearer KEY' on /v1 routes (default: ${API_KEY_ENV})")
     p.add_argument("--max-batch-size", type=int, help="lower the engine's max batch size")
     p.add_argument("--max-num-tokens", type=int, help="lower the engine's max tokens per iteration")
     p.add_argument("--kv-cache-free-gpu-mem-fraction", type=float,
                    help="fraction of the GPU memory free after loading that the KV cache takes (GPU only; "
-                        "default 0.9)")
+                        f"default: {KvCacheConfig.free_gpu_memory_fraction})")
     p.add_argument("--scheduler-policy", choices=CAPACITY_POLICIES, default=CAPACITY_POLICIES[0],
-                   help="guaranteed_no_evict admits only what can finish; max_utilization packs and preempts")
+                   help="guaranteed_no_evict admits only what can finish; max_utilization packs and preempts "
+                        "(default: %(default)s)")
     p.add_argument("--max-queue-size", type=int,
                    help="answer 429 when this many requests already wait for the engine (default: no limit)")
     p.add_argument("--chat-template", help="Jinja chat template file (default: the model's, else a plain one)")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
-                   help="seconds that SIGTERM / Ctrl-C waits for requests in flight before cancelling them")
-    p.add_argument("--log-level", choices=LOG_LEVELS, default="info", help="server log level")
+                   help="seconds that SIGTERM / Ctrl-C waits for requests in flight before cancelling them "
+                        "(default: %(default)s)")
+    p.add_argument("--log-level", choices=LOG_LEVELS, default="info", help="server log level (default: %(default)s)")
     p.set_defaults(func=cmd_serve)
 
 

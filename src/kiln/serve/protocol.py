@@ -54,6 +54,7 @@ class SamplingFields(StrictModel):
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
     user: str | None = Field(None, description="an end-user identifier; accepted and not used")
+    metadata: dict[str, str] | None = Field(None, description="key-value tags for the caller; accepted and not used")
     top_k: int | None = Field(None, description="kiln extra: keep the k likeliest tokens (0: off)")
     min_p: float | None = Field(None, description="kiln extra: drop tokens below min_p x the top probability")
     repetition_penalty: float | None = Field(None, description="kiln extra: > 1 discourages repeated tokens")
@@ -94,14 +95,30 @@ class TextPart(BaseModel):
     text: str | None = None
 
 
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    name: str
+    arguments: str = Field(description="the call's arguments as JSON text, as the model wrote them")
+
+
+class ToolCall(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     # Fields of assistant messages echoed back from a previous response (refusal, audio, ...) are ignored.
     model_config = ConfigDict(extra="ignore", strict=True)
 
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
-    tool_calls: list[dict[str, Any]] | None = None
+    tool_calls: list[ToolCall] | None = Field(None, description="an assistant message's calls of tools")
+    tool_call_id: str | None = Field(None, description="a tool message: the id of the call it answers")
 
     _check_content = field_validator("content", mode="wrap")(_one_of(
         "content must be a string or a list of content parts"))
@@ -123,12 +140,10 @@ class ChatCompletionRequest(SamplingFields):
 
     def _unsupported(self) -> dict[str, Any]:
         plain_text = self.response_format is None or self.response_format == {"type": "text"}
-        tool_calls = [m.tool_calls for m in self.messages if m.tool_calls]
         return {**super()._unsupported(), "tools": self.tools, "functions": self.functions,
                 "function_call": self.function_call, "parallel_tool_calls": self.parallel_tool_calls is not None,
                 "tool_choice": self.tool_choice not in (None, "none"),
-                "response_format": None if plain_text else self.response_format,
-                "messages.tool_calls": tool_calls}
+                "response_format": None if plain_text else self.response_format}
 
 
 # ---- responses --------------------------------------------------------------------------------------

@@ -8,7 +8,9 @@ after every prompt was accepted, so no refusal ever arrives inside a 200.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from typing import Any
 
 from pydantic import BaseModel
 from starlette.responses import JSONResponse
@@ -49,6 +51,15 @@ class APIError(Exception):
 
 def sse(payload: BaseModel) -> str:
     return f"data: {payload.model_dump_json()}\n\n"
+
+
+def _json_object_or_text(text: str) -> dict[str, Any] | str:
+    """A tool call's arguments as templates expect them (``arguments | tojson``), if they are a JSON object."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return text
+    return value if isinstance(value, dict) else text
 
 
 @dataclass
@@ -145,9 +156,14 @@ class ChoiceTracker:
 
 
 class CompletionView:
-    def __init__(self, model: str, prompts: list[Prompt], n: int, echo: bool, tokenizer: Tokenizer | None):
+    """``is_scoring`` (echo with max_tokens=0): the engine ran each prompt with one new token, which the
+    choices drop; they end at "length" and the usage counts no completion tokens."""
+
+    def __init__(self, model: str, prompts: list[Prompt], n: int, echo: bool, tokenizer: Tokenizer | None,
+                 is_scoring: bool = False):
         self.id, self.created, self.model = p.new_id("cmpl"), p.now(), model
         self.prompts, self.n, self.echo, self.tokenizer = prompts, n, echo, tokenizer
+        self.is_scoring = is_scoring
         self.offsets = dict.fromkeys(range(len(prompts) * n), 0)  # text offset of each choice's next logprob token
 
     def _echo_text(self, index: int) -> str:
@@ -159,7 +175,14 @@ class CompletionView:
         return self.tokenizer.decode(prompt.token_ids) if self.tokenizer is not None else ""
 
     def _wrap(self, choices: list[p.CompletionChoice], usage: p.Usage | None = None) -> p.CompletionResponse:
+        if usage is not None and self.is_scoring:
+            usage = usage.model_copy(update={"completion_tokens": 0, "total_tokens": usage.prompt_tokens})
         return p.CompletionResponse(id=self.id, created=self.created, model=self.model, choices=choices, usage=usage)
+
+    def _output(self, f: Fragment) -> Fragment:
+        if not self.is_scoring:
+            return f
+        return Fragment(f.index, "", None if f.logprobs is None else [], f.finish_reason and "length")
 
     def _logprobs(self, index: int, tokens: list[TokenLogprob] | None) -> p.CompletionLogprobs | None:
         if tokens is None:
@@ -181,6 +204,7 @@ class CompletionView:
         return [self._wrap([p.CompletionChoice(index=i, text=self._echo_text(i))]) for i in self.offsets]
 
     def chunk(self, f: Fragment) -> BaseModel:
+        f = self._output(f)
         return self._wrap([p.CompletionChoice(index=f.index, text=f.text, logprobs=self._logprobs(f.index, f.logprobs),
                                               finish_reason=f.finish_reason)])
 
@@ -189,7 +213,7 @@ class CompletionView:
 
     def response(self, fragments: list[Fragment], echoed: dict[int, list[TokenLogprob]], usage: p.Usage) -> BaseModel:
         choices = []
-        for f in fragments:
+        for f in map(self._output, fragments):
             text, tokens = f.text, f.logprobs
             if self.echo:
                 text = self._echo_text(f.index) + text
@@ -253,10 +277,14 @@ class OpenAIServing:
         self.build_config = executor.engine.build_config
 
     # ---- checks shared by both endpoints ------------------------------------------------------
-    def _check_common(self, body: p.SamplingFields) -> None:
-        if body.model is not None and body.model != self.model_name:
-            raise APIError(404, f"the model '{body.model}' does not exist; this server serves '{self.model_name}'",
+    def check_model(self, model: str | None) -> None:
+        """A 404 unless ``model`` is the served name (or left out)."""
+        if model is not None and model != self.model_name:
+            raise APIError(404, f"the model '{model}' does not exist; this server serves '{self.model_name}'",
                            param="model", code="model_not_found")
+
+    def _check_common(self, body: p.SamplingFields) -> None:
+        self.check_model(body.model)
         unsupported = body.unsupported_fields()
         if unsupported:
             raise APIError(400, f"{unsupported[0]} is not supported by kiln yet; leave it out of the request",
@@ -320,30 +348,62 @@ class OpenAIServing:
         if body.echo and body.logprobs is not None and body.stream:
             raise APIError(400, "echo with logprobs needs stream=false (prompt logprobs come with the last token)",
                            param="echo")
+        is_scoring = body.max_tokens == 0
+        if is_scoring and not body.echo:
+            raise APIError(400, "max_tokens must be at least 1; max_tokens=0 needs echo=true (it returns the prompt "
+                                "with its logprobs and generates nothing)", param="max_tokens")
         prompts = self._completion_prompts(body.prompt)
-        requests = [self._request(body, prompt, body.max_tokens, body.logprobs,
+        # Scoring runs each prompt with one new token, which the view drops (the prompt's logprobs come
+        # from the same forward pass): the engine needs no max_tokens=0 case.
+        max_tokens = 1 if is_scoring else body.max_tokens
+        requests = [self._request(body, prompt, max_tokens, body.logprobs,
                                   prompt_logprobs=body.logprobs if body.echo else None) for prompt in prompts]
         n = requests[0].sampling_params.n
-        view = CompletionView(self.model_name, prompts, n, bool(body.echo), self.tokenizer)
+        view = CompletionView(self.model_name, prompts, n, bool(body.echo), self.tokenizer, is_scoring)
         return await self.generate(view, requests, prompts, body, receive)
 
     # ---- /v1/chat/completions -----------------------------------------------------------------
+    def _chat_message(self, i: int, message: p.ChatMessage) -> dict[str, Any]:
+        """Message ``i`` as the chat template sees it, as in Hugging Face transformers: tool calls with
+        their arguments parsed from JSON (text that is not a JSON object stays text)."""
+        content = message.content
+        if isinstance(content, list):
+            for part in content:
+                if part.type != "text" or part.text is None:
+                    raise APIError(400, f"messages[{i}]: content part type '{part.type}' is not supported; "
+                                        "kiln takes text parts only", param=f"messages.{i}.content")
+            content = "\n".join(part.text for part in content)
+        role = "system" if message.role == "developer" else message.role
+        entry: dict[str, Any] = {"role": role, "content": content or ""}
+        if message.name is not None:
+            entry["name"] = message.name
+        template = self.chat_template
+        if role == "tool":
+            if message.tool_call_id is None:
+                raise APIError(400, f"messages[{i}]: a tool message needs tool_call_id, the id of the call it "
+                                    "answers", param=f"messages.{i}.tool_call_id")
+            if not template.supports_tool_role:
+                raise APIError(400, f"messages[{i}]: role 'tool' is not supported by {template.name}, which "
+                                    "never mentions it; give one that renders tool messages with --chat-template",
+                               param=f"messages.{i}.role")
+            entry["tool_call_id"] = message.tool_call_id
+        if message.tool_calls:
+            if role != "assistant":
+                raise APIError(400, f"messages[{i}]: only assistant messages carry tool_calls, not role '{role}'",
+                               param=f"messages.{i}.tool_calls")
+            if not template.supports_tool_calls:
+                raise APIError(400, f"messages[{i}]: role 'assistant' with tool_calls is not supported by "
+                                    f"{template.name}, which never reads tool_calls; give one that renders them "
+                                    "with --chat-template", param=f"messages.{i}.tool_calls")
+            entry["tool_calls"] = [{"id": call.id, "type": call.type,
+                                    "function": {"name": call.function.name,
+                                                 "arguments": _json_object_or_text(call.function.arguments)}}
+                                   for call in message.tool_calls]
+        return entry
+
     def _chat_prompt(self, body: p.ChatCompletionRequest) -> Prompt:
         self._need_tokenizer("chat messages")
-        messages = []
-        for i, message in enumerate(body.messages):
-            content = message.content
-            if isinstance(content, list):
-                for part in content:
-                    if part.type != "text" or part.text is None:
-                        raise APIError(400, f"messages[{i}]: content part type '{part.type}' is not supported; "
-                                            "kiln takes text parts only", param=f"messages.{i}.content")
-                content = "\n".join(part.text for part in content)
-            role = "system" if message.role == "developer" else message.role
-            entry = {"role": role, "content": content or ""}
-            if message.name is not None:
-                entry["name"] = message.name
-            messages.append(entry)
+        messages = [self._chat_message(i, message) for i, message in enumerate(body.messages)]
         try:
             ids = self.chat_template.encode(messages)
         except RequestError as e:
