@@ -174,13 +174,14 @@ def test_dtype_auto_keeps_the_checkpoints_where_the_target_runs_it():
     assert resolve_dtype("float16", "bfloat16", "sm80") == "float16"
     for dtype in ("auto", "bfloat16"):  # a detected pre-Ampere GPU (T4 is sm75)
         with pytest.raises(ConfigError, match=r"bfloat16 needs compute capability 8.0 or newer \(target sm75\); "
-                                              "build with --dtype float16"):
+                                              r"build with dtype='float16' \(--dtype float16\)"):
             resolve_dtype(dtype, "bfloat16", "sm75")
 
 
 def test_max_seq_len_beyond_positions_fails_unless_rope_scaling_allows_it(tiny_hf_checkpoint):
     plain = AutoModelForCausalLM.from_hugging_face(tiny_hf_checkpoint(max_position_embeddings=64).path)
-    with pytest.raises(ConfigError, match="max_seq_len=128 exceeds the model's 64 positions.*lower --max-seq-len to 64"):
+    with pytest.raises(ConfigError, match=r"max_seq_len=128 exceeds the model's 64 positions.*"
+                                          r"lower max_seq_len \(--max-seq-len\) to 64"):
         Builder().build(plain, BuildConfig(**TINY_BUILD))
     scaled = AutoModelForCausalLM.from_hugging_face(tiny_hf_checkpoint(max_position_embeddings=64, rope_parameters={
         "rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}).path)
@@ -191,7 +192,7 @@ def test_max_seq_len_beyond_positions_fails_unless_rope_scaling_allows_it(tiny_h
 
 def test_sliding_window_shorter_than_max_seq_len_is_refused(tiny_hf_checkpoint):
     source = AutoModelForCausalLM.from_hugging_face(tiny_hf_checkpoint("MistralForCausalLM", sliding_window=64).path)
-    with pytest.raises(ConfigError, match=r"sliding window \(64\).*lower --max-seq-len to 64"):
+    with pytest.raises(ConfigError, match=r"sliding window \(64\).*lower max_seq_len \(--max-seq-len\) to 64"):
         Builder().build(source, BuildConfig(**TINY_BUILD))
 
 

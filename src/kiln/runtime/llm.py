@@ -67,19 +67,10 @@ def cache_root() -> Path:
     return Path(base) / "kiln" / "engines"
 
 
-def default_build_config(model_config, **overrides) -> BuildConfig:
-    """BuildConfig defaults fitted to the model (never longer than its positions); explicit values win."""
-    base = BuildConfig()
-    max_seq = overrides.get("max_seq_len") or min(base.max_seq_len, model_config.max_supported_positions)
-    max_input = overrides.get("max_input_len") or min(base.max_input_len, max_seq)
-    values = {"max_seq_len": max_seq, "max_input_len": max_input}
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    return BuildConfig(**values)
-
-
-def ensure_engine(model: str | Path | None, build_config: BuildConfig | None = None, progress: bool = True) -> Path:
+def ensure_engine(model: str | Path | None, build_config: BuildConfig | dict | None = None,
+                  progress: bool = True) -> Path:
     """An engine folder for ``model``: itself if it is one, else built (once) into the user cache."""
-    from kiln.builder import Builder
+    from kiln.builder import Builder, resolve_build_config
     from kiln.models import AutoModelForCausalLM
 
     path = Path(model) if model is not None else DEFAULT_MODEL_DIR
@@ -93,12 +84,9 @@ def ensure_engine(model: str | Path | None, build_config: BuildConfig | None = N
         raise ConfigError(f"{path}: neither an engine folder ({MANIFEST_FILE}) nor a Hugging Face model folder "
                           "(config.json)")
     source = AutoModelForCausalLM.from_hugging_face(path)
-    if build_config is None:
-        build_config = (BuildConfig(max_batch_size=64, max_input_len=256, max_seq_len=512, max_num_tokens=2048)
-                        if path == DEFAULT_MODEL_DIR else default_build_config(source.config))
-    from kiln.builder.builder import validate
-
-    resolved = validate(source.config, build_config)
+    if build_config is None and path == DEFAULT_MODEL_DIR:
+        build_config = BuildConfig(max_batch_size=64, max_input_len=256, max_seq_len=512, max_num_tokens=2048)
+    resolved = resolve_build_config(source.config, BuildConfig.of(build_config))
     stamp = [__version__, ENGINE_FORMAT_VERSION, str(path.resolve()), resolved.to_dict()]
     stamp += [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(path.iterdir()) if f.is_file()]
     key = hashlib.sha256(json.dumps(stamp, sort_keys=True).encode()).hexdigest()[:16]
@@ -116,7 +104,7 @@ def ensure_engine(model: str | Path | None, build_config: BuildConfig | None = N
 class LLM:
     def __init__(self, model: str | Path | None = None, *, max_batch_size: int | None = None,
                  max_num_tokens: int | None = None, kv_cache_config: KvCacheConfig | None = None,
-                 scheduler_config: SchedulerConfig | None = None, build_config: BuildConfig | None = None,
+                 scheduler_config: SchedulerConfig | None = None, build_config: BuildConfig | dict | None = None,
                  enable_cuda_graphs: bool = True, device: str | None = None, progress: bool = True):
         self.engine_dir = ensure_engine(model, build_config, progress=progress)
         config = RuntimeConfig(max_batch_size=max_batch_size, max_num_tokens=max_num_tokens,
