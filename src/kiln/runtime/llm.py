@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import os
 import queue
 from collections.abc import AsyncIterator, Sequence
@@ -26,6 +27,8 @@ from kiln.version import ENGINE_FORMAT_VERSION, __version__
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "data" / "stories260K"
 DEFAULT_MODEL_NAME = "stories260K"
+
+logger = logging.getLogger(__name__)
 
 Prompt = str | list[int]
 
@@ -132,6 +135,11 @@ class LLM:
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
+        """One RequestOutput per prompt, in order. A prompt the engine cannot take (longer than
+        max_input_len, prompt + max_tokens beyond max_seq_len, a token id outside the vocabulary, bad
+        parameters) raises a RequestError naming the limit before any prompt runs. An error that strikes
+        one request while it runs is logged as a warning and kept on its output (``error``, finish
+        reason "error"); the other outputs are unaffected."""
         batch = self._as_batch(prompts)
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
             params = [sampling_params or SamplingParams()] * len(batch)
@@ -140,6 +148,11 @@ class LLM:
             if len(params) != len(batch):
                 raise ConfigError(f"got {len(params)} SamplingParams for {len(batch)} prompts")
         requests = [self._to_request(p, sp, streaming=False) for p, sp in zip(batch, params)]
+        for i, request in enumerate(requests):  # all of them, before any runs
+            try:
+                self.executor.validate_request(request)
+            except RequestError as e:
+                raise RequestError(f"prompts[{i}]: {e}" if len(requests) > 1 else str(e)) from None
         # Responses come through a callback of our own, so another client of the same executor (a
         # concurrent generate, await_responses) neither takes ours nor loses its own.
         finals: queue.SimpleQueue[Response] = queue.SimpleQueue()
@@ -155,15 +168,21 @@ class LLM:
                         raise KilnError("executor stopped before all requests finished") from None
                     continue
                 done[resp.request_id] = _to_output(resp, by_id[resp.request_id], None)
+                if resp.has_error():
+                    logger.warning("prompts[%d] failed while running: %s", ids.index(resp.request_id),
+                                   resp.error_msg)
                 bar.update(1)
         return [done[i] for i in ids]
 
     async def generate_async(self, prompt: Prompt, sampling_params: SamplingParams | None = None,
                              streaming: bool = True) -> AsyncIterator[RequestOutput]:
-        """Yields RequestOutputs as tokens arrive (cumulative text, plus text_diff); the last is final."""
+        """Yields RequestOutputs as tokens arrive (cumulative text, plus text_diff); the last is final.
+        A request beyond the engine's limits raises a RequestError before it runs, as in generate; an
+        error while it runs ends it with an output whose ``error`` says why."""
         loop = asyncio.get_running_loop()
         responses: asyncio.Queue[Response] = asyncio.Queue()
         request = self._to_request(prompt, sampling_params or SamplingParams(), streaming)
+        self.executor.validate_request(request)
         request_id = self.executor.enqueue_request(
             request, on_response=lambda r: loop.call_soon_threadsafe(responses.put_nowait, r))
         previous = None
