@@ -63,14 +63,29 @@ def test_saved_engine_loads_and_runs_like_a_fresh_build(tiny_llama, tiny_engine)
     assert (first / WEIGHTS_FILE).read_bytes() == (second / WEIGHTS_FILE).read_bytes()
 
 
-def test_llm_on_a_hugging_face_folder_builds_once_into_the_cache(tiny_llama, isolated_engine_cache):
+def test_llm_on_a_hugging_face_folder_builds_once_into_the_cache(tiny_llama, isolated_engine_cache, capsys):
     with LLM(tiny_llama.path, progress=False) as llm:
         engine_dir = llm.engine_dir
     built = (engine_dir / MANIFEST_FILE).stat().st_mtime_ns
     assert engine_dir.parent == isolated_engine_cache / "kiln" / "engines"
+    out, err = capsys.readouterr()  # the first use says so, on stderr
+    assert out == "" and err == f"kiln: building an engine for {tiny_llama.path} (first use; cached in {engine_dir})\n"
     with LLM(tiny_llama.path, progress=False) as llm:
         assert llm.engine_dir == engine_dir
     assert (engine_dir / MANIFEST_FILE).stat().st_mtime_ns == built
+    assert capsys.readouterr() == ("", "")
+
+
+def test_kiln_cache_dir_moves_the_engine_cache_and_an_unwritable_one_says_how(tiny_llama, tmp_path, monkeypatch):
+    monkeypatch.setenv("KILN_CACHE_DIR", str(tmp_path / "kiln_cache"))
+    with LLM(tiny_llama.path, progress=False) as llm:
+        assert llm.engine_dir.parent == tmp_path / "kiln_cache" / "engines"
+    blocked = tmp_path / "a_file"
+    blocked.write_text("not a folder")
+    monkeypatch.setenv("KILN_CACHE_DIR", str(blocked))
+    with pytest.raises(ConfigError, match=f"engine cache {blocked / 'engines'} is not writable .*; set KILN_CACHE_DIR "
+                                          "to a writable folder, or build with kiln build --output DIR"):
+        LLM(tiny_llama.path, progress=False)
 
 
 def test_no_pickle_anywhere_in_an_engine(stories_engine):

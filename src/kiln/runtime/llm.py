@@ -12,6 +12,8 @@ import json
 import logging
 import os
 import queue
+import sys
+import tempfile
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +29,7 @@ from kiln.version import ENGINE_FORMAT_VERSION, __version__
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "data" / "stories260K"
 DEFAULT_MODEL_NAME = "stories260K"
+CACHE_DIR_ENV = "KILN_CACHE_DIR"
 
 logger = logging.getLogger(__name__)
 
@@ -66,13 +69,18 @@ class RequestOutput:
 
 
 def cache_root() -> Path:
+    """Where engines built from Hugging Face folders are kept: $KILN_CACHE_DIR/engines if set, else
+    $XDG_CACHE_HOME/kiln/engines, else ~/.cache/kiln/engines."""
+    if os.environ.get(CACHE_DIR_ENV):
+        return Path(os.environ[CACHE_DIR_ENV]).expanduser() / "engines"
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "kiln" / "engines"
 
 
 def ensure_engine(model: str | Path | None, build_config: BuildConfig | dict | None = None,
                   progress: bool = True) -> Path:
-    """An engine folder for ``model``: itself if it is one, else built (once) into the user cache."""
+    """An engine folder for ``model``: itself if it is one, else built (once) into the user cache,
+    saying so on stderr."""
     from kiln.builder import Builder, resolve_build_config
     from kiln.models import AutoModelForCausalLM
 
@@ -100,8 +108,19 @@ def ensure_engine(model: str | Path | None, build_config: BuildConfig | dict | N
             return engine_dir
         except KilnError:
             pass  # stale or damaged cache entry: rebuild it
+    _check_writable(engine_dir.parent)
+    print(f"kiln: building an engine for {path} (first use; cached in {engine_dir})", file=sys.stderr, flush=True)
     Builder().build(source, resolved).save(engine_dir, progress=progress)
     return engine_dir
+
+
+def _check_writable(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        raise ConfigError(f"engine cache {folder} is not writable ({e.strerror or e}); set {CACHE_DIR_ENV} to a "
+                          "writable folder, or build with kiln build --output DIR and load DIR") from None
 
 
 class LLM:
