@@ -51,14 +51,16 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(autouse=True, scope="session")
 def isolated_engine_cache(tmp_path_factory):
-    """``LLM(hf_dir)`` and ``kiln generate`` cache engines under XDG_CACHE_HOME: keep the tests' apart."""
-    previous = os.environ.get("XDG_CACHE_HOME")
+    """``LLM(hf_dir)`` and ``kiln generate`` cache engines under XDG_CACHE_HOME (KILN_CACHE_DIR unset):
+    keep the tests' apart."""
+    previous = {name: os.environ.pop(name, None) for name in ("XDG_CACHE_HOME", "KILN_CACHE_DIR")}
     os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg_cache"))
     yield Path(os.environ["XDG_CACHE_HOME"])
-    if previous is None:
-        os.environ.pop("XDG_CACHE_HOME", None)
-    else:
-        os.environ["XDG_CACHE_HOME"] = previous
+    for name, value in previous.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 class TinyCheckpoint(NamedTuple):

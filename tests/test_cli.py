@@ -11,6 +11,7 @@ import pytest
 from kiln import LLM, SamplingParams
 from kiln.cli import main
 from kiln.errors import KilnError
+from kiln.runtime.llm import DEFAULT_MODEL_DIR
 
 TINY_FLAGS = ["--target", "cpu", "--dtype", "float32", "--max-batch-size", "2", "--max-input-len", "32",
               "--max-seq-len", "64", "--max-num-tokens", "48", "--tokens-per-block", "16"]
@@ -69,6 +70,16 @@ def test_generate_with_no_model_runs_the_bundled_one(capsys, isolated_engine_cac
     assert any(isolated_engine_cache.glob("kiln/engines/stories260K-*/manifest.json"))  # built once, cached
 
 
+def test_generate_says_on_stderr_when_it_builds_an_engine_first(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("KILN_CACHE_DIR", str(tmp_path))
+    code, out, err = run(capsys, "generate", "--max-tokens", "4", "Lily")
+    (engine_dir,) = (tmp_path / "engines").iterdir()
+    assert code == 0 and out.startswith("Lily")  # stdout holds the text alone
+    assert f"kiln: building an engine for {DEFAULT_MODEL_DIR} (first use; cached in {engine_dir})" in err
+    code, out, err = run(capsys, "generate", "--max-tokens", "4", "Lily")
+    assert code == 0 and "building" not in err
+
+
 @pytest.mark.parametrize("argv, command, message", [
     (["build", "{tmp}/nowhere", "--output", "{tmp}/engine"], "build", "no config.json"),
     (["build", "llama-3-8b", "--output", "{tmp}/engine"], "build",
@@ -83,8 +94,6 @@ def test_generate_with_no_model_runs_the_bundled_one(capsys, isolated_engine_cac
     (["generate", "--engine", "{engine}", "--top-p", "0", "Hi"], "generate", "top_p must be in (0, 1]"),
 ])
 def test_errors_are_one_line_with_a_non_zero_exit(argv, command, message, capsys, tmp_path, stories_engine):
-    from kiln.runtime.llm import DEFAULT_MODEL_DIR
-
     argv = [a.format(tmp=tmp_path, stories=DEFAULT_MODEL_DIR, engine=stories_engine) for a in argv]
     code, out, err = run(capsys, *argv)
     assert code == 1

@@ -63,14 +63,29 @@ def test_saved_engine_loads_and_runs_like_a_fresh_build(tiny_llama, tiny_engine)
     assert (first / WEIGHTS_FILE).read_bytes() == (second / WEIGHTS_FILE).read_bytes()
 
 
-def test_llm_on_a_hugging_face_folder_builds_once_into_the_cache(tiny_llama, isolated_engine_cache):
+def test_llm_on_a_hugging_face_folder_builds_once_into_the_cache(tiny_llama, isolated_engine_cache, capsys):
     with LLM(tiny_llama.path, progress=False) as llm:
         engine_dir = llm.engine_dir
     built = (engine_dir / MANIFEST_FILE).stat().st_mtime_ns
     assert engine_dir.parent == isolated_engine_cache / "kiln" / "engines"
+    out, err = capsys.readouterr()  # the first use says so, on stderr
+    assert out == "" and err == f"kiln: building an engine for {tiny_llama.path} (first use; cached in {engine_dir})\n"
     with LLM(tiny_llama.path, progress=False) as llm:
         assert llm.engine_dir == engine_dir
     assert (engine_dir / MANIFEST_FILE).stat().st_mtime_ns == built
+    assert capsys.readouterr() == ("", "")
+
+
+def test_kiln_cache_dir_moves_the_engine_cache_and_an_unwritable_one_says_how(tiny_llama, tmp_path, monkeypatch):
+    monkeypatch.setenv("KILN_CACHE_DIR", str(tmp_path / "kiln_cache"))
+    with LLM(tiny_llama.path, progress=False) as llm:
+        assert llm.engine_dir.parent == tmp_path / "kiln_cache" / "engines"
+    blocked = tmp_path / "a_file"
+    blocked.write_text("not a folder")
+    monkeypatch.setenv("KILN_CACHE_DIR", str(blocked))
+    with pytest.raises(ConfigError, match=f"engine cache {blocked / 'engines'} is not writable .*; set KILN_CACHE_DIR "
+                                          "to a writable folder, or build with kiln build --output DIR"):
+        LLM(tiny_llama.path, progress=False)
 
 
 def test_no_pickle_anywhere_in_an_engine(stories_engine):
@@ -174,13 +189,14 @@ def test_dtype_auto_keeps_the_checkpoints_where_the_target_runs_it():
     assert resolve_dtype("float16", "bfloat16", "sm80") == "float16"
     for dtype in ("auto", "bfloat16"):  # a detected pre-Ampere GPU (T4 is sm75)
         with pytest.raises(ConfigError, match=r"bfloat16 needs compute capability 8.0 or newer \(target sm75\); "
-                                              "build with --dtype float16"):
+                                              r"build with dtype='float16' \(--dtype float16\)"):
             resolve_dtype(dtype, "bfloat16", "sm75")
 
 
 def test_max_seq_len_beyond_positions_fails_unless_rope_scaling_allows_it(tiny_hf_checkpoint):
     plain = AutoModelForCausalLM.from_hugging_face(tiny_hf_checkpoint(max_position_embeddings=64).path)
-    with pytest.raises(ConfigError, match="max_seq_len=128 exceeds the model's 64 positions.*lower --max-seq-len to 64"):
+    with pytest.raises(ConfigError, match=r"max_seq_len=128 exceeds the model's 64 positions.*"
+                                          r"lower max_seq_len \(--max-seq-len\) to 64"):
         Builder().build(plain, BuildConfig(**TINY_BUILD))
     scaled = AutoModelForCausalLM.from_hugging_face(tiny_hf_checkpoint(max_position_embeddings=64, rope_parameters={
         "rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}).path)
@@ -191,7 +207,7 @@ def test_max_seq_len_beyond_positions_fails_unless_rope_scaling_allows_it(tiny_h
 
 def test_sliding_window_shorter_than_max_seq_len_is_refused(tiny_hf_checkpoint):
     source = AutoModelForCausalLM.from_hugging_face(tiny_hf_checkpoint("MistralForCausalLM", sliding_window=64).path)
-    with pytest.raises(ConfigError, match=r"sliding window \(64\).*lower --max-seq-len to 64"):
+    with pytest.raises(ConfigError, match=r"sliding window \(64\).*lower max_seq_len \(--max-seq-len\) to 64"):
         Builder().build(source, BuildConfig(**TINY_BUILD))
 
 

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from kiln import LLM, SamplingParams
-from kiln.errors import ConfigError
+from kiln.errors import ConfigError, RequestError
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
 
@@ -45,12 +45,43 @@ def test_generate_takes_one_sampling_params_per_prompt(llm):
         llm.generate(["a", "b"], [GREEDY], use_tqdm=False)
 
 
-def test_a_bad_prompt_gets_an_error_output_and_the_others_finish(llm):
-    too_long = SamplingParams(max_tokens=10_000, n=2)
-    good, bad = llm.generate(["Once upon a time", "Once upon a time"], [GREEDY, too_long], use_tqdm=False)
-    assert good.error is None and len(good.outputs[0].token_ids) == 24
-    assert "max_seq_len" in bad.error and bad.finished
+@pytest.mark.parametrize("prompts, params, message", [
+    (["Hi"], SamplingParams(max_tokens=10_000), "prompt (3 tokens) + max_tokens (10000) exceeds the engine's "
+                                               "max_seq_len 512; lower max_tokens to 509"),
+    (["Once upon a time", [1] * 200], GREEDY, "prompts[1]: prompt has 200 tokens but the engine's max_input_len is "
+                                               "128"),
+    ([[1, 403], [1, 512]], GREEDY, "prompts[1]: input_token_ids must be integers in [0, 512)"),
+])
+def test_generate_refuses_a_prompt_beyond_the_limits_before_any_runs(llm, prompts, params, message):
+    # These used to give an empty output with finish_reason "error", which printed nothing.
+    counters = dict(llm.executor.counters)
+    with pytest.raises(RequestError) as error:
+        llm.generate(prompts, params, use_tqdm=False)
+    assert str(error.value).startswith(message)
+    assert dict(llm.executor.counters) == counters  # nothing was enqueued, not even the good prompt
+    with pytest.raises(RequestError, match="lower max_tokens to 509"):
+        stream(llm, "Hi", SamplingParams(max_tokens=10_000))
+
+
+def test_an_error_while_running_is_logged_and_kept_on_its_output(llm, monkeypatch, caplog):
+    launch = llm.executor.runner.launch
+    bad_prompt = [1, 400, 401, 402, 403]
+
+    def fail_for_bad_prompt(plan):
+        if any(s.seq.token_ids[:5] == bad_prompt for s in plan.scheduled):
+            raise RuntimeError("injected failure")
+        return launch(plan)
+
+    monkeypatch.setattr(llm.executor.runner, "launch", fail_for_bad_prompt)
+    (expected,) = llm.generate(["Once upon a time"], GREEDY, use_tqdm=False)
+    with caplog.at_level("WARNING", logger="kiln.runtime.llm"):
+        good, bad = llm.generate(["Once upon a time", bad_prompt], GREEDY.replace(n=2), use_tqdm=False)
+    assert good.error is None and [o.token_ids for o in good.outputs] == [expected.outputs[0].token_ids] * 2
+    assert "injected failure" in bad.error and bad.finished
     assert [(o.index, o.finish_reason) for o in bad.outputs] == [(0, "error"), (1, "error")]  # one per sample
+    (warning,) = [r for r in caplog.records if r.name == "kiln.runtime.llm"]
+    assert warning.levelname == "WARNING" and warning.getMessage().startswith("prompts[1] failed while running: ")
+    assert "injected failure" in warning.getMessage()
 
 
 def stream(llm: LLM, prompt, params: SamplingParams, stop_after: int | None = None) -> list:

@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from kiln.config import DTYPES, TARGETS, BuildConfig, SamplingParams
+from kiln.config import BUILD_DEFAULTS, DTYPES, TARGETS, BuildConfig, SamplingParams
 from kiln.errors import KilnError
 
 LIMITS_HELP = """\
@@ -27,13 +27,17 @@ def _add_build(sub) -> None:
     p.add_argument("model", help="Hugging Face model folder, or a preset name with --dummy-weights "
                                  "(llama-2-7b, llama-3-8b, llama-3.1-8b, llama-3.2-1b, mistral-7b, qwen2.5-7b)")
     p.add_argument("--output", "-o", required=True, help="engine folder to write")
-    p.add_argument("--max-batch-size", type=int, help="most requests in one iteration (default 8)")
-    p.add_argument("--max-input-len", type=int, help="longest prompt in tokens (default min(1024, max_seq_len))")
+    d = BUILD_DEFAULTS
+    p.add_argument("--max-batch-size", type=int, help=f"most requests in one iteration (default {d['max_batch_size']})")
+    p.add_argument("--max-input-len", type=int,
+                   help=f"longest prompt in tokens (default min({d['max_input_len']}, max_seq_len))")
     p.add_argument("--max-seq-len", type=int,
-                   help="longest prompt + output in tokens (default min(2048, the model's positions))")
-    p.add_argument("--max-num-tokens", type=int,
-                   help="most tokens in one iteration; below max_input_len, long prompts are chunked (default 2048)")
-    p.add_argument("--tokens-per-block", type=int, help="KV cache block size in tokens, a power of two (default 32)")
+                   help=f"longest prompt + output in tokens (default min({d['max_seq_len']}, the model's positions), "
+                        "at least max_input_len)")
+    p.add_argument("--max-num-tokens", type=int, help="most tokens in one iteration; below max_input_len, long "
+                                                      f"prompts are chunked (default {d['max_num_tokens']})")
+    p.add_argument("--tokens-per-block", type=int,
+                   help=f"KV cache block size in tokens, a power of two (default {d['tokens_per_block']})")
     p.add_argument("--dtype", choices=DTYPES, default="auto",
                    help="weight and activation dtype; auto keeps the checkpoint's (float32 on CPU for float16)")
     p.add_argument("--target", choices=TARGETS, default="auto",
@@ -47,7 +51,6 @@ def _add_build(sub) -> None:
 def cmd_build(args) -> int:
     from kiln.builder import Builder
     from kiln.models import PRESETS, AutoModelForCausalLM
-    from kiln.runtime.llm import default_build_config
 
     if args.dummy_weights:
         source = (AutoModelForCausalLM.from_preset(args.model) if args.model in PRESETS
@@ -56,9 +59,10 @@ def cmd_build(args) -> int:
         if args.model in PRESETS and not Path(args.model).exists():
             raise KilnError(f"{args.model} is a preset with no checkpoint; add --dummy-weights for random weights")
         source = AutoModelForCausalLM.from_hugging_face(args.model)
-    config = default_build_config(source.config, max_batch_size=args.max_batch_size, max_input_len=args.max_input_len,
-                                  max_seq_len=args.max_seq_len, max_num_tokens=args.max_num_tokens,
-                                  tokens_per_block=args.tokens_per_block, dtype=args.dtype, target=args.target)
+    # Flags not given stay unset: the builder fits them to the model (resolve_build_config).
+    config = BuildConfig(max_batch_size=args.max_batch_size, max_input_len=args.max_input_len,
+                         max_seq_len=args.max_seq_len, max_num_tokens=args.max_num_tokens,
+                         tokens_per_block=args.tokens_per_block, dtype=args.dtype, target=args.target)
     engine = Builder().build(source, config, tune=not args.no_tune)
     out = engine.save(args.output)
     m = engine.manifest

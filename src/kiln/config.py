@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from kiln.errors import ConfigError, RequestError
@@ -13,16 +13,25 @@ CAPACITY_POLICIES = ("guaranteed_no_evict", "max_utilization")
 GREEDY_TEMPERATURE = 1e-5
 
 
+# What an unset BuildConfig field becomes; kiln.builder.resolve_build_config also fits the lengths to the model.
+BUILD_DEFAULTS = dict(max_batch_size=8, max_input_len=1024, max_seq_len=2048, max_num_tokens=2048, tokens_per_block=32)
+
+
 @dataclass(frozen=True)
 class BuildConfig:
-    """The limits fixed into an engine. The runtime may lower batch size / tokens, never raise them."""
+    """The limits fixed into an engine. The runtime may lower batch size / tokens, never raise them.
 
-    max_batch_size: int = 8
-    max_input_len: int = 1024
-    max_seq_len: int = 2048
-    max_num_tokens: int = 2048
+    A field left None (dtype and target: "auto") is unset: the builder fits it to the model and the
+    machine (``resolve_build_config``), so a default never conflicts with a value given or with the
+    model. An engine's manifest holds the resolved values.
+    """
+
+    max_batch_size: int | None = None
+    max_input_len: int | None = None
+    max_seq_len: int | None = None
+    max_num_tokens: int | None = None
     max_beam_width: int = 1
-    tokens_per_block: int = 32
+    tokens_per_block: int | None = None
     dtype: str = "auto"
     tp_size: int = 1
     target: str = "auto"
@@ -30,8 +39,9 @@ class BuildConfig:
     def __post_init__(self):
         for name in ("max_batch_size", "max_input_len", "max_seq_len", "max_num_tokens", "tokens_per_block"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+                raise ConfigError(f"{name} must be a positive integer (or None for a default fitted to the "
+                                  f"model), got {value!r}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype {self.dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
         if self.target not in TARGETS:
@@ -40,18 +50,40 @@ class BuildConfig:
             raise ConfigError(f"tp_size={self.tp_size}: this kiln builds single-GPU engines only; use tp_size=1")
         if self.max_beam_width != 1:
             raise ConfigError(f"max_beam_width={self.max_beam_width}: beam search is not supported yet; use 1")
-        if self.max_input_len > self.max_seq_len:
-            raise ConfigError(f"max_input_len ({self.max_input_len}) must be <= max_seq_len "
-                              f"({self.max_seq_len}); raise --max-seq-len or lower --max-input-len")
-        if self.tokens_per_block & (self.tokens_per_block - 1) or self.tokens_per_block < 4:
-            raise ConfigError(f"tokens_per_block must be a power of two >= 4, got {self.tokens_per_block}")
+        if self.max_input_len is not None and self.max_seq_len is not None and self.max_input_len > self.max_seq_len:
+            raise ConfigError(f"max_input_len ({self.max_input_len}) must be <= max_seq_len ({self.max_seq_len}); "
+                              "raise max_seq_len (--max-seq-len) or lower max_input_len (--max-input-len)")
+        block = self.tokens_per_block
+        if block is not None and (block & (block - 1) or block < 4):
+            raise ConfigError(f"tokens_per_block must be a power of two >= 4, got {block}")
+
+    @property
+    def is_resolved(self) -> bool:
+        """Every field has its value (as in an engine's manifest), none is left to the builder."""
+        return None not in (self.max_batch_size, self.max_input_len, self.max_seq_len, self.max_num_tokens,
+                            self.tokens_per_block) and "auto" not in (self.dtype, self.target)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "BuildConfig":
+        unknown = sorted(set(d) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ConfigError(f"unknown BuildConfig field{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
+                              f"accepted: {', '.join(f.name for f in fields(cls))}")
         return cls(**d)
+
+    @classmethod
+    def of(cls, config: "BuildConfig | dict[str, Any] | None") -> "BuildConfig":
+        """A BuildConfig from what the Python API accepts: one, a dict of its fields, or None (all unset)."""
+        if config is None:
+            return cls()
+        if isinstance(config, cls):
+            return config
+        if isinstance(config, dict):
+            return cls.from_dict(config)
+        raise ConfigError(f"expected a BuildConfig, a dict of its fields or None, got {type(config).__name__}")
 
     def replace(self, **kw) -> "BuildConfig":
         return replace(self, **kw)

@@ -1,4 +1,4 @@
-from kiln.builder.builder import Builder, validate
+from kiln.builder.builder import Builder, resolve_build_config
 from kiln.engine import Engine, EngineManifest
 
-__all__ = ["Builder", "Engine", "EngineManifest", "validate"]
+__all__ = ["Builder", "Engine", "EngineManifest", "resolve_build_config"]

@@ -5,13 +5,16 @@ All validation happens here, before any weight is converted, and each error says
 
 from __future__ import annotations
 
+import os
 import tempfile
 from functools import partial
+from pathlib import Path
+from typing import Any
 
 import torch
 
 from kiln.builder.plan import kernel_plan, memory_plan, tensor_table
-from kiln.config import BuildConfig
+from kiln.config import BUILD_DEFAULTS, BuildConfig
 from kiln.convert.checkpoint import CheckpointReader
 from kiln.convert.converter import convert_checkpoint, dummy_weights
 from kiln.engine import Engine, EngineManifest
@@ -19,33 +22,56 @@ from kiln.engine.target import detect_target, device_name, resolve_dtype
 from kiln.engine.weights import DTYPE_NAMES
 from kiln.errors import ConfigError
 from kiln.kernels.triton_jit import compile_cache
-from kiln.models import ModelSource
+from kiln.models import AutoModelForCausalLM, ModelSource
 from kiln.models.config import ModelConfig
 
 
-def validate(model: ModelConfig, build: BuildConfig) -> BuildConfig:
-    """Returns the build config with target and dtype resolved, or raises naming the fix."""
+def resolve_build_config(model: ModelConfig, build: BuildConfig) -> BuildConfig:
+    """The one place build defaults are chosen (Builder.build, ``kiln build``, LLM on a Hugging Face
+    folder): every unset field fitted to the model and this machine. A value given is kept, or refused
+    naming its field, its flag and the fix; a default never conflicts with a value given or the model."""
     target = detect_target() if build.target == "auto" else build.target
     here = detect_target()
     if target != "cpu" and here != target:
         raise ConfigError(f"target {target} needs that GPU present to plan and tune kernels (this machine: "
-                          f"{here}); build on the target machine or use --target auto")
+                          f"{here}); build on the target machine or use target='auto' (--target auto)")
     dtype = resolve_dtype(build.dtype, model.checkpoint_dtype, target)
+    longest, reason = _longest_sequence(model)
+    for name in ("max_seq_len", "max_input_len"):  # max_input_len <= max_seq_len when both are given
+        value = getattr(build, name)
+        if value is not None and value > longest:
+            raise ConfigError(f"{name}={value} exceeds {reason}; lower {name} (--{name.replace('_', '-')}) to "
+                              f"{longest} or less")
+    seq_len = build.max_seq_len or max(min(BUILD_DEFAULTS["max_seq_len"], longest), build.max_input_len or 0)
+    return build.replace(
+        target=target, dtype=dtype, max_seq_len=seq_len,
+        max_input_len=build.max_input_len or min(BUILD_DEFAULTS["max_input_len"], seq_len),
+        **{name: getattr(build, name) or BUILD_DEFAULTS[name]
+           for name in ("max_batch_size", "max_num_tokens", "tokens_per_block")})
+
+
+def _longest_sequence(model: ModelConfig) -> tuple[int, str]:
+    """The longest sequence an engine of ``model`` may hold, and what sets it (for error messages)."""
     limit = model.max_supported_positions
-    if build.max_seq_len > limit:
-        raise ConfigError(f"max_seq_len={build.max_seq_len} exceeds the model's {limit} positions "
-                          f"(max_position_embeddings{' with rope scaling' if model.rope.rope_type != 'default' else ''}); "
-                          f"lower --max-seq-len to {limit} or less")
-    if model.sliding_window is not None and build.max_seq_len > model.sliding_window:
-        raise ConfigError(f"max_seq_len={build.max_seq_len} exceeds the model's sliding window "
-                          f"({model.sliding_window}); sliding-window attention is not supported yet, so lower "
-                          f"--max-seq-len to {model.sliding_window}")
-    return build.replace(target=target, dtype=dtype)
+    if model.sliding_window is not None and model.sliding_window < limit:
+        return model.sliding_window, (f"the model's sliding window ({model.sliding_window}), and sliding-window "
+                                      "attention is not supported yet")
+    scaled = " with rope scaling" if model.rope.rope_type != "default" else ""
+    return limit, f"the model's {limit} positions (max_position_embeddings{scaled})"
 
 
 class Builder:
-    def build(self, model: ModelSource, config: BuildConfig, tune: bool = True) -> Engine:
-        resolved = validate(model.config, config)
+    def build(self, model: ModelSource | str | Path, config: BuildConfig | dict[str, Any] | None = None,
+              tune: bool = True) -> Engine:
+        """``model``: from ``AutoModelForCausalLM.from_hugging_face`` / ``from_preset``, or a Hugging Face
+        folder's path. ``config``: a BuildConfig, a dict of its fields, or None; fields left unset are
+        fitted to the model (``resolve_build_config``)."""
+        if isinstance(model, (str, os.PathLike)):
+            model = AutoModelForCausalLM.from_hugging_face(model)
+        elif not isinstance(model, ModelSource):
+            raise ConfigError(f"Builder.build takes a model from AutoModelForCausalLM.from_hugging_face(path) or "
+                              f"from_preset(name), or a Hugging Face folder's path; got {type(model).__name__}")
+        resolved = resolve_build_config(model.config, BuildConfig.of(config))
         dtype = DTYPE_NAMES[resolved.dtype]
         # Kernels compiled while tuning are saved in the engine folder, so that loading compiles nothing.
         kernel_cache = tempfile.TemporaryDirectory(prefix="kiln-kernels-") if resolved.target != "cpu" else None

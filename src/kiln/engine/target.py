@@ -30,7 +30,7 @@ def resolve_dtype(dtype: str, checkpoint_dtype: str, target: str) -> str:
             dtype = "float32"  # CPU float16 matmuls are slow or missing; float32 is exact for fp16 weights
     if dtype == "bfloat16" and target != "cpu" and compute_capability(target) < 80:
         raise ConfigError(f"bfloat16 needs compute capability 8.0 or newer (target {target}); "
-                          "build with --dtype float16")
+                          "build with dtype='float16' (--dtype float16)")
     return dtype
 
 

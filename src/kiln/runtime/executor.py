@@ -311,10 +311,7 @@ class Executor:
     # ---- requests ------------------------------------------------------------------------------
     def _add(self, request_id: int, request: Request, callback: ResponseCallback | None, arrival: float) -> None:
         try:
-            if not isinstance(request, Request) or not isinstance(request.sampling_params, SamplingParams):
-                raise RequestError("enqueue a kiln Request whose sampling_params is a SamplingParams")
-            params = request.effective_sampling()
-            prompt = self._validate(request, params)
+            params, prompt = self.validate_request(request)
             state = _RequestState(request_id, request, params, prompt, callback, arrival)
             seed = params.seed if params.seed is not None else random.getrandbits(62)
             seq = Sequence(self.scheduler.new_seq_id(), request_id, list(prompt), len(prompt), params, seed,
@@ -331,7 +328,12 @@ class Executor:
         self.scheduler.add(seq)
         self.counters["prompt_tokens"] += len(prompt)
 
-    def _validate(self, request: Request, params: SamplingParams) -> list[int]:
+    def validate_request(self, request: Request) -> tuple[SamplingParams, list[int]]:
+        """The request's effective sampling and prompt, or a RequestError naming the limit it breaks.
+        Any thread: the loop runs it on each request it takes in, LLM.generate on all of a batch first."""
+        if not isinstance(request, Request) or not isinstance(request.sampling_params, SamplingParams):
+            raise RequestError("enqueue a kiln Request whose sampling_params is a SamplingParams")
+        params = request.effective_sampling()
         build = self.engine.build_config
         ids = request.input_token_ids
         if not isinstance(ids, (list, tuple)) or not ids:
@@ -353,7 +355,7 @@ class Executor:
             raise RequestError(f"request needs {need} KV blocks (prompt + max_tokens, n={params.n}) but the pool "
                                f"has {self.pool.num_blocks}; lower max_tokens or n, or give the KV cache more "
                                "memory (free_gpu_memory_fraction / max_tokens)")
-        return list(ids)
+        return params, list(ids)
 
     def _stop_ids(self, request: Request, params: SamplingParams) -> tuple[int, ...]:
         eos = () if params.ignore_eos else ((request.end_id,) if request.end_id is not None

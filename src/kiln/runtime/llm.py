@@ -9,8 +9,11 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import os
 import queue
+import sys
+import tempfile
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +29,9 @@ from kiln.version import ENGINE_FORMAT_VERSION, __version__
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "data" / "stories260K"
 DEFAULT_MODEL_NAME = "stories260K"
+CACHE_DIR_ENV = "KILN_CACHE_DIR"
+
+logger = logging.getLogger(__name__)
 
 Prompt = str | list[int]
 
@@ -63,23 +69,19 @@ class RequestOutput:
 
 
 def cache_root() -> Path:
+    """Where engines built from Hugging Face folders are kept: $KILN_CACHE_DIR/engines if set, else
+    $XDG_CACHE_HOME/kiln/engines, else ~/.cache/kiln/engines."""
+    if os.environ.get(CACHE_DIR_ENV):
+        return Path(os.environ[CACHE_DIR_ENV]).expanduser() / "engines"
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "kiln" / "engines"
 
 
-def default_build_config(model_config, **overrides) -> BuildConfig:
-    """BuildConfig defaults fitted to the model (never longer than its positions); explicit values win."""
-    base = BuildConfig()
-    max_seq = overrides.get("max_seq_len") or min(base.max_seq_len, model_config.max_supported_positions)
-    max_input = overrides.get("max_input_len") or min(base.max_input_len, max_seq)
-    values = {"max_seq_len": max_seq, "max_input_len": max_input}
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    return BuildConfig(**values)
-
-
-def ensure_engine(model: str | Path | None, build_config: BuildConfig | None = None, progress: bool = True) -> Path:
-    """An engine folder for ``model``: itself if it is one, else built (once) into the user cache."""
-    from kiln.builder import Builder
+def ensure_engine(model: str | Path | None, build_config: BuildConfig | dict | None = None,
+                  progress: bool = True) -> Path:
+    """An engine folder for ``model``: itself if it is one, else built (once) into the user cache,
+    saying so on stderr."""
+    from kiln.builder import Builder, resolve_build_config
     from kiln.models import AutoModelForCausalLM
 
     path = Path(model) if model is not None else DEFAULT_MODEL_DIR
@@ -93,12 +95,9 @@ def ensure_engine(model: str | Path | None, build_config: BuildConfig | None = N
         raise ConfigError(f"{path}: neither an engine folder ({MANIFEST_FILE}) nor a Hugging Face model folder "
                           "(config.json)")
     source = AutoModelForCausalLM.from_hugging_face(path)
-    if build_config is None:
-        build_config = (BuildConfig(max_batch_size=64, max_input_len=256, max_seq_len=512, max_num_tokens=2048)
-                        if path == DEFAULT_MODEL_DIR else default_build_config(source.config))
-    from kiln.builder.builder import validate
-
-    resolved = validate(source.config, build_config)
+    if build_config is None and path == DEFAULT_MODEL_DIR:
+        build_config = BuildConfig(max_batch_size=64, max_input_len=256, max_seq_len=512, max_num_tokens=2048)
+    resolved = resolve_build_config(source.config, BuildConfig.of(build_config))
     stamp = [__version__, ENGINE_FORMAT_VERSION, str(path.resolve()), resolved.to_dict()]
     stamp += [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(path.iterdir()) if f.is_file()]
     key = hashlib.sha256(json.dumps(stamp, sort_keys=True).encode()).hexdigest()[:16]
@@ -109,14 +108,25 @@ def ensure_engine(model: str | Path | None, build_config: BuildConfig | None = N
             return engine_dir
         except KilnError:
             pass  # stale or damaged cache entry: rebuild it
+    _check_writable(engine_dir.parent)
+    print(f"kiln: building an engine for {path} (first use; cached in {engine_dir})", file=sys.stderr, flush=True)
     Builder().build(source, resolved).save(engine_dir, progress=progress)
     return engine_dir
+
+
+def _check_writable(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        raise ConfigError(f"engine cache {folder} is not writable ({e.strerror or e}); set {CACHE_DIR_ENV} to a "
+                          "writable folder, or build with kiln build --output DIR and load DIR") from None
 
 
 class LLM:
     def __init__(self, model: str | Path | None = None, *, max_batch_size: int | None = None,
                  max_num_tokens: int | None = None, kv_cache_config: KvCacheConfig | None = None,
-                 scheduler_config: SchedulerConfig | None = None, build_config: BuildConfig | None = None,
+                 scheduler_config: SchedulerConfig | None = None, build_config: BuildConfig | dict | None = None,
                  enable_cuda_graphs: bool = True, device: str | None = None, progress: bool = True):
         self.engine_dir = ensure_engine(model, build_config, progress=progress)
         config = RuntimeConfig(max_batch_size=max_batch_size, max_num_tokens=max_num_tokens,
@@ -144,6 +154,11 @@ class LLM:
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
+        """One RequestOutput per prompt, in order. A prompt the engine cannot take (longer than
+        max_input_len, prompt + max_tokens beyond max_seq_len, a token id outside the vocabulary, bad
+        parameters) raises a RequestError naming the limit before any prompt runs. An error that strikes
+        one request while it runs is logged as a warning and kept on its output (``error``, finish
+        reason "error"); the other outputs are unaffected."""
         batch = self._as_batch(prompts)
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
             params = [sampling_params or SamplingParams()] * len(batch)
@@ -152,6 +167,11 @@ class LLM:
             if len(params) != len(batch):
                 raise ConfigError(f"got {len(params)} SamplingParams for {len(batch)} prompts")
         requests = [self._to_request(p, sp, streaming=False) for p, sp in zip(batch, params)]
+        for i, request in enumerate(requests):  # all of them, before any runs
+            try:
+                self.executor.validate_request(request)
+            except RequestError as e:
+                raise RequestError(f"prompts[{i}]: {e}" if len(requests) > 1 else str(e)) from None
         # Responses come through a callback of our own, so another client of the same executor (a
         # concurrent generate, await_responses) neither takes ours nor loses its own.
         finals: queue.SimpleQueue[Response] = queue.SimpleQueue()
@@ -167,15 +187,21 @@ class LLM:
                         raise KilnError("executor stopped before all requests finished") from None
                     continue
                 done[resp.request_id] = _to_output(resp, by_id[resp.request_id], None)
+                if resp.has_error():
+                    logger.warning("prompts[%d] failed while running: %s", ids.index(resp.request_id),
+                                   resp.error_msg)
                 bar.update(1)
         return [done[i] for i in ids]
 
     async def generate_async(self, prompt: Prompt, sampling_params: SamplingParams | None = None,
                              streaming: bool = True) -> AsyncIterator[RequestOutput]:
-        """Yields RequestOutputs as tokens arrive (cumulative text, plus text_diff); the last is final."""
+        """Yields RequestOutputs as tokens arrive (cumulative text, plus text_diff); the last is final.
+        A request beyond the engine's limits raises a RequestError before it runs, as in generate; an
+        error while it runs ends it with an output whose ``error`` says why."""
         loop = asyncio.get_running_loop()
         responses: asyncio.Queue[Response] = asyncio.Queue()
         request = self._to_request(prompt, sampling_params or SamplingParams(), streaming)
+        self.executor.validate_request(request)
         request_id = self.executor.enqueue_request(
             request, on_response=lambda r: loop.call_soon_threadsafe(responses.put_nowait, r))
         previous = None
