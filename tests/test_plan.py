@@ -5,12 +5,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import statistics
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from kiln.cli import main
 from kiln.config import BuildConfig
 from kiln.models import AutoModelForCausalLM
 from kiln.plan import Workload, gpu_named, make_plan
@@ -27,8 +26,10 @@ def engine(gpu: str = "h100-80gb", precision: str = "bf16", kv: str = "bf16", tp
     return EngineShape(model_shape(config), gpu_named(gpu), PRECISIONS[precision], KV_DTYPES[kv], tp, batch, tokens)
 
 
-def kiln(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "kiln.cli", *args], capture_output=True, text=True, cwd=REPO)
+def kiln(capsys, *args: str) -> tuple[int, str, str]:
+    code = main(list(args))
+    out = capsys.readouterr()
+    return code, out.out, out.err
 
 
 def test_stored_calibration_predicts_kilns_measurements():
@@ -109,17 +110,17 @@ def test_recommendations_are_buildable_here():
         BuildConfig(max_batch_size=r.max_batch_size, max_input_len=1000, max_seq_len=2000,
                     max_num_tokens=r.max_num_tokens, tp_size=r.tp_size)
     # A latency bound lowers the batch the throughput engine may use.
-    bounded = make_plan("llama-3-8b", LLAMA3_8B, gpu_named("h200"), cal, Workload(1000, 1000, 3000, 2_000))
+    bounded = make_plan("llama-3-8b", LLAMA3_8B, gpu_named("h200"), cal, Workload(1000, 1000, 3000, 8_000))
     assert bounded.recommended()["throughput"].max_batch_size < rec["throughput"].max_batch_size
 
 
-def test_cli_answers_the_a100_exercise():
-    out = kiln("plan", "llama-2-7b", "--gpu", "a100-80gb")
-    assert out.returncode == 0, out.stderr
-    assert "fp8 needs sm89+" in out.stdout
-    assert "kiln build llama-2-7b --output ENGINE --dtype bfloat16" in out.stdout
-    assert "--kv-cache-free-gpu-mem-fraction" in out.stdout
-    data = json.loads(kiln("plan", "llama-2-7b", "--gpu", "a100-80gb", "--json", "--tp", "1,2").stdout)
+def test_cli_answers_the_a100_exercise(capsys):
+    code, out, err = kiln(capsys, "plan", "llama-2-7b", "--gpu", "a100-80gb")
+    assert code == 0, err
+    assert "fp8 needs sm89+" in out
+    assert "kiln build llama-2-7b --output ENGINE --dtype bfloat16" in out
+    assert "--kv-cache-free-gpu-mem-fraction" in out
+    data = json.loads(kiln(capsys, "plan", "llama-2-7b", "--gpu", "a100-80gb", "--json", "--tp", "1,2")[1])
     keys = {"quantization", "kv_cache_dtype", "tp_size", "fits", "weights_gib", "kv_tokens", "max_batch_size",
             "bs1_tok_s", "throughput_tok_s", "ttft_ms", "reason"}
     assert keys <= set(data["configs"][0]) and len(data["configs"]) == 20
@@ -132,9 +133,9 @@ def test_cli_answers_the_a100_exercise():
     (("llama-2-7b", "--gpu", "h200", "--tp", "3"), "--tp '3': give powers of two"),
     (("llama-2-7b",), "needs a MODEL and --gpu"),
 ])
-def test_cli_errors_are_one_line(args, message):
-    out = kiln("plan", *args)
-    assert out.returncode == 1 and message in out.stderr and len(out.stderr.strip().splitlines()) == 1
+def test_cli_errors_are_one_line(capsys, args, message):
+    code, _, err = kiln(capsys, "plan", *args)
+    assert code == 1 and message in err and len(err.strip().splitlines()) == 1
 
 
 def test_calibrate_from_a_bench_report(tmp_path):

@@ -146,7 +146,8 @@ def plan_row(shape: ModelShape, gpu: GPU, cal: Calibration, workload: Workload, 
         row.reason = (f"weights take {weights_gib:.1f} GiB of {gpu.memory_gib:.0f} GiB per GPU, leaving KV room for "
                       f"{kv_tokens} tokens (< {seq_len} for one request): use a larger tp or a smaller precision")
         return row
-    concurrency = engine.max_concurrency(cal, workload.isl, workload.osl)
+    # Requests the KV pool holds at once, each reserving its worst case (guaranteed_no_evict).
+    concurrency = kv_tokens // engine.tokens_per_block // math.ceil(seq_len / engine.tokens_per_block)
     batch = _fit_latency(engine, cal, workload, min(useful, _pow2_floor(concurrency)))
     engine = dataclasses.replace(engine, max_batch_size=batch)
     offline_ms = engine.offline_ms(cal, workload.isl, workload.osl, workload.num_requests)

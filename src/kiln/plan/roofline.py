@@ -67,8 +67,7 @@ class Calibration:
     """Efficiencies against the datasheet (fractions of peak) and fixed costs, fitted by ``calibrate``."""
 
     bandwidth_efficiency: float   # weights + KV streamed by an iteration
-    compute_efficiency: float     # matmuls and attention of compute-bound iterations, at large token counts
-    compute_half_tokens: float    # tokens per iteration at which the matmuls reach half that efficiency
+    compute_efficiency: float     # matmuls and attention of compute-bound iterations
     decode_step_ms: float         # GPU time a decode iteration adds to its roofline (graph gaps, sampling)
     context_step_ms: float        # host time to launch an iteration with prompt tokens (eager, not a graph)
     host_us_per_sequence: float   # host time per sequence per iteration (planning, stop checks, detokenizing)
@@ -136,10 +135,8 @@ class EngineShape:
         other_flops = (2 * m.embedding_params / tp * num_sampled
                        + 4 * m.num_layers * m.num_heads / tp * m.head_dim * attended_pairs)
         peak = self.gpu.fp8_tflops if self.precision.compute == "fp8" else self.gpu.bf16_tflops
-        # Small-M matmuls leave tensor cores idle: efficiency saturates with the tokens of the iteration.
-        efficiency = cal.compute_efficiency * num_tokens / (num_tokens + cal.compute_half_tokens)
         compute_s = (matmul_flops / (peak * self.precision.compute_factor) + other_flops / self.gpu.bf16_tflops) \
-            / (efficiency * 1e12)
+            / (cal.compute_efficiency * 1e12)
         bytes_read = self.weight_bytes_read + kv_tokens_read * self.kv_bytes_per_token
         memory_s = bytes_read / (self.gpu.bandwidth_tbps * 1e12 * cal.bandwidth_efficiency)
         gpu_ms = 1e3 * max(compute_s, memory_s) + self.all_reduce_ms(cal, num_tokens)
