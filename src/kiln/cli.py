@@ -1,4 +1,4 @@
-"""kiln's command line: build | generate | inspect | serve | bench.
+"""kiln's command line: build | generate | inspect | serve | bench | plan.
 
 Errors print as one line on stderr with a non-zero exit; --debug shows the traceback.
 """
@@ -189,11 +189,11 @@ def _human(n: int) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kiln", description="kiln: LLM inference compiler and runtime.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{build,generate,inspect,serve,bench}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{build,generate,inspect,serve,bench,plan}")
     _add_build(sub)
     _add_generate(sub)
     _add_inspect(sub)
-    for module in ("kiln.serve.cli", "kiln.bench.cli"):
+    for module in ("kiln.serve.cli", "kiln.bench.cli", "kiln.plan.cli"):
         try:
             __import__(module, fromlist=["add_parser"]).add_parser(sub)
         except ModuleNotFoundError as e:

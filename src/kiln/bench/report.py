@@ -128,7 +128,7 @@ def engine_details(engine_dir: str | Path, manifest: EngineManifest, backend: st
     return {"model": f"{mc.architecture} ({size} params)", "model_path": str(engine_dir),
             "engine_dir": str(engine_dir), "version": version, "backend": backend, "dtype": dtype,
             "kv_cache_dtype": dtype, "quantization": None, "max_input_length": bc.max_input_len,
-            "max_sequence_length": bc.max_seq_len}
+            "max_sequence_length": bc.max_seq_len, "model_config": mc.to_dict()}
 
 
 def dataset_details(requests: list[BenchRequest], dataset_path: str | Path | None) -> dict[str, Any]:

@@ -1,0 +1,197 @@
+"""Fitting the cost model's efficiencies to measurements, and the measurements it was fitted on.
+
+A measurement names the GPU, the model (a preset), the engine's limits and what was measured: batch-1
+decode rate, decode rate at a batch, TTFT of one prompt, or offline output throughput of a fixed-length
+workload. ``fit`` searches the FITTED parameters of ``Calibration`` (Nelder-Mead on their logarithms)
+for the smallest mean squared log error over all measurements; ``kiln plan --calibrate`` adds the
+measurements of ``kiln bench`` reports to the stored ones and refits.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, fields
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from kiln.errors import ConfigError
+from kiln.plan.roofline import Calibration, EngineShape
+
+KINDS = ("bs1_decode", "decode", "ttft", "throughput")
+
+
+@dataclass(frozen=True)
+class Measurement:
+    gpu: str                 # key of gpus.json
+    model: str               # preset name (or HF folder)
+    kind: str                # one of KINDS
+    value: float             # tok/s, or ms for ttft
+    isl: int = 128
+    osl: int = 128
+    batch: int = 1           # decode: sequences per iteration
+    num_requests: int = 1    # throughput
+    max_batch_size: int = 512
+    max_num_tokens: int = 8192
+    precision: str = "bf16"
+    source: str = ""
+    model_config: dict[str, Any] | None = None  # a ModelConfig's fields, where ``model`` is not a preset
+
+    def predict(self, engine: EngineShape, cal: Calibration) -> float | None:
+        if self.kind == "bs1_decode":
+            return engine.decode_tok_s(cal, 1, self.isl + self.osl // 2)
+        if self.kind == "decode":
+            return engine.decode_tok_s(cal, self.batch, self.isl + self.osl // 2)
+        if self.kind == "ttft":
+            return engine.ttft_ms(cal, self.isl)
+        ms = engine.offline_ms(cal, self.isl, self.osl, self.num_requests)
+        return None if ms is None else self.num_requests * self.osl / ms * 1e3
+
+    @property
+    def label(self) -> str:
+        what = {"bs1_decode": "batch-1 decode tok/s", "decode": f"decode tok/s at batch {self.batch}",
+                "ttft": f"TTFT ms, {self.isl}-token prompt",
+                "throughput": f"{self.isl}/{self.osl} output tok/s ({self.num_requests} req)"}[self.kind]
+        return f"{self.gpu} {self.model} {self.precision}: {what}"
+
+
+def engine_for(m: Measurement) -> EngineShape:
+    """The engine a measurement was taken on, as the cost model sees it."""
+    from kiln.models.config import ModelConfig
+    from kiln.models.presets import preset_hf_config
+    from kiln.plan.planner import KV_DTYPES, PRECISIONS, load_gpus, model_shape
+
+    gpus = load_gpus()
+    if m.gpu not in gpus:
+        raise ConfigError(f"measurement on unknown GPU {m.gpu!r}; kiln plan knows {', '.join(gpus)}")
+    config = (ModelConfig.from_dict(m.model_config) if m.model_config is not None
+              else ModelConfig.from_hf_config(preset_hf_config(m.model)))
+    return EngineShape(model_shape(config), gpus[m.gpu], PRECISIONS[m.precision], KV_DTYPES["bf16"], 1,
+                       m.max_batch_size, m.max_num_tokens)
+
+
+def refit(measurements: Sequence[Measurement], start: Calibration
+          ) -> tuple[Calibration, list[tuple[str, float, float]]]:
+    """Fitted calibration, and (label, measured, predicted) per measurement under it."""
+    engines = [engine_for(m) for m in measurements]
+    cal = fit(engines, measurements, start)
+    return cal, [(m.label, m.value, m.predict(e, cal) or float("nan")) for m, e in zip(measurements, engines)]
+
+
+def from_report(path: str | Path) -> list[Measurement]:
+    """Measurements in a ``kiln bench throughput`` or ``kiln bench latency`` report (JSON)."""
+    from kiln.plan.planner import load_gpus
+
+    try:
+        report = json.loads(Path(path).read_text())
+        engine, machine, world = report["engine"], report["machine"], report["world_info"]
+        requests, performance = report["request_info"], report["performance"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"{path}: not a kiln bench report ({e})") from e
+    if engine.get("backend") != "kiln" or "model_config" not in engine:
+        raise ConfigError(f"{path}: a report of kiln's own backend with the engine's model_config is needed "
+                          "(rerun kiln bench with this kiln)")
+    gpu = next((key for key, g in load_gpus().items() if g.name == machine.get("name")), None)
+    if gpu is None:
+        raise ConfigError(f"{path}: GPU {machine.get('name')!r} is not in kiln plan's table")
+    if engine.get("quantization") or engine.get("dtype") not in ("bfloat16", "float16"):
+        raise ConfigError(f"{path}: only 16-bit engines calibrate the model so far")
+    common = dict(gpu=gpu, model=engine.get("model", ""), model_config=engine["model_config"],
+                  isl=round(requests["avg_input_length"]), osl=round(requests["avg_output_length"]),
+                  max_batch_size=world["max_batch_size"], max_num_tokens=world["max_num_tokens"], source=str(path))
+    if world["max_batch_size"] == 1 and "streaming_metrics" in report:  # kiln bench latency
+        s = report["streaming_metrics"]
+        return [Measurement(kind="bs1_decode", value=s["token_output_speed_tok_s"], **common),
+                Measurement(kind="ttft", value=s["avg_ttft_ms"], **common)]
+    return [Measurement(kind="throughput", value=performance["system_output_throughput_tok_s"],
+                        num_requests=requests["num_requests"], **common)]
+
+
+def load_stored() -> tuple[Calibration, list[Measurement]]:
+    data = json.loads(resources.files("kiln.plan").joinpath("calibration.json").read_text())
+    return parse(data)
+
+
+def parse(data: dict[str, Any]) -> tuple[Calibration, list[Measurement]]:
+    names = {f.name for f in fields(Calibration)}
+    cal = Calibration(**{k: v for k, v in data["calibration"].items() if k in names})
+    return cal, [Measurement(**m) for m in data.get("measurements", [])]
+
+
+def load_file(path: str | Path) -> tuple[Calibration, list[Measurement]]:
+    try:
+        return parse(json.loads(Path(path).read_text()))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"{path}: not a kiln plan calibration ({e}); write one with kiln plan --calibrate") from e
+
+
+def to_json(cal: Calibration, measurements: Sequence[Measurement]) -> str:
+    return json.dumps({"calibration": asdict(cal), "measurements": [asdict(m) for m in measurements]}, indent=1)
+
+
+def error(engines: Sequence[EngineShape], measurements: Sequence[Measurement], cal: Calibration) -> float:
+    """Mean squared log ratio of predicted to measured (an unservable prediction counts as 10x off)."""
+    total = 0.0
+    for engine, m in zip(engines, measurements):
+        p = m.predict(engine, cal)
+        total += math.log(p / m.value) ** 2 if p else math.log(10.0) ** 2
+    return total / max(1, len(measurements))
+
+
+FITTED = ("bandwidth_efficiency", "compute_efficiency", "decode_step_ms", "context_step_ms", "host_us_per_sequence")
+BOUNDS = {"bandwidth_efficiency": (0.05, 1.0), "compute_efficiency": (0.05, 1.0),
+          "decode_step_ms": (0.0, 50.0), "context_step_ms": (0.0, 200.0), "host_us_per_sequence": (0.0, 1000.0)}
+
+
+def fit(engines: Sequence[EngineShape], measurements: Sequence[Measurement], start: Calibration,
+        iterations: int = 300) -> Calibration:
+    """The FITTED parameters that minimise ``error`` (Nelder-Mead over log-parameters, kept in BOUNDS)."""
+    if not measurements:
+        raise ConfigError("no measurements to calibrate on")
+
+    def calibration(x: Sequence[float]) -> Calibration:
+        values = {}
+        for name, v in zip(FITTED, x):
+            lo, hi = BOUNDS[name]
+            values[name] = min(hi, max(lo, math.exp(v)))
+        return Calibration(**{**asdict(start), **values})
+
+    def cost(x: Sequence[float]) -> float:
+        return error(engines, measurements, calibration(x))
+
+    x0 = [math.log(max(1e-3, getattr(start, name))) for name in FITTED]
+    return calibration(_nelder_mead(cost, x0, iterations))
+
+
+def _nelder_mead(f: Callable[[Sequence[float]], float], x0: list[float], iterations: int,
+                 step: float = 0.3) -> list[float]:
+    simplex = [x0] + [[x + (step if i == j else 0.0) for j, x in enumerate(x0)] for i in range(len(x0))]
+    values = [f(x) for x in simplex]
+    for _ in range(iterations):
+        order = sorted(range(len(simplex)), key=values.__getitem__)
+        simplex, values = [simplex[i] for i in order], [values[i] for i in order]
+        centroid = [sum(xs) / (len(simplex) - 1) for xs in zip(*simplex[:-1])]
+
+        def toward(t: float) -> list[float]:
+            return [c + t * (w - c) for c, w in zip(centroid, simplex[-1])]
+
+        reflected = toward(-1.0)
+        fr = f(reflected)
+        if fr < values[0]:
+            expanded = toward(-2.0)
+            fe = f(expanded)
+            simplex[-1], values[-1] = (expanded, fe) if fe < fr else (reflected, fr)
+        elif fr < values[-2]:
+            simplex[-1], values[-1] = reflected, fr
+        else:
+            contracted = toward(0.5)
+            fc = f(contracted)
+            if fc < values[-1]:
+                simplex[-1], values[-1] = contracted, fc
+            else:
+                best = simplex[0]
+                simplex = [best] + [[b + 0.5 * (x - b) for b, x in zip(best, xs)] for xs in simplex[1:]]
+                values = [values[0]] + [f(x) for x in simplex[1:]]
+    return simplex[min(range(len(simplex)), key=values.__getitem__)]

@@ -1,0 +1,157 @@
+"""``kiln plan``: the cost model against kiln's measurements, the GPU rules, the CLI and calibration."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+
+from kiln.cli import main
+from kiln.config import BuildConfig
+from kiln.models import AutoModelForCausalLM
+from kiln.plan import Workload, gpu_named, make_plan
+from kiln.plan import calibration as calib
+from kiln.plan.planner import KV_DTYPES, PRECISIONS, model_shape
+from kiln.plan.roofline import EngineShape
+
+REPO = Path(__file__).resolve().parent.parent
+LLAMA3_8B = AutoModelForCausalLM.from_preset("llama-3-8b").config
+
+
+def engine(gpu: str = "h100-80gb", precision: str = "bf16", kv: str = "bf16", tp: int = 1, batch: int = 512,
+           tokens: int = 8192, config=LLAMA3_8B) -> EngineShape:
+    return EngineShape(model_shape(config), gpu_named(gpu), PRECISIONS[precision], KV_DTYPES[kv], tp, batch, tokens)
+
+
+def kiln(capsys, *args: str) -> tuple[int, str, str]:
+    code = main(list(args))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_stored_calibration_predicts_kilns_measurements():
+    cal, measurements = calib.load_stored()
+    errors = {m.label: m.predict(calib.engine_for(m), cal) / m.value - 1 for m in measurements}
+    within = [label for label, e in errors.items() if abs(e) <= 0.15]
+    # The two 128-token TTFTs (11 ms on the H200, 21 ms on the H100: host-bound, machine-dependent) are the
+    # known misses that docs/plan.md lists; everything else is within the 15% goal.
+    assert len(within) >= len(errors) - 2, {k: f"{v:+.1%}" for k, v in errors.items()}
+    assert statistics.median(abs(e) for e in errors.values()) < 0.05
+
+
+def test_kv_pool_matches_the_runtime_on_an_h100():
+    # docs/results/h100/throughput_128_128.json: max batch 512, 8192 tokens per iteration, 90% of free
+    # memory: the runtime made 14529 blocks of 32 tokens.
+    cal, _ = calib.load_stored()
+    blocks = engine().kv_tokens(cal) // 32
+    assert abs(blocks / 14529 - 1) < 0.02
+
+
+def test_weight_bytes_per_precision():
+    e = {p: engine(precision=p) for p in ("bf16", "fp8", "int8_wo", "int4_wo")}
+    linear = e["bf16"].linear_params
+    assert linear == LLAMA3_8B.num_params() - 2 * 128256 * 4096
+    assert e["bf16"].weight_bytes_per_gpu == 2 * LLAMA3_8B.num_params()
+    assert e["fp8"].weight_bytes_read == linear + 2 * 128256 * 4096  # the LM head stays 16-bit
+    # 4.5 bits per linear weight; the 1 GB LM head stays 16-bit.
+    assert e["int4_wo"].weight_bytes_read == pytest.approx(linear * (0.5 + 4 / 128) + 2 * 128256 * 4096)
+    assert engine(tp=2).weight_bytes_per_gpu == e["bf16"].weight_bytes_per_gpu / 2
+    # 8 KV heads over tp 16 are replicated: each rank holds one head, not half of one.
+    assert engine(tp=16).kv_bytes_per_token == engine(tp=8).kv_bytes_per_token
+
+
+def test_offline_simulation_bounds():
+    cal, _ = calib.load_stored()
+    e = engine(gpu="h200")
+    ms = e.offline_ms(cal, 128, 128, 2048)
+    # No faster than every token at the best decode rate, no slower than one request at a time.
+    fastest = 2048 * 128 / e.decode_tok_s(cal, 512, 192) * 1e3
+    serial = 2048 * (e.ttft_ms(cal, 128) + 127 / e.decode_tok_s(cal, 1, 192) * 1e3)
+    assert fastest < ms < serial
+    # A pool that holds fewer requests at once is slower; more requests take longer.
+    small = dataclasses.replace(e, max_batch_size=32)
+    assert small.offline_ms(cal, 128, 128, 2048) > ms
+    assert e.offline_ms(cal, 128, 128, 4096) > ms
+    assert e.offline_ms(cal, 128, 1, 64) > 0  # output length 1: every request ends at its prompt
+
+
+def test_fp8_refused_on_an_a100_with_what_to_use_instead():
+    cal, _ = calib.load_stored()
+    plan = make_plan("llama-3-8b", LLAMA3_8B, gpu_named("a100-80gb"), cal, Workload(128, 128, 1000))
+    fp8 = [r for r in plan.rows if r.quantization == "fp8"]
+    assert fp8 and all(not r.fits and "sm89" in r.reason and "int4_awq" in r.reason for r in fp8)
+    h200 = make_plan("llama-3-8b", LLAMA3_8B, gpu_named("h200"), cal, Workload(128, 128, 1000))
+    assert all(r.fits for r in h200.rows if r.quantization == "fp8")
+
+
+def test_a_model_too_large_for_one_gpu_says_so():
+    cal, _ = calib.load_stored()
+    big = dataclasses.replace(LLAMA3_8B, num_layers=80, hidden_size=8192, intermediate_size=28672, num_heads=64,
+                              head_dim=128)
+    plan = make_plan("70b", big, gpu_named("a100-40gb"), cal, Workload(128, 128, 100), tp_sizes=(1, 4, 8))
+    bf16_tp1 = next(r for r in plan.rows if (r.quantization, r.kv_cache_dtype, r.tp_size) == ("bf16", "bf16", 1))
+    assert not bf16_tp1.fits and "larger tp" in bf16_tp1.reason
+    assert any(r.fits for r in plan.rows if r.tp_size == 8)
+    forty_heads = dataclasses.replace(big, num_heads=40)
+    odd = make_plan("odd", forty_heads, gpu_named("h200"), cal, Workload(128, 128, 100), tp_sizes=(16,))
+    assert all(r.reason == "40 attention heads do not split over tp 16" for r in odd.rows)
+
+
+def test_recommendations_are_buildable_here():
+    cal, _ = calib.load_stored()
+    plan = make_plan("llama-3-8b", LLAMA3_8B, gpu_named("h200"), cal, Workload(1000, 1000, 3000))
+    rec = plan.recommended()
+    assert rec["throughput"] is not None and rec["latency"] is not None
+    for r in rec.values():
+        assert r.buildable
+        BuildConfig(max_batch_size=r.max_batch_size, max_input_len=1000, max_seq_len=2000,
+                    max_num_tokens=r.max_num_tokens, tp_size=r.tp_size)
+    # A latency bound lowers the batch the throughput engine may use.
+    bounded = make_plan("llama-3-8b", LLAMA3_8B, gpu_named("h200"), cal, Workload(1000, 1000, 3000, 8_000))
+    assert bounded.recommended()["throughput"].max_batch_size < rec["throughput"].max_batch_size
+
+
+def test_cli_answers_the_a100_exercise(capsys):
+    code, out, err = kiln(capsys, "plan", "llama-2-7b", "--gpu", "a100-80gb")
+    assert code == 0, err
+    assert "fp8 needs sm89+" in out
+    assert "kiln build llama-2-7b --output ENGINE --dtype bfloat16" in out
+    assert "--kv-cache-free-gpu-mem-fraction" in out
+    data = json.loads(kiln(capsys, "plan", "llama-2-7b", "--gpu", "a100-80gb", "--json", "--tp", "1,2")[1])
+    keys = {"quantization", "kv_cache_dtype", "tp_size", "fits", "weights_gib", "kv_tokens", "max_batch_size",
+            "bs1_tok_s", "throughput_tok_s", "ttft_ms", "reason"}
+    assert keys <= set(data["configs"][0]) and len(data["configs"]) == 20
+    assert data["recommended"]["throughput"]["build_command"].startswith("kiln build llama-2-7b")
+
+
+@pytest.mark.parametrize("args, message", [
+    (("llama-2-7b", "--gpu", "b200"), "unknown GPU 'b200'; kiln plan knows a100-40gb"),
+    (("llama-9b", "--gpu", "h200"), "neither a model folder nor a preset"),
+    (("llama-2-7b", "--gpu", "h200", "--tp", "3"), "--tp '3': give powers of two"),
+    (("llama-2-7b",), "needs a MODEL and --gpu"),
+])
+def test_cli_errors_are_one_line(capsys, args, message):
+    code, _, err = kiln(capsys, "plan", *args)
+    assert code == 1 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_calibrate_from_a_bench_report(tmp_path):
+    report = json.loads((REPO / "docs/results/h100/throughput_128_128.json").read_text())
+    report["engine"]["model_config"] = LLAMA3_8B.to_dict()
+    path = tmp_path / "report.json"
+    path.write_text(json.dumps(report))
+    (m,) = calib.from_report(path)
+    assert (m.gpu, m.kind, m.isl, m.osl, m.num_requests) == ("h100-80gb", "throughput", 128, 128, 2048)
+    assert m.value == pytest.approx(17437.4, rel=1e-3)
+    cal, stored = calib.load_stored()
+    start = dataclasses.replace(cal, bandwidth_efficiency=0.4, compute_efficiency=0.3)
+    engines = [calib.engine_for(x) for x in stored[:3] + [m]]
+    fitted = calib.fit(engines, stored[:3] + [m], start, iterations=40)
+    assert calib.error(engines, stored[:3] + [m], fitted) < calib.error(engines, stored[:3] + [m], start)
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    with pytest.raises(Exception, match="not a kiln bench report"):
+        calib.from_report(bad)
