@@ -113,3 +113,37 @@ def test_build_help_explains_each_limit(capsys):
     for flag in ("--max-batch-size", "--max-input-len", "--max-seq-len", "--max-num-tokens", "--tokens-per-block",
                  "--dtype", "--target", "rebuild with a larger value"):
         assert flag in out
+
+
+def start_cli(*argv: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "kiln.cli", *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+
+
+@pytest.mark.parametrize("command", ["generate", "inspect", "prepare-dataset"])
+def test_a_closed_stdout_ends_the_command_quietly(command, stories_engine):
+    """``kiln ... | head``: the reader leaves early; kiln stops without a message and exits 141, as
+    Unix tools that SIGPIPE ends do."""
+    engine = str(stories_engine)
+    argv, read_first = {
+        "generate": (["generate", "--engine", engine, "--max-tokens", "500", "--ignore-eos", "Once upon"], True),
+        "inspect": (["inspect", engine], False),  # its output fits a pipe's buffer: close before it writes
+        "prepare-dataset": (["bench", "prepare-dataset", "--engine", engine, "token-norm-dist", "--num-requests",
+                             "2000", "--input-mean", "100", "--output-mean", "10"], True),
+    }[command]
+    process = start_cli(*argv)
+    if read_first:
+        assert process.stdout.read(1)  # something was written, then the reader goes (head -c 1)
+    process.stdout.close()
+    _, err = process.communicate(timeout=120)
+    assert err.decode() == "" and process.returncode == 141
+
+
+def test_ctrl_c_exits_130_with_one_line(stories_engine):
+    import signal
+
+    process = start_cli("generate", "--engine", str(stories_engine), "--max-tokens", "500", "--ignore-eos", "Once")
+    assert process.stdout.read(1)  # generating
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert err.decode() == "kiln generate: interrupted\n" and process.returncode == 130

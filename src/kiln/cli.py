@@ -1,6 +1,8 @@
 """kiln's command line: build | generate | inspect | serve | bench.
 
-Errors print as one line on stderr with a non-zero exit; --debug shows the traceback.
+Errors print as one line on stderr with a non-zero exit; --debug shows the traceback. Ctrl-C exits 130
+with one line. A reader of stdout that leaves early (``kiln generate ... | head``) ends the command
+quietly with exit status 141 (128 + SIGPIPE), what the shell reports for Unix tools that SIGPIPE ends.
 """
 
 from __future__ import annotations
@@ -8,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -17,6 +20,8 @@ from kiln.errors import KilnError
 LIMITS_HELP = """\
 Engine limits are fixed at build time; the runtime may lower max batch size and max tokens, never
 raise them. A request beyond a limit gets an error naming it (rebuild with a larger value)."""
+EXIT_INTERRUPTED = 130  # 128 + SIGINT
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE
 
 
 def _add_build(sub) -> None:
@@ -202,9 +207,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.func(args) or 0
+        code = args.func(args) or 0
+        sys.stdout.flush()  # a reader that left shows here, not as a message at the interpreter's exit
+        return code
+    except BrokenPipeError:
+        # Python's recipe: stdout's later writes (the final flush at exit) go to /dev/null, not the closed pipe.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except KeyboardInterrupt:
-        return 130
+        print(f"kiln {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except (KilnError, ValueError, OSError) as e:
         if args.debug:
             raise

@@ -176,8 +176,14 @@ class LLM:
         loop = asyncio.get_running_loop()
         responses: asyncio.Queue[Response] = asyncio.Queue()
         request = self._to_request(prompt, sampling_params or SamplingParams(), streaming)
-        request_id = self.executor.enqueue_request(
-            request, on_response=lambda r: loop.call_soon_threadsafe(responses.put_nowait, r))
+
+        def deliver(response: Response) -> None:
+            try:
+                loop.call_soon_threadsafe(responses.put_nowait, response)
+            except RuntimeError:  # the consumer left and its event loop closed: the response has no reader
+                pass
+
+        request_id = self.executor.enqueue_request(request, on_response=deliver)
         previous = None
         try:
             while True:
