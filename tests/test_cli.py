@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import pytest
 
 from kiln import LLM, SamplingParams
 from kiln.cli import main
+from kiln.config import RuntimeConfig
 from kiln.errors import KilnError
 
 TINY_FLAGS = ["--target", "cpu", "--dtype", "float32", "--max-batch-size", "2", "--max-input-len", "32",
@@ -147,3 +149,60 @@ def test_ctrl_c_exits_130_with_one_line(stories_engine):
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=120)
     assert err.decode() == "kiln generate: interrupted\n" and process.returncode == 130
+
+
+RUNTIME_COMMANDS = {"serve": ["serve"], "generate": ["generate", "Hi"],
+                    "bench throughput": ["bench", "throughput", "--engine", "e", "--dataset", "d"],
+                    "bench latency": ["bench", "latency", "--engine", "e", "--dataset", "d"]}
+
+
+def runtime_fields(config_class=RuntimeConfig, path=()):
+    """(path, default) of each leaf field of RuntimeConfig and the configs nested in it."""
+    for f in dataclasses.fields(config_class):
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default):
+            yield from runtime_fields(type(default), path + (f.name,))
+        else:
+            yield path + (f.name,), default
+
+
+def field_value(config, path):
+    for name in path:
+        config = getattr(config, name)
+    return config
+
+
+@pytest.mark.parametrize("command", RUNTIME_COMMANDS)
+def test_every_runtime_field_is_a_flag_and_reaches_the_config(command):
+    from kiln.cli import build_parser
+    from kiln.flags import runtime_config_from_args, runtime_flags
+
+    flags = {rf.path: rf for rf in runtime_flags()}
+    assert set(flags) == {path for path, _ in runtime_fields()}
+    parser = build_parser()
+    assert runtime_config_from_args(parser.parse_args(RUNTIME_COMMANDS[command])) == RuntimeConfig()
+    for path, default in runtime_fields():
+        rf = flags[path]
+        if rf.type is bool:
+            argv, value = [rf.flag.replace("--", "--no-") if default else rf.flag], not default
+        elif rf.choices:
+            value = next(c for c in rf.choices if c != default)
+            argv = [rf.flag, value]
+        else:
+            value = {int: 3, float: 0.5, str: "cpu"}[rf.type]
+            argv = [rf.flag, str(value)]
+        config = runtime_config_from_args(parser.parse_args(RUNTIME_COMMANDS[command] + argv))
+        assert field_value(config, path) == value != default, (command, argv)
+
+
+@pytest.mark.parametrize("command", RUNTIME_COMMANDS)
+def test_runtime_flags_reach_the_engine_of_each_command(command, capsys, stories_engine, tmp_path):
+    dataset = tmp_path / "d.jsonl"
+    dataset.write_text('{"task_id": 0, "input_ids": [5, 6, 7], "output_tokens": 2}\n')
+    argv = {"serve": ["serve", str(stories_engine), "--port", "0"],
+            "generate": ["generate", "--engine", str(stories_engine), "Hi"]}.get(command)
+    argv = argv or RUNTIME_COMMANDS[command][:2] + ["--engine", str(stories_engine), "--dataset", str(dataset)]
+    code, _, err = run(capsys, *argv, "--max-num-tokens", "8", "--no-enable-chunked-context")
+    assert code == 1
+    assert_one_line_error(err, command.split()[0], "max_num_tokens=8 is below max_input_len=128, so long prompts "
+                                                   "need chunked context")

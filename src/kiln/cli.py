@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import sys
@@ -16,6 +17,7 @@ from pathlib import Path
 
 from kiln.config import DTYPES, TARGETS, BuildConfig, SamplingParams
 from kiln.errors import KilnError
+from kiln.flags import add_runtime_flags, runtime_config_from_args
 
 LIMITS_HELP = """\
 Engine limits are fixed at build time; the runtime may lower max batch size and max tokens, never
@@ -94,6 +96,7 @@ def _add_generate(sub) -> None:
     p.add_argument("--seed", type=int, help="seed for reproducible sampling")
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")
     p.add_argument("prompt", help="the prompt text")
+    add_runtime_flags(p)
     p.set_defaults(func=cmd_generate)
 
 
@@ -102,7 +105,9 @@ def cmd_generate(args) -> int:
 
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, seed=args.seed, ignore_eos=args.ignore_eos)
-    with LLM(args.engine or args.model, progress=sys.stderr.isatty()) as llm:
+    config = runtime_config_from_args(args)  # LLM takes RuntimeConfig's fields as keyword arguments
+    with LLM(args.engine or args.model, progress=sys.stderr.isatty(),
+             **{f.name: getattr(config, f.name) for f in dataclasses.fields(config)}) as llm:
         async def stream() -> str | None:
             """Writes the prompt once text starts, then the text as it arrives; returns a failure's error."""
             started = False

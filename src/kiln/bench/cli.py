@@ -6,8 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from kiln.config import CAPACITY_POLICIES, KvCacheConfig, RuntimeConfig, SchedulerConfig
 from kiln.errors import ConfigError
+from kiln.flags import add_runtime_flags, given_runtime_flags, runtime_config_from_args, runtime_flags
 
 DEFAULT_WARMUP = 2
 DEFAULT_SWEEP_WAVES = 4
@@ -99,10 +99,8 @@ def _add_run_options(p) -> None:
     p.add_argument("--num-requests", type=_positive_int, help="use the first N requests (default: all)")
     p.add_argument("--warmup", type=_non_negative_int, default=DEFAULT_WARMUP,
                    help=f"requests run (and not measured) before the benchmark (default {DEFAULT_WARMUP})")
-    p.add_argument("--kv-cache-free-gpu-mem-fraction", type=float,
-                   help=f"share of the GPU memory free after loading that the KV cache takes (default "
-                        f"{KvCacheConfig().free_gpu_memory_fraction})")
     p.add_argument("--report-json", help="write the report as JSON (trtllm-bench key names) to this file")
+    add_runtime_flags(p)
 
 
 def _add_throughput(sub) -> None:
@@ -114,10 +112,6 @@ def _add_throughput(sub) -> None:
     _add_run_options(p)
     p.add_argument("--concurrency", type=_positive_int, help="most requests in flight (default: all at once)")
     p.add_argument("--streaming", action="store_true", help="stream tokens; adds TTFT / TPOT / per-user speed")
-    p.add_argument("--max-batch-size", type=_positive_int, help="runtime batch size (at most the engine's)")
-    p.add_argument("--max-num-tokens", type=_positive_int, help="runtime tokens per iteration (at most the engine's)")
-    p.add_argument("--scheduler-policy", choices=CAPACITY_POLICIES,
-                   help=f"capacity scheduler policy (default {CAPACITY_POLICIES[0]})")
     p.add_argument("--backend", default="kiln",
                    help="kiln, hf (Hugging Face transformers generate, static batches), or both: kiln,hf")
     p.add_argument("--hf-model", help="for hf: the checkpoint the engine was built from (default: the engine's "
@@ -140,15 +134,9 @@ def _add_latency(sub) -> None:
     p.set_defaults(func=cmd_latency)
 
 
-def _kv_cache_config(args) -> KvCacheConfig:
-    if args.kv_cache_free_gpu_mem_fraction is None:
-        return KvCacheConfig()
-    return KvCacheConfig(free_gpu_memory_fraction=args.kv_cache_free_gpu_mem_fraction)
-
-
-def _note_no_effect(args, options: tuple[str, ...], why: str) -> None:
+def _note_no_effect(args, options, why: str) -> None:
     """Says so on stderr when options given have no effect on this run."""
-    given = [f"--{name.replace('_', '-')}" for name in options if getattr(args, name, None) is not None]
+    given = [f"--{name.replace('_', '-')}" for name in given_runtime_flags(args) if name in options]
     if given:
         print(f"kiln bench: note: {', '.join(given)} {'has' if len(given) == 1 else 'have'} no effect here: {why}",
               file=sys.stderr)
@@ -192,16 +180,14 @@ def cmd_throughput(args) -> int:
         raise ConfigError("--hf-model applies to --backend hf only; add hf to --backend")
     if args.plot:
         _require_matplotlib()
-    scheduler = SchedulerConfig(args.scheduler_policy or SchedulerConfig().capacity_scheduler_policy)
-    config = RuntimeConfig(max_batch_size=args.max_batch_size, max_num_tokens=args.max_num_tokens,
-                           kv_cache_config=_kv_cache_config(args), scheduler_config=scheduler)
+    config = runtime_config_from_args(args)
     manifest, requests = _load_requests(args)
     config.resolve(manifest.build_config)  # runtime limits above the engine's fail here, before loading
     if "kiln" not in backends:
-        _note_no_effect(args, ("max_num_tokens", "scheduler_policy", "kv_cache_free_gpu_mem_fraction"),
+        _note_no_effect(args, [rf.dest for rf in runtime_flags() if rf.dest != "max_batch_size"],
                         "the hf backend runs static batches without kiln's scheduler or KV cache")
     if args.sweep or args.plot:
-        top = args.concurrency or args.max_batch_size or manifest.build_config.max_batch_size
+        top = args.concurrency or config.max_batch_size or manifest.build_config.max_batch_size
         concurrencies, waves = args.sweep or _powers_of_two_up_to(top), args.sweep_waves
     else:
         concurrencies, waves = [args.concurrency], None
@@ -232,7 +218,8 @@ def _powers_of_two_up_to(top: int) -> list[int]:
 def cmd_latency(args) -> int:
     from kiln.bench.latency import run_latency
 
-    config = RuntimeConfig(kv_cache_config=_kv_cache_config(args))
+    config = runtime_config_from_args(args)
+    _note_no_effect(args, ("max_batch_size",), "latency runs one request at a time")
     _, requests = _load_requests(args)
     report = run_latency(args.engine, requests, config=config, warmup=args.warmup, dataset_path=args.dataset)
     _finish([report], args.report_json)
