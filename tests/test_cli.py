@@ -65,6 +65,43 @@ def test_generate_streams_the_same_text_as_the_api(capsys, stories_engine):
     assert code == 0 and out == "Once upon a time" + expected + "\n"
 
 
+@pytest.fixture(scope="module")
+def engine_without_tokenizer(tmp_path_factory):
+    """stories260K's shapes with random weights and no tokenizer, as ``kiln build PRESET --dummy-weights``."""
+    from kiln import BuildConfig, Builder
+    from kiln.models import ModelConfig, ModelSource
+    from kiln.runtime.llm import DEFAULT_MODEL_DIR
+
+    source = ModelSource(ModelConfig.from_hf_dir(DEFAULT_MODEL_DIR), checkpoint_dir=None, tokenizer_dir=None,
+                         name="stories-dummy")
+    build = BuildConfig(max_batch_size=2, max_input_len=16, max_seq_len=64, max_num_tokens=64, target="cpu")
+    return Builder().build(source, build).save(tmp_path_factory.mktemp("dummy_engine"), progress=False)
+
+
+@pytest.mark.parametrize("has_tokenizer", [False, True])
+def test_generate_from_token_ids(has_tokenizer, capsys, stories_engine, engine_without_tokenizer):
+    engine = stories_engine if has_tokenizer else engine_without_tokenizer
+    code, out, err = run(capsys, "generate", "--engine", str(engine), "--token-ids", "1,403,407", "--max-tokens", "6",
+                         "--ignore-eos")
+    with LLM(engine, progress=False) as llm:
+        expected = llm.generate([[1, 403, 407]], SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True),
+                                use_tqdm=False)[0].outputs[0]
+    lines = out.splitlines()
+    assert code == 0 and err == "" and lines[0] == ",".join(map(str, expected.token_ids))
+    assert lines[1:] == ([expected.text] if has_tokenizer else [])  # the new tokens' text, given a tokenizer
+
+
+def test_generate_text_or_token_ids(capsys, engine_without_tokenizer):
+    code, _, err = run(capsys, "generate", "--engine", str(engine_without_tokenizer), "Hi")
+    assert code == 1
+    assert_one_line_error(err, "generate", "this engine has no tokenizer; give the prompt as token ids: --token-ids")
+    code, _, err = run(capsys, "generate", "--engine", str(engine_without_tokenizer), "--token-ids", "1,2", "Hi")
+    assert code == 1 and "give a PROMPT or --token-ids, not both" in err
+    with pytest.raises(SystemExit) as exit_:
+        main(["generate", "--token-ids", "1,x"])
+    assert exit_.value.code == 2 and "comma-separated token ids" in capsys.readouterr().err
+
+
 def test_generate_with_no_model_runs_the_bundled_one(capsys, isolated_engine_cache):
     code, out, _ = run(capsys, "generate", "--max-tokens", "12", "--temperature", "0.7", "--seed", "3", "Lily")
     assert code == 0 and out.startswith("Lily") and len(out) > len("Lily\n")
@@ -72,7 +109,12 @@ def test_generate_with_no_model_runs_the_bundled_one(capsys, isolated_engine_cac
 
 
 @pytest.mark.parametrize("argv, command, message", [
-    (["build", "{tmp}/nowhere", "--output", "{tmp}/engine"], "build", "no config.json"),
+    (["build", "{tmp}/nowhere", "--output", "{tmp}/engine"], "build",
+     "{tmp}/nowhere: neither a model folder nor a preset; give a Hugging Face model folder, or one of the "
+     "presets with --dummy-weights: llama-2-7b, llama-3-8b, "),
+    (["build", "llama-9b", "--dummy-weights", "--output", "{tmp}/engine"], "build",
+     "llama-9b: neither a model folder nor a preset; give a Hugging Face model folder, or one of the presets "
+     "with --dummy-weights: llama-2-7b, llama-3-8b, llama-3.1-8b, llama-3.2-1b, mistral-7b, qwen2.5-7b"),
     (["build", "llama-3-8b", "--output", "{tmp}/engine"], "build",
      "llama-3-8b is a preset with no checkpoint; add --dummy-weights"),
     (["build", "{stories}", "--output", "{tmp}/engine", "--max-seq-len", "4096", "--target", "cpu"], "build",
@@ -89,6 +131,7 @@ def test_errors_are_one_line_with_a_non_zero_exit(argv, command, message, capsys
 
     argv = [a.format(tmp=tmp_path, stories=DEFAULT_MODEL_DIR, engine=stories_engine) for a in argv]
     code, out, err = run(capsys, *argv)
+    message = message.format(tmp=tmp_path)
     assert code == 1
     assert_one_line_error(err, command, message)
     assert out == ""
