@@ -137,6 +137,14 @@ def test_errors_are_one_line_with_a_non_zero_exit(argv, command, message, capsys
     assert out == ""
 
 
+def test_a_corrupt_config_json_is_named_with_its_line(capsys, tmp_path):
+    (tmp_path / "config.json").write_text('{\n  "vocab_size": 512,\n  "hidden_size": 64\n  "num_hidden_layers": 5\n}\n')
+    code, _, err = run(capsys, "build", str(tmp_path), "--output", str(tmp_path / "engine"))
+    assert code == 1
+    assert_one_line_error(err, "build", f"{tmp_path / 'config.json'} line 4 column 3: not valid JSON "
+                                        "(Expecting ',' delimiter); fix the file or download it again")
+
+
 def test_debug_shows_the_traceback(tmp_path):
     with pytest.raises(KilnError, match="no such engine folder"):
         main(["--debug", "inspect", str(tmp_path / "nowhere")])
