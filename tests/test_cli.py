@@ -6,6 +6,7 @@ import dataclasses
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -143,6 +144,34 @@ def test_a_corrupt_config_json_is_named_with_its_line(capsys, tmp_path):
     assert code == 1
     assert_one_line_error(err, "build", f"{tmp_path / 'config.json'} line 4 column 3: not valid JSON "
                                         "(Expecting ',' delimiter); fix the file or download it again")
+
+
+@pytest.mark.parametrize("error, message", [
+    (FileExistsError(17, "File exists", "/o/x"), "cannot write /o/x: a file is in the way; remove it or choose "
+                                                 "another path"),
+    (OSError(30, "Read-only file system", "/o/x"), "cannot write /o/x: read-only file system; choose a path on a "
+                                                   "writable one"),
+    (OSError(28, "No space left on device"), "cannot write /o/x: no space left on the device; free some space or "
+                                             "write elsewhere"),
+    (NotADirectoryError(20, "Not a directory", "/o"), "cannot write /o/x (/o): part of the path is a file, not a "
+                                                      "folder; choose another path"),
+    (PermissionError(13, "Permission denied", "/o/x"), "cannot write /o/x: permission denied; choose a folder you "
+                                                       "can write to"),
+    (OSError(5, "Input/output error", "/o/x"), "cannot write /o/x: input/output error; choose another path"),
+])
+def test_output_path_errors_name_the_path_and_the_fix(error, message):
+    from kiln.errors import cannot_write
+
+    assert str(cannot_write("/o/x", error)) == message
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (a device that is always full)")
+def test_prepare_dataset_on_a_full_disk(capsys, stories_engine):
+    code, _, err = run(capsys, "bench", "prepare-dataset", "--engine", str(stories_engine), "-o", "/dev/full",
+                       "token-norm-dist", "--num-requests", "4", "--input-mean", "8", "--output-mean", "2")
+    assert code == 1
+    assert_one_line_error(err, "bench", "cannot write /dev/full: no space left on the device; free some space or "
+                                        "write elsewhere")
 
 
 def test_debug_shows_the_traceback(tmp_path):

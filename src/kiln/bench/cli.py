@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from kiln.errors import ConfigError
+from kiln.errors import ConfigError, cannot_write
 from kiln.flags import add_runtime_flags, given_runtime_flags, runtime_config_from_args, runtime_flags
 
 DEFAULT_WARMUP = 2
@@ -86,9 +86,12 @@ def cmd_prepare_dataset(args) -> int:
         dataset.write_dataset(requests, sys.stdout)
         return 0
     out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w") as f:
-        dataset.write_dataset(requests, f)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with out.open("w") as f:
+            dataset.write_dataset(requests, f)
+    except OSError as e:
+        raise cannot_write(out, e) from e
     print(f"{len(requests)} requests written to {out}", file=sys.stderr)
     return 0
 
@@ -159,12 +162,30 @@ def _load_requests(args):
     return manifest, requests
 
 
+def _check_writable(*paths: str | None) -> None:
+    """Output files that cannot be written fail before the benchmark runs, not after: each is opened for
+    appending (its folders made), and removed again if it was not there."""
+    for path in filter(None, paths):
+        out = Path(path)
+        existed = out.exists()
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.open("a").close()
+        except OSError as e:
+            raise cannot_write(out, e) from e
+        if not existed:
+            out.unlink()
+
+
 def _finish(reports: list[dict], report_json: str | None) -> None:
     from kiln.bench.report import format_comparison, format_report, write_json
 
     print(format_report(reports[0]) if len(reports) == 1 else format_comparison(reports))
     if report_json:
-        write_json(report_json, reports[0] if len(reports) == 1 else {"runs": reports})
+        try:
+            write_json(report_json, reports[0] if len(reports) == 1 else {"runs": reports})
+        except OSError as e:
+            raise cannot_write(report_json, e) from e
         print(f"report written to {report_json}", file=sys.stderr)
 
 
@@ -180,6 +201,7 @@ def cmd_throughput(args) -> int:
         raise ConfigError("--hf-model applies to --backend hf only; add hf to --backend")
     if args.plot:
         _require_matplotlib()
+    _check_writable(args.report_json, args.plot)
     config = runtime_config_from_args(args)
     manifest, requests = _load_requests(args)
     config.resolve(manifest.build_config)  # runtime limits above the engine's fail here, before loading
@@ -198,7 +220,10 @@ def cmd_throughput(args) -> int:
     if args.plot:
         from kiln.bench.plot import plot_sweep
 
-        print(f"plot written to {plot_sweep(reports, args.plot)}", file=sys.stderr)
+        try:
+            print(f"plot written to {plot_sweep(reports, args.plot)}", file=sys.stderr)
+        except OSError as e:
+            raise cannot_write(args.plot, e) from e
     return 0
 
 
@@ -218,6 +243,7 @@ def _powers_of_two_up_to(top: int) -> list[int]:
 def cmd_latency(args) -> int:
     from kiln.bench.latency import run_latency
 
+    _check_writable(args.report_json)
     config = runtime_config_from_args(args)
     _note_no_effect(args, ("max_batch_size",), "latency runs one request at a time")
     _, requests = _load_requests(args)
