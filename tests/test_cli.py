@@ -146,6 +146,26 @@ def test_a_corrupt_config_json_is_named_with_its_line(capsys, tmp_path):
                                         "(Expecting ',' delimiter); fix the file or download it again")
 
 
+def test_build_output_is_checked_before_building_and_never_clobbers(capsys, tmp_path):
+    from kiln.runtime.llm import DEFAULT_MODEL_DIR
+
+    build = ["build", str(DEFAULT_MODEL_DIR), *TINY_FLAGS, "--output"]
+    (tmp_path / "a_file").write_text("")
+    code, _, err = run(capsys, *build, str(tmp_path / "a_file"))
+    assert code == 1
+    assert_one_line_error(err, "build", f"{tmp_path / 'a_file'}: a file, not a folder; give a folder for the engine")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("")
+    code, _, err = run(capsys, *build, str(tmp_path / "mine"), "--overwrite")
+    assert code == 1
+    assert_one_line_error(err, "build", "holds files that are not an engine's: notes.txt; kiln does not replace them")
+    assert run(capsys, *build, str(tmp_path / "engine"))[0] == 0
+    code, _, err = run(capsys, *build, str(tmp_path / "engine"))
+    assert code == 1
+    assert_one_line_error(err, "build", f"{tmp_path / 'engine'} already holds an engine; add --overwrite")
+    assert run(capsys, *build, str(tmp_path / "engine"), "--overwrite")[0] == 0
+
+
 @pytest.mark.parametrize("error, message", [
     (FileExistsError(17, "File exists", "/o/x"), "cannot write /o/x: a file is in the way; remove it or choose "
                                                  "another path"),

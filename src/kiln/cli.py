@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from kiln.config import DTYPES, TARGETS, BuildConfig, SamplingParams
-from kiln.errors import KilnError
+from kiln.errors import KilnError, cannot_write
 from kiln.flags import add_runtime_flags, runtime_config_from_args
 
 LIMITS_HELP = """\
@@ -48,6 +48,8 @@ def _add_build(sub) -> None:
     p.add_argument("--dummy-weights", action="store_true",
                    help="random weights of the model's shapes, made on the device (for presets; no download)")
     p.add_argument("--no-tune", action="store_true", help="skip kernel tuning on the GPU (default configs)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an engine already in --output (a folder holding other files is never written)")
     p.set_defaults(func=cmd_build)
 
 
@@ -56,15 +58,36 @@ def cmd_build(args) -> int:
     from kiln.runtime.llm import default_build_config
 
     source = _model_source(args.model, args.dummy_weights)
+    _check_output(args.output, args.overwrite)  # before the build's work
     config = default_build_config(source.config, max_batch_size=args.max_batch_size, max_input_len=args.max_input_len,
                                   max_seq_len=args.max_seq_len, max_num_tokens=args.max_num_tokens,
                                   tokens_per_block=args.tokens_per_block, dtype=args.dtype, target=args.target)
     engine = Builder().build(source, config, tune=not args.no_tune)
-    out = engine.save(args.output)
+    out = _save(engine, args.output, args.overwrite)
     m = engine.manifest
     print(f"engine written to {out} ({m.build_config.target}, {m.build_config.dtype}, "
           f"{m.memory_plan['weight_bytes'] / 2**30:.2f} GiB of weights)")
     return 0
+
+
+def _check_output(output: str, overwrite: bool) -> None:
+    from kiln.engine.engine import check_output_dir
+
+    try:
+        check_output_dir(output, overwrite)
+    except OSError as e:
+        raise cannot_write(output, e) from e
+
+
+def _save(engine, output: str, overwrite: bool) -> Path:
+    """engine.save, its output's errors (read-only, full, ...) as one line naming the path and the fix."""
+    try:
+        return engine.save(output, overwrite=overwrite)
+    except OSError as e:
+        named, out = Path(e.filename or output).resolve(), Path(output).resolve()
+        if not (named.is_relative_to(out) or out.is_relative_to(named)):
+            raise  # reading the checkpoint failed, not writing the engine
+        raise cannot_write(output, e) from e
 
 
 def _model_source(model: str, dummy_weights: bool):

@@ -109,7 +109,7 @@ def ensure_engine(model: str | Path | None, build_config: BuildConfig | None = N
             return engine_dir
         except KilnError:
             pass  # stale or damaged cache entry: rebuild it
-    Builder().build(source, resolved).save(engine_dir, progress=progress)
+    Builder().build(source, resolved).save(engine_dir, overwrite=True, progress=progress)  # a stale entry goes
     return engine_dir
 
 
