@@ -250,6 +250,11 @@ def test_cli_errors_are_one_line(engine, engine_without_tokenizer, dataset_file,
     assert "--tokenizer DIR" in cli_error(capsys, "bench", "prepare-dataset", "--engine", str(engine_without_tokenizer),
                                           "text", "--file", str(tmp_path / "p.txt"), "--num-requests", "1",
                                           "--output-tokens", "4")
+    (tmp_path / "a_file").write_text("")
+    for option in ("--report-json", "--plot"):  # an output that cannot be written fails before the run
+        message = cli_error(capsys, "bench", "throughput", "--engine", e, "--dataset", d, option,
+                            str(tmp_path / "a_file" / "out"))
+        assert f"cannot write {tmp_path / 'a_file' / 'out'} ({tmp_path / 'a_file'}): a file is in the way" in message
     with pytest.raises(SystemExit) as exit_info:  # argparse: usage and the message, exit status 2
         main(["bench", "throughput", "--engine", e, "--dataset", d, "--concurrency", "0"])
     assert exit_info.value.code == 2

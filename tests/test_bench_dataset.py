@@ -118,7 +118,10 @@ def test_write_read_round_trip_and_prompt_lines(space, tmp_path):
 
 @pytest.mark.parametrize("line, message", [
     ("{not json", "line 2: not valid JSON"),
-    ('{"input_ids": [1, 2]}', "line 2: output_tokens must be a positive integer"),
+    ('{"input_ids": [1, 2]}', "line 2: no output_tokens"),
+    ('{"input_len": 2, "input_ids": [1, 2], "output_len": 4, "task_id": 1}',
+     r"line 2: no output_tokens \(its keys: input_ids, input_len, output_len, task_id\); kiln bench reads JSON lines "
+     r'of \{"task_id", "input_ids" \| "prompt", "output_tokens"\}'),
     ('{"input_ids": [1, 2], "output_tokens": 0}', "line 2: output_tokens must be a positive integer"),
     ('{"output_tokens": 3}', "line 2: needs input_ids"),
     ('{"input_ids": [], "output_tokens": 3}', "line 2: input_ids must be a non-empty list"),
@@ -128,6 +131,22 @@ def test_read_dataset_names_the_bad_line(tmp_path, line, message):
     path = tmp_path / "d.jsonl"
     path.write_text('{"task_id": 0, "input_ids": [5], "output_tokens": 1}\n' + line + "\n")
     with pytest.raises(ConfigError, match=message):
+        read_dataset(path)
+
+
+@pytest.mark.parametrize("indent", [None, 2])
+def test_read_dataset_names_the_format_of_a_tensorrt_llm_workload_json(tmp_path, indent):
+    """trtllm's prepare_dataset can write one JSON document: {"metadata": ..., "samples": [...]}."""
+    workload = {"metadata": {"workload_type": "token-norm-dist", "num_requests": 1},
+                "samples": [{"input_len": 2, "input_ids": [5, 6], "output_len": 3, "task_id": 0}]}
+    path = tmp_path / "workload.json"
+    path.write_text(json.dumps(workload, indent=indent))
+    with pytest.raises(ConfigError, match=r"workload.json: a TensorRT-LLM workload JSON \(metadata, samples\), "
+                                          r'not JSON lines; kiln bench reads one request a line: \{"task_id", '
+                                          r'"input_ids" \| "prompt", "output_tokens"\}'):
+        read_dataset(path)
+    path.write_text(json.dumps([{"task_id": 0, "input_ids": [5], "output_tokens": 1}], indent=indent))
+    with pytest.raises(ConfigError, match=r"workload.json: one JSON document, not JSON lines"):
         read_dataset(path)
 
 

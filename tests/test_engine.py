@@ -169,6 +169,26 @@ def test_folder_that_is_no_engine_is_named(tmp_path, tiny_llama, tiny_engine):
         LLM(tmp_path, progress=False)
 
 
+def test_save_replaces_an_engine_only_when_told_and_never_other_files(tiny_llama, tmp_path):
+    engine = Builder().build(AutoModelForCausalLM.from_hugging_face(tiny_llama.path), BuildConfig(**TINY_BUILD))
+    engine.save(tmp_path / "empty_before", progress=False)  # a missing folder is made
+    (tmp_path / "empty").mkdir()
+    engine.save(tmp_path / "empty", progress=False)
+    with pytest.raises(EngineError, match="already holds an engine; add --overwrite"):
+        engine.save(tmp_path / "empty", progress=False)
+    stale = tmp_path / "empty" / "triton_cache"
+    stale.mkdir()
+    engine.save(tmp_path / "empty", overwrite=True, progress=False)
+    assert not stale.exists() and EngineManifest.read(tmp_path / "empty")  # replaced whole, old kernels too
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    for overwrite in (False, True):
+        with pytest.raises(EngineError, match="holds files that are not an engine's: notes.txt; kiln does not "
+                                              "replace them"):
+            engine.save(tmp_path / "other", overwrite=overwrite, progress=False)
+    assert sorted(p.name for p in (tmp_path / "other").iterdir()) == ["notes.txt"]
+
+
 # ---- build validation ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("overrides, message", [

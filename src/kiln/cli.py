@@ -1,22 +1,29 @@
 """kiln's command line: build | generate | inspect | serve | bench | plan.
 
-Errors print as one line on stderr with a non-zero exit; --debug shows the traceback.
+Errors print as one line on stderr with a non-zero exit; --debug shows the traceback. Ctrl-C exits 130
+with one line. A reader of stdout that leaves early (``kiln generate ... | head``) ends the command
+quietly with exit status 141 (128 + SIGPIPE), what the shell reports for Unix tools that SIGPIPE ends.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 
 from kiln.config import BUILD_DEFAULTS, DTYPES, TARGETS, BuildConfig, SamplingParams
-from kiln.errors import KilnError
+from kiln.errors import KilnError, cannot_write
+from kiln.flags import add_runtime_flags, runtime_config_from_args
 
 LIMITS_HELP = """\
 Engine limits are fixed at build time; the runtime may lower max batch size and max tokens, never
 raise them. A request beyond a limit gets an error naming it (rebuild with a larger value)."""
+EXIT_INTERRUPTED = 130  # 128 + SIGINT
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE
 
 
 def _add_build(sub) -> None:
@@ -45,30 +52,61 @@ def _add_build(sub) -> None:
     p.add_argument("--dummy-weights", action="store_true",
                    help="random weights of the model's shapes, made on the device (for presets; no download)")
     p.add_argument("--no-tune", action="store_true", help="skip kernel tuning on the GPU (default configs)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an engine already in --output (a folder holding other files is never written)")
     p.set_defaults(func=cmd_build)
 
 
 def cmd_build(args) -> int:
     from kiln.builder import Builder
-    from kiln.models import PRESETS, AutoModelForCausalLM
 
-    if args.dummy_weights:
-        source = (AutoModelForCausalLM.from_preset(args.model) if args.model in PRESETS
-                  else _dummy_from_dir(args.model))
-    else:
-        if args.model in PRESETS and not Path(args.model).exists():
-            raise KilnError(f"{args.model} is a preset with no checkpoint; add --dummy-weights for random weights")
-        source = AutoModelForCausalLM.from_hugging_face(args.model)
+    source = _model_source(args.model, args.dummy_weights)
+    _check_output(args.output, args.overwrite)  # before the build's work
     # Flags not given stay unset: the builder fits them to the model (resolve_build_config).
     config = BuildConfig(max_batch_size=args.max_batch_size, max_input_len=args.max_input_len,
                          max_seq_len=args.max_seq_len, max_num_tokens=args.max_num_tokens,
                          tokens_per_block=args.tokens_per_block, dtype=args.dtype, target=args.target)
     engine = Builder().build(source, config, tune=not args.no_tune)
-    out = engine.save(args.output)
+    out = _save(engine, args.output, args.overwrite)
     m = engine.manifest
     print(f"engine written to {out} ({m.build_config.target}, {m.build_config.dtype}, "
           f"{m.memory_plan['weight_bytes'] / 2**30:.2f} GiB of weights)")
     return 0
+
+
+def _check_output(output: str, overwrite: bool) -> None:
+    from kiln.engine.engine import check_output_dir
+
+    try:
+        check_output_dir(output, overwrite)
+    except OSError as e:
+        raise cannot_write(output, e) from e
+
+
+def _save(engine, output: str, overwrite: bool) -> Path:
+    """engine.save, its output's errors (read-only, full, ...) as one line naming the path and the fix."""
+    try:
+        return engine.save(output, overwrite=overwrite)
+    except OSError as e:
+        named, out = Path(e.filename or output).resolve(), Path(output).resolve()
+        if not (named.is_relative_to(out) or out.is_relative_to(named)):
+            raise  # reading the checkpoint failed, not writing the engine
+        raise cannot_write(output, e) from e
+
+
+def _model_source(model: str, dummy_weights: bool):
+    """What ``kiln build MODEL`` builds: a Hugging Face folder, or with --dummy-weights a preset (or a
+    folder's config.json) with random weights."""
+    from kiln.models import PRESETS, AutoModelForCausalLM
+
+    if dummy_weights and model in PRESETS:
+        return AutoModelForCausalLM.from_preset(model)
+    if not Path(model).exists():
+        if model in PRESETS:
+            raise KilnError(f"{model} is a preset with no checkpoint; add --dummy-weights for random weights")
+        raise KilnError(f"{model}: neither a model folder nor a preset; give a Hugging Face model folder, or one "
+                        f"of the presets with --dummy-weights: {', '.join(PRESETS)}")
+    return _dummy_from_dir(model) if dummy_weights else AutoModelForCausalLM.from_hugging_face(model)
 
 
 def _dummy_from_dir(path: str):
@@ -92,36 +130,64 @@ def _add_generate(sub) -> None:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: off)")
     p.add_argument("--seed", type=int, help="seed for reproducible sampling")
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")
-    p.add_argument("prompt", help="the prompt text")
+    p.add_argument("--token-ids", type=_token_ids, metavar="ID,ID,...",
+                   help="the prompt as comma-separated token ids, e.g. 1,403,407 (engines without a tokenizer); "
+                        "prints the new token ids, then their text when the engine has a tokenizer")
+    p.add_argument("prompt", nargs="?", help="the prompt text")
+    add_runtime_flags(p)
     p.set_defaults(func=cmd_generate)
+
+
+def _token_ids(text: str) -> list[int]:
+    try:
+        ids = [int(part) for part in text.split(",")]
+    except ValueError:
+        ids = []
+    if not ids or min(ids) < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give comma-separated token ids, e.g. 1,403,407")
+    return ids
 
 
 def cmd_generate(args) -> int:
     from kiln.runtime.llm import LLM
 
+    if (args.prompt is None) == (args.token_ids is None):
+        raise KilnError("give a PROMPT or --token-ids, not both" if args.prompt is not None
+                        else "give a PROMPT (text) or --token-ids")
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, seed=args.seed, ignore_eos=args.ignore_eos)
-    with LLM(args.engine or args.model, progress=sys.stderr.isatty()) as llm:
-        async def stream() -> str | None:
-            """Writes the prompt once text starts, then the text as it arrives; returns a failure's error."""
-            started = False
-            async for out in llm.generate_async(args.prompt, params, streaming=True):
-                if out.error:
-                    if started:
-                        sys.stdout.write("\n")
-                    return out.error
-                if not started:  # a rejected request writes nothing to stdout
-                    sys.stdout.write(args.prompt)
-                    started = True
-                sys.stdout.write(out.outputs[0].text_diff)
-                sys.stdout.flush()
-            sys.stdout.write("\n")
-            return None
-
-        error = asyncio.run(stream())
+    config = runtime_config_from_args(args)  # LLM takes RuntimeConfig's fields as keyword arguments
+    with LLM(args.engine or args.model, progress=sys.stderr.isatty(),
+             **{f.name: getattr(config, f.name) for f in dataclasses.fields(config)}) as llm:
+        if args.prompt is not None and llm.tokenizer is None:
+            raise KilnError("this engine has no tokenizer; give the prompt as token ids: --token-ids 1,403,407")
+        error = asyncio.run(_stream(llm, args.prompt if args.token_ids is None else args.token_ids, params))
     if error:
         raise KilnError(error)
     return 0
+
+
+async def _stream(llm, prompt: str | list[int], params: SamplingParams) -> str | None:
+    """Writes the output as it arrives: the prompt, then the new text; or for token ids, the new ids, then
+    their text when the engine has a tokenizer. Returns a failure's error; a rejected request writes nothing."""
+    started = False
+    async for out in llm.generate_async(prompt, params, streaming=True):
+        if out.error:
+            if started:
+                sys.stdout.write("\n")
+            return out.error
+        completion = out.outputs[0]
+        if isinstance(prompt, str):
+            sys.stdout.write(completion.text_diff if started else prompt + completion.text_diff)
+            started = True
+        elif completion.token_ids_diff:
+            sys.stdout.write(("," if started else "") + ",".join(map(str, completion.token_ids_diff)))
+            started = True
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    if not isinstance(prompt, str) and llm.tokenizer is not None:
+        sys.stdout.write(completion.text + "\n")
+    return None
 
 
 def _add_inspect(sub) -> None:
@@ -206,9 +272,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.func(args) or 0
+        code = args.func(args) or 0
+        sys.stdout.flush()  # a reader that left shows here, not as a message at the interpreter's exit
+        return code
+    except BrokenPipeError:
+        # Python's recipe: stdout's later writes (the final flush at exit) go to /dev/null, not the closed pipe.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except KeyboardInterrupt:
-        return 130
+        print(f"kiln {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except (KilnError, ValueError, OSError) as e:
         if args.debug:
             raise

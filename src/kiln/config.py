@@ -17,6 +17,12 @@ GREEDY_TEMPERATURE = 1e-5
 BUILD_DEFAULTS = dict(max_batch_size=8, max_input_len=1024, max_seq_len=2048, max_num_tokens=2048, tokens_per_block=32)
 
 
+def _flag(help: str, flag: str | None = None, choices: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """Field metadata of a runtime option: its command-line help, its flag where that is not --field-name,
+    and its choices (kiln.flags makes the flags of kiln serve / generate / bench from it)."""
+    return {"help": help, "flag": flag, "choices": choices}
+
+
 @dataclass(frozen=True)
 class BuildConfig:
     """The limits fixed into an engine. The runtime may lower batch size / tokens, never raise them.
@@ -93,9 +99,14 @@ class BuildConfig:
 class KvCacheConfig:
     """How much memory the KV block pool takes, sized once at load."""
 
-    free_gpu_memory_fraction: float = 0.9
-    max_tokens: int | None = None
-    enable_block_reuse: bool = True
+    free_gpu_memory_fraction: float = field(default=0.9, metadata=_flag(
+        "share of the GPU memory free after loading that the KV cache takes (GPU engines only)",
+        flag="--kv-cache-free-gpu-mem-fraction"))
+    max_tokens: int | None = field(default=None, metadata=_flag(
+        "most tokens the KV cache holds (default: as many as the memory fraction allows; on the CPU, a full "
+        "batch at max_seq_len)", flag="--kv-cache-max-tokens"))
+    enable_block_reuse: bool = field(default=True, metadata=_flag(
+        "reuse the KV blocks of a prompt prefix that an earlier request computed"))
 
     def __post_init__(self):
         if not 0.0 < self.free_gpu_memory_fraction <= 1.0:
@@ -106,8 +117,11 @@ class KvCacheConfig:
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    capacity_scheduler_policy: str = "guaranteed_no_evict"
-    enable_chunked_context: bool = True
+    capacity_scheduler_policy: str = field(default="guaranteed_no_evict", metadata=_flag(
+        "guaranteed_no_evict admits only what can finish; max_utilization packs and preempts",
+        flag="--scheduler-policy", choices=CAPACITY_POLICIES))
+    enable_chunked_context: bool = field(default=True, metadata=_flag(
+        "split prompts longer than max_num_tokens over several iterations"))
 
     def __post_init__(self):
         if self.capacity_scheduler_policy not in CAPACITY_POLICIES:
@@ -184,12 +198,16 @@ class SamplingParams:
 class RuntimeConfig:
     """Options given when an engine is loaded (LLM / Executor / serve / bench)."""
 
-    max_batch_size: int | None = None
-    max_num_tokens: int | None = None
+    max_batch_size: int | None = field(default=None, metadata=_flag(
+        "most requests in one iteration, at most the engine's (default: the engine's)"))
+    max_num_tokens: int | None = field(default=None, metadata=_flag(
+        "most tokens in one iteration, at most the engine's (default: the engine's)"))
     kv_cache_config: KvCacheConfig = field(default_factory=KvCacheConfig)
     scheduler_config: SchedulerConfig = field(default_factory=SchedulerConfig)
-    enable_cuda_graphs: bool = True
-    device: str | None = None
+    enable_cuda_graphs: bool = field(default=True, metadata=_flag(
+        "replay decode steps as CUDA graphs (GPU engines with Triton attention)"))
+    device: str | None = field(default=None, metadata=_flag(
+        "torch device to load the engine on, e.g. cuda:1 (default: cuda for a GPU engine, cpu for a CPU one)"))
 
     def __post_init__(self):
         for name in ("max_batch_size", "max_num_tokens"):

@@ -6,8 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from kiln.config import CAPACITY_POLICIES, KvCacheConfig, RuntimeConfig, SchedulerConfig
-from kiln.errors import ConfigError
+from kiln.errors import ConfigError, cannot_write
+from kiln.flags import add_runtime_flags, given_runtime_flags, runtime_config_from_args, runtime_flags
 
 DEFAULT_WARMUP = 2
 DEFAULT_SWEEP_WAVES = 4
@@ -86,9 +86,12 @@ def cmd_prepare_dataset(args) -> int:
         dataset.write_dataset(requests, sys.stdout)
         return 0
     out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w") as f:
-        dataset.write_dataset(requests, f)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with out.open("w") as f:
+            dataset.write_dataset(requests, f)
+    except OSError as e:
+        raise cannot_write(out, e) from e
     print(f"{len(requests)} requests written to {out}", file=sys.stderr)
     return 0
 
@@ -99,10 +102,8 @@ def _add_run_options(p) -> None:
     p.add_argument("--num-requests", type=_positive_int, help="use the first N requests (default: all)")
     p.add_argument("--warmup", type=_non_negative_int, default=DEFAULT_WARMUP,
                    help=f"requests run (and not measured) before the benchmark (default {DEFAULT_WARMUP})")
-    p.add_argument("--kv-cache-free-gpu-mem-fraction", type=float,
-                   help=f"share of the GPU memory free after loading that the KV cache takes (default "
-                        f"{KvCacheConfig().free_gpu_memory_fraction})")
     p.add_argument("--report-json", help="write the report as JSON (trtllm-bench key names) to this file")
+    add_runtime_flags(p)
 
 
 def _add_throughput(sub) -> None:
@@ -114,10 +115,6 @@ def _add_throughput(sub) -> None:
     _add_run_options(p)
     p.add_argument("--concurrency", type=_positive_int, help="most requests in flight (default: all at once)")
     p.add_argument("--streaming", action="store_true", help="stream tokens; adds TTFT / TPOT / per-user speed")
-    p.add_argument("--max-batch-size", type=_positive_int, help="runtime batch size (at most the engine's)")
-    p.add_argument("--max-num-tokens", type=_positive_int, help="runtime tokens per iteration (at most the engine's)")
-    p.add_argument("--scheduler-policy", choices=CAPACITY_POLICIES,
-                   help=f"capacity scheduler policy (default {CAPACITY_POLICIES[0]})")
     p.add_argument("--backend", default="kiln",
                    help="kiln, hf (Hugging Face transformers generate, static batches), or both: kiln,hf")
     p.add_argument("--hf-model", help="for hf: the checkpoint the engine was built from (default: the engine's "
@@ -140,15 +137,9 @@ def _add_latency(sub) -> None:
     p.set_defaults(func=cmd_latency)
 
 
-def _kv_cache_config(args) -> KvCacheConfig:
-    if args.kv_cache_free_gpu_mem_fraction is None:
-        return KvCacheConfig()
-    return KvCacheConfig(free_gpu_memory_fraction=args.kv_cache_free_gpu_mem_fraction)
-
-
-def _note_no_effect(args, options: tuple[str, ...], why: str) -> None:
+def _note_no_effect(args, options, why: str) -> None:
     """Says so on stderr when options given have no effect on this run."""
-    given = [f"--{name.replace('_', '-')}" for name in options if getattr(args, name, None) is not None]
+    given = [f"--{name.replace('_', '-')}" for name in given_runtime_flags(args) if name in options]
     if given:
         print(f"kiln bench: note: {', '.join(given)} {'has' if len(given) == 1 else 'have'} no effect here: {why}",
               file=sys.stderr)
@@ -171,12 +162,30 @@ def _load_requests(args):
     return manifest, requests
 
 
+def _check_writable(*paths: str | None) -> None:
+    """Output files that cannot be written fail before the benchmark runs, not after: each is opened for
+    appending (its folders made), and removed again if it was not there."""
+    for path in filter(None, paths):
+        out = Path(path)
+        existed = out.exists()
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.open("a").close()
+        except OSError as e:
+            raise cannot_write(out, e) from e
+        if not existed:
+            out.unlink()
+
+
 def _finish(reports: list[dict], report_json: str | None) -> None:
     from kiln.bench.report import format_comparison, format_report, write_json
 
     print(format_report(reports[0]) if len(reports) == 1 else format_comparison(reports))
     if report_json:
-        write_json(report_json, reports[0] if len(reports) == 1 else {"runs": reports})
+        try:
+            write_json(report_json, reports[0] if len(reports) == 1 else {"runs": reports})
+        except OSError as e:
+            raise cannot_write(report_json, e) from e
         print(f"report written to {report_json}", file=sys.stderr)
 
 
@@ -192,16 +201,15 @@ def cmd_throughput(args) -> int:
         raise ConfigError("--hf-model applies to --backend hf only; add hf to --backend")
     if args.plot:
         _require_matplotlib()
-    scheduler = SchedulerConfig(args.scheduler_policy or SchedulerConfig().capacity_scheduler_policy)
-    config = RuntimeConfig(max_batch_size=args.max_batch_size, max_num_tokens=args.max_num_tokens,
-                           kv_cache_config=_kv_cache_config(args), scheduler_config=scheduler)
+    _check_writable(args.report_json, args.plot)
+    config = runtime_config_from_args(args)
     manifest, requests = _load_requests(args)
     config.resolve(manifest.build_config)  # runtime limits above the engine's fail here, before loading
     if "kiln" not in backends:
-        _note_no_effect(args, ("max_num_tokens", "scheduler_policy", "kv_cache_free_gpu_mem_fraction"),
+        _note_no_effect(args, [rf.dest for rf in runtime_flags() if rf.dest != "max_batch_size"],
                         "the hf backend runs static batches without kiln's scheduler or KV cache")
     if args.sweep or args.plot:
-        top = args.concurrency or args.max_batch_size or manifest.build_config.max_batch_size
+        top = args.concurrency or config.max_batch_size or manifest.build_config.max_batch_size
         concurrencies, waves = args.sweep or _powers_of_two_up_to(top), args.sweep_waves
     else:
         concurrencies, waves = [args.concurrency], None
@@ -212,7 +220,10 @@ def cmd_throughput(args) -> int:
     if args.plot:
         from kiln.bench.plot import plot_sweep
 
-        print(f"plot written to {plot_sweep(reports, args.plot)}", file=sys.stderr)
+        try:
+            print(f"plot written to {plot_sweep(reports, args.plot)}", file=sys.stderr)
+        except OSError as e:
+            raise cannot_write(args.plot, e) from e
     return 0
 
 
@@ -232,7 +243,9 @@ def _powers_of_two_up_to(top: int) -> list[int]:
 def cmd_latency(args) -> int:
     from kiln.bench.latency import run_latency
 
-    config = RuntimeConfig(kv_cache_config=_kv_cache_config(args))
+    _check_writable(args.report_json)
+    config = runtime_config_from_args(args)
+    _note_no_effect(args, ("max_batch_size",), "latency runs one request at a time")
     _, requests = _load_requests(args)
     report = run_latency(args.engine, requests, config=config, warmup=args.warmup, dataset_path=args.dataset)
     _finish([report], args.report_json)

@@ -21,6 +21,7 @@ from kiln.errors import ConfigError, KilnError
 from kiln.runtime.tokenizer import Tokenizer
 
 PROMPT_FIELDS = ("prompt", "text")  # where a .jsonl prompt file keeps each prompt
+LINE_FORMAT = '{"task_id", "input_ids" | "prompt", "output_tokens"}'  # one request a line
 
 
 @dataclass(frozen=True)
@@ -152,11 +153,16 @@ def write_dataset(requests: Iterable[BenchRequest], out: TextIO) -> None:
 def read_dataset(path: str | Path, tokenizer: Tokenizer | None = None) -> list[BenchRequest]:
     """Reads dataset lines; prompts are tokenized with ``tokenizer`` (the engine's)."""
     path = Path(path)
+    text = _read_text(path, "make one with kiln bench prepare-dataset")
+    _check_json_lines(path, text)
     requests = []
-    for n, line in enumerate(_read_text(path, "make one with kiln bench prepare-dataset").splitlines(), 1):
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         obj = _parse_line(path, n, line)
+        if "output_tokens" not in obj:
+            raise ConfigError(f"{path} line {n}: no output_tokens (its keys: {', '.join(sorted(obj)) or 'none'}); "
+                              f"kiln bench reads JSON lines of {LINE_FORMAT}")
         output_tokens = obj.get("output_tokens")
         if not isinstance(output_tokens, int) or isinstance(output_tokens, bool) or output_tokens < 1:
             raise ConfigError(f"{path} line {n}: output_tokens must be a positive integer, got {output_tokens!r}")
@@ -175,6 +181,20 @@ def read_dataset(path: str | Path, tokenizer: Tokenizer | None = None) -> list[B
     if not requests:
         raise ConfigError(f"{path}: the dataset is empty; make one with kiln bench prepare-dataset")
     return requests
+
+
+def _check_json_lines(path: Path, text: str) -> None:
+    """A file that is one JSON document (TensorRT-LLM's workload JSON: metadata and samples; an array; an
+    object over several lines) is named as such, with the lines format expected instead."""
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError:
+        return  # JSON lines (or not JSON at all, which the lines report)
+    expected = f"kiln bench reads one request a line: {LINE_FORMAT}; write it with kiln bench prepare-dataset"
+    if isinstance(document, dict) and {"metadata", "samples"} & set(document):
+        raise ConfigError(f"{path}: a TensorRT-LLM workload JSON (metadata, samples), not JSON lines; {expected}")
+    if isinstance(document, list) or len(text.strip().splitlines()) > 1:
+        raise ConfigError(f"{path}: one JSON document, not JSON lines; {expected}")
 
 
 def check_fits_engine(requests: list[BenchRequest], build: BuildConfig, vocab_size: int) -> None:

@@ -23,6 +23,10 @@ from kiln.engine.weights import ST_TO_DTYPE, read_verified, write_streaming
 from kiln.errors import EngineError
 from kiln.version import __version__
 
+# What an engine folder holds; save replaces these and nothing else.
+ENGINE_ENTRIES = (MANIFEST_FILE, MANIFEST_FILE + ".partial", WEIGHTS_FILE, WEIGHTS_FILE + ".partial", TOKENIZER_DIR,
+                  COMPILE_CACHE_DIR)
+
 
 @dataclass
 class Engine:
@@ -33,10 +37,18 @@ class Engine:
     tokenizer_source: Path | None
     kernel_cache: tempfile.TemporaryDirectory | None = None  # Triton kernels compiled by the build
 
-    def save(self, engine_dir: str | Path, progress: bool = True) -> Path:
+    def save(self, engine_dir: str | Path, overwrite: bool = False, progress: bool = True) -> Path:
+        """Writes the engine into ``engine_dir``: a new or empty folder, or one holding an engine when
+        ``overwrite`` (check_output_dir says why not otherwise)."""
         engine_dir = Path(engine_dir)
+        check_output_dir(engine_dir, overwrite)
         engine_dir.mkdir(parents=True, exist_ok=True)
-        (engine_dir / MANIFEST_FILE).unlink(missing_ok=True)
+        for name in ENGINE_ENTRIES:  # the manifest first: a folder without one is never taken for an engine
+            path = engine_dir / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
         m = self.manifest
         spec = {name: (tuple(t["shape"]), ST_TO_DTYPE[t["dtype"]]) for name, t in m.tensors.items()}
         total = m.memory_plan["weight_bytes"]
@@ -47,7 +59,7 @@ class Engine:
         tensors = {name: {**t, "crc32": checksums[name]} for name, t in m.tensors.items()}
         has_tokenizer = self._copy_tokenizer(engine_dir)
         if self.kernel_cache is not None:
-            shutil.copytree(self.kernel_cache.name, engine_dir / COMPILE_CACHE_DIR, dirs_exist_ok=True)
+            shutil.copytree(self.kernel_cache.name, engine_dir / COMPILE_CACHE_DIR)
         final = EngineManifest(**{**m.__dict__, "tensors": tensors, "has_tokenizer": has_tokenizer,
                                   "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
         tmp = engine_dir / (MANIFEST_FILE + ".partial")
@@ -58,8 +70,6 @@ class Engine:
 
     def _copy_tokenizer(self, engine_dir: Path) -> bool:
         out = engine_dir / TOKENIZER_DIR
-        if out.exists():
-            shutil.rmtree(out)
         if self.tokenizer_source is None:
             return False
         files = [self.tokenizer_source / f for f in TOKENIZER_FILES if (self.tokenizer_source / f).is_file()]
@@ -69,6 +79,24 @@ class Engine:
         for f in files:
             shutil.copyfile(f, out / f.name)
         return True
+
+
+def check_output_dir(engine_dir: str | Path, overwrite: bool = False) -> None:
+    """An engine may be saved into ``engine_dir``: it is missing or empty, or holds an engine (complete or
+    not) and ``overwrite`` is set. Files that are not an engine's are never replaced, as TensorRT-LLM's
+    tools do not clobber unrelated files: a folder holding any refuses, overwrite or not."""
+    engine_dir = Path(engine_dir)
+    if engine_dir.exists() and not engine_dir.is_dir():
+        raise EngineError(f"{engine_dir}: a file, not a folder; give a folder for the engine")
+    names = sorted(p.name for p in engine_dir.iterdir()) if engine_dir.is_dir() else []
+    others = [name for name in names if name not in ENGINE_ENTRIES]
+    if others:
+        shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+        raise EngineError(f"{engine_dir} holds files that are not an engine's: {shown}; kiln does not replace "
+                          "them: choose a new or empty folder")
+    if names and not overwrite:
+        raise EngineError(f"{engine_dir} already holds an engine; add --overwrite (overwrite=True) to replace it, "
+                          "or choose another folder")
 
 
 def load_weights(engine_dir: str | Path, manifest: EngineManifest, device: torch.device, verify: bool = True,

@@ -105,9 +105,9 @@ class ModelConfig:
         cfg_file = path / "config.json"
         if not cfg_file.is_file():
             raise ConfigError(f"{path}: no config.json; point kiln at a Hugging Face model folder")
-        hf = json.loads(cfg_file.read_text())
+        hf = _read_json(cfg_file)
         gen_file = path / "generation_config.json"
-        gen = json.loads(gen_file.read_text()) if gen_file.is_file() else {}
+        gen = _read_json(gen_file) if gen_file.is_file() else {}
         return cls.from_hf_config(hf, gen)
 
     @classmethod
@@ -158,6 +158,16 @@ class ModelConfig:
             pad_token_id=hf.get("pad_token_id"),
             checkpoint_dtype=str(dtype).replace("torch.", ""),
         )
+
+
+def _read_json(file: Path) -> dict[str, Any]:
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{file} line {e.lineno} column {e.colno}: not valid JSON ({e.msg}); fix the file or "
+                          "download it again") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{file}: not UTF-8 text; fix the file or download it again") from None
 
 
 def _required(hf: dict[str, Any], key: str):

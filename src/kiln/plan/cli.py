@@ -126,7 +126,7 @@ def build_command(plan, row, model: str, max_batch_size: int) -> str:
 
 def runtime_flags(max_batch_size: int, cal) -> str:
     return (f"--max-batch-size {max_batch_size} --kv-cache-free-gpu-mem-fraction {cal.kv_memory_fraction} "
-            "--capacity-scheduler-policy guaranteed_no_evict")
+            "--scheduler-policy guaranteed_no_evict")
 
 
 def latency_batch(plan, row, config, cal) -> int:

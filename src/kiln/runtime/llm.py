@@ -110,7 +110,7 @@ def ensure_engine(model: str | Path | None, build_config: BuildConfig | dict | N
             pass  # stale or damaged cache entry: rebuild it
     _check_writable(engine_dir.parent)
     print(f"kiln: building an engine for {path} (first use; cached in {engine_dir})", file=sys.stderr, flush=True)
-    Builder().build(source, resolved).save(engine_dir, progress=progress)
+    Builder().build(source, resolved).save(engine_dir, overwrite=True, progress=progress)  # a stale entry goes
     return engine_dir
 
 
@@ -202,8 +202,14 @@ class LLM:
         responses: asyncio.Queue[Response] = asyncio.Queue()
         request = self._to_request(prompt, sampling_params or SamplingParams(), streaming)
         self.executor.validate_request(request)
-        request_id = self.executor.enqueue_request(
-            request, on_response=lambda r: loop.call_soon_threadsafe(responses.put_nowait, r))
+
+        def deliver(response: Response) -> None:
+            try:
+                loop.call_soon_threadsafe(responses.put_nowait, response)
+            except RuntimeError:  # the consumer left and its event loop closed: the response has no reader
+                pass
+
+        request_id = self.executor.enqueue_request(request, on_response=deliver)
         previous = None
         try:
             while True:

@@ -9,8 +9,8 @@ import socket
 import sys
 from pathlib import Path
 
-from kiln.config import CAPACITY_POLICIES, KvCacheConfig, RuntimeConfig, SchedulerConfig
 from kiln.errors import ConfigError, KilnError
+from kiln.flags import add_runtime_flags, given_runtime_flags, runtime_config_from_args
 
 logger = logging.getLogger(__name__)
 
@@ -32,14 +32,6 @@ def add_parser(subparsers) -> None:
     p.add_argument("--port", type=int, default=8000, help="TCP port, 0 for any free port (default: %(default)s)")
     p.add_argument("--served-model-name", help="the model name clients send (default: the model folder's name)")
     p.add_argument("--api-key", help=f"require 'Authorization: Bearer KEY' on /v1 routes (default: ${API_KEY_ENV})")
-    p.add_argument("--max-batch-size", type=int, help="lower the engine's max batch size")
-    p.add_argument("--max-num-tokens", type=int, help="lower the engine's max tokens per iteration")
-    p.add_argument("--kv-cache-free-gpu-mem-fraction", type=float,
-                   help="fraction of the GPU memory free after loading that the KV cache takes (GPU only; "
-                        f"default: {KvCacheConfig.free_gpu_memory_fraction})")
-    p.add_argument("--scheduler-policy", choices=CAPACITY_POLICIES, default=CAPACITY_POLICIES[0],
-                   help="guaranteed_no_evict admits only what can finish; max_utilization packs and preempts "
-                        "(default: %(default)s)")
     p.add_argument("--max-queue-size", type=int,
                    help="answer 429 when this many requests already wait for the engine (default: no limit)")
     p.add_argument("--chat-template", help="Jinja chat template file (default: the model's, else a plain one)")
@@ -47,6 +39,7 @@ def add_parser(subparsers) -> None:
                    help="seconds that SIGTERM / Ctrl-C waits for requests in flight before cancelling them "
                         "(default: %(default)s)")
     p.add_argument("--log-level", choices=LOG_LEVELS, default="info", help="server log level (default: %(default)s)")
+    add_runtime_flags(p)
     p.set_defaults(func=cmd_serve)
 
 
@@ -89,10 +82,7 @@ def cmd_serve(args) -> int:
     _check_args(args)
     chat_template = _read_chat_template(args.chat_template)
     api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
-    kv_cache = KvCacheConfig() if args.kv_cache_free_gpu_mem_fraction is None else KvCacheConfig(
-        free_gpu_memory_fraction=args.kv_cache_free_gpu_mem_fraction)
-    config = RuntimeConfig(max_batch_size=args.max_batch_size, max_num_tokens=args.max_num_tokens,
-                           kv_cache_config=kv_cache, scheduler_config=SchedulerConfig(args.scheduler_policy))
+    config = runtime_config_from_args(args)
     sock = _listen(args.host, args.port)
     try:
         logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
@@ -113,7 +103,7 @@ def _serve(executor, sock: socket.socket, name: str, args, api_key: str | None, 
 
     from kiln.serve.app import create_app
 
-    if args.kv_cache_free_gpu_mem_fraction is not None and executor.engine.device.type != "cuda":
+    if "kv_cache_free_gpu_mem_fraction" in given_runtime_flags(args) and executor.engine.device.type != "cuda":
         logger.warning("--kv-cache-free-gpu-mem-fraction has no effect on %s: the KV cache there holds "
                        "full batches at max_seq_len", executor.engine.device.type)
     app = create_app(executor, name, api_key=api_key, max_queue_size=args.max_queue_size,
