@@ -155,3 +155,15 @@ def test_calibrate_from_a_bench_report(tmp_path):
     bad.write_text("{}")
     with pytest.raises(Exception, match="not a kiln bench report"):
         calib.from_report(bad)
+
+
+def test_recommended_commands_parse_as_kiln_flags(capsys):
+    """The build command and runtime flags kiln plan prints are real flags of kiln build and kiln serve."""
+    from kiln.cli import build_parser
+
+    data = json.loads(kiln(capsys, "plan", "llama-3-8b", "--gpu", "h200", "--json")[1])
+    for rec in data["recommended"].values():
+        build = rec["build_command"].replace("ENGINE", "/tmp/engine").split()[1:]
+        build_parser().parse_args(build)
+        args = build_parser().parse_args(["serve", "/tmp/engine", *rec["runtime_flags"].split()])
+        assert args.max_batch_size >= 1
