@@ -352,7 +352,8 @@ def test_metrics_parse_and_count(server):
     assert after["kiln_prompt_tokens_total"] - before["kiln_prompt_tokens_total"] == out["usage"]["prompt_tokens"]
     for name in ("time_to_first_token", "inter_token_latency", "e2e_request_latency", "request_queue_time"):
         assert after[f"kiln_{name}_seconds_count"] == before[f"kiln_{name}_seconds_count"] + 1
-    assert after['kiln_request_finished_total{finish_reason="length"}'] >= 1
+    length = 'kiln_request_finished_total{finish_reason="length"}'
+    assert after[length] - before.get(length, 0) == 1
     assert after["kiln_kv_cache_total_blocks"] > 0 and 0 <= after["kiln_prefix_cache_hit_rate"] <= 1
     assert 0 <= after["kiln_kv_cache_usage_ratio"] <= 1
 
