@@ -1,13 +1,24 @@
 """Shared fixtures: the ``gpu`` marker, an isolated engine cache, tiny random-weight Hugging Face
-checkpoints, kiln engines built from them, and the bundled stories260K engine."""
+checkpoints, kiln engines built from them, the bundled stories260K engine, and ``kiln serve`` processes on
+ports the OS picks."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
+import httpx
 import pytest
 import torch
 
@@ -143,3 +154,64 @@ def stories_engine(tmp_path_factory) -> Path:
     """The bundled stories260K model as a float32 CPU engine, built once per session."""
     return build_engine(STORIES_DIR, tmp_path_factory.mktemp("stories260K_engine"), max_batch_size=8,
                         max_input_len=128, max_seq_len=512, max_num_tokens=512, tokens_per_block=16)
+
+
+# ---- servers and ports ----------------------------------------------------------------------------------
+
+STARTUP_SECONDS = 120
+
+
+class ServerProcess:
+    """``python -m kiln.cli serve ... --port 0`` in a subprocess: the server binds a port the OS picks and
+    prints its URL on its first line, so no port is fixed and none is picked here and bound later (another
+    process could take it in between). Every test that starts a server starts it this way."""
+
+    def __init__(self, *args: str, env: dict[str, str] | None = None):
+        self.log = tempfile.TemporaryFile(mode="w+")
+        command = [sys.executable, "-m", "kiln.cli", "serve", "--port", "0", "--log-level", "warning", *args]
+        self.proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=self.log, text=True,
+                                     env={**os.environ, **(env or {})})
+        with httpx.Client(timeout=60) as http:  # made first: nothing delays the request after the URL appears
+            line = self._first_line()
+            match = re.search(r"on (http://\S+)", line)
+            if not match:
+                raise RuntimeError(f"kiln serve did not start: {line!r}\n{self.logs()}")
+            self.url = match.group(1)
+            # The URL is announced once the server can answer: the first request succeeds, with no retries.
+            assert http.get(f"{self.url}/health").status_code == 200, self.logs()
+
+    def _first_line(self) -> str:
+        lines: list[str] = []
+        reader = threading.Thread(target=lambda: lines.append(self.proc.stdout.readline()), daemon=True)
+        reader.start()
+        reader.join(STARTUP_SECONDS)
+        return lines[0] if lines else ""
+
+    def logs(self) -> str:
+        self.log.seek(0)
+        return self.log.read()
+
+    def stop(self, timeout: float = 60) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+            self.log.close()
+
+
+@contextlib.contextmanager
+def port_in_use(port: int = 0, host: str = "127.0.0.1") -> Iterator[int]:
+    """Listens on host:port for the block and yields the port; 0 takes a free one from the OS. A port that
+    another process already holds is in use too, so the block runs either way."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as kiln serve does: TIME_WAIT is no excuse
+        try:
+            sock.bind((host, port))
+            sock.listen()
+        except OSError:
+            if port == 0:
+                raise
+        yield sock.getsockname()[1] if port == 0 else port

@@ -11,6 +11,7 @@ import random
 import threading
 import time
 from collections import defaultdict
+from concurrent.futures import Future
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -55,6 +56,14 @@ def collect(ex: Executor, ids: list[int], timeout: float = 60.0) -> dict[int, li
             if resp.has_error() or resp.result.is_final:
                 pending.discard(resp.request_id)
     return got
+
+
+def wait_until(condition, what: str, timeout: float = 30.0) -> None:
+    """Waits for something another thread does; the deadline only stops a broken run from hanging."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.005)
 
 
 def run_requests(ex: Executor, requests: list[Request]) -> list[Response]:
@@ -144,25 +153,47 @@ def loads(draw):
         # A frequent token as the end id, so that some samples stop early.
         end_id = draw(st.sampled_from([None, FREQUENT_TOKEN]))
         requests.append(Request(prompt, sampling_params=params, streaming=draw(st.booleans()), end_id=end_id))
-    cancel = [draw(st.booleans()) and draw(st.booleans()) for _ in requests]
-    return policy, chunked, options, requests, cancel
+    # Some are cancelled: at once (0), or after the first step >= N that follows their arrival: waiting,
+    # mid-prompt or mid-decode.
+    cancel_at = [draw(st.integers(0, 16)) if draw(st.booleans()) and draw(st.booleans()) else None
+                 for _ in requests]
+    return policy, chunked, options, requests, cancel_at
 
 
 @settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(load=loads())
 def test_random_load_ends_every_request_once_within_limits(engine, load):
-    policy, chunked, options, requests, cancel = load
+    policy, chunked, options, requests, cancel_at = load
     with make_executor(engine, policy, chunked, **options) as ex:
-        ids = []
-        for request, cancel_it in zip(requests, cancel):
-            ids.append(ex.enqueue_request(request))
-            if cancel_it:  # at once, or later: while waiting, mid-prompt or mid-decode
-                threading.Timer(random.Random(ids[-1]).choice([0.0, 0.01, 0.05]), ex.cancel_request, [ids[-1]]).start()
-        got = collect(ex, ids)
-        time.sleep(0.1)  # late cancellations are no-ops, and nothing more arrives
-        for resp in ex.await_responses(timeout=0):
-            got[resp.request_id].append(resp)
-        for request_id, request, was_cancelled in zip(ids, requests, cancel):
+        got: dict[int, list[Response]] = defaultdict(list)  # appended by the loop thread (response callbacks)
+        ids: list[int] = []  # appended here, read by the loop thread (a list append is atomic)
+        due = {i: step for i, step in enumerate(cancel_at) if step}
+        cancelled_unfinished: set[int] = set()
+
+        def has_ended(request_id: int) -> bool:
+            responses = got.get(request_id)
+            return bool(responses) and (responses[-1].has_error() or responses[-1].result.is_final)
+
+        def cancel_due(stats):  # in the loop thread, between steps: the cancel comes before any more tokens
+            for i, step in list(due.items()):
+                if i < len(ids) and stats.iteration >= step:
+                    if not has_ended(ids[i]):
+                        cancelled_unfinished.add(ids[i])
+                    ex.cancel_request(ids[i])
+                    del due[i]
+
+        ex.on_step = cancel_due
+        for request, step in zip(requests, cancel_at):
+            ids.append(ex.enqueue_request(request, on_response=lambda r: got[r.request_id].append(r)))
+            if step == 0:
+                ex.cancel_request(ids[-1])
+        wait_until(lambda: all(has_ended(i) for i in ids), "every request's final response", timeout=60)
+        for request_id, step in zip(ids, cancel_at):
+            if step is not None:
+                ex.cancel_request(request_id)  # late: a no-op
+        ex.shutdown()  # after the loop has handled the late cancellations: whatever they sent is in got
+        for request_id, request, step in zip(ids, requests, cancel_at):
+            was_cancelled = step is not None
             responses = got[request_id]
             params = request.sampling_params
             if -(-(len(request.input_token_ids) + params.max_tokens) // BLOCK) * params.n > ex.pool.num_blocks:
@@ -182,6 +213,10 @@ def test_random_load_ends_every_request_once_within_limits(engine, load):
                     assert not params.ignore_eos and sample_tokens[-1] == (request.end_id or EOS)
                 else:
                     assert was_cancelled and reason == "cancelled"
+            # Cancelled from the loop before its final response: it ends cancelled; otherwise it never does
+            # (a cancellation sent from this thread right after enqueueing may come before or after the end).
+            if step != 0:
+                assert ("cancelled" in final.finish_reasons) == (request_id in cancelled_unfinished)
         stats = ex.get_latest_iteration_stats()
         assert all(s.batch_size <= ex.max_batch_size for s in stats)
         assert all(0 < s.num_context_tokens + s.num_decode_tokens <= ex.max_num_tokens for s in stats)
@@ -197,19 +232,40 @@ def first_response(ex: Executor, request_id: int) -> Response:
     return responses[0]
 
 
-def test_cancellation_frees_blocks_at_once(engine):
+def cancel_after_step(ex: Executor, step: int) -> Future:
+    """Has the loop thread cancel a request when it has processed ``step`` steps (Executor.on_step); the
+    caller sets the returned future to the request's id. Counted from the executor's first step."""
+    request_id: Future = Future()
+
+    def on_step(stats):
+        if stats.iteration == step:
+            ex.cancel_request(request_id.result(timeout=30))
+
+    ex.on_step = on_step
+    return request_id
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+@pytest.mark.parametrize("step", [1, 9])
+def test_a_request_cancelled_after_step_n_ends_with_its_first_n_tokens_and_frees_its_blocks(
+        engine, greedy_alone, step, streaming):
+    prompts, alone = greedy_alone  # each prompt runs in one step, so step n gives the n-th token
     with make_executor(engine) as ex:
-        long = SamplingParams(temperature=0.0, max_tokens=100, ignore_eos=True)
-        running = ex.enqueue_request(Request([1, 45, 67, 89] * 5, sampling_params=long, streaming=True))
-        first_response(ex, running)
-        assert ex.pool.num_used_blocks > 0
-        ex.cancel_request(running)
-        final = collect(ex, [running])[running][-1].result
-        assert final.is_final and final.finish_reasons == ["cancelled"] and len(final.output_token_ids[0]) < 100
+        cancelled = cancel_after_step(ex, step)
+        cancelled.set_result(ex.enqueue_request(Request(prompts[0], sampling_params=GREEDY, streaming=streaming)))
+        responses = collect(ex, [cancelled.result()])[cancelled.result()]
         assert_pool_full(ex)  # the final response is sent after the blocks are back
-        ex.cancel_request(running)  # again, and an id that never existed: no effect
+        assert ex.get_latest_iteration_stats()[step - 1].kv_blocks_used > 0  # held them until cancelled
+        final = responses[-1].result
+        assert final.is_final and final.finish_reasons == ["cancelled"]
+        # Streamed: one delta per step, then the final one with nothing new.
+        assert [len(r.result.output_token_ids[0]) for r in responses] == ([1] * step + [0] if streaming else [step])
+        tokens = joined(responses)[0] if streaming else final.output_token_ids
+        assert tokens == [alone[0][:step]]
+        ex.cancel_request(cancelled.result())  # again, and an id that never existed: no effect
         ex.cancel_request(10_000)
-        assert run_requests(ex, [Request([1, 5, 6], sampling_params=GREEDY)])[0].result.finish_reasons == ["length"]
+        later = run_requests(ex, [Request(prompts[1], sampling_params=GREEDY)])[0].result
+        assert later.output_token_ids == [alone[1]] and later.finish_reasons == ["length"]
 
 
 def test_an_exception_in_one_request_fails_only_that_request(engine, greedy_alone, monkeypatch):
@@ -236,17 +292,35 @@ def test_an_exception_in_one_request_fails_only_that_request(engine, greedy_alon
         assert later.result.output_token_ids[0] == alone[4]
 
 
-def test_shutdown_cancels_requests_in_flight(engine):
+def test_shutdown_cancels_requests_in_flight(engine, greedy_alone):
+    prompts, alone = greedy_alone
     ex = make_executor(engine)
-    long = SamplingParams(temperature=0.0, max_tokens=100, ignore_eos=True)
-    ids = [ex.enqueue_request(Request([1, 7, 8 + i], sampling_params=long)) for i in range(3)]
-    while ex.num_running == 0:
-        time.sleep(0.01)
-    ex.shutdown()
+    held, release = threading.Event(), threading.Event()
+
+    def hold_after_step_3(stats):  # the requests cannot finish while the shutdown is on its way
+        if stats.iteration == 3:
+            held.set()
+            release.wait(30)
+
+    ex.on_step = hold_after_step_3
+    ids = ex.enqueue_requests([Request(p, sampling_params=GREEDY) for p in prompts[:3]])
+    assert held.wait(30), "the loop never reached step 3"
+    num_waiting = ex.num_waiting
+    stopper = threading.Thread(target=ex.shutdown)
+    stopper.start()
+    wait_until(lambda: ex.num_waiting == num_waiting + 1, "the shutdown message")  # num_waiting counts the inbox
+    release.set()
+    stopper.join(60)
     assert not ex.is_alive()
     finals = {r.request_id: r for r in ex.await_responses(timeout=0)}
     assert sorted(finals) == ids
     assert all(r.result.is_final and r.result.finish_reasons == ["cancelled"] for r in finals.values())
+    # Each keeps the tokens of the steps before the shutdown: the first arrived before step 1, the others
+    # in it or later.
+    tokens = [finals[i].result.output_token_ids[0] for i in ids]
+    assert [t == a[:len(t)] for t, a in zip(tokens, alone)] == [True] * 3
+    lengths = [len(t) for t in tokens]
+    assert lengths[0] == 3 and lengths == sorted(lengths, reverse=True)
     assert ex.await_responses(timeout=5.0) == []  # returns at once once shut down
     with pytest.raises(KilnError, match="shut down"):
         ex.enqueue_request(Request([1, 2, 3]))
@@ -288,20 +362,45 @@ def test_streaming_deltas_add_up_to_the_non_streaming_output(engine):
     assert times.arrival_time <= times.first_token_time <= times.finish_time
 
 
-def test_iteration_stats_count_every_token(engine):
-    prompts = [[1] + list(range(10, 10 + length)) for length in (5, 17, 30)]
-    with make_executor(engine, reuse=False, max_num_tokens=16) as ex:
-        ex.get_latest_iteration_stats()  # only what follows
-        results = run_requests(ex, [Request(p, sampling_params=GREEDY) for p in prompts])
+def test_iteration_stats_match_each_launched_plan_and_the_run_s_own_clock(engine, monkeypatch):
+    # 29 tokens: run twice, the second run finds 28 in the prefix cache and its prompt is one token, which
+    # must count as context, not as a decode. The others are chunked (16 tokens per step).
+    prompts = [[1] + list(range(10, 10 + length)) for length in (5, 17, 30)] + [[1] + list(range(100, 128))] * 2
+    with make_executor(engine, max_num_tokens=16) as ex:
+        planned: list[tuple[int, int]] = []  # per launched step: sequences, tokens
+        launch = ex.runner.launch
+
+        def record_and_launch(plan):
+            planned.append((len(plan.scheduled), plan.num_tokens))
+            return launch(plan)
+
+        monkeypatch.setattr(ex.runner, "launch", record_and_launch)
+        seen = []
+        ex.on_step = seen.append
+        wall_start, clock_start = time.time(), time.perf_counter()
+        results = run_requests(ex, [Request(p, sampling_params=GREEDY) for p in prompts[:4]])
+        results += run_requests(ex, [Request(prompts[4], sampling_params=GREEDY)])
+        wait_until(lambda: len(seen) == len(planned), "the last launched step's stats")  # it ends no request
+        wall_end, clock_end = time.time(), time.perf_counter()
         stats = ex.get_latest_iteration_stats()
         assert ex.get_latest_iteration_stats() == []  # each call returns the iterations since the last
+    assert stats == seen and [s.iteration for s in stats] == list(range(1, len(planned) + 1))
+    assert [(s.batch_size, s.num_context_tokens + s.num_decode_tokens) for s in stats] == planned
+    assert results[4].result.num_cached_prompt_tokens == 28
     num_outputs = sum(len(r.result.output_token_ids[0]) for r in results)
-    assert sum(s.num_context_tokens for s in stats) == sum(map(len, prompts))
+    num_computed_prompt_tokens = sum(len(p) - r.result.num_cached_prompt_tokens for p, r in zip(prompts, results))
+    assert sum(s.num_context_tokens for s in stats) == num_computed_prompt_tokens
     assert sum(s.num_decode_tokens for s in stats) == num_outputs - len(prompts)  # first tokens come from prompts
-    assert [s.iteration for s in stats] == list(range(stats[0].iteration, stats[0].iteration + len(stats)))
-    assert all(s.iteration_time_ms > 0 and s.timestamp > 0 for s in stats)
-    assert max(s.num_running for s in stats) >= 1 and (stats[-1].num_running, stats[-1].num_waiting) == (0, 0)
-    assert max(s.kv_blocks_used for s in stats) > 0 and stats[-1].prefix_cache_hit_rate == 0.0
+    timestamps = [s.timestamp for s in stats]
+    assert wall_start <= timestamps[0] and timestamps == sorted(timestamps) and timestamps[-1] <= wall_end
+    # Each step's time runs from the previous step's end (or its own planning): back to back, within the run.
+    elapsed_ms = (clock_end - clock_start) * 1e3
+    assert all(0 <= s.iteration_time_ms <= elapsed_ms for s in stats)
+    assert sum(s.iteration_time_ms for s in stats) <= elapsed_ms + 1e-6
+    assert [s.kv_blocks_used + s.kv_blocks_free for s in stats] == [ex.pool.num_blocks] * len(stats)
+    assert max(s.kv_blocks_used for s in stats) > 0
+    assert 1 <= max(s.num_running for s in stats) <= 4 and (stats[-1].num_running, stats[-1].num_waiting) == (0, 0)
+    assert stats[-1].prefix_cache_hit_rate == ex.pool.hit_rate > 0
 
 
 def test_cached_prompt_tokens_are_reported_once(engine):

@@ -118,13 +118,27 @@ def test_generate_async_streams_cumulative_outputs(llm):
 
 def test_leaving_generate_async_early_cancels_the_request(llm):
     ex = llm.executor
-    outputs = stream(llm, "Once upon a time", SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True),
-                     stop_after=2)
-    assert len(outputs) == 2 and not outputs[-1].finished
-    deadline = time.monotonic() + 10
-    while ex.num_running or ex.num_waiting:  # the cancellation is handled by the loop thread
-        assert time.monotonic() < deadline, "the abandoned request kept running"
-        time.sleep(0.01)
+    num_before = ex.counters["generation_tokens"]
+    left = threading.Event()
+
+    def hold_after_two_tokens(stats):  # the loop takes no step past the client's second token until it left
+        if ex.counters["generation_tokens"] - num_before >= 2:
+            left.wait(30)
+
+    ex.on_step = hold_after_two_tokens
+    try:
+        outputs = stream(llm, "Once upon a time", SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True),
+                         stop_after=2)
+        left.set()
+        assert len(outputs) == 2 and not outputs[-1].finished
+        deadline = time.monotonic() + 30
+        while ex.num_running or ex.num_waiting:  # the cancellation is handled by the loop thread
+            assert time.monotonic() < deadline, "the abandoned request kept running"
+            time.sleep(0.01)
+    finally:
+        ex.on_step = None
+        left.set()
+    assert ex.counters["generation_tokens"] - num_before == 2, "tokens generated after the client left"
     assert ex.pool.num_free_blocks == ex.pool.num_blocks
 
 

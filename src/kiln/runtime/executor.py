@@ -119,6 +119,11 @@ class Executor:
         self._penalized: set[int] = set()  # requests whose penalties count token ids on the host
         self._shutdown = False
         self.counters = collections.Counter()  # prompt_tokens, generation_tokens, requests_*
+        # Called in the loop thread with each step's stats, once its tokens are processed (responses sent);
+        # the loop waits for it. Cancellations and requests enqueued from it are handled before the next
+        # batch's tokens are processed, so a request cancelled here ends with exactly the tokens of the
+        # steps so far, whatever the machine's speed: tests use it to act at a chosen step.
+        self.on_step: Callable[[IterationStats], None] | None = None
         self._thread = threading.Thread(target=self._loop, name="kiln-executor", daemon=True)
         self._thread.start()
 
@@ -528,12 +533,14 @@ class Executor:
         now = time.perf_counter()
         started = max(step.started, self._last_step_end)
         self._last_step_end = now
-        self._stats.append(IterationStats(
+        stats = IterationStats(
             iteration=self._iteration, timestamp=time.time(),
             iteration_time_ms=(now - started) * 1e3, batch_size=len(plan.scheduled),
             num_context_tokens=plan.num_tokens - decode, num_decode_tokens=decode,
             num_preempted=len(plan.preempted), kv_blocks_used=self.pool.num_used_blocks,
             kv_blocks_free=self.pool.num_free_blocks, kv_blocks_total=self.pool.num_blocks,
             prefix_cache_hit_rate=self.pool.hit_rate, num_waiting=len(self.scheduler.waiting),
-            num_running=len(self.scheduler.running)))
-
+            num_running=len(self.scheduler.running))
+        self._stats.append(stats)
+        if self.on_step is not None:
+            self.on_step(stats)

@@ -24,6 +24,12 @@ from kiln.runtime.sequence import PENDING, Sequence, SequenceStatus
 class ScheduledSequence:
     seq: Sequence
     num_new_tokens: int
+    # Fixed when planned: once the step is launched the sequence holds its next token (PENDING), and a
+    # prompt's last chunk of one token would then look like a decode.
+    is_decode: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.is_decode = self.num_new_tokens == 1 and self.seq.num_output_tokens > 0
 
     @property
     def start(self) -> int:
@@ -47,7 +53,7 @@ class SchedulerOutput:
 
     @property
     def num_decode_tokens(self) -> int:
-        return sum(1 for s in self.scheduled if s.num_new_tokens == 1 and s.seq.num_output_tokens > 0)
+        return sum(1 for s in self.scheduled if s.is_decode)
 
     @property
     def is_empty(self) -> bool:

@@ -112,6 +112,7 @@ def _serve(executor, sock: socket.socket, name: str, args, api_key: str | None, 
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=args.log_level,
                                            timeout_graceful_shutdown=args.shutdown_timeout))
     url_host = f"[{host}]" if ":" in host else host
+    sock.listen()  # before the URL is announced: a client that connects at once waits for uvicorn, not refused
     print(f"kiln serve: {name} on http://{url_host}:{port}{' (API key required)' if api_key else ''}", flush=True)
     # uvicorn shuts down gracefully on SIGTERM, then raises the signal again to end the process; by
     # then every request has finished or been cancelled, so the repeat is ignored and serve returns 0.
