@@ -1,4 +1,5 @@
-"""SiLU(gate) * up over the fused gate/up projection output [T, 2 * I] (gate first, then up)."""
+"""Activations of the MLP: SiLU(gate) * up over the fused gate/up projection output [T, 2 * I] (gate
+first, then up), and GELU (exact or tanh-approximated) over an ungated projection output [T, N]."""
 
 from __future__ import annotations
 
@@ -11,6 +12,21 @@ from kiln.kernels.triton_jit import jit, tl
 def silu_mul_ref(gate_up: torch.Tensor) -> torch.Tensor:
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
+
+
+# HF's "gelu_new" / "gelu_pytorch_tanh" are the tanh approximation; its "gelu" is the exact erf form.
+GELU_APPROXIMATIONS = ("tanh", "none")
+
+
+def check_gelu_approximation(approximate: str) -> None:
+    if approximate not in GELU_APPROXIMATIONS:
+        raise ValueError(f"unknown GELU approximation {approximate!r}; supported: {', '.join(GELU_APPROXIMATIONS)}")
+
+
+def gelu_ref(x: torch.Tensor, approximate: str) -> torch.Tensor:
+    """GELU in float32, rounded once to x's dtype (torch's GPU kernels compute 16-bit inputs so)."""
+    check_gelu_approximation(approximate)
+    return F.gelu(x.float(), approximate=approximate).to(x.dtype)
 
 
 @jit

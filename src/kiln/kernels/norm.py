@@ -1,8 +1,9 @@
-"""RMSNorm, optionally fused with the residual add that precedes it."""
+"""RMSNorm and LayerNorm, each optionally fused with the residual add that precedes it."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from kiln.kernels.triton_jit import jit, next_power_of_2, tl
 
@@ -18,6 +19,19 @@ def add_rms_norm_ref(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tens
     """Returns (rms_norm(x + residual), x + residual): the normalized input and the new residual."""
     new_residual = x + residual
     return rms_norm_ref(new_residual, weight, eps), new_residual
+
+
+def layer_norm_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """LayerNorm over the last dim in float32, weight and bias applied before the one rounding to x's
+    dtype, as torch's own layer_norm kernels do for 16-bit inputs."""
+    return F.layer_norm(x.float(), x.shape[-1:], weight.float(), bias.float(), eps).to(x.dtype)
+
+
+def add_layer_norm_ref(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                       eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (layer_norm(x + residual), x + residual): the normalized input and the new residual."""
+    new_residual = x + residual
+    return layer_norm_ref(new_residual, weight, bias, eps), new_residual
 
 
 @jit

@@ -1,7 +1,10 @@
 """Rotary position embedding (default, linear and llama3 variants) fused with the paged KV write.
 
-HF convention: the two halves of each head are rotated against each other ("rotate_half"),
-so kiln stores weights exactly as the checkpoint has them.
+HF conventions, so kiln stores weights exactly as the checkpoint has them: by default the two halves of
+the rotated dims are rotated against each other ("rotate_half", Llama); interleaved, adjacent pairs
+(0, 1), (2, 3), ... are, pair j at frequency j (GPT-J's "rotate_every_two"). With partial rotary only
+each head's first rotary_dim dims are rotated (rotary_dim = the cos/sin table's width); the rest pass
+through unchanged.
 """
 
 from __future__ import annotations
@@ -31,32 +34,39 @@ def rope_inv_freq(rope: RopeConfig, head_dim: int) -> torch.Tensor:
     return inv_freq
 
 
-def rope_cos_sin(rope: RopeConfig, head_dim: int, max_positions: int) -> torch.Tensor:
-    """[max_positions, head_dim] float32: cos of each frequency in the first half, sin in the second."""
-    inv_freq = rope_inv_freq(rope, head_dim)
+def rope_cos_sin(rope: RopeConfig, rotary_dim: int, max_positions: int) -> torch.Tensor:
+    """[max_positions, rotary_dim] float32: cos of each frequency in the first half, sin in the second.
+    rotary_dim is head_dim, or fewer dims for partial rotary (GPT-J's rotary_dim)."""
+    inv_freq = rope_inv_freq(rope, rotary_dim)
     freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
     return torch.cat([freqs.cos(), freqs.sin()], dim=-1)
 
 
-def apply_rope_ref(x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
-    """x: [T, heads, head_dim]; cos_sin: [T, head_dim] (already gathered by position)."""
-    half = x.shape[-1] // 2
+def apply_rope_ref(x: torch.Tensor, cos_sin: torch.Tensor, is_interleaved: bool = False) -> torch.Tensor:
+    """x: [T, heads, head_dim]; cos_sin: [T, rotary_dim] (already gathered by position), rotary_dim <= head_dim."""
+    rotary_dim = cos_sin.shape[-1]
+    half = rotary_dim // 2
     cos, sin = cos_sin[:, None, :half], cos_sin[:, None, half:]
-    x1, x2 = x[..., :half].float(), x[..., half:].float()
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+    x_rot = x[..., :rotary_dim].float()
+    x1, x2 = (x_rot[..., 0::2], x_rot[..., 1::2]) if is_interleaved else (x_rot[..., :half], x_rot[..., half:])
+    out1, out2 = x1 * cos - x2 * sin, x2 * cos + x1 * sin
+    rotated = torch.stack([out1, out2], dim=-1).flatten(-2) if is_interleaved else torch.cat([out1, out2], dim=-1)
+    return torch.cat([rotated.to(x.dtype), x[..., rotary_dim:]], dim=-1)
 
 
 def rotary_kv_write_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                         cos_sin_cache: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                        slot_mapping: torch.Tensor) -> torch.Tensor:
+                        slot_mapping: torch.Tensor, is_interleaved: bool = False) -> torch.Tensor:
     """Rotates q and k; writes rotated k and v into the paged cache at slot_mapping; returns rotated q.
 
-    q: [T, Hq, D], k / v: [T, Hkv, D], k_cache / v_cache: [num_blocks, block_size, Hkv, D],
+    q: [T, Hq, D], k / v: [T, Hkv, D], cos_sin_cache: [max_positions, rotary_dim] (rope_cos_sin; the dims
+    of each head beyond rotary_dim are not rotated), k_cache / v_cache: [num_blocks, block_size, Hkv, D],
     slot_mapping: [T] flat slot (block * block_size + offset); a negative slot writes nothing (padding).
+    is_interleaved rotates adjacent pairs (GPT-J) instead of the two halves of the rotated dims.
     """
     cos_sin = cos_sin_cache[positions]
-    q_rot = apply_rope_ref(q, cos_sin)
-    k_rot = apply_rope_ref(k, cos_sin)
+    q_rot = apply_rope_ref(q, cos_sin, is_interleaved)
+    k_rot = apply_rope_ref(k, cos_sin, is_interleaved)
     valid = slot_mapping >= 0
     slots = slot_mapping[valid]
     k_cache.view(-1, *k_cache.shape[2:])[slots] = k_rot[valid].to(k_cache.dtype)
