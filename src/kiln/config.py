@@ -1,4 +1,5 @@
-"""Build-time and run-time configs. Frozen, validated on construction, one field per CLI flag."""
+"""Build-time and run-time configs. Frozen, validated on construction, one field per CLI flag; and the
+rotary position encoding's parameters, which the kernels and layers take as they are."""
 
 from __future__ import annotations
 
@@ -11,6 +12,18 @@ DTYPES = ("auto", "float32", "float16", "bfloat16")
 TARGETS = ("auto", "cpu", "sm80", "sm86", "sm89", "sm90")
 CAPACITY_POLICIES = ("guaranteed_no_evict", "max_utilization")
 GREEDY_TEMPERATURE = 1e-5
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    """Rotary embedding frequencies: the base ``theta`` and the scaling type (default, linear, llama3)."""
+
+    rope_type: str = "default"
+    theta: float = 10000.0
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int | None = None
 
 
 @dataclass(frozen=True)

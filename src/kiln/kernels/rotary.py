@@ -14,7 +14,7 @@ import math
 import torch
 
 from kiln.kernels.triton_jit import jit, next_power_of_2, tl
-from kiln.models.config import RopeConfig
+from kiln.config import RopeConfig
 
 
 def rope_inv_freq(rope: RopeConfig, head_dim: int) -> torch.Tensor:
