@@ -17,7 +17,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from kiln import BuildConfig, Builder
-from kiln.models import AutoModelForCausalLM
+from kiln.convert import AutoModelForCausalLM
 from kiln.runtime.llm import DEFAULT_MODEL_DIR
 
 STORIES_DIR = DEFAULT_MODEL_DIR

@@ -15,7 +15,8 @@ from kiln import BuildConfig, Builder
 from kiln.engine import EngineManifest, load_weights
 from kiln.convert.checkpoint import CheckpointReader
 from kiln.errors import CheckpointError, ConfigError
-from kiln.models import AutoModelForCausalLM, MistralForCausalLM, ModelConfig
+from kiln.convert import AutoModelForCausalLM
+from kiln.models import ModelConfig, num_params
 from kiln.models.config import RopeConfig
 
 LLAMA_FIELDS = {
@@ -64,7 +65,7 @@ def test_config_json_written_by_installed_transformers_parses(tiny_hf_checkpoint
 ])
 def test_parameter_count_matches_hf(architecture, overrides, tiny_hf_checkpoint):
     checkpoint = tiny_hf_checkpoint(architecture, **overrides)
-    assert ModelConfig.from_hf_dir(checkpoint.path).num_params() == sum(p.numel() for p in checkpoint.model.parameters())
+    assert num_params(ModelConfig.from_hf_dir(checkpoint.path)) == sum(p.numel() for p in checkpoint.model.parameters())
 
 
 def fused_reference(state_dict: dict[str, torch.Tensor], num_layers: int, tied: bool) -> dict[str, torch.Tensor]:
@@ -79,11 +80,11 @@ def fused_reference(state_dict: dict[str, torch.Tensor], num_layers: int, tied: 
         for kind in ("weight", "bias"):
             qkv = [state_dict.get(f"{hf}self_attn.{p}_proj.{kind}") for p in "qkv"]
             if qkv[0] is not None:
-                out[f"layers.{n}.qkv.{kind}"] = torch.cat(qkv)
-        out[f"layers.{n}.o.weight"] = state_dict[hf + "self_attn.o_proj.weight"]
-        out[f"layers.{n}.gate_up.weight"] = torch.cat([state_dict[hf + "mlp.gate_proj.weight"],
-                                                       state_dict[hf + "mlp.up_proj.weight"]])
-        out[f"layers.{n}.down.weight"] = state_dict[hf + "mlp.down_proj.weight"]
+                out[f"layers.{n}.attn.qkv.{kind}"] = torch.cat(qkv)
+        out[f"layers.{n}.attn.o.weight"] = state_dict[hf + "self_attn.o_proj.weight"]
+        out[f"layers.{n}.mlp.gate_up.weight"] = torch.cat([state_dict[hf + "mlp.gate_proj.weight"],
+                                                           state_dict[hf + "mlp.up_proj.weight"]])
+        out[f"layers.{n}.mlp.down.weight"] = state_dict[hf + "mlp.down_proj.weight"]
     return out
 
 
@@ -156,7 +157,7 @@ def test_config_that_does_not_describe_the_weights_fails_before_conversion(tiny_
     checkpoint = tiny_hf_checkpoint()
     config = json.loads((checkpoint.path / "config.json").read_text())
     (checkpoint.path / "config.json").write_text(json.dumps({**config, "intermediate_size": 80}))
-    with pytest.raises(CheckpointError, match=r"mlp\.gate_proj\.weight \[96, 64\].*layers\.0\.gate_up\.weight \[160, 64\]"):
+    with pytest.raises(CheckpointError, match=r"mlp\.gate_proj\.weight \[96, 64\].*layers\.0\.mlp\.gate_up\.weight \[160, 64\]"):
         AutoModelForCausalLM.from_hugging_face(checkpoint.path)
 
 
@@ -189,7 +190,7 @@ def test_folder_without_config_or_weights_is_named(tmp_path, tiny_hf_checkpoint)
 def test_family_class_refuses_another_architecture(tiny_hf_checkpoint):
     checkpoint = tiny_hf_checkpoint("Qwen2ForCausalLM")
     with pytest.raises(ConfigError, match="holds a Qwen2ForCausalLM, not a MistralForCausalLM"):
-        MistralForCausalLM.from_hugging_face(checkpoint.path)
+        AutoModelForCausalLM.from_hugging_face(checkpoint.path, architecture="MistralForCausalLM")
 
 
 def test_conversion_streams_one_tensor_at_a_time(tiny_hf_checkpoint, tmp_path, monkeypatch):

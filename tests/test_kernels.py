@@ -251,14 +251,15 @@ def test_decode_attention_in_a_cuda_graph():
 
 # ---- the ops in a model --------------------------------------------------------------------------
 def test_model_forward_with_triton_plan_matches_reference_plan():
-    """Every op through KernelOps inside the decoder, over three iterations sharing a KV cache: prompt
+    """Every op through KernelOps inside a Llama, over three iterations sharing a KV cache: prompt
     chunks, a mixed batch (a chunk after its cached prefix, a decode), then decode with a padded row."""
     from kiln.convert.converter import dummy_weights
-    from kiln.models.decoder import DecoderModel
+    from kiln.layers import LayerContext, linear_method, load_parameters
+    from kiln.models import create_model, model_skeleton
 
     config = ModelConfig(architecture="LlamaForCausalLM", vocab_size=96, hidden_size=72, intermediate_size=100,
                          num_layers=2, num_heads=6, num_kv_heads=2, head_dim=12, max_position_embeddings=64)
-    weights = dict(dummy_weights(config, torch.float32, DEVICE))
+    weights = dict(dummy_weights(model_skeleton(config), DEVICE))
     for name, tensor in weights.items():
         if name.endswith("norm.weight"):
             tensor.uniform_(0.5, 1.5)  # not all ones, so a norm weight applied wrongly shows
@@ -284,7 +285,9 @@ def test_model_forward_with_triton_plan_matches_reference_plan():
         inputs.append((input_ids.to(DEVICE), positions, slots, meta, torch.arange(sum(q_lens), device=DEVICE)))
 
     def run(plan: dict) -> list[torch.Tensor]:
-        model = DecoderModel(config, weights, KernelOps(plan), max_positions=64)
+        model = create_model(config, LayerContext(KernelOps(plan), linear_method("dense"), torch.float32, DEVICE),
+                             max_positions=64)
+        load_parameters(model, weights)
         kv_cache = torch.zeros(config.num_layers, 2, 8, block_size, config.num_kv_heads, config.head_dim,
                                device=DEVICE)
         return [model.forward(ids, positions, kv_cache, slots, meta, rows)

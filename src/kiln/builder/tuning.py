@@ -142,9 +142,9 @@ class TuningRun:
         residual = [self.randn(t, cfg.hidden_size) for t in self.token_counts]
         gate_up = [self.randn(t, 2 * cfg.intermediate_size) for t in self.token_counts]
         return {
-            "rms_norm": _fastest(NORM_CANDIDATES, [partial(rms_norm_triton, x, weight, cfg.rms_norm_eps)
+            "rms_norm": _fastest(NORM_CANDIDATES, [partial(rms_norm_triton, x, weight, cfg.norm_eps)
                                                    for x in hidden], "rms_norm"),
-            "add_rms_norm": _fastest(NORM_CANDIDATES, [partial(add_rms_norm_triton, x, r, weight, cfg.rms_norm_eps)
+            "add_rms_norm": _fastest(NORM_CANDIDATES, [partial(add_rms_norm_triton, x, r, weight, cfg.norm_eps)
                                                        for x, r in zip(hidden, residual)], "add_rms_norm"),
             "silu_mul": _fastest(SILU_MUL_CANDIDATES, [partial(silu_mul_triton, g) for g in gate_up], "silu_mul"),
             "rotary_kv_write": _fastest(ROTARY_CANDIDATES, [self.rotary_run(t) for t in self.token_counts],

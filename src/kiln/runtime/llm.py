@@ -80,7 +80,7 @@ def default_build_config(model_config, **overrides) -> BuildConfig:
 def ensure_engine(model: str | Path | None, build_config: BuildConfig | None = None, progress: bool = True) -> Path:
     """An engine folder for ``model``: itself if it is one, else built (once) into the user cache."""
     from kiln.builder import Builder
-    from kiln.models import AutoModelForCausalLM
+    from kiln.convert import AutoModelForCausalLM
 
     path = Path(model) if model is not None else DEFAULT_MODEL_DIR
     if (path / MANIFEST_FILE).is_file():
