@@ -80,37 +80,50 @@ def _rotary_kv_write_kernel(
         positions_ptr, cos_sin_ptr, cos_sin_row_stride, slot_mapping_ptr,
         k_cache_ptr, v_cache_ptr, cache_block_stride, cache_slot_stride, cache_head_stride, kv_block_size,
         q_out_ptr, NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-        BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
+        ROTARY_DIM: tl.constexpr, IS_INTERLEAVED: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_PAIRS: tl.constexpr,
+        BLOCK_PASS: tl.constexpr, BLOCK_D: tl.constexpr):
     """Program (token, 0) rotates the token's query heads into q_out; program (token, 1) rotates its key
-    heads and copies its value heads into the cache slot, unless the slot is negative (padding)."""
+    heads and copies its value heads into the cache slot, unless the slot is negative (padding). Pair j
+    (dims j and j + ROTARY_DIM / 2, or 2j and 2j + 1 interleaved) turns by frequency j; dims from
+    ROTARY_DIM to HEAD_DIM are copied unrotated."""
     token = tl.program_id(0).to(tl.int64)
     heads = tl.arange(0, BLOCK_H)[:, None]
-    half = tl.arange(0, BLOCK_HALF)[None, :]
+    pairs = tl.arange(0, BLOCK_PAIRS)[None, :]
+    if IS_INTERLEAVED:
+        first = 2 * pairs
+        second = 2 * pairs + 1
+    else:
+        first = pairs
+        second = pairs + ROTARY_DIM // 2
     position = tl.load(positions_ptr + token)
-    cos = tl.load(cos_sin_ptr + position * cos_sin_row_stride + half, mask=half < HEAD_DIM // 2)
-    sin = tl.load(cos_sin_ptr + position * cos_sin_row_stride + HEAD_DIM // 2 + half, mask=half < HEAD_DIM // 2)
+    cos = tl.load(cos_sin_ptr + position * cos_sin_row_stride + pairs, mask=pairs < ROTARY_DIM // 2)
+    sin = tl.load(cos_sin_ptr + position * cos_sin_row_stride + ROTARY_DIM // 2 + pairs, mask=pairs < ROTARY_DIM // 2)
     if tl.program_id(1) == 0:
-        src = q_ptr + token * q_row_stride + heads * q_head_stride + half
-        dst = q_out_ptr + token * (NUM_Q_HEADS * HEAD_DIM) + heads * HEAD_DIM + half
-        mask = (heads < NUM_Q_HEADS) & (half < HEAD_DIM // 2)
+        src = q_ptr + token * q_row_stride + heads * q_head_stride
+        dst = q_out_ptr + token * (NUM_Q_HEADS * HEAD_DIM) + heads * HEAD_DIM
+        head_mask = heads < NUM_Q_HEADS
     else:
         slot = tl.load(slot_mapping_ptr + token)
         block = slot // kv_block_size
         slot_offset = block * cache_block_stride + (slot - block * kv_block_size) * cache_slot_stride
-        src = k_ptr + token * k_row_stride + heads * k_head_stride + half
-        dst = k_cache_ptr + slot_offset + heads * cache_head_stride + half
-        mask = (heads < tl.where(slot >= 0, NUM_KV_HEADS, 0)) & (half < HEAD_DIM // 2)  # padding writes nothing
-        for part in tl.static_range(2):
-            value = tl.load(v_ptr + token * v_row_stride + heads * v_head_stride + part * (HEAD_DIM // 2) + half,
-                            mask=mask)
-            tl.store(v_cache_ptr + slot_offset + heads * cache_head_stride + part * (HEAD_DIM // 2) + half,
-                     value, mask=mask)
-    x1 = tl.load(src, mask=mask).to(tl.float32)
-    x2 = tl.load(src + HEAD_DIM // 2, mask=mask).to(tl.float32)
+        src = k_ptr + token * k_row_stride + heads * k_head_stride
+        dst = k_cache_ptr + slot_offset + heads * cache_head_stride
+        head_mask = heads < tl.where(slot >= 0, NUM_KV_HEADS, 0)  # padding writes nothing
+        dims = tl.arange(0, BLOCK_D)[None, :]
+        value_mask = head_mask & (dims < HEAD_DIM)
+        value = tl.load(v_ptr + token * v_row_stride + heads * v_head_stride + dims, mask=value_mask)
+        tl.store(v_cache_ptr + slot_offset + heads * cache_head_stride + dims, value, mask=value_mask)
+    mask = head_mask & (pairs < ROTARY_DIM // 2)
+    x1 = tl.load(src + first, mask=mask).to(tl.float32)
+    x2 = tl.load(src + second, mask=mask).to(tl.float32)
     # The reference's operation order; built without FMA contraction (rotary_kv_write_triton), so the
     # rotated keys written to the cache are bit-identical to it.
-    tl.store(dst, (x1 * cos - x2 * sin).to(q_out_ptr.dtype.element_ty), mask=mask)
-    tl.store(dst + HEAD_DIM // 2, (x2 * cos + x1 * sin).to(q_out_ptr.dtype.element_ty), mask=mask)
+    tl.store(dst + first, (x1 * cos - x2 * sin).to(q_out_ptr.dtype.element_ty), mask=mask)
+    tl.store(dst + second, (x2 * cos + x1 * sin).to(q_out_ptr.dtype.element_ty), mask=mask)
+    if ROTARY_DIM < HEAD_DIM:
+        passed = ROTARY_DIM + tl.arange(0, BLOCK_PASS)[None, :]
+        pass_mask = head_mask & (passed < HEAD_DIM)
+        tl.store(dst + passed, tl.load(src + passed, mask=pass_mask), mask=pass_mask)
 
 
 # Warps before tuning: 4 warps (128 threads) for a token's 32 query heads x 64 rotated pairs of an 8B
@@ -120,11 +133,13 @@ DEFAULT_ROTARY_CONFIG = {"num_warps": 4}
 
 def rotary_kv_write_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                            cos_sin_cache: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                           slot_mapping: torch.Tensor, num_warps: int = DEFAULT_ROTARY_CONFIG["num_warps"]
-                           ) -> torch.Tensor:
+                           slot_mapping: torch.Tensor, is_interleaved: bool = False,
+                           num_warps: int = DEFAULT_ROTARY_CONFIG["num_warps"]) -> torch.Tensor:
     """As rotary_kv_write_ref, reading q / k / v in place (strided views of the fused QKV output)."""
     num_tokens, num_q_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
+    rotary_dim = cos_sin_cache.shape[1]
+    assert rotary_dim % 2 == 0 and rotary_dim <= head_dim, (rotary_dim, head_dim)
     assert q.stride(2) == k.stride(2) == v.stride(2) == 1 and cos_sin_cache.stride(1) == 1
     assert k_cache.stride() == v_cache.stride() and k_cache.stride(3) == 1
     assert q.dtype == k.dtype == v.dtype == k_cache.dtype == v_cache.dtype
@@ -133,7 +148,8 @@ def rotary_kv_write_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, po
         q, q.stride(0), q.stride(1), k, k.stride(0), k.stride(1), v, v.stride(0), v.stride(1),
         positions, cos_sin_cache, cos_sin_cache.stride(0), slot_mapping,
         k_cache, v_cache, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_cache.shape[1],
-        q_out, NUM_Q_HEADS=num_q_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
-        BLOCK_H=next_power_of_2(max(num_q_heads, num_kv_heads)), BLOCK_HALF=next_power_of_2(head_dim // 2),
-        num_warps=num_warps, enable_fp_fusion=False)
+        q_out, NUM_Q_HEADS=num_q_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, ROTARY_DIM=rotary_dim,
+        IS_INTERLEAVED=is_interleaved, BLOCK_H=next_power_of_2(max(num_q_heads, num_kv_heads)),
+        BLOCK_PAIRS=next_power_of_2(rotary_dim // 2), BLOCK_PASS=next_power_of_2(max(head_dim - rotary_dim, 1)),
+        BLOCK_D=next_power_of_2(head_dim), num_warps=num_warps, enable_fp_fusion=False)
     return q_out
