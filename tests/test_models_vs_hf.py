@@ -38,6 +38,11 @@ CASES = {
     "llama_rope_theta": ("LlamaForCausalLM", dict(rope_parameters={"rope_type": "default", "rope_theta": 500.0}), 40),
     "qwen2_qkv_bias": ("Qwen2ForCausalLM", dict(num_key_value_heads=2, tie_word_embeddings=False), 40),
     "mistral": ("MistralForCausalLM", dict(num_key_value_heads=1, head_dim=16), 40),
+    # Per-head q/k RMSNorm; head_dim explicit, here unlike hidden_size / heads (16).
+    "qwen3_gqa_tied": ("Qwen3ForCausalLM", dict(num_key_value_heads=2, head_dim=32, tie_word_embeddings=True), 40),
+    "qwen3_untied_attention_bias": ("Qwen3ForCausalLM", dict(head_dim=16, attention_bias=True,
+                                                             tie_word_embeddings=False), 40),
+    "qwen3_mqa": ("Qwen3ForCausalLM", dict(num_key_value_heads=1, head_dim=8), 40),
 }
 
 

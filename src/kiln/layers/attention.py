@@ -35,12 +35,11 @@ class Attention(nn.Module):
         """x [T, hidden]; kv_cache [2, blocks, block_size, Hkv, D], this layer's keys and values."""
         num_tokens = x.shape[0]
         q, k, v = self.qkv(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        if self.q_norm is not None:  # over each head: [T * heads, head_dim] rows
-            q = self.q_norm.norm(q.reshape(-1, self.head_dim))
-            k = self.k_norm.norm(k.reshape(-1, self.head_dim))
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:  # each head's head_dim values, read in place from the fused output
+            q, k = self.q_norm.norm(q), self.k_norm.norm(k)
         q = self.rotary(q, k, v, positions, kv_cache, slot_mapping)
         out = self.ops.attention(q, kv_cache[0], kv_cache[1], attn, self.scale)
         return self.o(out.view(num_tokens, self.q_size))

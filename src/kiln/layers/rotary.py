@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import nn
 
@@ -22,10 +20,10 @@ class Rotary(nn.Module):
         super().__init__()
         self.register_buffer("cos_sin", rope_cos_sin(rope, rotary_dim, max_positions).to(ctx.device),
                              persistent=False)
-        self.rotary_kv_write = (functools.partial(ctx.ops.rotary_kv_write, is_interleaved=True) if is_interleaved
-                                else ctx.ops.rotary_kv_write)
+        self.is_interleaved, self.ops = is_interleaved, ctx.ops
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                 kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> torch.Tensor:
         """Writes rotated k and v to kv_cache [2, blocks, block_size, Hkv, D] at slot_mapping; returns rotated q."""
-        return self.rotary_kv_write(q, k, v, positions, self.cos_sin, kv_cache[0], kv_cache[1], slot_mapping)
+        return self.ops.rotary_kv_write(q, k, v, positions, self.cos_sin, kv_cache[0], kv_cache[1], slot_mapping,
+                                        is_interleaved=self.is_interleaved)
