@@ -62,6 +62,7 @@ def test_config_json_written_by_installed_transformers_parses(tiny_hf_checkpoint
 @pytest.mark.parametrize("architecture, overrides", [
     ("LlamaForCausalLM", dict(tie_word_embeddings=True)), ("LlamaForCausalLM", dict(attention_bias=True)),
     ("Qwen2ForCausalLM", dict(head_dim=32)), ("MistralForCausalLM", dict(num_key_value_heads=1)),
+    ("Qwen3ForCausalLM", dict(head_dim=32, tie_word_embeddings=True)), ("GPTJForCausalLM", dict(rotary_dim=8)),
 ])
 def test_parameter_count_matches_hf(architecture, overrides, tiny_hf_checkpoint):
     checkpoint = tiny_hf_checkpoint(architecture, **overrides)
@@ -151,6 +152,21 @@ def test_rotary_buffers_and_tied_lm_head_copies_are_accepted(tiny_hf_checkpoint)
 
     _rewrite_weights(checkpoint.path, add_extras)
     assert AutoModelForCausalLM.from_hugging_face(checkpoint.path).config.tie_word_embeddings
+
+
+def test_gptj_checkpoint_names_come_from_its_family_file(tiny_hf_checkpoint):
+    """GPT-J's own names: the mask buffers older checkpoints saved are accepted, a missing LM head bias named."""
+    checkpoint = tiny_hf_checkpoint("GPTJForCausalLM", rotary_dim=8)
+
+    def add_mask_buffers(tensors):
+        tensors["transformer.h.0.attn.bias"] = torch.ones(1, 1, 8, 8, dtype=torch.bool)
+        tensors["transformer.h.0.attn.masked_bias"] = torch.tensor(-1e9)
+
+    _rewrite_weights(checkpoint.path, add_mask_buffers)
+    assert AutoModelForCausalLM.from_hugging_face(checkpoint.path).config.rotary_dim == 8
+    _rewrite_weights(checkpoint.path, lambda t: t.pop("lm_head.bias"))
+    with pytest.raises(CheckpointError, match=r"missing 1 tensors \(lm_head\.bias\)"):
+        AutoModelForCausalLM.from_hugging_face(checkpoint.path)
 
 
 def test_config_that_does_not_describe_the_weights_fails_before_conversion(tiny_hf_checkpoint, tmp_path):

@@ -17,6 +17,7 @@ FAMILIES = {
     "MistralForCausalLM": "llama",
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
+    "GPTJForCausalLM": "gptj",
 }
 
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
