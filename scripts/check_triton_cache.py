@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from kiln import Builder, BuildConfig
-from kiln.models import AutoModelForCausalLM
+from kiln.convert import AutoModelForCausalLM
 from kiln.runtime.llm import DEFAULT_MODEL_DIR
 
 

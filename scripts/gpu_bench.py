@@ -30,9 +30,10 @@ from pathlib import Path
 import torch
 
 from kiln import Builder, BuildConfig, Executor, KvCacheConfig, Request, RuntimeConfig, SamplingParams
+from kiln.convert import AutoModelForCausalLM
 from kiln.kernels import AttentionMetadata, KernelOps, reference_plan
-from kiln.models import AutoModelForCausalLM
-from kiln.models.decoder import DecoderModel
+from kiln.layers import LayerContext, linear_method, load_parameters
+from kiln.models import CausalLM, create_model
 from kiln.runtime.llm import DEFAULT_MODEL_DIR
 
 RESULTS: dict = {}
@@ -104,9 +105,8 @@ def check_engine_logits(engine) -> None:
     The engine passes when its error is within 1.5x the reference path's own bf16 error."""
     model = engine.model
     max_len = engine.build_config.max_seq_len
-    ref = DecoderModel(model.config, _weights_of(model), KernelOps(reference_plan()), max_len)
-    fp32 = DecoderModel(model.config, {k: v.float() for k, v in _weights_of(model).items()},
-                        KernelOps(reference_plan()), max_len)
+    ref = _reference_copy(model, model.dtype, max_len)
+    fp32 = _reference_copy(model, torch.float32, max_len)
     cfg = model.config
     block = engine.build_config.tokens_per_block
     torch.manual_seed(0)
@@ -138,17 +138,12 @@ def check_engine_logits(engine) -> None:
     RESULTS["engine_logits_ok"] = rel("engine") <= 1.5 * rel("reference") + 1e-3
 
 
-def _weights_of(model: DecoderModel) -> dict[str, torch.Tensor]:
-    w = {"embed.weight": model.embed, "norm.weight": model.norm}
-    if not model.config.tie_word_embeddings:
-        w["lm_head.weight"] = model.lm_head
-    for n, layer in enumerate(model.layers):
-        for name in ("attn_norm", "qkv", "o", "mlp_norm", "gate_up", "down"):
-            w[f"layers.{n}.{name}.weight"] = getattr(layer, name)
-        for name in ("qkv", "o"):
-            if getattr(layer, f"{name}_bias") is not None:
-                w[f"layers.{n}.{name}.bias"] = getattr(layer, f"{name}_bias")
-    return w
+def _reference_copy(model: CausalLM, dtype: torch.dtype, max_len: int) -> CausalLM:
+    """The engine's (dense) weights cast to ``dtype``, run by the reference ops."""
+    ctx = LayerContext(KernelOps(reference_plan()), linear_method("dense"), dtype, model.device)
+    copy = create_model(model.config, ctx, max_len)
+    load_parameters(copy, {name: p.detach().to(dtype) for name, p in model.named_parameters()})
+    return copy
 
 
 # ---- 3./4. kiln ----------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from kiln import BuildConfig, Builder
-from kiln.models import AutoModelForCausalLM
+from kiln.convert import AutoModelForCausalLM
 from kiln.runtime.llm import DEFAULT_MODEL_DIR
 
 STORIES_DIR = DEFAULT_MODEL_DIR
@@ -92,11 +92,11 @@ def make_hf_model(architecture: str = "LlamaForCausalLM", seed: int = 0, **confi
     model = model_class(config).float().eval()
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if name.endswith("norm.weight"):
+            if name.endswith(("norm.weight", "ln_1.weight", "ln_f.weight")):
                 param.copy_(1.0 + 0.2 * torch.randn_like(param))
             elif name.endswith(".bias"):
                 param.normal_(0.0, 0.2)
-            elif "embed_tokens" in name or name.startswith("lm_head"):
+            elif "embed_tokens" in name or ".wte." in name or name.startswith("lm_head"):
                 param.normal_(0.0, 0.5)
             else:
                 param.normal_(0.0, 1.0 / math.sqrt(param.shape[-1]))

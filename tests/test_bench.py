@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from kiln.bench.dataset import BenchRequest, TokenSpace, token_norm_dist, write_dataset
-from kiln.bench.hf_backend import HF_CONFIG_CLASSES, HFBackend, hf_config_dict, hf_state_dict
+from kiln.bench.hf_backend import HFBackend, hf_config_class, hf_state_dict
 from kiln.bench.latency import run_latency
 from kiln.bench.report import PERCENTILE_KEYS
 from kiln.bench.throughput import KilnBackend, benchmark
@@ -125,8 +125,8 @@ def test_latency_runs_one_request_at_a_time(engine, requests):
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 def test_hf_config_round_trips(preset):
     mc = ModelConfig.from_hf_config(preset_hf_config(preset))
-    assert ModelConfig.from_hf_config(hf_config_dict(mc)) == mc
-    transformers_config = HF_CONFIG_CLASSES[mc.architecture](**hf_config_dict(mc))
+    assert ModelConfig.from_hf_config(mc.to_hf_config()) == mc
+    transformers_config = hf_config_class(mc.architecture)(**mc.to_hf_config())
     assert dataclasses.replace(ModelConfig.from_hf_config(transformers_config.to_dict()),
                                checkpoint_dtype=mc.checkpoint_dtype) == mc
 
@@ -198,7 +198,7 @@ def test_options_without_effect_are_named(engine, dataset_file, capsys):
 @pytest.fixture(scope="module")
 def engine_without_tokenizer(tmp_path_factory):
     from kiln.builder import Builder
-    from kiln.models import ModelSource
+    from kiln.convert import ModelSource
 
     source = ModelSource(ModelConfig.from_hf_dir(DEFAULT_MODEL_DIR), checkpoint_dir=None, tokenizer_dir=None,
                          name="stories-dummy")

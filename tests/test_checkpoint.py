@@ -15,7 +15,8 @@ from kiln import BuildConfig, Builder
 from kiln.engine import EngineManifest, load_weights
 from kiln.convert.checkpoint import CheckpointReader
 from kiln.errors import CheckpointError, ConfigError
-from kiln.models import AutoModelForCausalLM, MistralForCausalLM, ModelConfig
+from kiln.convert import AutoModelForCausalLM
+from kiln.models import ModelConfig, num_params
 from kiln.models.config import RopeConfig
 
 LLAMA_FIELDS = {
@@ -61,10 +62,11 @@ def test_config_json_written_by_installed_transformers_parses(tiny_hf_checkpoint
 @pytest.mark.parametrize("architecture, overrides", [
     ("LlamaForCausalLM", dict(tie_word_embeddings=True)), ("LlamaForCausalLM", dict(attention_bias=True)),
     ("Qwen2ForCausalLM", dict(head_dim=32)), ("MistralForCausalLM", dict(num_key_value_heads=1)),
+    ("Qwen3ForCausalLM", dict(head_dim=32, tie_word_embeddings=True)), ("GPTJForCausalLM", dict(rotary_dim=8)),
 ])
 def test_parameter_count_matches_hf(architecture, overrides, tiny_hf_checkpoint):
     checkpoint = tiny_hf_checkpoint(architecture, **overrides)
-    assert ModelConfig.from_hf_dir(checkpoint.path).num_params() == sum(p.numel() for p in checkpoint.model.parameters())
+    assert num_params(ModelConfig.from_hf_dir(checkpoint.path)) == sum(p.numel() for p in checkpoint.model.parameters())
 
 
 def fused_reference(state_dict: dict[str, torch.Tensor], num_layers: int, tied: bool) -> dict[str, torch.Tensor]:
@@ -79,11 +81,11 @@ def fused_reference(state_dict: dict[str, torch.Tensor], num_layers: int, tied: 
         for kind in ("weight", "bias"):
             qkv = [state_dict.get(f"{hf}self_attn.{p}_proj.{kind}") for p in "qkv"]
             if qkv[0] is not None:
-                out[f"layers.{n}.qkv.{kind}"] = torch.cat(qkv)
-        out[f"layers.{n}.o.weight"] = state_dict[hf + "self_attn.o_proj.weight"]
-        out[f"layers.{n}.gate_up.weight"] = torch.cat([state_dict[hf + "mlp.gate_proj.weight"],
-                                                       state_dict[hf + "mlp.up_proj.weight"]])
-        out[f"layers.{n}.down.weight"] = state_dict[hf + "mlp.down_proj.weight"]
+                out[f"layers.{n}.attn.qkv.{kind}"] = torch.cat(qkv)
+        out[f"layers.{n}.attn.o.weight"] = state_dict[hf + "self_attn.o_proj.weight"]
+        out[f"layers.{n}.mlp.gate_up.weight"] = torch.cat([state_dict[hf + "mlp.gate_proj.weight"],
+                                                           state_dict[hf + "mlp.up_proj.weight"]])
+        out[f"layers.{n}.mlp.down.weight"] = state_dict[hf + "mlp.down_proj.weight"]
     return out
 
 
@@ -152,11 +154,26 @@ def test_rotary_buffers_and_tied_lm_head_copies_are_accepted(tiny_hf_checkpoint)
     assert AutoModelForCausalLM.from_hugging_face(checkpoint.path).config.tie_word_embeddings
 
 
+def test_gptj_checkpoint_names_come_from_its_family_file(tiny_hf_checkpoint):
+    """GPT-J's own names: the mask buffers older checkpoints saved are accepted, a missing LM head bias named."""
+    checkpoint = tiny_hf_checkpoint("GPTJForCausalLM", rotary_dim=8)
+
+    def add_mask_buffers(tensors):
+        tensors["transformer.h.0.attn.bias"] = torch.ones(1, 1, 8, 8, dtype=torch.bool)
+        tensors["transformer.h.0.attn.masked_bias"] = torch.tensor(-1e9)
+
+    _rewrite_weights(checkpoint.path, add_mask_buffers)
+    assert AutoModelForCausalLM.from_hugging_face(checkpoint.path).config.rotary_dim == 8
+    _rewrite_weights(checkpoint.path, lambda t: t.pop("lm_head.bias"))
+    with pytest.raises(CheckpointError, match=r"missing 1 tensors \(lm_head\.bias\)"):
+        AutoModelForCausalLM.from_hugging_face(checkpoint.path)
+
+
 def test_config_that_does_not_describe_the_weights_fails_before_conversion(tiny_hf_checkpoint, tmp_path):
     checkpoint = tiny_hf_checkpoint()
     config = json.loads((checkpoint.path / "config.json").read_text())
     (checkpoint.path / "config.json").write_text(json.dumps({**config, "intermediate_size": 80}))
-    with pytest.raises(CheckpointError, match=r"mlp\.gate_proj\.weight \[96, 64\].*layers\.0\.gate_up\.weight \[160, 64\]"):
+    with pytest.raises(CheckpointError, match=r"mlp\.gate_proj\.weight \[96, 64\].*layers\.0\.mlp\.gate_up\.weight \[160, 64\]"):
         AutoModelForCausalLM.from_hugging_face(checkpoint.path)
 
 
@@ -189,7 +206,7 @@ def test_folder_without_config_or_weights_is_named(tmp_path, tiny_hf_checkpoint)
 def test_family_class_refuses_another_architecture(tiny_hf_checkpoint):
     checkpoint = tiny_hf_checkpoint("Qwen2ForCausalLM")
     with pytest.raises(ConfigError, match="holds a Qwen2ForCausalLM, not a MistralForCausalLM"):
-        MistralForCausalLM.from_hugging_face(checkpoint.path)
+        AutoModelForCausalLM.from_hugging_face(checkpoint.path, architecture="MistralForCausalLM")
 
 
 def test_conversion_streams_one_tensor_at_a_time(tiny_hf_checkpoint, tmp_path, monkeypatch):

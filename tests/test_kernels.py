@@ -15,7 +15,7 @@ import json
 import pytest
 import torch
 
-from kiln.kernels import OPS, AttentionMetadata, KernelOps
+from kiln.kernels import AttentionMetadata, KernelOps, triton_ops
 from kiln.kernels.activation import silu_mul_ref, silu_mul_triton
 from kiln.kernels.attention import paged_attention_ref, paged_attention_triton
 from kiln.kernels.norm import add_rms_norm_ref, add_rms_norm_triton, rms_norm_ref, rms_norm_triton
@@ -251,14 +251,15 @@ def test_decode_attention_in_a_cuda_graph():
 
 # ---- the ops in a model --------------------------------------------------------------------------
 def test_model_forward_with_triton_plan_matches_reference_plan():
-    """Every op through KernelOps inside the decoder, over three iterations sharing a KV cache: prompt
+    """Every op through KernelOps inside a Llama, over three iterations sharing a KV cache: prompt
     chunks, a mixed batch (a chunk after its cached prefix, a decode), then decode with a padded row."""
     from kiln.convert.converter import dummy_weights
-    from kiln.models.decoder import DecoderModel
+    from kiln.layers import LayerContext, linear_method, load_parameters
+    from kiln.models import create_model, model_skeleton
 
     config = ModelConfig(architecture="LlamaForCausalLM", vocab_size=96, hidden_size=72, intermediate_size=100,
                          num_layers=2, num_heads=6, num_kv_heads=2, head_dim=12, max_position_embeddings=64)
-    weights = dict(dummy_weights(config, torch.float32, DEVICE))
+    weights = dict(dummy_weights(model_skeleton(config), DEVICE))
     for name, tensor in weights.items():
         if name.endswith("norm.weight"):
             tensor.uniform_(0.5, 1.5)  # not all ones, so a norm weight applied wrongly shows
@@ -284,13 +285,15 @@ def test_model_forward_with_triton_plan_matches_reference_plan():
         inputs.append((input_ids.to(DEVICE), positions, slots, meta, torch.arange(sum(q_lens), device=DEVICE)))
 
     def run(plan: dict) -> list[torch.Tensor]:
-        model = DecoderModel(config, weights, KernelOps(plan), max_positions=64)
+        model = create_model(config, LayerContext(KernelOps(plan), linear_method("dense"), torch.float32, DEVICE),
+                             max_positions=64)
+        load_parameters(model, weights)
         kv_cache = torch.zeros(config.num_layers, 2, 8, block_size, config.num_kv_heads, config.head_dim,
                                device=DEVICE)
         return [model.forward(ids, positions, kv_cache, slots, meta, rows)
                 for ids, positions, slots, meta, rows in inputs]
 
-    triton_plan = {op: {"impl": "triton", "config": {}} for op in OPS}
+    triton_plan = {op: {"impl": "triton", "config": {}} for op in triton_ops.IMPLS}
     for triton_logits, reference_logits in zip(run(triton_plan), run({})):
         torch.testing.assert_close(triton_logits, reference_logits, rtol=1e-4, atol=1e-4)
 
@@ -356,7 +359,7 @@ def test_gpu_kernel_plan_tuned_on_this_gpu():
                         dtype="bfloat16", target=detect_target())
     for tune in (False, True):
         plan = json.loads(json.dumps(gpu_kernel_plan(TINY_MODEL, build, torch.bfloat16, tune=tune)))
-        assert {entry["impl"] for entry in plan.values()} == {"triton"} and set(plan) == set(OPS)
+        assert {entry["impl"] for entry in plan.values()} == {"triton"} and set(plan) == set(triton_ops.IMPLS)
         assert [entry["max_batch_size"] for entry in plan["attention"]["config"]["decode"]] == [1, 2, 4]
         ops = KernelOps(plan)
         for seq_lens in ([100, 7, 0], [60]):

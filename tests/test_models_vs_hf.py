@@ -38,6 +38,18 @@ CASES = {
     "llama_rope_theta": ("LlamaForCausalLM", dict(rope_parameters={"rope_type": "default", "rope_theta": 500.0}), 40),
     "qwen2_qkv_bias": ("Qwen2ForCausalLM", dict(num_key_value_heads=2, tie_word_embeddings=False), 40),
     "mistral": ("MistralForCausalLM", dict(num_key_value_heads=1, head_dim=16), 40),
+    # Per-head q/k RMSNorm; head_dim explicit, here unlike hidden_size / heads (16).
+    "qwen3_gqa_tied": ("Qwen3ForCausalLM", dict(num_key_value_heads=2, head_dim=32, tie_word_embeddings=True), 40),
+    "qwen3_untied_attention_bias": ("Qwen3ForCausalLM", dict(head_dim=16, attention_bias=True,
+                                                             tie_word_embeddings=False), 40),
+    "qwen3_mqa": ("Qwen3ForCausalLM", dict(num_key_value_heads=1, head_dim=8), 40),
+    # Parallel attention + MLP, LayerNorm with bias, GELU-tanh MLP with biases, LM head with bias, interleaved
+    # rotary over the first rotary_dim dims of each head (hidden 64: head_dim 16 at 4 heads).
+    "gptj_partial_rotary": ("GPTJForCausalLM", dict(rotary_dim=8, n_inner=96), 40),
+    "gptj_full_rotary": ("GPTJForCausalLM", dict(rotary_dim=16), 40),
+    "gptj_two_heads": ("GPTJForCausalLM", dict(num_attention_heads=2, rotary_dim=16, n_inner=96), 40),
+    "gptj_eight_heads_exact_gelu": ("GPTJForCausalLM", dict(num_attention_heads=8, rotary_dim=8,
+                                                            activation_function="gelu"), 40),
 }
 
 

@@ -11,7 +11,8 @@ import pytest
 
 from kiln.cli import main
 from kiln.config import BuildConfig
-from kiln.models import AutoModelForCausalLM
+from kiln.convert import AutoModelForCausalLM
+from kiln.models import num_params
 from kiln.plan import Workload, gpu_named, make_plan
 from kiln.plan import calibration as calib
 from kiln.plan.planner import KV_DTYPES, PRECISIONS, model_shape
@@ -53,8 +54,8 @@ def test_kv_pool_matches_the_runtime_on_an_h100():
 def test_weight_bytes_per_precision():
     e = {p: engine(precision=p) for p in ("bf16", "fp8", "int8_wo", "int4_wo")}
     linear = e["bf16"].linear_params
-    assert linear == LLAMA3_8B.num_params() - 2 * 128256 * 4096
-    assert e["bf16"].weight_bytes_per_gpu == 2 * LLAMA3_8B.num_params()
+    assert linear == num_params(LLAMA3_8B) - 2 * 128256 * 4096
+    assert e["bf16"].weight_bytes_per_gpu == 2 * num_params(LLAMA3_8B)
     assert e["fp8"].weight_bytes_read == linear + 2 * 128256 * 4096  # the LM head stays 16-bit
     # 4.5 bits per linear weight; the 1 GB LM head stays 16-bit.
     assert e["int4_wo"].weight_bytes_read == pytest.approx(linear * (0.5 + 4 / 128) + 2 * 128256 * 4096)

@@ -11,7 +11,7 @@ import schemathesis
 from hypothesis import HealthCheck, settings
 
 from kiln import BuildConfig, Builder
-from kiln.models import AutoModelForCausalLM
+from kiln.convert import AutoModelForCausalLM
 from kiln.runtime.executor import Executor
 from kiln.runtime.llm import DEFAULT_MODEL_DIR
 from kiln.serve.app import create_app

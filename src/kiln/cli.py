@@ -32,7 +32,8 @@ def _add_build(sub) -> None:
                                    "engine folder for this machine's GPU (or the CPU).\n\n" + LIMITS_HELP,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help="Hugging Face model folder, or a preset name with --dummy-weights "
-                                 "(llama-2-7b, llama-3-8b, llama-3.1-8b, llama-3.2-1b, mistral-7b, qwen2.5-7b)")
+                                 "(llama-2-7b, llama-3-8b, llama-3.1-8b, llama-3.2-1b, mistral-7b, qwen2.5-7b, qwen3-8b, "
+                                 "gpt-j-6b)")
     p.add_argument("--output", "-o", required=True, help="engine folder to write")
     d = BUILD_DEFAULTS
     p.add_argument("--max-batch-size", type=int, help=f"most requests in one iteration (default {d['max_batch_size']})")
@@ -49,6 +50,8 @@ def _add_build(sub) -> None:
                    help="weight and activation dtype; auto keeps the checkpoint's (float32 on CPU for float16)")
     p.add_argument("--target", choices=TARGETS, default="auto",
                    help="GPU architecture (or cpu); auto detects this machine's")
+    p.add_argument("--linear-method", default="dense",
+                   help="how every linear layer stores its weight and multiplies (default dense)")
     p.add_argument("--dummy-weights", action="store_true",
                    help="random weights of the model's shapes, made on the device (for presets; no download)")
     p.add_argument("--no-tune", action="store_true", help="skip kernel tuning on the GPU (default configs)")
@@ -65,7 +68,8 @@ def cmd_build(args) -> int:
     # Flags not given stay unset: the builder fits them to the model (resolve_build_config).
     config = BuildConfig(max_batch_size=args.max_batch_size, max_input_len=args.max_input_len,
                          max_seq_len=args.max_seq_len, max_num_tokens=args.max_num_tokens,
-                         tokens_per_block=args.tokens_per_block, dtype=args.dtype, target=args.target)
+                         tokens_per_block=args.tokens_per_block, dtype=args.dtype, target=args.target,
+                         linear_method=args.linear_method)
     engine = Builder().build(source, config, tune=not args.no_tune)
     out = _save(engine, args.output, args.overwrite)
     m = engine.manifest
@@ -97,7 +101,8 @@ def _save(engine, output: str, overwrite: bool) -> Path:
 def _model_source(model: str, dummy_weights: bool):
     """What ``kiln build MODEL`` builds: a Hugging Face folder, or with --dummy-weights a preset (or a
     folder's config.json) with random weights."""
-    from kiln.models import PRESETS, AutoModelForCausalLM
+    from kiln.convert import AutoModelForCausalLM
+    from kiln.models import PRESETS
 
     if dummy_weights and model in PRESETS:
         return AutoModelForCausalLM.from_preset(model)
@@ -110,7 +115,7 @@ def _model_source(model: str, dummy_weights: bool):
 
 
 def _dummy_from_dir(path: str):
-    from kiln.models import ModelSource
+    from kiln.convert import ModelSource
     from kiln.models.config import ModelConfig
 
     return ModelSource(config=ModelConfig.from_hf_dir(path), checkpoint_dir=None, tokenizer_dir=Path(path),
@@ -199,6 +204,7 @@ def _add_inspect(sub) -> None:
 
 def cmd_inspect(args) -> int:
     from kiln.engine.manifest import EngineManifest
+    from kiln.models import num_params
 
     m = EngineManifest.read(args.engine)
     files = _file_sizes(Path(args.engine))
@@ -213,10 +219,11 @@ def cmd_inspect(args) -> int:
         return 0
     mc, bc = m.model_config, m.build_config
     print(f"engine        {args.engine}  (kiln {m.kiln_version}, format {m.format_version}, built {m.created})")
-    print(f"target        {m.target} ({m.target_device_name}), dtype {bc.dtype}, tp {bc.tp_size}")
+    print(f"target        {m.target} ({m.target_device_name}), dtype {bc.dtype}, linear {bc.linear_method}, "
+          f"tp {bc.tp_size}")
     print(f"model         {mc.architecture}: {mc.num_layers} layers, hidden {mc.hidden_size}, heads {mc.num_heads}/"
           f"{mc.num_kv_heads} kv x {mc.head_dim}, mlp {mc.intermediate_size}, vocab {mc.vocab_size}, "
-          f"rope {mc.rope.rope_type} theta {mc.rope.theta:g}, {mc.num_params() / 1e6:.1f}M params")
+          f"rope {mc.rope.rope_type} theta {mc.rope.theta:g}, {num_params(mc) / 1e6:.1f}M params")
     print(f"limits        max_batch_size {bc.max_batch_size}, max_input_len {bc.max_input_len}, max_seq_len "
           f"{bc.max_seq_len}, max_num_tokens {bc.max_num_tokens}, tokens_per_block {bc.tokens_per_block}")
     print("memory plan")

@@ -1,4 +1,5 @@
-"""Build-time and run-time configs. Frozen, validated on construction, one field per CLI flag."""
+"""Build-time and run-time configs. Frozen, validated on construction, one field per CLI flag; and the
+rotary position encoding's parameters, which the kernels and layers take as they are."""
 
 from __future__ import annotations
 
@@ -24,6 +25,18 @@ def _flag(help: str, flag: str | None = None, choices: tuple[str, ...] | None = 
 
 
 @dataclass(frozen=True)
+class RopeConfig:
+    """Rotary embedding frequencies: the base ``theta`` and the scaling type (default, linear, llama3)."""
+
+    rope_type: str = "default"
+    theta: float = 10000.0
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int | None = None
+
+
+@dataclass(frozen=True)
 class BuildConfig:
     """The limits fixed into an engine. The runtime may lower batch size / tokens, never raise them.
 
@@ -41,6 +54,7 @@ class BuildConfig:
     dtype: str = "auto"
     tp_size: int = 1
     target: str = "auto"
+    linear_method: str = "dense"  # how every Linear stores its weight and multiplies (kiln.layers.linear)
 
     def __post_init__(self):
         for name in ("max_batch_size", "max_input_len", "max_seq_len", "max_num_tokens", "tokens_per_block"):

@@ -1,8 +1,8 @@
 """The Hugging Face transformers baseline: the same dataset through ``generate`` in static batches.
 
 The model is the engine's own: the Hugging Face checkpoint it was built from (``--hf-model``) or the
-engine's weights mapped back to Hugging Face names (the converter's name map run backwards: fused Q/K/V
-and gate/up split again) in a transformers model of the same config, which is what a dummy-weight
+engine's weights mapped back to Hugging Face names (the family's name map, which the converter reads,
+run backwards: fused Q/K/V and gate/up split again) in a transformers model of the same config, which is what a dummy-weight
 engine needs. Batches are left-padded; each generates its longest output for every row
 (min_new_tokens = max_new_tokens, so EOS never ends a row early), and each request counts only its own
 output_tokens. A request starts when its batch starts and ends when ``generate`` returns; its first
@@ -22,63 +22,45 @@ from tqdm.auto import tqdm
 
 from kiln.bench.dataset import BenchRequest
 from kiln.bench.report import BenchRun, RequestRecord, engine_details
-from kiln.bench.throughput import release_device_memory
 from kiln.engine import EngineManifest, engine_device, load_weights
-from kiln.convert.name_map import hf_sources
 from kiln.errors import ConfigError, KilnError
+from kiln.models import family
 from kiln.models.config import ModelConfig
-from kiln.models.decoder import weight_spec
-
-HF_CONFIG_CLASSES = {"LlamaForCausalLM": transformers.LlamaConfig, "MistralForCausalLM": transformers.MistralConfig,
-                     "Qwen2ForCausalLM": transformers.Qwen2Config}
+from kiln.models.registry import hf_sources
 
 
-def hf_config_dict(mc: ModelConfig) -> dict[str, Any]:
-    """``config.json`` fields that describe ``mc`` (transformers 4.x layout, which 5.x also reads)."""
-    rope = mc.rope
-    scaling = None
-    if rope.rope_type != "default":
-        scaling = {"rope_type": rope.rope_type, "factor": rope.factor}
-        if rope.rope_type == "llama3":
-            scaling.update(low_freq_factor=rope.low_freq_factor, high_freq_factor=rope.high_freq_factor,
-                           original_max_position_embeddings=rope.original_max_position_embeddings)
-    d = {
-        "architectures": [mc.architecture], "vocab_size": mc.vocab_size, "hidden_size": mc.hidden_size,
-        "intermediate_size": mc.intermediate_size, "num_hidden_layers": mc.num_layers,
-        "num_attention_heads": mc.num_heads, "num_key_value_heads": mc.num_kv_heads, "head_dim": mc.head_dim,
-        "hidden_act": "silu", "max_position_embeddings": mc.max_position_embeddings,
-        "rms_norm_eps": mc.rms_norm_eps, "rope_theta": rope.theta, "rope_scaling": scaling,
-        "tie_word_embeddings": mc.tie_word_embeddings, "bos_token_id": mc.bos_token_id,
-        "eos_token_id": list(mc.eos_token_ids) or None, "pad_token_id": mc.pad_token_id,
-        "torch_dtype": mc.checkpoint_dtype,
-    }
-    if mc.architecture == "Qwen2ForCausalLM":  # Q/K/V bias is part of the architecture
-        d.update(use_sliding_window=mc.sliding_window is not None, sliding_window=mc.sliding_window)
-    else:
-        d.update(attention_bias=mc.o_bias, sliding_window=mc.sliding_window)
-    return d
+def hf_config_class(architecture: str) -> type[transformers.PretrainedConfig]:
+    return getattr(transformers, architecture.replace("ForCausalLM", "Config"))
 
 
 def hf_state_dict(weights: dict[str, torch.Tensor], mc: ModelConfig,
                   hf_shapes: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
-    """kiln tensors -> Hugging Face tensors: each fused tensor split along dim 0 in name-map order (views)."""
+    """kiln tensors -> Hugging Face tensors through the family's HF_NAMES: each fused tensor split along
+    dim 0 in name-map order (views); a tied LM head is the embedding."""
+    names = family(mc.architecture).HF_NAMES
     state: dict[str, torch.Tensor] = {}
-    for name in weight_spec(mc):
-        sources = hf_sources(name)
-        state.update(zip(sources, weights[name].split([hf_shapes[s][0] for s in sources], dim=0)))
+    for name, tensor in weights.items():
+        sources = hf_sources(names, name)
+        state.update(zip(sources, tensor.split([hf_shapes[s][0] for s in sources], dim=0)))
     if mc.tie_word_embeddings:
-        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+        (head,), (embed,) = hf_sources(names, "lm_head.weight"), hf_sources(names, "embed.weight")
+        state[head] = state[embed]
     return state
 
 
 def model_from_engine(engine_dir: str | Path, manifest: EngineManifest, device: torch.device,
                       progress: bool = True) -> transformers.PreTrainedModel:
     mc = manifest.model_config
-    config = HF_CONFIG_CLASSES[mc.architecture](**hf_config_dict(mc))
+    if manifest.build_config.linear_method != "dense":
+        raise ConfigError(f"the engine stores its weights by the {manifest.build_config.linear_method!r} linear "
+                          "method, which transformers cannot load; give the Hugging Face checkpoint with --hf-model")
+    config = hf_config_class(mc.architecture)(**mc.to_hf_config())
     with torch.device(device):
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=manifest.dtype)
     shapes = {name: t.shape for name, t in model.state_dict().items()}
-    mapped = {src for name in weight_spec(mc) for src in hf_sources(name)} | {"lm_head.weight"}
+    names = family(mc.architecture).HF_NAMES
+    mapped = {src for name in manifest.tensors for src in hf_sources(names, name)}
+    mapped |= set(hf_sources(names, "lm_head.weight"))
     if mapped ^ shapes.keys():
         raise ConfigError(f"transformers' {mc.architecture} does not take this engine's weights (differing: "
                           f"{', '.join(sorted(mapped ^ shapes.keys())[:4])}); give the Hugging Face checkpoint "
@@ -180,4 +162,3 @@ class HFBackend:
 
     def close(self) -> None:
         del self.model
-        release_device_memory(self.device)

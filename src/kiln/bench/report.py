@@ -19,6 +19,7 @@ import torch
 
 from kiln.bench.dataset import BenchRequest
 from kiln.engine.manifest import EngineManifest
+from kiln.models import num_params
 
 PERCENTILE_KEYS = ("minimum", "maximum", "average", "p50", "p90", "p95", "p99")
 RULE = "=" * 59
@@ -123,7 +124,7 @@ def build_report(run: BenchRun, *, engine: dict[str, Any], machine: dict[str, An
 def engine_details(engine_dir: str | Path, manifest: EngineManifest, backend: str, version: str,
                    dtype: str) -> dict[str, Any]:
     mc, bc = manifest.model_config, manifest.build_config
-    params = mc.num_params()
+    params = num_params(mc)
     size = f"{params / 1e9:.2f}B" if params >= 1e9 else f"{params / 1e6:.2f}M"
     return {"model": f"{mc.architecture} ({size} params)", "model_path": str(engine_dir),
             "engine_dir": str(engine_dir), "version": version, "backend": backend, "dtype": dtype,

@@ -117,7 +117,6 @@ class KilnBackend:
     def close(self) -> None:
         self.executor.shutdown()
         del self.executor
-        release_device_memory(self.device)
 
 
 @dataclass
@@ -228,4 +227,5 @@ def run_throughput(engine_dir: str | Path, requests: list[BenchRequest], *, back
                                          warmup=warmup, dataset_path=dataset_path, progress=progress))
         finally:
             backend.close()
+            release_device_memory(backend.device)
     return reports

@@ -15,6 +15,7 @@ import torch
 
 from kiln.builder.plan import kernel_plan, memory_plan, tensor_table
 from kiln.config import BUILD_DEFAULTS, BuildConfig
+from kiln.convert import AutoModelForCausalLM, ModelSource
 from kiln.convert.checkpoint import CheckpointReader
 from kiln.convert.converter import convert_checkpoint, dummy_weights
 from kiln.engine import Engine, EngineManifest
@@ -22,7 +23,8 @@ from kiln.engine.target import detect_target, device_name, resolve_dtype
 from kiln.engine.weights import DTYPE_NAMES
 from kiln.errors import ConfigError
 from kiln.kernels.triton_jit import compile_cache
-from kiln.models import AutoModelForCausalLM, ModelSource
+from kiln.layers import linear_method
+from kiln.models import CausalLM, model_skeleton
 from kiln.models.config import ModelConfig
 
 
@@ -36,6 +38,7 @@ def resolve_build_config(model: ModelConfig, build: BuildConfig) -> BuildConfig:
         raise ConfigError(f"target {target} needs that GPU present to plan and tune kernels (this machine: "
                           f"{here}); build on the target machine or use target='auto' (--target auto)")
     dtype = resolve_dtype(build.dtype, model.checkpoint_dtype, target)
+    linear_method(build.linear_method)  # an unknown name fails naming the known ones
     longest, reason = _longest_sequence(model)
     for name in ("max_seq_len", "max_input_len"):  # max_input_len <= max_seq_len when both are given
         value = getattr(build, name)
@@ -77,23 +80,25 @@ class Builder:
         kernel_cache = tempfile.TemporaryDirectory(prefix="kiln-kernels-") if resolved.target != "cpu" else None
         with compile_cache(kernel_cache.name if kernel_cache else None):
             plan = kernel_plan(resolved.target, model.config, resolved, dtype, tune=tune)
+        skeleton = model_skeleton(model.config, resolved.linear_method, dtype)
+        tensors = tensor_table(skeleton)
         manifest = EngineManifest(
             model_config=model.config,
             build_config=resolved,
             target_device_name=device_name() if resolved.target != "cpu" else "cpu",
             kernel_plan=plan,
-            memory_plan=memory_plan(model.config, resolved, dtype),
-            tensors=tensor_table(model.config, dtype),
+            memory_plan=memory_plan(model.config, resolved, dtype, tensors),
+            tensors=tensors,
             has_tokenizer=False,
         )
         if model.is_dummy:
             device = torch.device("cpu" if resolved.target == "cpu" else "cuda")
-            produce = partial(dummy_weights, model.config, dtype, device)
+            produce = partial(dummy_weights, skeleton, device)
         else:
-            produce = partial(_convert, model, dtype)
+            produce = partial(_convert, skeleton, model.checkpoint_dir)
         return Engine(manifest=manifest, produce_weights=produce, tokenizer_source=model.tokenizer_dir,
                       kernel_cache=kernel_cache)
 
 
-def _convert(model: ModelSource, dtype: torch.dtype):
-    return convert_checkpoint(model.config, CheckpointReader(model.checkpoint_dir), dtype)
+def _convert(skeleton: CausalLM, checkpoint_dir):
+    return convert_checkpoint(skeleton, CheckpointReader(checkpoint_dir))

@@ -2,29 +2,32 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 
 from kiln.config import BuildConfig
-from kiln.engine.weights import DTYPE_TO_ST
+from kiln.engine.weights import DTYPE_TO_ST, ST_TO_DTYPE
 from kiln.kernels import reference_plan
+from kiln.models import CausalLM
 from kiln.models.config import ModelConfig
-from kiln.models.decoder import weight_spec
 
 
 def kv_bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
     return 2 * config.num_layers * config.num_kv_heads * config.head_dim * dtype.itemsize
 
 
-def tensor_table(config: ModelConfig, dtype: torch.dtype) -> dict[str, dict[str, Any]]:
-    """The manifest's tensor list before any weight exists: name -> shape and dtype, in file order."""
-    return {name: {"shape": list(shape), "dtype": DTYPE_TO_ST[dtype]} for name, shape in weight_spec(config).items()}
+def tensor_table(model: CausalLM) -> dict[str, dict[str, Any]]:
+    """The manifest's tensor list before any weight exists: name -> shape and dtype, in file order, as the
+    model's blocks declare them (a model skeleton: meta parameters)."""
+    return {name: {"shape": list(p.shape), "dtype": DTYPE_TO_ST[p.dtype]} for name, p in model.named_parameters()}
 
 
-def memory_plan(config: ModelConfig, build: BuildConfig, dtype: torch.dtype) -> dict[str, int]:
+def memory_plan(config: ModelConfig, build: BuildConfig, dtype: torch.dtype,
+                tensors: dict[str, dict[str, Any]]) -> dict[str, int]:
     """Bytes the engine needs at its limits, so users can see what fits before loading."""
-    weights = sum(_numel(s) for s in weight_spec(config).values()) * dtype.itemsize
+    weights = sum(math.prod(t["shape"]) * ST_TO_DTYPE[t["dtype"]].itemsize for t in tensors.values())
     per_token = kv_bytes_per_token(config, dtype)
     blocks_per_seq = -(-build.max_seq_len // build.tokens_per_block)
     widest = max(config.q_size + 2 * config.kv_size, 2 * config.intermediate_size, config.hidden_size)
@@ -49,10 +52,3 @@ def kernel_plan(target: str, config: ModelConfig, build: BuildConfig, dtype: tor
     from kiln.builder.tuning import gpu_kernel_plan  # needs triton
 
     return gpu_kernel_plan(config, build, dtype, tune=tune)
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n

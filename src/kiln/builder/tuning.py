@@ -19,7 +19,7 @@ import torch
 
 from kiln.engine.target import compute_capability
 from kiln.config import BuildConfig
-from kiln.kernels import OPS, reference_plan
+from kiln.kernels import reference_plan
 from kiln.kernels.activation import DEFAULT_SILU_MUL_CONFIG, silu_mul_triton
 from kiln.kernels.attention import (DEFAULT_CONTEXT_CONFIG, AttentionMetadata, default_decode_config,
                                     paged_attention_triton)
@@ -80,7 +80,8 @@ def decode_batch_buckets(max_batch_size: int) -> list[int]:
 
 
 def _plan(configs: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    return {op: {"impl": "triton", "config": configs[op]} for op in OPS}
+    """Triton for the ops configured; KernelOps binds any other op to its reference."""
+    return {op: {"impl": "triton", "config": config} for op, config in configs.items()}
 
 
 def _default_configs(config: ModelConfig, build: BuildConfig, num_sms: int) -> dict[str, Any]:
@@ -141,9 +142,9 @@ class TuningRun:
         residual = [self.randn(t, cfg.hidden_size) for t in self.token_counts]
         gate_up = [self.randn(t, 2 * cfg.intermediate_size) for t in self.token_counts]
         return {
-            "rms_norm": _fastest(NORM_CANDIDATES, [partial(rms_norm_triton, x, weight, cfg.rms_norm_eps)
+            "rms_norm": _fastest(NORM_CANDIDATES, [partial(rms_norm_triton, x, weight, cfg.norm_eps)
                                                    for x in hidden], "rms_norm"),
-            "add_rms_norm": _fastest(NORM_CANDIDATES, [partial(add_rms_norm_triton, x, r, weight, cfg.rms_norm_eps)
+            "add_rms_norm": _fastest(NORM_CANDIDATES, [partial(add_rms_norm_triton, x, r, weight, cfg.norm_eps)
                                                        for x, r in zip(hidden, residual)], "add_rms_norm"),
             "silu_mul": _fastest(SILU_MUL_CANDIDATES, [partial(silu_mul_triton, g) for g in gate_up], "silu_mul"),
             "rotary_kv_write": _fastest(ROTARY_CANDIDATES, [self.rotary_run(t) for t in self.token_counts],

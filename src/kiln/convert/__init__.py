@@ -1,0 +1,6 @@
+"""Checkpoint -> engine tensors: reading checkpoints (``checkpoint``), what a build starts from
+(``source``), and the conversion itself (``converter``)."""
+
+from kiln.convert.source import AutoModelForCausalLM, ModelSource
+
+__all__ = ["AutoModelForCausalLM", "ModelSource"]

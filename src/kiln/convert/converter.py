@@ -1,26 +1,39 @@
-"""Weight conversion: HF checkpoint (or random dummy weights) -> kiln tensors, one at a time."""
+"""Weight conversion: a Hugging Face checkpoint (or random dummy weights) -> the engine's tensors, one
+block at a time.
+
+The model skeleton (parameters declared, none allocated) lists the blocks and the checkpoint tensors
+each is made of; the family's ``HF_NAMES`` says which checkpoint entries make each one (several are
+concatenated along dim 0: Q/K/V, gate/up); each block then converts its tensors (a Linear through its
+method). Nothing here names a layer or a family.
+"""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 
 import torch
 
 from kiln.convert.checkpoint import CheckpointReader
-from kiln.convert.name_map import IGNORED, hf_sources
 from kiln.errors import CheckpointError
-from kiln.models.config import ModelConfig
-from kiln.models.decoder import weight_spec
+from kiln.layers import Layer, checkpoint_layers
+from kiln.layers.base import ONES
+from kiln.models import CausalLM, family
+from kiln.models.registry import hf_sources
 
 
-def check_checkpoint(config: ModelConfig, reader: CheckpointReader) -> None:
+def check_checkpoint(model: CausalLM, reader: CheckpointReader) -> None:
     """Fails before any conversion, naming missing and unexpected checkpoint tensors, then tensors whose
     shapes (read from file metadata) do not fit config.json."""
-    spec = weight_spec(config)
-    needed = {src for name in spec for src in hf_sources(name)}
-    present = {n for n in reader.names() if not IGNORED.match(n)}
-    if config.tie_word_embeddings:
-        present.discard("lm_head.weight")  # some tied checkpoints store a copy; the embedding is used
+    config, fam = model.config, family(model.config.architecture)
+    declared = {prefix + name: tensor for prefix, layer in checkpoint_layers(model)
+                for name, tensor in layer.checkpoint_tensors.items()}
+    sources = {name: hf_sources(fam.HF_NAMES, name) for name in declared}
+    ignored = re.compile("|".join(fam.HF_IGNORED))
+    present = {n for n in reader.names() if not ignored.match(n)}
+    if config.tie_word_embeddings:  # some tied checkpoints store a copy; the embedding is used
+        present -= set(hf_sources(fam.HF_NAMES, "lm_head.weight"))
+    needed = {src for srcs in sources.values() for src in srcs}
     missing = sorted(needed - present)
     unexpected = sorted(present - needed)
     if missing or unexpected:
@@ -31,34 +44,42 @@ def check_checkpoint(config: ModelConfig, reader: CheckpointReader) -> None:
             parts.append(f"unexpected {len(unexpected)} tensors ({', '.join(unexpected[:4])})")
         raise CheckpointError(f"{reader.path}: checkpoint does not match config.json ({config.architecture}): "
                               f"{'; '.join(parts)}")
-    for name, shape in spec.items():
-        sources = hf_sources(name)
-        shapes = [reader.shape(src) for src in sources]
-        if any(s[1:] != shape[1:] for s in shapes) or sum(s[0] for s in shapes) != shape[0]:
-            found = ", ".join(f"{src} {list(s)}" for src, s in zip(sources, shapes))
+    for name, tensor in declared.items():
+        shapes = [reader.shape(src) for src in sources[name]]
+        if any(s[1:] != tensor.shape[1:] for s in shapes) or sum(s[0] for s in shapes) != tensor.shape[0]:
+            found = ", ".join(f"{src} {list(s)}" for src, s in zip(sources[name], shapes))
             raise CheckpointError(f"{reader.path}: {found} do not fit config.json, which implies {name} "
-                                  f"{list(shape)}; the config does not describe these weights")
+                                  f"{list(tensor.shape)}; the config does not describe these weights")
 
 
-def convert_checkpoint(config: ModelConfig, reader: CheckpointReader, dtype: torch.dtype
-                       ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yields (kiln name, tensor) in weight_spec order: fused, cast, contiguous, on the host.
-    Shapes were checked by check_checkpoint."""
-    for name in weight_spec(config):
-        parts = [reader.get(src) for src in hf_sources(name)]
-        tensor = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
-        yield name, tensor.to(dtype).contiguous()
+def convert_checkpoint(model: CausalLM, reader: CheckpointReader) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yields (kiln name, tensor) in the model's parameter order: fused, converted, contiguous, on the
+    host. Names and shapes were checked by check_checkpoint."""
+    names = family(model.config.architecture).HF_NAMES
+    for prefix, layer in checkpoint_layers(model):
+        tensors = {}
+        for name in layer.checkpoint_tensors:
+            parts = [reader.get(src) for src in hf_sources(names, prefix + name)]
+            tensors[name] = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+        yield from _stored(prefix, layer, tensors)
 
 
-def dummy_weights(config: ModelConfig, dtype: torch.dtype, device: torch.device, seed: int = 0
-                  ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Random weights of the right shapes, made on ``device`` (no checkpoint needed)."""
+def dummy_weights(model: CausalLM, device: torch.device, seed: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
+    """Random checkpoint tensors of the right shapes, made on ``device`` in the engine dtype and converted
+    as a checkpoint's would be (no checkpoint needed)."""
     gen = torch.Generator(device=device).manual_seed(seed)
-    for name, shape in weight_spec(config).items():
-        if name.endswith("norm.weight"):
-            yield name, torch.ones(shape, dtype=dtype, device=device)
-            continue
-        std = 0.02 if name.endswith(".bias") or name in ("embed.weight", "lm_head.weight") else shape[-1] ** -0.5
-        t = torch.empty(shape, dtype=dtype, device=device)
-        t.normal_(0.0, std, generator=gen)
-        yield name, t
+    for prefix, layer in checkpoint_layers(model):
+        tensors = {}
+        for name, declared in layer.checkpoint_tensors.items():
+            if declared.init == ONES:
+                tensors[name] = torch.ones(declared.shape, dtype=model.dtype, device=device)
+            else:
+                tensors[name] = torch.empty(declared.shape, dtype=model.dtype, device=device)
+                tensors[name].normal_(0.0, declared.init, generator=gen)
+        yield from _stored(prefix, layer, tensors)
+
+
+def _stored(prefix: str, layer: Layer, tensors: dict[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
+    stored = layer.convert(tensors)
+    for name, _ in layer.named_parameters(recurse=False):
+        yield prefix + name, stored[name].contiguous()

@@ -12,17 +12,21 @@ from collections.abc import Callable
 from typing import Any
 
 from kiln.errors import EngineError
-from kiln.kernels.activation import silu_mul_ref
+from kiln.kernels.activation import gelu_ref, silu_mul_ref
 from kiln.kernels.attention import AttentionMetadata, paged_attention_ref
-from kiln.kernels.norm import add_rms_norm_ref, rms_norm_ref
+from kiln.kernels.norm import add_layer_norm_ref, add_rms_norm_ref, layer_norm_ref, rms_norm_ref
 from kiln.kernels.rotary import rotary_kv_write_ref
 
-OPS = ("rms_norm", "add_rms_norm", "silu_mul", "rotary_kv_write", "attention")
+OPS = ("rms_norm", "add_rms_norm", "layer_norm", "add_layer_norm", "silu_mul", "gelu", "rotary_kv_write",
+       "attention")
 
 _REFERENCE: dict[str, Callable] = {
     "rms_norm": rms_norm_ref,
     "add_rms_norm": add_rms_norm_ref,
+    "layer_norm": layer_norm_ref,
+    "add_layer_norm": add_layer_norm_ref,
     "silu_mul": silu_mul_ref,
+    "gelu": gelu_ref,
     "rotary_kv_write": rotary_kv_write_ref,
     "attention": paged_attention_ref,
 }

@@ -1,4 +1,5 @@
-"""SiLU(gate) * up over the fused gate/up projection output [T, 2 * I] (gate first, then up)."""
+"""Activations of the MLP: SiLU(gate) * up over the fused gate/up projection output [T, 2 * I] (gate
+first, then up), and GELU (exact or tanh-approximated) over an ungated projection output [T, N]."""
 
 from __future__ import annotations
 
@@ -11,6 +12,21 @@ from kiln.kernels.triton_jit import jit, tl
 def silu_mul_ref(gate_up: torch.Tensor) -> torch.Tensor:
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
+
+
+# HF's "gelu_new" / "gelu_pytorch_tanh" are the tanh approximation; its "gelu" is the exact erf form.
+GELU_APPROXIMATIONS = ("tanh", "none")
+
+
+def check_gelu_approximation(approximate: str) -> None:
+    if approximate not in GELU_APPROXIMATIONS:
+        raise ValueError(f"unknown GELU approximation {approximate!r}; supported: {', '.join(GELU_APPROXIMATIONS)}")
+
+
+def gelu_ref(x: torch.Tensor, approximate: str) -> torch.Tensor:
+    """GELU in float32, rounded once to x's dtype (torch's GPU kernels compute 16-bit inputs so)."""
+    check_gelu_approximation(approximate)
+    return F.gelu(x.float(), approximate=approximate).to(x.dtype)
 
 
 @jit
@@ -40,4 +56,37 @@ def silu_mul_triton(gate_up: torch.Tensor, BLOCK: int = DEFAULT_SILU_MUL_CONFIG[
     out = torch.empty(*gate_up.shape[:-1], num_cols, dtype=gate_up.dtype, device=gate_up.device)
     _silu_mul_kernel[(rows.shape[0], -(-num_cols // BLOCK))](rows, rows.stride(0), out, num_cols, BLOCK=BLOCK,
                                                             num_warps=num_warps)
+    return out
+
+
+@jit
+def _gelu_kernel(x_ptr, x_row_stride, out_ptr, num_cols, IS_TANH: tl.constexpr, BLOCK: tl.constexpr):
+    """Program (row, column block): out[row, cols] = gelu(x[row, cols]) in float32, rounded once."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < num_cols
+    x = tl.load(x_ptr + row * x_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    if IS_TANH:
+        # 0.5 * (1 + tanh(u)) == sigmoid(2u): no tanh needed, and no cancellation where tanh(u) nears -1.
+        inner = 0.7978845608028654 * (x + 0.044715 * x * x * x)  # sqrt(2 / pi) * (x + 0.044715 x^3)
+        out = x * tl.sigmoid(2.0 * inner)
+    else:
+        out = 0.5 * x * (1.0 + tl.erf(x * 0.7071067811865476))  # x / sqrt(2)
+    tl.store(out_ptr + row * num_cols + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# As silu_mul's: 1024 columns over 4 warps is 8 elements (16 bytes of bf16) per thread per load.
+DEFAULT_GELU_CONFIG = {"BLOCK": 1024, "num_warps": 4}
+
+
+def gelu_triton(x: torch.Tensor, approximate: str, BLOCK: int = DEFAULT_GELU_CONFIG["BLOCK"],
+                num_warps: int = DEFAULT_GELU_CONFIG["num_warps"]) -> torch.Tensor:
+    check_gelu_approximation(approximate)
+    num_cols = x.shape[-1]
+    rows = x.reshape(-1, num_cols)
+    assert rows.stride(-1) == 1
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    _gelu_kernel[(rows.shape[0], -(-num_cols // BLOCK))](rows, rows.stride(0), out, num_cols,
+                                                        IS_TANH=approximate == "tanh", BLOCK=BLOCK,
+                                                        num_warps=num_warps)
     return out

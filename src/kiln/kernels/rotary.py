@@ -1,7 +1,10 @@
 """Rotary position embedding (default, linear and llama3 variants) fused with the paged KV write.
 
-HF convention: the two halves of each head are rotated against each other ("rotate_half"),
-so kiln stores weights exactly as the checkpoint has them.
+HF conventions, so kiln stores weights exactly as the checkpoint has them: by default the two halves of
+the rotated dims are rotated against each other ("rotate_half", Llama); interleaved, adjacent pairs
+(0, 1), (2, 3), ... are, pair j at frequency j (GPT-J's "rotate_every_two"). With partial rotary only
+each head's first rotary_dim dims are rotated (rotary_dim = the cos/sin table's width); the rest pass
+through unchanged.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import math
 import torch
 
 from kiln.kernels.triton_jit import jit, next_power_of_2, tl
-from kiln.models.config import RopeConfig
+from kiln.config import RopeConfig
 
 
 def rope_inv_freq(rope: RopeConfig, head_dim: int) -> torch.Tensor:
@@ -31,32 +34,39 @@ def rope_inv_freq(rope: RopeConfig, head_dim: int) -> torch.Tensor:
     return inv_freq
 
 
-def rope_cos_sin(rope: RopeConfig, head_dim: int, max_positions: int) -> torch.Tensor:
-    """[max_positions, head_dim] float32: cos of each frequency in the first half, sin in the second."""
-    inv_freq = rope_inv_freq(rope, head_dim)
+def rope_cos_sin(rope: RopeConfig, rotary_dim: int, max_positions: int) -> torch.Tensor:
+    """[max_positions, rotary_dim] float32: cos of each frequency in the first half, sin in the second.
+    rotary_dim is head_dim, or fewer dims for partial rotary (GPT-J's rotary_dim)."""
+    inv_freq = rope_inv_freq(rope, rotary_dim)
     freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
     return torch.cat([freqs.cos(), freqs.sin()], dim=-1)
 
 
-def apply_rope_ref(x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
-    """x: [T, heads, head_dim]; cos_sin: [T, head_dim] (already gathered by position)."""
-    half = x.shape[-1] // 2
+def apply_rope_ref(x: torch.Tensor, cos_sin: torch.Tensor, is_interleaved: bool = False) -> torch.Tensor:
+    """x: [T, heads, head_dim]; cos_sin: [T, rotary_dim] (already gathered by position), rotary_dim <= head_dim."""
+    rotary_dim = cos_sin.shape[-1]
+    half = rotary_dim // 2
     cos, sin = cos_sin[:, None, :half], cos_sin[:, None, half:]
-    x1, x2 = x[..., :half].float(), x[..., half:].float()
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+    x_rot = x[..., :rotary_dim].float()
+    x1, x2 = (x_rot[..., 0::2], x_rot[..., 1::2]) if is_interleaved else (x_rot[..., :half], x_rot[..., half:])
+    out1, out2 = x1 * cos - x2 * sin, x2 * cos + x1 * sin
+    rotated = torch.stack([out1, out2], dim=-1).flatten(-2) if is_interleaved else torch.cat([out1, out2], dim=-1)
+    return torch.cat([rotated.to(x.dtype), x[..., rotary_dim:]], dim=-1)
 
 
 def rotary_kv_write_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                         cos_sin_cache: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                        slot_mapping: torch.Tensor) -> torch.Tensor:
+                        slot_mapping: torch.Tensor, is_interleaved: bool = False) -> torch.Tensor:
     """Rotates q and k; writes rotated k and v into the paged cache at slot_mapping; returns rotated q.
 
-    q: [T, Hq, D], k / v: [T, Hkv, D], k_cache / v_cache: [num_blocks, block_size, Hkv, D],
+    q: [T, Hq, D], k / v: [T, Hkv, D], cos_sin_cache: [max_positions, rotary_dim] (rope_cos_sin; the dims
+    of each head beyond rotary_dim are not rotated), k_cache / v_cache: [num_blocks, block_size, Hkv, D],
     slot_mapping: [T] flat slot (block * block_size + offset); a negative slot writes nothing (padding).
+    is_interleaved rotates adjacent pairs (GPT-J) instead of the two halves of the rotated dims.
     """
     cos_sin = cos_sin_cache[positions]
-    q_rot = apply_rope_ref(q, cos_sin)
-    k_rot = apply_rope_ref(k, cos_sin)
+    q_rot = apply_rope_ref(q, cos_sin, is_interleaved)
+    k_rot = apply_rope_ref(k, cos_sin, is_interleaved)
     valid = slot_mapping >= 0
     slots = slot_mapping[valid]
     k_cache.view(-1, *k_cache.shape[2:])[slots] = k_rot[valid].to(k_cache.dtype)
@@ -70,37 +80,50 @@ def _rotary_kv_write_kernel(
         positions_ptr, cos_sin_ptr, cos_sin_row_stride, slot_mapping_ptr,
         k_cache_ptr, v_cache_ptr, cache_block_stride, cache_slot_stride, cache_head_stride, kv_block_size,
         q_out_ptr, NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-        BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
+        ROTARY_DIM: tl.constexpr, IS_INTERLEAVED: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_PAIRS: tl.constexpr,
+        BLOCK_PASS: tl.constexpr, BLOCK_D: tl.constexpr):
     """Program (token, 0) rotates the token's query heads into q_out; program (token, 1) rotates its key
-    heads and copies its value heads into the cache slot, unless the slot is negative (padding)."""
+    heads and copies its value heads into the cache slot, unless the slot is negative (padding). Pair j
+    (dims j and j + ROTARY_DIM / 2, or 2j and 2j + 1 interleaved) turns by frequency j; dims from
+    ROTARY_DIM to HEAD_DIM are copied unrotated."""
     token = tl.program_id(0).to(tl.int64)
     heads = tl.arange(0, BLOCK_H)[:, None]
-    half = tl.arange(0, BLOCK_HALF)[None, :]
+    pairs = tl.arange(0, BLOCK_PAIRS)[None, :]
+    if IS_INTERLEAVED:
+        first = 2 * pairs
+        second = 2 * pairs + 1
+    else:
+        first = pairs
+        second = pairs + ROTARY_DIM // 2
     position = tl.load(positions_ptr + token)
-    cos = tl.load(cos_sin_ptr + position * cos_sin_row_stride + half, mask=half < HEAD_DIM // 2)
-    sin = tl.load(cos_sin_ptr + position * cos_sin_row_stride + HEAD_DIM // 2 + half, mask=half < HEAD_DIM // 2)
+    cos = tl.load(cos_sin_ptr + position * cos_sin_row_stride + pairs, mask=pairs < ROTARY_DIM // 2)
+    sin = tl.load(cos_sin_ptr + position * cos_sin_row_stride + ROTARY_DIM // 2 + pairs, mask=pairs < ROTARY_DIM // 2)
     if tl.program_id(1) == 0:
-        src = q_ptr + token * q_row_stride + heads * q_head_stride + half
-        dst = q_out_ptr + token * (NUM_Q_HEADS * HEAD_DIM) + heads * HEAD_DIM + half
-        mask = (heads < NUM_Q_HEADS) & (half < HEAD_DIM // 2)
+        src = q_ptr + token * q_row_stride + heads * q_head_stride
+        dst = q_out_ptr + token * (NUM_Q_HEADS * HEAD_DIM) + heads * HEAD_DIM
+        head_mask = heads < NUM_Q_HEADS
     else:
         slot = tl.load(slot_mapping_ptr + token)
         block = slot // kv_block_size
         slot_offset = block * cache_block_stride + (slot - block * kv_block_size) * cache_slot_stride
-        src = k_ptr + token * k_row_stride + heads * k_head_stride + half
-        dst = k_cache_ptr + slot_offset + heads * cache_head_stride + half
-        mask = (heads < tl.where(slot >= 0, NUM_KV_HEADS, 0)) & (half < HEAD_DIM // 2)  # padding writes nothing
-        for part in tl.static_range(2):
-            value = tl.load(v_ptr + token * v_row_stride + heads * v_head_stride + part * (HEAD_DIM // 2) + half,
-                            mask=mask)
-            tl.store(v_cache_ptr + slot_offset + heads * cache_head_stride + part * (HEAD_DIM // 2) + half,
-                     value, mask=mask)
-    x1 = tl.load(src, mask=mask).to(tl.float32)
-    x2 = tl.load(src + HEAD_DIM // 2, mask=mask).to(tl.float32)
+        src = k_ptr + token * k_row_stride + heads * k_head_stride
+        dst = k_cache_ptr + slot_offset + heads * cache_head_stride
+        head_mask = heads < tl.where(slot >= 0, NUM_KV_HEADS, 0)  # padding writes nothing
+        dims = tl.arange(0, BLOCK_D)[None, :]
+        value_mask = head_mask & (dims < HEAD_DIM)
+        value = tl.load(v_ptr + token * v_row_stride + heads * v_head_stride + dims, mask=value_mask)
+        tl.store(v_cache_ptr + slot_offset + heads * cache_head_stride + dims, value, mask=value_mask)
+    mask = head_mask & (pairs < ROTARY_DIM // 2)
+    x1 = tl.load(src + first, mask=mask).to(tl.float32)
+    x2 = tl.load(src + second, mask=mask).to(tl.float32)
     # The reference's operation order; built without FMA contraction (rotary_kv_write_triton), so the
     # rotated keys written to the cache are bit-identical to it.
-    tl.store(dst, (x1 * cos - x2 * sin).to(q_out_ptr.dtype.element_ty), mask=mask)
-    tl.store(dst + HEAD_DIM // 2, (x2 * cos + x1 * sin).to(q_out_ptr.dtype.element_ty), mask=mask)
+    tl.store(dst + first, (x1 * cos - x2 * sin).to(q_out_ptr.dtype.element_ty), mask=mask)
+    tl.store(dst + second, (x2 * cos + x1 * sin).to(q_out_ptr.dtype.element_ty), mask=mask)
+    if ROTARY_DIM < HEAD_DIM:
+        passed = ROTARY_DIM + tl.arange(0, BLOCK_PASS)[None, :]
+        pass_mask = head_mask & (passed < HEAD_DIM)
+        tl.store(dst + passed, tl.load(src + passed, mask=pass_mask), mask=pass_mask)
 
 
 # Warps before tuning: 4 warps (128 threads) for a token's 32 query heads x 64 rotated pairs of an 8B
@@ -110,11 +133,13 @@ DEFAULT_ROTARY_CONFIG = {"num_warps": 4}
 
 def rotary_kv_write_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                            cos_sin_cache: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                           slot_mapping: torch.Tensor, num_warps: int = DEFAULT_ROTARY_CONFIG["num_warps"]
-                           ) -> torch.Tensor:
+                           slot_mapping: torch.Tensor, is_interleaved: bool = False,
+                           num_warps: int = DEFAULT_ROTARY_CONFIG["num_warps"]) -> torch.Tensor:
     """As rotary_kv_write_ref, reading q / k / v in place (strided views of the fused QKV output)."""
     num_tokens, num_q_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
+    rotary_dim = cos_sin_cache.shape[1]
+    assert rotary_dim % 2 == 0 and rotary_dim <= head_dim, (rotary_dim, head_dim)
     assert q.stride(2) == k.stride(2) == v.stride(2) == 1 and cos_sin_cache.stride(1) == 1
     assert k_cache.stride() == v_cache.stride() and k_cache.stride(3) == 1
     assert q.dtype == k.dtype == v.dtype == k_cache.dtype == v_cache.dtype
@@ -123,7 +148,8 @@ def rotary_kv_write_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, po
         q, q.stride(0), q.stride(1), k, k.stride(0), k.stride(1), v, v.stride(0), v.stride(1),
         positions, cos_sin_cache, cos_sin_cache.stride(0), slot_mapping,
         k_cache, v_cache, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_cache.shape[1],
-        q_out, NUM_Q_HEADS=num_q_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
-        BLOCK_H=next_power_of_2(max(num_q_heads, num_kv_heads)), BLOCK_HALF=next_power_of_2(head_dim // 2),
-        num_warps=num_warps, enable_fp_fusion=False)
+        q_out, NUM_Q_HEADS=num_q_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, ROTARY_DIM=rotary_dim,
+        IS_INTERLEAVED=is_interleaved, BLOCK_H=next_power_of_2(max(num_q_heads, num_kv_heads)),
+        BLOCK_PAIRS=next_power_of_2(rotary_dim // 2), BLOCK_PASS=next_power_of_2(max(head_dim - rotary_dim, 1)),
+        BLOCK_D=next_power_of_2(head_dim), num_warps=num_warps, enable_fp_fusion=False)
     return q_out

@@ -8,15 +8,19 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from kiln.kernels.activation import silu_mul_triton
+from kiln.kernels.activation import gelu_triton, silu_mul_triton
 from kiln.kernels.attention import paged_attention_triton
-from kiln.kernels.norm import add_rms_norm_triton, rms_norm_triton
+from kiln.kernels.norm import (add_layer_norm_triton, add_rms_norm_triton, layer_norm_triton,
+                               rms_norm_triton)
 from kiln.kernels.rotary import rotary_kv_write_triton
 
 IMPLS: dict[str, Callable] = {
     "rms_norm": rms_norm_triton,
     "add_rms_norm": add_rms_norm_triton,
+    "layer_norm": layer_norm_triton,
+    "add_layer_norm": add_layer_norm_triton,
     "silu_mul": silu_mul_triton,
+    "gelu": gelu_triton,
     "rotary_kv_write": rotary_kv_write_triton,
     "attention": paged_attention_triton,
 }

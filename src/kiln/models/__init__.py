@@ -1,68 +1,40 @@
-"""Model families kiln runs, and the entry points that read a checkpoint's description.
+"""Model families kiln runs, one short file each (``llama``, ``qwen2``, ``qwen3``, ``gptj``) behind a
+registry keyed by the Hugging Face architecture (``registry.FAMILIES``), and the configs they are built from.
 
-``from_hugging_face`` reads only ``config.json`` (and checks the weights' names and shapes against it);
-weights are streamed later by the build. ``from_preset`` describes a well-known architecture with random
-(dummy) weights.
+A model is created with its parameters declared on the meta device: a skeleton tells the builder every
+tensor (the engine's tensor table, the checkpoint names to convert) without memory; at load the engine's
+tensors take the declared parameters' places (``kiln.layers.load_parameters``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
+import math
 
-from kiln.convert.checkpoint import CheckpointReader
-from kiln.convert.converter import check_checkpoint
-from kiln.errors import ConfigError
-from kiln.models.config import SUPPORTED_ARCHITECTURES, ModelConfig
+import torch
+
+from kiln.kernels import KernelOps, reference_plan
+from kiln.layers import LayerContext, checkpoint_layers, linear_method
+from kiln.models.base import CausalLM
+from kiln.models.config import ModelConfig
 from kiln.models.presets import PRESETS, preset_hf_config
+from kiln.models.registry import FAMILIES, family
 
 
-@dataclass(frozen=True)
-class ModelSource:
-    """What the Builder consumes: an architecture and where its weights come from."""
-
-    config: ModelConfig
-    checkpoint_dir: Path | None  # None: dummy (random) weights
-    tokenizer_dir: Path | None
-    name: str
-
-    @property
-    def is_dummy(self) -> bool:
-        return self.checkpoint_dir is None
+def create_model(config: ModelConfig, ctx: LayerContext, max_positions: int) -> CausalLM:
+    return family(config.architecture).Model(config, ctx, max_positions)
 
 
-class AutoModelForCausalLM:
-    """Picks the family from ``config.json``'s ``architectures``."""
-
-    architecture: str | None = None
-
-    @classmethod
-    def from_hugging_face(cls, path: str | Path) -> ModelSource:
-        path = Path(path)
-        config = ModelConfig.from_hf_dir(path)
-        if cls.architecture is not None and config.architecture != cls.architecture:
-            raise ConfigError(f"{path} holds a {config.architecture}, not a {cls.architecture}; "
-                              "use AutoModelForCausalLM")
-        check_checkpoint(config, CheckpointReader(path))
-        return ModelSource(config=config, checkpoint_dir=path, tokenizer_dir=path, name=path.name)
-
-    @classmethod
-    def from_preset(cls, name: str) -> ModelSource:
-        config = ModelConfig.from_hf_config(preset_hf_config(name))
-        return ModelSource(config=config, checkpoint_dir=None, tokenizer_dir=None, name=name)
+def model_skeleton(config: ModelConfig, linear: str = "dense", dtype: torch.dtype = torch.float32) -> CausalLM:
+    """The model's declarations only: meta parameters of the given linear method and engine dtype."""
+    ctx = LayerContext(KernelOps(reference_plan()), linear_method(linear), dtype, torch.device("meta"))
+    return create_model(config, ctx, max_positions=1)
 
 
-class LlamaForCausalLM(AutoModelForCausalLM):
-    architecture = "LlamaForCausalLM"
+def num_params(config: ModelConfig) -> int:
+    """Parameters of the checkpoint the model is made from (before any linear method's conversion)."""
+    return sum(math.prod(t.shape) for _, layer in checkpoint_layers(model_skeleton(config))
+               for t in layer.checkpoint_tensors.values())
 
 
-class MistralForCausalLM(AutoModelForCausalLM):
-    architecture = "MistralForCausalLM"
-
-
-class Qwen2ForCausalLM(AutoModelForCausalLM):
-    architecture = "Qwen2ForCausalLM"
-
-
-__all__ = ["AutoModelForCausalLM", "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
-           "ModelConfig", "ModelSource", "PRESETS", "SUPPORTED_ARCHITECTURES"]
+__all__ = ["FAMILIES", "PRESETS", "CausalLM", "ModelConfig", "create_model", "family", "model_skeleton",
+           "num_params", "preset_hf_config"]

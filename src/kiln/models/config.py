@@ -1,7 +1,10 @@
 """ModelConfig: the architecture facts kiln needs, parsed from a Hugging Face ``config.json``.
 
-Both layouts transformers writes are accepted: 4.x (``rope_theta`` + ``rope_scaling``) and 5.x
-(``rope_parameters``). Anything kiln cannot run exactly fails here, before any weight is read.
+Each family file names its ``config.json`` keys (``HF_CONFIG``: ModelConfig field -> key) and turns them
+into fields (``config_from_hf``) and back (``config_to_hf``); the fields every family shares (tokens,
+tied embeddings, dtype) are read here. Both layouts transformers writes are accepted: 4.x (``rope_theta``
++ ``rope_scaling``) and 5.x (``rope_parameters``). Anything kiln cannot run exactly fails here, before any
+weight is read.
 """
 
 from __future__ import annotations
@@ -12,27 +15,19 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kiln.config import RopeConfig
 from kiln.errors import ConfigError
+from kiln.models.registry import FAMILIES, family
 
-# HF architecture name -> kiln family. The three share one decoder (models/decoder.py); Qwen2 differs
-# only by its QKV bias, Mistral by its (optional) sliding window.
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
-
-
-@dataclass(frozen=True)
-class RopeConfig:
-    rope_type: str = "default"
-    theta: float = 10000.0
-    factor: float = 1.0
-    low_freq_factor: float = 1.0
-    high_freq_factor: float = 4.0
-    original_max_position_embeddings: int | None = None
+# Fields config.json must give, under the key the family's HF_CONFIG names (a family that names no key
+# for one derives it in config_from_hf, as GPT-J does its MLP width).
+REQUIRED_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    architecture: str
+    architecture: str  # the HF architecture; it picks the family (models/registry.py)
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -41,8 +36,10 @@ class ModelConfig:
     num_kv_heads: int
     head_dim: int
     max_position_embeddings: int
-    rms_norm_eps: float = 1e-5
+    norm_eps: float = 1e-5
     rope: RopeConfig = field(default_factory=RopeConfig)
+    rotary_dim: int | None = None  # dims of each head that are rotated; None: all of them
+    hidden_act: str = "silu"  # the MLP's activation, as config.json names it
     tie_word_embeddings: bool = False
     qkv_bias: bool = False
     o_bias: bool = False
@@ -60,8 +57,9 @@ class ModelConfig:
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(f"model config: num_attention_heads ({self.num_heads}) must be a multiple of "
                               f"num_key_value_heads ({self.num_kv_heads})")
-        if self.head_dim % 2:
-            raise ConfigError(f"model config: head_dim must be even for rotary embeddings, got {self.head_dim}")
+        if self.rotary_size % 2 or self.rotary_size > self.head_dim:
+            raise ConfigError(f"model config: rotary dims ({self.rotary_size}) must be even and at most head_dim "
+                              f"({self.head_dim})")
 
     @property
     def q_size(self) -> int:
@@ -72,6 +70,10 @@ class ModelConfig:
         return self.num_kv_heads * self.head_dim
 
     @property
+    def rotary_size(self) -> int:
+        return self.head_dim if self.rotary_dim is None else self.rotary_dim
+
+    @property
     def max_supported_positions(self) -> int:
         """Longest sequence the position encoding is defined for (rope scaling may extend it)."""
         if self.rope.rope_type == "linear":
@@ -80,14 +82,6 @@ class ModelConfig:
             return max(self.max_position_embeddings,
                        int(self.rope.original_max_position_embeddings * self.rope.factor))
         return self.max_position_embeddings
-
-    def num_params(self) -> int:
-        h, i = self.hidden_size, self.intermediate_size
-        qkv = self.q_size + 2 * self.kv_size
-        per_layer = h * qkv + self.q_size * h + 3 * h * i + 2 * h
-        per_layer += (qkv if self.qkv_bias else 0) + (h if self.o_bias else 0)
-        head = 0 if self.tie_word_embeddings else self.vocab_size * h
-        return self.vocab_size * h + head + self.num_layers * per_layer + h
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -113,52 +107,43 @@ class ModelConfig:
     @classmethod
     def from_hf_config(cls, hf: dict[str, Any], generation_config: dict[str, Any] | None = None) -> "ModelConfig":
         archs = hf.get("architectures") or []
-        arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
+        arch = next((a for a in archs if a in FAMILIES), None)
         if arch is None:
             raise ConfigError(f"unsupported architecture {archs or hf.get('model_type')!r}; "
-                              f"kiln supports {', '.join(SUPPORTED_ARCHITECTURES)}")
-        act = hf.get("hidden_act", "silu")
-        if act != "silu":
-            raise ConfigError(f"unsupported hidden_act {act!r}; kiln supports 'silu'")
-        if hf.get("mlp_bias"):
-            raise ConfigError("unsupported mlp_bias=true; kiln supports MLPs without bias")
-        num_heads = _required(hf, "num_attention_heads")
-        hidden = _required(hf, "hidden_size")
-        head_dim = hf.get("head_dim") or hidden // num_heads
-        attention_bias = bool(hf.get("attention_bias", False))
-        qkv_bias = arch == "Qwen2ForCausalLM" or attention_bias
-        o_bias = arch != "Qwen2ForCausalLM" and attention_bias
-        sliding_window = hf.get("sliding_window")
-        if arch == "Qwen2ForCausalLM" and not hf.get("use_sliding_window", False):
-            sliding_window = None
-        if arch == "LlamaForCausalLM":
-            sliding_window = None
+                              f"kiln supports {', '.join(sorted(FAMILIES))}")
+        fam = family(arch)
+        fields = {name: hf[key] for name, key in fam.HF_CONFIG.items() if hf.get(key) is not None}
+        for name in REQUIRED_FIELDS:
+            if name in fam.HF_CONFIG and name not in fields:
+                raise ConfigError(f"config.json has no {fam.HF_CONFIG[name]!r}; is this a decoder-only causal LM "
+                                  "checkpoint?")
+        fields.setdefault("num_kv_heads", fields["num_heads"])
+        fields.setdefault("head_dim", fields["hidden_size"] // fields["num_heads"])
+        fields.setdefault("max_position_embeddings", 2048)
+        fields["architecture"] = arch
         gen = generation_config or {}
         eos = gen.get("eos_token_id", hf.get("eos_token_id"))
-        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
         dtype = hf.get("torch_dtype") or hf.get("dtype") or "float32"
         return cls(
-            architecture=arch,
-            vocab_size=_required(hf, "vocab_size"),
-            hidden_size=hidden,
-            intermediate_size=_required(hf, "intermediate_size"),
-            num_layers=_required(hf, "num_hidden_layers"),
-            num_heads=num_heads,
-            num_kv_heads=hf.get("num_key_value_heads") or num_heads,
-            head_dim=head_dim,
-            max_position_embeddings=hf.get("max_position_embeddings", 2048),
-            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
-            rope=_parse_rope(hf),
+            **fam.config_from_hf(hf, fields),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            qkv_bias=qkv_bias,
-            o_bias=o_bias,
-            sliding_window=sliding_window,
             bos_token_id=gen.get("bos_token_id", hf.get("bos_token_id")),
-            eos_token_ids=eos_ids,
+            eos_token_ids=tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,)),
             pad_token_id=hf.get("pad_token_id"),
             checkpoint_dtype=str(dtype).replace("torch.", ""),
         )
 
+    def to_hf_config(self) -> dict[str, Any]:
+        """``config.json`` fields that describe this model (transformers 4.x layout, which 5.x also reads)."""
+        fam = family(self.architecture)
+        return {
+            "architectures": [self.architecture],
+            **{key: getattr(self, name) for name, key in fam.HF_CONFIG.items()},
+            **fam.config_to_hf(self),
+            "tie_word_embeddings": self.tie_word_embeddings, "bos_token_id": self.bos_token_id,
+            "eos_token_id": list(self.eos_token_ids) or None, "pad_token_id": self.pad_token_id,
+            "torch_dtype": self.checkpoint_dtype,
+        }
 
 def _read_json(file: Path) -> dict[str, Any]:
     try:
@@ -176,7 +161,14 @@ def _required(hf: dict[str, Any], key: str):
     return hf[key]
 
 
-def _parse_rope(hf: dict[str, Any]) -> RopeConfig:
+def check_activation(hf: dict[str, Any], key: str, supported: tuple[str, ...]) -> str:
+    act = hf.get(key, supported[0])
+    if act not in supported:
+        raise ConfigError(f"unsupported {key} {act!r}; kiln supports {', '.join(repr(a) for a in supported)}")
+    return act
+
+
+def rope_from_hf(hf: dict[str, Any]) -> RopeConfig:
     # transformers 5.x: rope_parameters holds theta and scaling together; 4.x: rope_theta + rope_scaling.
     params = hf.get("rope_parameters")
     if params is None:
@@ -201,3 +193,13 @@ def _parse_rope(hf: dict[str, Any]) -> RopeConfig:
         high_freq_factor=float(params.get("high_freq_factor", 4.0)),
         original_max_position_embeddings=params.get("original_max_position_embeddings"),
     )
+
+
+def rope_to_hf(rope: RopeConfig) -> dict[str, Any]:
+    scaling = None
+    if rope.rope_type != "default":
+        scaling = {"rope_type": rope.rope_type, "factor": rope.factor}
+        if rope.rope_type == "llama3":
+            scaling.update(low_freq_factor=rope.low_freq_factor, high_freq_factor=rope.high_freq_factor,
+                           original_max_position_embeddings=rope.original_max_position_embeddings)
+    return {"rope_theta": rope.theta, "rope_scaling": scaling}

@@ -54,6 +54,19 @@ PRESETS: dict[str, dict[str, Any]] = {
         "tie_word_embeddings": False, "bos_token_id": 151643, "eos_token_id": 151643,
         "torch_dtype": "bfloat16",
     },
+    "qwen3-8b": {
+        "architectures": ["Qwen3ForCausalLM"], "vocab_size": 151936, "hidden_size": 4096,
+        "intermediate_size": 12288, "num_hidden_layers": 36, "num_attention_heads": 32,
+        "num_key_value_heads": 8, "head_dim": 128, "max_position_embeddings": 40960, "rms_norm_eps": 1e-6,
+        "rope_theta": 1000000.0, "attention_bias": False, "use_sliding_window": False, "sliding_window": None,
+        "tie_word_embeddings": False, "bos_token_id": 151643, "eos_token_id": 151645, "torch_dtype": "bfloat16",
+    },
+    "gpt-j-6b": {
+        "architectures": ["GPTJForCausalLM"], "vocab_size": 50400, "n_embd": 4096, "n_head": 16, "n_layer": 28,
+        "n_positions": 2048, "rotary_dim": 64, "n_inner": None, "activation_function": "gelu_new",
+        "layer_norm_epsilon": 1e-5, "tie_word_embeddings": False, "bos_token_id": 50256, "eos_token_id": 50256,
+        "torch_dtype": "float16",  # the checkpoint's float16 revision, the one served (main holds float32)
+    },
 }
 
 

@@ -169,7 +169,9 @@ def _fmt(value: float | None, spec: str = ",.0f") -> str:
 
 def render(plan, config, cal) -> str:
     w, gpu = plan.workload, plan.gpu
-    lines = [f"kiln plan: {plan.model} ({config.num_params() / 1e9:.2f}B params) on {gpu.key} ({gpu.name}, "
+    from kiln.models import num_params
+
+    lines = [f"kiln plan: {plan.model} ({num_params(config) / 1e9:.2f}B params) on {gpu.key} ({gpu.name}, "
              f"{gpu.memory_gib:.0f} GiB, {gpu.bandwidth_tbps} TB/s, sm{gpu.sm})",
              f"workload: ISL {w.isl} / OSL {w.osl}, {w.num_requests} requests offline"
              + (f", request latency <= {w.max_latency_ms:g} ms" if w.max_latency_ms else ""), ""]

@@ -12,6 +12,7 @@ from typing import Any
 
 from kiln.config import BuildConfig
 from kiln.errors import ConfigError, KilnError
+from kiln.models import ModelConfig, num_params
 from kiln.plan.roofline import GIB, GPU, Calibration, EngineShape, ModelShape, Precision
 
 # Weight-only methods dequantize in the matmul: at large batches they run below the dense bf16 rate.
@@ -47,12 +48,12 @@ def gpu_named(name: str) -> GPU:
     return gpus[key]
 
 
-def model_shape(config: Any) -> ModelShape:
+def model_shape(config: ModelConfig) -> ModelShape:
     """The sizes of a kiln ModelConfig that the cost model uses."""
     qkv = config.q_size + 2 * config.kv_size
     return ModelShape(num_layers=config.num_layers, hidden_size=config.hidden_size, num_heads=config.num_heads,
                       num_kv_heads=config.num_kv_heads, head_dim=config.head_dim, vocab_size=config.vocab_size,
-                      num_params=config.num_params(), tie_word_embeddings=config.tie_word_embeddings,
+                      num_params=num_params(config), tie_word_embeddings=config.tie_word_embeddings,
                       widest_activation=max(qkv, 2 * config.intermediate_size, config.hidden_size))
 
 

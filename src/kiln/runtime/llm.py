@@ -82,7 +82,7 @@ def ensure_engine(model: str | Path | None, build_config: BuildConfig | dict | N
     """An engine folder for ``model``: itself if it is one, else built (once) into the user cache,
     saying so on stderr."""
     from kiln.builder import Builder, resolve_build_config
-    from kiln.models import AutoModelForCausalLM
+    from kiln.convert import AutoModelForCausalLM
 
     path = Path(model) if model is not None else DEFAULT_MODEL_DIR
     if (path / MANIFEST_FILE).is_file():

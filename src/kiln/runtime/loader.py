@@ -15,7 +15,8 @@ from kiln.config import KvCacheConfig
 from kiln.errors import ConfigError
 from kiln.kernels import KernelOps
 from kiln.kernels.triton_jit import use_compile_cache
-from kiln.models.decoder import DecoderModel
+from kiln.layers import LayerContext, linear_method, load_parameters
+from kiln.models import CausalLM, create_model
 from kiln.runtime.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -27,7 +28,7 @@ MAX_POOL_FULL_BATCHES = 4
 class LoadedEngine:
     engine_dir: Path
     manifest: EngineManifest
-    model: DecoderModel
+    model: CausalLM
     tokenizer: Tokenizer | None
     device: torch.device
 
@@ -50,7 +51,9 @@ def load_engine(engine_dir: str | Path, device: str | None = None, verify: bool 
     ops = KernelOps(manifest.kernel_plan)
     if ops.uses_triton:
         use_compile_cache(engine_dir / COMPILE_CACHE_DIR)
-    model = DecoderModel(manifest.model_config, weights, ops, manifest.build_config.max_seq_len)
+    ctx = LayerContext(ops, linear_method(manifest.build_config.linear_method), manifest.dtype, dev)
+    model = create_model(manifest.model_config, ctx, manifest.build_config.max_seq_len)
+    load_parameters(model, weights)
     tokenizer = None
     if manifest.has_tokenizer:
         cfg = manifest.model_config

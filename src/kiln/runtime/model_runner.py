@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kiln.kernels import AttentionMetadata
-from kiln.models.decoder import DecoderModel
+from kiln.models import CausalLM
 from kiln.runtime.sampler import sample, top_logprobs
 from kiln.runtime.scheduler import SchedulerOutput
 from kiln.runtime.sequence import PENDING, Sequence
@@ -51,7 +51,7 @@ class RunnerOutput:
     prompt_logprobs: dict[int, tuple[int, list[dict[int, float]]]] = field(default_factory=dict)
 
 
-def allocate_kv_cache(model: DecoderModel, num_blocks: int, block_size: int) -> torch.Tensor:
+def allocate_kv_cache(model: CausalLM, num_blocks: int, block_size: int) -> torch.Tensor:
     cfg = model.config
     return torch.zeros(cfg.num_layers, 2, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim,
                        dtype=model.dtype, device=model.device)
@@ -105,7 +105,7 @@ class InputBuffers:
 
 
 class ModelRunner:
-    def __init__(self, model: DecoderModel, kv_cache: torch.Tensor, max_batch_size: int, max_num_tokens: int,
+    def __init__(self, model: CausalLM, kv_cache: torch.Tensor, max_batch_size: int, max_num_tokens: int,
                  max_seq_len: int):
         self.model = model
         self.kv_cache = kv_cache

@@ -1,0 +1,84 @@
+"""Linear layers and the methods that own their weight storage and matmul.
+
+A ``LinearMethod`` says (a) which tensors it stores for an [out, in] weight in an engine of a given dtype,
+(b) how the builder makes them from the checkpoint's float weight, (c) the matmul at run time. The engine's
+build config names the method (``BuildConfig.linear_method``, kept in the manifest); model files never do,
+so FP8 or INT4 weight-only is one new method class and one line in ``LINEAR_METHODS``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+import torch.nn.functional as F
+
+from kiln.errors import ConfigError
+from kiln.layers.base import SMALL_STD, CheckpointTensor, Layer, empty_parameter
+
+
+class LinearMethod(ABC):
+    @abstractmethod
+    def tensors(self, out_features: int, in_features: int, dtype: torch.dtype
+                ) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """name -> (shape, dtype) of each tensor stored for one [out_features, in_features] weight."""
+
+    @abstractmethod
+    def convert(self, weight: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """Build time: the stored tensors (as ``tensors`` lists them) from the float checkpoint weight."""
+
+    @abstractmethod
+    def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        """x [T, in_features] -> [T, out_features], with the layer's bias (None or [out_features])."""
+
+
+class DenseLinearMethod(LinearMethod):
+    """The weight as it is, in the engine dtype (float32, float16 or bfloat16)."""
+
+    def tensors(self, out_features, in_features, dtype):
+        return {"weight": ((out_features, in_features), dtype)}
+
+    def convert(self, weight, dtype):
+        return {"weight": weight.to(dtype)}
+
+    def apply(self, layer, x):
+        return F.linear(x, layer.weight, layer.bias)
+
+
+LINEAR_METHODS: dict[str, type[LinearMethod]] = {"dense": DenseLinearMethod}
+
+
+def linear_method(name: str) -> LinearMethod:
+    if name not in LINEAR_METHODS:
+        raise ConfigError(f"unknown linear method {name!r}; known: {', '.join(LINEAR_METHODS)}")
+    return LINEAR_METHODS[name]()
+
+
+class Linear(Layer):
+    """y = x W^T (+ b) for W [out_features, in_features], stored and multiplied by the context's method.
+
+    ``shard_dim`` is the weight dim tensor parallelism would split: 0 column-parallel (each rank computes
+    a slice of the outputs), 1 row-parallel (each rank a slice of the inputs, the outputs summed). At one
+    rank nothing is split.
+    """
+
+    def __init__(self, in_features: int, out_features: int, ctx, bias: bool = False, shard_dim: int | None = None):
+        super().__init__()
+        self.in_features, self.out_features, self.shard_dim = in_features, out_features, shard_dim
+        self.method, self.dtype = ctx.linear, ctx.dtype
+        self.checkpoint_tensors["weight"] = CheckpointTensor((out_features, in_features), in_features ** -0.5)
+        for name, (shape, dtype) in self.method.tensors(out_features, in_features, ctx.dtype).items():
+            self.register_parameter(name, empty_parameter(shape, dtype))
+        if bias:
+            self.declare("bias", (out_features,), SMALL_STD, ctx.dtype)
+        else:
+            self.register_parameter("bias", None)
+
+    def convert(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        stored = self.method.convert(tensors["weight"], self.dtype)
+        if self.bias is not None:
+            stored["bias"] = tensors["bias"].to(self.dtype)
+        return stored
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.method.apply(self, x)

@@ -1,0 +1,36 @@
+"""Feed-forward blocks: gated SiLU (Llama family) and plain GELU with biases (GPT-J)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kiln.layers.context import LayerContext
+from kiln.layers.linear import Linear
+
+
+class GatedMLP(nn.Module):
+    """down(SiLU(gate(x)) * up(x)), gate and up in one fused projection."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, ctx: LayerContext):
+        super().__init__()
+        self.gate_up = Linear(hidden_size, 2 * intermediate_size, ctx, shard_dim=0)
+        self.down = Linear(intermediate_size, hidden_size, ctx, shard_dim=1)
+        self.ops = ctx.ops
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(self.ops.silu_mul(self.gate_up(x)))
+
+
+class MLP(nn.Module):
+    """fc_out(GELU(fc_in(x))); ``approximate`` is "tanh" (HF's gelu_new) or "none" (exact erf GELU)."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, approximate: str, ctx: LayerContext,
+                 bias: bool = True):
+        super().__init__()
+        self.fc_in = Linear(hidden_size, intermediate_size, ctx, bias=bias, shard_dim=0)
+        self.fc_out = Linear(intermediate_size, hidden_size, ctx, bias=bias, shard_dim=1)
+        self.approximate, self.ops = approximate, ctx.ops
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc_out(self.ops.gelu(self.fc_in(x), self.approximate))
