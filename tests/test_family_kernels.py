@@ -175,8 +175,12 @@ def test_add_layer_norm_writes_the_new_residual_in_place(num_tokens, hidden, dty
     expected_out, expected_residual = add_layer_norm_ref(x, residual, weight, bias, 1e-5)
     out, new_residual = add_layer_norm_triton(x, residual, weight, bias, 1e-5, num_warps=2)
     assert new_residual.data_ptr() == residual.data_ptr()
-    assert_close(out, expected_out)
     assert_cache_writes_match(new_residual, expected_residual, is_exact=not (INTERPRETED and dtype == torch.bfloat16))
+    # Normalized from the residual it wrote: where the interpreter truncates that residual's bfloat16 sum,
+    # a 1-ulp change of an input of mean 3 moves the output by up to ~0.03, beyond the tolerance.
+    assert_close(out, layer_norm_ref(new_residual, weight, bias, 1e-5))
+    if not INTERPRETED:
+        assert_close(out, expected_out)
 
 
 # The interpreter's float32 exp overflows to inf in sigmoid's tail (gelu -> -0 there), as the GPU's does.
