@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any
 
 import torch
@@ -42,13 +43,14 @@ def memory_plan(config: ModelConfig, build: BuildConfig, dtype: torch.dtype) -> 
 
 
 def kernel_plan(target: str, config: ModelConfig, build: BuildConfig, dtype: torch.dtype,
-                tune: bool) -> dict[str, dict[str, Any]]:
-    """Reference ops on the CPU; Triton ops (tuned for this engine's shapes when ``tune``) on GPUs."""
+                tune: bool, ops: Collection[str] | None = None) -> dict[str, dict[str, Any]]:
+    """Reference ops on the CPU; Triton ops (tuned for this engine's shapes when ``tune``) on GPUs, for
+    ``ops``, the ops the model calls (None: the Llama family's, tuning.LLAMA_OPS)."""
     if target == "cpu":
         return reference_plan()
-    from kiln.builder.tuning import gpu_kernel_plan  # needs triton
+    from kiln.builder.tuning import LLAMA_OPS, gpu_kernel_plan  # needs triton
 
-    return gpu_kernel_plan(config, build, dtype, tune=tune)
+    return gpu_kernel_plan(config, build, dtype, tune=tune, ops=LLAMA_OPS if ops is None else ops)
 
 
 def _numel(shape: tuple[int, ...]) -> int:
