@@ -14,7 +14,7 @@ import torch
 
 from kiln.config import BuildConfig
 from kiln.errors import EngineError
-from kiln.kernels import OPS, KernelOps, reference_plan, triton_ops
+from kiln.kernels import LLAMA_OPS, OPS, KernelOps, reference_plan, triton_ops
 from kiln.kernels.activation import gelu_ref, gelu_triton
 from kiln.kernels.norm import (add_layer_norm_ref, add_layer_norm_triton, layer_norm_ref, layer_norm_triton,
                                norm_rows_per_program, rms_norm_ref, rms_norm_triton)
@@ -262,7 +262,7 @@ TINY_BUILD = BuildConfig(max_batch_size=3, max_input_len=16, max_seq_len=32, max
 
 
 def test_default_plan_covers_the_ops_the_model_uses():
-    from kiln.builder.tuning import LLAMA_OPS, _default_configs, _plan
+    from kiln.builder.tuning import _default_configs, _plan
 
     llama = _plan(_default_configs(TINY_MODEL, TINY_BUILD, num_sms=1))
     assert set(llama) == set(LLAMA_OPS)
@@ -305,11 +305,21 @@ def test_tuning_only_the_ops_the_model_uses(monkeypatch):
     assert_close(new_residual, expected[1])
 
 
-def test_tuning_refuses_unknown_ops_naming_the_known_ones():
+def test_cpu_plan_covers_the_ops_the_model_uses():
+    from kiln.builder.plan import kernel_plan
+
+    assert set(kernel_plan("cpu", TINY_MODEL, TINY_BUILD, torch.float32, tune=False)) == set(LLAMA_OPS)
+    gptj = kernel_plan("cpu", TINY_MODEL, TINY_BUILD, torch.float32, tune=False, ops=GPTJ_OPS)
+    assert gptj == {op: {"impl": "reference", "config": {}} for op in GPTJ_OPS}
+
+
+def test_plans_refuse_unknown_ops_naming_the_known_ones():
     from kiln.builder import tuning
 
     with pytest.raises(EngineError, match="unknown ops swiglu; known: rms_norm"):
         tuning.TuningRun(TINY_MODEL, TINY_BUILD, torch.float32, num_sms=1, device=DEVICE).tune(["gelu", "swiglu"])
+    with pytest.raises(EngineError, match="unknown ops swiglu"):
+        reference_plan(["swiglu"])
 
 
 @gpu

@@ -15,7 +15,7 @@ import json
 import pytest
 import torch
 
-from kiln.kernels import OPS, AttentionMetadata, KernelOps
+from kiln.kernels import LLAMA_OPS, OPS, AttentionMetadata, KernelOps
 from kiln.kernels.activation import silu_mul_ref, silu_mul_triton
 from kiln.kernels.attention import paged_attention_ref, paged_attention_triton
 from kiln.kernels.norm import add_rms_norm_ref, add_rms_norm_triton, rms_norm_ref, rms_norm_triton
@@ -349,7 +349,7 @@ def test_tuning_runs_every_candidate_and_keeps_the_fastest(monkeypatch):
 @gpu
 def test_gpu_kernel_plan_tuned_on_this_gpu():
     from kiln.engine.target import detect_target
-    from kiln.builder.tuning import LLAMA_OPS, gpu_kernel_plan
+    from kiln.builder.tuning import gpu_kernel_plan
     from kiln.config import BuildConfig
 
     build = BuildConfig(max_batch_size=4, max_input_len=64, max_seq_len=128, max_num_tokens=128, tokens_per_block=16,

@@ -9,7 +9,7 @@ import torch
 
 from kiln.config import BuildConfig
 from kiln.engine.weights import DTYPE_TO_ST
-from kiln.kernels import reference_plan
+from kiln.kernels import LLAMA_OPS, reference_plan
 from kiln.models.config import ModelConfig
 from kiln.models.decoder import weight_spec
 
@@ -43,14 +43,14 @@ def memory_plan(config: ModelConfig, build: BuildConfig, dtype: torch.dtype) -> 
 
 
 def kernel_plan(target: str, config: ModelConfig, build: BuildConfig, dtype: torch.dtype,
-                tune: bool, ops: Collection[str] | None = None) -> dict[str, dict[str, Any]]:
-    """Reference ops on the CPU; Triton ops (tuned for this engine's shapes when ``tune``) on GPUs, for
-    ``ops``, the ops the model calls (None: the Llama family's, tuning.LLAMA_OPS)."""
+                tune: bool, ops: Collection[str] = LLAMA_OPS) -> dict[str, dict[str, Any]]:
+    """Reference ops on the CPU; Triton ops (tuned for this engine's shapes when ``tune``) on GPUs; for
+    ``ops``, the ops the model calls."""
     if target == "cpu":
-        return reference_plan()
-    from kiln.builder.tuning import LLAMA_OPS, gpu_kernel_plan  # needs triton
+        return reference_plan(ops)
+    from kiln.builder.tuning import gpu_kernel_plan  # needs triton
 
-    return gpu_kernel_plan(config, build, dtype, tune=tune, ops=LLAMA_OPS if ops is None else ops)
+    return gpu_kernel_plan(config, build, dtype, tune=tune, ops=ops)
 
 
 def _numel(shape: tuple[int, ...]) -> int:

@@ -20,8 +20,7 @@ import torch
 
 from kiln.engine.target import compute_capability
 from kiln.config import BuildConfig
-from kiln.errors import EngineError
-from kiln.kernels import OPS, reference_plan
+from kiln.kernels import LLAMA_OPS, OPS, check_ops, reference_plan
 from kiln.kernels.activation import DEFAULT_GELU_CONFIG, DEFAULT_SILU_MUL_CONFIG, gelu_triton, silu_mul_triton
 from kiln.kernels.attention import (DEFAULT_CONTEXT_CONFIG, AttentionMetadata, default_decode_config,
                                     paged_attention_triton)
@@ -58,18 +57,9 @@ MAX_DECODE_PROGRAMS_PER_SM = 8
 # is lowered for the largest buckets of long-sequence engines to stay within it.
 MAX_TUNING_KV_TOKENS = 1 << 19
 
-# The ops of the Llama-family decoder (Llama, Mistral, Qwen2): what a plan covers unless told the ops
-# its model calls (GPT-J: layer_norm, add_layer_norm, gelu, rotary_kv_write, attention).
-LLAMA_OPS = ("rms_norm", "add_rms_norm", "silu_mul", "rotary_kv_write", "attention")
 # A norm's time does not depend on eps, nor GELU's on its formula (both are memory-bound).
 TUNING_EPS = 1e-5
 TUNING_GELU_APPROXIMATION = "tanh"
-
-
-def check_ops(ops: Collection[str]) -> None:
-    unknown = sorted(set(ops) - set(OPS))
-    if unknown:
-        raise EngineError(f"kernel plan for unknown ops {', '.join(unknown)}; known: {', '.join(OPS)}")
 
 
 def gpu_kernel_plan(config: ModelConfig, build: BuildConfig, dtype: torch.dtype, tune: bool,
@@ -80,7 +70,7 @@ def gpu_kernel_plan(config: ModelConfig, build: BuildConfig, dtype: torch.dtype,
     if compute_capability(build.target) < MIN_TRITON_CAPABILITY:
         logger.warning("target %s is older than sm%d: the engine runs the reference (PyTorch) ops",
                        build.target, MIN_TRITON_CAPABILITY)
-        return reference_plan()
+        return reference_plan(ops)
     device = torch.device("cuda", torch.cuda.current_device())
     num_sms = torch.cuda.get_device_properties(device).multi_processor_count
     if not tune:
