@@ -15,7 +15,7 @@ import json
 import pytest
 import torch
 
-from kiln.kernels import AttentionMetadata, KernelOps, triton_ops
+from kiln.kernels import LLAMA_OPS, OPS, AttentionMetadata, KernelOps
 from kiln.kernels.activation import silu_mul_ref, silu_mul_triton
 from kiln.kernels.attention import paged_attention_ref, paged_attention_triton
 from kiln.kernels.norm import add_rms_norm_ref, add_rms_norm_triton, rms_norm_ref, rms_norm_triton
@@ -293,7 +293,7 @@ def test_model_forward_with_triton_plan_matches_reference_plan():
         return [model.forward(ids, positions, kv_cache, slots, meta, rows)
                 for ids, positions, slots, meta, rows in inputs]
 
-    triton_plan = {op: {"impl": "triton", "config": {}} for op in triton_ops.IMPLS}
+    triton_plan = {op: {"impl": "triton", "config": {}} for op in OPS}
     for triton_logits, reference_logits in zip(run(triton_plan), run({})):
         torch.testing.assert_close(triton_logits, reference_logits, rtol=1e-4, atol=1e-4)
 
@@ -359,7 +359,7 @@ def test_gpu_kernel_plan_tuned_on_this_gpu():
                         dtype="bfloat16", target=detect_target())
     for tune in (False, True):
         plan = json.loads(json.dumps(gpu_kernel_plan(TINY_MODEL, build, torch.bfloat16, tune=tune)))
-        assert {entry["impl"] for entry in plan.values()} == {"triton"} and set(plan) == set(triton_ops.IMPLS)
+        assert {entry["impl"] for entry in plan.values()} == {"triton"} and set(plan) == set(LLAMA_OPS)
         assert [entry["max_batch_size"] for entry in plan["attention"]["config"]["decode"]] == [1, 2, 4]
         ops = KernelOps(plan)
         for seq_lens in ([100, 7, 0], [60]):

@@ -23,7 +23,7 @@ from kiln.engine.target import detect_target, device_name, resolve_dtype
 from kiln.engine.weights import DTYPE_NAMES
 from kiln.errors import ConfigError
 from kiln.kernels.triton_jit import compile_cache
-from kiln.layers import linear_method
+from kiln.layers import kernel_ops_of, linear_method
 from kiln.models import CausalLM, model_skeleton
 from kiln.models.config import ModelConfig
 
@@ -78,9 +78,9 @@ class Builder:
         dtype = DTYPE_NAMES[resolved.dtype]
         # Kernels compiled while tuning are saved in the engine folder, so that loading compiles nothing.
         kernel_cache = tempfile.TemporaryDirectory(prefix="kiln-kernels-") if resolved.target != "cpu" else None
-        with compile_cache(kernel_cache.name if kernel_cache else None):
-            plan = kernel_plan(resolved.target, model.config, resolved, dtype, tune=tune)
         skeleton = model_skeleton(model.config, resolved.linear_method, dtype)
+        with compile_cache(kernel_cache.name if kernel_cache else None):
+            plan = kernel_plan(resolved.target, model.config, resolved, dtype, tune=tune, ops=kernel_ops_of(skeleton))
         tensors = tensor_table(skeleton)
         manifest = EngineManifest(
             model_config=model.config,

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from typing import Any
 
 import torch
 
 from kiln.config import BuildConfig
 from kiln.engine.weights import DTYPE_TO_ST, ST_TO_DTYPE
-from kiln.kernels import reference_plan
+from kiln.kernels import LLAMA_OPS, reference_plan
 from kiln.models import CausalLM
 from kiln.models.config import ModelConfig
 
@@ -45,10 +46,11 @@ def memory_plan(config: ModelConfig, build: BuildConfig, dtype: torch.dtype,
 
 
 def kernel_plan(target: str, config: ModelConfig, build: BuildConfig, dtype: torch.dtype,
-                tune: bool) -> dict[str, dict[str, Any]]:
-    """Reference ops on the CPU; Triton ops (tuned for this engine's shapes when ``tune``) on GPUs."""
+                tune: bool, ops: Collection[str] = LLAMA_OPS) -> dict[str, dict[str, Any]]:
+    """Reference ops on the CPU; Triton ops (tuned for this engine's shapes when ``tune``) on GPUs; for
+    ``ops``, the ops the model calls."""
     if target == "cpu":
-        return reference_plan()
+        return reference_plan(ops)
     from kiln.builder.tuning import gpu_kernel_plan  # needs triton
 
-    return gpu_kernel_plan(config, build, dtype, tune=tune)
+    return gpu_kernel_plan(config, build, dtype, tune=tune, ops=ops)

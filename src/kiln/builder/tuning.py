@@ -1,4 +1,5 @@
-"""The kernel plan of a GPU engine: Triton for every op on sm80+, launch configs tuned at build time.
+"""The kernel plan of a GPU engine: Triton for every op the model uses on sm80+, launch configs tuned at
+build time.
 
 Tuning times a few candidate configs per op with ``triton.testing.do_bench`` (median, L2 flushed
 before each run) on random inputs of this engine's shapes and stores the winners in the plan, so the
@@ -11,7 +12,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from functools import partial
 from typing import Any
 
@@ -19,11 +20,12 @@ import torch
 
 from kiln.engine.target import compute_capability
 from kiln.config import BuildConfig
-from kiln.kernels import reference_plan
-from kiln.kernels.activation import DEFAULT_SILU_MUL_CONFIG, silu_mul_triton
+from kiln.kernels import LLAMA_OPS, OPS, check_ops, reference_plan
+from kiln.kernels.activation import DEFAULT_GELU_CONFIG, DEFAULT_SILU_MUL_CONFIG, gelu_triton, silu_mul_triton
 from kiln.kernels.attention import (DEFAULT_CONTEXT_CONFIG, AttentionMetadata, default_decode_config,
                                     paged_attention_triton)
-from kiln.kernels.norm import add_rms_norm_triton, default_norm_warps, rms_norm_triton
+from kiln.kernels.norm import (add_layer_norm_triton, add_rms_norm_triton, default_norm_warps, layer_norm_triton,
+                               rms_norm_triton)
 from kiln.kernels.rotary import DEFAULT_ROTARY_CONFIG, rope_cos_sin, rotary_kv_write_triton
 from kiln.models.config import ModelConfig
 
@@ -43,6 +45,7 @@ REP_MS = 8
 # Candidates: a handful per op around the defaults, covering fewer / more threads per row or tile.
 NORM_CANDIDATES = [{"num_warps": w} for w in (4, 8, 16)]
 SILU_MUL_CANDIDATES = [{"BLOCK": b, "num_warps": w} for b, w in ((1024, 4), (2048, 4), (2048, 8), (4096, 8))]
+GELU_CANDIDATES = SILU_MUL_CANDIDATES  # the same elementwise shape: one row's columns in blocks
 ROTARY_CANDIDATES = [{"num_warps": w} for w in (1, 2, 4, 8)]
 CONTEXT_CANDIDATES = [{"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": s}
                       for m, n, w, s in ((64, 64, 4, 2), (64, 32, 4, 3), (128, 64, 8, 2), (128, 32, 4, 3))]
@@ -54,20 +57,26 @@ MAX_DECODE_PROGRAMS_PER_SM = 8
 # is lowered for the largest buckets of long-sequence engines to stay within it.
 MAX_TUNING_KV_TOKENS = 1 << 19
 
+# A norm's time does not depend on eps, nor GELU's on its formula (both are memory-bound).
+TUNING_EPS = 1e-5
+TUNING_GELU_APPROXIMATION = "tanh"
 
-def gpu_kernel_plan(config: ModelConfig, build: BuildConfig, dtype: torch.dtype, tune: bool
-                    ) -> dict[str, dict[str, Any]]:
-    """Triton for every op on sm80+ (reference ops below), with configs tuned here when ``tune``."""
+
+def gpu_kernel_plan(config: ModelConfig, build: BuildConfig, dtype: torch.dtype, tune: bool,
+                    ops: Collection[str] = LLAMA_OPS) -> dict[str, dict[str, Any]]:
+    """Triton for each of ``ops`` (the ops the model calls) on sm80+ (reference ops below), with configs
+    tuned here when ``tune``."""
+    check_ops(ops)
     if compute_capability(build.target) < MIN_TRITON_CAPABILITY:
         logger.warning("target %s is older than sm%d: the engine runs the reference (PyTorch) ops",
                        build.target, MIN_TRITON_CAPABILITY)
-        return reference_plan()
+        return reference_plan(ops)
     device = torch.device("cuda", torch.cuda.current_device())
     num_sms = torch.cuda.get_device_properties(device).multi_processor_count
     if not tune:
-        return _plan(_default_configs(config, build, num_sms))
+        return _plan(_default_configs(config, build, num_sms, ops))
     t0 = time.perf_counter()
-    configs = TuningRun(config, build, dtype, num_sms, device).tune()
+    configs = TuningRun(config, build, dtype, num_sms, device).tune(ops)
     torch.cuda.empty_cache()  # the tuning inputs' memory goes back to the GPU, for a KV pool sized later
     logger.info("kernel tuning took %.1f s", time.perf_counter() - t0)
     return _plan(configs)
@@ -84,13 +93,15 @@ def _plan(configs: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {op: {"impl": "triton", "config": config} for op, config in configs.items()}
 
 
-def _default_configs(config: ModelConfig, build: BuildConfig, num_sms: int) -> dict[str, Any]:
+def _default_configs(config: ModelConfig, build: BuildConfig, num_sms: int, ops: Collection[str] = LLAMA_OPS
+                     ) -> dict[str, Any]:
     norm = {"num_warps": default_norm_warps(config.hidden_size)}
     decode = [{"max_batch_size": b, **default_decode_config(b, config.num_kv_heads, num_sms)}
               for b in decode_batch_buckets(build.max_batch_size)]
-    return {"rms_norm": norm, "add_rms_norm": norm, "silu_mul": DEFAULT_SILU_MUL_CONFIG,
-            "rotary_kv_write": DEFAULT_ROTARY_CONFIG,
-            "attention": {"context": DEFAULT_CONTEXT_CONFIG, "decode": decode}}
+    defaults = {"rms_norm": norm, "add_rms_norm": norm, "layer_norm": norm, "add_layer_norm": norm,
+                "silu_mul": DEFAULT_SILU_MUL_CONFIG, "gelu": DEFAULT_GELU_CONFIG,
+                "rotary_kv_write": DEFAULT_ROTARY_CONFIG, "attention": {"context": DEFAULT_CONTEXT_CONFIG, "decode": decode}}
+    return {op: defaults[op] for op in OPS if op in ops}
 
 
 def _median_ms(fn: Callable[[], Any]) -> float:
@@ -135,22 +146,38 @@ class TuningRun:
     def randn(self, *shape: int) -> torch.Tensor:
         return torch.randn(*shape, dtype=self.dtype, device=self.device)
 
-    def tune(self) -> dict[str, Any]:
-        cfg = self.config
-        weight = self.randn(cfg.hidden_size)
-        hidden = [self.randn(t, cfg.hidden_size) for t in self.token_counts]
-        residual = [self.randn(t, cfg.hidden_size) for t in self.token_counts]
-        gate_up = [self.randn(t, 2 * cfg.intermediate_size) for t in self.token_counts]
-        return {
-            "rms_norm": _fastest(NORM_CANDIDATES, [partial(rms_norm_triton, x, weight, cfg.norm_eps)
-                                                   for x in hidden], "rms_norm"),
-            "add_rms_norm": _fastest(NORM_CANDIDATES, [partial(add_rms_norm_triton, x, r, weight, cfg.norm_eps)
-                                                       for x, r in zip(hidden, residual)], "add_rms_norm"),
-            "silu_mul": _fastest(SILU_MUL_CANDIDATES, [partial(silu_mul_triton, g) for g in gate_up], "silu_mul"),
-            "rotary_kv_write": _fastest(ROTARY_CANDIDATES, [self.rotary_run(t) for t in self.token_counts],
-                                        "rotary_kv_write"),
-            "attention": {"context": self.tune_context(), "decode": self.tune_decode()},
+    def tune(self, ops: Collection[str] = LLAMA_OPS) -> dict[str, Any]:
+        """The fastest config of each of ``ops``; inputs are made only for the ops tuned."""
+        check_ops(ops)
+        cfg, counts = self.config, self.token_counts
+        tuners = {
+            "rms_norm": lambda: _fastest(NORM_CANDIDATES, self.norm_runs(rms_norm_triton), "rms_norm"),
+            "add_rms_norm": lambda: _fastest(NORM_CANDIDATES, self.norm_runs(add_rms_norm_triton, is_residual_add=True),
+                                             "add_rms_norm"),
+            "layer_norm": lambda: _fastest(NORM_CANDIDATES, self.norm_runs(layer_norm_triton, has_bias=True),
+                                           "layer_norm"),
+            "add_layer_norm": lambda: _fastest(
+                NORM_CANDIDATES, self.norm_runs(add_layer_norm_triton, is_residual_add=True, has_bias=True),
+                "add_layer_norm"),
+            "silu_mul": lambda: _fastest(SILU_MUL_CANDIDATES, [
+                partial(silu_mul_triton, self.randn(t, 2 * cfg.intermediate_size)) for t in counts], "silu_mul"),
+            "gelu": lambda: _fastest(GELU_CANDIDATES, [
+                partial(gelu_triton, self.randn(t, cfg.intermediate_size), TUNING_GELU_APPROXIMATION)
+                for t in counts], "gelu"),
+            "rotary_kv_write": lambda: _fastest(ROTARY_CANDIDATES, [self.rotary_run(t) for t in counts],
+                                                "rotary_kv_write"),
+            "attention": lambda: {"context": self.tune_context(), "decode": self.tune_decode()},
         }
+        return {op: tuners[op]() for op in OPS if op in ops}
+
+    def norm_runs(self, norm: Callable[..., Any], is_residual_add: bool = False, has_bias: bool = False
+                  ) -> list[Callable[..., Any]]:
+        """One run of an RMSNorm / LayerNorm op (with the residual add or not) per token count."""
+        hidden_size = self.config.hidden_size
+        weight = self.randn(hidden_size)
+        params = (weight, weight) if has_bias else (weight,)
+        return [partial(norm, *[self.randn(t, hidden_size) for _ in range(1 + is_residual_add)], *params, TUNING_EPS)
+                for t in self.token_counts]
 
     def kv_cache(self, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One layer's K and V caches with room for num_tokens tokens."""

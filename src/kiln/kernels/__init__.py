@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 from kiln.errors import EngineError
@@ -19,6 +19,10 @@ from kiln.kernels.rotary import rotary_kv_write_ref
 
 OPS = ("rms_norm", "add_rms_norm", "layer_norm", "add_layer_norm", "silu_mul", "gelu", "rotary_kv_write",
        "attention")
+
+# The ops of the Llama-family decoder (Llama, Mistral, Qwen2): what a plan covers unless told the ops
+# its model calls (GPT-J: layer_norm, add_layer_norm, gelu, rotary_kv_write, attention).
+LLAMA_OPS = ("rms_norm", "add_rms_norm", "silu_mul", "rotary_kv_write", "attention")
 
 _REFERENCE: dict[str, Callable] = {
     "rms_norm": rms_norm_ref,
@@ -47,8 +51,16 @@ IMPL_PROVIDERS: dict[str, Callable[[], dict[str, Callable]]] = {
 }
 
 
-def reference_plan() -> dict[str, dict[str, Any]]:
-    return {op: {"impl": "reference", "config": {}} for op in OPS}
+def check_ops(ops: Collection[str]) -> None:
+    unknown = sorted(set(ops) - set(OPS))
+    if unknown:
+        raise EngineError(f"kernel plan for unknown ops {', '.join(unknown)}; known: {', '.join(OPS)}")
+
+
+def reference_plan(ops: Collection[str] = OPS) -> dict[str, dict[str, Any]]:
+    """The reference implementation of each of ``ops`` (the ops the model calls)."""
+    check_ops(ops)
+    return {op: {"impl": "reference", "config": {}} for op in OPS if op in ops}
 
 
 class KernelOps:
@@ -71,4 +83,4 @@ class KernelOps:
         return any(self.plan.get(op, {}).get("impl") == "triton" for op in OPS)
 
 
-__all__ = ["AttentionMetadata", "KernelOps", "OPS", "reference_plan"]
+__all__ = ["AttentionMetadata", "KernelOps", "LLAMA_OPS", "OPS", "check_ops", "reference_plan"]

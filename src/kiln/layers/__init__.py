@@ -10,6 +10,12 @@ from kiln.layers.mlp import MLP, GatedMLP
 from kiln.layers.norm import LayerNorm, RMSNorm
 from kiln.layers.rotary import Rotary
 
+
+def kernel_ops_of(model) -> tuple[str, ...]:
+    """The KernelOps a model calls: those its blocks declare (``kernel_ops``), so the build tunes only those."""
+    return tuple(sorted({op for module in model.modules() for op in getattr(module, "kernel_ops", ())}))
+
+
 __all__ = ["Attention", "DenseLinearMethod", "Embedding", "GatedMLP", "LINEAR_METHODS", "LMHead", "Layer",
            "LayerContext", "LayerNorm", "Linear", "LinearMethod", "MLP", "RMSNorm", "Rotary", "checkpoint_layers",
-           "linear_method", "load_parameters"]
+           "kernel_ops_of", "linear_method", "load_parameters"]

@@ -17,6 +17,8 @@ class Attention(nn.Module):
     paged attention, output projection. A sliding window, where the model has one, reaches the kernel
     in AttentionMetadata (the runner sets it from the model config)."""
 
+    kernel_ops = ("rotary_kv_write", "attention")
+
     def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int, rotary: Rotary,
                  ctx: LayerContext, qkv_bias: bool = False, o_bias: bool = False, qk_norm_eps: float | None = None):
         super().__init__()

@@ -12,6 +12,8 @@ from kiln.layers.linear import Linear
 class GatedMLP(nn.Module):
     """down(SiLU(gate(x)) * up(x)), gate and up in one fused projection."""
 
+    kernel_ops = ("silu_mul",)
+
     def __init__(self, hidden_size: int, intermediate_size: int, ctx: LayerContext):
         super().__init__()
         self.gate_up = Linear(hidden_size, 2 * intermediate_size, ctx, shard_dim=0)
@@ -24,6 +26,8 @@ class GatedMLP(nn.Module):
 
 class MLP(nn.Module):
     """fc_out(GELU(fc_in(x))); ``approximate`` is "tanh" (HF's gelu_new) or "none" (exact erf GELU)."""
+
+    kernel_ops = ("gelu",)
 
     def __init__(self, hidden_size: int, intermediate_size: int, approximate: str, ctx: LayerContext,
                  bias: bool = True):

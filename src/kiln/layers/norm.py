@@ -22,6 +22,8 @@ class _Norm(Layer):
 
 
 class RMSNorm(_Norm):
+    kernel_ops = ("rms_norm", "add_rms_norm")
+
     def norm(self, x: torch.Tensor) -> torch.Tensor:
         return self.ops.rms_norm(x, self.weight, self.eps)
 
@@ -31,6 +33,8 @@ class RMSNorm(_Norm):
 
 class LayerNorm(_Norm):
     """With a bias (GPT-J's ln_1, ln_f)."""
+
+    kernel_ops = ("layer_norm", "add_layer_norm")
 
     def __init__(self, hidden_size: int, eps: float, ctx: LayerContext):
         super().__init__(hidden_size, eps, ctx)
