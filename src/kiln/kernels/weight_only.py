@@ -1,0 +1,326 @@
+"""Weight-only quantized matmuls, y = x @ dequant(W).T: W8A16 and W4A16 over kiln's layouts
+(``kiln.quantization.weight_only`` describes them), the weights dequantized in registers.
+
+Two Triton kernels, chosen by the launch config's BLOCK_M:
+
+* GEMV (BLOCK_M = 1: batch-1 decode): a program per (tile of BLOCK_N output channels, row of x) loops
+  over all of K (no split-K, so no reduction kernel and no partial buffers), reading its channels'
+  weights contiguously along K in 16-byte vector loads, and accumulates products on CUDA cores.
+* Tensor cores (BLOCK_M >= 16): out.T = dequant(W) @ x.T in BLOCK_N x BLOCK_M tiles, the weights as
+  tl.dot's left operand (which may come from registers; BLOCK_N >= 64 fills the instruction's 64 rows
+  when a batch has few). With one row tile (BLOCK_M >= rows: 2-16 rows at BLOCK_M = 16) this is the
+  GEMV shape on tensor cores, each program owning output channels over all of K; larger batches get
+  GROUP_M-grouped tiles, so row tiles share each weight tile while it is in L2.
+
+A run of inputs that shares one group (16 for INT4: one nibble of a block's 16 words; GROUP_K for
+INT8) is the unit: its scale and zero point are loaded once per tile, not per weight. Integers become
+floats without a conversion instruction (quarter rate; at the H200's bandwidth batch-1 INT4 streams
+~8.5e12 weights/s, as many as its SMs convert): OR-ing q into the mantissa of 2**23 gives the float
+2**23 + q, and subtracting 2**23 + z gives q - z exactly. INT8 the same way, from 2**23 + 128 + q.
+
+``*_ref``: dequantize in float32, matmul in float32, round to x's dtype: the CPU path and the oracle.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+
+from kiln.kernels.triton_jit import jit, tl
+from kiln.quantization.weight_only import dequantize_int4, dequantize_int8, padded_in_features
+
+
+def w8a16_matmul_ref(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                     zeros: torch.Tensor | None = None, group_size: int | None = None,
+                     input_order: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] @ dequant(qweight int8 [N, K]).T -> [..., N] in x's dtype."""
+    weight = dequantize_int8(qweight, scales, zeros, group_size, input_order)
+    return (x.float() @ weight.T).to(x.dtype)
+
+
+def w4a16_matmul_ref(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                     group_size: int, input_order: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] @ dequant(qweight int32 [N, Kp / 8]).T -> [..., N] in x's dtype."""
+    weight = dequantize_int4(qweight, scales, zeros, group_size, x.shape[-1], input_order)
+    return (x.float() @ weight.T).to(x.dtype)
+
+
+# Float bit patterns of 2**23 and of 2**23 + 128: a small integer added to them lands in the mantissa,
+# so a bitcast and one subtraction turn it into a float without a conversion instruction.
+MAGIC_2_POW_23 = tl.constexpr(0x4B000000) if tl is not None else 0x4B000000
+MAGIC_2_POW_23_PLUS_128 = tl.constexpr(0x4B000080) if tl is not None else 0x4B000080
+INT4_BLOCK = tl.constexpr(128) if tl is not None else 128  # inputs per block of 16 words
+INT4_RUN = tl.constexpr(16) if tl is not None else 16  # inputs per nibble run, one group's
+
+
+@jit
+def _dequantize(w_bits, offset, run_starts, meta_offsets, col_mask, num_inputs, scales_ptr, zeros_ptr,
+                GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr):
+    """Runs of weights -> (q - z) * s in float32. ``w_bits`` [BLOCK_N, R, L] are q as 2**23 + ``offset``
+    + q float bit patterns; run r starts at input ``run_starts`` [R] and lies in one group, whose scale
+    and zero point sit at ``meta_offsets`` + group ([BLOCK_N, 1] + [R]). Without groups, q alone (the
+    per-channel scale is applied to the accumulator)."""
+    if GROUP_SIZE > 0:
+        meta = meta_offsets + (run_starts // GROUP_SIZE)[None, :]
+        meta_mask = col_mask[:, None] & (run_starts < num_inputs)[None, :]
+        scale = tl.load(scales_ptr + meta, mask=meta_mask, other=0.0).to(tl.float32)
+        if HAS_ZEROS:
+            offset = offset + tl.load(zeros_ptr + meta, mask=meta_mask, other=0).to(tl.float32)[:, :, None]
+        return (w_bits.to(tl.float32, bitcast=True) - offset) * scale[:, :, None]
+    return w_bits.to(tl.float32, bitcast=True) - offset
+
+
+@jit(do_not_specialize=["num_rows"])
+def _weight_only_gemv_kernel(
+        x_ptr, x_row_stride, input_order_ptr, w_ptr, w_row_stride, scales_ptr, scales_row_stride, zeros_ptr,
+        out_ptr, out_row_stride, num_rows, num_cols, num_inputs,
+        BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_INPUT_ORDER: tl.constexpr,
+        BLOCK_N: tl.constexpr, TILE_RUNS: tl.constexpr, RUN_K: tl.constexpr):
+    """Program (output channel tile, row of x): one row against BLOCK_N channels over all of K, in steps
+    of TILE_RUNS runs of RUN_K inputs (INT4: TILE_RUNS blocks of 128, taken one nibble at a time, RUN_K
+    = 16); products accumulate per lane on CUDA cores and are summed once at the end."""
+    row = tl.program_id(1).to(tl.int64)
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < num_cols
+    cols_64 = cols.to(tl.int64)
+    w_rows = w_ptr + cols_64[:, None, None] * w_row_stride
+    meta_offsets = cols_64[:, None] * scales_row_stride
+    runs = tl.arange(0, TILE_RUNS)
+    lanes = tl.arange(0, RUN_K)
+    acc = tl.zeros([BLOCK_N, TILE_RUNS, RUN_K], dtype=tl.float32)
+    if BITS == 4:
+        step = TILE_RUNS * INT4_BLOCK
+    else:
+        step = TILE_RUNS * RUN_K
+    for k_start in range(0, num_inputs, step):
+        if BITS == 4:
+            words = k_start // 8 + runs[:, None] * INT4_RUN + lanes[None, :]  # [blocks, 16]
+            block_mask = (k_start + runs * INT4_BLOCK < num_inputs)[None, :, None]
+            packed = tl.load(w_rows + words[None, :, :], mask=col_mask[:, None, None] & block_mask, other=0)
+            for nibble in tl.static_range(8):
+                run_starts = k_start + runs * INT4_BLOCK + nibble * INT4_RUN
+                ks = run_starts[:, None] + lanes[None, :]
+                w_bits = ((packed >> (4 * nibble)) & 0xF) | MAGIC_2_POW_23
+                w = _dequantize(w_bits, 8388608.0, run_starts, meta_offsets, col_mask, num_inputs, scales_ptr,
+                                zeros_ptr, GROUP_SIZE, HAS_ZEROS)
+                x = _load_inputs(x_ptr + row * x_row_stride, True, input_order_ptr, ks, num_inputs, HAS_INPUT_ORDER)
+                acc += x.to(tl.float32)[None, :, :] * w
+        else:
+            run_starts = k_start + runs * RUN_K
+            ks = run_starts[:, None] + lanes[None, :]
+            q = tl.load(w_rows + ks[None, :, :], mask=col_mask[:, None, None] & (ks < num_inputs)[None, :, :],
+                        other=0)
+            w = _dequantize(q.to(tl.int32) + MAGIC_2_POW_23_PLUS_128, 8388736.0, run_starts, meta_offsets, col_mask,
+                            num_inputs, scales_ptr, zeros_ptr, GROUP_SIZE, HAS_ZEROS)
+            x = _load_inputs(x_ptr + row * x_row_stride, True, input_order_ptr, ks, num_inputs, HAS_INPUT_ORDER)
+            acc += x.to(tl.float32)[None, :, :] * w
+    out = tl.sum(tl.sum(acc, axis=2), axis=1)
+    if GROUP_SIZE == 0:
+        out *= tl.load(scales_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * out_row_stride + cols, out.to(out_ptr.dtype.element_ty), mask=col_mask)
+
+
+@jit
+def _load_inputs(x_rows, row_mask, input_order_ptr, ks, num_inputs, HAS_INPUT_ORDER: tl.constexpr):
+    """x at rows ``x_rows`` and inputs ``ks`` (broadcast together), through the act-order permutation
+    where there is one; 0 past K and in masked rows."""
+    k_mask = ks < num_inputs
+    if HAS_INPUT_ORDER:
+        ks = tl.load(input_order_ptr + ks, mask=k_mask, other=0)
+    return tl.load(x_rows + ks, mask=row_mask & k_mask, other=0.0)
+
+
+@jit(do_not_specialize=["num_rows"])
+def _weight_only_gemm_kernel(
+        x_ptr, x_row_stride, input_order_ptr, w_ptr, w_row_stride, scales_ptr, scales_row_stride, zeros_ptr,
+        out_ptr, out_row_stride, num_rows, num_cols, num_inputs,
+        BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_INPUT_ORDER: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RUN_K: tl.constexpr, GROUP_M: tl.constexpr,
+        DOT_PRECISION: tl.constexpr):
+    """Program: a BLOCK_N x BLOCK_M tile of out.T = dequant(W) @ x.T, in GROUP_M-grouped order. Each run
+    (INT4: 16 inputs, one nibble of a block's 16 words; INT8: RUN_K inputs) is dequantized to x's dtype
+    and multiplied into the float32 accumulator by tl.dot."""
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(num_rows, BLOCK_M)
+    pids_per_group = GROUP_M * tl.cdiv(num_cols, BLOCK_N)
+    first_pid_m = (pid // pids_per_group) * GROUP_M
+    group_rows = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+    rows = (first_pid_m + (pid % pids_per_group) % group_rows) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = ((pid % pids_per_group) // group_rows) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < num_rows
+    col_mask = cols < num_cols
+    cols_64 = cols.to(tl.int64)
+    w_rows = w_ptr + cols_64[:, None, None] * w_row_stride
+    meta_offsets = cols_64[:, None] * scales_row_stride
+    x_rows = x_ptr + rows.to(tl.int64)[None, :] * x_row_stride
+    lanes = tl.arange(0, RUN_K)
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    if BITS == 4:
+        step = INT4_BLOCK
+    else:
+        step = RUN_K
+    for k_start in range(0, num_inputs, step):
+        if BITS == 4:
+            packed = tl.load(w_rows + (k_start // 8 + lanes)[None, None, :], mask=col_mask[:, None, None], other=0)
+            for nibble in tl.static_range(8):
+                run_start = k_start + nibble * INT4_RUN
+                w_bits = ((packed >> (4 * nibble)) & 0xF) | MAGIC_2_POW_23
+                w = _dequantize(w_bits, 8388608.0, tl.full([1], run_start, tl.int32), meta_offsets, col_mask,
+                                num_inputs, scales_ptr, zeros_ptr, GROUP_SIZE, HAS_ZEROS)
+                x_t = _load_inputs(x_rows, row_mask[None, :], input_order_ptr, (run_start + lanes)[:, None],
+                                   num_inputs, HAS_INPUT_ORDER)
+                acc = tl.dot(tl.reshape(w, [BLOCK_N, RUN_K]).to(x_t.dtype), x_t, acc, input_precision=DOT_PRECISION)
+        else:
+            ks = k_start + lanes
+            q = tl.load(w_rows + ks[None, None, :], mask=col_mask[:, None, None] & (ks < num_inputs)[None, None, :],
+                        other=0)
+            w = _dequantize(q.to(tl.int32) + MAGIC_2_POW_23_PLUS_128, 8388736.0, tl.full([1], k_start, tl.int32),
+                            meta_offsets, col_mask, num_inputs, scales_ptr, zeros_ptr, GROUP_SIZE, HAS_ZEROS)
+            x_t = _load_inputs(x_rows, row_mask[None, :], input_order_ptr, ks[:, None], num_inputs, HAS_INPUT_ORDER)
+            acc = tl.dot(tl.reshape(w, [BLOCK_N, RUN_K]).to(x_t.dtype), x_t, acc, input_precision=DOT_PRECISION)
+    if GROUP_SIZE == 0:
+        acc *= tl.load(scales_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[:, None]
+    tl.store(out_ptr + rows.to(tl.int64)[None, :] * out_row_stride + cols[:, None], acc.to(out_ptr.dtype.element_ty),
+             mask=col_mask[:, None] & row_mask[None, :])
+
+
+# Launch configs before tuning, per bucket of rows: the first entry whose max_rows holds the batch is
+# used (else the last). BLOCK_M 1 runs the CUDA-core GEMV, BLOCK_M >= 16 the tensor-core kernel.
+# BLOCK_K: inputs per loop step (INT4: whole blocks of 128 in the GEMV, one block per step on tensor
+# cores; INT8: runs of at most the group size). Chosen on an H200 (Triton 3.6, bf16 x, group 128,
+# medians with L2 flushed, 2026-12-02) as the config within 5-22% of the best of each bucket's sweep
+# on every Llama-3-8B shape (N x K = 4096 x 4096, 4096 x 14336, 28672 x 4096), in microseconds:
+#   INT4  1 row : 16.9 / 54.7 / 58.3 (dense bf16: 18.5 / 42.3 / 69.9), up to 1.09 TB/s of weights
+#   INT8  1 row : 12.0 / 27.9 / 56.4 (dense bf16: 18.8 / 42.3 / 70.4), up to 2.55 TB/s
+#   INT4  4 rows: 39.1 / - / 92.9;  INT8 4 rows: 26.7 / - / 67.8  (dense ~19 / - / 70)
+#   INT4 256 rows: 61.2 / - / 315;  INT8 256 rows: 44.5 / - / 168  (dense 24 / - / 101)
+# The 64-row bucket was not swept (its configs follow the 256-row ones). These are a floor for the
+# build's tuner, not the targets (TARGETS.md): the tensor-core path still dequantizes below its roofline.
+DEFAULT_CONFIGS: dict[int, list[dict[str, Any]]] = {
+    4: [{"max_rows": 1, "BLOCK_M": 1, "BLOCK_N": 4, "BLOCK_K": 4096, "num_warps": 4, "num_stages": 3},
+        {"max_rows": 16, "BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 1, "num_warps": 4, "num_stages": 3},
+        {"max_rows": 64, "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 4, "num_stages": 3},
+        {"max_rows": 1 << 30, "BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 4,
+         "num_stages": 3}],
+    8: [{"max_rows": 1, "BLOCK_M": 1, "BLOCK_N": 2, "BLOCK_K": 2048, "num_warps": 2, "num_stages": 1},
+        {"max_rows": 16, "BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "GROUP_M": 1, "num_warps": 4, "num_stages": 4},
+        {"max_rows": 64, "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4, "num_stages": 3},
+        {"max_rows": 1 << 30, "BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4,
+         "num_stages": 3}],
+}
+
+
+def launch_config(configs: list[dict[str, Any]] | None, num_rows: int, bits: int) -> dict[str, Any]:
+    """The config for a batch of ``num_rows``: the smallest bucket that holds it, else the largest."""
+    configs = configs or DEFAULT_CONFIGS[bits]
+    return next((c for c in configs if c["max_rows"] >= num_rows), configs[-1])
+
+
+def _run_tiling(bits: int, block_k: int, group_size: int | None, uses_dot: bool) -> tuple[int, int]:
+    """(TILE_RUNS, RUN_K) for a K step of BLOCK_K inputs. INT4: blocks of 128 per GEMV step (one on
+    tensor cores), runs of 16. INT8: runs of RUN_K inputs inside one group (the largest power of two
+    dividing the group size, at most BLOCK_K); tensor cores take one run per step."""
+    if bits == 4:
+        if group_size % 16:
+            raise ValueError(f"INT4 group size must be a multiple of 16, got {group_size}")
+        return (1 if uses_dot else max(1, block_k // 128)), 16
+    if group_size is None:
+        return 1, block_k
+    run_k = min(block_k, group_size & -group_size)  # largest power of two dividing the group size
+    if run_k < 16:
+        raise ValueError(f"INT8 group size {group_size} cannot be tiled: its power-of-two part must be >= 16")
+    return (1 if uses_dot else max(1, block_k // run_k)), run_k
+
+
+def _weight_only_matmul(x: torch.Tensor, bits: int, qweight: torch.Tensor, scales: torch.Tensor,
+                        zeros: torch.Tensor | None, group_size: int | None, input_order: torch.Tensor | None,
+                        configs: list[dict[str, Any]] | None) -> torch.Tensor:
+    num_inputs = x.shape[-1]
+    rows = x.reshape(-1, num_inputs)
+    num_rows, num_cols = rows.shape[0], qweight.shape[0]
+    if bits == 4:
+        words = padded_in_features(num_inputs, group_size) // 8
+        if qweight.dtype != torch.int32 or qweight.shape[1] != words:
+            raise ValueError(f"INT4 qweight must be int32 [N, {words}] for K = {num_inputs} and group size "
+                             f"{group_size}, got {qweight.dtype} {list(qweight.shape)}")
+    elif qweight.dtype != torch.int8 or qweight.shape[1] != num_inputs:
+        raise ValueError(f"INT8 qweight must be int8 [N, {num_inputs}], got {qweight.dtype} {list(qweight.shape)}")
+    is_grouped = group_size is not None
+    num_groups = None
+    if is_grouped:
+        padded = padded_in_features(num_inputs, group_size) if bits == 4 else num_inputs
+        num_groups = -(-padded // group_size)
+    if scales.shape != ((num_cols, num_groups) if is_grouped else (num_cols,)):
+        raise ValueError(f"scales {list(scales.shape)} do not fit a {'grouped' if is_grouped else 'per-channel'} "
+                         f"weight of {num_cols} output channels and {num_inputs} inputs")
+    if zeros is not None and (zeros.shape != scales.shape or not is_grouped):
+        raise ValueError(f"zero points {list(zeros.shape)} need a group size and the scales' shape")
+    assert rows.stride(-1) == 1 and qweight.is_contiguous() and scales.is_contiguous()
+    assert zeros is None or zeros.is_contiguous()
+    config = launch_config(configs, num_rows, bits)
+    uses_dot = config["BLOCK_M"] >= 16
+    if not uses_dot and config["BLOCK_M"] != 1:
+        raise ValueError(f"BLOCK_M must be 1 (GEMV) or at least 16 (tensor cores), got {config['BLOCK_M']}")
+    tile_runs, run_k = _run_tiling(bits, config["BLOCK_K"], group_size, uses_dot)
+    out = torch.empty(num_rows, num_cols, dtype=x.dtype, device=x.device)
+    args = (rows, rows.stride(0), input_order if input_order is not None else rows, qweight, qweight.stride(0),
+            scales, scales.stride(0) if is_grouped else 0, zeros if zeros is not None else scales,
+            out, out.stride(0), num_rows, num_cols, num_inputs)
+    meta = dict(BITS=bits, GROUP_SIZE=group_size or 0, HAS_ZEROS=zeros is not None,
+                HAS_INPUT_ORDER=input_order is not None, BLOCK_N=config["BLOCK_N"], RUN_K=run_k,
+                num_warps=config["num_warps"], num_stages=config["num_stages"])
+    num_tiles_n = -(-num_cols // config["BLOCK_N"])
+    if uses_dot and num_rows:
+        _weight_only_gemm_kernel[(-(-num_rows // config["BLOCK_M"]) * num_tiles_n,)](
+            *args, **meta, BLOCK_M=config["BLOCK_M"], GROUP_M=config["GROUP_M"],
+            DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32")
+    elif num_rows:
+        _weight_only_gemv_kernel[(num_tiles_n, num_rows)](*args, **meta, TILE_RUNS=tile_runs)
+    return out.view(*x.shape[:-1], num_cols)
+
+
+def w8a16_matmul_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                        zeros: torch.Tensor | None = None, group_size: int | None = None,
+                        input_order: torch.Tensor | None = None,
+                        configs: list[dict[str, Any]] | None = None) -> torch.Tensor:
+    """As w8a16_matmul_ref. ``configs``: launch configs per bucket of rows (see DEFAULT_CONFIGS)."""
+    return _weight_only_matmul(x, 8, qweight, scales, zeros, group_size, input_order, configs)
+
+
+def w4a16_matmul_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                        group_size: int, input_order: torch.Tensor | None = None,
+                        configs: list[dict[str, Any]] | None = None) -> torch.Tensor:
+    """As w4a16_matmul_ref. ``configs``: launch configs per bucket of rows (see DEFAULT_CONFIGS)."""
+    return _weight_only_matmul(x, 4, qweight, scales, zeros, group_size, input_order, configs)
+
+
+def measure_weight_bandwidth(num_rows: int, out_features: int, in_features: int, bits: int, group_size: int = 128,
+                             dtype: torch.dtype = torch.bfloat16, configs: list[dict[str, Any]] | None = None,
+                             device: str = "cuda", compare_dense: bool = True) -> dict[str, float]:
+    """Times the Triton matmul on a random weight of that shape (median of triton.testing.do_bench,
+    which flushes L2 before each run, so the weights come from HBM) and reports the weight bandwidth it
+    achieved: bytes of packed weights, scales and zeros over time; with ``compare_dense``, also the
+    dense matmul of the same shape in ``dtype``. Not a test: GPU scripts and the build's tuner call it."""
+    import triton.testing
+
+    from kiln.quantization.weight_only import quantize_int4, quantize_int8
+
+    weight = torch.randn(out_features, in_features, device=device) / in_features ** 0.5
+    x = torch.randn(num_rows, in_features, device=device, dtype=dtype)
+    if bits == 4:
+        tensors = quantize_int4(weight, group_size)
+        run = functools.partial(w4a16_matmul_triton, x, *tensors, group_size, configs=configs)
+    else:
+        tensors = quantize_int8(weight)
+        run = functools.partial(w8a16_matmul_triton, x, *tensors, configs=configs)
+    weight_bytes = sum(t.numel() * t.element_size() for t in tensors)
+    seconds = triton.testing.do_bench(run, return_mode="median") / 1e3
+    report = {"seconds": seconds, "weight_bytes": weight_bytes, "weight_bandwidth_GBps": weight_bytes / seconds / 1e9,
+              "tflops": 2 * num_rows * out_features * in_features / seconds / 1e12}
+    if compare_dense:
+        dense = weight.to(dtype)
+        dense_seconds = triton.testing.do_bench(lambda: x @ dense.T, return_mode="median") / 1e3
+        report.update(dense_seconds=dense_seconds, speedup_vs_dense=dense_seconds / seconds)
+    return report

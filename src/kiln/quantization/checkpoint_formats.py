@@ -1,0 +1,250 @@
+"""Pre-quantized checkpoints users download, AutoAWQ and GPTQ: detection, unpacking, and repacking into
+kiln's INT4 / INT8 layouts (``kiln.quantization.weight_only``).
+
+Both store, per linear layer ``<name>``, ``<name>.qweight``, ``<name>.qzeros``, ``<name>.scales`` (and
+GPTQ ``<name>.g_idx``) in place of ``<name>.weight``, for W [N, K] (out x in features), y = x @ W.T; the
+weight is (q - z) * s with q, z unsigned integers and s per (group of g input rows, output channel).
+
+AutoAWQ, ``quantization_config.quant_method: "awq"``, ``version: "gemm"`` (``WQLinear_GEMM``), 4 bits::
+
+    qweight  int32 [K, N / 8]    packed along N: nibble i (bits 4i..4i+3) of qweight[k, c] is
+                                 q[k, 8c + AWQ_ORDER[i]], AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
+    qzeros   int32 [K / g, N / 8] the zero points, packed the same way
+    scales   fp16  [K / g, N]
+
+GPTQ (AutoGPTQ, GPTQModel, optimum), ``quant_method: "gptq"`` (older checkpoints: no quant_method, the
+settings in ``quantize_config.json``), 4 or 8 bits, p = 32 / bits values per word::
+
+    qweight  int32 [K / p, N]    packed along K: value j (bits j*bits..) of qweight[r, n] is q[p*r + j, n]
+    qzeros   int32 [G, N / p]    packed along N in plain order; G = ceil(K / g), g = K for group_size -1
+    scales   fp16  [G, N]
+    g_idx    int32 [K]           the group of each input row; with desc_act (act-order) not k // g
+
+    The zero points' off-by-one: ``checkpoint_format: "gptq"`` (v1, every AutoGPTQ checkpoint and
+    GPTQModel's default) stores z - 1, so z = stored + 1; "gptq_v2" stores z. A v1 zero point of 0 was
+    written as -1, whose low bits read back as 2**bits - 1: the sum is taken modulo 2**bits, as
+    AutoGPTQ's dequantization does (``zeros = (zeros + 1) & maxq``), giving 0 back. (AutoGPTQ's packer
+    OR-ed that -1 into the whole word, overwriting the word's later zero points with ones as well: those
+    read back as 0 too, which is what the checkpoint holds; nothing can recover the originals.)
+    ``sym: true`` (zero points all 2**(bits-1)) needs nothing special: the zero points are stored.
+
+Repacking: INT4 goes to kiln's INT4 layout (K padded with q = z); INT8 to kiln's INT8 layout as int8
+q - 128 with int8 zero points z - 128, dropped when all are 0 (sym), and per-channel scales when there is
+a single group. Act-order (desc_act): the input rows are reordered so each group's rows are contiguous
+(a stable sort by g_idx, which must give g rows per group), and the permutation is kept as
+``input_order`` for the kernels to gather x through: permuting the previous layer's outputs instead is
+not possible for every layer, and a per-row group index would cost the kernels a scale load per weight.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kiln.errors import CheckpointError
+from kiln.quantization.weight_only import QuantizedWeight, pack_int4, padded_in_features
+
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # the output channel (within 8) that nibble i of an AutoAWQ word holds
+SUPPORTED_AWQ_VERSIONS = ("gemm",)
+SUPPORTED_GPTQ_FORMATS = ("gptq", "gptq_v2")
+SUPPORTED_GPTQ_BITS = (4, 8)
+
+
+@dataclass(frozen=True)
+class CheckpointQuantization:
+    """How a pre-quantized checkpoint's linear weights are stored."""
+
+    method: str  # "awq" | "gptq"
+    bits: int
+    group_size: int | None  # None: one group spanning all inputs (GPTQ group_size -1)
+    checkpoint_format: str  # AWQ: "gemm"; GPTQ: "gptq" (zero points stored minus 1) | "gptq_v2"
+    is_symmetric: bool = False
+    desc_act: bool = False
+    modules_to_not_convert: tuple[str, ...] = ()  # AutoAWQ's list of modules left in float
+
+    @property
+    def zero_point_offset(self) -> int:
+        """What to add to a stored zero point: GPTQ v1's historical off-by-one."""
+        return 1 if self.method == "gptq" and self.checkpoint_format == "gptq" else 0
+
+
+def _group_size(value: Any) -> int | None:
+    group_size = int(value)
+    return None if group_size == -1 else group_size
+
+
+def parse_quantization_config(config: dict[str, Any], source: str = "quantization_config"
+                              ) -> CheckpointQuantization | None:
+    """A checkpoint's quantization settings (config.json's ``quantization_config``, or the contents of
+    ``quantize_config.json`` / ``quant_config.json``); None for methods other than AWQ and GPTQ. Settings
+    kiln cannot read fail here, before any tensor is read, naming the supported ones."""
+    method = str(config.get("quant_method", "")).lower()
+    if not method:  # legacy files: AutoAWQ's quant_config.json says w_bit, AutoGPTQ's quantize_config.json bits
+        method = "awq" if "w_bit" in config or "q_group_size" in config else "gptq"
+    if method == "awq":
+        bits = int(config.get("bits", config.get("w_bit", 4)))
+        version = str(config.get("version", "gemm")).lower()
+        if version not in SUPPORTED_AWQ_VERSIONS or bits != 4:
+            raise CheckpointError(f"{source}: AWQ version {version!r} with {bits} bits is not supported; kiln reads "
+                                  f"{', '.join(SUPPORTED_AWQ_VERSIONS)} (AutoAWQ's WQLinear_GEMM) with 4 bits")
+        if not config.get("zero_point", True):
+            raise CheckpointError(f"{source}: AWQ without zero points is not supported (AutoAWQ's GEMM packing "
+                                  "always stores them)")
+        return CheckpointQuantization(
+            "awq", bits, _group_size(config.get("group_size", config.get("q_group_size", 128))), version,
+            modules_to_not_convert=tuple(config.get("modules_to_not_convert") or ()))
+    if method == "gptq":
+        bits = int(config["bits"])
+        checkpoint_format = str(config.get("checkpoint_format", config.get("format", "gptq"))).lower()
+        if config.get("is_marlin_format"):
+            checkpoint_format = "marlin"
+        if bits not in SUPPORTED_GPTQ_BITS or checkpoint_format not in SUPPORTED_GPTQ_FORMATS:
+            raise CheckpointError(
+                f"{source}: GPTQ {checkpoint_format!r} with {bits} bits is not supported; kiln reads checkpoint "
+                f"formats {', '.join(SUPPORTED_GPTQ_FORMATS)} with {' or '.join(map(str, SUPPORTED_GPTQ_BITS))} bits")
+        if str(config.get("pack_dtype", "int32")).removeprefix("torch.") != "int32":
+            raise CheckpointError(f"{source}: GPTQ pack_dtype {config['pack_dtype']!r} is not supported; "
+                                  "kiln reads int32")
+        return CheckpointQuantization(
+            "gptq", bits, _group_size(config.get("group_size", -1)), checkpoint_format,
+            is_symmetric=bool(config.get("sym", True)), desc_act=bool(config.get("desc_act", False)))
+    return None
+
+
+def detect_checkpoint_quantization(model_dir: str | Path) -> CheckpointQuantization | None:
+    """AWQ / GPTQ settings of a Hugging Face folder: config.json's ``quantization_config``, else an
+    older GPTQ's ``quantize_config.json`` or AutoAWQ's ``quant_config.json``; None when it has none of
+    these (or another method, such as FP8, which other readers handle)."""
+    model_dir = Path(model_dir)
+    config_path = model_dir / "config.json"
+    if config_path.is_file():
+        quantization_config = json.loads(config_path.read_text()).get("quantization_config")
+        if quantization_config:
+            return parse_quantization_config(quantization_config, f"{config_path} quantization_config")
+    for name in ("quantize_config.json", "quant_config.json"):
+        path = model_dir / name
+        if path.is_file():
+            return parse_quantization_config(json.loads(path.read_text()), str(path))
+    return None
+
+
+@dataclass(frozen=True)
+class UnpackedWeight:
+    """A checkpoint's quantized weight as plain integers, in W's orientation [N, K]."""
+
+    values: torch.Tensor  # int16 [N, K], q in [0, 2**bits)
+    zeros: torch.Tensor  # int16 [N, G], z in [0, 2**bits)
+    scales: torch.Tensor  # [N, G], the checkpoint's dtype
+    group_index: torch.Tensor  # int64 [K], the group of each input row
+    group_size: int
+
+    def dequantize(self) -> torch.Tensor:
+        """(q - z) * s in float32, [N, K]."""
+        rows = self.group_index
+        return (self.values.float() - self.zeros[:, rows].float()) * self.scales[:, rows].float()
+
+
+def _unpack_words(words: torch.Tensor, bits: int) -> torch.Tensor:
+    """int32 [..., W] -> int16 [..., W, 32 / bits], value j from bits j*bits.. of each word."""
+    shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=words.device)
+    return ((words[..., None] >> shifts) & ((1 << bits) - 1)).to(torch.int16)
+
+
+def _check_shape(name: str, tensor: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype | None = None) -> None:
+    if tuple(tensor.shape) != shape or (dtype is not None and tensor.dtype != dtype):
+        raise CheckpointError(f"{name} is {tensor.dtype} {list(tensor.shape)}, expected "
+                              f"{dtype or 'float'} {list(shape)}")
+
+
+def unpack_awq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int | None
+               ) -> UnpackedWeight:
+    """AutoAWQ GEMM tensors -> integers (AWQ's interleaved nibble order undone) in W's orientation."""
+    in_features, out_features = qweight.shape[0], qweight.shape[1] * 8
+    group_size = group_size or in_features
+    if in_features % group_size:
+        raise CheckpointError(f"AWQ qweight has {in_features} input rows, not whole groups of {group_size}")
+    num_groups = in_features // group_size
+    _check_shape("AWQ qweight", qweight, (in_features, out_features // 8), torch.int32)
+    _check_shape("AWQ qzeros", qzeros, (num_groups, out_features // 8), torch.int32)
+    _check_shape("AWQ scales", scales, (num_groups, out_features))
+
+    def unpack(words: torch.Tensor) -> torch.Tensor:
+        nibbles = _unpack_words(words, 4)  # [rows, N / 8, nibble i]
+        ordered = torch.empty_like(nibbles)
+        ordered[..., list(AWQ_ORDER)] = nibbles  # nibble i holds channel AWQ_ORDER[i] of its 8
+        return ordered.flatten(-2)
+
+    rows = torch.arange(in_features, device=qweight.device) // group_size
+    return UnpackedWeight(unpack(qweight).T.contiguous(), unpack(qzeros).T.contiguous(), scales.T.contiguous(),
+                          rows, group_size)
+
+
+def unpack_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor | None,
+                quantization: CheckpointQuantization) -> UnpackedWeight:
+    """GPTQ tensors -> integers in W's orientation, the zero points' v1 offset applied."""
+    bits = quantization.bits
+    per_word = 32 // bits
+    in_features, out_features = qweight.shape[0] * per_word, qweight.shape[1]
+    group_size = quantization.group_size or in_features
+    num_groups = -(-in_features // group_size)
+    _check_shape("GPTQ qweight", qweight, (in_features // per_word, out_features), torch.int32)
+    _check_shape("GPTQ qzeros", qzeros, (num_groups, out_features // per_word), torch.int32)
+    _check_shape("GPTQ scales", scales, (num_groups, out_features))
+    values = _unpack_words(qweight.T, bits).flatten(-2)  # [N, K / p, j] -> [N, K]: row p*r + j
+    zeros = (_unpack_words(qzeros, bits).flatten(-2) + quantization.zero_point_offset) & ((1 << bits) - 1)
+    if g_idx is None:
+        rows = torch.arange(in_features, device=qweight.device) // group_size
+    else:
+        _check_shape("GPTQ g_idx", g_idx, (in_features,), g_idx.dtype)
+        rows = g_idx.long()
+        if rows.min() < 0 or rows.max() >= num_groups:
+            raise CheckpointError(f"GPTQ g_idx names groups outside 0..{num_groups - 1}")
+    return UnpackedWeight(values, zeros.T.contiguous(), scales.T.contiguous(), rows, group_size)
+
+
+def repack(unpacked: UnpackedWeight, bits: int) -> QuantizedWeight:
+    """Integers + scales + zero points -> kiln's layout for ``bits`` (see the module docstring)."""
+    values, zeros, scales, group_size = unpacked.values, unpacked.zeros, unpacked.scales, unpacked.group_size
+    num_rows, in_features = values.shape
+    input_order = None
+    natural = torch.arange(in_features, device=values.device) // group_size
+    if not torch.equal(unpacked.group_index, natural):
+        order = torch.sort(unpacked.group_index, stable=True).indices
+        if not torch.equal(unpacked.group_index[order], natural):
+            raise CheckpointError(f"g_idx does not assign {group_size} input rows to each group; cannot reorder "
+                                  "the inputs into contiguous groups")
+        values, input_order = values[:, order], order.to(torch.int32)
+    if bits == 4:
+        padded = padded_in_features(in_features, group_size)
+        num_groups = padded // group_size
+        zeros = torch.nn.functional.pad(zeros, (0, num_groups - zeros.shape[1]))
+        scales = torch.nn.functional.pad(scales, (0, num_groups - scales.shape[1]), value=1.0)
+        padding = zeros.repeat_interleave(group_size, dim=1)[:, in_features:]  # q = z: dequantizes to 0
+        qweight = pack_int4(torch.cat([values, padding], dim=1))
+        return QuantizedWeight(4, qweight, scales.contiguous(), zeros.to(torch.uint8), group_size, in_features,
+                               input_order)
+    qweight = (values - 128).to(torch.int8)
+    signed_zeros = (zeros - 128).to(torch.int8)
+    if signed_zeros.any():
+        return QuantizedWeight(8, qweight, scales.contiguous(), signed_zeros, group_size, in_features, input_order)
+    if scales.shape[1] == 1:  # one group over all inputs: per-channel scales
+        return QuantizedWeight(8, qweight, scales[:, 0].contiguous(), None, None, in_features, input_order)
+    return QuantizedWeight(8, qweight, scales.contiguous(), None, group_size, in_features, input_order)
+
+
+def read_quantized_linear(quantization: CheckpointQuantization, tensors: dict[str, torch.Tensor]) -> QuantizedWeight:
+    """One linear layer's checkpoint tensors (``qweight``, ``qzeros``, ``scales``, GPTQ ``g_idx``: the
+    names after the layer's prefix) -> kiln's layout."""
+    missing = [name for name in ("qweight", "qzeros", "scales") if name not in tensors]
+    if missing:
+        raise CheckpointError(f"{quantization.method.upper()} layer lacks {', '.join(missing)}")
+    if quantization.method == "awq":
+        unpacked = unpack_awq(tensors["qweight"], tensors["qzeros"], tensors["scales"], quantization.group_size)
+    else:
+        unpacked = unpack_gptq(tensors["qweight"], tensors["qzeros"], tensors["scales"], tensors.get("g_idx"),
+                               quantization)
+    return repack(unpacked, quantization.bits)

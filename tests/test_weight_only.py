@@ -1,0 +1,304 @@
+"""Weight-only INT8 / INT4: the quantizers' rounding, kiln's packed layouts, AWQ's scale search, and the
+W8A16 / W4A16 Triton matmuls against their plain-PyTorch references.
+
+On a CPU-only machine the kernels run in Triton's interpreter (conftest.py sets TRITON_INTERPRET=1) at
+small, awkward shapes: K = 172 (stories260K's down projection, padded to whole groups), odd N, every
+launch path (1 row, a few rows on CUDA cores, 16 rows through tl.dot, a tiled GEMM). The ``gpu`` cases
+run the same checks compiled at Llama-3-8B sizes (``python -m pytest tests/test_weight_only.py -m gpu``);
+``kiln.kernels.weight_only.measure_weight_bandwidth`` times them.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kiln.kernels.weight_only import (DEFAULT_CONFIGS, launch_config, w4a16_matmul_ref, w4a16_matmul_triton,
+                                      w8a16_matmul_ref, w8a16_matmul_triton)
+from kiln.quantization.weight_only import (QuantizedWeight, awq_scales, dequantize_int4, dequantize_int8,
+                                           pack_int4, padded_in_features, quantize_int4, quantize_int8,
+                                           unpack_int4)
+
+pytest.importorskip("triton")
+
+ON_GPU = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if ON_GPU else "cpu")
+gpu = pytest.mark.gpu
+
+# (rtol, atol) on outputs of order 1 (weights ~ N(0, 1/K), x ~ N(0, 1)). The references multiply the
+# float32 dequantized weight in float32; the CUDA-core path sums float32 products too, so it differs by
+# summation order and the final rounding; the tl.dot path rounds each dequantized weight to x's dtype
+# first (2**-11 / 2**-8 relative), which adds ~2**-11 / 2**-8 / sqrt(3) relative noise per output.
+TOLERANCES = {torch.float32: (1e-4, 1e-4), torch.float16: (2e-3, 2e-3), torch.bfloat16: (2e-2, 2e-2)}
+DTYPE_ID = lambda dtype: str(dtype).removeprefix("torch.")  # noqa: E731
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    rtol, atol = TOLERANCES[expected.dtype]
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol)
+
+
+def random_weight(out_features: int, in_features: int, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(out_features, in_features, generator=gen) / in_features ** 0.5).to(DEVICE)
+
+
+# ---- quantization: rounding and layouts -----------------------------------------------------------
+@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.float16, torch.bfloat16], ids=DTYPE_ID)
+def test_int8_round_to_nearest_is_within_half_a_step(scale_dtype):
+    w = random_weight(70, 172)
+    w[3] = 0.0  # an all-zero row
+    w[5, 7] = 40.0  # an outlier sets its row's step
+    qweight, scales = quantize_int8(w, scale_dtype)
+    assert qweight.dtype == torch.int8 and qweight.shape == w.shape
+    assert scales.dtype == scale_dtype and scales.shape == (70,)
+    assert qweight.abs().max() <= 127
+    error = (dequantize_int8(qweight, scales) - w).abs()
+    # Half a step, plus the float32 rounding of w / s (a relative 2**-24 of w).
+    assert (error <= scales.float()[:, None] / 2 * (1 + 1e-6) + w.abs() * 2 ** -23).all()
+    assert torch.equal(dequantize_int8(qweight, scales)[3], torch.zeros(172, device=DEVICE))
+
+
+def test_int8_values_on_the_grid_round_trip_exactly():
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randint(-127, 128, (40, 96), generator=gen, dtype=torch.int8)
+    q[:, 0] = 127  # each row reaches the end of its grid, so the step is recovered
+    scales = (torch.rand(40, generator=gen) + 0.01).to(torch.float16).float()
+    w = q.float() * scales[:, None]
+    qweight, found_scales = quantize_int8(w.to(DEVICE))
+    assert torch.equal(found_scales.cpu(), scales) and torch.equal(qweight.cpu(), q)
+    assert torch.equal(dequantize_int8(qweight, found_scales).cpu(), w)
+
+
+def test_int4_layout_is_blocks_of_16_words_one_16_input_run_per_nibble():
+    """Input k = 128 * b + 16 * j + i is nibble j (bits 4j..4j+3) of word 16 * b + i."""
+    k = torch.arange(256)
+    values = ((k // 16) % 8 + 8 * (k // 128)).to(torch.uint8).repeat(2, 1)  # nibble j of block b holds j + 8b
+    values[1, 130] = 15  # block 1, run 0, word 2
+    packed = pack_int4(values)
+    assert packed.dtype == torch.int32 and packed.shape == (2, 32)
+    assert set(packed[0, :16].tolist()) == {0x76543210}
+    assert set(packed[0, 16:].tolist()) == {0xFEDCBA98 - 2 ** 32}  # the same 32 bits as int32
+    assert packed[1, 18].item() == 0xFEDCBA9F - 2 ** 32
+    assert torch.equal(unpack_int4(packed), values)
+    with pytest.raises(ValueError, match="multiple of 128"):
+        pack_int4(values[:, :64])
+
+
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+@pytest.mark.parametrize("in_features", [172, 256])
+def test_int4_round_to_nearest_is_within_half_a_step(group_size, in_features):
+    w = random_weight(50, in_features, seed=group_size)
+    w[0, :group_size] = 0.0  # an all-zero group
+    w[1, :group_size] = torch.linspace(0.1, 0.9, group_size)  # all positive: 0 joins the range
+    qweight, scales, zeros = quantize_int4(w, group_size)
+    padded = padded_in_features(in_features, group_size)
+    num_groups = padded // group_size
+    assert qweight.dtype == torch.int32 and qweight.shape == (50, padded // 8)
+    assert scales.dtype == torch.float16 and scales.shape == zeros.shape == (50, num_groups)
+    assert zeros.dtype == torch.uint8 and zeros.max() <= 15
+    dequantized = dequantize_int4(qweight, scales, zeros, group_size)
+    assert dequantized.shape == (50, padded)
+    step = scales.float().repeat_interleave(group_size, dim=1)[:, :in_features]
+    error = (dequantized[:, :in_features] - w).abs()
+    assert (error <= step / 2 * (1 + 1e-6) + w.abs() * 2 ** -23).all()
+    # The padded columns dequantize to exactly zero, and dequantize_int4 cuts them off when told K.
+    assert torch.equal(dequantized[:, in_features:], torch.zeros(50, padded - in_features, device=DEVICE))
+    assert torch.equal(dequantize_int4(qweight, scales, zeros, group_size, in_features), dequantized[:, :in_features])
+    assert torch.equal(dequantized[0, :group_size], torch.zeros(group_size, device=DEVICE))
+
+
+@pytest.mark.parametrize("group_size", [32, 128])
+def test_int4_values_on_the_grid_round_trip_exactly(group_size):
+    gen = torch.Generator().manual_seed(2)
+    num_rows, num_groups = 24, 384 // group_size
+    q = torch.randint(0, 16, (num_rows, num_groups, group_size), generator=gen)
+    q[..., 0], q[..., 1] = 0, 15  # each group spans its whole grid, so its step is recovered
+    zeros = torch.randint(0, 16, (num_rows, num_groups), generator=gen)
+    scales = (torch.rand(num_rows, num_groups, generator=gen) + 0.01).to(torch.float16)
+    w = ((q - zeros[..., None]).float() * scales.float()[..., None]).view(num_rows, -1)
+    qweight, found_scales, found_zeros = quantize_int4(w.to(DEVICE), group_size)
+    assert torch.equal(found_scales.cpu(), scales) and torch.equal(found_zeros.cpu(), zeros.to(torch.uint8))
+    assert torch.equal(unpack_int4(qweight).cpu(), q.view(num_rows, -1).to(torch.uint8))
+    assert torch.equal(dequantize_int4(qweight, found_scales, found_zeros, group_size).cpu(), w)
+
+
+def test_quantizers_refuse_what_they_cannot_represent():
+    with pytest.raises(ValueError, match="multiple of 16"):
+        quantize_int4(torch.randn(4, 64), group_size=40)
+    with pytest.raises(ValueError, match="2-D"):
+        quantize_int8(torch.randn(4))
+    with pytest.raises(ValueError, match="too large"):
+        quantize_int4(torch.full((2, 32), 1e6), group_size=32)  # steps beyond float16
+
+
+def test_quantized_weight_dequantizes_either_layout():
+    w = random_weight(72, 172)
+    int4 = QuantizedWeight(4, *quantize_int4(w, 64), group_size=64, in_features=172)
+    assert torch.equal(int4.dequantize(), dequantize_int4(*quantize_int4(w, 64), 64, 172))
+    assert set(int4.tensors()) == {"qweight", "scales", "zeros"} and int4.out_features == 72
+    int8 = QuantizedWeight(8, *quantize_int8(w), zeros=None, group_size=None, in_features=172)
+    assert torch.equal(int8.dequantize(), dequantize_int8(*quantize_int8(w)))
+    with pytest.raises(ValueError, match="zero points"):
+        QuantizedWeight(4, int4.qweight, int4.scales, None, 64, 172)
+
+
+# ---- AWQ ------------------------------------------------------------------------------------------
+def test_awq_scales_beat_round_to_nearest_on_salient_channels():
+    """A layer whose inputs have a few channels 20x larger than the rest (the activation outliers AWQ
+    was made for): scaling those input channels up before quantizing protects the weights they meet."""
+    gen = torch.Generator().manual_seed(3)
+    num_tokens, in_features, out_features, group_size = 256, 256, 96, 64
+    x = torch.randn(num_tokens, in_features, generator=gen)
+    salient = torch.randperm(in_features, generator=gen)[:4]
+    x[:, salient] *= 20.0
+    w = torch.randn(out_features, in_features, generator=gen) / in_features ** 0.5
+    reference = x @ w.T
+
+    def output_error(scales: torch.Tensor) -> float:
+        quantized = quantize_int4(w * scales, group_size)
+        return (x @ (dequantize_int4(*quantized, group_size, in_features) / scales).T - reference).pow(2).mean().item()
+
+    scales = awq_scales(w, x, group_size)
+    assert scales.shape == (in_features,) and (scales > 0).all()
+    assert scales[salient].min() > scales.median()  # the salient channels are the ones scaled up
+    rtn_error = output_error(torch.ones(in_features))
+    assert output_error(scales) < 0.8 * rtn_error
+
+
+# ---- the matmuls ----------------------------------------------------------------------------------
+def config(block_m: int, block_n: int, block_k: int, group_m: int = 1) -> list[dict]:
+    """One launch config for every batch size."""
+    return [{"max_rows": 1 << 30, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": group_m,
+             "num_warps": 4, "num_stages": 2}]
+
+
+# name -> (rows M, out features N, in features K, group size, launch config: None for the defaults).
+# The interpreter's tl.dot multiplies bfloat16 as raw integers (see test_kernels.py), so bfloat16 runs
+# the tl.dot paths (BLOCK_M >= 16) on the GPU only.
+MATMUL_CASES = {
+    "gemv_1_row_k172_g64": (1, 72, 172, 64, config(1, 16, 64)),
+    "gemv_3_rows_k172_g128_n250": (3, 250, 172, 128, config(1, 32, 256)),
+    "gemv_16_rows_dot_g32": (16, 72, 256, 32, config(16, 32, 64)),
+    "gemm_33_rows_k172_g64": (33, 250, 172, 64, config(16, 32, 32, group_m=2)),
+    "defaults_1_row": (1, 72, 172, 128, None),
+}
+MATMUL_DTYPES = [torch.float16, torch.bfloat16]
+
+
+def uses_dot(rows: int, configs: list[dict] | None, bits: int) -> bool:
+    return launch_config(configs, rows, bits)["BLOCK_M"] >= 16
+
+
+def matmul_input(rows: int, in_features: int, dtype: torch.dtype) -> torch.Tensor:
+    """x as a strided view (row stride K + 5), as a slice of a fused projection's output would be."""
+    gen = torch.Generator().manual_seed(4)
+    return torch.randn(rows, in_features + 5, generator=gen).to(DEVICE, dtype)[:, :in_features]
+
+
+@pytest.mark.parametrize("dtype", MATMUL_DTYPES, ids=DTYPE_ID)
+@pytest.mark.parametrize("case", list(MATMUL_CASES.values()), ids=list(MATMUL_CASES))
+def test_w4a16_matmul(case, dtype):
+    rows, out_features, in_features, group_size, configs = case
+    if dtype == torch.bfloat16 and not ON_GPU and uses_dot(rows, configs, 4):
+        pytest.skip("the interpreter's tl.dot mishandles bfloat16")
+    qweight, scales, zeros = quantize_int4(random_weight(out_features, in_features), group_size)
+    x = matmul_input(rows, in_features, dtype)
+    expected = w4a16_matmul_ref(x, qweight, scales, zeros, group_size)
+    assert_close(w4a16_matmul_triton(x, qweight, scales, zeros, group_size, configs=configs), expected)
+
+
+@pytest.mark.parametrize("dtype", MATMUL_DTYPES, ids=DTYPE_ID)
+@pytest.mark.parametrize("case", list(MATMUL_CASES.values()), ids=list(MATMUL_CASES))
+def test_w8a16_matmul(case, dtype):
+    rows, out_features, in_features, _, configs = case
+    if dtype == torch.bfloat16 and not ON_GPU and uses_dot(rows, configs, 8):
+        pytest.skip("the interpreter's tl.dot mishandles bfloat16")
+    qweight, scales = quantize_int8(random_weight(out_features, in_features))
+    x = matmul_input(rows, in_features, dtype)
+    assert_close(w8a16_matmul_triton(x, qweight, scales, configs=configs), w8a16_matmul_ref(x, qweight, scales))
+
+
+@pytest.mark.parametrize("block_m", [1, 16])
+def test_w4a16_matmul_reads_inputs_through_the_act_order_permutation(block_m):
+    """GPTQ desc_act: stored input row k is original row input_order[k]; the kernel gathers x to match."""
+    rows, out_features, in_features, group_size = 5, 40, 172, 32
+    qweight, scales, zeros = quantize_int4(random_weight(out_features, in_features), group_size)
+    input_order = torch.randperm(in_features, generator=torch.Generator().manual_seed(5)).to(torch.int32).to(DEVICE)
+    x = matmul_input(rows, in_features, torch.float16)
+    expected = w4a16_matmul_ref(x, qweight, scales, zeros, group_size, input_order)
+    assert_close(expected, w4a16_matmul_ref(x[:, input_order.long()], qweight, scales, zeros, group_size))
+    actual = w4a16_matmul_triton(x, qweight, scales, zeros, group_size, input_order, configs=config(block_m, 16, 128))
+    assert_close(actual, expected)
+
+
+@pytest.mark.parametrize("block_m", [1, 16])
+def test_w8a16_matmul_grouped_with_zero_points(block_m):
+    """INT8 with a scale and a zero point per group of input rows, as GPTQ 8-bit checkpoints have them."""
+    gen = torch.Generator().manual_seed(6)
+    rows, out_features, in_features, group_size = 3, 24, 172, 64
+    num_groups = -(-in_features // group_size)
+    qweight = torch.randint(-128, 128, (out_features, in_features), generator=gen, dtype=torch.int8)
+    zeros = torch.randint(-20, 20, (out_features, num_groups), generator=gen, dtype=torch.int8)
+    scales = (torch.rand(out_features, num_groups, generator=gen) / 400).to(torch.float16)
+    qweight, zeros, scales = qweight.to(DEVICE), zeros.to(DEVICE), scales.to(DEVICE)
+    x = matmul_input(rows, in_features, torch.float16)
+    expected = w8a16_matmul_ref(x, qweight, scales, zeros, group_size)
+    actual = w8a16_matmul_triton(x, qweight, scales, zeros, group_size, configs=config(block_m, 16, 128))
+    assert_close(actual, expected)
+
+
+def test_default_configs_cover_every_batch_size():
+    for bits, configs in DEFAULT_CONFIGS.items():
+        buckets = [c["max_rows"] for c in configs]
+        assert buckets == sorted(buckets) and configs[0]["max_rows"] == 1
+        assert launch_config(None, 1, bits)["BLOCK_M"] == 1  # batch-1 decode: the CUDA-core GEMV
+        assert launch_config(None, 10 ** 6, bits) is configs[-1]
+        assert all(c["BLOCK_M"] == 1 or c["BLOCK_M"] >= 16 for c in configs)
+        assert all(c["BLOCK_K"] % (128 if bits == 4 else 16) == 0 for c in configs)
+
+
+def test_matmuls_refuse_mismatched_tensors():
+    qweight, scales, zeros = quantize_int4(random_weight(16, 64), 32)
+    x = torch.randn(2, 256, device=DEVICE, dtype=torch.float16)
+    with pytest.raises(ValueError, match="INT4 qweight"):
+        w4a16_matmul_triton(x, qweight, scales, zeros, 32)
+    with pytest.raises(ValueError, match="INT8 qweight"):
+        w8a16_matmul_triton(x, qweight, scales)
+
+
+# ---- the matmuls at Llama-3-8B sizes, compiled ---------------------------------------------------
+LLAMA_SHAPES = [(4096, 4096), (14336, 4096), (28672, 4096), (4096, 14336)]  # (N, K): o, (gate|up), gate_up, down
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=DTYPE_ID)
+@pytest.mark.parametrize("rows", [1, 2, 7, 16, 64, 256])
+@pytest.mark.parametrize("out_features,in_features", LLAMA_SHAPES)
+@pytest.mark.parametrize("bits", [4, 8])
+def test_gpu_weight_only_matmul_at_llama_sizes(bits, out_features, in_features, rows, dtype):
+    w = random_weight(out_features, in_features)
+    x = torch.randn(rows, in_features, device=DEVICE, dtype=dtype)
+    if bits == 4:
+        tensors = quantize_int4(w, 128)
+        actual, expected = w4a16_matmul_triton(x, *tensors, 128), w4a16_matmul_ref(x, *tensors, 128)
+    else:
+        tensors = quantize_int8(w)
+        actual, expected = w8a16_matmul_triton(x, *tensors), w8a16_matmul_ref(x, *tensors)
+    assert_close(actual, expected)
+
+
+@gpu
+def test_gpu_weight_only_matmul_in_a_cuda_graph():
+    """Captured once, replayed on new inputs written into the same buffer, as decode runs it."""
+    qweight, scales, zeros = quantize_int4(random_weight(4096, 4096), 128)
+    x = torch.randn(4, 4096, device=DEVICE, dtype=torch.bfloat16)
+    w4a16_matmul_triton(x, qweight, scales, zeros, 128)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = w4a16_matmul_triton(x, qweight, scales, zeros, 128)
+    for seed in range(2):
+        x.copy_(torch.randn(4, 4096, generator=torch.Generator().manual_seed(seed)).to(DEVICE, torch.bfloat16))
+        graph.replay()
+        assert_close(out, w4a16_matmul_ref(x, qweight, scales, zeros, 128))
