@@ -276,6 +276,12 @@ def test_gemv_matches_w8a16_reference(num_rows, n, k, config, scaling, has_bias,
     assert_close(out, fp8_w8a16_linear_ref(x, w_fp8, w_scale, bias))
 
 
+@pytest.mark.parametrize("num_rows", [1, 5])
+def test_gemv_default_configs(num_rows):
+    x, w_fp8, w_scale, bias = gemv_case(num_rows, 40, 1100, torch.float16, "channel", True)
+    assert_close(fp8_gemv(x, w_fp8, w_scale, bias), fp8_w8a16_linear_ref(x, w_fp8, w_scale, bias))
+
+
 @pytest.mark.parametrize("scaling,static,has_bias", [("channel", False, True), ("tensor", True, False),
                                                      ("tensor", False, False), ("channel", True, True)])
 def test_fp8_linear_gpu_matches_reference(scaling, static, has_bias, rounding_fp8_casts):
@@ -307,6 +313,79 @@ def test_fp8_linear_takes_the_gemv_for_few_rows_and_unsupported_shapes(num_rows,
     uses_scaled_mm = num_rows > 16 and n % 16 == 0
     expected = (fp8_linear_ref if uses_scaled_mm else fp8_w8a16_linear_ref)(x, w_fp8, w_scale, bias=bias)
     assert_close(out, expected)
+
+
+# ---- compiled for the GPU, without one -----------------------------------------------------------
+def compile_for(kernel, capability: int, signature: dict[str, str], constexprs: dict, num_warps: int,
+                num_stages: int) -> str:
+    """PTX of a kernel compiled ahead of time for an NVIDIA GPU of this compute capability (ptxas runs too,
+    so code it rejects fails here), with every pointer and integer argument but ``num_rows`` marked
+    16-divisible, as Triton's launcher marks such values at run time (then loads widen to 16 bytes)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    types, constants, attrs = {}, {}, {}
+    for i, name in enumerate(kernel.arg_names):
+        if name in constexprs:
+            types[name], constants[(i,)] = "constexpr", constexprs[name]
+        else:
+            types[name] = signature[name]
+            if name != "num_rows":
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    compiled = triton.compile(ASTSource(kernel, types, constants, attrs), target=GPUTarget("cuda", capability, 32),
+                              options={"num_warps": num_warps, "num_stages": num_stages})
+    return compiled.asm["ptx"]
+
+
+def compile_kernels_for_ada_and_hopper() -> dict[str, str]:
+    """PTX of the quantization kernel (sm90) and of the GEMV's default configs (sm89, sm90), bfloat16."""
+    from kiln.kernels.fp8 import DEFAULT_GEMV_CONFIGS, FP8_MAX_INV, MIN_AMAX, _fp8_gemv_kernel, _quantize_fp8_kernel
+
+    ptx = {"quantize": compile_for(
+        _quantize_fp8_kernel, 90, {"x_ptr": "*bf16", "x_row_stride": "i32", "scale_ptr": "*fp32",
+                                   "out_ptr": "*fp8e4nv", "out_row_stride": "i32", "num_cols": "i32"},
+        {"IS_DYNAMIC": True, "FP8_MAX": FP8_MAX, "FP8_MAX_INV": FP8_MAX_INV, "MIN_AMAX": MIN_AMAX, "BLOCK": 4096},
+        num_warps=16, num_stages=1)}
+    gemv_signature = {"x_ptr": "*bf16", "x_row_stride": "i32", "w_ptr": "*fp8e4nv", "w_row_stride": "i32",
+                      "w_scale_ptr": "*fp32", "w_scale_stride": "i32", "bias_ptr": "*bf16", "out_ptr": "*bf16",
+                      "out_row_stride": "i32", "num_rows": "i32", "N": "i32", "K": "i32"}
+    for capability in (89, 90):
+        for block_m, config in DEFAULT_GEMV_CONFIGS.items():
+            ptx[f"gemv_block_m{block_m}_sm{capability}"] = compile_for(
+                _fp8_gemv_kernel, capability, gemv_signature,
+                {"HAS_BIAS": True, "BLOCK_M": block_m, "DOT_PRECISION": "tf32", "BLOCK_N": config["BLOCK_N"],
+                 "BLOCK_K": config["BLOCK_K"]}, num_warps=config["num_warps"], num_stages=config["num_stages"])
+    return ptx
+
+
+@pytest.mark.skipif(ON_GPU, reason="the GPU tests run the kernels themselves")
+def test_kernels_compile_for_ada_and_hopper_with_the_instructions_they_rely_on(tmp_path):
+    """What the interpreter cannot show: the kernels pass Triton's and ptxas's pipeline for sm89 and sm90
+    with the default configs; the quantization divides with IEEE division and casts with round-to-nearest-
+    even saturation (what makes it bit-identical to torch); the weights are read 16 bytes per load; the
+    multi-row GEMV runs on tensor cores fed by cp.async. Compiled in a process of its own: with
+    TRITON_INTERPRET=1 (set for this one) tl.max and friends are interpreter functions."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    env.update(TRITON_CACHE_DIR=str(tmp_path), TRITON_DEFAULT_FP_FUSION="1",
+               PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), *sys.path]))
+    result = subprocess.run([sys.executable, "-c", "import json, test_fp8; "
+                             "print(json.dumps(test_fp8.compile_kernels_for_ada_and_hopper()))"],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ptx = json.loads(result.stdout.splitlines()[-1])
+    quantize = ptx.pop("quantize")
+    assert "div.rn.f32" in quantize and "cvt.rn.satfinite.e4m3x2.f32" in quantize and "ld.global.v4.b32" in quantize
+    for name, code in ptx.items():
+        if "block_m1_" in name:
+            assert "ld.global.v4.b32" in code, name
+        else:
+            assert "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32" in code and "cp.async" in code, name
 
 
 # ---- GPU, at Llama-3-8B's shapes -----------------------------------------------------------------

@@ -179,7 +179,9 @@ def _fp8_gemv_kernel(x_ptr, x_row_stride, w_ptr, w_row_stride, w_scale_ptr, w_sc
             k_mask = ks < K - k0
             w = tl.load(w_ptrs, mask=col_mask[:, None] & k_mask[None, :], other=0.0)
             x = tl.load(x_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-            out = tl.dot(x, tl.trans(w.to(x.dtype)), out, input_precision=DOT_PRECISION)
+            # e4m3 -> float32 -> x's dtype: Triton 3.6 converts e4m3 -> bfloat16 through a float16 ->
+            # bfloat16 cvt that only sm90 has (ptxas refuses it for Ada); the detour is exact too.
+            out = tl.dot(x, tl.trans(w.to(tl.float32).to(x.dtype)), out, input_precision=DOT_PRECISION)
             w_ptrs += BLOCK_K
             x_ptrs += BLOCK_K
     out = out * tl.load(w_scale_ptr + cols * w_scale_stride, mask=col_mask, other=0.0)[None, :]
@@ -190,11 +192,22 @@ def _fp8_gemv_kernel(x_ptr, x_row_stride, w_ptr, w_row_stride, w_scale_ptr, w_sc
              out.to(out_ptr.dtype.element_ty), mask=(out_rows < num_rows)[:, None] & col_mask[None, :])
 
 
-# Launch configs before tuning, by BLOCK_M (1: one row, CUDA cores; 16: tl.dot over up to 16 rows).
+# Launch configs before tuning, by BLOCK_M. Not measured yet (written without a GPU): sized so the weight
+# bytes in flight cover HBM latency. At ~4.3 TB/s over 132 SMs and ~1 us of latency an SM needs ~32 KB
+# of loads outstanding. BLOCK_M 1: an [8, 1024] fp8 tile is 64 bytes (four 16-byte loads) per thread of
+# 4 warps and a 64-register float32 accumulator, ~4 programs per SM (512 programs at N = 4096), 32 KB.
+# BLOCK_M 16: a [16, 512] tile pipelined 3 deep (Triton pipelines loads that feed tl.dot) is 24 KB per
+# program in 72 KB of shared memory. measure_fp8_weight_bandwidth(gemv_configs=GEMV_CANDIDATES) times
+# the alternatives; the lead's H200 run replaces these with the winners and their figures.
 DEFAULT_GEMV_CONFIGS: dict[int, dict[str, int]] = {
-    1: {"BLOCK_N": 16, "BLOCK_K": 512, "num_warps": 4, "num_stages": 2},
-    16: {"BLOCK_N": 64, "BLOCK_K": 256, "num_warps": 4, "num_stages": 3},
+    1: {"BLOCK_N": 8, "BLOCK_K": 1024, "num_warps": 4, "num_stages": 1},
+    16: {"BLOCK_N": 16, "BLOCK_K": 512, "num_warps": 4, "num_stages": 3},
 }
+GEMV_CANDIDATES: list[dict[str, int]] = (
+    [{"BLOCK_M": 1, "BLOCK_N": n, "BLOCK_K": k, "num_warps": w, "num_stages": 1}
+     for n, k, w in ((4, 1024, 4), (8, 512, 4), (8, 1024, 4), (8, 2048, 8), (16, 512, 4), (16, 1024, 8))]
+    + [{"BLOCK_M": 16, "BLOCK_N": n, "BLOCK_K": k, "num_warps": w, "num_stages": st}
+       for n, k, w, st in ((16, 256, 4, 4), (16, 512, 4, 3), (32, 256, 4, 3), (32, 512, 8, 3), (64, 256, 4, 3))])
 
 
 def default_gemv_config(num_rows: int) -> dict[str, int]:
@@ -228,9 +241,10 @@ def fp8_gemv(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor, bias: 
 
 # ---- the choice ----------------------------------------------------------------------------------
 
-# Rows up to which the GEMV runs instead of _scaled_mm. TARGETS.md: _scaled_mm's time at N = 28672,
-# K = 4096 on the H200 is flat from M = 1 (53 us) to M = 256 (60 us), i.e. weight-bound there, so the GEMV
-# wins wherever it streams the weights faster, which its tl.dot path does up to a 16-row tile.
+# Rows up to which the GEMV runs instead of _scaled_mm. TARGETS.md: _scaled_mm at N = 28672, K = 4096 on
+# the H200 takes 53 us at M = 1 and 60 us at M = 256, weight-bound throughout at ~2.2 TB/s; the GEMV's
+# tl.dot path reads the weights once for up to 16 rows, so it wins there if it streams them faster. Its
+# own speed is not measured yet: see DEFAULT_GEMV_CONFIGS.
 MAX_GEMV_ROWS = 16
 
 
@@ -256,7 +270,8 @@ def measure_fp8_weight_bandwidth(n: int = 28672, k: int = 4096, row_counts: tupl
                                  gemv_configs: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """Median time of one [M, k] x [k, n] FP8 product per kernel and row count, on this GPU, and the
     weight bandwidth it achieves (n * k bytes of fp8 weights / time; TARGETS.md: 4.25 TB/s copy on the
-    H200). Kernels: ``gemv`` (fp8_gemv, default or each of ``gemv_configs``), ``scaled_mm`` (the
+    H200). Kernels: ``gemv`` (fp8_gemv, default or each of ``gemv_configs``, e.g. GEMV_CANDIDATES; beyond
+    BLOCK_M rows it reads the weights once per row block), ``scaled_mm`` (the
     product alone, activations already quantized), ``fp8_linear_gpu`` (quantization + product) and
     ``bf16_matmul`` (its bandwidth in bf16 weight bytes). Each replayed from a CUDA graph, L2 flushed
     by do_bench before each run. Returns one dict per measurement: kernel, config, M, us, weight_TB_s."""
