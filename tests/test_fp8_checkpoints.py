@@ -261,11 +261,12 @@ def test_not_fp8_checkpoints_are_not_detected(tmp_path):
     write_config(tmp_path / "float")
     write_config(tmp_path / "awq", {"quant_method": "awq", "bits": 4, "group_size": 128})
     write_config(tmp_path / "int8_ct", compressed_tensors_config(num_bits=8, type="int"))
-    (tmp_path / "nvfp4").mkdir()
-    (tmp_path / "nvfp4" / "hf_quant_config.json").write_text(json.dumps(
-        {"quantization": {"quant_algo": "NVFP4", "group_size": 16, "kv_cache_quant_algo": "FP8"}}))
-    for folder in ("float", "awq", "int8_ct", "nvfp4"):
-        assert detect_fp8_format(tmp_path / folder) is None
+    for algo in ("NVFP4", "W4A8_NVFP4_FP8", None):  # 4-bit weights with FP8 scales or activations; KV only
+        (tmp_path / str(algo)).mkdir()
+        (tmp_path / str(algo) / "hf_quant_config.json").write_text(json.dumps(
+            {"quantization": {"quant_algo": algo, "group_size": 16, "kv_cache_quant_algo": "FP8"}}))
+    for folder in ("float", "awq", "int8_ct", "NVFP4", "W4A8_NVFP4_FP8", "None"):
+        assert detect_fp8_format(tmp_path / folder) is None, folder
     save_file({"lm_head.weight": torch.zeros(2, 2)}, str(tmp_path / "float" / "model.safetensors"))
     with pytest.raises(CheckpointError, match="not an FP8 checkpoint"):
         Fp8CheckpointReader(tmp_path / "float")

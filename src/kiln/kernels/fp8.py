@@ -192,13 +192,13 @@ def _fp8_gemv_kernel(x_ptr, x_row_stride, w_ptr, w_row_stride, w_scale_ptr, w_sc
              out.to(out_ptr.dtype.element_ty), mask=(out_rows < num_rows)[:, None] & col_mask[None, :])
 
 
-# Launch configs before tuning, by BLOCK_M. Not measured yet (written without a GPU): sized so the weight
-# bytes in flight cover HBM latency. At ~4.3 TB/s over 132 SMs and ~1 us of latency an SM needs ~32 KB
-# of loads outstanding. BLOCK_M 1: an [8, 1024] fp8 tile is 64 bytes (four 16-byte loads) per thread of
-# 4 warps and a 64-register float32 accumulator, ~4 programs per SM (512 programs at N = 4096), 32 KB.
-# BLOCK_M 16: a [16, 512] tile pipelined 3 deep (Triton pipelines loads that feed tl.dot) is 24 KB per
-# program in 72 KB of shared memory. measure_fp8_weight_bandwidth(gemv_configs=GEMV_CANDIDATES) times
-# the alternatives; the lead's H200 run replaces these with the winners and their figures.
+# Launch configs before tuning, by BLOCK_M. Their speed is not measured yet (written without a GPU); they
+# are sized so the weight bytes in flight cover HBM latency: at ~4.3 TB/s over 132 SMs and ~1 us an SM
+# needs ~32 KB of loads outstanding. Compiled for sm90 (ptxas, Triton 3.6 and 3.9, no spills): BLOCK_M 1,
+# an [8, 1024] fp8 tile of 16-byte loads, 4 per thread of 4 warps, in 121-123 registers: 4 programs per
+# SM, 32 KB; BLOCK_M 16, a [16, 512] tile pipelined 3 deep through shared memory (48 KB, 80 registers):
+# 24 KB per program, up to 4 per SM. measure_fp8_weight_bandwidth(gemv_configs=GEMV_CANDIDATES) times
+# the alternatives on the H200; its winners replace these, with their figures.
 DEFAULT_GEMV_CONFIGS: dict[int, dict[str, int]] = {
     1: {"BLOCK_N": 8, "BLOCK_K": 1024, "num_warps": 4, "num_stages": 1},
     16: {"BLOCK_N": 16, "BLOCK_K": 512, "num_warps": 4, "num_stages": 3},

@@ -54,9 +54,10 @@ KV_SCALE_NAMES = ((".k_scale", ".v_scale"), (".k_proj.k_scale", ".v_proj.v_scale
 @dataclass(frozen=True)
 class Fp8CheckpointFormat:
     """What an FP8 checkpoint holds. weight_scaling: "tensor" | "channel"; activation_scaling: "static"
-    (an input_scale per linear), "dynamic" (per token at run time) or "none" (weight-only FP8: kiln
-    quantizes activations per token as for "dynamic"); ignored: the modules the config leaves unquantized,
-    as it writes them; kv_cache: "fp8" when the checkpoint has KV-cache scales."""
+    (an input_scale per linear), "dynamic" (computed at run time: kiln quantizes per token, also where a
+    checkpoint asks for dynamic per-tensor scales, finer and never coarser) or "none" (weight-only FP8,
+    run as "dynamic"); ignored: the modules the config leaves unquantized, as it writes them; kv_cache:
+    "fp8" when the checkpoint has FP8 KV-cache scales."""
     producer: str
     weight_scaling: str
     activation_scaling: str
@@ -78,15 +79,17 @@ def _read_json(path: Path) -> dict:
         raise CheckpointError(f"{path}: cannot read ({e})") from e
 
 
-def _modelopt_format(quant_algo: str | None, ignored: list[str] | None, kv_algo) -> Fp8CheckpointFormat | None:
-    if quant_algo is None or "FP8" not in quant_algo.upper():
-        return None  # not FP8 weights (NVFP4, INT4 AWQ, or KV-cache-only quantization)
+def _modelopt_format(quant_algo: str | None, ignored: list[str] | None, kv_cache) -> Fp8CheckpointFormat | None:
+    if quant_algo is None or not (quant_algo.startswith("FP8") or quant_algo == "MXFP8"):
+        return None  # not FP8 weights (NVFP4, W4A8_*_FP8, INT4 AWQ, or KV-cache-only quantization)
     if quant_algo not in MODELOPT_FP8_ALGOS:
         raise CheckpointError(f"ModelOpt quant_algo {quant_algo!r} is not supported; kiln reads "
                               f"{', '.join(MODELOPT_FP8_ALGOS)}")
     weight_scaling, activation_scaling = MODELOPT_FP8_ALGOS[quant_algo]
+    # kv_cache: hf_quant_config.json's kv_cache_quant_algo ("FP8"), or config.json's kv_cache_scheme.
+    is_fp8_kv = kv_cache == "FP8" or (isinstance(kv_cache, dict) and _is_fp8_args(kv_cache))
     return Fp8CheckpointFormat("ModelOpt", weight_scaling, activation_scaling, tuple(ignored or ()),
-                               "fp8" if kv_algo else None)
+                               "fp8" if is_fp8_kv else None)
 
 
 def _is_fp8_args(args: dict | None) -> bool:
@@ -116,7 +119,8 @@ def _compressed_tensors_format(config: dict) -> Fp8CheckpointFormat | None:
     if any((a.get("strategy") or "tensor") != "tensor" for a in static):
         raise CheckpointError("static FP8 activation scales must be per tensor")
     return Fp8CheckpointFormat("compressed-tensors", weight_strategies.pop(), schemes.pop(),
-                               tuple(config.get("ignore") or ()), "fp8" if config.get("kv_cache_scheme") else None)
+                               tuple(config.get("ignore") or ()),
+                               "fp8" if _is_fp8_args(config.get("kv_cache_scheme")) else None)
 
 
 def detect_fp8_format(folder: str | Path) -> Fp8CheckpointFormat | None:
