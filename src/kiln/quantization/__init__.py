@@ -1,6 +1,10 @@
-"""Quantization math and pre-quantized checkpoint formats, as plain functions on torch tensors.
+"""Quantization math and pre-quantized checkpoint formats, as plain functions on torch tensors: how a float
+tensor becomes a quantized one (build time), how pre-quantized checkpoints are read, and the plain-PyTorch
+reference of each quantized matmul.
 
 ``weight_only``: INT8 / INT4 weight-only quantization in kiln's packed layouts, and AWQ's scale search.
 ``checkpoint_formats``: AutoAWQ and GPTQ checkpoints read and repacked into those layouts.
-The matmuls that read the layouts are in ``kiln.kernels.weight_only``.
+``fp8``: e4m3 weights (per channel or per tensor), per-token and static activations, the CPU FP8 linear.
+``fp8_checkpoints``: ModelOpt and compressed-tensors FP8 checkpoints read into kiln's convention.
+The kernels that read these layouts are in ``kiln.kernels.weight_only`` and ``kiln.kernels.fp8``.
 """

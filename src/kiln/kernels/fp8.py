@@ -1,0 +1,308 @@
+"""FP8 (e4m3) linear layers on the GPU, beside their references in kiln.quantization.fp8.
+
+- ``quantize_fp8_per_token_triton`` / ``quantize_fp8_static_triton``: activations to e4m3, one row per
+  program (reference: quantize_fp8_per_token / quantize_fp8_static).
+- ``fp8_linear_gpu``: W8A8, the activations quantized per token (or with the checkpoint's static scale)
+  and multiplied by ``torch._scaled_mm`` on the tensor cores (reference: fp8_linear_ref).
+- ``fp8_gemv``: W8A16 for a few rows (batch-1 decode): the fp8 weights are read once with wide loads and
+  converted in registers, the activations stay in their 16-bit dtype (reference: fp8_w8a16_linear_ref).
+  At M = 1 ``_scaled_mm`` streams the weights at half the copy bandwidth (TARGETS.md); the GEMV also
+  skips the activation-quantization launch and its rounding, so it is both faster and more accurate
+  there. Its grid also covers more rows, one BLOCK_M slice per program, for the shapes ``_scaled_mm``
+  refuses.
+- ``fp8_linear``: the choice between the two by row count and shape.
+
+Weight scales are [N, 1] (per output channel, or per row of a fused weight) or 0-d (per tensor);
+activation scales [M, 1] (per token) or 0-d (static): see kiln.quantization.fp8.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from kiln.errors import ConfigError
+from kiln.kernels.triton_jit import jit, next_power_of_2, tl
+from kiln.quantization.fp8 import FP8_DTYPE, FP8_MAX, FP8_MAX_INV, MIN_AMAX
+
+# ---- activation quantization ---------------------------------------------------------------------
+
+
+@jit
+def _quantize_fp8_kernel(x_ptr, x_row_stride, scale_ptr, out_ptr, out_row_stride, num_cols,
+                         IS_DYNAMIC: tl.constexpr, FP8_MAX: tl.constexpr, FP8_MAX_INV: tl.constexpr,
+                         MIN_AMAX: tl.constexpr, BLOCK: tl.constexpr):
+    """One row per program. IS_DYNAMIC: the row's scale is max(amax, MIN_AMAX) * fl(1 / 448), written to
+    scale_ptr[row]; otherwise the one static scale is read from scale_ptr. The row is divided by it
+    (IEEE division, as torch divides by a tensor; Triton's ``/`` is approximate), clamped to ±448 and
+    rounded to nearest e4m3: bit for bit the reference's arithmetic."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < num_cols
+    x = tl.load(x_ptr + row * x_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    if IS_DYNAMIC:
+        amax = tl.max(tl.abs(x), axis=0)
+        scale = tl.maximum(amax, MIN_AMAX) * FP8_MAX_INV
+        tl.store(scale_ptr + row, scale)
+    else:
+        scale = tl.load(scale_ptr)
+    q = tl.minimum(tl.maximum(tl.div_rn(x, scale), -FP8_MAX), FP8_MAX)
+    tl.store(out_ptr + row * out_row_stride + cols, q.to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne"),
+             mask=mask)
+
+
+def _quantize_fp8(x: torch.Tensor, scale: torch.Tensor | None, num_warps: int | None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    num_cols = x.shape[-1]
+    rows = x.reshape(-1, num_cols)
+    assert rows.stride(-1) == 1
+    out = torch.empty(x.shape, dtype=FP8_DTYPE, device=x.device)
+    if scale is None:
+        scale = torch.empty(*x.shape[:-1], 1, dtype=torch.float32, device=x.device)
+        is_dynamic = True
+    else:
+        assert scale.numel() == 1 and scale.dtype == torch.float32, "a static activation scale is one float32"
+        is_dynamic = False
+    if rows.shape[0]:
+        # 16 bytes of the input per thread and load where the row allows it, at least 1 warp, at most 16.
+        num_warps = num_warps or min(max(num_cols * x.element_size() // (16 * 32), 1), 16)
+        _quantize_fp8_kernel[(rows.shape[0],)](
+            rows, rows.stride(0), scale, out, num_cols, num_cols, IS_DYNAMIC=is_dynamic, FP8_MAX=FP8_MAX,
+            FP8_MAX_INV=FP8_MAX_INV, MIN_AMAX=MIN_AMAX, BLOCK=next_power_of_2(num_cols),
+            num_warps=next_power_of_2(num_warps))
+    return out, scale
+
+
+def quantize_fp8_per_token_triton(x: torch.Tensor, num_warps: int | None = None
+                                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """As quantize_fp8_per_token: x [..., K] -> (x_fp8 [..., K], scale [..., 1] float32)."""
+    return _quantize_fp8(x, None, num_warps)
+
+
+def quantize_fp8_static_triton(x: torch.Tensor, scale: torch.Tensor, num_warps: int | None = None) -> torch.Tensor:
+    """As quantize_fp8_static with a 0-d (per-tensor) scale."""
+    return _quantize_fp8(x, scale, num_warps)[0]
+
+
+# ---- W8A8 through torch._scaled_mm ---------------------------------------------------------------
+
+def scaled_mm_refusal(n: int, k: int, x_dtype: torch.dtype, is_rowwise: bool,
+                      capability: tuple[int, int] | None) -> str | None:
+    """Why ``torch._scaled_mm`` cannot run this linear layer (None: it can). ``capability``: the CUDA
+    device's (major, minor); None skips the GPU checks (``_scaled_mm`` on the CPU has no such limits).
+
+    torch 2.4 - 2.11 on CUDA: fp8 needs sm89+; both dims of the weight ([K, N] column-major) multiples
+    of 16; row-wise scales (per token x per channel) need sm90 and a bfloat16 output, per-tensor
+    scales take any 16-bit output."""
+    if k % 16 or n % 16:
+        return f"torch._scaled_mm needs in/out features that are multiples of 16, not {k} -> {n}"
+    if x_dtype not in (torch.bfloat16, torch.float16):
+        return f"torch._scaled_mm writes bfloat16 or float16, not {str(x_dtype).removeprefix('torch.')}"
+    if capability is None:
+        return None
+    if capability < (8, 9):
+        return f"FP8 matmuls need an sm89+ GPU (Ada, Hopper), not sm{capability[0]}{capability[1]}"
+    if is_rowwise and capability < (9, 0):
+        return ("per-token / per-channel FP8 scales need Hopper (sm90+); on Ada use per-tensor weight "
+                "and static activation scales")
+    if is_rowwise and x_dtype != torch.bfloat16:
+        return "torch._scaled_mm with per-token / per-channel scales writes bfloat16 only"
+    return None
+
+
+def fp8_linear_gpu(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor, x_scale: torch.Tensor | None = None,
+                   bias: torch.Tensor | None = None, use_fast_accum: bool = False) -> torch.Tensor:
+    """As fp8_linear_ref: x [..., K] quantized per token (``x_scale`` None) or with the static 0-d
+    ``x_scale``, times w_fp8 [N, K] with ``w_scale`` [N, 1] or 0-d, in ``torch._scaled_mm``.
+
+    Per-tensor weight and static activation scales take the tensor-wise kernel (Ada and Hopper); any
+    other combination the row-wise one (Hopper), each scale broadcast to its [M, 1] / [1, N] vector.
+    Raises ConfigError where ``_scaled_mm`` cannot run the shape (see scaled_mm_refusal: fp8_linear
+    then takes the GEMV). ``use_fast_accum`` sums in the tensor cores' reduced precision: faster at
+    large M, less accurate."""
+    num_cols, n = x.shape[-1], w_fp8.shape[0]
+    is_rowwise = x_scale is None or w_scale.dim() > 0
+    capability = torch.cuda.get_device_capability(x.device) if x.is_cuda else None
+    refusal = scaled_mm_refusal(n, num_cols, x.dtype, is_rowwise, capability)
+    if refusal:
+        raise ConfigError(f"FP8 linear {num_cols} -> {n}: {refusal}")
+    rows = x.reshape(-1, num_cols)
+    if x_scale is None:
+        x_fp8, scale_a = quantize_fp8_per_token_triton(rows)
+    else:
+        x_fp8 = quantize_fp8_static_triton(rows, x_scale)
+        scale_a = x_scale.expand(rows.shape[0], 1).contiguous() if is_rowwise else x_scale
+    scale_b = w_scale.reshape(1, -1).expand(1, n).contiguous() if is_rowwise else w_scale
+    # Row-wise kernels want a bias in the output dtype; added here after the product otherwise.
+    fused_bias = bias if bias is not None and bias.dtype == x.dtype else None
+    out = torch._scaled_mm(x_fp8, w_fp8.t(), scale_a=scale_a, scale_b=scale_b, bias=fused_bias, out_dtype=x.dtype,
+                           use_fast_accum=use_fast_accum)
+    if bias is not None and fused_bias is None:
+        out = (out.float() + bias.float()).to(x.dtype)
+    return out.view(*x.shape[:-1], n)
+
+
+# ---- W8A16 GEMV ----------------------------------------------------------------------------------
+
+@jit(do_not_specialize=["num_rows"])
+def _fp8_gemv_kernel(x_ptr, x_row_stride, w_ptr, w_row_stride, w_scale_ptr, w_scale_stride, bias_ptr, out_ptr,
+                     out_row_stride, num_rows, N, K, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Program (column block, row block): out[rows, cols] = x[rows] @ (w[cols] * w_scale[cols]).T + bias,
+    summed in float32 over all of K by this program alone (no split-K, no second kernel). Weights are
+    read [BLOCK_N, BLOCK_K] at a time along their contiguous K, converted from e4m3 to the activations'
+    dtype (exact: e4m3 fits in bfloat16 / float16) and scaled once per column in the epilogue.
+    BLOCK_M == 1: products on the CUDA cores, summed along K at the end; BLOCK_M >= 16: tl.dot."""
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < N
+    row0 = tl.program_id(1) * BLOCK_M
+    ks = tl.arange(0, BLOCK_K)
+    w_ptrs = w_ptr + cols.to(tl.int64)[:, None] * w_row_stride + ks[None, :]
+    if BLOCK_M == 1:
+        x_ptrs = x_ptr + row0.to(tl.int64) * x_row_stride + ks
+        acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k_mask = ks < K - k0
+            w = tl.load(w_ptrs, mask=col_mask[:, None] & k_mask[None, :], other=0.0)
+            x = tl.load(x_ptrs, mask=k_mask, other=0.0)
+            acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+            w_ptrs += BLOCK_K
+            x_ptrs += BLOCK_K
+        out = tl.sum(acc, axis=1)[None, :]
+    else:
+        rows = row0 + tl.arange(0, BLOCK_M)
+        row_mask = rows < num_rows
+        x_ptrs = x_ptr + rows.to(tl.int64)[:, None] * x_row_stride + ks[None, :]
+        out = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k_mask = ks < K - k0
+            w = tl.load(w_ptrs, mask=col_mask[:, None] & k_mask[None, :], other=0.0)
+            x = tl.load(x_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+            # e4m3 -> float32 -> x's dtype: Triton 3.6 converts e4m3 -> bfloat16 through a float16 ->
+            # bfloat16 cvt that only sm90 has (ptxas refuses it for Ada); the detour is exact too.
+            out = tl.dot(x, tl.trans(w.to(tl.float32).to(x.dtype)), out, input_precision=DOT_PRECISION)
+            w_ptrs += BLOCK_K
+            x_ptrs += BLOCK_K
+    out = out * tl.load(w_scale_ptr + cols * w_scale_stride, mask=col_mask, other=0.0)[None, :]
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    out_rows = row0 + tl.arange(0, BLOCK_M)
+    tl.store(out_ptr + out_rows.to(tl.int64)[:, None] * out_row_stride + cols[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=(out_rows < num_rows)[:, None] & col_mask[None, :])
+
+
+# Launch configs before tuning, by BLOCK_M. Their speed is not measured yet (written without a GPU); they
+# are sized so the weight bytes in flight cover HBM latency: at ~4.3 TB/s over 132 SMs and ~1 us an SM
+# needs ~32 KB of loads outstanding. Compiled for sm90 (ptxas, Triton 3.6 and 3.9, no spills): BLOCK_M 1,
+# an [8, 1024] fp8 tile of 16-byte loads, 4 per thread of 4 warps, in 121-123 registers: 4 programs per
+# SM, 32 KB; BLOCK_M 16, a [16, 512] tile pipelined 3 deep through shared memory (48 KB, 80 registers):
+# 24 KB per program, up to 4 per SM. measure_fp8_weight_bandwidth(gemv_configs=GEMV_CANDIDATES) times
+# the alternatives on the H200; its winners replace these, with their figures.
+DEFAULT_GEMV_CONFIGS: dict[int, dict[str, int]] = {
+    1: {"BLOCK_N": 8, "BLOCK_K": 1024, "num_warps": 4, "num_stages": 1},
+    16: {"BLOCK_N": 16, "BLOCK_K": 512, "num_warps": 4, "num_stages": 3},
+}
+GEMV_CANDIDATES: list[dict[str, int]] = (
+    [{"BLOCK_M": 1, "BLOCK_N": n, "BLOCK_K": k, "num_warps": w, "num_stages": 1}
+     for n, k, w in ((4, 1024, 4), (8, 512, 4), (8, 1024, 4), (8, 2048, 8), (16, 512, 4), (16, 1024, 8))]
+    + [{"BLOCK_M": 16, "BLOCK_N": n, "BLOCK_K": k, "num_warps": w, "num_stages": st}
+       for n, k, w, st in ((16, 256, 4, 4), (16, 512, 4, 3), (32, 256, 4, 3), (32, 512, 8, 3), (64, 256, 4, 3))])
+
+
+def default_gemv_config(num_rows: int) -> dict[str, int]:
+    block_m = 1 if num_rows == 1 else 16
+    return {"BLOCK_M": block_m, **DEFAULT_GEMV_CONFIGS[block_m]}
+
+
+def fp8_gemv(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None,
+             **config: Any) -> torch.Tensor:
+    """As fp8_w8a16_linear_ref: x [..., K] (16- or 32-bit) times w_fp8 [N, K] with ``w_scale`` [N, 1] or
+    0-d. ``config``: BLOCK_M (1, or a power of two >= 16), BLOCK_N, BLOCK_K, num_warps, num_stages;
+    default_gemv_config(rows) for what is not given."""
+    num_cols, n = x.shape[-1], w_fp8.shape[0]
+    rows = x.reshape(-1, num_cols)
+    assert rows.stride(-1) == 1 and w_fp8.stride(-1) == 1 and w_fp8.shape[1] == num_cols
+    assert w_scale.dtype == torch.float32 and w_scale.is_contiguous() and w_scale.numel() in (1, n)
+    config = {**default_gemv_config(rows.shape[0]), **config}
+    block_m, block_n = config.pop("BLOCK_M"), config["BLOCK_N"]
+    assert block_m == 1 or block_m >= 16, "tl.dot needs BLOCK_M >= 16"
+    out = torch.empty(*x.shape[:-1], n, dtype=x.dtype, device=x.device)
+    if rows.shape[0] == 0:
+        return out
+    grid = (-(-n // block_n), -(-rows.shape[0] // block_m))
+    _fp8_gemv_kernel[grid](
+        rows, rows.stride(0), w_fp8, w_fp8.stride(0), w_scale, 0 if w_scale.numel() == 1 else 1,
+        bias if bias is not None else w_scale, out.view(-1, n), n, rows.shape[0], n, num_cols,
+        HAS_BIAS=bias is not None, BLOCK_M=block_m, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        **config)
+    return out
+
+
+# ---- the choice ----------------------------------------------------------------------------------
+
+# Rows up to which the GEMV runs instead of _scaled_mm. TARGETS.md: _scaled_mm at N = 28672, K = 4096 on
+# the H200 takes 53 us at M = 1 and 60 us at M = 256, weight-bound throughout at ~2.2 TB/s; the GEMV's
+# tl.dot path reads the weights once for up to 16 rows, so it wins there if it streams them faster. Its
+# own speed is not measured yet: see DEFAULT_GEMV_CONFIGS.
+MAX_GEMV_ROWS = 16
+
+
+def fp8_linear(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor, x_scale: torch.Tensor | None = None,
+               bias: torch.Tensor | None = None, max_gemv_rows: int = MAX_GEMV_ROWS,
+               gemv: dict[str, Any] | None = None) -> torch.Tensor:
+    """The FP8 linear layer on the GPU: the W8A16 GEMV up to ``max_gemv_rows`` rows, W8A8 ``_scaled_mm``
+    beyond; the GEMV at any row count where ``_scaled_mm`` refuses the shape (a builder should say so:
+    check scaled_mm_refusal up front). ``x_scale`` (static) is used by _scaled_mm only: the GEMV does
+    not quantize activations."""
+    num_rows = x.numel() // x.shape[-1]
+    if num_rows > max_gemv_rows:
+        is_rowwise = x_scale is None or w_scale.dim() > 0
+        capability = torch.cuda.get_device_capability(x.device) if x.is_cuda else None
+        if scaled_mm_refusal(w_fp8.shape[0], x.shape[-1], x.dtype, is_rowwise, capability) is None:
+            return fp8_linear_gpu(x, w_fp8, w_scale, x_scale, bias)
+    return fp8_gemv(x, w_fp8, w_scale, bias, **(gemv or {}))
+
+
+# ---- timing (called from a GPU script, not a test) -----------------------------------------------
+
+def measure_fp8_weight_bandwidth(n: int = 28672, k: int = 4096, row_counts: tuple[int, ...] = (1, 8, 64, 256),
+                                 gemv_configs: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """Median time of one [M, k] x [k, n] FP8 product per kernel and row count, on this GPU, and the
+    weight bandwidth it achieves (n * k bytes of fp8 weights / time; TARGETS.md: 4.25 TB/s copy on the
+    H200). Kernels: ``gemv`` (fp8_gemv, default or each of ``gemv_configs``, e.g. GEMV_CANDIDATES; beyond
+    BLOCK_M rows it reads the weights once per row block), ``scaled_mm`` (the
+    product alone, activations already quantized), ``fp8_linear_gpu`` (quantization + product) and
+    ``bf16_matmul`` (its bandwidth in bf16 weight bytes). Each replayed from a CUDA graph, L2 flushed
+    by do_bench before each run. Returns one dict per measurement: kernel, config, M, us, weight_TB_s."""
+    import triton.testing
+
+    device = torch.device("cuda")
+    w = torch.randn(n, k, device=device) / k ** 0.5
+    w_scale = w.abs().amax(dim=1, keepdim=True).float() / FP8_MAX
+    w_fp8 = (w / w_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    w_bf16 = w.to(torch.bfloat16)
+    del w
+    results = []
+
+    def timed(kernel: str, config: Any, m: int, fn, weight_bytes: int) -> None:
+        fn()
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        ms = triton.testing.do_bench(graph.replay, warmup=5, rep=50, return_mode="median")
+        results.append({"kernel": kernel, "config": config, "M": m, "us": round(ms * 1e3, 2),
+                        "weight_TB_s": round(weight_bytes / (ms * 1e-3) / 1e12, 3)})
+
+    for m in row_counts:
+        x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
+        x_fp8, x_scale = quantize_fp8_per_token_triton(x)
+        scale_b = w_scale.reshape(1, n)
+        for config in gemv_configs or [default_gemv_config(m)]:
+            timed("gemv", config, m, lambda config=config: fp8_gemv(x, w_fp8, w_scale, **config), n * k)
+        timed("scaled_mm", None, m, lambda: torch._scaled_mm(x_fp8, w_fp8.t(), scale_a=x_scale, scale_b=scale_b,
+                                                             out_dtype=torch.bfloat16), n * k)
+        timed("fp8_linear_gpu", None, m, lambda: fp8_linear_gpu(x, w_fp8, w_scale), n * k)
+        timed("bf16_matmul", None, m, lambda: x @ w_bf16.t(), 2 * n * k)
+    return results
