@@ -3,7 +3,7 @@
     PYTHONPATH=src python3 scripts/gpu_check_arch.py --out $OUT
 
   1. ceilings (copy bandwidth, bf16 GEMM) and the Triton kernel tests at real sizes (pytest -m gpu:
-     tests/test_kernels.py, tests/test_family_kernels.py);
+     tests/test_kernels.py, tests/test_family_kernels.py, tests/test_weight_only.py, tests/test_fp8.py);
   2. stories260K: greedy tokens on the GPU equal the CPU reference path;
   3. llama-3-8b dummy bf16 (max batch 512, 8192 tokens per iteration, as docs/benchmarks.md): engine
      logits against a float32 copy, batch-1 decode against the floor, offline 128/128 (2048 requests);
@@ -39,7 +39,8 @@ from kiln.runtime.loader import load_engine  # noqa: E402
 
 def kernel_tests(out: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "tests/test_kernels.py",
-                           "tests/test_family_kernels.py", "-p", "no:cacheprovider"], capture_output=True, text=True)
+                           "tests/test_family_kernels.py", "tests/test_weight_only.py", "tests/test_fp8.py",
+                           "-p", "no:cacheprovider"], capture_output=True, text=True)
     (out / "pytest_gpu_kernels.log").write_text(proc.stdout + proc.stderr)
     tail = [line for line in proc.stdout.strip().splitlines() if line.strip()]
     RESULTS["kernel_tests"] = tail[-1] if tail else f"exit {proc.returncode}"

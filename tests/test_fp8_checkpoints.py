@@ -1,5 +1,5 @@
 """Pre-quantized FP8 checkpoints: tiny ones written here from the published layouts, by a writer of
-their own (nothing of kiln's quantization), read back with kiln.quantization.fp8_checkpoints.
+their own (nothing of kiln's quantization), read back with kiln.convert.fp8_checkpoints.
 
 ModelOpt (TensorRT Model Optimizer's export, modelopt/torch/export): hf_quant_config.json; per linear a
 float8_e4m3fn weight = (w / s).to(e4m3) with s = amax / 448 a float32 0-d weight_scale (one per tensor
@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 
 from kiln.errors import CheckpointError
 from kiln.quantization.fp8 import fp8_linear_ref, fuse_fp8_linears, quantize_fp8_weight
-from kiln.quantization.fp8_checkpoints import Fp8CheckpointReader, detect_fp8_format, is_fp8_metadata
+from kiln.convert.fp8_checkpoints import Fp8CheckpointReader, detect_fp8_format, is_fp8_metadata
 
 E4M3 = torch.float8_e4m3fn
 HIDDEN, INTERMEDIATE, KV = 64, 96, 32

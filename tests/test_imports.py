@@ -17,7 +17,7 @@ import kiln
 LAYERS = [
     ("errors", "version"),
     ("config",),
-    ("kernels",),
+    ("kernels", "quantization"),
     ("layers",),
     ("models",),
     ("convert", "engine"),

@@ -17,7 +17,7 @@ import torch
 
 from kiln.errors import CheckpointError
 from kiln.kernels.weight_only import w4a16_matmul_ref, w4a16_matmul_triton, w8a16_matmul_ref
-from kiln.quantization.checkpoint_formats import (CheckpointQuantization, detect_checkpoint_quantization,
+from kiln.convert.int_checkpoints import (CheckpointQuantization, detect_checkpoint_quantization,
                                                   parse_quantization_config, read_quantized_linear)
 
 AWQ_ORDER_FROM_AUTOAWQ = [0, 2, 4, 6, 1, 3, 5, 7]  # WQLinear_GEMM.from_linear's order_map

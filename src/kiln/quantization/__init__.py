@@ -3,8 +3,8 @@ tensor becomes a quantized one (build time), how pre-quantized checkpoints are r
 reference of each quantized matmul.
 
 ``weight_only``: INT8 / INT4 weight-only quantization in kiln's packed layouts, and AWQ's scale search.
-``checkpoint_formats``: AutoAWQ and GPTQ checkpoints read and repacked into those layouts.
 ``fp8``: e4m3 weights (per channel or per tensor), per-token and static activations, the CPU FP8 linear.
-``fp8_checkpoints``: ModelOpt and compressed-tensors FP8 checkpoints read into kiln's convention.
-The kernels that read these layouts are in ``kiln.kernels.weight_only`` and ``kiln.kernels.fp8``.
+The kernels that read these layouts are in ``kiln.kernels.weight_only`` and ``kiln.kernels.fp8``; the readers
+of pre-quantized checkpoints (AutoAWQ / GPTQ, ModelOpt / compressed-tensors FP8) are in
+``kiln.convert.int_checkpoints`` and ``kiln.convert.fp8_checkpoints``.
 """

@@ -42,7 +42,7 @@ order and an interleave-based unpack streamed batch-1 INT4 at ~0.3 TB/s where IN
 AutoAWQ packs along N (8 output channels per word, interleaved); GPTQ packs along K in plain order but
 stores W transposed ([K / 8, N]). Zero points stay integers instead of being folded into a float
 offset (-z * s) so that dequantization is exact and checkpoints repack losslessly
-(``kiln.quantization.checkpoint_formats``).
+(``kiln.convert.int_checkpoints``).
 
 Both quantizers round to nearest (ties to even) on a grid whose step is rounded *up* to the scale's
 storage dtype, so no weight lies beyond the grid's end and every weight is within half a step of its
