@@ -53,7 +53,8 @@ def hf_config_dict(mc: ModelConfig) -> dict[str, Any]:
         "torch_dtype": mc.checkpoint_dtype,
     }
     if mc.architecture == "Qwen2ForCausalLM":  # Q/K/V bias is part of the architecture
-        d.update(use_sliding_window=mc.sliding_window is not None, sliding_window=mc.sliding_window)
+        d.update(use_sliding_window=mc.sliding_window is not None, sliding_window=mc.sliding_window,
+                 max_window_layers=0)  # kiln's window, if any, is on every layer
     else:
         d.update(attention_bias=mc.o_bias, sliding_window=mc.sliding_window)
     return d

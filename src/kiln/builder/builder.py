@@ -36,10 +36,10 @@ def validate(model: ModelConfig, build: BuildConfig) -> BuildConfig:
         raise ConfigError(f"max_seq_len={build.max_seq_len} exceeds the model's {limit} positions "
                           f"(max_position_embeddings{' with rope scaling' if model.rope.rope_type != 'default' else ''}); "
                           f"lower --max-seq-len to {limit} or less")
-    if model.sliding_window is not None and build.max_seq_len > model.sliding_window:
-        raise ConfigError(f"max_seq_len={build.max_seq_len} exceeds the model's sliding window "
-                          f"({model.sliding_window}); sliding-window attention is not supported yet, so lower "
-                          f"--max-seq-len to {model.sliding_window}")
+    if model.sliding_window is not None and model.sliding_window < 1:
+        raise ConfigError(f"sliding_window={model.sliding_window} leaves a query no key to attend to; set "
+                          "sliding_window in config.json to the window the model was trained with (>= 1), or "
+                          "to null for full attention")
     return build.replace(target=target, dtype=dtype)
 
 

@@ -128,11 +128,7 @@ class ModelConfig:
         attention_bias = bool(hf.get("attention_bias", False))
         qkv_bias = arch == "Qwen2ForCausalLM" or attention_bias
         o_bias = arch != "Qwen2ForCausalLM" and attention_bias
-        sliding_window = hf.get("sliding_window")
-        if arch == "Qwen2ForCausalLM" and not hf.get("use_sliding_window", False):
-            sliding_window = None
-        if arch == "LlamaForCausalLM":
-            sliding_window = None
+        sliding_window = _sliding_window(arch, hf)
         gen = generation_config or {}
         eos = gen.get("eos_token_id", hf.get("eos_token_id"))
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
@@ -164,6 +160,32 @@ def _required(hf: dict[str, Any], key: str):
     if key not in hf:
         raise ConfigError(f"config.json has no {key!r}; is this a decoder-only causal LM checkpoint?")
     return hf[key]
+
+
+def _sliding_window(arch: str, hf: dict[str, Any]) -> int | None:
+    """The window every layer attends within, as transformers applies it: Mistral slides on every layer
+    when ``sliding_window`` is set; Qwen2 only with ``use_sliding_window``, and then only on the layers
+    ``layer_types`` marks "sliding_attention" (by default those from ``max_window_layers`` on)."""
+    window = hf.get("sliding_window")
+    if arch == "LlamaForCausalLM" or window is None:
+        return None
+    if arch == "Qwen2ForCausalLM":
+        if not hf.get("use_sliding_window", False):
+            return None
+        num_layers = _required(hf, "num_hidden_layers")
+        first = hf.get("max_window_layers", 28)  # transformers' Qwen2Config default
+        layer_types = hf.get("layer_types") or ["sliding_attention" if i >= first else "full_attention"
+                                                for i in range(num_layers)]
+        num_sliding = sum(kind == "sliding_attention" for kind in layer_types)
+        if num_sliding == 0:
+            return None
+        if num_sliding < len(layer_types):
+            raise ConfigError(f"Qwen2 config slides its window on {num_sliding} of {len(layer_types)} layers only "
+                              "(use_sliding_window with max_window_layers or layer_types); kiln runs one attention "
+                              "kind on every layer: if the model was trained with the window on every layer, set "
+                              "max_window_layers to 0 and drop layer_types, if on none, set use_sliding_window to "
+                              "false")
+    return window
 
 
 def _parse_rope(hf: dict[str, Any]) -> RopeConfig:
