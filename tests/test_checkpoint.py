@@ -59,6 +59,35 @@ def test_config_json_written_by_installed_transformers_parses(tiny_hf_checkpoint
     assert config.max_supported_positions == 2 * hf.max_position_embeddings
 
 
+QWEN2_FIELDS = {"architectures": ["Qwen2ForCausalLM"], "vocab_size": 128, "hidden_size": 64,
+                "intermediate_size": 96, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 4,
+                "sliding_window": 12}
+
+
+@pytest.mark.parametrize("use_sliding_window, max_window_layers, window", [
+    (False, 0, None),   # the window is off: sliding_window is ignored
+    (True, 0, 12),      # every layer slides
+    (True, 4, None),    # no layer does (Qwen2 configs' usual max_window_layers == num_hidden_layers)
+    (True, 2, "refused"),  # layers 2 and 3 only
+])
+def test_qwen2_window_applies_as_transformers_applies_it(use_sliding_window, max_window_layers, window):
+    import transformers
+
+    written_by_4x = {**QWEN2_FIELDS, "use_sliding_window": use_sliding_window, "max_window_layers": max_window_layers}
+    hf = transformers.Qwen2Config(**{k: v for k, v in written_by_4x.items() if k != "architectures"})
+    slides = [kind == "sliding_attention" and hf.sliding_window is not None for kind in hf.layer_types]
+    written_by_5x = {**hf.to_dict(), "architectures": ["Qwen2ForCausalLM"]}  # layer_types spelled out
+    for written in (written_by_4x, written_by_5x):
+        if window == "refused":
+            assert 0 < sum(slides) < len(slides)
+            with pytest.raises(ConfigError, match="slides its window on 2 of 4 layers only.*set max_window_layers "
+                                                  "to 0 and drop layer_types.*use_sliding_window to false"):
+                ModelConfig.from_hf_config(written)
+        else:
+            assert slides == [window is not None] * 4
+            assert ModelConfig.from_hf_config(written).sliding_window == window
+
+
 @pytest.mark.parametrize("architecture, overrides", [
     ("LlamaForCausalLM", dict(tie_word_embeddings=True)), ("LlamaForCausalLM", dict(attention_bias=True)),
     ("Qwen2ForCausalLM", dict(head_dim=32)), ("MistralForCausalLM", dict(num_key_value_heads=1)),

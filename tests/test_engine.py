@@ -226,10 +226,13 @@ def test_max_seq_len_beyond_positions_fails_unless_rope_scaling_allows_it(tiny_h
         Builder().build(scaled, BuildConfig(**{**TINY_BUILD, "max_seq_len": 256}))
 
 
-def test_sliding_window_shorter_than_max_seq_len_is_refused(tiny_hf_checkpoint):
+def test_sliding_window_shorter_than_max_seq_len_builds_and_an_empty_window_is_refused(tiny_hf_checkpoint):
     source = AutoModelForCausalLM.from_hugging_face(tiny_hf_checkpoint("MistralForCausalLM", sliding_window=64).path)
-    with pytest.raises(ConfigError, match=r"sliding window \(64\).*lower max_seq_len \(--max-seq-len\) to 64"):
-        Builder().build(source, BuildConfig(**TINY_BUILD))
+    engine = Builder().build(source, BuildConfig(**TINY_BUILD))
+    assert engine.manifest.build_config.max_seq_len == 128 and engine.manifest.model_config.sliding_window == 64
+    empty = AutoModelForCausalLM.from_hugging_face(tiny_hf_checkpoint("MistralForCausalLM", sliding_window=0).path)
+    with pytest.raises(ConfigError, match=r"sliding_window=0 leaves a query no key.*\(>= 1\)"):
+        Builder().build(empty, BuildConfig(**TINY_BUILD))
 
 
 def test_building_for_a_gpu_that_is_not_here_fails_before_conversion(tiny_llama):

@@ -1,8 +1,8 @@
 """The Executor on the bundled stories260K model: correctness under load, cancellation, errors, shutdown,
-streaming and statistics.
+streaming and statistics; random load again on a tiny random Mistral with a 12-token sliding window.
 
-The engine here has small limits (max_seq_len 128, 4-token blocks), so that a pool of 32 blocks is the
-minimum the loader accepts and a handful of requests runs it out of memory.
+The engines here have small limits (max_seq_len 128, 4-token blocks), so that a pool of 32 blocks is the
+minimum the loader accepts for stories260K and a handful of requests runs it out of memory.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import STORIES_DIR, build_engine
+from conftest import STORIES_DIR, build_engine, make_hf_model, save_hf_checkpoint
 from kiln import Executor, KvCacheConfig, Request, RuntimeConfig, SamplingParams, SchedulerConfig
 from kiln.config import CAPACITY_POLICIES
 from kiln.errors import KilnError
@@ -34,6 +34,15 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
     path = build_engine(STORIES_DIR, tmp_path_factory.mktemp("stories_small_blocks"), max_batch_size=8,
+                        max_input_len=64, max_seq_len=MAX_SEQ_LEN, max_num_tokens=128, tokens_per_block=BLOCK)
+    return load_engine(path, progress=False)
+
+
+@pytest.fixture(scope="module")
+def windowed_engine(tmp_path_factory):
+    model = make_hf_model("MistralForCausalLM", vocab_size=512, sliding_window=12, eos_token_id=EOS)
+    checkpoint = save_hf_checkpoint(model, tmp_path_factory.mktemp("tiny_mistral_window"))
+    path = build_engine(checkpoint, tmp_path_factory.mktemp("tiny_mistral_window_engine"), max_batch_size=8,
                         max_input_len=64, max_seq_len=MAX_SEQ_LEN, max_num_tokens=128, tokens_per_block=BLOCK)
     return load_engine(path, progress=False)
 
@@ -163,6 +172,18 @@ def loads(draw):
 @settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(load=loads())
 def test_random_load_ends_every_request_once_within_limits(engine, load):
+    run_random_load(engine, load)
+
+
+@settings(max_examples=10, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(load=loads())
+def test_random_load_with_a_sliding_window(windowed_engine, load):
+    # A decoding sample holds at most 4 of the 4-token blocks (12-token window), so the 32-block pool takes
+    # requests (n samples of up to 112 tokens) that it would refuse without the window.
+    run_random_load(windowed_engine, load)
+
+
+def run_random_load(engine, load) -> None:
     policy, chunked, options, requests, cancel_at = load
     with make_executor(engine, policy, chunked, **options) as ex:
         got: dict[int, list[Response]] = defaultdict(list)  # appended by the loop thread (response callbacks)
@@ -196,7 +217,8 @@ def test_random_load_ends_every_request_once_within_limits(engine, load):
             was_cancelled = step is not None
             responses = got[request_id]
             params = request.sampling_params
-            if -(-(len(request.input_token_ids) + params.max_tokens) // BLOCK) * params.n > ex.pool.num_blocks:
+            num_tokens = len(request.input_token_ids) + params.max_tokens
+            if ex.scheduler.max_live_blocks(num_tokens, ex.max_num_tokens) * params.n > ex.pool.num_blocks:
                 assert len(responses) == 1 and "KV blocks" in responses[0].error_msg
                 continue
             assert all(not r.has_error() for r in responses)

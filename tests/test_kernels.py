@@ -230,6 +230,26 @@ def test_sliding_window_matches_reference(decode):
     assert_close(decoding.triton(decode=decode), decoding.reference(), ATTENTION_TOLERANCES)
 
 
+@pytest.mark.parametrize("decode", DECODE_CONFIGS[1:], ids=["one_split", "three_splits"])
+def test_sliding_window_never_reads_blocks_released_below_it(decode):
+    """The runtime gives blocks wholly before a sequence's window back to the pool, which may reuse them: here
+    their table slots point at a block of NaNs, which neither path may read (a masked NaN still poisons P @ V)."""
+    window, block_size = 11, 8
+    for q_lens, seq_lens, config in (([9, 20, 3], [49, 33, 60], dict(context=CONTEXT_CONFIGS[1])),
+                                     ([1, 1, 1], [49, 7, 60], dict(decode=decode))):
+        case = AttentionCase(q_lens, seq_lens, 4, 2, 64, block_size, torch.float32, sliding_window=window)
+        expected = case.reference()
+        tables = case.meta.block_tables
+        poison = min(set(range(case.k_cache.shape[0])) - set(tables.flatten().tolist()))
+        case.k_cache[poison] = case.v_cache[poison] = float("nan")
+        released = [max(0, s - q - window + 1) // block_size for q, s in zip(q_lens, seq_lens)]
+        assert sum(released) >= 8
+        for row, num_released in enumerate(released):
+            tables[row, :num_released] = poison
+        assert torch.equal(case.reference(), expected)
+        assert_close(case.triton(**config), expected, ATTENTION_TOLERANCES)
+
+
 @gpu
 def test_decode_attention_in_a_cuda_graph():
     """Captured once, replayed on new lengths and block tables written into the same device tensors."""

@@ -11,8 +11,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kiln import LLM, SamplingParams
+from kiln import LLM, KvCacheConfig, SamplingParams
 from kiln.kernels import AttentionMetadata
+from kiln.runtime.kv_cache import max_live_blocks
 from kiln.runtime.llm import DEFAULT_MODEL_DIR as STORIES_DIR
 from kiln.runtime.loader import LoadedEngine, load_engine
 from kiln.runtime.model_runner import allocate_kv_cache
@@ -121,6 +122,52 @@ def test_logits_and_greedy_tokens_match_hf(case, tiny_hf_checkpoint, tiny_engine
         assert out.error is None
         assert out.outputs[0].token_ids == hf_greedy(checkpoint.model, prompt, NUM_GREEDY_TOKENS)
         assert out.outputs[0].finish_reason == "length"
+
+
+# name -> (architecture, HF config with a window shorter than the prompts, the same without the window)
+WINDOW_CASES = {
+    "mistral_window_8": ("MistralForCausalLM", dict(num_key_value_heads=1, head_dim=16, sliding_window=8),
+                         dict(sliding_window=None)),
+    "qwen2_window_12": ("Qwen2ForCausalLM", dict(use_sliding_window=True, sliding_window=12, max_window_layers=0),
+                        dict(use_sliding_window=False)),
+}
+WINDOW_BLOCK, WINDOW_CHUNK, NUM_WINDOW_TOKENS = 4, 16, 32
+
+
+@pytest.mark.parametrize("case", WINDOW_CASES)
+def test_sliding_window_matches_hf_past_the_window(case, tiny_hf_checkpoint, tiny_engine):
+    """Logits at every position (packed, token by token, uneven chunks) and greedy tokens of 2 samples each,
+    in a KV pool too small for one sample without the window: blocks below it go back to the pool."""
+    architecture, windowed, full_attention = WINDOW_CASES[case]
+    checkpoint = tiny_hf_checkpoint(architecture, **windowed)
+    window = windowed["sliding_window"]
+    prompts = random_prompts(checkpoint.model.config.vocab_size, [40, 23, 5])
+    expected = [hf_logits(checkpoint.model, p) for p in prompts]
+    # The window changes HF's logits from its position on, and only there.
+    unwindowed = tiny_hf_checkpoint(architecture, **{**windowed, **full_attention}).model
+    full = hf_logits(unwindowed, prompts[0])
+    torch.testing.assert_close(full[:window], expected[0][:window])
+    assert (full[window:] - expected[0][window:]).abs().amax(-1).min() > 1e-3
+
+    engine_dir = tiny_engine(checkpoint.path, tokens_per_block=WINDOW_BLOCK, max_num_tokens=WINDOW_CHUNK)
+    engine = load_engine(engine_dir, progress=False)
+    assert engine.model_config.sliding_window == window
+    for chunk in (max(map(len, prompts)), 1, 7):
+        for want, got in zip(expected, kiln_logits(engine, prompts, chunk)):
+            torch.testing.assert_close(got, want, atol=LOGITS_ATOL, rtol=0, msg=lambda m: f"chunk {chunk}: {m}")
+
+    # The smallest pool the Executor accepts for these requests: one request (2 samples) at a time under
+    # guaranteed_no_evict, fewer blocks than one sample of 72 tokens would need without the window.
+    num_blocks = max_live_blocks(len(prompts[0]) + NUM_WINDOW_TOKENS, WINDOW_BLOCK, window, WINDOW_CHUNK) * 2
+    assert num_blocks < -(-(len(prompts[0]) + NUM_WINDOW_TOKENS) // WINDOW_BLOCK)
+    kv = KvCacheConfig(max_tokens=num_blocks * WINDOW_BLOCK)
+    with LLM(engine_dir, kv_cache_config=kv, progress=False) as llm:
+        outs = llm.generate(prompts, SamplingParams(max_tokens=NUM_WINDOW_TOKENS, n=2, temperature=0.0),
+                            use_tqdm=False)
+    for prompt, out in zip(prompts, outs):
+        assert out.error is None
+        greedy = hf_greedy(checkpoint.model, prompt, NUM_WINDOW_TOKENS)
+        assert [sample.token_ids for sample in out.outputs] == [greedy, greedy]
 
 
 def test_prompt_logprobs_match_hf_log_softmax(tiny_hf_checkpoint, tiny_engine):

@@ -2,11 +2,13 @@
 
 A fake runner stands in for the model: its "KV cache" stores token ids, every step writes the
 scheduled tokens through the block tables and reads back every position each sequence attends to, so
-any paging mistake (a wrong slot, a block shared while written, a missed copy of a forked block) shows
-up as a wrong token. Its next token is a function of the tokens it read, so each sample's output must
-equal what the same request gives when run alone, whatever the arrivals, chunking, prefix reuse,
-preemption and cancellations were. Scheduling is driven as the Executor drives it (fork n > 1 samples,
-then stop / length checks), and every iteration is checked against the batch and token limits.
+any paging mistake (a wrong slot, a block shared while written, a missed copy of a forked block, a
+block given back below a sliding window while still in it) shows up as a wrong token. Its next token is
+a function of the last tokens it read and the position, so each sample's output must equal what the same
+request gives when run alone, whatever the arrivals, chunking, prefix reuse, preemption, cancellations
+and window were. Scheduling is driven as the Executor drives it (fork n > 1 samples, then stop / length
+checks), and every iteration is checked against the batch and token limits and the blocks a sequence
+may hold.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kiln.config import CAPACITY_POLICIES, SamplingParams
-from kiln.runtime.kv_cache import BlockPool
+from kiln.runtime.kv_cache import NO_BLOCK, BlockPool, max_live_blocks
 from kiln.runtime.model_runner import RunnerOutput
 from kiln.runtime.scheduler import Scheduler, SchedulerOutput
 from kiln.runtime.sequence import Sequence, SequenceStatus
@@ -38,36 +40,45 @@ MAX_SEQ_LEN = 48
 MAX_INPUT_LEN = 24
 
 
-def next_token(history: list[int], sample_index: int) -> int:
-    """The fake model: a deterministic function of the tokens read from the cache."""
-    return (7 * sum(history[-3:]) + len(history) + 5 * sample_index) % VOCAB
+def next_token(history: list[int], length: int, sample_index: int) -> int:
+    """The fake model: a deterministic function of the last 3 tokens read from the cache (any sliding
+    window of 3 or more sees them) and of the sequence's length."""
+    return (7 * sum(history[-3:]) + length + 5 * sample_index) % VOCAB
 
 
 def reference_output(prompt: list[int], max_tokens: int, sample_index: int) -> list[int]:
     """What sample ``sample_index`` of a request produces when it runs alone."""
     history, out = list(prompt), []
     while True:
-        token = next_token(history, sample_index)
+        token = next_token(history, len(history), sample_index)
         history.append(token)
         out.append(token)
         if token == STOP or len(out) == max_tokens:
             return out
 
 
-def unstopped(length: int, max_tokens: int, arrival_step: int = 0, first_token: int = 1) -> FakeRequest:
-    """A request whose output runs to max_tokens without the stop token."""
-    prompts = ([t] * (length - 1) + [u] for t in range(first_token, VOCAB) for u in range(1, VOCAB))
-    prompt = next(p for p in prompts if STOP not in reference_output(p, max_tokens, 0))
-    return FakeRequest(prompt, max_tokens, arrival_step=arrival_step)
+def unstopped(length: int, max_tokens: int, arrival_step: int = 0, first_token: int = 1, n: int = 1,
+              prefix: tuple[int, ...] = ()) -> FakeRequest:
+    """A request (its prompt starting with ``prefix``) whose n outputs run to max_tokens without the stop token."""
+    prompts = (list(prefix) + [t] * (length - len(prefix) - 1) + [u]
+               for t in range(first_token, VOCAB) for u in range(1, VOCAB))
+    prompt = next(p for p in prompts if all(STOP not in reference_output(p, max_tokens, i) for i in range(n)))
+    return FakeRequest(prompt, max_tokens, n, arrival_step=arrival_step)
 
 
 class FakeRunner:
     """The model runner's contract (plan in, RunnerOutput out) over a cache of token ids."""
 
-    def __init__(self, pool: BlockPool):
+    def __init__(self, pool: BlockPool, sliding_window: int | None = None):
         self.pool = pool
         self.block_size = pool.block_size
+        self.sliding_window = sliding_window
         self.cache = [[None] * pool.block_size for _ in range(pool.num_blocks)]
+
+    def read(self, seq: Sequence, position: int) -> int:
+        block = seq.block_table[position // self.block_size]
+        assert block != NO_BLOCK and self.pool.ref_counts[block] > 0, f"{seq} reads a block it gave back"
+        return self.cache[block][position % self.block_size]
 
     def execute(self, plan: SchedulerOutput) -> RunnerOutput:
         bs = self.block_size
@@ -83,12 +94,15 @@ class FakeRunner:
         for s in plan.scheduled:  # attention reads after every write of the step
             seq = s.seq
             end = s.start + s.num_new_tokens
-            seen = [self.cache[seq.block_table[p // bs]][p % bs] for p in range(end)]
-            assert seen == seq.token_ids[:end], f"{seq} reads a corrupted cache"
+            # The keys the step's queries see: from the first one's window on.
+            first = 0 if self.sliding_window is None else max(0, s.start - self.sliding_window + 1)
+            seen = [self.read(seq, p) for p in range(first, end)]
+            assert seen == seq.token_ids[first:end], f"{seq} reads a corrupted cache"
             if s.samples:
-                out.sampled[seq.seq_id] = next_token(seen, seq.sample_index)
+                out.sampled[seq.seq_id] = next_token(seen, end, seq.sample_index)
                 if seq.forks_pending and seq.num_output_tokens == 0:
-                    out.forked[seq.seq_id] = [(next_token(seen, i), i, None) for i in range(1, seq.forks_pending + 1)]
+                    out.forked[seq.seq_id] = [(next_token(seen, end, i), i, None)
+                                              for i in range(1, seq.forks_pending + 1)]
         return out
 
 
@@ -108,18 +122,25 @@ class Run:
     num_finishes: dict[int, int]             # seq_id -> times it was finished
     num_steps: int
     num_preemptions: int
+    max_used_blocks: int                     # the most blocks held at once
 
 
-def blocks_needed(request: FakeRequest, block_size: int) -> int:
-    """The Executor's admission check: the whole request (prompt + max_tokens, n samples) must fit."""
-    return -(-(len(request.prompt) + request.max_tokens) // block_size) * request.n
+
+
+def blocks_needed(request: FakeRequest, block_size: int, max_num_tokens: int,
+                  sliding_window: int | None = None) -> int:
+    """The Executor's admission check: the request (prompt + max_tokens, n samples) must fit, each sample
+    at the most blocks it holds at once."""
+    num_tokens = len(request.prompt) + request.max_tokens
+    return max_live_blocks(num_tokens, block_size, sliding_window, max_num_tokens) * request.n
 
 
 def simulate(requests: list[FakeRequest], num_blocks: int, block_size: int, max_batch_size: int,
-             max_num_tokens: int, policy: str, chunked: bool, reuse: bool) -> Run:
+             max_num_tokens: int, policy: str, chunked: bool, reuse: bool, sliding_window: int | None = None,
+             max_seq_len: int = MAX_SEQ_LEN) -> Run:
     pool = BlockPool(num_blocks, block_size, reuse)
-    scheduler = Scheduler(pool, max_batch_size, max_num_tokens, MAX_SEQ_LEN, policy, chunked)
-    runner = FakeRunner(pool)
+    scheduler = Scheduler(pool, max_batch_size, max_num_tokens, max_seq_len, policy, chunked, sliding_window)
+    runner = FakeRunner(pool, sliding_window)
     samples: dict[int, dict[int, Sequence]] = {}
     num_finishes: dict[int, int] = {}
     request_of: dict[int, int] = {}
@@ -135,7 +156,7 @@ def simulate(requests: list[FakeRequest], num_blocks: int, block_size: int, max_
             finish(seq, "length")
 
     total_work = sum((len(r.prompt) + r.max_tokens) * r.n for r in requests)
-    step, num_preemptions = 0, 0
+    step, num_preemptions, max_used_blocks = 0, 0, 0
     while step <= max(r.arrival_step for r in requests) or scheduler.has_work():
         assert step < 100 + 10 * total_work, "requests starved: no progress"
         for index, r in enumerate(requests):
@@ -154,7 +175,9 @@ def simulate(requests: list[FakeRequest], num_blocks: int, block_size: int, max_
         waiting = {s.seq_id for s in scheduler.waiting}
         plan = scheduler.schedule()
         check_plan(scheduler, plan, running, decodes, waiting)
+        check_block_tables(scheduler)
         num_preemptions += len(plan.preempted)
+        max_used_blocks = max(max_used_blocks, pool.num_used_blocks)
         out = runner.execute(plan)
         update(scheduler, plan, out.sampled)
         for s in plan.scheduled:
@@ -171,7 +194,20 @@ def simulate(requests: list[FakeRequest], num_blocks: int, block_size: int, max_
                 seq.forks_pending = 0
             check_end(seq)
         step += 1
-    return Run(scheduler, samples, num_finishes, step, num_preemptions)
+    return Run(scheduler, samples, num_finishes, step, num_preemptions, max_used_blocks)
+
+
+def check_block_tables(scheduler: Scheduler) -> None:
+    """Each running sequence's table: given-back slots first, then held blocks, no more of them at once than
+    the Executor's admission check and (guaranteed_no_evict) its reservation allow."""
+    for seq in scheduler.running:
+        released, table = seq.num_released_blocks, seq.block_table
+        assert table[:released] == [NO_BLOCK] * released and NO_BLOCK not in table[released:]
+        assert all(scheduler.pool.ref_counts[b] > 0 for b in table[released:])
+        live = len(table) - released
+        assert live <= scheduler.max_live_blocks(seq.max_total_tokens, scheduler.max_num_tokens)
+        if scheduler.guaranteed and scheduler.sliding_window is not None:
+            assert live * (1 + seq.forks_pending) <= scheduler.worst_case_blocks(seq)
 
 
 def check_plan(scheduler: Scheduler, plan: SchedulerOutput, running: set[int], decodes: set[int],
@@ -229,8 +265,10 @@ def check_run(run: Run, requests: list[FakeRequest]) -> None:
 @st.composite
 def workloads(draw, crowded: bool):
     """Random requests and limits. ``crowded``: single samples arriving together with long outputs into
-    a pool that fits only the largest one, so that max_utilization must preempt."""
+    a pool that fits only the largest one, so that max_utilization must preempt. A third of the workloads
+    run a sliding window (at least the fake model's 3 tokens)."""
     block_size = draw(st.sampled_from([2, 4, 8]))
+    sliding_window = draw(st.sampled_from([None, None, None, None, 3, 5, 8, 13]))
     chunked = draw(st.booleans())
     max_batch_size = draw(st.integers(3 if crowded else 1, 8))
     # Without chunked context the runtime requires room for a whole prompt in one iteration.
@@ -249,10 +287,11 @@ def workloads(draw, crowded: bool):
         n = 1 if crowded else draw(st.sampled_from([1, 1, 2, 3]))
         requests.append(FakeRequest(prompt, max_tokens, n, arrival, cancel))
     # Pools from the smallest the Executor accepts (one request at its worst case) up.
-    min_blocks = max(blocks_needed(r, block_size) for r in requests)
+    min_blocks = max(blocks_needed(r, block_size, max_num_tokens, sliding_window) for r in requests)
     num_blocks = min_blocks + draw(st.integers(0, 2) if crowded else st.one_of(st.integers(0, 4), st.integers(0, 40)))
     return dict(requests=requests, num_blocks=num_blocks, block_size=block_size, max_batch_size=max_batch_size,
-                max_num_tokens=max_num_tokens, chunked=chunked, reuse=draw(st.booleans()))
+                max_num_tokens=max_num_tokens, chunked=chunked, reuse=draw(st.booleans()),
+                sliding_window=sliding_window)
 
 
 @pytest.mark.parametrize("crowded", [False, True], ids=["mixed", "crowded"])
@@ -391,3 +430,55 @@ def test_a_resumed_sequence_short_of_blocks_is_not_overtaken():
                    policy="max_utilization", chunked=True, reuse=False)
     assert run.num_preemptions > 0
     check_run(run, requests)
+
+
+# ---- sliding window --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("policy, num_blocks", [("guaranteed_no_evict", 15), ("max_utilization", 10)])
+def test_blocks_below_the_window_go_back_to_the_pool_during_long_generations(policy, num_blocks):
+    # Two samples of 100 tokens after a 10-token prompt, and a request reusing its first 8 tokens' blocks:
+    # without the window each sample holds up to 28 blocks. With an 8-token window a sample holds at most 5
+    # (the window and an 8-token chunk across block boundaries): guaranteed_no_evict reserves that for each
+    # of the three, max_utilization needs only the 10 the Executor's check asks of the forked request alone.
+    # Decoding, each holds 3 (9 keys), so the three run together in 9 blocks.
+    forked = unstopped(10, 100, n=2)
+    sharing = unstopped(10, 80, arrival_step=3, prefix=tuple(forked.prompt[:8]))
+    requests = [forked, sharing]
+    assert max_live_blocks(110, 4, 8, 8) == 5 and blocks_needed(forked, 4, 8, 8) == 10
+    run = simulate(requests, num_blocks, block_size=4, max_batch_size=4, max_num_tokens=8, policy=policy,
+                   chunked=True, reuse=True, sliding_window=8, max_seq_len=110)
+    check_run(run, requests)
+    assert run.max_used_blocks == 9 and run.num_preemptions == 0 and run.num_steps == 101
+    assert run.scheduler.pool.prefix_hits == 8
+
+
+def test_a_parent_a_step_ahead_keeps_its_prompt_window_for_the_samples_it_forks():
+    # The Executor plans (and advances) the parent's next step before it forks the samples of its first
+    # token, so the parent is one token ahead: it must not give back the block holding the first key the
+    # samples' window needs (key 7 of a 10-token prompt with a 4-token window: 11 - 4 + 1 = 8 would drop it).
+    pool = BlockPool(16, 4)
+    scheduler = Scheduler(pool, max_batch_size=4, max_num_tokens=32, max_seq_len=MAX_SEQ_LEN, sliding_window=4)
+    runner = FakeRunner(pool, sliding_window=4)
+    prompt = list(range(1, 11))
+    parent = Sequence(0, 0, list(prompt), 10, SamplingParams(max_tokens=4, n=2), seed=0)
+    scheduler.add(parent)
+    first_plan = scheduler.schedule()
+    first = runner.execute(first_plan)
+    pending = scheduler.advance(first_plan, {parent.seq_id})
+    ahead_plan = scheduler.schedule()  # the parent's PENDING token, planned before the first step is done
+    scheduler.resolve(parent, pending[parent.seq_id], first.sampled[parent.seq_id])
+    ahead = runner.execute(ahead_plan)
+    update(scheduler, ahead_plan, ahead.sampled)
+    assert parent.num_computed_tokens == 11 and parent.num_released_blocks == 1  # keys 0-3, not 4-7
+    (token, sample_index, _), = first.forked[parent.seq_id]
+    child = scheduler.fork(parent, token, sample_index, seed=sample_index)
+    parent.forks_pending = 0
+    assert child.block_table[:2] == [NO_BLOCK, parent.block_table[1]] and child.num_released_blocks == 1
+    plan = scheduler.schedule()
+    out = runner.execute(plan)  # reads keys 7.. of the child's prompt
+    update(scheduler, plan, out.sampled)
+    assert child.token_ids[10:] == reference_output(prompt, 2, sample_index)
+    assert parent.num_released_blocks == child.num_released_blocks == 2
+    for seq in (parent, child):
+        scheduler.finish(seq, "cancelled")
+    assert pool.num_free_blocks == 16 and pool.ref_counts == [0] * 16

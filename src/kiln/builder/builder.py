@@ -39,6 +39,10 @@ def resolve_build_config(model: ModelConfig, build: BuildConfig) -> BuildConfig:
                           f"{here}); build on the target machine or use target='auto' (--target auto)")
     dtype = resolve_dtype(build.dtype, model.checkpoint_dtype, target)
     linear_method(build.linear_method)  # an unknown name fails naming the known ones
+    if model.sliding_window is not None and model.sliding_window < 1:
+        raise ConfigError(f"sliding_window={model.sliding_window} leaves a query no key to attend to; set "
+                          "sliding_window in config.json to the window the model was trained with (>= 1), or "
+                          "to null for full attention")
     longest, reason = _longest_sequence(model)
     for name in ("max_seq_len", "max_input_len"):  # max_input_len <= max_seq_len when both are given
         value = getattr(build, name)
@@ -56,9 +60,6 @@ def resolve_build_config(model: ModelConfig, build: BuildConfig) -> BuildConfig:
 def _longest_sequence(model: ModelConfig) -> tuple[int, str]:
     """The longest sequence an engine of ``model`` may hold, and what sets it (for error messages)."""
     limit = model.max_supported_positions
-    if model.sliding_window is not None and model.sliding_window < limit:
-        return model.sliding_window, (f"the model's sliding window ({model.sliding_window}), and sliding-window "
-                                      "attention is not supported yet")
     scaled = " with rope scaling" if model.rope.rope_type != "default" else ""
     return limit, f"the model's {limit} positions (max_position_embeddings{scaled})"
 

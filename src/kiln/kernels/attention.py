@@ -58,15 +58,17 @@ def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
         if q_len == 0:
             continue
         num_blocks = -(-kv_len // block_size)
-        blocks = meta.block_tables[i, :num_blocks].long()
-        k = k_cache[blocks].reshape(-1, *k_cache.shape[2:])[:kv_len].float()
-        v = v_cache[blocks].reshape(-1, *v_cache.shape[2:])[:kv_len].float()
+        # Blocks wholly before the first query's window are never read: the pool may have reused them.
+        first = max(0, kv_len - q_len - meta.sliding_window + 1) // block_size if meta.sliding_window else 0
+        blocks = meta.block_tables[i, first:num_blocks].long()
+        k = k_cache[blocks].reshape(-1, *k_cache.shape[2:])[:kv_len - first * block_size].float()
+        v = v_cache[blocks].reshape(-1, *v_cache.shape[2:])[:kv_len - first * block_size].float()
         k = k.repeat_interleave(group, dim=1)
         v = v.repeat_interleave(group, dim=1)
         qi = q[start:start + q_len].float()
         scores = torch.einsum("qhd,khd->hqk", qi, k) * scale
         q_pos = torch.arange(kv_len - q_len, kv_len, device=q.device)[:, None]
-        k_pos = torch.arange(kv_len, device=q.device)[None, :]
+        k_pos = torch.arange(first * block_size, kv_len, device=q.device)[None, :]
         masked = k_pos > q_pos
         if meta.sliding_window is not None:
             masked |= k_pos <= q_pos - meta.sliding_window

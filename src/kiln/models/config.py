@@ -155,12 +155,6 @@ def _read_json(file: Path) -> dict[str, Any]:
         raise ConfigError(f"{file}: not UTF-8 text; fix the file or download it again") from None
 
 
-def _required(hf: dict[str, Any], key: str):
-    if key not in hf:
-        raise ConfigError(f"config.json has no {key!r}; is this a decoder-only causal LM checkpoint?")
-    return hf[key]
-
-
 def check_activation(hf: dict[str, Any], key: str, supported: tuple[str, ...]) -> str:
     act = hf.get(key, supported[0])
     if act not in supported:

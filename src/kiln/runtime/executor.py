@@ -101,7 +101,7 @@ class Executor:
             self.runner.capture_decode_graphs(graph_batch_sizes(self.max_batch_size))
         self.scheduler = Scheduler(self.pool, self.max_batch_size, self.max_num_tokens, build.max_seq_len,
                                    config.scheduler_config.capacity_scheduler_policy,
-                                   config.scheduler_config.enable_chunked_context)
+                                   config.scheduler_config.enable_chunked_context, model.config.sliding_window)
         self.tokenizer = self.engine.tokenizer
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wakeup = threading.Event()
@@ -355,7 +355,8 @@ class Executor:
                                f"{max(build.max_seq_len - len(ids), 0)} or rebuild with a larger --max-seq-len")
         if params.stop and self.tokenizer is None:
             raise RequestError("stop strings need a tokenizer, and this engine has none; use stop_token_ids")
-        need = self.scheduler.blocks_for(len(ids) + params.max_tokens) * params.n
+        # Any chunk size: a preempted sequence recomputes in chunks of up to max_num_tokens.
+        need = self.scheduler.max_live_blocks(len(ids) + params.max_tokens, self.max_num_tokens) * params.n
         if need > self.pool.num_blocks:
             raise RequestError(f"request needs {need} KV blocks (prompt + max_tokens, n={params.n}) but the pool "
                                f"has {self.pool.num_blocks}; lower max_tokens or n, or give the KV cache more "

@@ -3,6 +3,8 @@
 Blocks are handed to sequences through block tables. With block reuse (prefix caching) every full
 block is keyed by a hash chained with its parent block's, so two prompts with the same first N blocks
 share them; a block nobody references stays cached until the LRU end of the free list reaches it.
+With sliding-window attention a sequence gives back each block wholly before the window of its next
+query; its table slot keeps the position and holds NO_BLOCK, which attention never reads.
 """
 
 from __future__ import annotations
@@ -11,6 +13,22 @@ import array
 import hashlib
 from collections import OrderedDict, deque
 from collections.abc import Sequence
+
+
+# A block-table slot whose block went back to the pool (outside the sliding window). Negative, so that a
+# kernel that read it anyway would fault rather than read another sequence's keys.
+NO_BLOCK = -1
+
+
+def max_live_blocks(num_tokens: int, block_size: int, sliding_window: int | None, max_chunk: int) -> int:
+    """Most blocks a sequence of up to num_tokens tokens, computing at most max_chunk tokens a step, holds at
+    once. Without a window, all of them. With one, a step holds the window of its first query and its own
+    chunk, across block boundaries: window - 1 + chunk keys, plus one block for the alignment of the window's
+    first block; one key more while a parent keeps its prompt's window for samples not forked yet."""
+    blocks = -(-num_tokens // block_size)
+    if sliding_window is None:
+        return blocks
+    return min(blocks, -(-(sliding_window + max_chunk) // block_size) + 1)
 
 
 def block_hashes(token_ids: Sequence[int], block_size: int, num_blocks: int, parent: bytes | None = None,

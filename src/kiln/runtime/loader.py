@@ -17,6 +17,7 @@ from kiln.kernels import KernelOps
 from kiln.kernels.triton_jit import use_compile_cache
 from kiln.layers import LayerContext, linear_method, load_parameters
 from kiln.models import CausalLM, create_model
+from kiln.runtime.kv_cache import max_live_blocks
 from kiln.runtime.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -79,7 +80,8 @@ def num_kv_blocks(engine: LoadedEngine, kv: KvCacheConfig, activation_bytes: int
     elif kv.max_tokens is None:
         limits.append(m.memory_plan["kv_blocks_for_full_batch"])
     blocks = min(limits + [MAX_POOL_FULL_BATCHES * m.memory_plan["kv_blocks_for_full_batch"]])
-    min_blocks = -(-m.build_config.max_seq_len // block_size)
+    build = m.build_config
+    min_blocks = max_live_blocks(build.max_seq_len, block_size, m.model_config.sliding_window, build.max_num_tokens)
     if blocks < min_blocks:
         raise ConfigError(f"the KV cache would hold {blocks} blocks of {block_size} tokens, fewer than one "
                           f"max_seq_len sequence needs ({min_blocks}); raise free_gpu_memory_fraction / "

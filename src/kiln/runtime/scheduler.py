@@ -5,7 +5,9 @@ sequences are admitted in arrival order, a long prompt taking as many tokens as 
 (chunked context). Capacity policies decide admission:
 
 - ``guaranteed_no_evict``: admit only if the free blocks cover every running sequence's remaining
-  worst case plus the newcomer's, so no sequence ever runs out of blocks.
+  worst case plus the newcomer's, so no sequence ever runs out of blocks. With a sliding window a
+  sequence holds at most its window's blocks at once (it gives back the blocks below), and the pool
+  must hold every running sequence's window at once.
 - ``max_utilization``: admit when the blocks for this step exist; when a running sequence needs a block
   and none is free, the newest sequence is preempted (blocks freed, recomputed later).
 """
@@ -16,7 +18,7 @@ import itertools
 from collections import deque
 from dataclasses import dataclass, field
 
-from kiln.runtime.kv_cache import BlockPool, block_hashes
+from kiln.runtime.kv_cache import NO_BLOCK, BlockPool, block_hashes, max_live_blocks
 from kiln.runtime.sequence import PENDING, Sequence, SequenceStatus
 
 
@@ -62,7 +64,8 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, pool: BlockPool, max_batch_size: int, max_num_tokens: int, max_seq_len: int,
-                 policy: str = "guaranteed_no_evict", enable_chunked_context: bool = True):
+                 policy: str = "guaranteed_no_evict", enable_chunked_context: bool = True,
+                 sliding_window: int | None = None):
         self.pool = pool
         self.block_size = pool.block_size
         self.max_batch_size = max_batch_size
@@ -70,6 +73,7 @@ class Scheduler:
         self.max_seq_len = max_seq_len
         self.guaranteed = policy == "guaranteed_no_evict"
         self.enable_chunked_context = enable_chunked_context
+        self.sliding_window = sliding_window
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self._pending_copies: list[tuple[int, int]] = []
@@ -88,10 +92,21 @@ class Scheduler:
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
+    def max_live_blocks(self, num_tokens: int, max_chunk: int) -> int:
+        """Most blocks a sequence of up to num_tokens tokens holds at once (kv_cache.max_live_blocks)."""
+        return max_live_blocks(min(num_tokens, self.max_seq_len), self.block_size, self.sliding_window, max_chunk)
+
     def worst_case_blocks(self, seq: Sequence) -> int:
-        """Blocks a sequence (and the samples it will fork) may still allocate before it finishes."""
-        own = self.blocks_for(min(seq.max_total_tokens, self.max_seq_len))
-        return max(0, own - len(seq.block_table)) + seq.forks_pending * own
+        """guaranteed_no_evict's reservation for a sequence and the samples it will fork. Without a window:
+        the blocks it may still allocate, to be covered by the free blocks. With one: the most it holds at
+        once, to be covered by the whole pool (a block it gives back while another sequence shares it does
+        not come free, so its own blocks cannot pay for its next ones). Its chunks are its prompt's: this
+        policy never preempts, so nothing is recomputed."""
+        if self.sliding_window is None:
+            own = self.blocks_for(min(seq.max_total_tokens, self.max_seq_len))
+            return max(0, own - len(seq.block_table)) + seq.forks_pending * own
+        own = self.max_live_blocks(seq.max_total_tokens, min(seq.num_prompt_tokens, self.max_num_tokens))
+        return own * (1 + seq.forks_pending)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -104,8 +119,7 @@ class Scheduler:
             self.running.remove(seq)
         else:
             self.waiting.remove(seq)
-        self.pool.release(seq.block_table)
-        seq.block_table = []
+        self._release_all(seq)
         while seq.token_ids and seq.token_ids[-1] == PENDING:  # sampled after its end: never happened
             seq.token_ids.pop()
         seq.status = SequenceStatus.FINISHED
@@ -154,6 +168,7 @@ class Scheduler:
         # decode batch would otherwise pay for it every iteration.)
         outstanding = (sum(self.worst_case_blocks(s) for s in self.running)
                        if self.guaranteed and self.waiting and not out.preempted else 0)
+        windowed = self.sliding_window is not None
         while self.waiting and not out.preempted and len(out.scheduled) < self.max_batch_size and budget > 0:
             seq = self.waiting[0]
             if not seq.block_table:
@@ -167,10 +182,12 @@ class Scheduler:
             num_new = min(remaining, budget)
             if self.guaranteed:
                 need = self.worst_case_blocks(seq)
-                if self.pool.num_free_blocks - outstanding < need:
+                if (self.pool.num_blocks if windowed else self.pool.num_free_blocks) - outstanding < need:
                     self._unmatch(seq)
                     break
-                outstanding += need - (self.blocks_for(seq.num_computed_tokens + num_new) - len(seq.block_table))
+                # Without a window, what it allocates now comes off the free blocks and its reservation alike.
+                outstanding += need - (0 if windowed else
+                                       self.blocks_for(seq.num_computed_tokens + num_new) - len(seq.block_table))
             if not self._try_allocate(seq, num_new):
                 self._unmatch(seq)
                 break
@@ -194,6 +211,7 @@ class Scheduler:
                 continue  # ended while its step ran (its request failed); its blocks are gone
             seq.num_computed_tokens += s.num_new_tokens
             self._cache_full_blocks(seq)
+            self._release_out_of_window(seq)
             if seq.seq_id in sampling:
                 pending[seq.seq_id] = len(seq.token_ids)
                 seq.token_ids.append(PENDING)
@@ -215,14 +233,18 @@ class Scheduler:
                          num_prompt, parent.params, seed, sample_index, parent.arrival_index, parent.stop_ids)
         full = num_prompt // self.block_size
         child.block_hashes = parent.block_hashes[:full]
+        # The parent kept what its prompt's last query sees (_release_out_of_window): the child's next query
+        # sees no further back.
+        released = parent.num_released_blocks
         needs_copy = num_prompt % self.block_size != 0
         if needs_copy and self.pool.num_free_blocks == 0:
             # No block to copy into (max_utilization only): the child recomputes, reusing cached blocks.
             self._enqueue_waiting(child)
             return child
         shared = parent.block_table[:full]
-        self.pool.acquire(shared)
+        self.pool.acquire(shared[released:])
         child.block_table = list(shared)
+        child.num_released_blocks = released
         if needs_copy:
             (dst,) = self.pool.allocate(1)
             self._pending_copies.append((parent.block_table[full], dst))
@@ -256,8 +278,7 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
         self.running.remove(seq)
-        self.pool.release(seq.block_table)
-        seq.block_table = []
+        self._release_all(seq)
         seq.num_computed_tokens = 0
         seq.num_cached_blocks = 0
         seq.status = SequenceStatus.WAITING
@@ -290,6 +311,7 @@ class Scheduler:
         seq.block_table = hits
         seq.num_computed_tokens = len(hits) * self.block_size
         seq.num_cached_blocks = len(hits)
+        self._release_out_of_window(seq)  # hits below the window of its first query stay cached, unheld
 
     def _record_prefix_hits(self, seq: Sequence) -> None:
         """Counts an admitted sequence's cache lookup once (not each iteration it waited); the request
@@ -301,8 +323,7 @@ class Scheduler:
 
     def _unmatch(self, seq: Sequence) -> None:
         """Gives back blocks taken for a sequence that could not be admitted this iteration."""
-        self.pool.release(seq.block_table)
-        seq.block_table = []
+        self._release_all(seq)
         seq.num_computed_tokens = 0
         seq.num_cached_blocks = 0
 
@@ -312,6 +333,28 @@ class Scheduler:
         if full <= seq.num_cached_blocks or not self.pool.enable_reuse:
             return
         self._ensure_hashes(seq, full)
-        for b in range(seq.num_cached_blocks, full):
+        # A block given back before its last token was known (a window of one token) is not cached.
+        for b in range(max(seq.num_cached_blocks, seq.num_released_blocks), full):
             self.pool.cache_block(seq.block_table[b], seq.block_hashes[b])
         seq.num_cached_blocks = full
+
+    def _release_out_of_window(self, seq: Sequence) -> None:
+        """Gives back the blocks wholly before the window of the sequence's next query (per block boundary,
+        not per token). A parent whose n > 1 samples are not forked yet keeps its prompt's window for them.
+        Attention never reads the slots left behind (its keys start at the first query's window)."""
+        if self.sliding_window is None:
+            return
+        next_query = (min(seq.num_computed_tokens, seq.num_prompt_tokens) if seq.forks_pending
+                      else seq.num_computed_tokens)
+        num_below = (next_query - self.sliding_window + 1) // self.block_size
+        start = seq.num_released_blocks
+        if num_below <= start:
+            return
+        self.pool.release(seq.block_table[start:num_below])
+        seq.block_table[start:num_below] = [NO_BLOCK] * (num_below - start)
+        seq.num_released_blocks = num_below
+
+    def _release_all(self, seq: Sequence) -> None:
+        self.pool.release(seq.block_table[seq.num_released_blocks:])
+        seq.block_table = []
+        seq.num_released_blocks = 0

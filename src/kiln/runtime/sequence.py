@@ -40,6 +40,7 @@ class Sequence:
         self.num_computed_tokens = 0
         self.pending_row = 0  # row of its last sampled token in the runner's last step (see PENDING)
         self.block_table: list[int] = []
+        self.num_released_blocks = 0       # leading table slots given back (outside the window): NO_BLOCK
         self.block_hashes: list[bytes] = []  # chained hashes of full blocks, computed as they fill
         self.num_cached_blocks = 0         # leading blocks registered in the pool's prefix cache
         self.num_prefix_hit_tokens = 0
