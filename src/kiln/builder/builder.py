@@ -15,7 +15,7 @@ import torch
 
 from kiln.builder.plan import kernel_plan, memory_plan, tensor_table
 from kiln.config import BUILD_DEFAULTS, BuildConfig
-from kiln.convert import AutoModelForCausalLM, ModelSource
+from kiln.convert import AutoModelForCausalLM, ModelSource, check_source
 from kiln.convert.checkpoint import CheckpointReader
 from kiln.convert.converter import convert_checkpoint, dummy_weights
 from kiln.engine import Engine, EngineManifest
@@ -64,7 +64,38 @@ def _longest_sequence(model: ModelConfig) -> tuple[int, str]:
     return limit, f"the model's {limit} positions (max_position_embeddings{scaled})"
 
 
+# TensorRT-LLM's create_builder_config names -> BuildConfig fields (precision and max_output_len convert).
+TRTLLM_NAMES = {"max_batch_size": "max_batch_size", "max_input_len": "max_input_len", "max_seq_len": "max_seq_len",
+                "max_num_tokens": "max_num_tokens", "max_beam_width": "max_beam_width",
+                "tokens_per_block": "tokens_per_block", "tensor_parallel": "tp_size", "tp_size": "tp_size"}
+TRTLLM_PRECISIONS = {"float16": "float16", "fp16": "float16", "bfloat16": "bfloat16", "bf16": "bfloat16",
+                     "float32": "float32", "fp32": "float32"}
+
+
 class Builder:
+    def create_builder_config(self, name: str | None = None, precision: str = "auto", max_output_len: int | None = None,
+                              use_fp8_context_fmha: bool = False, **options: Any) -> BuildConfig:
+        """TensorRT-LLM's ``Builder().create_builder_config(name=..., precision="float16", tensor_parallel=2,
+        max_batch_size=128, max_input_len=..., max_output_len=...)`` as a BuildConfig. ``name`` labels the
+        engine in TensorRT-LLM and changes nothing here; ``max_output_len`` is added to ``max_input_len``
+        (a sequence holds both); unknown names fail, listing the accepted ones."""
+        unknown = sorted(set(options) - set(TRTLLM_NAMES))
+        if unknown:
+            accepted = ", ".join(["name", "precision", "max_output_len", "use_fp8_context_fmha", *TRTLLM_NAMES])
+            raise ConfigError(f"create_builder_config: unknown {', '.join(unknown)}; accepted: {accepted}")
+        if precision != "auto" and precision not in TRTLLM_PRECISIONS:
+            raise ConfigError(f"create_builder_config: precision {precision!r} is not one of "
+                              f"{', '.join(TRTLLM_PRECISIONS)}")
+        if use_fp8_context_fmha:
+            raise ConfigError("use_fp8_context_fmha: FP8 context attention needs FP8 tensor cores (sm89+: Ada, Hopper; "
+                              "never an A100) and this kiln does not run it yet; leave it False")
+        fields = {TRTLLM_NAMES[key]: value for key, value in options.items()}
+        if max_output_len is not None:
+            if fields.get("max_input_len") is None:
+                raise ConfigError("create_builder_config: max_output_len needs max_input_len (max_seq_len = both)")
+            fields.setdefault("max_seq_len", fields["max_input_len"] + max_output_len)
+        return BuildConfig(dtype=TRTLLM_PRECISIONS.get(precision, "auto"), **fields)
+
     def build(self, model: ModelSource | str | Path, config: BuildConfig | dict[str, Any] | None = None,
               tune: bool = True) -> Engine:
         """``model``: from ``AutoModelForCausalLM.from_hugging_face`` / ``from_preset``, or a Hugging Face
@@ -76,6 +107,7 @@ class Builder:
             raise ConfigError(f"Builder.build takes a model from AutoModelForCausalLM.from_hugging_face(path) or "
                               f"from_preset(name), or a Hugging Face folder's path; got {type(model).__name__}")
         resolved = resolve_build_config(model.config, BuildConfig.of(config))
+        check_source(model)  # a source from a family class (LlamaForCausalLM.from_hugging_face) is checked here
         dtype = DTYPE_NAMES[resolved.dtype]
         # Kernels compiled while tuning are saved in the engine folder, so that loading compiles nothing.
         kernel_cache = tempfile.TemporaryDirectory(prefix="kiln-kernels-") if resolved.target != "cpu" else None

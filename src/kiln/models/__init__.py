@@ -18,6 +18,7 @@ from kiln.models.base import CausalLM
 from kiln.models.config import ModelConfig
 from kiln.models.presets import PRESETS, preset_hf_config
 from kiln.models.registry import FAMILIES, family
+from kiln.models.source import ModelSource
 
 
 def create_model(config: ModelConfig, ctx: LayerContext, max_positions: int) -> CausalLM:
@@ -36,5 +37,13 @@ def num_params(config: ModelConfig) -> int:
                for t in layer.checkpoint_tensors.values())
 
 
-__all__ = ["FAMILIES", "PRESETS", "CausalLM", "ModelConfig", "create_model", "family", "model_skeleton",
-           "num_params", "preset_hf_config"]
+def __getattr__(name: str):
+    """``from kiln.models import LlamaForCausalLM, GPTJForCausalLM``: each Hugging Face architecture name is
+    its family's model class (imported on first use), with TensorRT-LLM's ``from_hugging_face``."""
+    if name in FAMILIES:
+        return family(name).Model
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["FAMILIES", "PRESETS", "CausalLM", "ModelConfig", "ModelSource", "create_model", "family",
+           "model_skeleton", "num_params", "preset_hf_config"]

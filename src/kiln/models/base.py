@@ -13,7 +13,10 @@ from torch import nn
 
 from kiln.kernels import AttentionMetadata
 from kiln.layers import LayerContext
+from kiln.errors import ConfigError
 from kiln.models.config import ModelConfig
+from kiln.models.registry import family
+from kiln.models.source import ModelSource
 
 
 class CausalLM(nn.Module):
@@ -25,6 +28,16 @@ class CausalLM(nn.Module):
     def __init__(self, config: ModelConfig, ctx: LayerContext):
         super().__init__()
         self.config, self.dtype, self.device = config, ctx.dtype, ctx.device
+
+    @classmethod
+    def from_hugging_face(cls, path) -> ModelSource:
+        """TensorRT-LLM's entry point (``LlamaForCausalLM.from_hugging_face(dir)``): the checkpoint folder as a
+        ModelSource for ``Builder.build``, if its architecture is one this class runs."""
+        source = ModelSource.from_hugging_face(path)
+        if not issubclass(family(source.config.architecture).Model, cls):
+            raise ConfigError(f"{path} holds a {source.config.architecture}, which {cls.__name__} does not run; "
+                              f"use kiln.models.{source.config.architecture} or AutoModelForCausalLM")
+        return source
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
                 slot_mapping: torch.Tensor, attn: AttentionMetadata, logits_indices: torch.Tensor) -> torch.Tensor:
