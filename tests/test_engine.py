@@ -17,6 +17,7 @@ from kiln.engine.manifest import MANIFEST_FILE, WEIGHTS_FILE, EngineManifest
 from kiln.engine.target import resolve_dtype
 from kiln.errors import ConfigError, EngineError
 from kiln.kernels import LLAMA_OPS
+from kiln.runtime.loader import load_engine
 from kiln.version import ENGINE_FORMAT_VERSION, __version__
 
 
@@ -235,10 +236,45 @@ def test_sliding_window_shorter_than_max_seq_len_builds_and_an_empty_window_is_r
         Builder().build(empty, BuildConfig(**TINY_BUILD))
 
 
-def test_building_for_a_gpu_that_is_not_here_fails_before_conversion(tiny_llama):
+def test_an_engine_for_a_gpu_that_is_not_here_is_built_untuned(tiny_llama, tmp_path):
+    """Converted and validated here; its kernel plan is left to the first load on such a GPU, and the
+    weights are byte for byte those of an engine built for this machine."""
     source = AutoModelForCausalLM.from_hugging_face(tiny_llama.path)
-    with pytest.raises(ConfigError, match=f"target {OTHER_GPU} needs that GPU present"):
-        Builder().build(source, BuildConfig(**{**TINY_BUILD, "target": OTHER_GPU}))
+    build = {**TINY_BUILD, "dtype": "bfloat16"}
+    foreign = Builder().build(source, BuildConfig(**{**build, "target": OTHER_GPU})).save(tmp_path / "foreign")
+    here = Builder().build(source, BuildConfig(**{**build, "target": "cpu"})).save(tmp_path / "here")
+    manifest = EngineManifest.read(foreign)
+    assert not manifest.is_kernel_plan_tuned and manifest.kernel_plan == {}
+    assert manifest.target == OTHER_GPU and f"any {OTHER_GPU} GPU" in manifest.target_device_name
+    assert {n: t["crc32"] for n, t in manifest.tensors.items()} == \
+        {n: t["crc32"] for n, t in EngineManifest.read(here).tensors.items()}
+    with pytest.raises(EngineError, match=f"built for {OTHER_GPU}"):
+        load_engine(foreign)
+
+
+def test_the_first_load_on_the_gpu_tunes_and_keeps_the_plan(tiny_llama, tmp_path, monkeypatch, capsys):
+    from kiln.builder import tuning
+    from kiln.kernels import reference_plan
+    from kiln.runtime.loader import tune_at_first_load
+
+    source = AutoModelForCausalLM.from_hugging_face(tiny_llama.path)
+    engine_dir = Builder().build(source, BuildConfig(**{**TINY_BUILD, "target": OTHER_GPU})).save(tmp_path / "e")
+    tuned_for = []
+
+    def fake_gpu_kernel_plan(config, build, dtype, tune, ops):  # what the GPU's tuning returns, recorded
+        tuned_for.append((build.target, tune, tuple(ops)))
+        return reference_plan(ops)
+
+    monkeypatch.setattr(tuning, "gpu_kernel_plan", fake_gpu_kernel_plan)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU")
+    tuned = tune_at_first_load(engine_dir, EngineManifest.read(engine_dir), torch.device("cpu"))
+    assert tuned_for == [(OTHER_GPU, True, ("add_rms_norm", "attention", "rms_norm", "rotary_kv_write", "silu_mul"))]
+    assert "tuning the kernels" in capsys.readouterr().err
+    saved = EngineManifest.read(engine_dir)
+    assert saved == tuned and saved.is_kernel_plan_tuned and saved.target_device_name == "Fake GPU"
+    assert set(saved.kernel_plan) == set(tuned_for[0][2])
+    load_engine(engine_dir, device="cpu")  # the saved engine loads; a tuned plan is never tuned again
+    assert len(tuned_for) == 1
 
 
 # ---- per-request limits ---------------------------------------------------------------------------------

@@ -212,7 +212,8 @@ def cmd_inspect(args) -> int:
         "engine": str(args.engine), "kiln_version": m.kiln_version, "format_version": m.format_version,
         "target": {"name": m.target, "device": m.target_device_name},
         "model": m.model_config.to_dict(), "limits": m.build_config.to_dict(),
-        "memory_plan": m.memory_plan, "kernel_plan": m.kernel_plan, "files": files,
+        "memory_plan": m.memory_plan, "kernel_plan": m.kernel_plan, "kernel_plan_tuned": m.is_kernel_plan_tuned,
+        "files": files,
     }
     if args.json:
         print(json.dumps(summary, indent=2))
@@ -229,7 +230,9 @@ def cmd_inspect(args) -> int:
     print("memory plan")
     for k, v in m.memory_plan.items():
         print(f"  {k:<26} {_human(v) if k.endswith('bytes') or '_bytes' in k else v}")
-    print("kernel plan")
+    print("kernel plan" if m.is_kernel_plan_tuned else
+          f"kernel plan   not made yet: built without a {m.target} GPU, the first load on one tunes it (and saves it "
+          "here when the folder is writable)")
     for op, entry in m.kernel_plan.items():
         config = entry.get("config") or {}
         print(f"  {op:<16} {entry['impl']:<10} {json.dumps(config) if config else ''}")

@@ -33,10 +33,6 @@ def resolve_build_config(model: ModelConfig, build: BuildConfig) -> BuildConfig:
     folder): every unset field fitted to the model and this machine. A value given is kept, or refused
     naming its field, its flag and the fix; a default never conflicts with a value given or the model."""
     target = detect_target() if build.target == "auto" else build.target
-    here = detect_target()
-    if target != "cpu" and here != target:
-        raise ConfigError(f"target {target} needs that GPU present to plan and tune kernels (this machine: "
-                          f"{here}); build on the target machine or use target='auto' (--target auto)")
     dtype = resolve_dtype(build.dtype, model.checkpoint_dtype, target)
     linear_method(build.linear_method)  # an unknown name fails naming the known ones
     if model.sliding_window is not None and model.sliding_window < 1:
@@ -109,23 +105,34 @@ class Builder:
         resolved = resolve_build_config(model.config, BuildConfig.of(config))
         check_source(model)  # a source from a family class (LlamaForCausalLM.from_hugging_face) is checked here
         dtype = DTYPE_NAMES[resolved.dtype]
-        # Kernels compiled while tuning are saved in the engine folder, so that loading compiles nothing.
-        kernel_cache = tempfile.TemporaryDirectory(prefix="kiln-kernels-") if resolved.target != "cpu" else None
         skeleton = model_skeleton(model.config, resolved.linear_method, dtype)
-        with compile_cache(kernel_cache.name if kernel_cache else None):
-            plan = kernel_plan(resolved.target, model.config, resolved, dtype, tune=tune, ops=kernel_ops_of(skeleton))
+        here = detect_target()
+        # A GPU the build machine lacks: the engine is converted and validated here, and its kernel plan is
+        # made by the first load on such a GPU (kiln.runtime.loader), which saves it in the engine folder.
+        is_foreign = resolved.target not in ("cpu", here)
+        kernel_cache = None
+        if is_foreign:
+            plan, is_tuned, target_device_name = {}, False, f"any {resolved.target} GPU (built on {here})"
+        else:
+            # Kernels compiled while tuning are saved in the engine folder, so that loading compiles nothing.
+            kernel_cache = tempfile.TemporaryDirectory(prefix="kiln-kernels-") if resolved.target != "cpu" else None
+            with compile_cache(kernel_cache.name if kernel_cache else None):
+                plan = kernel_plan(resolved.target, model.config, resolved, dtype, tune=tune,
+                                   ops=kernel_ops_of(skeleton))
+            is_tuned, target_device_name = True, device_name() if resolved.target != "cpu" else "cpu"
         tensors = tensor_table(skeleton)
         manifest = EngineManifest(
             model_config=model.config,
             build_config=resolved,
-            target_device_name=device_name() if resolved.target != "cpu" else "cpu",
+            target_device_name=target_device_name,
             kernel_plan=plan,
             memory_plan=memory_plan(model.config, resolved, dtype, tensors),
             tensors=tensors,
             has_tokenizer=False,
+            is_kernel_plan_tuned=is_tuned,
         )
         if model.is_dummy:
-            device = torch.device("cpu" if resolved.target == "cpu" else "cuda")
+            device = torch.device("cuda" if resolved.target != "cpu" and torch.cuda.is_available() else "cpu")
             produce = partial(dummy_weights, skeleton, device)
         else:
             produce = partial(_convert, skeleton, model.checkpoint_dir)

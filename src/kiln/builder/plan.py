@@ -54,3 +54,4 @@ def kernel_plan(target: str, config: ModelConfig, build: BuildConfig, dtype: tor
     from kiln.builder.tuning import gpu_kernel_plan  # needs triton
 
     return gpu_kernel_plan(config, build, dtype, tune=tune, ops=ops)
+

@@ -62,9 +62,7 @@ class Engine:
             shutil.copytree(self.kernel_cache.name, engine_dir / COMPILE_CACHE_DIR)
         final = EngineManifest(**{**m.__dict__, "tensors": tensors, "has_tokenizer": has_tokenizer,
                                   "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
-        tmp = engine_dir / (MANIFEST_FILE + ".partial")
-        tmp.write_text(final.to_json())
-        tmp.replace(engine_dir / MANIFEST_FILE)
+        final.write(engine_dir)
         self.manifest = final
         return engine_dir
 

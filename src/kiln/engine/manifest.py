@@ -41,6 +41,9 @@ class EngineManifest:
     kiln_version: str = __version__
     format_version: int = ENGINE_FORMAT_VERSION
     created: str = ""
+    # False for an engine built for a GPU the build machine lacks: its kernel plan is made (and saved in the
+    # folder) by the first load on such a GPU.
+    is_kernel_plan_tuned: bool = True
 
     @property
     def dtype(self) -> torch.dtype:
@@ -60,10 +63,17 @@ class EngineManifest:
             "build_config": self.build_config.to_dict(),
             "memory_plan": self.memory_plan,
             "kernel_plan": self.kernel_plan,
+            "kernel_plan_tuned": self.is_kernel_plan_tuned,
             "has_tokenizer": self.has_tokenizer,
             "files": {"weights": WEIGHTS_FILE},
             "tensors": self.tensors,
         }, indent=1)
+
+    def write(self, engine_dir: str | Path) -> None:
+        """Atomically: a reader sees the old manifest or the new one, never a part."""
+        tmp = Path(engine_dir) / (MANIFEST_FILE + ".partial")
+        tmp.write_text(self.to_json())
+        tmp.replace(Path(engine_dir) / MANIFEST_FILE)
 
     @classmethod
     def read(cls, engine_dir: str | Path) -> "EngineManifest":
@@ -102,6 +112,7 @@ class EngineManifest:
                 kiln_version=d["kiln_version"],
                 format_version=version,
                 created=d.get("created", ""),
+                is_kernel_plan_tuned=d.get("kernel_plan_tuned", True),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise EngineError(f"{path}: field {e} missing or invalid; rebuild the engine") from e

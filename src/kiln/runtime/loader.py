@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
+import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -14,9 +16,9 @@ from kiln.engine.manifest import COMPILE_CACHE_DIR, TOKENIZER_DIR
 from kiln.config import KvCacheConfig
 from kiln.errors import ConfigError
 from kiln.kernels import KernelOps
-from kiln.kernels.triton_jit import use_compile_cache
-from kiln.layers import LayerContext, linear_method, load_parameters
-from kiln.models import CausalLM, create_model
+from kiln.kernels.triton_jit import compile_cache, use_compile_cache
+from kiln.layers import LayerContext, kernel_ops_of, linear_method, load_parameters
+from kiln.models import CausalLM, create_model, model_skeleton
 from kiln.runtime.kv_cache import max_live_blocks
 from kiln.runtime.tokenizer import Tokenizer
 
@@ -48,6 +50,8 @@ def load_engine(engine_dir: str | Path, device: str | None = None, verify: bool 
     engine_dir = Path(engine_dir)
     manifest = EngineManifest.read(engine_dir)
     dev = torch.device(device) if device else engine_device(manifest)
+    if not manifest.is_kernel_plan_tuned and dev.type == "cuda":
+        manifest = tune_at_first_load(engine_dir, manifest, dev)
     weights = load_weights(engine_dir, manifest, dev, verify=verify, progress=progress)
     ops = KernelOps(manifest.kernel_plan)
     if ops.uses_triton:
@@ -61,6 +65,29 @@ def load_engine(engine_dir: str | Path, device: str | None = None, verify: bool 
         tokenizer = Tokenizer(engine_dir / TOKENIZER_DIR, eos_token_ids=cfg.eos_token_ids, bos_token_id=cfg.bos_token_id)
     logger.info("loaded %s onto %s in %.1f s", engine_dir, dev, time.perf_counter() - t0)
     return LoadedEngine(engine_dir, manifest, model, tokenizer, dev)
+
+
+def tune_at_first_load(engine_dir: Path, manifest: EngineManifest, device: torch.device) -> EngineManifest:
+    """An engine built for this GPU on a machine without one: tune its kernel plan here, and keep the plan and
+    the compiled kernels in the engine folder when it is writable, so that later loads do nothing."""
+    from kiln.builder.tuning import gpu_kernel_plan
+
+    build = manifest.build_config
+    ops = kernel_ops_of(model_skeleton(manifest.model_config, build.linear_method, manifest.dtype))
+    is_writable = os.access(engine_dir, os.W_OK)
+    print(f"kiln: tuning the kernels of {engine_dir} for this {build.target} GPU (first load of an engine built "
+          f"without one){'' if is_writable else '; the folder is read-only, so every load tunes again'}",
+          file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    with compile_cache(str(engine_dir / COMPILE_CACHE_DIR) if is_writable else None):  # on the current GPU
+        plan = gpu_kernel_plan(manifest.model_config, build, manifest.dtype, tune=True, ops=ops)
+    tuned = replace(manifest, kernel_plan=plan, is_kernel_plan_tuned=True,
+                    target_device_name=torch.cuda.get_device_name(device))
+    if is_writable:
+        tuned.write(engine_dir)
+    logger.info("tuned %s's kernel plan in %.1f s%s", engine_dir, time.perf_counter() - t0,
+                " (saved)" if is_writable else "")
+    return tuned
 
 
 def num_kv_blocks(engine: LoadedEngine, kv: KvCacheConfig, activation_bytes: int = 0) -> int:
