@@ -308,10 +308,16 @@ def main() -> None:
         log("HF eager baseline")
         bench_hf(engine_dir)
         RESULTS["b64_kiln_over_hf"] = RESULTS["decode_b64_tok_s"] / RESULTS["hf_eager_b64_tok_s"]
-    (out / "gpu_bench.json").write_text(json.dumps(RESULTS, indent=1))
-    print("\n=== kiln GPU bench ===")
-    for k, v in RESULTS.items():
-        print(f"{k:<40} {v:.3f}" if isinstance(v, float) else f"{k:<40} {v}")
+    write_results(out / "gpu_bench.json", "kiln GPU bench")
+
+
+def write_results(path: Path, title: str | None = None) -> None:
+    """RESULTS as JSON at ``path``; with a title, also printed as a table (the device call's last lines)."""
+    path.write_text(json.dumps(RESULTS, indent=1))
+    if title is not None:
+        print(f"\n=== {title} ===")
+        for k, v in RESULTS.items():
+            print(f"{k:<52} {v:.4g}" if isinstance(v, float) else f"{k:<52} {v}")
 
 
 if __name__ == "__main__":

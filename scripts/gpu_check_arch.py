@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import logging
 import os
 import shutil
@@ -112,11 +111,8 @@ def main() -> None:
         log(f"{preset}: measure")
         measure(preset, engine_dir, requests)
         shutil.rmtree(engine_dir, ignore_errors=True)
-        (out / "gpu_check_arch.json").write_text(json.dumps(RESULTS, indent=1))
-    (out / "gpu_check_arch.json").write_text(json.dumps(RESULTS, indent=1))
-    print("\n=== architecture step on the GPU ===")
-    for k, v in RESULTS.items():
-        print(f"{k:<52} {v:.4g}" if isinstance(v, float) else f"{k:<52} {v}")
+        gpu_bench.write_results(out / "gpu_check_arch.json")  # what is measured so far survives a time-out
+    gpu_bench.write_results(out / "gpu_check_arch.json", "architecture step on the GPU")
 
 
 if __name__ == "__main__":
