@@ -140,7 +140,7 @@ def check_engine_logits(engine) -> None:
 
 def _reference_copy(model: CausalLM, dtype: torch.dtype, max_len: int) -> CausalLM:
     """The engine's (dense) weights cast to ``dtype``, run by the reference ops."""
-    ctx = LayerContext(KernelOps(reference_plan()), linear_method("dense"), dtype, model.device)
+    ctx = LayerContext(KernelOps(reference_plan()), linear_method("none"), dtype, model.device)
     copy = create_model(model.config, ctx, max_len)
     load_parameters(copy, {name: p.detach().to(dtype) for name, p in model.named_parameters()})
     return copy

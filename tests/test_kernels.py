@@ -305,7 +305,7 @@ def test_model_forward_with_triton_plan_matches_reference_plan():
         inputs.append((input_ids.to(DEVICE), positions, slots, meta, torch.arange(sum(q_lens), device=DEVICE)))
 
     def run(plan: dict) -> list[torch.Tensor]:
-        model = create_model(config, LayerContext(KernelOps(plan), linear_method("dense"), torch.float32, DEVICE),
+        model = create_model(config, LayerContext(KernelOps(plan), linear_method("none"), torch.float32, DEVICE),
                              max_positions=64)
         load_parameters(model, weights)
         kv_cache = torch.zeros(config.num_layers, 2, 8, block_size, config.num_kv_heads, config.head_dim,

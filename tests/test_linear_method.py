@@ -39,10 +39,10 @@ def test_a_method_registered_by_a_test_builds_and_runs_stories260k(monkeypatch, 
     dense_dir = Builder().build(source, BuildConfig(**BUILD)).save(tmp_path / "dense", progress=False)
     with monkeypatch.context() as patch:
         patch.setitem(LINEAR_METHODS, "row_scaled_fp16", RowScaledFloat16)
-        engine = Builder().build(source, BuildConfig(**BUILD, linear_method="row_scaled_fp16"))
+        engine = Builder().build(source, BuildConfig(**BUILD, quantization="row_scaled_fp16"))
         engine_dir = engine.save(tmp_path / "scaled", progress=False)
         manifest = EngineManifest.read(engine_dir)
-        assert manifest.build_config.linear_method == "row_scaled_fp16"
+        assert manifest.build_config.quantization == "row_scaled_fp16"
         tensors = manifest.tensors
         qkv, qkv_scale = tensors["layers.0.attn.qkv.weight"], tensors["layers.0.attn.qkv.weight_scale"]
         assert (qkv["dtype"], qkv_scale["dtype"], qkv_scale["shape"]) == ("F16", "F32", qkv["shape"][:1])
@@ -57,7 +57,7 @@ def test_a_method_registered_by_a_test_builds_and_runs_stories260k(monkeypatch, 
         assert (got - want).abs().max() > 0  # the method did run
 
     # Unregistered again: the engine names its method and the error lists the known ones.
-    with pytest.raises(ConfigError, match="unknown linear method 'row_scaled_fp16'; known: dense"):
+    with pytest.raises(ConfigError, match="unknown quantization 'row_scaled_fp16'; this kiln knows none"):
         load_engine(engine_dir, progress=False)
-    with pytest.raises(ConfigError, match="unknown linear method 'fp3'; known: dense"):
-        Builder().build(source, BuildConfig(**BUILD, linear_method="fp3"))
+    with pytest.raises(ConfigError, match="unknown quantization 'fp3'; this kiln knows none"):
+        Builder().build(source, BuildConfig(**BUILD, quantization="fp3"))

@@ -50,8 +50,9 @@ def _add_build(sub) -> None:
                    help="weight and activation dtype; auto keeps the checkpoint's (float32 on CPU for float16)")
     p.add_argument("--target", choices=TARGETS, default="auto",
                    help="GPU architecture (or cpu); auto detects this machine's")
-    p.add_argument("--linear-method", default="dense",
-                   help="how every linear layer stores its weight and multiplies (default dense)")
+    p.add_argument("--quantization", default="none",
+                   help="how every linear layer stores its weight and multiplies: none (the dtype's own), or a "
+                        "quantization method this kiln knows (default none)")
     p.add_argument("--dummy-weights", action="store_true",
                    help="random weights of the model's shapes, made on the device (for presets; no download)")
     p.add_argument("--no-tune", action="store_true", help="skip kernel tuning on the GPU (default configs)")
@@ -69,7 +70,7 @@ def cmd_build(args) -> int:
     config = BuildConfig(max_batch_size=args.max_batch_size, max_input_len=args.max_input_len,
                          max_seq_len=args.max_seq_len, max_num_tokens=args.max_num_tokens,
                          tokens_per_block=args.tokens_per_block, dtype=args.dtype, target=args.target,
-                         linear_method=args.linear_method)
+                         quantization=args.quantization)
     engine = Builder().build(source, config, tune=not args.no_tune)
     out = _save(engine, args.output, args.overwrite)
     m = engine.manifest
@@ -220,7 +221,7 @@ def cmd_inspect(args) -> int:
         return 0
     mc, bc = m.model_config, m.build_config
     print(f"engine        {args.engine}  (kiln {m.kiln_version}, format {m.format_version}, built {m.created})")
-    print(f"target        {m.target} ({m.target_device_name}), dtype {bc.dtype}, linear {bc.linear_method}, "
+    print(f"target        {m.target} ({m.target_device_name}), dtype {bc.dtype}, quantization {bc.quantization}, "
           f"tp {bc.tp_size}")
     print(f"model         {mc.architecture}: {mc.num_layers} layers, hidden {mc.hidden_size}, heads {mc.num_heads}/"
           f"{mc.num_kv_heads} kv x {mc.head_dim}, mlp {mc.intermediate_size}, vocab {mc.vocab_size}, "

@@ -54,7 +54,7 @@ class BuildConfig:
     dtype: str = "auto"
     tp_size: int = 1
     target: str = "auto"
-    linear_method: str = "dense"  # how every Linear stores its weight and multiplies (kiln.layers.linear)
+    quantization: str = "none"  # the LinearMethod every Linear stores its weight and multiplies by (kiln.layers.linear)
 
     def __post_init__(self):
         for name in ("max_batch_size", "max_input_len", "max_seq_len", "max_num_tokens", "tokens_per_block"):

@@ -51,8 +51,8 @@ def hf_state_dict(weights: dict[str, torch.Tensor], mc: ModelConfig,
 def model_from_engine(engine_dir: str | Path, manifest: EngineManifest, device: torch.device,
                       progress: bool = True) -> transformers.PreTrainedModel:
     mc = manifest.model_config
-    if manifest.build_config.linear_method != "dense":
-        raise ConfigError(f"the engine stores its weights by the {manifest.build_config.linear_method!r} linear "
+    if manifest.build_config.quantization != "none":
+        raise ConfigError(f"the engine stores its weights by the {manifest.build_config.quantization!r} linear "
                           "method, which transformers cannot load; give the Hugging Face checkpoint with --hf-model")
     config = hf_config_class(mc.architecture)(**mc.to_hf_config())
     with torch.device(device):

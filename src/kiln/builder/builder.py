@@ -34,7 +34,7 @@ def resolve_build_config(model: ModelConfig, build: BuildConfig) -> BuildConfig:
     naming its field, its flag and the fix; a default never conflicts with a value given or the model."""
     target = detect_target() if build.target == "auto" else build.target
     dtype = resolve_dtype(build.dtype, model.checkpoint_dtype, target)
-    linear_method(build.linear_method)  # an unknown name fails naming the known ones
+    linear_method(build.quantization)  # an unknown name fails naming the known ones
     if model.sliding_window is not None and model.sliding_window < 1:
         raise ConfigError(f"sliding_window={model.sliding_window} leaves a query no key to attend to; set "
                           "sliding_window in config.json to the window the model was trained with (>= 1), or "
@@ -105,7 +105,7 @@ class Builder:
         resolved = resolve_build_config(model.config, BuildConfig.of(config))
         check_source(model)  # a source from a family class (LlamaForCausalLM.from_hugging_face) is checked here
         dtype = DTYPE_NAMES[resolved.dtype]
-        skeleton = model_skeleton(model.config, resolved.linear_method, dtype)
+        skeleton = model_skeleton(model.config, resolved.quantization, dtype)
         here = detect_target()
         # A GPU the build machine lacks: the engine is converted and validated here, and its kernel plan is
         # made by the first load on such a GPU (kiln.runtime.loader), which saves it in the engine folder.

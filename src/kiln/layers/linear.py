@@ -2,7 +2,7 @@
 
 A ``LinearMethod`` says (a) which tensors it stores for an [out, in] weight in an engine of a given dtype,
 (b) how the builder makes them from the checkpoint's float weight, (c) the matmul at run time. The engine's
-build config names the method (``BuildConfig.linear_method``, kept in the manifest); model files never do,
+build config names the method (``BuildConfig.quantization``, kept in the manifest); model files never do,
 so FP8 or INT4 weight-only is one new method class and one line in ``LINEAR_METHODS``.
 """
 
@@ -45,12 +45,12 @@ class DenseLinearMethod(LinearMethod):
         return F.linear(x, layer.weight, layer.bias)
 
 
-LINEAR_METHODS: dict[str, type[LinearMethod]] = {"dense": DenseLinearMethod}
+LINEAR_METHODS: dict[str, type[LinearMethod]] = {"none": DenseLinearMethod}  # BuildConfig.quantization -> method
 
 
 def linear_method(name: str) -> LinearMethod:
     if name not in LINEAR_METHODS:
-        raise ConfigError(f"unknown linear method {name!r}; known: {', '.join(LINEAR_METHODS)}")
+        raise ConfigError(f"unknown quantization {name!r}; this kiln knows {', '.join(LINEAR_METHODS)}")
     return LINEAR_METHODS[name]()
 
 

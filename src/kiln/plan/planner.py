@@ -12,6 +12,7 @@ from typing import Any
 
 from kiln.config import BuildConfig
 from kiln.errors import ConfigError, KilnError
+from kiln.layers import LINEAR_METHODS
 from kiln.models import ModelConfig, num_params
 from kiln.plan.roofline import GIB, GPU, Calibration, EngineShape, ModelShape, Precision
 
@@ -102,14 +103,13 @@ def gpu_refusal(gpu: GPU, precision: Precision, kv_dtype: str) -> str | None:
 
 def kiln_refusal(precision: Precision, kv_dtype: str, tp_size: int) -> str | None:
     """Why this kiln cannot build the candidate yet (asked of BuildConfig itself), or None."""
-    names = {f.name for f in dataclasses.fields(BuildConfig)}
     options: dict[str, Any] = {"tp_size": tp_size}
     if precision.name != "bf16":
-        if "quantization" not in names:
+        if precision.name not in LINEAR_METHODS:
             return f"this kiln does not build {precision.name} engines yet"
         options["quantization"] = precision.name
     if kv_dtype != "bf16":
-        if "kv_cache_dtype" not in names:
+        if "kv_cache_dtype" not in {f.name for f in dataclasses.fields(BuildConfig)}:
             return "this kiln does not store the KV cache in fp8 yet"
         options["kv_cache_dtype"] = kv_dtype
     try:
