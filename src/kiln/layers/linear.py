@@ -45,7 +45,8 @@ class DenseLinearMethod(LinearMethod):
         return F.linear(x, layer.weight, layer.bias)
 
 
-LINEAR_METHODS: dict[str, type[LinearMethod]] = {"none": DenseLinearMethod}  # BuildConfig.quantization -> method
+# BuildConfig.quantization -> method; kiln.layers.weight_only adds int8_wo and int4_wo (kiln.layers imports it).
+LINEAR_METHODS: dict[str, type[LinearMethod]] = {"none": DenseLinearMethod}
 
 
 def linear_method(name: str) -> LinearMethod:

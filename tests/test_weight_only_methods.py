@@ -1,0 +1,99 @@
+"""The int8_wo and int4_wo linear methods: their stored tensors, their matmul against the dequantized
+float weight at awkward shapes, and the accuracy of stories260K engines built with them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import STORIES_DIR
+from kiln import BuildConfig, Builder
+from kiln.convert import AutoModelForCausalLM
+from kiln.engine import EngineManifest
+from kiln.layers import Int4WeightOnlyMethod, Int8WeightOnlyMethod, LinearMethod
+from kiln.quantization.weight_only import dequantize_int4, dequantize_int8
+from kiln.runtime.llm import LLM, SamplingParams
+from kiln.runtime.loader import load_engine
+from test_models_vs_hf import kiln_logits
+
+BUILD = dict(max_batch_size=4, max_input_len=64, max_seq_len=320, max_num_tokens=256, dtype="float32", target="cpu")
+
+
+class FakeLinear:
+    """What a method's ``apply`` reads of its layer: the stored tensors and the bias."""
+
+    def __init__(self, method: LinearMethod, weight: torch.Tensor, bias: torch.Tensor | None):
+        self.__dict__.update(method.convert(weight, torch.float32), bias=bias)
+
+
+def dequantized(method: LinearMethod, layer: FakeLinear, in_features: int) -> torch.Tensor:
+    if isinstance(method, Int8WeightOnlyMethod):
+        return dequantize_int8(layer.qweight, layer.scales)
+    return dequantize_int4(layer.qweight, layer.scales, layer.zeros, method.group_size, in_features)
+
+
+@pytest.mark.parametrize("method", [Int8WeightOnlyMethod(), Int4WeightOnlyMethod()], ids=["int8_wo", "int4_wo"])
+@pytest.mark.parametrize("out_features,in_features,num_rows", [(251, 172, 1), (71, 172, 5), (33, 300, 17)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("has_bias", [False, True], ids=["", "bias"])
+def test_apply_matches_dequantize_then_linear(method, out_features, in_features, num_rows, dtype, has_bias):
+    gen = torch.Generator().manual_seed(out_features)
+    weight = torch.randn(out_features, in_features, generator=gen) / in_features ** 0.5
+    bias = torch.randn(out_features, generator=gen).to(dtype) if has_bias else None
+    x = torch.randn(num_rows, in_features, generator=gen).to(dtype)
+    layer = FakeLinear(method, weight, bias)
+    declared = method.tensors(out_features, in_features, dtype)
+    assert {name: (tuple(t.shape), t.dtype) for name, t in method.convert(weight, dtype).items()} == declared
+
+    got = method.apply(layer, x)
+    want = F.linear(x.float(), dequantized(method, layer, in_features)).to(dtype)
+    if bias is not None:
+        want = want + bias
+    assert got.dtype == dtype and got.shape == (num_rows, out_features)
+    tolerance = {torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]  # bf16: one rounding of outputs ~1 (+ bias)
+    torch.testing.assert_close(got, want, atol=tolerance, rtol=tolerance)
+    # The quantized weight is close to the float one: within half a step, so the outputs are near too.
+    assert (got.float() - F.linear(x.float(), weight, None if bias is None else bias.float())).abs().max() < 0.5
+
+
+@pytest.fixture(scope="module")
+def stories_engines(tmp_path_factory):
+    source = AutoModelForCausalLM.from_hugging_face(STORIES_DIR)
+    root = tmp_path_factory.mktemp("weight_only_engines")
+    return {quantization: Builder().build(source, BuildConfig(**BUILD, quantization=quantization))
+            .save(root / quantization, progress=False) for quantization in ("none", "int8_wo", "int4_wo")}
+
+
+def test_engines_store_the_packed_tensors_and_count_their_bytes(stories_engines):
+    manifests = {q: EngineManifest.read(d) for q, d in stories_engines.items()}
+    down = {q: {name.rpartition(".")[2]: {"shape": t["shape"], "dtype": t["dtype"]} for name, t in m.tensors.items()
+                if name.startswith("layers.0.mlp.down.")} for q, m in manifests.items()}
+    assert down["none"] == {"weight": {"shape": [64, 172], "dtype": "F32"}}
+    assert down["int8_wo"] == {"qweight": {"shape": [64, 172], "dtype": "I8"}, "scales": {"shape": [64], "dtype": "F32"}}
+    assert down["int4_wo"] == {"qweight": {"shape": [64, 32], "dtype": "I32"},  # K 172 padded to 256
+                               "scales": {"shape": [64, 2], "dtype": "F16"}, "zeros": {"shape": [64, 2], "dtype": "U8"}}
+    assert manifests["int4_wo"].tensors["embed.weight"]["dtype"] == "F32"  # embedding and LM head stay float
+    weight_bytes = {q: m.memory_plan["weight_bytes"] for q, m in manifests.items()}
+    # Per layer: qkv 128 x 64, o 64 x 64, gate_up 344 x 64, down 64 x 172 (INT4: K 64 -> 128, 172 -> 256).
+    linear_floats = 5 * (128 * 64 + 64 * 64 + 344 * 64 + 64 * 172)
+    others = weight_bytes["none"] - 4 * linear_floats
+    assert weight_bytes["int8_wo"] == others + linear_floats + 5 * 4 * (128 + 64 + 344 + 64)
+    int4_inputs = 5 * (128 * 128 + 64 * 128 + 344 * 128 + 64 * 256)
+    assert weight_bytes["int4_wo"] == others + int4_inputs // 2 + int4_inputs // 128 * 3
+
+
+def test_stories260k_top1_agreement_with_the_float_engine(stories_engines):
+    """Teacher-forced: greedy text of the float engine fed through each engine; at every position the
+    quantized engine's argmax is compared with the float engine's."""
+    prompts = ["Once upon a time", "Lily and Ben went to the park", "The little dog was sad because", "One day"]
+    with LLM(stories_engines["none"], progress=False) as llm:
+        outs = llm.generate(prompts, SamplingParams(max_tokens=256, temperature=0.0, ignore_eos=True),
+                            use_tqdm=False)
+    texts = [out.prompt_token_ids + out.outputs[0].token_ids for out in outs]
+    top1 = {q: torch.cat([logits.argmax(-1) for logits in kiln_logits(load_engine(d, progress=False), texts, chunk=64)])
+            for q, d in stories_engines.items()}
+    agreement = {q: (top1[q] == top1["none"]).float().mean().item() for q in ("int8_wo", "int4_wo")}
+    print(f"stories260K top-1 agreement with the float engine over {top1['none'].numel()} positions: "
+          + ", ".join(f"{q} {a:.1%}" for q, a in agreement.items()))
+    assert agreement["int8_wo"] >= 0.97 and agreement["int4_wo"] >= 0.80
