@@ -57,6 +57,19 @@ def test_apply_matches_dequantize_then_linear(method, out_features, in_features,
     assert (got.float() - F.linear(x.float(), weight, None if bias is None else bias.float())).abs().max() < 0.5
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", [Int8WeightOnlyMethod(), Int4WeightOnlyMethod()], ids=["int8_wo", "int4_wo"])
+@pytest.mark.parametrize("num_rows", [1, 5, 300])  # the GEMV, a few rows on tensor cores, tiled GEMM
+def test_apply_on_cuda_runs_the_triton_kernels_as_the_cpu_reference(method, num_rows):
+    gen = torch.Generator().manual_seed(num_rows)
+    weight = torch.randn(251, 172, generator=gen) / 172 ** 0.5
+    bias = torch.randn(251, generator=gen).to(torch.bfloat16)
+    x = torch.randn(num_rows, 172, generator=gen).to(torch.bfloat16)
+    on_cpu = FakeLinear(method, weight, bias)
+    on_cuda = FakeLinear(method, weight.cuda(), bias.cuda())
+    torch.testing.assert_close(method.apply(on_cuda, x.cuda()).cpu(), method.apply(on_cpu, x), atol=2e-2, rtol=2e-2)
+
+
 @pytest.fixture(scope="module")
 def stories_engines(tmp_path_factory):
     source = AutoModelForCausalLM.from_hugging_face(STORIES_DIR)
