@@ -83,7 +83,8 @@ def test_engines_store_the_packed_tensors_and_count_their_bytes(stories_engines)
     down = {q: {name.rpartition(".")[2]: {"shape": t["shape"], "dtype": t["dtype"]} for name, t in m.tensors.items()
                 if name.startswith("layers.0.mlp.down.")} for q, m in manifests.items()}
     assert down["none"] == {"weight": {"shape": [64, 172], "dtype": "F32"}}
-    assert down["int8_wo"] == {"qweight": {"shape": [64, 172], "dtype": "I8"}, "scales": {"shape": [64], "dtype": "F32"}}
+    assert down["int8_wo"] == {"qweight": {"shape": [64, 172], "dtype": "I8"},
+                               "scales": {"shape": [64], "dtype": "F32"}}
     assert down["int4_wo"] == {"qweight": {"shape": [64, 32], "dtype": "I32"},  # K 172 padded to 256
                                "scales": {"shape": [64, 2], "dtype": "F16"}, "zeros": {"shape": [64, 2], "dtype": "U8"}}
     assert manifests["int4_wo"].tensors["embed.weight"]["dtype"] == "F32"  # embedding and LM head stay float
