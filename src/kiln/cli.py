@@ -205,16 +205,18 @@ def _add_inspect(sub) -> None:
 
 def cmd_inspect(args) -> int:
     from kiln.engine.manifest import EngineManifest
+    from kiln.layers import linear_method
     from kiln.models import num_params
 
     m = EngineManifest.read(args.engine)
     files = _file_sizes(Path(args.engine))
+    linear_kernels = linear_method(m.build_config.quantization).kernels(m.target, m.dtype)
     summary = {
         "engine": str(args.engine), "kiln_version": m.kiln_version, "format_version": m.format_version,
         "target": {"name": m.target, "device": m.target_device_name},
         "model": m.model_config.to_dict(), "limits": m.build_config.to_dict(),
         "memory_plan": m.memory_plan, "kernel_plan": m.kernel_plan, "kernel_plan_tuned": m.is_kernel_plan_tuned,
-        "files": files,
+        "files": files, "linear_kernels": linear_kernels,
     }
     if args.json:
         print(json.dumps(summary, indent=2))
@@ -223,6 +225,8 @@ def cmd_inspect(args) -> int:
     print(f"engine        {args.engine}  (kiln {m.kiln_version}, format {m.format_version}, built {m.created})")
     print(f"target        {m.target} ({m.target_device_name}), dtype {bc.dtype}, quantization {bc.quantization}, "
           f"tp {bc.tp_size}")
+    if linear_kernels:
+        print(f"linear layers {linear_kernels}")
     print(f"model         {mc.architecture}: {mc.num_layers} layers, hidden {mc.hidden_size}, heads {mc.num_heads}/"
           f"{mc.num_kv_heads} kv x {mc.head_dim}, mlp {mc.intermediate_size}, vocab {mc.vocab_size}, "
           f"rope {mc.rope.rope_type} theta {mc.rope.theta:g}, {num_params(mc) / 1e6:.1f}M params")

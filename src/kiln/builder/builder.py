@@ -34,7 +34,10 @@ def resolve_build_config(model: ModelConfig, build: BuildConfig) -> BuildConfig:
     naming its field, its flag and the fix; a default never conflicts with a value given or the model."""
     target = detect_target() if build.target == "auto" else build.target
     dtype = resolve_dtype(build.dtype, model.checkpoint_dtype, target)
-    linear_method(build.quantization)  # an unknown name fails naming the known ones
+    refusal = linear_method(build.quantization).target_refusal(target)  # an unknown name fails naming the known ones
+    if refusal:
+        raise ConfigError(f"quantization={build.quantization!r} (--quantization {build.quantization}) for target "
+                          f"{target}: {refusal}")
     if model.sliding_window is not None and model.sliding_window < 1:
         raise ConfigError(f"sliding_window={model.sliding_window} leaves a query no key to attend to; set "
                           "sliding_window in config.json to the window the model was trained with (>= 1), or "
