@@ -50,9 +50,11 @@ def _add_build(sub) -> None:
                    help="weight and activation dtype; auto keeps the checkpoint's (float32 on CPU for float16)")
     p.add_argument("--target", choices=TARGETS, default="auto",
                    help="GPU architecture (or cpu); auto detects this machine's")
-    p.add_argument("--quantization", default="none",
-                   help="how every linear layer stores its weight and multiplies: none (the dtype's own), or a "
-                        "quantization method this kiln knows (default none)")
+    p.add_argument("--quantization", default="auto",
+                   help="how every linear layer stores its weight and multiplies: none (the dtype's own), fp8 "
+                        "(e4m3 weights, a scale per output channel, activations per token: needs sm89+ or the "
+                        "CPU reference), or another method this kiln knows; auto (default): the checkpoint's own "
+                        "(fp8 for a ModelOpt / compressed-tensors FP8 folder), else none")
     p.add_argument("--dummy-weights", action="store_true",
                    help="random weights of the model's shapes, made on the device (for presets; no download)")
     p.add_argument("--no-tune", action="store_true", help="skip kernel tuning on the GPU (default configs)")

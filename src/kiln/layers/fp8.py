@@ -15,20 +15,29 @@ import torch
 
 from kiln.kernels.fp8 import MAX_GEMV_ROWS, fp8_linear, scaled_mm_refusal
 from kiln.layers.linear import Linear, LinearMethod
-from kiln.quantization.fp8 import FP8_DTYPE, fp8_linear_ref, quantize_fp8_weight
+from kiln.quantization.fp8 import FP8_DTYPE, Fp8Linear, fp8_linear_ref, quantize_fp8_weight
 
 # FP8 tensor cores: Ada (sm89) and Hopper (sm90+). Below, no FP8 matmul and no e4m3 conversion in hardware.
 MIN_FP8_CAPABILITY = 89
 
 
 class Fp8LinearMethod(LinearMethod):
-    """"fp8": e4m3 weights, a float32 scale per output channel, activations per token (dynamic)."""
+    """"fp8": e4m3 weights, a float32 scale per output channel, activations per token (dynamic).
+
+    A pre-quantized checkpoint's weights (an ``Fp8Linear`` from kiln.convert.fp8_checkpoints, Q/K/V fused
+    with a scale per row) are stored as they come; a per-tensor scale is repeated per row, which changes
+    nothing. Static input scales are not used: activations are always quantized per token (finer)."""
+
+    takes_fp8_weights = True  # convert accepts an Fp8Linear as well as a float weight
 
     def tensors(self, out_features, in_features, dtype):
         return {"weight": ((out_features, in_features), FP8_DTYPE),
                 "weight_scale": ((out_features, 1), torch.float32)}
 
     def convert(self, weight, dtype):
+        if isinstance(weight, Fp8Linear):
+            num_rows = weight.weight.shape[0]
+            return {"weight": weight.weight, "weight_scale": weight.weight_scale.reshape(-1, 1).expand(num_rows, 1)}
         weight_fp8, weight_scale = quantize_fp8_weight(weight.float(), "channel")
         return {"weight": weight_fp8, "weight_scale": weight_scale}
 

@@ -19,6 +19,7 @@ from kiln.layers.base import SMALL_STD, CheckpointTensor, Layer, empty_parameter
 
 
 class LinearMethod(ABC):
+    takes_fp8_weights = False  # convert also accepts a pre-quantized FP8 checkpoint's Fp8Linear
     @abstractmethod
     def tensors(self, out_features: int, in_features: int, dtype: torch.dtype
                 ) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
