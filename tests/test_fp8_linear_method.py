@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from conftest import STORIES_DIR, build_engine
 from kiln import LLM, BuildConfig, Builder, SamplingParams
 from kiln.convert import AutoModelForCausalLM
+from kiln.bench.report import engine_details
 from kiln.engine import EngineManifest
 from kiln.errors import ConfigError
 from kiln.layers import linear_method
@@ -105,6 +106,8 @@ def test_fp8_engine_for_a_gpu_this_machine_lacks_builds_and_inspect_says_how_it_
     summary = json.loads(subprocess.run([sys.executable, "-m", "kiln.cli", "inspect", str(engine_dir), "--json"],
                                         capture_output=True, text=True, check=True).stdout)
     assert summary["limits"]["quantization"] == "fp8" and "GEMV" in summary["linear_kernels"]
+    report = engine_details(engine_dir, EngineManifest.read(engine_dir), "kiln", "0", "bfloat16")
+    assert report["quantization"] == "fp8"  # kiln bench's report
 
 
 STORY_PROMPTS = ["Once upon a time, there was a little girl named Lily.", "Tom and his dog went to the park.",

@@ -65,8 +65,9 @@ def large_batch_kernel(target: str, dtype: torch.dtype) -> str:
     multiples of 16 take the GEMV too, layer by layer."""
     if target == "cpu":
         return "fp8_linear_ref (CPU reference: W8A8 arithmetic in float32)"
-    capability = divmod(int(target[2:]), 10)
-    refusal = scaled_mm_refusal(16, 16, dtype, is_rowwise=True, capability=capability)
+    if int(target.removeprefix("sm")) < 90:  # not scaled_mm_refusal's advice for Ada: per-tensor scales
+        return "the W8A16 GEMV at every batch size (row-wise torch._scaled_mm needs Hopper (sm90+))"
+    refusal = scaled_mm_refusal(16, 16, dtype, is_rowwise=True, capability=(9, 0))
     if refusal is None:
         return f"torch._scaled_mm row-wise W8A8 above {MAX_GEMV_ROWS} rows, the W8A16 GEMV below"
     return f"the W8A16 GEMV at every batch size ({refusal})"
