@@ -11,7 +11,8 @@ from conftest import STORIES_DIR
 from kiln import BuildConfig, Builder
 from kiln.convert import AutoModelForCausalLM
 from kiln.engine import EngineManifest
-from kiln.layers import Int4WeightOnlyMethod, Int8WeightOnlyMethod, LinearMethod
+from kiln.layers import LinearMethod
+from kiln.layers.weight_only import Int4WeightOnlyMethod, Int8WeightOnlyMethod
 from kiln.quantization.weight_only import dequantize_int4, dequantize_int8
 from kiln.runtime.llm import LLM, SamplingParams
 from kiln.runtime.loader import load_engine

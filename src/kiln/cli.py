@@ -50,9 +50,11 @@ def _add_build(sub) -> None:
                    help="weight and activation dtype; auto keeps the checkpoint's (float32 on CPU for float16)")
     p.add_argument("--target", choices=TARGETS, default="auto",
                    help="GPU architecture (or cpu); auto detects this machine's")
-    p.add_argument("--quantization", default="none",
-                   help="how every linear layer stores its weight and multiplies: none (the dtype's own), or a "
-                        "quantization method this kiln knows (default none)")
+    p.add_argument("--quantization", default="auto",
+                   help="how every linear layer stores its weight and multiplies: none (the dtype's own), fp8 "
+                        "(e4m3 weights, a scale per output channel, activations per token: needs sm89+ or the "
+                        "CPU reference), or another method this kiln knows; auto (default): the checkpoint's own "
+                        "(fp8 for a ModelOpt / compressed-tensors FP8 folder), else none")
     p.add_argument("--dummy-weights", action="store_true",
                    help="random weights of the model's shapes, made on the device (for presets; no download)")
     p.add_argument("--no-tune", action="store_true", help="skip kernel tuning on the GPU (default configs)")
@@ -205,16 +207,18 @@ def _add_inspect(sub) -> None:
 
 def cmd_inspect(args) -> int:
     from kiln.engine.manifest import EngineManifest
+    from kiln.layers import linear_method
     from kiln.models import num_params
 
     m = EngineManifest.read(args.engine)
     files = _file_sizes(Path(args.engine))
+    linear_kernels = linear_method(m.build_config.quantization).kernels(m.target, m.dtype)
     summary = {
         "engine": str(args.engine), "kiln_version": m.kiln_version, "format_version": m.format_version,
         "target": {"name": m.target, "device": m.target_device_name},
         "model": m.model_config.to_dict(), "limits": m.build_config.to_dict(),
         "memory_plan": m.memory_plan, "kernel_plan": m.kernel_plan, "kernel_plan_tuned": m.is_kernel_plan_tuned,
-        "files": files,
+        "files": files, "linear_kernels": linear_kernels,
     }
     if args.json:
         print(json.dumps(summary, indent=2))
@@ -223,6 +227,8 @@ def cmd_inspect(args) -> int:
     print(f"engine        {args.engine}  (kiln {m.kiln_version}, format {m.format_version}, built {m.created})")
     print(f"target        {m.target} ({m.target_device_name}), dtype {bc.dtype}, quantization {bc.quantization}, "
           f"tp {bc.tp_size}")
+    if linear_kernels:
+        print(f"linear layers {linear_kernels}")
     print(f"model         {mc.architecture}: {mc.num_layers} layers, hidden {mc.hidden_size}, heads {mc.num_heads}/"
           f"{mc.num_kv_heads} kv x {mc.head_dim}, mlp {mc.intermediate_size}, vocab {mc.vocab_size}, "
           f"rope {mc.rope.rope_type} theta {mc.rope.theta:g}, {num_params(mc) / 1e6:.1f}M params")

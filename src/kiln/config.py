@@ -54,7 +54,9 @@ class BuildConfig:
     dtype: str = "auto"
     tp_size: int = 1
     target: str = "auto"
-    quantization: str = "none"  # the LinearMethod every Linear stores its weight and multiplies by (kiln.layers.linear)
+    # The LinearMethod every Linear stores its weight and multiplies by (kiln.layers.linear); "auto": the
+    # checkpoint's own ("fp8" for a pre-quantized FP8 folder), else "none".
+    quantization: str = "auto"
 
     def __post_init__(self):
         for name in ("max_batch_size", "max_input_len", "max_seq_len", "max_num_tokens", "tokens_per_block"):
@@ -81,7 +83,7 @@ class BuildConfig:
     def is_resolved(self) -> bool:
         """Every field has its value (as in an engine's manifest), none is left to the builder."""
         return None not in (self.max_batch_size, self.max_input_len, self.max_seq_len, self.max_num_tokens,
-                            self.tokens_per_block) and "auto" not in (self.dtype, self.target)
+                            self.tokens_per_block) and "auto" not in (self.dtype, self.target, self.quantization)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -18,6 +18,7 @@ from kiln.config import BUILD_DEFAULTS, BuildConfig
 from kiln.convert import AutoModelForCausalLM, ModelSource, check_source
 from kiln.convert.checkpoint import CheckpointReader
 from kiln.convert.converter import convert_checkpoint, dummy_weights
+from kiln.convert.fp8_checkpoints import detect_fp8_format
 from kiln.engine import Engine, EngineManifest
 from kiln.engine.target import detect_target, device_name, resolve_dtype
 from kiln.engine.weights import DTYPE_NAMES
@@ -28,13 +29,19 @@ from kiln.models import CausalLM, model_skeleton
 from kiln.models.config import ModelConfig
 
 
-def resolve_build_config(model: ModelConfig, build: BuildConfig) -> BuildConfig:
+def resolve_build_config(model: ModelConfig, build: BuildConfig, checkpoint_dir: str | Path | None = None
+                         ) -> BuildConfig:
     """The one place build defaults are chosen (Builder.build, ``kiln build``, LLM on a Hugging Face
-    folder): every unset field fitted to the model and this machine. A value given is kept, or refused
+    folder): every unset field fitted to the model, its checkpoint (``checkpoint_dir``, None for dummy
+    weights: its configs only, no weight is read) and this machine. A value given is kept, or refused
     naming its field, its flag and the fix; a default never conflicts with a value given or the model."""
     target = detect_target() if build.target == "auto" else build.target
     dtype = resolve_dtype(build.dtype, model.checkpoint_dtype, target)
-    linear_method(build.quantization)  # an unknown name fails naming the known ones
+    quantization = _resolve_quantization(build.quantization, checkpoint_dir)
+    refusal = linear_method(quantization).target_refusal(target)  # an unknown name fails naming the known ones
+    if refusal:
+        raise ConfigError(f"quantization={quantization!r} (--quantization {quantization}) for target "
+                          f"{target}: {refusal}")
     if model.sliding_window is not None and model.sliding_window < 1:
         raise ConfigError(f"sliding_window={model.sliding_window} leaves a query no key to attend to; set "
                           "sliding_window in config.json to the window the model was trained with (>= 1), or "
@@ -47,10 +54,23 @@ def resolve_build_config(model: ModelConfig, build: BuildConfig) -> BuildConfig:
                               f"{longest} or less")
     seq_len = build.max_seq_len or max(min(BUILD_DEFAULTS["max_seq_len"], longest), build.max_input_len or 0)
     return build.replace(
-        target=target, dtype=dtype, max_seq_len=seq_len,
+        target=target, dtype=dtype, quantization=quantization, max_seq_len=seq_len,
         max_input_len=build.max_input_len or min(BUILD_DEFAULTS["max_input_len"], seq_len),
         **{name: getattr(build, name) or BUILD_DEFAULTS[name]
            for name in ("max_batch_size", "max_num_tokens", "tokens_per_block")})
+
+
+def _resolve_quantization(quantization: str, checkpoint_dir: str | Path | None) -> str:
+    """"auto" -> the checkpoint's quantization; a pre-quantized FP8 checkpoint builds "fp8" engines only
+    (its weights are taken as stored), so another value given fails."""
+    fp8_format = detect_fp8_format(checkpoint_dir) if checkpoint_dir is not None else None
+    if fp8_format is None:
+        return "none" if quantization == "auto" else quantization
+    if quantization not in ("auto", "fp8"):
+        raise ConfigError(f"{checkpoint_dir} holds {fp8_format} weights, which build fp8 engines only; leave out "
+                          f"quantization={quantization!r} (--quantization), or build {quantization} from the float "
+                          "checkpoint")
+    return "fp8"
 
 
 def _longest_sequence(model: ModelConfig) -> tuple[int, str]:
@@ -102,7 +122,7 @@ class Builder:
         elif not isinstance(model, ModelSource):
             raise ConfigError(f"Builder.build takes a model from AutoModelForCausalLM.from_hugging_face(path) or "
                               f"from_preset(name), or a Hugging Face folder's path; got {type(model).__name__}")
-        resolved = resolve_build_config(model.config, BuildConfig.of(config))
+        resolved = resolve_build_config(model.config, BuildConfig.of(config), model.checkpoint_dir)
         check_source(model)  # a source from a family class (LlamaForCausalLM.from_hugging_face) is checked here
         dtype = DTYPE_NAMES[resolved.dtype]
         skeleton = model_skeleton(model.config, resolved.quantization, dtype)

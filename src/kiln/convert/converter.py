@@ -15,11 +15,13 @@ from collections.abc import Iterator
 import torch
 
 from kiln.convert.checkpoint import CheckpointReader
+from kiln.convert.fp8_checkpoints import Fp8CheckpointReader, detect_fp8_format, is_fp8_metadata
 from kiln.errors import CheckpointError
 from kiln.layers import Layer, checkpoint_layers
 from kiln.layers.base import ONES
 from kiln.models import CausalLM, family
 from kiln.models.registry import hf_sources
+from kiln.quantization.fp8 import fuse_fp8_linears
 
 
 def check_checkpoint(model: CausalLM, reader: CheckpointReader) -> None:
@@ -30,7 +32,8 @@ def check_checkpoint(model: CausalLM, reader: CheckpointReader) -> None:
                 for name, tensor in layer.checkpoint_tensors.items()}
     sources = {name: hf_sources(fam.HF_NAMES, name) for name in declared}
     ignored = re.compile("|".join(fam.HF_IGNORED))
-    present = {n for n in reader.names() if not ignored.match(n)}
+    is_fp8 = detect_fp8_format(reader.path) is not None
+    present = {n for n in reader.names() if not ignored.match(n) and not (is_fp8 and is_fp8_metadata(n))}
     if config.tie_word_embeddings:  # some tied checkpoints store a copy; the embedding is used
         present -= set(hf_sources(fam.HF_NAMES, "lm_head.weight"))
     needed = {src for srcs in sources.values() for src in srcs}
@@ -54,12 +57,25 @@ def check_checkpoint(model: CausalLM, reader: CheckpointReader) -> None:
 
 def convert_checkpoint(model: CausalLM, reader: CheckpointReader) -> Iterator[tuple[str, torch.Tensor]]:
     """Yields (kiln name, tensor) in the model's parameter order: fused, converted, contiguous, on the
-    host. Names and shapes were checked by check_checkpoint."""
+    host. Names and shapes were checked by check_checkpoint.
+
+    A pre-quantized FP8 checkpoint's weights go to a block as one ``Fp8Linear`` (parts fused with a scale
+    per row, nothing requantized) where the block's method takes them (``takes_fp8_weights``), else
+    dequantized to float32."""
     names = family(model.config.architecture).HF_NAMES
+    fp8 = Fp8CheckpointReader(reader.path, reader) if detect_fp8_format(reader.path) is not None else None
     for prefix, layer in checkpoint_layers(model):
+        takes_fp8 = getattr(getattr(layer, "method", None), "takes_fp8_weights", False)
         tensors = {}
         for name in layer.checkpoint_tensors:
-            parts = [reader.get(src) for src in hf_sources(names, prefix + name)]
+            sources = hf_sources(names, prefix + name)
+            modules = [src.removesuffix(".weight") for src in sources]
+            if fp8 is not None and all(src.endswith(".weight") and fp8.is_quantized(m)
+                                       for src, m in zip(sources, modules)):
+                fused = fuse_fp8_linears([fp8.linear(m) for m in modules])
+                tensors[name] = fused if takes_fp8 else fused.weight.float() * fused.weight_scale
+                continue
+            parts = [reader.get(src) for src in sources]
             tensors[name] = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
         yield from _stored(prefix, layer, tensors)
 

@@ -9,7 +9,6 @@ from kiln.layers.linear import LINEAR_METHODS, DenseLinearMethod, Linear, Linear
 from kiln.layers.mlp import MLP, GatedMLP
 from kiln.layers.norm import LayerNorm, RMSNorm
 from kiln.layers.rotary import Rotary
-from kiln.layers.weight_only import Int4WeightOnlyMethod, Int8WeightOnlyMethod
 
 
 def kernel_ops_of(model) -> tuple[str, ...]:
@@ -17,6 +16,5 @@ def kernel_ops_of(model) -> tuple[str, ...]:
     return tuple(sorted({op for module in model.modules() for op in getattr(module, "kernel_ops", ())}))
 
 
-__all__ = ["Attention", "DenseLinearMethod", "Embedding", "GatedMLP", "Int4WeightOnlyMethod", "Int8WeightOnlyMethod",
-           "LINEAR_METHODS", "LMHead", "Layer", "LayerContext", "LayerNorm", "Linear", "LinearMethod", "MLP", "RMSNorm",
+__all__ = ["Attention", "DenseLinearMethod", "Embedding", "GatedMLP", "LINEAR_METHODS", "LMHead", "Layer", "LayerContext", "LayerNorm", "Linear", "LinearMethod", "MLP", "RMSNorm",
            "Rotary", "checkpoint_layers", "kernel_ops_of", "linear_method", "load_parameters"]

@@ -8,6 +8,7 @@ so FP8 or INT4 weight-only is one new method class and one line in ``LINEAR_METH
 
 from __future__ import annotations
 
+import importlib
 from abc import ABC, abstractmethod
 
 import torch
@@ -18,6 +19,7 @@ from kiln.layers.base import SMALL_STD, CheckpointTensor, Layer, empty_parameter
 
 
 class LinearMethod(ABC):
+    takes_fp8_weights = False  # convert also accepts a pre-quantized FP8 checkpoint's Fp8Linear
     @abstractmethod
     def tensors(self, out_features: int, in_features: int, dtype: torch.dtype
                 ) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
@@ -30,6 +32,16 @@ class LinearMethod(ABC):
     @abstractmethod
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         """x [T, in_features] -> [T, out_features], with the layer's bias (None or [out_features])."""
+
+    def target_refusal(self, target: str) -> str | None:
+        """Why an engine for ``target`` (``sm90``, ``cpu``) cannot use this method, or None. Asked at build,
+        of the target rather than the build machine; the CPU runs every method's reference."""
+        return None
+
+    def kernels(self, target: str, dtype: torch.dtype) -> str | None:
+        """Which matmul an engine for ``target`` in ``dtype`` runs, where it depends on them (kiln inspect
+        prints it), or None."""
+        return None
 
 
 class DenseLinearMethod(LinearMethod):
@@ -45,14 +57,24 @@ class DenseLinearMethod(LinearMethod):
         return F.linear(x, layer.weight, layer.bias)
 
 
-# BuildConfig.quantization -> method; kiln.layers.weight_only adds int8_wo and int4_wo (kiln.layers imports it).
-LINEAR_METHODS: dict[str, type[LinearMethod]] = {"none": DenseLinearMethod}
+# BuildConfig.quantization -> method: its class, or "module:Class" for one in its own file (imported when
+# first asked for, as the model registry does, since such a file imports this one).
+LINEAR_METHODS: dict[str, type[LinearMethod] | str] = {
+    "none": DenseLinearMethod,
+    "fp8": "kiln.layers.fp8:Fp8LinearMethod",
+    "int8_wo": "kiln.layers.weight_only:Int8WeightOnlyMethod",
+    "int4_wo": "kiln.layers.weight_only:Int4WeightOnlyMethod",
+}
 
 
 def linear_method(name: str) -> LinearMethod:
     if name not in LINEAR_METHODS:
         raise ConfigError(f"unknown quantization {name!r}; this kiln knows {', '.join(LINEAR_METHODS)}")
-    return LINEAR_METHODS[name]()
+    method = LINEAR_METHODS[name]
+    if isinstance(method, str):
+        module, _, cls = method.partition(":")
+        method = getattr(importlib.import_module(module), cls)
+    return method()
 
 
 class Linear(Layer):

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from kiln.kernels.weight_only import w4a16_matmul_ref, w4a16_matmul_triton, w8a16_matmul_ref, w8a16_matmul_triton
-from kiln.layers.linear import LINEAR_METHODS, LinearMethod
+from kiln.layers.linear import LinearMethod
 from kiln.quantization.weight_only import INT4_PER_WORD, padded_in_features, quantize_int4, quantize_int8
 
 
@@ -60,5 +60,3 @@ class Int4WeightOnlyMethod(LinearMethod):
         return _with_bias(out, layer.bias)
 
 
-LINEAR_METHODS["int8_wo"] = Int8WeightOnlyMethod
-LINEAR_METHODS["int4_wo"] = Int4WeightOnlyMethod

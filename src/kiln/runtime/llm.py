@@ -97,7 +97,7 @@ def ensure_engine(model: str | Path | None, build_config: BuildConfig | dict | N
     source = AutoModelForCausalLM.from_hugging_face(path)
     if build_config is None and path == DEFAULT_MODEL_DIR:
         build_config = BuildConfig(max_batch_size=64, max_input_len=256, max_seq_len=512, max_num_tokens=2048)
-    resolved = resolve_build_config(source.config, BuildConfig.of(build_config))
+    resolved = resolve_build_config(source.config, BuildConfig.of(build_config), source.checkpoint_dir)
     stamp = [__version__, ENGINE_FORMAT_VERSION, str(path.resolve()), resolved.to_dict()]
     stamp += [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(path.iterdir()) if f.is_file()]
     key = hashlib.sha256(json.dumps(stamp, sort_keys=True).encode()).hexdigest()[:16]
