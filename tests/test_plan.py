@@ -83,7 +83,7 @@ def test_fp8_refused_on_an_a100_with_what_to_use_instead():
     cal, _ = calib.load_stored()
     plan = make_plan("llama-3-8b", LLAMA3_8B, gpu_named("a100-80gb"), cal, Workload(128, 128, 1000))
     fp8 = [r for r in plan.rows if r.quantization == "fp8"]
-    assert fp8 and all(not r.fits and "sm89" in r.reason and "int4_awq" in r.reason for r in fp8)
+    assert fp8 and all(not r.fits and "sm89" in r.reason and "int4_wo" in r.reason for r in fp8)
     h200 = make_plan("llama-3-8b", LLAMA3_8B, gpu_named("h200"), cal, Workload(128, 128, 1000))
     assert all(r.fits for r in h200.rows if r.quantization == "fp8")
 

@@ -69,7 +69,8 @@ def cmd_plan(args) -> int:
         if value < 1:
             raise ConfigError(f"{name} must be a positive integer, got {value}")
     tp_sizes = _tp_sizes(args.tp)
-    plan = make_plan(args.model, config, gpu, cal, Workload(isl, osl, n, args.max_latency_ms), tp_sizes)
+    plan = make_plan(args.model, config, gpu, cal, Workload(isl, osl, n, args.max_latency_ms), tp_sizes,
+                     measured=frozenset(m.precision for m in stored))
     if args.json:
         print(json.dumps(plan_json(plan, config, cal), indent=1))
     else:
@@ -179,7 +180,7 @@ def render(plan, config, cal) -> str:
               "tok/s", "tok/s/GPU", "TTFT ms", "note")
     table = [header]
     for r in plan.rows:
-        note = r.reason or ""
+        note = r.note
         table.append((r.quantization, r.kv_cache_dtype, str(r.tp_size), "yes" if r.fits else "no",
                       _fmt(r.weights_gib, ".1f"), _fmt(r.kv_tokens or None), _fmt(r.concurrent_requests or None),
                       _fmt(r.max_batch_size or None), _fmt(r.bs1_tok_s), _fmt(r.throughput_tok_s),
@@ -207,7 +208,7 @@ def render(plan, config, cal) -> str:
     best = rec["throughput"]
     if later is not None and (best is None or (later.throughput_per_gpu_tok_s or 0) > (best.throughput_per_gpu_tok_s or 0)):
         lines.append(f"later: {later.quantization} weights / {later.kv_cache_dtype} KV / tp {later.tp_size} would give "
-                     f"{_fmt(later.throughput_per_gpu_tok_s)} tok/s/GPU; {later.reason}")
+                     f"{_fmt(later.throughput_per_gpu_tok_s)} tok/s/GPU; {later.note}")
     return "\n".join(lines)
 
 

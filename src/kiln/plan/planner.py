@@ -84,10 +84,19 @@ class Row:
     throughput_per_gpu_tok_s: float | None
     ttft_ms: float | None
     request_latency_ms: float | None  # one request alone: TTFT + the rest of its tokens at batch 1
+    is_measured: bool = False  # kiln has measured this precision: its predictions are calibrated, not extrapolated
 
     @property
     def buildable(self) -> bool:
         return self.fits and self.reason is None
+
+    @property
+    def note(self) -> str:
+        if self.reason:
+            return self.reason
+        if self.fits and not self.is_measured:
+            return f"builds; no kiln measurement of {self.quantization} yet: predicted from bf16's efficiencies"
+        return ""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -97,7 +106,7 @@ def gpu_refusal(gpu: GPU, precision: Precision, kv_dtype: str) -> str | None:
     """Why this GPU cannot run the candidate (TensorRT-LLM's precision matrix), or None."""
     if gpu.sm < precision.min_sm:
         return (f"{precision.name} needs sm{precision.min_sm}+ (FP8 tensor cores: Ada, Hopper); {gpu.key} is "
-                f"sm{gpu.sm}: use int8_wo or int4_awq")
+                f"sm{gpu.sm}: use int8_wo or int4_wo (weight-only)")
     return None
 
 
@@ -201,7 +210,8 @@ class Plan:
     rows: list[Row]
 
     def recommended(self) -> dict[str, Row | None]:
-        buildable = [r for r in self.rows if r.buildable]
+        """The best buildable rows whose predictions are calibrated (a precision kiln has measured)."""
+        buildable = [r for r in self.rows if r.buildable and r.is_measured]
         latency_ok = [r for r in buildable if self.workload.max_latency_ms is None
                       or (r.request_latency_ms or math.inf) <= self.workload.max_latency_ms]
         throughput = max(latency_ok, key=lambda r: ((r.throughput_per_gpu_tok_s or 0), -r.tp_size), default=None)
@@ -209,14 +219,18 @@ class Plan:
         return {"throughput": throughput, "latency": latency}
 
     def best_unavailable(self) -> Row | None:
-        """The fastest candidate that fits the GPU but that this kiln cannot build yet."""
-        later = [r for r in self.rows if r.fits and r.reason]
+        """The fastest candidate that fits the GPU but is not recommended: this kiln cannot build it yet, or
+        has not measured its precision."""
+        later = [r for r in self.rows if r.fits and (r.reason or not r.is_measured)]
         return max(later, key=lambda r: r.throughput_per_gpu_tok_s or 0, default=None)
 
 
 def make_plan(model_name: str, config: Any, gpu: GPU, cal: Calibration, workload: Workload,
               tp_sizes: tuple[int, ...] = (1,), quantizations: tuple[str, ...] = tuple(PRECISIONS),
-              kv_dtypes: tuple[str, ...] = tuple(KV_DTYPES)) -> Plan:
+              kv_dtypes: tuple[str, ...] = tuple(KV_DTYPES), measured: frozenset[str] = frozenset({"bf16"})) -> Plan:
+    """``measured``: the precisions the calibration has kiln measurements of."""
     shape = model_shape(config)
     rows = [plan_row(shape, gpu, cal, workload, q, kv, tp) for tp in tp_sizes for q in quantizations for kv in kv_dtypes]
+    for row in rows:
+        row.is_measured = row.quantization in measured
     return Plan(model_name, gpu, workload, rows)
