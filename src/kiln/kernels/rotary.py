@@ -38,12 +38,22 @@ def rope_cos_sin(rope: RopeConfig, head_dim: int, max_positions: int) -> torch.T
     return torch.cat([freqs.cos(), freqs.sin()], dim=-1)
 
 
-def apply_rope_ref(x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
-    """x: [T, heads, head_dim]; cos_sin: [T, head_dim] (already gathered by position)."""
+def apply_rope_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [T, heads, head_dim]; cos, sin: [T, 1, head_dim] float32 (see rope_cos_sin_rows). Hugging Face's
+    form, x * cos + rotate_half(x) * sin: the first half is x1 * cos - x2 * sin, the second x2 * cos + x1 * sin
+    (the negation is exact, so these are the products and sums the Triton kernel rounds)."""
     half = x.shape[-1] // 2
-    cos, sin = cos_sin[:, None, :half], cos_sin[:, None, half:]
-    x1, x2 = x[..., :half].float(), x[..., half:].float()
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+    xf = x.float()
+    return (xf * cos + torch.cat([xf[..., half:], xf[..., :half]], dim=-1) * sin).to(x.dtype)
+
+
+def rope_cos_sin_rows(cos_sin_cache: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cos and sin rows [T, 1, head_dim] of each position for apply_rope_ref: each half of the cache
+    row repeated, the sin of the first half negated (rotate_half)."""
+    cos_sin = cos_sin_cache[positions][:, None]
+    half = cos_sin.shape[-1] // 2
+    cos, sin = cos_sin[..., :half], cos_sin[..., half:]
+    return torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)
 
 
 def rotary_kv_write_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
@@ -54,13 +64,14 @@ def rotary_kv_write_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, posit
     q: [T, Hq, D], k / v: [T, Hkv, D], k_cache / v_cache: [num_blocks, block_size, Hkv, D],
     slot_mapping: [T] flat slot (block * block_size + offset); a negative slot writes nothing (padding).
     """
-    cos_sin = cos_sin_cache[positions]
-    q_rot = apply_rope_ref(q, cos_sin)
-    k_rot = apply_rope_ref(k, cos_sin)
+    cos, sin = rope_cos_sin_rows(cos_sin_cache, positions)
+    q_rot = apply_rope_ref(q, cos, sin)
+    k_rot = apply_rope_ref(k, cos, sin)
     valid = slot_mapping >= 0
-    slots = slot_mapping[valid]
-    k_cache.view(-1, *k_cache.shape[2:])[slots] = k_rot[valid].to(k_cache.dtype)
-    v_cache.view(-1, *v_cache.shape[2:])[slots] = v[valid].to(v_cache.dtype)
+    if not valid.all():  # padding rows (CUDA-graph batches only): one test, not three boolean indexings
+        slot_mapping, k_rot, v = slot_mapping[valid], k_rot[valid], v[valid]
+    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k_rot.to(k_cache.dtype))
+    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
     return q_rot
 
 
