@@ -111,16 +111,10 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Te
     """Softmax attention in float32. q: [N, Q, Hq, D]; k, v: [N, L, Hkv, D]; visible: [N, Q, L], which
     keys each query sees (None: all). Query head h reads KV head h // (Hq // Hkv) (GQA / MQA). Returns
     [N, Q, Hq, D] float32."""
-    n, num_q, num_heads, head_dim = q.shape
-    num_kv_heads = k.shape[2]
-    group = num_heads // num_kv_heads
-    # A KV head's query heads, token by token, as the query rows of one head: [N, Hkv, Q * group, D]
-    q = q.float().view(n, num_q, num_kv_heads, group, head_dim).transpose(1, 2).reshape(n, num_kv_heads, -1, head_dim)
-    if visible is not None:
-        visible = visible[:, None, :, None, :].expand(-1, -1, -1, group, -1).reshape(n, 1, num_q * group, -1)
-    out = F.scaled_dot_product_attention(q, k.float().transpose(1, 2), v.float().transpose(1, 2), attn_mask=visible,
-                                         scale=scale)
-    return out.view(n, num_kv_heads, num_q, group, head_dim).transpose(1, 2).reshape(n, num_q, num_heads, head_dim)
+    out = F.scaled_dot_product_attention(
+        q.float().transpose(1, 2), k.float().transpose(1, 2), v.float().transpose(1, 2),
+        attn_mask=None if visible is None else visible[:, None], scale=scale, enable_gqa=True)
+    return out.transpose(1, 2)
 
 
 # Metadata pointers and sizes that the runtime's own buffers make vary (in alignment, or by step) are
