@@ -76,6 +76,8 @@ CASES = {
     "decode_equal_lengths_window_wide": ([1] * 3, [20] * 3, 6, 3, 8, 16, 20),
     "decode_equal_lengths_window_narrow": ([1] * 3, [20] * 3, 6, 3, 8, 16, 19),
     "decode_all_padded": ([1, 1], [0, 0], 4, 2, 8, 16, None),
+    "equal_whole_prompts": ([7, 7, 7], [7, 7, 7], 6, 2, 8, 4, None),  # plain causal: no mask
+    "equal_whole_prompts_window": ([9, 9], [9, 9], 4, 2, 8, 4, 5),
     "equal_chunks_after_prefixes": ([6, 6, 1, 6], [6, 20, 30, 13], 4, 2, 8, 8, None),
     "two_chunk_lengths_and_decodes": ([3, 1, 5, 3, 1, 5], [3, 9, 40, 12, 1, 5], 4, 4, 16, 16, 7),
 }

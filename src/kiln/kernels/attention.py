@@ -81,8 +81,11 @@ def _attend_batch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     num_keys = max(seq_lens)
     keys, values = _gather(k_cache, v_cache, block_tables, num_keys)
     num_q = q.shape[1]
-    if num_q == 1 and min(seq_lens) == num_keys > 0 and (sliding_window is None or sliding_window >= num_keys):
-        return _attend(q, keys, values, None, scale)  # one query per sequence, every key visible to it
+    # Every sequence has all num_keys keys and the window hides none: one query each (decode) sees them
+    # all; queries at every position (whole prompts) see plain causal attention. No mask to build.
+    if min(seq_lens) == num_keys > 0 and (sliding_window is None or sliding_window >= num_keys) and (
+            num_q in (1, num_keys)):
+        return _attend(q, keys, values, None, scale, is_causal=num_q > 1)
     kv_lens = torch.tensor(seq_lens, device=q.device)
     q_pos = kv_lens[:, None] - num_q + torch.arange(num_q, device=q.device)  # [N, Q]
     k_pos = torch.arange(num_keys, device=q.device)
@@ -106,14 +109,14 @@ def _gather(k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Te
             v_cache.index_select(0, blocks).view(shape)[:, :num_keys])
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor | None, scale: float
-            ) -> torch.Tensor:
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor | None, scale: float,
+            is_causal: bool = False) -> torch.Tensor:
     """Softmax attention in float32. q: [N, Q, Hq, D]; k, v: [N, L, Hkv, D]; visible: [N, Q, L], which
-    keys each query sees (None: all). Query head h reads KV head h // (Hq // Hkv) (GQA / MQA). Returns
-    [N, Q, Hq, D] float32."""
+    keys each query sees (None: all, or with is_causal and Q == L, query i sees keys 0..i). Query head h
+    reads KV head h // (Hq // Hkv) (GQA / MQA). Returns [N, Q, Hq, D] float32."""
     out = F.scaled_dot_product_attention(
         q.float().transpose(1, 2), k.float().transpose(1, 2), v.float().transpose(1, 2),
-        attn_mask=None if visible is None else visible[:, None], scale=scale, enable_gqa=True)
+        attn_mask=None if visible is None else visible[:, None], scale=scale, is_causal=is_causal, enable_gqa=True)
     return out.transpose(1, 2)
 
 
