@@ -349,6 +349,33 @@ def test_shutdown_cancels_requests_in_flight(engine, greedy_alone):
     ex.shutdown()  # twice is fine
 
 
+def test_the_loop_thread_makes_the_runner_and_its_errors_reach_the_caller(engine, monkeypatch):
+    """The KV cache is allocated on the loop thread (so the caller's thread never forms an OpenMP team of
+    its own); a failure there is raised by the constructor, and no loop is left running."""
+    import kiln.runtime.executor as executor_module
+
+    allocate = executor_module.allocate_kv_cache
+    threads = []
+
+    def record_thread(*args):
+        threads.append(threading.current_thread())
+        return allocate(*args)
+
+    monkeypatch.setattr(executor_module, "allocate_kv_cache", record_thread)
+    with make_executor(engine) as ex:
+        assert threads == [ex._thread] and threads[0] is not threading.current_thread()
+        assert run_requests(ex, [Request([1, 7, 8], sampling_params=GREEDY)])[0].result.is_final
+
+    def fail(*args):
+        raise MemoryError("no room for the KV cache")
+
+    monkeypatch.setattr(executor_module, "allocate_kv_cache", fail)
+    before = threading.active_count()
+    with pytest.raises(MemoryError, match="no room"):
+        make_executor(engine)
+    assert threading.active_count() == before
+
+
 def test_await_responses_by_id_leaves_the_others(engine):
     with make_executor(engine) as ex:
         a, b = ex.enqueue_requests([Request([1, 20, 30], sampling_params=GREEDY),

@@ -9,8 +9,11 @@ sweep, for the latency-throughput curve), loading each backend once.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
+import functools
 import gc
 import itertools
+import multiprocessing
 import queue
 import time
 from dataclasses import dataclass
@@ -216,16 +219,37 @@ def run_throughput(engine_dir: str | Path, requests: list[BenchRequest], *, back
                    streaming: bool = False, warmup: int = 0, hf_model: str | Path | None = None,
                    dataset_path: str | Path | None = None, progress: bool = True) -> list[dict[str, Any]]:
     """One report per (backend, concurrency). With ``waves``, a run at concurrency c takes the first
-    waves * c requests, so low concurrencies of a sweep stay short."""
+    waves * c requests, so low concurrencies of a sweep stay short.
+
+    With several backends each runs in a process of its own, so none measures in what another left:
+    OpenMP thread teams (a second team on the same cores makes every parallel op of the other wait for
+    its threads to wake), allocator state, GPU memory."""
+    run = functools.partial(_run_backend, engine_dir=engine_dir, requests=requests, config=config,
+                            concurrencies=concurrencies, waves=waves, streaming=streaming, warmup=warmup,
+                            hf_model=hf_model, dataset_path=dataset_path, progress=progress)
+    if len(backends) == 1:
+        return run(backends[0])
     reports = []
     for name in backends:
-        backend = open_backend(name, engine_dir, config, hf_model, progress)
-        try:
-            for concurrency in concurrencies:
-                subset = requests if waves is None or concurrency is None else requests[:waves * concurrency]
-                reports.append(benchmark(backend, subset, concurrency=concurrency, streaming=streaming,
-                                         warmup=warmup, dataset_path=dataset_path, progress=progress))
-        finally:
-            backend.close()
-            release_device_memory(backend.device)
+        with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            try:
+                reports += pool.submit(run, name).result()
+            except concurrent.futures.BrokenExecutor as e:
+                raise KilnError(f"the {name} backend's process died ({e}); run it alone to see why") from e
+    return reports
+
+
+def _run_backend(name: str, *, engine_dir: str | Path, requests: list[BenchRequest], config: RuntimeConfig,
+                 concurrencies: list[int | None], waves: int | None, streaming: bool, warmup: int,
+                 hf_model: str | Path | None, dataset_path: str | Path | None, progress: bool) -> list[dict[str, Any]]:
+    reports = []
+    backend = open_backend(name, engine_dir, config, hf_model, progress)
+    try:
+        for concurrency in concurrencies:
+            subset = requests if waves is None or concurrency is None else requests[:waves * concurrency]
+            reports.append(benchmark(backend, subset, concurrency=concurrency, streaming=streaming,
+                                     warmup=warmup, dataset_path=dataset_path, progress=progress))
+    finally:
+        backend.close()
+        release_device_memory(backend.device)
     return reports

@@ -15,11 +15,13 @@ be captured in a CUDA graph.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from kiln.kernels.triton_jit import jit, next_power_of_2, tl
 
@@ -49,34 +51,79 @@ class AttentionMetadata:
 
 def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                         meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """q: [T, Hq, D]; caches: [num_blocks, block_size, Hkv, D]; returns [T, Hq, D]."""
+    """q: [T, Hq, D]; caches: [num_blocks, block_size, Hkv, D]; returns [T, Hq, D].
+
+    Sequences with the same number of query tokens attend together, as one batch whose keys are padded
+    to the longest of theirs (and masked): a step's decodes are one batch, equal prompt chunks another.
+    Nothing is done per token."""
+    q_lens, seq_lens = meta.query_lens_host, meta.seq_lens_host
+    batches: dict[int, list[int]] = {}  # query length -> sequences
+    for i, q_len in enumerate(q_lens):
+        if q_len:
+            batches.setdefault(q_len, []).append(i)
+    if len(batches) == 1 and q.shape[0] == len(q_lens) * q_lens[0]:  # all alike: no gather of queries
+        return _attend_batch(q.view(len(q_lens), q_lens[0], *q.shape[1:]), k_cache, v_cache, meta.block_tables,
+                             seq_lens, meta.sliding_window, scale).view(q.shape).to(q.dtype)
     out = torch.empty_like(q)
-    block_size = k_cache.shape[1]
-    group = q.shape[1] // k_cache.shape[2]
-    start = 0
-    for i, (q_len, kv_len) in enumerate(zip(meta.query_lens_host, meta.seq_lens_host)):
-        if q_len == 0:
-            continue
-        num_blocks = -(-kv_len // block_size)
-        # Blocks wholly before the first query's window are never read: the pool may have reused them.
-        first = max(0, kv_len - q_len - meta.sliding_window + 1) // block_size if meta.sliding_window else 0
-        blocks = meta.block_tables[i, first:num_blocks].long()
-        k = k_cache[blocks].reshape(-1, *k_cache.shape[2:])[:kv_len - first * block_size].float()
-        v = v_cache[blocks].reshape(-1, *v_cache.shape[2:])[:kv_len - first * block_size].float()
-        k = k.repeat_interleave(group, dim=1)
-        v = v.repeat_interleave(group, dim=1)
-        qi = q[start:start + q_len].float()
-        scores = torch.einsum("qhd,khd->hqk", qi, k) * scale
-        q_pos = torch.arange(kv_len - q_len, kv_len, device=q.device)[:, None]
-        k_pos = torch.arange(first * block_size, kv_len, device=q.device)[None, :]
-        masked = k_pos > q_pos
-        if meta.sliding_window is not None:
-            masked |= k_pos <= q_pos - meta.sliding_window
-        scores.masked_fill_(masked, float("-inf"))
-        probs = scores.softmax(dim=-1)
-        out[start:start + q_len] = torch.einsum("hqk,khd->qhd", probs, v).to(q.dtype)
-        start += q_len
+    starts = [0, *itertools.accumulate(q_lens)]
+    for q_len, rows in batches.items():
+        tokens = (torch.tensor([starts[i] for i in rows], device=q.device)[:, None]
+                  + torch.arange(q_len, device=q.device))
+        out[tokens] = _attend_batch(q[tokens], k_cache, v_cache, meta.block_tables[torch.tensor(rows, device=q.device)],
+                                    [seq_lens[i] for i in rows], meta.sliding_window, scale).to(q.dtype)
     return out
+
+
+def _attend_batch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                  seq_lens: list[int], sliding_window: int | None, scale: float) -> torch.Tensor:
+    """q: [N, Q, Hq, D], the last Q tokens of N sequences of seq_lens keys (block_tables' rows); returns
+    [N, Q, Hq, D] float32."""
+    num_keys = max(seq_lens)
+    keys, values = _gather(k_cache, v_cache, block_tables, num_keys)
+    num_q = q.shape[1]
+    # Every sequence has all num_keys keys and the window hides none: one query each (decode) sees them
+    # all; queries at every position (whole prompts) see plain causal attention. No mask to build.
+    if min(seq_lens) == num_keys > 0 and (sliding_window is None or sliding_window >= num_keys) and (
+            num_q in (1, num_keys)):
+        return _attend(q, keys, values, None, scale, is_causal=num_q > 1)
+    kv_lens = torch.tensor(seq_lens, device=q.device)
+    q_pos = kv_lens[:, None] - num_q + torch.arange(num_q, device=q.device)  # [N, Q]
+    k_pos = torch.arange(num_keys, device=q.device)
+    visible = k_pos <= q_pos[..., None]  # [N, Q, L]
+    if sliding_window is not None:
+        visible &= k_pos > q_pos[..., None] - sliding_window
+        # Keys before the first query's window are never read (as the Triton kernel's kv_begin skips their
+        # blocks): the pool may have freed and reused those blocks, and even masked, a reused block's values
+        # (inf, NaN) would poison P @ V.
+        stale = (k_pos < (q_pos[:, :1] - sliding_window + 1))[..., None, None]  # [N, L, 1, 1]
+        keys, values = keys.masked_fill(stale, 0.0), values.masked_fill(stale, 0.0)
+    out = _attend(q, keys, values, visible, scale)
+    # A padded row (no keys, as CUDA-graph batches have) sees nothing: zeros, not softmax's NaN.
+    return torch.where((kv_lens > 0)[:, None, None, None], out, 0.0) if min(seq_lens) == 0 else out
+
+
+def _gather(k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor, num_keys: int
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values [N, num_keys, Hkv, D]: the first num_keys slots of each block table's blocks, in
+    order (whole blocks gathered: contiguous reads). Slots of freed blocks (below a sliding window) read
+    block 0, which the caller never lets a query see."""
+    _, block_size, num_kv_heads, head_dim = k_cache.shape
+    num_seqs, num_blocks = block_tables.shape[0], -(-num_keys // block_size)
+    blocks = block_tables[:, :num_blocks].flatten().long().clamp(min=0)  # a freed slot (NO_BLOCK) reads block 0
+    shape = (num_seqs, num_blocks * block_size, num_kv_heads, head_dim)
+    return (k_cache.index_select(0, blocks).view(shape)[:, :num_keys],
+            v_cache.index_select(0, blocks).view(shape)[:, :num_keys])
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor | None, scale: float,
+            is_causal: bool = False) -> torch.Tensor:
+    """Softmax attention in float32. q: [N, Q, Hq, D]; k, v: [N, L, Hkv, D]; visible: [N, Q, L], which
+    keys each query sees (None: all, or with is_causal and Q == L, query i sees keys 0..i). Query head h
+    reads KV head h // (Hq // Hkv) (GQA / MQA). Returns [N, Q, Hq, D] float32."""
+    out = F.scaled_dot_product_attention(
+        q.float().transpose(1, 2), k.float().transpose(1, 2), v.float().transpose(1, 2),
+        attn_mask=None if visible is None else visible[:, None], scale=scale, is_causal=is_causal, enable_gqa=True)
+    return out.transpose(1, 2)
 
 
 # Metadata pointers and sizes that the runtime's own buffers make vary (in alignment, or by step) are

@@ -68,9 +68,10 @@ def rotary_kv_write_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, posit
     q_rot = apply_rope_ref(q, cos_sin, is_interleaved)
     k_rot = apply_rope_ref(k, cos_sin, is_interleaved)
     valid = slot_mapping >= 0
-    slots = slot_mapping[valid]
-    k_cache.view(-1, *k_cache.shape[2:])[slots] = k_rot[valid].to(k_cache.dtype)
-    v_cache.view(-1, *v_cache.shape[2:])[slots] = v[valid].to(v_cache.dtype)
+    if not valid.all():  # padding rows (CUDA-graph batches only): one test, not three boolean indexings
+        slot_mapping, k_rot, v = slot_mapping[valid], k_rot[valid], v[valid]
+    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k_rot.to(k_cache.dtype))
+    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
     return q_rot
 
 
