@@ -305,6 +305,25 @@ def test_every_runtime_field_is_a_flag_and_reaches_the_config(command):
         assert field_value(config, path) == value != default, (command, argv)
 
 
+def test_a_misspelt_capacity_policy_fails_listing_the_policies(capsys):
+    from kiln.cli import build_parser
+    from kiln.config import CapacityPolicy, SchedulerConfig
+    from kiln.errors import ConfigError
+    from kiln.runtime.kv_cache import BlockPool
+    from kiln.runtime.scheduler import Scheduler
+
+    listed = "guaranteed_no_evict, max_utilization"
+    assert SchedulerConfig("max_utilization").capacity_scheduler_policy is CapacityPolicy.MAX_UTILIZATION
+    for make in (lambda: SchedulerConfig("max_utilisation"),
+                 lambda: Scheduler(BlockPool(4, 4), 1, 8, 16, policy="max_utilisation")):
+        with pytest.raises(ConfigError, match=f"'max_utilisation' is not supported; choose one of {listed}"):
+            make()
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(["serve", "--scheduler-policy", "max_utilisation"])
+    assert exit_.value.code == 2
+    assert "invalid choice: 'max_utilisation' (choose from" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("command", RUNTIME_COMMANDS)
 def test_runtime_flags_reach_the_engine_of_each_command(command, capsys, stories_engine, tmp_path):
     dataset = tmp_path / "d.jsonl"

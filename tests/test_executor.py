@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from conftest import STORIES_DIR, build_engine, make_hf_model, save_hf_checkpoint
 from kiln import Executor, KvCacheConfig, Request, RuntimeConfig, SamplingParams, SchedulerConfig
-from kiln.config import CAPACITY_POLICIES
+from kiln.config import CapacityPolicy
 from kiln.errors import KilnError
 from kiln.runtime.loader import load_engine
 from kiln.runtime.request import Response
@@ -144,7 +144,7 @@ def test_greedy_tokens_are_the_same_alone_and_in_a_crowded_batch(engine, greedy_
 
 @st.composite
 def loads(draw):
-    policy = draw(st.sampled_from(CAPACITY_POLICIES))
+    policy = draw(st.sampled_from(list(CapacityPolicy)))
     chunked = draw(st.booleans())
     # Mostly the smallest pool the loader accepts (32 blocks): max_utilization has to preempt.
     options = dict(reuse=draw(st.booleans()), kv_tokens=draw(st.sampled_from([MAX_SEQ_LEN, MAX_SEQ_LEN, 256])),

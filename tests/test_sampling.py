@@ -21,9 +21,11 @@ from conftest import STORIES_DIR
 from kiln import Executor, Request, RuntimeConfig
 from kiln.config import SamplingParams
 from kiln.runtime.model_runner import derive_seed
-from kiln.runtime.sampler import (apply_penalties, build_sampling_tensors, sample, top_k_top_p_min_p, top_logprobs,
-                                  uniform_noise)
+from kiln.runtime.sampler import (SamplingRow, apply_penalties, build_sampling_tensors, top_k_top_p_min_p,
+                                  top_logprobs, uniform_noise)
+from kiln.runtime.sampler import sample as sample_staged
 from kiln.runtime.sequence import Sequence
+from kiln.runtime.staging import HostStaging
 from test_executor import collect, joined, run_requests
 
 MASK64 = (1 << 64) - 1
@@ -31,10 +33,16 @@ MASK64 = (1 << 64) - 1
 CHI2_QUANTILE_9999 = {2: 18.42, 7: 29.88}
 
 
-def make_seq(params: SamplingParams, token_ids=(1, 2, 3), num_prompt_tokens: int | None = None, seed: int = 0,
-             stop_ids: tuple[int, ...] = ()) -> Sequence:
+def make_row(params: SamplingParams, token_ids=(1, 2, 3), num_prompt_tokens: int | None = None, seed: int = 0,
+             stop_ids: tuple[int, ...] = ()) -> SamplingRow:
+    """The sampling row of a sequence whose tokens are all known."""
     num_prompt = len(token_ids) if num_prompt_tokens is None else num_prompt_tokens
-    return Sequence(0, 0, list(token_ids), num_prompt, params, seed, stop_ids=stop_ids)
+    return SamplingRow.of(Sequence(0, 0, list(token_ids), num_prompt, params, seed, stop_ids=stop_ids))
+
+
+def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """The runner's sampling, its parameters staged through buffers as small as they start (they grow)."""
+    return sample_staged(logits, rows, HostStaging(logits.device, capacity=4))
 
 
 # ---- the noise ------------------------------------------------------------------------------------
@@ -93,7 +101,7 @@ def test_exponential_race_draws_from_the_softmax(params, allowed_probs):
         probs = torch.where(keep, probs, 0.0)
         probs = probs / probs.sum()
     n = 40_000
-    seqs = [make_seq(params, seed=seed) for seed in range(n)]  # distinct seeds: independent draws
+    seqs = [make_row(params, seed=seed) for seed in range(n)]  # distinct seeds: independent draws
     counts = torch.bincount(sample(logits.repeat(n, 1), seqs), minlength=8).double()
     degrees = int((probs > 0).sum()) - 1
     assert chi_square(counts, probs.double()) < CHI2_QUANTILE_9999[degrees]
@@ -101,7 +109,7 @@ def test_exponential_race_draws_from_the_softmax(params, allowed_probs):
 
 def test_greedy_rows_take_the_argmax_and_ignore_noise_settings():
     logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(0))
-    seqs = [make_seq(SamplingParams(temperature=0.0, top_k=3, top_p=0.5, seed=i), seed=i) for i in range(6)]
+    seqs = [make_row(SamplingParams(temperature=0.0, top_k=3, top_p=0.5, seed=i), seed=i) for i in range(6)]
     assert torch.equal(sample(logits, seqs), logits.argmax(-1))
 
 
@@ -126,8 +134,8 @@ def test_top_k_top_p_min_p_masks_match_hugging_face_row_by_row():
                              top_p=rng.choice([1.0, 0.95, 0.6, 0.1]), min_p=rng.choice([0.0, 0.05, 0.3]))
               for _ in range(64)]
     logits = torch.randn(64, vocab, generator=gen) * 3
-    seqs = [make_seq(p) for p in params]
-    tensors = build_sampling_tensors(seqs, vocab, logits.device)
+    seqs = [make_row(p) for p in params]
+    tensors = build_sampling_tensors(seqs, vocab, HostStaging(logits.device))
     masked = top_k_top_p_min_p(logits / tensors.temperature[:, None], tensors)
     for i, p in enumerate(params):
         assert torch.equal(torch.isinf(masked[i]), hf_mask(logits[i], p)), p
@@ -138,7 +146,7 @@ def test_sampled_tokens_stay_inside_the_masks():
     logits = torch.randn(1, 64, generator=gen) * 2
     p = SamplingParams(temperature=1.3, top_k=10, top_p=0.7, min_p=0.1)
     allowed = ~hf_mask(logits[0], p)
-    tokens = sample(logits.repeat(2000, 1), [make_seq(p, seed=s) for s in range(2000)])
+    tokens = sample(logits.repeat(2000, 1), [make_row(p, seed=s) for s in range(2000)])
     assert allowed[tokens].all()
     assert len(set(tokens.tolist())) == int(allowed.sum())  # and every kept token is reachable
 
@@ -165,8 +173,8 @@ def test_penalties_match_a_plain_loop_and_hugging_face_repetition_penalty():
         (SamplingParams(), [1, 2], [3]),
     ]
     logits = torch.randn(len(cases), vocab, generator=gen) * 2
-    seqs = [make_seq(p, prompt + output, len(prompt)) for p, prompt, output in cases]
-    penalized = apply_penalties(logits, seqs)
+    seqs = [make_row(p, prompt + output, len(prompt)) for p, prompt, output in cases]
+    penalized = apply_penalties(logits, seqs, HostStaging(logits.device))
     for i, (p, prompt, output) in enumerate(cases):
         torch.testing.assert_close(penalized[i], reference_penalties(logits[i], prompt, output, p))
         if p.repetition_penalty != 1.0:
@@ -181,7 +189,7 @@ def test_min_tokens_masks_stop_ids_until_reached():
     logits[:, 2] = 5.0   # EOS is the most likely token
     logits[:, 7] = 4.0   # a stop token id is the next
     p = SamplingParams(temperature=0.0, min_tokens=2, max_tokens=8)
-    seqs = [make_seq(p, [1] + [4] * k, 1, stop_ids=(2, 7)) for k in range(4)]  # 0..3 outputs so far
+    seqs = [make_row(p, [1] + [4] * k, 1, stop_ids=(2, 7)) for k in range(4)]  # 0..3 outputs so far
     assert sample(logits, seqs).tolist() == [0, 0, 2, 2]
 
 
@@ -191,12 +199,12 @@ def test_a_seeded_row_samples_the_same_token_in_any_batch():
     gen = torch.Generator().manual_seed(4)
     vocab = 64
     target_logits = torch.randn(vocab, generator=gen)
-    target = make_seq(SamplingParams(temperature=0.9, top_k=20, seed=123), token_ids=[1, 2, 3, 9, 9], seed=123,
+    target = make_row(SamplingParams(temperature=0.9, top_k=20, seed=123), token_ids=[1, 2, 3, 9, 9], seed=123,
                       num_prompt_tokens=3)
     alone = sample(target_logits[None], [target]).item()
     rng = random.Random(4)
     for trial in range(20):
-        others = [make_seq(SamplingParams(temperature=rng.choice([0.0, 0.5, 1.5]), top_p=rng.choice([1.0, 0.5]),
+        others = [make_row(SamplingParams(temperature=rng.choice([0.0, 0.5, 1.5]), top_p=rng.choice([1.0, 0.5]),
                                           min_p=rng.choice([0.0, 0.2]), repetition_penalty=rng.choice([1.0, 1.2])),
                            seed=rng.getrandbits(62)) for _ in range(rng.randint(0, 7))]
         position = rng.randint(0, len(others))
@@ -205,17 +213,17 @@ def test_a_seeded_row_samples_the_same_token_in_any_batch():
         logits[position] = target_logits
         assert sample(logits, batch)[position].item() == alone
     # Another seed or another step draws other noise (the same token only by chance: check many).
-    steps = [make_seq(target.params, [1, 2, 3] + [9] * k, 3, seed=123) for k in range(16)]
+    steps = [make_row(target.params, [1, 2, 3] + [9] * k, 3, seed=123) for k in range(16)]
     assert len(set(sample(target_logits.repeat(16, 1), steps).tolist())) > 1
 
 
 def test_seeds_of_any_size_wrap_to_64_bits():
     logits = torch.randn(3, 30, generator=torch.Generator().manual_seed(5))
     p = SamplingParams(temperature=1.0)
-    small = sample(logits, [make_seq(p, seed=s) for s in (7, 8, 9)])
-    wrapped = sample(logits, [make_seq(p, seed=s + 2**64) for s in (7, 8, 9)])
+    small = sample(logits, [make_row(p, seed=s) for s in (7, 8, 9)])
+    wrapped = sample(logits, [make_row(p, seed=s + 2**64) for s in (7, 8, 9)])
     assert torch.equal(small, wrapped)
-    sample(logits, [make_seq(p, seed=s) for s in (2**70, -(2**65), 2**63)])  # no int64 overflow
+    sample(logits, [make_row(p, seed=s) for s in (2**70, -(2**65), 2**63)])  # no int64 overflow
 
 
 # ---- logprobs ----------------------------------------------------------------------------------------------

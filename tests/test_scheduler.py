@@ -19,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kiln.config import CAPACITY_POLICIES, SamplingParams
+from kiln.config import CapacityPolicy, SamplingParams
 from kiln.runtime.kv_cache import NO_BLOCK, BlockPool, max_live_blocks
 from kiln.runtime.model_runner import RunnerOutput
 from kiln.runtime.scheduler import Scheduler, SchedulerOutput
@@ -28,10 +28,10 @@ from kiln.runtime.sequence import Sequence, SequenceStatus
 
 def update(scheduler: Scheduler, plan: SchedulerOutput, sampled: dict[int, int]) -> None:
     """A step whose tokens are known at once: the executor's advance, then resolve."""
-    pending = scheduler.advance(plan, set(sampled))
+    scheduler.advance(plan)
     for s in plan.scheduled:
-        if s.seq.seq_id in pending:
-            scheduler.resolve(s.seq, pending[s.seq.seq_id], sampled[s.seq.seq_id])
+        if s.samples:
+            scheduler.resolve(s.seq, sampled[s.seq.seq_id])
 
 
 VOCAB = 31
@@ -295,7 +295,7 @@ def workloads(draw, crowded: bool):
 
 
 @pytest.mark.parametrize("crowded", [False, True], ids=["mixed", "crowded"])
-@pytest.mark.parametrize("policy", CAPACITY_POLICIES)
+@pytest.mark.parametrize("policy", list(CapacityPolicy))
 @settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_random_workloads_end_right_and_return_the_pool(policy, crowded, data):
@@ -464,9 +464,9 @@ def test_a_parent_a_step_ahead_keeps_its_prompt_window_for_the_samples_it_forks(
     scheduler.add(parent)
     first_plan = scheduler.schedule()
     first = runner.execute(first_plan)
-    pending = scheduler.advance(first_plan, {parent.seq_id})
-    ahead_plan = scheduler.schedule()  # the parent's PENDING token, planned before the first step is done
-    scheduler.resolve(parent, pending[parent.seq_id], first.sampled[parent.seq_id])
+    scheduler.advance(first_plan)
+    ahead_plan = scheduler.schedule()  # the parent's pending token, planned before the first step is done
+    scheduler.resolve(parent, first.sampled[parent.seq_id])
     ahead = runner.execute(ahead_plan)
     update(scheduler, ahead_plan, ahead.sampled)
     assert parent.num_computed_tokens == 11 and parent.num_released_blocks == 1  # keys 0-3, not 4-7

@@ -3,6 +3,7 @@ rotary position encoding's parameters, which the kernels and layers take as they
 
 from __future__ import annotations
 
+import enum
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
@@ -10,8 +11,23 @@ from kiln.errors import ConfigError, RequestError
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 TARGETS = ("auto", "cpu", "sm80", "sm86", "sm89", "sm90")
-CAPACITY_POLICIES = ("guaranteed_no_evict", "max_utilization")
 GREEDY_TEMPERATURE = 1e-5
+
+
+class CapacityPolicy(enum.StrEnum):
+    """How the scheduler admits sequences into the KV block pool (kiln.runtime.scheduler tells how)."""
+
+    GUARANTEED_NO_EVICT = "guaranteed_no_evict"
+    MAX_UTILIZATION = "max_utilization"
+
+    @classmethod
+    def parse(cls, value: "CapacityPolicy | str") -> "CapacityPolicy":
+        """The policy of that name; any other name fails, listing the policies."""
+        try:
+            return cls(value)
+        except ValueError:
+            raise ConfigError(f"capacity_scheduler_policy {value!r} is not supported; choose one of "
+                              f"{', '.join(cls)} (--scheduler-policy)") from None
 
 
 # What an unset BuildConfig field becomes; kiln.builder.resolve_build_config also fits the lengths to the model.
@@ -133,16 +149,15 @@ class KvCacheConfig:
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    capacity_scheduler_policy: str = field(default="guaranteed_no_evict", metadata=_flag(
+    capacity_scheduler_policy: CapacityPolicy = field(default=CapacityPolicy.GUARANTEED_NO_EVICT, metadata=_flag(
         "guaranteed_no_evict admits only what can finish; max_utilization packs and preempts",
-        flag="--scheduler-policy", choices=CAPACITY_POLICIES))
+        flag="--scheduler-policy", choices=tuple(CapacityPolicy)))
     enable_chunked_context: bool = field(default=True, metadata=_flag(
         "split prompts longer than max_num_tokens over several iterations"))
 
     def __post_init__(self):
-        if self.capacity_scheduler_policy not in CAPACITY_POLICIES:
-            raise ConfigError(f"capacity_scheduler_policy {self.capacity_scheduler_policy!r} is not supported; "
-                              f"choose one of {', '.join(CAPACITY_POLICIES)}")
+        # A name is accepted where the policy is meant (the command line and the Python API give one).
+        object.__setattr__(self, "capacity_scheduler_policy", CapacityPolicy.parse(self.capacity_scheduler_policy))
 
 
 @dataclass(frozen=True)
@@ -222,6 +237,9 @@ class RuntimeConfig:
     scheduler_config: SchedulerConfig = field(default_factory=SchedulerConfig)
     enable_cuda_graphs: bool = field(default=True, metadata=_flag(
         "replay decode steps as CUDA graphs (GPU engines with Triton attention)"))
+    enable_overlap: bool = field(default=True, metadata=_flag(
+        "plan and launch each step before the previous step's tokens reach the host, so the host's work "
+        "overlaps the device's (off: each step waits for the one before)"))
     device: str | None = field(default=None, metadata=_flag(
         "torch device to load the engine on, e.g. cuda:1 (default: cuda for a GPU engine, cpu for a CPU one)"))
 

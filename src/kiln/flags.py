@@ -9,6 +9,7 @@ tell which options the user gave (``given_runtime_flags``).
 from __future__ import annotations
 
 import argparse
+import enum
 import types
 import typing
 from dataclasses import MISSING, dataclass, fields, is_dataclass
@@ -50,10 +51,11 @@ def runtime_flags(config_class: type = RuntimeConfig, path: tuple[str, ...] = ()
 
 
 def _scalar(kind) -> type:
-    """int for ``int | None``; the type itself otherwise."""
+    """int for ``int | None``; str for a string enum (its config parses the name, argparse checks the
+    choices and lists them on a bad one); the type itself otherwise."""
     if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union:
         (kind,) = [k for k in typing.get_args(kind) if k is not type(None)]
-    return kind
+    return str if issubclass(kind, enum.StrEnum) else kind
 
 
 _METAVARS = {int: "N", float: "X"}

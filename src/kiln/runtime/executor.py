@@ -24,7 +24,7 @@ from kiln.runtime.kv_cache import BlockPool
 from kiln.runtime.loader import LoadedEngine, load_engine, num_kv_blocks
 from kiln.runtime.model_runner import LaunchedStep, ModelRunner, RunnerOutput, allocate_kv_cache, graph_batch_sizes
 from kiln.runtime.request import Request, Response, Result
-from kiln.runtime.scheduler import Scheduler, SchedulerOutput
+from kiln.runtime.scheduler import ScheduledSequence, Scheduler, SchedulerOutput
 from kiln.runtime.sequence import Sequence
 from kiln.runtime.tokenizer import IncrementalDetokenizer
 
@@ -52,7 +52,7 @@ class IterationStats:
 
 @dataclass
 class _Sample:
-    seq: Sequence
+    seq: Sequence | None  # None: a sample (n > 1) whose request ended before it was forked
     detok: IncrementalDetokenizer | None
     text: str = ""
     num_sent_tokens: int = 0
@@ -60,7 +60,7 @@ class _Sample:
     log_probs: list[float] = field(default_factory=list)
     top_logprobs: list[dict[int, float]] = field(default_factory=list)
     finish_reason: str | None = None
-    num_tokens: int = 0  # output tokens accepted (the sequence may hold a PENDING one after them)
+    num_tokens: int = 0  # output tokens accepted (the sequence may have pending ones after them)
 
 
 @dataclass
@@ -279,10 +279,11 @@ class Executor:
     def _step(self) -> None:
         """Plans and launches one step, then processes the previous step's tokens while the device runs
         this one: the host's work overlaps the GPU's. The step was planned with the previous step's
-        sampled tokens still PENDING; the device feeds them in (ModelRunner.launch)."""
+        sampled tokens still pending; the device feeds them in (ModelRunner.launch). Without overlap, and
+        while penalties count token ids on the host, the previous step's tokens are processed first."""
         t0 = time.perf_counter()
-        if self._in_flight is not None and self._penalized:
-            self._complete(self._in_flight)  # penalties count token ids, so they must be known first
+        if self._in_flight is not None and (self._penalized or not self.config.enable_overlap):
+            self._complete(self._in_flight)
         plan = self.scheduler.schedule()
         if plan.is_empty:
             if self._in_flight is not None:
@@ -305,12 +306,14 @@ class Executor:
             self._complete(previous)
 
     def _run_isolated(self, plan: SchedulerOutput, scheduled_at: float) -> None:
-        """Runs each sequence of a failed batch alone, so only the failing ones get errors."""
+        """Runs each sequence of a failed batch alone, so only the failing ones get errors. Planned again: the
+        inputs that were pending are on the host now."""
         for s in plan.scheduled:
             if s.seq.is_finished:
                 continue
+            alone = SchedulerOutput(scheduled=[ScheduledSequence.plan(s.seq, s.num_new_tokens)])
             try:
-                step = self._launch(SchedulerOutput(scheduled=[s]), scheduled_at, time.perf_counter())
+                step = self._launch(alone, scheduled_at, time.perf_counter())
             except Exception as e:
                 state = self._seq_to_request.get(s.seq.seq_id)
                 if state is not None:
@@ -319,20 +322,20 @@ class Executor:
             self._complete(step)
 
     def _launch(self, plan: SchedulerOutput, scheduled_at: float, started: float) -> LaunchedStep:
-        """Queues the plan on the device and advances the scheduler past it (PENDING tokens appended)."""
+        """Queues the plan on the device and advances the scheduler past it (pending tokens appended)."""
         step = self.runner.launch(plan)
         step.plan, step.scheduled_at, step.started = plan, scheduled_at, started
-        step.pending = self.scheduler.advance(plan, {seq.seq_id for seq in step.batch.sample_seqs})
+        self.scheduler.advance(plan)
         return step
 
     def _complete(self, step: LaunchedStep) -> None:
-        """Waits for a launched step's tokens, puts them in place of its PENDING ones, processes them."""
+        """Waits for a launched step's tokens, gives its pending ones their values, processes them."""
         if step is self._in_flight:
             self._in_flight = None
         out = self.runner.collect(step)
-        for seq in step.batch.sample_seqs:
-            if seq.seq_id in step.pending:
-                self.scheduler.resolve(seq, step.pending[seq.seq_id], out.sampled[seq.seq_id])
+        for s in step.plan.scheduled:
+            if s.samples:
+                self.scheduler.resolve(s.seq, out.sampled[s.seq.seq_id])
         self._process(step.plan, out, step.scheduled_at)
         self._record_stats(step)
 
@@ -434,7 +437,7 @@ class Executor:
     def _accept_token(self, sample: _Sample, token: int, logprob_entry: tuple | None) -> None:
         seq = sample.seq
         sample.num_tokens += 1
-        count = sample.num_tokens  # the sequence may already hold the next token, PENDING
+        count = sample.num_tokens  # the sequence may already hold the next token, pending
         params = seq.params
         self.counters["generation_tokens"] += 1
         if logprob_entry is not None:
@@ -486,9 +489,7 @@ class Executor:
                 self._finish_sample(sample, reason)
         # Samples not forked yet (n > 1, prompt unfinished) end with the request, empty.
         while len(state.samples) < state.params.n:
-            empty = Sequence(-1, state.request_id, list(state.prompt_ids), len(state.prompt_ids), state.params, 0,
-                             sample_index=len(state.samples))
-            state.samples.append(_Sample(empty, None, finish_reason=reason))
+            state.samples.append(_Sample(None, None, finish_reason=reason))
         self._respond(state)
 
     def _fail(self, state: _RequestState, message: str) -> None:
@@ -503,7 +504,8 @@ class Executor:
         self._requests.pop(state.request_id, None)
         self._penalized.discard(state.request_id)
         for sample in state.samples:
-            self._seq_to_request.pop(sample.seq.seq_id, None)
+            if sample.seq is not None:
+                self._seq_to_request.pop(sample.seq.seq_id, None)
 
     def _respond(self, state: _RequestState) -> None:
         finished = state.is_finished
@@ -520,7 +522,7 @@ class Executor:
             start_tok = s.num_sent_tokens if state.request.streaming else 0
             start_chr = s.num_sent_chars if state.request.streaming else 0
             end_chr = len(s.text) if s.finish_reason else max(start_chr, len(s.text) - holdback)
-            tokens.append(s.seq.output_token_ids[start_tok:n_tok])
+            tokens.append(s.seq.output_token_ids[start_tok:n_tok] if s.seq is not None else [])
             texts.append(s.text[start_chr:end_chr])
             lps.append(s.log_probs[start_tok:])
             tops.append(s.top_logprobs[start_tok:])

@@ -7,38 +7,23 @@ sequence that caught up, log-probabilities where asked). It holds the KV cache t
 from __future__ import annotations
 
 import bisect
+import dataclasses
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from kiln.kernels import AttentionMetadata
 from kiln.models import CausalLM
-from kiln.runtime.sampler import sample, top_logprobs
+from kiln.runtime.sampler import SamplingRow, sample, top_logprobs
 from kiln.runtime.scheduler import SchedulerOutput
-from kiln.runtime.sequence import PENDING, Sequence
+from kiln.runtime.sequence import Sequence
+from kiln.runtime.staging import HostStaging
 
 
 def derive_seed(seed: int, sample_index: int) -> int:
     """Seed of sample i of a request (sample 0 keeps the request's seed)."""
     return seed if sample_index == 0 else hash((seed, sample_index)) & ((1 << 62) - 1)
-
-
-@dataclass
-class ForkRow:
-    """A sampling row for an extra sample (n > 1) drawn from its parent's first logits."""
-
-    params: object
-    seed: int
-    stop_ids: tuple[int, ...]
-    token_ids: list[int]
-    num_prompt_tokens: int
-
-    num_output_tokens = 0
-    output_token_ids: tuple = ()
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.token_ids)
 
 
 @dataclass
@@ -67,28 +52,41 @@ def graph_batch_sizes(max_batch_size: int) -> list[int]:
     return sorted(sizes)
 
 
+def _views(host: torch.Tensor, dev: torch.Tensor,
+           shapes: list[tuple[int, ...]]) -> list[tuple[np.ndarray, torch.Tensor]]:
+    """Consecutive (host numpy, device tensor) views of the given shapes over two flat buffers."""
+    views, offset = [], 0
+    host_np = host.numpy()
+    for shape in shapes:
+        size = int(np.prod(shape))
+        views.append((host_np[offset:offset + size].reshape(shape), dev[offset:offset + size].view(shape)))
+        offset += size
+    return views
+
+
 class InputBuffers:
     """Static input tensors, allocated once: every step writes into them (pinned host staging, one copy
-    per dtype), so CUDA graphs captured on them see the new inputs and nothing is reallocated."""
+    per dtype), so CUDA graphs captured on them see the new inputs and nothing is reallocated. Each has a
+    host (numpy, ``np_`` prefix) and a device view."""
 
     def __init__(self, max_num_tokens: int, max_batch_size: int, max_blocks_per_seq: int, device: torch.device):
         pin = self.pinned = device.type == "cuda"
         self.uploaded: torch.cuda.Event | None = None
-        # int64 rows: input ids, positions, KV slots, logits rows
-        self.host64 = torch.zeros(4, max_num_tokens, dtype=torch.int64, pin_memory=pin)
+        t, b = max_num_tokens, max_batch_size
+        # int64: per packed token input ids, positions, KV slots, logits rows; per sequence, the packed rows
+        # whose input token the previous step sampled (still on the device) and that step's sample row of each.
+        self.host64 = torch.zeros(4 * t + 2 * b, dtype=torch.int64, pin_memory=pin)
         # int32: seq_lens [B], query_start_loc [B + 1], block_tables [B, max_blocks]
-        num32 = 2 * max_batch_size + 1 + max_batch_size * max_blocks_per_seq
-        self.host32 = torch.zeros(num32, dtype=torch.int32, pin_memory=pin)
-        self.np64, self.np32 = self.host64.numpy(), self.host32.numpy()
+        self.host32 = torch.zeros(2 * b + 1 + b * max_blocks_per_seq, dtype=torch.int32, pin_memory=pin)
         self.dev64 = torch.zeros_like(self.host64, device=device)
         self.dev32 = torch.zeros_like(self.host32, device=device)
-        b = max_batch_size
-        self.seq_lens = self.dev32[:b]
-        self.query_start_loc = self.dev32[b:2 * b + 1]
-        self.block_tables = self.dev32[2 * b + 1:].view(b, max_blocks_per_seq)
-        self.np_seq_lens = self.np32[:b]
-        self.np_query_start_loc = self.np32[b:2 * b + 1]
-        self.np_block_tables = self.np32[2 * b + 1:].reshape(b, max_blocks_per_seq)
+        ((self.np_input_ids, self.input_ids), (self.np_positions, self.positions),
+         (self.np_slot_mapping, self.slot_mapping), (self.np_logits_indices, self.logits_indices),
+         (self.np_pending_index, self.pending_index), (self.np_pending_source, self.pending_source),
+         ) = _views(self.host64, self.dev64, [(t,), (t,), (t,), (t,), (b,), (b,)])
+        ((self.np_seq_lens, self.seq_lens), (self.np_query_start_loc, self.query_start_loc),
+         (self.np_block_tables, self.block_tables),
+         ) = _views(self.host32, self.dev32, [(b,), (b + 1,), (b, max_blocks_per_seq)])
 
     def wait_uploaded(self) -> None:
         """Before the host writes the staging buffers again: the previous step's copies must have run (a
@@ -116,7 +114,12 @@ class ModelRunner:
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.graph_sizes: list[int] = []
         self._row_keys: list[tuple | None] = [None] * max_batch_size  # whose block table each row holds
+        # The last launched step's sampled tokens (its own rows, no forks) and each sequence's row among them:
+        # the inputs a plan marks pending (is_input_pending) are taken from there on the device.
         self.last_tokens = torch.zeros(max_batch_size, dtype=torch.int64, device=self.device)
+        self._last_sample_rows: dict[int, int] = {}
+        # Sampling parameters and row lists: copied from pinned memory without waiting (kiln.runtime.staging).
+        self.staging = HostStaging(self.device, 16 * max_batch_size)
         pin = self.buffers.pinned
         # Room for the sampled tokens of a full batch with forked samples; a larger step copies synchronously.
         self._token_host = [torch.zeros(4 * max_batch_size, dtype=torch.int64, pin_memory=pin) for _ in range(2)]
@@ -134,15 +137,14 @@ class ModelRunner:
     @torch.inference_mode()  # no autograd bookkeeping: on the CPU path it is a tenth of each op's cost
     def launch(self, plan: SchedulerOutput) -> "LaunchedStep":
         """Queues the step's work on the device (forward, sampling, the copy of the tokens to the host)
-        without waiting for it; ``collect`` waits. Input tokens still PENDING on the host are taken on
-        the device from the previous step's sampled tokens."""
+        without waiting for it; ``collect`` waits. Input tokens the plan marks pending are taken on the
+        device from the previous step's sampled tokens."""
         for src, dst in plan.block_copies:
             self.kv_cache[:, :, dst].copy_(self.kv_cache[:, :, src])
         batch = self._prepare(plan)
-        if batch.has_pending_inputs:
-            num_rows = batch.graph_size or batch.num_tokens
-            ids = self.buffers.dev64[0, :num_rows]
-            ids.copy_(torch.where(ids < 0, self.last_tokens[(-ids - 1).clamp(min=0)], ids))
+        if batch.num_pending_inputs:
+            buf, k = self.buffers, batch.num_pending_inputs
+            buf.input_ids.index_copy_(0, buf.pending_index[:k], self.last_tokens[buf.pending_source[:k]])
         if batch.graph_size:
             graph, logits = self.graphs[batch.graph_size]
             graph.replay()
@@ -160,18 +162,19 @@ class ModelRunner:
             tokens = step.tokens.tolist()
             lp_host = [t.tolist() for t in step.logprobs] if step.logprobs is not None else None
             num_own = len(step.batch.sample_seqs)
-            for i, seq in enumerate(step.rows):
+            for i, row in enumerate(step.rows):
                 entry = None
-                if lp_host is not None and seq.params.logprobs is not None:
-                    k = seq.params.logprobs
+                if lp_host is not None and row.params.logprobs is not None:
+                    k = row.params.logprobs
                     entry = (lp_host[0][i], dict(zip(lp_host[2][i][:k], lp_host[1][i][:k])))
                 if i >= num_own:
-                    parent, seed = step.fork_parents[i - num_own]
-                    out.forked.setdefault(parent.seq_id, []).append((tokens[i], seed, entry))
+                    fork = step.forks[i - num_own]
+                    out.forked.setdefault(fork.parent_seq_id, []).append((tokens[i], fork.seed, entry))
                 else:
-                    out.sampled[seq.seq_id] = tokens[i]
+                    seq_id = step.batch.sample_seqs[i].seq_id
+                    out.sampled[seq_id] = tokens[i]
                     if entry is not None:
-                        out.logprobs[seq.seq_id] = entry
+                        out.logprobs[seq_id] = entry
         for seq, logits, start in step.prompt_logits:
             out.prompt_logprobs[seq.seq_id] = (start, self._prompt_logprobs(seq, logits, start))
         return out
@@ -188,7 +191,7 @@ class ModelRunner:
         stream = torch.cuda.Stream(self.device)
         for size in sorted(batch_sizes, reverse=True):
             self._fill_padding(0, size)
-            buf.np64[3, :size] = range(size)
+            buf.np_logits_indices[:size] = range(size)
             buf.upload()
             args = self._forward_args(size, size, size, [0] * size, [1] * size)
             stream.wait_stream(torch.cuda.current_stream(self.device))
@@ -216,8 +219,9 @@ class ModelRunner:
     def _fill_padding(self, start: int, end: int) -> None:
         """Rows start..end of a padded decode batch: no KV write (slot -1), no keys (seq_len 0)."""
         buf = self.buffers
-        buf.np64[0:2, start:end] = 0
-        buf.np64[2, start:end] = -1
+        buf.np_input_ids[start:end] = 0
+        buf.np_positions[start:end] = 0
+        buf.np_slot_mapping[start:end] = -1
         buf.np_seq_lens[start:end] = 0
         buf.np_query_start_loc[start + 1:end + 1] = range(start + 1, end + 1)
         buf.np_block_tables[start:end] = 0
@@ -234,37 +238,39 @@ class ModelRunner:
             query_lens_host=query_lens,
             sliding_window=self.model.config.sliding_window,
         )
-        d = buf.dev64
-        return (d[0, :num_tokens], d[1, :num_tokens], self.kv_cache, d[2, :num_tokens], meta, d[3, :num_logits])
+        return (buf.input_ids[:num_tokens], buf.positions[:num_tokens], self.kv_cache, buf.slot_mapping[:num_tokens],
+                meta, buf.logits_indices[:num_logits])
 
     # ---- batch preparation -------------------------------------------------------------------
     def _prepare(self, plan: SchedulerOutput) -> "_Batch":
         bs = self.block_size
         buf = self.buffers
         buf.wait_uploaded()
-        ids_np, pos_np, slot_np, rows_np = buf.np64
+        ids_np, pos_np, slot_np = buf.np_input_ids, buf.np_positions, buf.np_slot_mapping
         seq_lens, q_lens = [], []
         logits_rows: list[int] = []   # packed token indices whose logits are computed
         sample_seqs: list[Sequence] = []
         sample_rows: list[int] = []   # for each sampling sequence, its row in the logits
         prompt_lp: list[tuple[Sequence, int, int, int]] = []  # seq, first logits row, start pos, count
         offset = 0
-        has_pending = False
+        num_pending = 0
         buf.np_query_start_loc[0] = 0
         for i, s in enumerate(plan.scheduled):
             seq, start, n = s.seq, s.start, s.num_new_tokens
             end = start + n
             table = seq.block_table
+            if s.is_input_pending:  # its last input is the previous step's sample, still on the device
+                buf.np_pending_index[num_pending] = offset + n - 1
+                buf.np_pending_source[num_pending] = self._last_sample_rows[seq.seq_id]
+                num_pending += 1
             if n == 1:  # decode: scalar writes, the common case at large batch sizes
-                token = seq.token_ids[start]
-                if token == PENDING:  # sampled by the previous step, still on the device: its row there
-                    token = -1 - seq.pending_row
-                    has_pending = True
-                ids_np[offset] = token
+                if not s.is_input_pending:
+                    ids_np[offset] = seq.token_ids[start]
                 pos_np[offset] = start
                 slot_np[offset] = table[start // bs] * bs + start % bs
             else:
-                ids_np[offset:offset + n] = seq.token_ids[start:end]
+                known = seq.token_ids[start:end]  # all but a pending last one
+                ids_np[offset:offset + len(known)] = known
                 pos_np[offset:offset + n] = range(start, end)
                 slot_np[offset:offset + n] = [table[p // bs] * bs + p % bs for p in range(start, end)]
             # A row holding the same table as last step keeps it (tables only grow, or restart on preemption).
@@ -292,40 +298,40 @@ class ModelRunner:
         graph_size = self._graph_size(plan, offset, bool(prompt_lp))
         if graph_size:
             self._fill_padding(num_seqs, graph_size)
-            rows_np[:graph_size] = range(graph_size)  # the graph computes logits for every row
+            buf.np_logits_indices[:graph_size] = range(graph_size)  # the graph computes logits for every row
             buf.upload()
-            return _Batch(None, sample_seqs, sample_rows, prompt_lp, graph_size, offset, has_pending)
-        rows_np[:len(logits_rows)] = logits_rows
+            return _Batch(None, sample_seqs, sample_rows, prompt_lp, graph_size, offset, num_pending)
+        buf.np_logits_indices[:len(logits_rows)] = logits_rows
         buf.upload()
         args = self._forward_args(offset, num_seqs, len(logits_rows), seq_lens, q_lens)
-        return _Batch(args, sample_seqs, sample_rows, prompt_lp, 0, offset, has_pending)
+        return _Batch(args, sample_seqs, sample_rows, prompt_lp, 0, offset, num_pending)
 
     # ---- sampling ----------------------------------------------------------------------------
     def _sample(self, batch: "_Batch", logits: torch.Tensor) -> "LaunchedStep":
         step = LaunchedStep(batch)
-        rows = list(batch.sample_rows)
-        seqs: list = list(batch.sample_seqs)
-        fork_parents: list[tuple[Sequence, int]] = []
-        for seq, row in zip(batch.sample_seqs, batch.sample_rows):
+        rows = [SamplingRow.of(seq) for seq in batch.sample_seqs]
+        logits_rows = list(batch.sample_rows)
+        for seq, row, logits_row in zip(batch.sample_seqs, list(rows), batch.sample_rows):
             if seq.forks_pending and seq.num_output_tokens == 0:
                 for i in range(1, seq.forks_pending + 1):
-                    seed = derive_seed(seq.seed, i)
-                    seqs.append(ForkRow(seq.params, seed, seq.stop_ids, seq.token_ids, seq.num_prompt_tokens))
-                    rows.append(row)
-                    fork_parents.append((seq, seed))
-        if seqs:
+                    fork = ForkedSample(seq.seq_id, derive_seed(seq.seed, i))
+                    step.forks.append(fork)
+                    rows.append(dataclasses.replace(row, seed=fork.seed))
+                    logits_rows.append(logits_row)
+        if rows:
+            self.staging.next_step()
             # Decode steps sample rows 0..n-1 in order: a view, no index copy to the device.
-            in_order = rows == list(range(len(rows)))
-            row_logits = logits[:len(rows)] if in_order else logits[torch.tensor(rows, device=logits.device)]
-            tokens = sample(row_logits, seqs)
-            want_lp = max((s.params.logprobs for s in seqs if s.params.logprobs is not None), default=None)
+            in_order = logits_rows == list(range(len(logits_rows)))
+            row_logits = (logits[:len(rows)] if in_order
+                          else logits[self.staging.tensors(torch.int64, logits_rows)[0]])
+            tokens = sample(row_logits, rows, self.staging)
+            want_lp = max((r.params.logprobs for r in rows if r.params.logprobs is not None), default=None)
             if want_lp is not None:
                 step.logprobs = top_logprobs(row_logits, tokens, want_lp)
             num_own = len(batch.sample_seqs)
-            self.last_tokens[:num_own].copy_(tokens[:num_own])  # what the next step's PENDING inputs are
-            for row, seq in enumerate(batch.sample_seqs):
-                seq.pending_row = row
-            step.rows, step.fork_parents = seqs, fork_parents
+            self.last_tokens[:num_own].copy_(tokens[:num_own])  # where the next step's pending inputs are
+            self._last_sample_rows = {seq.seq_id: row for row, seq in enumerate(batch.sample_seqs)}
+            step.rows = rows
             step.tokens, step.ready = self._to_host(tokens)
         # Prompt logprobs read logits the next step may overwrite (a graph's output): cloned.
         step.prompt_logits = [(seq, logits[first:first + count].clone(), start)
@@ -369,7 +375,15 @@ class _Batch:
     prompt_lp: list[tuple[Sequence, int, int, int]]
     graph_size: int
     num_tokens: int
-    has_pending_inputs: bool
+    num_pending_inputs: int  # entries of the pending rows of InputBuffers this step fills on the device
+
+
+@dataclass(frozen=True)
+class ForkedSample:
+    """Another sample (n > 1) of a sequence's request, its first token drawn from the sequence's logits."""
+
+    parent_seq_id: int
+    seed: int
 
 
 @dataclass
@@ -377,14 +391,13 @@ class LaunchedStep:
     """A step whose work is queued on the device; ``ModelRunner.collect`` turns it into a RunnerOutput."""
 
     batch: _Batch
-    rows: list = field(default_factory=list)                  # sampling rows: sequences, then fork rows
-    fork_parents: list[tuple[Sequence, int]] = field(default_factory=list)
+    rows: list[SamplingRow] = field(default_factory=list)      # the sampling sequences', then the forks'
+    forks: list[ForkedSample] = field(default_factory=list)
     tokens: torch.Tensor | None = None                          # host tensor, valid once ``ready`` fired
     ready: torch.cuda.Event | None = None
     logprobs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # on the device
     prompt_logits: list[tuple[Sequence, torch.Tensor, int]] = field(default_factory=list)
-    # Set by the executor: the plan, when it was scheduled, each sampling sequence's PENDING token index.
+    # Set by the executor: the plan, and when it was scheduled.
     plan: SchedulerOutput | None = None
     scheduled_at: float = 0.0  # wall clock
     started: float = 0.0       # perf_counter when its planning began
-    pending: dict[int, int] = field(default_factory=dict)

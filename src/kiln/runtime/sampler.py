@@ -4,6 +4,9 @@ Random rows draw from a counter-based hash of (seed, step, token id) rather than
 so a seeded request gives the same tokens whatever else is in the batch, on CPU and GPU alike.
 Sampling is done by the exponential race: argmax(p / E) with E ~ Exp(1) picks token i with
 probability p_i.
+
+The per-row parameters and index lists go to the device through the runner's pinned staging buffers
+(``HostStaging``), so a sampled step queues its copies without waiting for the forward before it.
 """
 
 from __future__ import annotations
@@ -12,7 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
+from kiln.config import SamplingParams
 from kiln.runtime.sequence import Sequence
+from kiln.runtime.staging import HostStaging
 
 _MASK64 = (1 << 64) - 1
 
@@ -45,6 +50,27 @@ def uniform_noise(seeds: torch.Tensor, steps: torch.Tensor, vocab_size: int) -> 
     return (_shr(x, 41).float() + 0.5) * (1.0 / (1 << 23))
 
 
+@dataclass(slots=True)
+class SamplingRow:
+    """What the sampler reads of one row: a sequence that caught up, or another sample (n > 1) of a request
+    drawing its first token from the same logits as its first sample."""
+
+    params: SamplingParams
+    seed: int
+    stop_ids: tuple[int, ...]  # masked before min_tokens
+    token_ids: list[int]       # prompt, then the outputs known on the host (penalties count them)
+    num_prompt_tokens: int
+    num_output_tokens: int     # outputs before this row's token, pending ones included: the noise's step
+
+    @classmethod
+    def of(cls, seq: Sequence) -> "SamplingRow":
+        return cls(seq.params, seq.seed, seq.stop_ids, seq.token_ids, seq.num_prompt_tokens, seq.num_output_tokens)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+
 @dataclass
 class SamplingTensors:
     temperature: torch.Tensor  # [N] (0 for greedy rows, set to 1 to avoid division by zero)
@@ -61,62 +87,62 @@ class SamplingTensors:
     any_min_tokens: bool
 
 
-def build_sampling_tensors(seqs: list[Sequence], vocab_size: int, device: torch.device) -> SamplingTensors:
-    ps = [s.params for s in seqs]
+def build_sampling_tensors(rows: list[SamplingRow], vocab_size: int, staging: HostStaging) -> SamplingTensors:
+    ps = [r.params for r in rows]
     greedy = [p.is_greedy for p in ps]
+    temperature, top_p, min_p = staging.tensors(
+        torch.float32, [1.0 if g else p.temperature for p, g in zip(ps, greedy)], [p.top_p for p in ps],
+        [p.min_p for p in ps])
+    top_k, seeds, steps = staging.tensors(
+        torch.int64, [p.top_k if 0 < p.top_k < vocab_size else vocab_size for p in ps],
+        [_signed(r.seed) for r in rows], [r.num_output_tokens for r in rows])
+    (is_greedy,) = staging.tensors(torch.bool, greedy)
     return SamplingTensors(
-        temperature=torch.tensor([1.0 if g else p.temperature for p, g in zip(ps, greedy)], device=device),
-        is_greedy=torch.tensor(greedy, device=device),
-        top_k=torch.tensor([p.top_k if 0 < p.top_k < vocab_size else vocab_size for p in ps], device=device),
-        top_p=torch.tensor([p.top_p for p in ps], device=device),
-        min_p=torch.tensor([p.min_p for p in ps], device=device),
-        seeds=torch.tensor([_signed(s.seed) for s in seqs], dtype=torch.int64, device=device),
-        steps=torch.tensor([s.num_output_tokens for s in seqs], dtype=torch.int64, device=device),
+        temperature=temperature, is_greedy=is_greedy, top_k=top_k, top_p=top_p, min_p=min_p, seeds=seeds,
+        steps=steps,
         any_random=not all(greedy),
         any_top_k_or_p=any(not g and (0 < p.top_k < vocab_size or p.top_p < 1.0) for p, g in zip(ps, greedy)),
         any_min_p=any(not g and p.min_p > 0 for p, g in zip(ps, greedy)),
         any_penalty=any(p.has_penalties for p in ps),
-        any_min_tokens=any(s.num_output_tokens < p.min_tokens for s, p in zip(seqs, ps)),
+        any_min_tokens=any(r.num_output_tokens < p.min_tokens for r, p in zip(rows, ps)),
     )
 
 
-def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow], staging: HostStaging) -> torch.Tensor:
     """Repetition penalty over prompt and output tokens (HF/vLLM semantics); presence and frequency
     penalties over output tokens (OpenAI semantics)."""
     n, vocab = logits.shape
     device = logits.device
-    out_counts = torch.zeros(n, vocab, device=device)
-    seen = torch.zeros(n, vocab, dtype=torch.bool, device=device)
     rows_out, cols_out, rows_all, cols_all = [], [], [], []
-    for i, s in enumerate(seqs):
-        out_ids = s.output_token_ids
+    for i, r in enumerate(rows):
+        out_ids = r.output_token_ids
         rows_out += [i] * len(out_ids)
         cols_out += out_ids
-        rows_all += [i] * s.num_tokens
-        cols_all += s.token_ids
-    if cols_out:
-        out_counts.index_put_((torch.tensor(rows_out, device=device), torch.tensor(cols_out, device=device)),
-                              torch.ones(len(cols_out), device=device), accumulate=True)
-    if cols_all:
-        seen[torch.tensor(rows_all, device=device), torch.tensor(cols_all, device=device)] = True
-    rep = torch.tensor([s.params.repetition_penalty for s in seqs], device=device)[:, None]
+        rows_all += [i] * len(r.token_ids)
+        cols_all += r.token_ids
+    rows_out, cols_out, rows_all, cols_all = staging.tensors(torch.int64, rows_out, cols_out, rows_all, cols_all)
+    rep, presence, frequency = (t[:, None] for t in staging.tensors(
+        torch.float32, [r.params.repetition_penalty for r in rows], [r.params.presence_penalty for r in rows],
+        [r.params.frequency_penalty for r in rows]))
+    out_counts = torch.zeros(n, vocab, device=device)
+    out_counts.index_put_((rows_out, cols_out), torch.ones(cols_out.shape[0], device=device), accumulate=True)
+    seen = torch.zeros(n, vocab, dtype=torch.bool, device=device)
+    seen[rows_all, cols_all] = True
     penalized = torch.where(logits > 0, logits / rep, logits * rep)
     logits = torch.where(seen, penalized, logits)
-    presence = torch.tensor([s.params.presence_penalty for s in seqs], device=device)[:, None]
-    frequency = torch.tensor([s.params.frequency_penalty for s in seqs], device=device)[:, None]
     return logits - frequency * out_counts - presence * (out_counts > 0).float()
 
 
-def mask_stop_tokens(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+def mask_stop_tokens(logits: torch.Tensor, rows: list[SamplingRow], staging: HostStaging) -> torch.Tensor:
     """min_tokens: EOS and stop token ids cannot be sampled before a sequence has that many tokens."""
-    rows, cols = [], []
-    for i, s in enumerate(seqs):
-        if s.num_output_tokens < s.params.min_tokens:
-            rows += [i] * len(s.stop_ids)
-            cols += list(s.stop_ids)
-    if rows:
+    row_ids, cols = [], []
+    for i, r in enumerate(rows):
+        if r.num_output_tokens < r.params.min_tokens:
+            row_ids += [i] * len(r.stop_ids)
+            cols += list(r.stop_ids)
+    if row_ids:
         logits = logits.clone()
-        logits[torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device)] = float("-inf")
+        logits[tuple(staging.tensors(torch.int64, row_ids, cols))] = float("-inf")
     return logits
 
 
@@ -143,22 +169,22 @@ def top_k_top_p_min_p(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
     return logits
 
 
-def is_plain_greedy(seqs: list[Sequence]) -> bool:
+def is_plain_greedy(rows: list[SamplingRow]) -> bool:
     """Every row is an argmax of the raw logits (no penalty, no min_tokens mask): checked on the host so
     the common greedy step copies no parameter tensors to the device."""
-    return all(s.params.is_greedy and not s.params.has_penalties and s.num_output_tokens >= s.params.min_tokens
-               for s in seqs)
+    return all(r.params.is_greedy and not r.params.has_penalties and r.num_output_tokens >= r.params.min_tokens
+               for r in rows)
 
 
-def sample(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-    """logits: [N, V] float32 for seqs (one row each). Returns [N] int64 token ids on the device."""
-    if is_plain_greedy(seqs):
+def sample(logits: torch.Tensor, rows: list[SamplingRow], staging: HostStaging) -> torch.Tensor:
+    """logits: [N, V] float32, one row per sampling row. Returns [N] int64 token ids on the device."""
+    if is_plain_greedy(rows):
         return logits.argmax(dim=-1)
-    t = build_sampling_tensors(seqs, logits.shape[-1], logits.device)
+    t = build_sampling_tensors(rows, logits.shape[-1], staging)
     if t.any_penalty:
-        logits = apply_penalties(logits, seqs)
+        logits = apply_penalties(logits, rows, staging)
     if t.any_min_tokens:
-        logits = mask_stop_tokens(logits, seqs)
+        logits = mask_stop_tokens(logits, rows, staging)
     greedy_tokens = logits.argmax(dim=-1)
     if not t.any_random:
         return greedy_tokens

@@ -1,8 +1,8 @@
 """The scheduler: each iteration, one batch plan within the request and token limits.
 
-Running sequences go first: decodes (one token each), then unfinished context chunks; then waiting
-sequences are admitted in arrival order, a long prompt taking as many tokens as the budget leaves
-(chunked context). Capacity policies decide admission:
+One pass over the running sequences, those one token behind first (decodes), then those with a context
+chunk to compute, each group oldest first; then waiting sequences are admitted in arrival order, a long
+prompt taking as many tokens as the budget leaves (chunked context). Capacity policies decide admission:
 
 - ``guaranteed_no_evict``: admit only if the free blocks cover every running sequence's remaining
   worst case plus the newcomer's, so no sequence ever runs out of blocks. With a sliding window a
@@ -18,29 +18,27 @@ import itertools
 from collections import deque
 from dataclasses import dataclass, field
 
+from kiln.config import CapacityPolicy
 from kiln.runtime.kv_cache import NO_BLOCK, BlockPool, block_hashes, max_live_blocks
-from kiln.runtime.sequence import PENDING, Sequence, SequenceStatus
+from kiln.runtime.sequence import Sequence, SequenceStatus
 
 
-@dataclass
+@dataclass(slots=True)
 class ScheduledSequence:
+    """One sequence's part of a step, fixed when planned (the sequence moves on once the step is launched)."""
+
     seq: Sequence
+    start: int                 # its computed tokens when planned: the first position this step computes
     num_new_tokens: int
-    # Fixed when planned: once the step is launched the sequence holds its next token (PENDING), and a
-    # prompt's last chunk of one token would then look like a decode.
-    is_decode: bool = field(init=False)
+    is_decode: bool            # one token after outputs exist (a prompt's last chunk of one token is context)
+    samples: bool              # after this step every token is computed, so the runner samples the next one
+    is_input_pending: bool     # its last input token is the previous step's sample, not on the host yet
 
-    def __post_init__(self) -> None:
-        self.is_decode = self.num_new_tokens == 1 and self.seq.num_output_tokens > 0
-
-    @property
-    def start(self) -> int:
-        return self.seq.num_computed_tokens
-
-    @property
-    def samples(self) -> bool:
-        """After this step every token is computed, so the runner samples the next one."""
-        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+    @classmethod
+    def plan(cls, seq: Sequence, num_new_tokens: int) -> "ScheduledSequence":
+        start, end = seq.num_computed_tokens, seq.num_computed_tokens + num_new_tokens
+        return cls(seq, start, num_new_tokens, is_decode=num_new_tokens == 1 and seq.num_output_tokens > 0,
+                   samples=end == seq.num_tokens, is_input_pending=end > len(seq.token_ids))
 
 
 @dataclass
@@ -64,14 +62,15 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, pool: BlockPool, max_batch_size: int, max_num_tokens: int, max_seq_len: int,
-                 policy: str = "guaranteed_no_evict", enable_chunked_context: bool = True,
+                 policy: CapacityPolicy | str = CapacityPolicy.GUARANTEED_NO_EVICT, enable_chunked_context: bool = True,
                  sliding_window: int | None = None):
         self.pool = pool
         self.block_size = pool.block_size
         self.max_batch_size = max_batch_size
         self.max_num_tokens = max_num_tokens
         self.max_seq_len = max_seq_len
-        self.guaranteed = policy == "guaranteed_no_evict"
+        self.policy = CapacityPolicy.parse(policy)
+        self.guaranteed = self.policy is CapacityPolicy.GUARANTEED_NO_EVICT
         self.enable_chunked_context = enable_chunked_context
         self.sliding_window = sliding_window
         self.waiting: deque[Sequence] = deque()
@@ -120,8 +119,7 @@ class Scheduler:
         else:
             self.waiting.remove(seq)
         self._release_all(seq)
-        while seq.token_ids and seq.token_ids[-1] == PENDING:  # sampled after its end: never happened
-            seq.token_ids.pop()
+        seq.num_pending_tokens = 0  # sampled after its end: never happened
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
 
@@ -132,37 +130,24 @@ class Scheduler:
         budget = self.max_num_tokens
         scheduled_ids: set[int] = set()
 
-        # 1. decodes, oldest first; under max_utilization a missing block preempts the newest sequence.
-        for seq in sorted((s for s in self.running if s.num_tokens - s.num_computed_tokens == 1),
-                          key=lambda s: s.arrival_index):
+        # 1. running sequences: decodes, then context chunks (long prompts spanning iterations), each oldest
+        #    first; under max_utilization a sequence short of blocks preempts the newest sequence, so newer
+        #    arrivals cannot starve an old prompt.
+        for seq in sorted(self.running, key=lambda s: (s.num_tokens - s.num_computed_tokens > 1, s.arrival_index)):
             if len(out.scheduled) >= self.max_batch_size or budget == 0:
                 break
             if seq.status is not SequenceStatus.RUNNING:
-                continue  # preempted earlier in this loop
+                continue  # preempted earlier in this pass
             if seq.num_tokens >= self.max_seq_len or seq.num_output_tokens >= seq.params.max_tokens:
-                continue  # its last token is PENDING: it ends when that token arrives
-            if not self._grow(seq, 1, out, scheduled_ids):
-                continue
-            out.scheduled.append(ScheduledSequence(seq, 1))
-            scheduled_ids.add(seq.seq_id)
-            budget -= 1
-
-        # 2. running context chunks (long prompts spanning iterations), oldest first; like decodes, a chunk
-        #    short of blocks preempts the newest sequence, so newer arrivals cannot starve an old prompt.
-        for seq in sorted((s for s in self.running if s.num_tokens - s.num_computed_tokens > 1),
-                          key=lambda s: s.arrival_index):
-            if len(out.scheduled) >= self.max_batch_size or budget == 0:
-                break
-            if seq.status is not SequenceStatus.RUNNING:
-                continue  # preempted earlier in this loop
+                continue  # its last token is pending: it ends when that token arrives
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if not self._grow(seq, num_new, out, scheduled_ids):
                 continue
-            out.scheduled.append(ScheduledSequence(seq, num_new))
+            out.scheduled.append(ScheduledSequence.plan(seq, num_new))
             scheduled_ids.add(seq.seq_id)
             budget -= num_new
 
-        # 3. admit waiting sequences in arrival order; none in an iteration that ran out of blocks (what was
+        # 2. admit waiting sequences in arrival order; none in an iteration that ran out of blocks (what was
         #    just paused would be readmitted only to be paused again).
         # (Blocks the running sequences may still take: summed only when something waits, since a full
         # decode batch would otherwise pay for it every iteration.)
@@ -195,16 +180,14 @@ class Scheduler:
             self._record_prefix_hits(seq)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            out.scheduled.append(ScheduledSequence(seq, num_new))
+            out.scheduled.append(ScheduledSequence.plan(seq, num_new))
             budget -= num_new
         return out
 
-    def advance(self, out: SchedulerOutput, sampling: set[int]) -> dict[int, int]:
-        """After a step is launched: computed tokens advance, full blocks are registered for reuse, and
-        each sequence in ``sampling`` gets a PENDING token (sampled on the device, value not known yet),
-        so the next step can be planned before this one's tokens reach the host. Returns, per sequence,
-        the index of its PENDING token."""
-        pending = {}
+    def advance(self, out: SchedulerOutput) -> None:
+        """After a step is launched: computed tokens advance, full blocks are registered for reuse, and each
+        sequence that samples gets a pending token (its value still on the device), so the next step can be
+        planned before this one's tokens reach the host."""
         for s in out.scheduled:
             seq = s.seq
             if seq.is_finished:
@@ -212,21 +195,21 @@ class Scheduler:
             seq.num_computed_tokens += s.num_new_tokens
             self._cache_full_blocks(seq)
             self._release_out_of_window(seq)
-            if seq.seq_id in sampling:
-                pending[seq.seq_id] = len(seq.token_ids)
-                seq.token_ids.append(PENDING)
-        return pending
+            if s.samples:
+                seq.num_pending_tokens += 1
 
     @staticmethod
-    def resolve(seq: Sequence, index: int, token: int) -> None:
-        """The value of a PENDING token, once it reached the host."""
-        if index < len(seq.token_ids):  # a finished sequence dropped its pending tokens
-            seq.token_ids[index] = token
+    def resolve(seq: Sequence, token: int) -> None:
+        """The value of the sequence's first pending token, once it reached the host (steps complete in the
+        order they were launched)."""
+        if seq.num_pending_tokens:  # a finished sequence dropped its pending tokens
+            seq.token_ids.append(token)
+            seq.num_pending_tokens -= 1
 
     def fork(self, parent: Sequence, token: int, sample_index: int, seed: int) -> Sequence:
         """A new sample of parent's request sharing its computed prompt blocks (the partial last block
         is copied, since both will write into it)."""
-        # The parent may be a step ahead already (its first token computed, a PENDING one after it): the
+        # The parent may be a step ahead already (its first token computed, a pending one after it): the
         # child takes the prompt's KV only and computes its own first token.
         num_prompt = parent.num_prompt_tokens
         child = Sequence(self.new_seq_id(), parent.request_id, parent.token_ids[:num_prompt] + [token],
@@ -306,7 +289,7 @@ class Scheduler:
     def _match_prefix(self, seq: Sequence) -> None:
         if not self._uses_prefix_cache(seq):
             return
-        self._ensure_hashes(seq, seq.num_tokens // self.block_size)
+        self._ensure_hashes(seq, len(seq.token_ids) // self.block_size)
         hits = self.pool.match_prefix(seq.token_ids, seq.block_hashes)
         seq.block_table = hits
         seq.num_computed_tokens = len(hits) * self.block_size
@@ -328,8 +311,8 @@ class Scheduler:
         seq.num_cached_blocks = 0
 
     def _cache_full_blocks(self, seq: Sequence) -> None:
-        # Only blocks whose tokens are all known (a PENDING token cannot be hashed yet).
-        full = min(seq.num_computed_tokens, seq.num_known_tokens) // self.block_size
+        # Only blocks whose tokens are all known (a pending token cannot be hashed yet).
+        full = min(seq.num_computed_tokens, len(seq.token_ids)) // self.block_size
         if full <= seq.num_cached_blocks or not self.pool.enable_reuse:
             return
         self._ensure_hashes(seq, full)

@@ -1,9 +1,13 @@
 """Per-sequence state shared by the scheduler, the model runner and the executor.
 
-One concept: a sequence has ``token_ids`` (prompt, then outputs) and ``num_computed_tokens`` (those
-whose K/V are in the cache). Each iteration the scheduler lets computed tokens catch up; when they
+One concept: a sequence has ``num_tokens`` tokens (prompt, then outputs) and ``num_computed_tokens``
+(those whose K/V are in the cache). Each iteration the scheduler lets computed tokens catch up; when they
 catch up with all tokens the runner samples one more. Prefill and decode are the same thing at
 different sizes.
+
+The executor plans the next step before the tokens of the step in flight reach the host, so the last
+outputs may be *pending*: sampled on the device, their values not known here yet. ``token_ids`` holds
+the tokens whose values are known; ``num_pending_tokens`` (at most two) follow them.
 """
 
 from __future__ import annotations
@@ -11,11 +15,6 @@ from __future__ import annotations
 import enum
 
 from kiln.config import SamplingParams
-
-
-# A token sampled on the device whose value has not reached the host yet (the executor plans the next
-# step before it does); token ids are never negative otherwise.
-PENDING = -1
 
 
 class SequenceStatus(enum.Enum):
@@ -30,7 +29,8 @@ class Sequence:
                  stop_ids: tuple[int, ...] = ()):
         self.seq_id = seq_id
         self.request_id = request_id
-        self.token_ids = token_ids
+        self.token_ids = token_ids          # prompt, then the outputs whose values reached the host
+        self.num_pending_tokens = 0         # outputs after them, sampled on the device, values not here yet
         self.num_prompt_tokens = num_prompt_tokens
         self.params = params
         self.seed = seed
@@ -38,7 +38,6 @@ class Sequence:
         self.arrival_index = arrival_index  # FIFO order; preemption takes the newest first
         self.stop_ids = stop_ids            # EOS (unless ignore_eos) and stop_token_ids
         self.num_computed_tokens = 0
-        self.pending_row = 0  # row of its last sampled token in the runner's last step (see PENDING)
         self.block_table: list[int] = []
         self.num_released_blocks = 0       # leading table slots given back (outside the window): NO_BLOCK
         self.block_hashes: list[bytes] = []  # chained hashes of full blocks, computed as they fill
@@ -51,22 +50,16 @@ class Sequence:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.token_ids)
-
-    @property
-    def num_known_tokens(self) -> int:
-        """Tokens before the first PENDING one (there are at most two, at the end)."""
-        n = len(self.token_ids)
-        while n and self.token_ids[n - 1] == PENDING:
-            n -= 1
-        return n
+        return len(self.token_ids) + self.num_pending_tokens
 
     @property
     def num_output_tokens(self) -> int:
-        return len(self.token_ids) - self.num_prompt_tokens
+        """Outputs so far, pending ones included."""
+        return self.num_tokens - self.num_prompt_tokens
 
     @property
     def output_token_ids(self) -> list[int]:
+        """The outputs whose values are known."""
         return self.token_ids[self.num_prompt_tokens:]
 
     @property
