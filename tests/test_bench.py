@@ -13,7 +13,7 @@ from kiln.bench.dataset import BenchRequest, TokenSpace, token_norm_dist, write_
 from kiln.bench.hf_backend import HFBackend, hf_config_class, hf_state_dict
 from kiln.bench.latency import run_latency
 from kiln.bench.report import PERCENTILE_KEYS
-from kiln.bench.throughput import KilnBackend, benchmark
+from kiln.bench.throughput import BenchSampling, KilnBackend, benchmark
 from kiln.engine import EngineManifest, load_weights
 from kiln.cli import main
 from kiln.config import BuildConfig, RuntimeConfig, SamplingParams
@@ -110,6 +110,25 @@ def test_concurrency_cap_holds_and_counts_are_exact(engine, requests):
     assert report["request_info"]["max_concurrency"] == 3
     assert report["request_info"]["avg_num_concurrent_requests"] <= 3
     assert "streaming_metrics" not in report
+
+
+def test_a_sampled_run_counts_every_token_and_says_how_it_sampled(engine, dataset_file, tmp_path, capsys):
+    report_file = tmp_path / "sampled.json"
+    assert main(["bench", "throughput", "--engine", str(engine), "--dataset", str(dataset_file), "--warmup", "0",
+                 "--temperature", "0.8", "--top-p", "0.95", "--seed", "7", "--report-json", str(report_file)]) == 0
+    assert "Sampling:               temperature 0.8, top_p 0.95, seed 7 + task id" in capsys.readouterr().out
+    report = json.loads(report_file.read_text())
+    assert report["world_info"]["sampling"] == "temperature 0.8, top_p 0.95, seed 7 + task id"
+    assert report["request_info"]["avg_output_length"] == pytest.approx(report["dataset"]["osl_stats"]["average"])
+
+
+def test_bench_sampling_seeds_each_request_and_checks_its_values():
+    sampling = BenchSampling(0.8, 0.95, seed=7)
+    assert sampling.params(3, 10) == SamplingParams(max_tokens=10, temperature=0.8, top_p=0.95, seed=10,
+                                                    ignore_eos=True)
+    assert not sampling.is_greedy and BenchSampling().is_greedy and BenchSampling().describe() == "greedy"
+    with pytest.raises(ConfigError, match=r"top_p must be in \(0, 1\] \(--temperature 0.8, --top-p 1.5\)"):
+        BenchSampling(0.8, 1.5)
 
 
 def test_latency_runs_one_request_at_a_time(engine, requests):
@@ -238,6 +257,10 @@ def test_cli_errors_are_one_line(engine, engine_without_tokenizer, dataset_file,
     assert "no such engine folder" in cli_error(capsys, "bench", "latency", "--engine", str(tmp_path / "none"),
                                                 "--dataset", d)
     assert "kiln, hf" in cli_error(capsys, "bench", "throughput", "--engine", e, "--dataset", d, "--backend", "vllm")
+    assert "hf backend samples greedily only" in cli_error(capsys, "bench", "throughput", "--engine", e, "--dataset",
+                                                           d, "--backend", "kiln,hf", "--temperature", "0.8")
+    assert "top_p must be in (0, 1]" in cli_error(capsys, "bench", "latency", "--engine", e, "--dataset", d,
+                                                  "--top-p", "0")
     assert "--backend hf only" in cli_error(capsys, "bench", "throughput", "--engine", e, "--dataset", d,
                                             "--hf-model", str(DEFAULT_MODEL_DIR))
     assert "exceeds the engine's 64" in cli_error(capsys, "bench", "throughput", "--engine", e, "--dataset", d,

@@ -103,6 +103,15 @@ def _add_run_options(p) -> None:
     p.add_argument("--warmup", type=_non_negative_int, default=DEFAULT_WARMUP,
                    help=f"requests run (and not measured) before the benchmark (default {DEFAULT_WARMUP})")
     p.add_argument("--report-json", help="write the report as JSON (trtllm-bench key names) to this file")
+    sampling = p.add_argument_group("sampling", "how every request samples (default: greedy); "
+                                                "--temperature 0.8 --top-p 0.95 is the sampled run to set beside "
+                                                "a greedy one")
+    sampling.add_argument("--temperature", type=float, default=0.0,
+                          help="sampling temperature; 0 is greedy (default 0)")
+    sampling.add_argument("--top-p", type=float, default=1.0,
+                          help="keep the most likely tokens up to this probability mass (default 1.0: all)")
+    sampling.add_argument("--seed", type=int, default=0,
+                          help="a request samples with this seed plus its task id, so runs repeat (default 0)")
     add_runtime_flags(p)
 
 
@@ -190,7 +199,7 @@ def _finish(reports: list[dict], report_json: str | None) -> None:
 
 
 def cmd_throughput(args) -> int:
-    from kiln.bench.throughput import BACKENDS, run_throughput
+    from kiln.bench.throughput import BACKENDS, HF_GREEDY_ONLY, BenchSampling, run_throughput
 
     backends = [b.strip() for b in args.backend.split(",")]
     unknown = [b for b in backends if b not in BACKENDS]
@@ -199,6 +208,9 @@ def cmd_throughput(args) -> int:
                           "comma-separated")
     if args.hf_model and "hf" not in backends:
         raise ConfigError("--hf-model applies to --backend hf only; add hf to --backend")
+    sampling = BenchSampling(args.temperature, args.top_p, args.seed)
+    if "hf" in backends and not sampling.is_greedy:
+        raise ConfigError(HF_GREEDY_ONLY)
     if args.plot:
         _require_matplotlib()
     _check_writable(args.report_json, args.plot)
@@ -215,7 +227,7 @@ def cmd_throughput(args) -> int:
         concurrencies, waves = [args.concurrency], None
     reports = run_throughput(args.engine, requests, backends=backends, config=config, concurrencies=concurrencies,
                              waves=waves, streaming=args.streaming, warmup=args.warmup, hf_model=args.hf_model,
-                             dataset_path=args.dataset, progress=True)
+                             dataset_path=args.dataset, progress=True, sampling=sampling)
     _finish(reports, args.report_json)
     if args.plot:
         from kiln.bench.plot import plot_sweep
@@ -242,11 +254,14 @@ def _powers_of_two_up_to(top: int) -> list[int]:
 
 def cmd_latency(args) -> int:
     from kiln.bench.latency import run_latency
+    from kiln.bench.throughput import BenchSampling
 
+    sampling = BenchSampling(args.temperature, args.top_p, args.seed)
     _check_writable(args.report_json)
     config = runtime_config_from_args(args)
     _note_no_effect(args, ("max_batch_size",), "latency runs one request at a time")
     _, requests = _load_requests(args)
-    report = run_latency(args.engine, requests, config=config, warmup=args.warmup, dataset_path=args.dataset)
+    report = run_latency(args.engine, requests, config=config, warmup=args.warmup, dataset_path=args.dataset,
+                         sampling=sampling)
     _finish([report], args.report_json)
     return 0

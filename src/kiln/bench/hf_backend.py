@@ -117,7 +117,8 @@ class HFBackend:
         engine["model_path"] = str(self.hf_model or self.engine_dir)
         engine["attention_implementation"] = self.model.config._attn_implementation
         world = {"tp_size": 1, "pp_size": 1, "world_size": 1, "max_batch_size": concurrency or self.max_batch_size,
-                 "max_num_tokens": None, "scheduling_policy": "static batches", "kv_cache_percentage": None}
+                 "max_num_tokens": None, "scheduling_policy": "static batches", "kv_cache_percentage": None,
+                 "sampling": "greedy"}
         return engine, world
 
     def run(self, requests: list[BenchRequest], concurrency: int | None, streaming: bool,

@@ -208,6 +208,7 @@ def format_report(report: dict[str, Any]) -> str:
             f"Max Runtime Batch Size: {w['max_batch_size']}",
             f"Max Runtime Tokens:     {_fmt(w['max_num_tokens'])}",
             f"Scheduling Policy:      {w['scheduling_policy']}",
+            f"Sampling:               {w['sampling']}",
             f"KV Memory Percentage:   {'n/a' if kv_fraction is None else f'{kv_fraction * 100:.2f}%'}",
             f"Issue Rate (req/sec):   {'all at once' if issue_rate is None else f'{issue_rate:.4E}'}",
             *_iteration_lines(report.get("iteration_stats")),

@@ -1,7 +1,7 @@
 """Offline throughput: a dataset through a backend, all requests at once or under a concurrency cap.
 
-kiln's backend drives the Executor: every request asks for exactly its ``output_tokens`` (greedy, EOS
-ignored) and its responses come back through a callback; under a cap, the next request is enqueued
+kiln's backend drives the Executor: every request asks for exactly its ``output_tokens`` (EOS ignored;
+greedy unless a ``BenchSampling`` says otherwise) and its responses come back through a callback; under a cap, the next request is enqueued
 when one finishes. ``run_throughput`` runs one or more backends at one or more concurrencies (a
 sweep, for the latency-throughput curve), loading each backend once.
 """
@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from kiln.bench.dataset import BenchRequest
 from kiln.bench.report import BenchRun, RequestRecord, build_report, engine_details, machine_details
 from kiln.config import RuntimeConfig, SamplingParams
-from kiln.errors import ConfigError, KilnError
+from kiln.errors import ConfigError, KilnError, RequestError
 from kiln.runtime.executor import Executor, IterationStats
 from kiln.runtime.request import Request, Response
 from kiln.version import __version__
@@ -35,6 +35,35 @@ from kiln.version import __version__
 # run every kernel and CUDA graph once, and long outputs would only lengthen the warmup.
 WARMUP_OUTPUT_TOKENS = 8
 STATS_POLL_SECONDS = 0.25  # the executor keeps its last 1000 iterations' stats; read them well before
+
+
+@dataclass(frozen=True)
+class BenchSampling:
+    """How every request of a run samples: greedy by default. With a temperature each request is seeded
+    (``seed`` + its task id), so two runs draw the same tokens (``--temperature 0.8 --top-p 0.95``: the
+    sampled run to set beside a greedy one)."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self):
+        try:
+            self.params(0, 1)
+        except RequestError as e:  # before any engine is loaded
+            raise ConfigError(f"{e} (--temperature {self.temperature}, --top-p {self.top_p})") from None
+
+    def params(self, task_id: int, max_tokens: int) -> SamplingParams:
+        return SamplingParams(max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
+                              seed=self.seed + task_id, ignore_eos=True)
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.params(0, 1).is_greedy
+
+    def describe(self) -> str:
+        return ("greedy" if self.is_greedy else
+                f"temperature {self.temperature}, top_p {self.top_p}, seed {self.seed} + task id")
 
 
 class Backend(Protocol):
@@ -53,8 +82,10 @@ class Backend(Protocol):
 class KilnBackend:
     name = "kiln"
 
-    def __init__(self, engine_dir: str | Path, config: RuntimeConfig, progress: bool = True):
+    def __init__(self, engine_dir: str | Path, config: RuntimeConfig, progress: bool = True,
+                 sampling: BenchSampling = BenchSampling()):
         self.engine_dir = Path(engine_dir)
+        self.sampling = sampling
         self.executor = Executor(engine_dir, config, progress=progress)
         self.device = self.executor.engine.device
 
@@ -71,6 +102,7 @@ class KilnBackend:
                                     else None),
             "kv_cache_blocks": ex.pool.num_blocks, "tokens_per_block": build.tokens_per_block,
             "enable_chunked_context": config.scheduler_config.enable_chunked_context,
+            "sampling": self.sampling.describe(),
         }
         return engine, world
 
@@ -87,7 +119,7 @@ class KilnBackend:
         def submit() -> None:
             while waiting and len(active) < limit:
                 item = waiting.popleft()
-                params = SamplingParams(max_tokens=item.output_tokens, temperature=0.0, ignore_eos=True)
+                params = self.sampling.params(item.task_id, item.output_tokens)
                 request = Request(list(item.input_ids), sampling_params=params, streaming=streaming)
                 active[executor.enqueue_request(request, on_response=events.put)] = _InFlight(item)
 
@@ -177,24 +209,30 @@ def release_device_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def _open_kiln(engine_dir: Path, config: RuntimeConfig, hf_model: Path | None, progress: bool) -> Backend:
-    return KilnBackend(engine_dir, config, progress)
+def _open_kiln(engine_dir: Path, config: RuntimeConfig, hf_model: Path | None, progress: bool,
+               sampling: BenchSampling) -> Backend:
+    return KilnBackend(engine_dir, config, progress, sampling)
 
 
-def _open_hf(engine_dir: Path, config: RuntimeConfig, hf_model: Path | None, progress: bool) -> Backend:
+def _open_hf(engine_dir: Path, config: RuntimeConfig, hf_model: Path | None, progress: bool,
+             sampling: BenchSampling) -> Backend:
     from kiln.bench.hf_backend import HFBackend  # imports transformers
+
+    if not sampling.is_greedy:
+        raise ConfigError(HF_GREEDY_ONLY)
 
     return HFBackend(engine_dir, hf_model, max_batch_size=config.max_batch_size, progress=progress)
 
 
 BACKENDS = {"kiln": _open_kiln, "hf": _open_hf}
+HF_GREEDY_ONLY = "the hf backend samples greedily only; leave out --temperature, or hf from --backend"
 
 
 def open_backend(name: str, engine_dir: str | Path, config: RuntimeConfig, hf_model: str | Path | None = None,
-                 progress: bool = True) -> Backend:
+                 progress: bool = True, sampling: BenchSampling = BenchSampling()) -> Backend:
     if name not in BACKENDS:
         raise ConfigError(f"unknown backend {name!r}; choose from {', '.join(BACKENDS)}")
-    return BACKENDS[name](Path(engine_dir), config, None if hf_model is None else Path(hf_model), progress)
+    return BACKENDS[name](Path(engine_dir), config, None if hf_model is None else Path(hf_model), progress, sampling)
 
 
 def benchmark(backend: Backend, requests: list[BenchRequest], *, concurrency: int | None = None,
@@ -217,7 +255,8 @@ def warmup_requests(requests: list[BenchRequest], count: int) -> list[BenchReque
 def run_throughput(engine_dir: str | Path, requests: list[BenchRequest], *, backends: list[str],
                    config: RuntimeConfig, concurrencies: list[int | None], waves: int | None = None,
                    streaming: bool = False, warmup: int = 0, hf_model: str | Path | None = None,
-                   dataset_path: str | Path | None = None, progress: bool = True) -> list[dict[str, Any]]:
+                   dataset_path: str | Path | None = None, progress: bool = True,
+                   sampling: BenchSampling = BenchSampling()) -> list[dict[str, Any]]:
     """One report per (backend, concurrency). With ``waves``, a run at concurrency c takes the first
     waves * c requests, so low concurrencies of a sweep stay short.
 
@@ -226,7 +265,7 @@ def run_throughput(engine_dir: str | Path, requests: list[BenchRequest], *, back
     its threads to wake), allocator state, GPU memory."""
     run = functools.partial(_run_backend, engine_dir=engine_dir, requests=requests, config=config,
                             concurrencies=concurrencies, waves=waves, streaming=streaming, warmup=warmup,
-                            hf_model=hf_model, dataset_path=dataset_path, progress=progress)
+                            hf_model=hf_model, dataset_path=dataset_path, progress=progress, sampling=sampling)
     if len(backends) == 1:
         return run(backends[0])
     reports = []
@@ -241,9 +280,10 @@ def run_throughput(engine_dir: str | Path, requests: list[BenchRequest], *, back
 
 def _run_backend(name: str, *, engine_dir: str | Path, requests: list[BenchRequest], config: RuntimeConfig,
                  concurrencies: list[int | None], waves: int | None, streaming: bool, warmup: int,
-                 hf_model: str | Path | None, dataset_path: str | Path | None, progress: bool) -> list[dict[str, Any]]:
+                 hf_model: str | Path | None, dataset_path: str | Path | None, progress: bool,
+                 sampling: BenchSampling) -> list[dict[str, Any]]:
     reports = []
-    backend = open_backend(name, engine_dir, config, hf_model, progress)
+    backend = open_backend(name, engine_dir, config, hf_model, progress, sampling)
     try:
         for concurrency in concurrencies:
             subset = requests if waves is None or concurrency is None else requests[:waves * concurrency]
