@@ -140,6 +140,70 @@ def test_greedy_tokens_are_the_same_alone_and_in_a_crowded_batch(engine, greedy_
         assert_pool_full(ex)
 
 
+# ---- the overlapped loop (and on a GPU, CUDA graphs) against the eager reference ---------------------------
+
+def mixed_requests(seed: int, count: int) -> list[Request]:
+    """Greedy requests, seeded sampled ones (temperature 0.8, top-p 0.95) and seeded pairs (n = 2), over shared
+    prefixes: every token of each is fixed by its prompt and seed, whatever else runs with it."""
+    kinds = [dict(temperature=0.0), dict(temperature=0.8, top_p=0.95), dict(temperature=1.0, n=2)]
+    return [Request(p, sampling_params=SamplingParams(max_tokens=40, ignore_eos=True, seed=1000 + i, **kinds[i % 3]))
+            for i, p in enumerate(prompts_with_shared_prefixes(seed, count))]
+
+
+def assert_fast_path_gives_the_reference_tokens(engine, requests: list[Request], **crowded) -> int:
+    """The reference: each step planned once the previous step's tokens are on the host, no CUDA graphs, a
+    roomy pool. Against it, the fast path (overlap: inputs still pending on the device when their step is
+    planned; graphs where the engine has them) under ``crowded`` limits: chunked prompts, preemption.
+    Returns how many of the fast path's steps replayed a CUDA graph."""
+    with Executor(engine, RuntimeConfig(enable_cuda_graphs=False, enable_overlap=False)) as ex:
+        expected = [r.result.output_token_ids for r in run_requests(ex, requests)]
+    with make_executor(engine, "max_utilization", **crowded) as ex:
+        graph_sizes, num_pending_inputs = [], []
+        pick_graph, launch = ex.runner._graph_size, ex.runner.launch
+        ex.runner._graph_size = lambda *args: graph_sizes.append(pick_graph(*args)) or graph_sizes[-1]
+
+        def count_and_launch(plan):
+            num_pending_inputs.append(sum(s.is_input_pending for s in plan.scheduled))
+            return launch(plan)
+
+        ex.runner.launch = count_and_launch
+        got = [r.result.output_token_ids for r in run_requests(ex, requests)]
+        stats = ex.get_latest_iteration_stats()
+        assert_pool_full(ex)
+    assert ex.scheduler.num_preemptions > 0 and max(s.batch_size for s in stats) > 1 and sum(num_pending_inputs) > 0
+    assert max(s.num_context_tokens for s in stats) < max(len(r.input_token_ids) for r in requests)  # chunked
+    assert got == expected
+    return sum(1 for size in graph_sizes if size)
+
+
+def test_overlapped_crowded_runs_give_the_reference_tokens(engine):
+    assert assert_fast_path_gives_the_reference_tokens(engine, mixed_requests(2, 12), kv_tokens=2 * MAX_SEQ_LEN,
+                                                       max_num_tokens=16) == 0  # no graphs on the CPU
+
+
+@pytest.fixture(scope="module", params=["stories260K", "llama-3.2-1b"])
+def gpu_engine(request, tmp_path_factory):
+    """float32, so that the reference and the fast path (other batch shapes: graphs pad the batch) differ by
+    summation order only, far below a greedy choice's margin; the 1B preset with dummy weights."""
+    from kiln import BuildConfig, Builder
+    from kiln.convert import AutoModelForCausalLM
+
+    source = (AutoModelForCausalLM.from_hugging_face(STORIES_DIR) if request.param == "stories260K"
+              else AutoModelForCausalLM.from_preset(request.param))
+    build = BuildConfig(max_batch_size=16, max_input_len=64, max_seq_len=MAX_SEQ_LEN, max_num_tokens=128,
+                        tokens_per_block=16, dtype="float32")
+    path = Builder().build(source, build).save(tmp_path_factory.mktemp(f"gpu_{request.param}"), progress=False)
+    return load_engine(path, progress=False)
+
+
+@pytest.mark.gpu
+def test_cuda_graphs_and_overlap_give_the_eager_reference_tokens(gpu_engine):
+    assert gpu_engine.device.type == "cuda"
+    num_graph_steps = assert_fast_path_gives_the_reference_tokens(gpu_engine, mixed_requests(3, 24),
+                                                                  kv_tokens=4 * MAX_SEQ_LEN, max_num_tokens=32)
+    assert num_graph_steps > 0
+
+
 # ---- random load ---------------------------------------------------------------------------------------
 
 @st.composite

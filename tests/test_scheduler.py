@@ -8,7 +8,9 @@ a function of the last tokens it read and the position, so each sample's output 
 request gives when run alone, whatever the arrivals, chunking, prefix reuse, preemption, cancellations
 and window were. Scheduling is driven as the Executor drives it (fork n > 1 samples, then stop / length
 checks), and every iteration is checked against the batch and token limits and the blocks a sequence
-may hold.
+may hold. Like the Executor, a simulation may plan each step before the previous step's tokens are known
+(overlap): those tokens are pending when planned, the fake runner feeds them in from its previous step's
+samples, and they are resolved after the next step is launched.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from hypothesis import strategies as st
 from kiln.config import CapacityPolicy, SamplingParams
 from kiln.runtime.kv_cache import NO_BLOCK, BlockPool, max_live_blocks
 from kiln.runtime.model_runner import RunnerOutput
-from kiln.runtime.scheduler import Scheduler, SchedulerOutput
+from kiln.runtime.scheduler import ScheduledSequence, Scheduler, SchedulerOutput
 from kiln.runtime.sequence import Sequence, SequenceStatus
 
 
@@ -67,13 +69,24 @@ def unstopped(length: int, max_tokens: int, arrival_step: int = 0, first_token: 
 
 
 class FakeRunner:
-    """The model runner's contract (plan in, RunnerOutput out) over a cache of token ids."""
+    """The model runner's contract (plan in, RunnerOutput out) over a cache of token ids. An input the plan
+    marks pending is the token this runner sampled for that sequence in its previous step."""
 
     def __init__(self, pool: BlockPool, sliding_window: int | None = None):
         self.pool = pool
         self.block_size = pool.block_size
         self.sliding_window = sliding_window
         self.cache = [[None] * pool.block_size for _ in range(pool.num_blocks)]
+        self.last_sampled: dict[int, int] = {}  # the previous sampling step's tokens, by sequence
+
+    def tokens(self, s: ScheduledSequence) -> list[int]:
+        """The sequence's tokens up to the step's end, as the device has them (a pending input from the
+        previous step's samples, whether or not the host has its value by now)."""
+        end = s.start + s.num_new_tokens
+        if not s.is_input_pending:
+            return s.seq.token_ids[:end]
+        assert s.seq.seq_id in self.last_sampled, f"{s.seq}: its pending input was not sampled by the last step"
+        return s.seq.token_ids[:end - 1] + [self.last_sampled[s.seq.seq_id]]
 
     def read(self, seq: Sequence, position: int) -> int:
         block = seq.block_table[position // self.block_size]
@@ -85,11 +98,11 @@ class FakeRunner:
         for src, dst in plan.block_copies:
             self.cache[dst] = list(self.cache[src])
         for s in plan.scheduled:
-            seq = s.seq
+            seq, tokens = s.seq, self.tokens(s)
             for p in range(s.start, s.start + s.num_new_tokens):
                 block = seq.block_table[p // bs]
                 assert self.pool.ref_counts[block] == 1, f"{seq} writes into shared block {block}"
-                self.cache[block][p % bs] = seq.token_ids[p]
+                self.cache[block][p % bs] = tokens[p]
         out = RunnerOutput()
         for s in plan.scheduled:  # attention reads after every write of the step
             seq = s.seq
@@ -97,12 +110,14 @@ class FakeRunner:
             # The keys the step's queries see: from the first one's window on.
             first = 0 if self.sliding_window is None else max(0, s.start - self.sliding_window + 1)
             seen = [self.read(seq, p) for p in range(first, end)]
-            assert seen == seq.token_ids[first:end], f"{seq} reads a corrupted cache"
+            assert seen == self.tokens(s)[first:end], f"{seq} reads a corrupted cache"
             if s.samples:
                 out.sampled[seq.seq_id] = next_token(seen, end, seq.sample_index)
                 if seq.forks_pending and seq.num_output_tokens == 0:
                     out.forked[seq.seq_id] = [(next_token(seen, end, i), i, None)
                                               for i in range(1, seq.forks_pending + 1)]
+        if out.sampled:
+            self.last_sampled = dict(out.sampled)
         return out
 
 
@@ -123,6 +138,7 @@ class Run:
     num_steps: int
     num_preemptions: int
     max_used_blocks: int                     # the most blocks held at once
+    num_pending_plans: int                   # plans with an input still pending (overlap)
 
 
 
@@ -137,7 +153,9 @@ def blocks_needed(request: FakeRequest, block_size: int, max_num_tokens: int,
 
 def simulate(requests: list[FakeRequest], num_blocks: int, block_size: int, max_batch_size: int,
              max_num_tokens: int, policy: str, chunked: bool, reuse: bool, sliding_window: int | None = None,
-             max_seq_len: int = MAX_SEQ_LEN) -> Run:
+             max_seq_len: int = MAX_SEQ_LEN, overlap: bool = False) -> Run:
+    """Runs the requests as the Executor does; with ``overlap``, each step is planned and launched before the
+    previous step's tokens are processed (the Executor's loop), else after."""
     pool = BlockPool(num_blocks, block_size, reuse)
     scheduler = Scheduler(pool, max_batch_size, max_num_tokens, max_seq_len, policy, chunked, sliding_window)
     runner = FakeRunner(pool, sliding_window)
@@ -150,36 +168,17 @@ def simulate(requests: list[FakeRequest], num_blocks: int, block_size: int, max_
         scheduler.finish(seq, reason)
 
     def check_end(seq: Sequence) -> None:
+        """After a token reached the host (the sequence may hold a pending one after it)."""
         if seq.token_ids[-1] == STOP:
             finish(seq, "stop")
-        elif seq.num_output_tokens >= seq.params.max_tokens:
+        elif len(seq.output_token_ids) >= seq.params.max_tokens:
             finish(seq, "length")
 
-    total_work = sum((len(r.prompt) + r.max_tokens) * r.n for r in requests)
-    step, num_preemptions, max_used_blocks = 0, 0, 0
-    while step <= max(r.arrival_step for r in requests) or scheduler.has_work():
-        assert step < 100 + 10 * total_work, "requests starved: no progress"
-        for index, r in enumerate(requests):
-            if r.arrival_step == step:
-                params = SamplingParams(max_tokens=r.max_tokens, n=r.n)
-                seq = Sequence(scheduler.new_seq_id(), index, list(r.prompt), len(r.prompt), params, seed=0)
-                samples[index] = {0: seq}
-                request_of[seq.seq_id] = index
-                scheduler.add(seq)
-            if r.cancel_step == step and index in samples:
-                for seq in samples[index].values():
-                    if not seq.is_finished:
-                        finish(seq, "cancelled")
-        running = {s.seq_id for s in scheduler.running}
-        decodes = {s.seq_id for s in scheduler.running if s.num_tokens - s.num_computed_tokens == 1}
-        waiting = {s.seq_id for s in scheduler.waiting}
-        plan = scheduler.schedule()
-        check_plan(scheduler, plan, running, decodes, waiting)
-        check_block_tables(scheduler)
-        num_preemptions += len(plan.preempted)
-        max_used_blocks = max(max_used_blocks, pool.num_used_blocks)
-        out = runner.execute(plan)
-        update(scheduler, plan, out.sampled)
+    def complete(plan: SchedulerOutput, out: RunnerOutput) -> None:
+        """A launched step's tokens reach the host: resolved, then forks and stop checks as the Executor does."""
+        for s in plan.scheduled:
+            if s.samples:
+                scheduler.resolve(s.seq, out.sampled[s.seq.seq_id])
         for s in plan.scheduled:
             seq = s.seq
             if seq.seq_id not in out.sampled or seq.is_finished:
@@ -193,8 +192,48 @@ def simulate(requests: list[FakeRequest], num_blocks: int, block_size: int, max_
             if seq.seq_id in out.forked:
                 seq.forks_pending = 0
             check_end(seq)
+
+    total_work = sum((len(r.prompt) + r.max_tokens) * r.n for r in requests)
+    step, num_preemptions, max_used_blocks = 0, 0, 0
+    in_flight: tuple[SchedulerOutput, RunnerOutput] | None = None  # launched, its tokens not processed yet
+    num_pending_plans = 0  # plans with an input still pending (overlap only)
+    while step <= max(r.arrival_step for r in requests) or scheduler.has_work() or in_flight:
+        assert step < 100 + 10 * total_work, "requests starved: no progress"
+        for index, r in enumerate(requests):
+            if r.arrival_step == step:
+                params = SamplingParams(max_tokens=r.max_tokens, n=r.n)
+                seq = Sequence(scheduler.new_seq_id(), index, list(r.prompt), len(r.prompt), params, seed=0)
+                samples[index] = {0: seq}
+                request_of[seq.seq_id] = index
+                scheduler.add(seq)
+            if r.cancel_step == step and index in samples:
+                for seq in samples[index].values():
+                    if not seq.is_finished:
+                        finish(seq, "cancelled")
+        # A sequence whose pending token is its last (overlap) is not planned again: it ends when that token arrives.
+        plannable = [s for s in scheduler.running
+                     if s.num_output_tokens < s.params.max_tokens and s.num_tokens < scheduler.max_seq_len]
+        running = {s.seq_id for s in plannable}
+        decodes = {s.seq_id for s in plannable if s.num_tokens - s.num_computed_tokens == 1}
+        waiting = {s.seq_id for s in scheduler.waiting}
+        plan = scheduler.schedule()
+        check_plan(scheduler, plan, running, decodes, waiting)
+        check_block_tables(scheduler)
+        num_preemptions += len(plan.preempted)
+        max_used_blocks = max(max_used_blocks, pool.num_used_blocks)
+        num_pending_plans += any(s.is_input_pending for s in plan.scheduled)
+        previous, in_flight = in_flight, None
+        if not plan.is_empty:
+            in_flight = (plan, runner.execute(plan))
+            scheduler.advance(plan)
+        if previous:
+            complete(*previous)
+        if in_flight and not overlap:
+            complete(*in_flight)
+            in_flight = None
         step += 1
-    return Run(scheduler, samples, num_finishes, step, num_preemptions, max_used_blocks)
+    assert overlap or num_pending_plans == 0
+    return Run(scheduler, samples, num_finishes, step, num_preemptions, max_used_blocks, num_pending_plans)
 
 
 def check_block_tables(scheduler: Scheduler) -> None:
@@ -291,7 +330,7 @@ def workloads(draw, crowded: bool):
     num_blocks = min_blocks + draw(st.integers(0, 2) if crowded else st.one_of(st.integers(0, 4), st.integers(0, 40)))
     return dict(requests=requests, num_blocks=num_blocks, block_size=block_size, max_batch_size=max_batch_size,
                 max_num_tokens=max_num_tokens, chunked=chunked, reuse=draw(st.booleans()),
-                sliding_window=sliding_window)
+                sliding_window=sliding_window, overlap=draw(st.sampled_from([True, True, False])))
 
 
 @pytest.mark.parametrize("crowded", [False, True], ids=["mixed", "crowded"])
@@ -302,6 +341,10 @@ def test_random_workloads_end_right_and_return_the_pool(policy, crowded, data):
     workload = data.draw(workloads(crowded))
     run = simulate(policy=policy, **workload)
     check_run(run, workload["requests"])
+    # Overlapped runs plan decodes whose input is still pending (every run that decodes twice in a row).
+    if workload["overlap"] and any(len(seq.output_token_ids) > 2 for samples in run.samples.values()
+                                   for seq in samples.values()):
+        assert run.num_pending_plans > 0
 
 
 # ---- specific cases --------------------------------------------------------------------------------
