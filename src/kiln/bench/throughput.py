@@ -1,9 +1,9 @@
 """Offline throughput: a dataset through a backend, all requests at once or under a concurrency cap.
 
 kiln's backend drives the Executor: every request asks for exactly its ``output_tokens`` (EOS ignored;
-greedy unless a ``BenchSampling`` says otherwise) and its responses come back through a callback; under a cap, the next request is enqueued
-when one finishes. ``run_throughput`` runs one or more backends at one or more concurrencies (a
-sweep, for the latency-throughput curve), loading each backend once.
+greedy unless a ``BenchSampling`` says otherwise) and its responses come back through a callback; under
+a cap, the next request is enqueued when one finishes. ``run_throughput`` runs one or more backends at
+one or more concurrencies (a sweep, for the latency-throughput curve), loading each backend once.
 """
 
 from __future__ import annotations

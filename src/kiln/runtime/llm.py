@@ -127,12 +127,13 @@ class LLM:
     def __init__(self, model: str | Path | None = None, *, max_batch_size: int | None = None,
                  max_num_tokens: int | None = None, kv_cache_config: KvCacheConfig | None = None,
                  scheduler_config: SchedulerConfig | None = None, build_config: BuildConfig | dict | None = None,
-                 enable_cuda_graphs: bool = True, device: str | None = None, progress: bool = True):
+                 enable_cuda_graphs: bool = True, enable_overlap: bool = True, device: str | None = None,
+                 progress: bool = True):
         self.engine_dir = ensure_engine(model, build_config, progress=progress)
         config = RuntimeConfig(max_batch_size=max_batch_size, max_num_tokens=max_num_tokens,
                                kv_cache_config=kv_cache_config or KvCacheConfig(),
                                scheduler_config=scheduler_config or SchedulerConfig(),
-                               enable_cuda_graphs=enable_cuda_graphs, device=device)
+                               enable_cuda_graphs=enable_cuda_graphs, enable_overlap=enable_overlap, device=device)
         self.executor = Executor(self.engine_dir, config, progress=progress)
         self.tokenizer = self.executor.tokenizer
 

@@ -62,8 +62,8 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, pool: BlockPool, max_batch_size: int, max_num_tokens: int, max_seq_len: int,
-                 policy: CapacityPolicy | str = CapacityPolicy.GUARANTEED_NO_EVICT, enable_chunked_context: bool = True,
-                 sliding_window: int | None = None):
+                 policy: CapacityPolicy | str = CapacityPolicy.GUARANTEED_NO_EVICT,
+                 enable_chunked_context: bool = True, sliding_window: int | None = None):
         self.pool = pool
         self.block_size = pool.block_size
         self.max_batch_size = max_batch_size

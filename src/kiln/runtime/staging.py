@@ -18,7 +18,8 @@ class HostStaging:
         self.device = device
         self.pinned = device.type == "cuda"
         self._buffers: list[dict[torch.dtype, torch.Tensor]] = [{}, {}]  # per set: one flat buffer per dtype
-        self._copied: list[torch.cuda.Event | None] = [None, None]       # per set: after its last copy
+        # Per set, recorded after each of its copies (waiting on one never recorded returns at once).
+        self._copied = [torch.cuda.Event(), torch.cuda.Event()] if self.pinned else None
         self._capacity = capacity
         self._set = 0
         self._used: dict[torch.dtype, int] = {}
@@ -26,10 +27,8 @@ class HostStaging:
     def next_step(self) -> None:
         """Stages the coming step's tensors in the other set, once that set's copies have run."""
         self._set ^= 1
-        copied = self._copied[self._set]
-        if copied is not None:
-            copied.synchronize()
-            self._copied[self._set] = None
+        if self._copied is not None:
+            self._copied[self._set].synchronize()
         self._used = {}
 
     def tensors(self, dtype: torch.dtype, *values: list) -> list[torch.Tensor]:
@@ -50,7 +49,6 @@ class HostStaging:
             end += n
         self._used[dtype] = end
         staged = buffer[start:end].to(self.device, non_blocking=True)
-        if self.pinned:
-            self._copied[self._set] = torch.cuda.Event()
+        if self._copied is not None:
             self._copied[self._set].record()
         return list(staged.split(sizes))
