@@ -155,22 +155,29 @@ def assert_fast_path_gives_the_reference_tokens(engine, requests: list[Request],
     roomy pool. Against it, the fast path (overlap: inputs still pending on the device when their step is
     planned; graphs where the engine has them) under ``crowded`` limits: chunked prompts, preemption.
     Returns how many of the fast path's steps replayed a CUDA graph."""
-    with Executor(engine, RuntimeConfig(enable_cuda_graphs=False, enable_overlap=False)) as ex:
-        expected = [r.result.output_token_ids for r in run_requests(ex, requests)]
-    with make_executor(engine, "max_utilization", **crowded) as ex:
-        graph_sizes, num_pending_inputs = [], []
-        pick_graph, launch = ex.runner._graph_size, ex.runner.launch
-        ex.runner._graph_size = lambda *args: graph_sizes.append(pick_graph(*args)) or graph_sizes[-1]
+    def count_pending_inputs(ex: Executor) -> list[int]:
+        """Per launched plan, its entries whose input was still on the device when planned."""
+        counts, launch = [], ex.runner.launch
 
         def count_and_launch(plan):
-            num_pending_inputs.append(sum(s.is_input_pending for s in plan.scheduled))
+            counts.append(sum(s.is_input_pending for s in plan.scheduled))
             return launch(plan)
 
         ex.runner.launch = count_and_launch
+        return counts
+
+    with Executor(engine, RuntimeConfig(enable_cuda_graphs=False, enable_overlap=False)) as ex:
+        reference_pending = count_pending_inputs(ex)
+        expected = [r.result.output_token_ids for r in run_requests(ex, requests)]
+    with make_executor(engine, "max_utilization", **crowded) as ex:
+        num_pending_inputs, graph_sizes = count_pending_inputs(ex), []
+        pick_graph = ex.runner._graph_size
+        ex.runner._graph_size = lambda *args: graph_sizes.append(pick_graph(*args)) or graph_sizes[-1]
         got = [r.result.output_token_ids for r in run_requests(ex, requests)]
         stats = ex.get_latest_iteration_stats()
         assert_pool_full(ex)
-    assert ex.scheduler.num_preemptions > 0 and max(s.batch_size for s in stats) > 1 and sum(num_pending_inputs) > 0
+    assert sum(reference_pending) == 0 and sum(num_pending_inputs) > 0
+    assert ex.scheduler.num_preemptions > 0 and max(s.batch_size for s in stats) > 1
     assert max(s.num_context_tokens for s in stats) < max(len(r.input_token_ids) for r in requests)  # chunked
     assert got == expected
     return sum(1 for size in graph_sizes if size)

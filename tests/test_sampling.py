@@ -113,6 +113,20 @@ def test_greedy_rows_take_the_argmax_and_ignore_noise_settings():
     assert torch.equal(sample(logits, seqs), logits.argmax(-1))
 
 
+def test_staged_tensors_keep_their_values_until_their_set_of_buffers_comes_round_again():
+    staging = HostStaging(torch.device("cpu"), capacity=4)
+    staging.next_step()
+    ids, more = staging.tensors(torch.int64, [1, 2], [3])
+    staging.next_step()  # the other set: on the CPU the staged tensors are views of the buffers
+    (grown,) = staging.tensors(torch.int64, [7, 8, 9, 10, 11])  # past the capacity: a larger buffer
+    flags, weights = staging.tensors(torch.bool, [True, False]), staging.tensors(torch.float32, [0.5, 2.0])
+    assert (ids.tolist(), more.tolist(), grown.tolist()) == ([1, 2], [3], [7, 8, 9, 10, 11])
+    assert flags[0].tolist() == [True, False] and weights[0].dtype == torch.float32
+    staging.next_step()  # the first set again: its buffer is rewritten
+    staging.tensors(torch.int64, [4, 5, 6])
+    assert ids.tolist() == [4, 5]
+
+
 # ---- masks against Hugging Face's warpers -----------------------------------------------------------------
 
 def hf_mask(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
