@@ -13,7 +13,7 @@ Phases:
            a llama-3-8b dummy engine of that quantization (max batch 512, 8192 tokens per iteration):
            batch-1 decode (against the floor: weight bytes read per token / copy bandwidth), the batch-1
            graph replay, batch-16 decode, TTFT at 128 and 2048 tokens, offline 128/128 (2048 requests);
-           bf16 and fp8 also 2048/128 (256 requests) and a batch-1 profile by kernel.
+           2048/128 (256 requests) and a batch-1 profile by kernel; ``fp8:ttft+128_128`` picks figures.
 OUT/gpu_check_quant.json holds every figure; a short table is printed last.
 """
 
@@ -118,7 +118,10 @@ def gemv_bandwidth() -> None:
     torch.cuda.empty_cache()
 
 
-def engine_phase(quant: str, tmp: Path, out: Path) -> None:
+FIGURES = ("b1", "b16", "ttft", "128_128", "2048_128", "profile")
+
+
+def engine_phase(quant: str, tmp: Path, out: Path, figures: set[str]) -> None:
     engine_dir = tmp / f"engine_{quant}"
     shutil.rmtree(engine_dir, ignore_errors=True)
     t0 = time.perf_counter()
@@ -134,29 +137,32 @@ def engine_phase(quant: str, tmp: Path, out: Path) -> None:
     vocab = mcfg.vocab_size
     try:
         gpu_bench.run_requests(ex, torch.randint(0, vocab, (4, 128)).tolist(), 8)  # warm-up
-        rates = []
-        for _ in range(3):
-            (res,) = gpu_bench.run_requests(ex, [torch.randint(0, vocab, (128,)).tolist()], 256)
-            rates.append(255 / (res.finish_time - res.first_token_time))
-        RESULTS[f"{quant}_b1_tok_s"] = sorted(rates)[1]
-        RESULTS[f"{quant}_b1_replay_ms"] = gpu_bench.graph_replay_ms(ex, 1)
-        embedding = vocab * mcfg.hidden_size * 2
-        read = engine.manifest.memory_plan["weight_bytes"] - (0 if mcfg.tie_word_embeddings else embedding)
-        RESULTS[f"{quant}_floor_tok_s"] = RESULTS["copy_bandwidth_TBps"] * 1e12 / read
-        RESULTS[f"{quant}_b1_pct_floor"] = 100 * RESULTS[f"{quant}_b1_tok_s"] / RESULTS[f"{quant}_floor_tok_s"]
-        RESULTS[f"{quant}_b16_tok_s"] = gpu_bench.decode_throughput(ex, 16, vocab)
-        RESULTS[f"{quant}_ttft128_ms"] = gpu_bench.ttft(ex, 128, vocab)
-        RESULTS[f"{quant}_ttft2048_ms"] = gpu_bench.ttft(ex, 2048, vocab)
+        if "b1" in figures:
+            rates = []
+            for _ in range(3):
+                (res,) = gpu_bench.run_requests(ex, [torch.randint(0, vocab, (128,)).tolist()], 256)
+                rates.append(255 / (res.finish_time - res.first_token_time))
+            RESULTS[f"{quant}_b1_tok_s"] = sorted(rates)[1]
+            RESULTS[f"{quant}_b1_replay_ms"] = gpu_bench.graph_replay_ms(ex, 1)
+            embedding = vocab * mcfg.hidden_size * 2
+            read = engine.manifest.memory_plan["weight_bytes"] - (0 if mcfg.tie_word_embeddings else embedding)
+            RESULTS[f"{quant}_floor_tok_s"] = RESULTS["copy_bandwidth_TBps"] * 1e12 / read
+            RESULTS[f"{quant}_b1_pct_floor"] = 100 * RESULTS[f"{quant}_b1_tok_s"] / RESULTS[f"{quant}_floor_tok_s"]
+        if "b16" in figures:
+            RESULTS[f"{quant}_b16_tok_s"] = gpu_bench.decode_throughput(ex, 16, vocab)
+        if "ttft" in figures:
+            RESULTS[f"{quant}_ttft128_ms"] = gpu_bench.ttft(ex, 128, vocab)
+            RESULTS[f"{quant}_ttft2048_ms"] = gpu_bench.ttft(ex, 2048, vocab)
         gpu_bench.write_results(out / "gpu_check_quant.json")
         for isl, osl, count in ((128, 128, 2048), (2048, 128, 256)):
-            if isl == 2048 and quant not in ("none", "fp8"):
+            if f"{isl}_{osl}" not in figures:
                 continue
             prompts = torch.randint(0, vocab, (count, isl)).tolist()
             t0 = time.perf_counter()
             gpu_bench.run_requests(ex, prompts, osl)
             RESULTS[f"{quant}_{isl}_{osl}_tok_s"] = count * osl / (time.perf_counter() - t0)
             gpu_bench.write_results(out / "gpu_check_quant.json")
-        if quant in ("none", "fp8"):
+        if "profile" in figures:
             gpu_bench.profile_decode(ex, vocab, out, 1)
             os.replace(out / "profile_decode_b1.txt", out / f"profile_b1_{quant}.txt")
     finally:
@@ -170,7 +176,9 @@ def engine_phase(quant: str, tmp: Path, out: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.environ.get("OUT", "gpu_out"))
-    ap.add_argument("--phases", default="tests,tuning,none,fp8")
+    ap.add_argument("--phases", default="tests,tuning,none,fp8",
+                    help="comma list; an engine phase may name its figures: fp8:b1+ttft (default: all of "
+                         + "+".join(FIGURES) + ")")
     args = ap.parse_args()
     out, tmp = Path(args.out), Path("/tmp/kiln_quant")
     out.mkdir(parents=True, exist_ok=True)
@@ -182,7 +190,11 @@ def main() -> None:
     for phase in args.phases.split(","):
         log(phase)
         try:
-            phases[phase]() if phase in phases else engine_phase(phase, tmp, out)
+            if phase in phases:
+                phases[phase]()
+            else:
+                quant, _, figures = phase.partition(":")
+                engine_phase(quant, tmp, out, set(figures.split("+")) if figures else set(FIGURES))
         except Exception as e:  # one phase's failure is recorded; the next still runs
             RESULTS[f"{phase}_error"] = f"{type(e).__name__}: {e}"[:300]
         gpu_bench.write_results(out / "gpu_check_quant.json")
