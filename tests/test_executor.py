@@ -170,9 +170,9 @@ def assert_fast_path_gives_the_reference_tokens(engine, requests: list[Request],
         reference_pending = count_pending_inputs(ex)
         expected = [r.result.output_token_ids for r in run_requests(ex, requests)]
     with make_executor(engine, "max_utilization", **crowded) as ex:
-        num_pending_inputs, graph_sizes = count_pending_inputs(ex), []
-        pick_graph = ex.runner._graph_size
-        ex.runner._graph_size = lambda *args: graph_sizes.append(pick_graph(*args)) or graph_sizes[-1]
+        num_pending_inputs, graph_keys = count_pending_inputs(ex), []
+        pick_graph = ex.runner._graph_key
+        ex.runner._graph_key = lambda *args: graph_keys.append(pick_graph(*args)) or graph_keys[-1]
         got = [r.result.output_token_ids for r in run_requests(ex, requests)]
         stats = ex.get_latest_iteration_stats()
         assert_pool_full(ex)
@@ -180,7 +180,7 @@ def assert_fast_path_gives_the_reference_tokens(engine, requests: list[Request],
     assert ex.scheduler.num_preemptions > 0 and max(s.batch_size for s in stats) > 1
     assert max(s.num_context_tokens for s in stats) < max(len(r.input_token_ids) for r in requests)  # chunked
     assert got == expected
-    return sum(1 for size in graph_sizes if size)
+    return sum(1 for key in graph_keys if key is not None)
 
 
 def test_overlapped_crowded_runs_give_the_reference_tokens(engine):

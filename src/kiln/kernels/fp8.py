@@ -18,6 +18,7 @@ activation scales [M, 1] (per token) or 0-d (static): see kiln.quantization.fp8.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -87,6 +88,20 @@ def quantize_fp8_static_triton(x: torch.Tensor, scale: torch.Tensor, num_warps: 
 
 # ---- W8A8 through torch._scaled_mm ---------------------------------------------------------------
 
+def _capability(device: torch.device) -> tuple[int, int] | None:
+    """The CUDA device's (major, minor), None off CUDA. Asked twice per linear layer per step, so cached:
+    uncached it is a device-properties query each time (~10 us of host time, 2.5 ms per eager forward
+    of a 32-layer model, scripts/gpu_profile_prefill.py)."""
+    if device.type != "cuda":
+        return None
+    return _cuda_capability(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _cuda_capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
 def scaled_mm_refusal(n: int, k: int, x_dtype: torch.dtype, is_rowwise: bool,
                       capability: tuple[int, int] | None) -> str | None:
     """Why ``torch._scaled_mm`` cannot run this linear layer (None: it can). ``capability``: the CUDA
@@ -123,7 +138,7 @@ def fp8_linear_gpu(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor, 
     large M, less accurate."""
     num_cols, n = x.shape[-1], w_fp8.shape[0]
     is_rowwise = x_scale is None or w_scale.dim() > 0
-    capability = torch.cuda.get_device_capability(x.device) if x.is_cuda else None
+    capability = _capability(x.device)
     refusal = scaled_mm_refusal(n, num_cols, x.dtype, is_rowwise, capability)
     if refusal:
         raise ConfigError(f"FP8 linear {num_cols} -> {n}: {refusal}")
@@ -258,7 +273,7 @@ def fp8_linear(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor, x_sc
     num_rows = x.numel() // x.shape[-1]
     if num_rows > max_gemv_rows:
         is_rowwise = x_scale is None or w_scale.dim() > 0
-        capability = torch.cuda.get_device_capability(x.device) if x.is_cuda else None
+        capability = _capability(x.device)
         if scaled_mm_refusal(w_fp8.shape[0], x.shape[-1], x.dtype, is_rowwise, capability) is None:
             return fp8_linear_gpu(x, w_fp8, w_scale, x_scale, bias)
     return fp8_gemv(x, w_fp8, w_scale, bias, **(gemv or {}))

@@ -22,7 +22,8 @@ from kiln.config import RuntimeConfig, SamplingParams
 from kiln.errors import KilnError, RequestError
 from kiln.runtime.kv_cache import BlockPool
 from kiln.runtime.loader import LoadedEngine, load_engine, num_kv_blocks
-from kiln.runtime.model_runner import LaunchedStep, ModelRunner, RunnerOutput, allocate_kv_cache, graph_batch_sizes
+from kiln.runtime.model_runner import (LaunchedStep, ModelRunner, RunnerOutput, allocate_kv_cache, graph_batch_sizes,
+                                      graph_context_sizes)
 from kiln.runtime.request import Request, Response, Result
 from kiln.runtime.scheduler import ScheduledSequence, Scheduler, SchedulerOutput
 from kiln.runtime.sequence import Sequence
@@ -142,7 +143,8 @@ class Executor:
             self.runner = ModelRunner(model, allocate_kv_cache(model, num_blocks, build.tokens_per_block),
                                       self.max_batch_size, self.max_num_tokens, build.max_seq_len)
             if self._use_cuda_graphs(self.config):
-                self.runner.capture_decode_graphs(graph_batch_sizes(self.max_batch_size))
+                self.runner.capture_graphs(graph_batch_sizes(self.max_batch_size),
+                                           graph_context_sizes(self.max_num_tokens))
         except BaseException as e:  # raised by __init__, in the caller's thread
             self._start_error = e
             return

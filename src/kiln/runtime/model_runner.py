@@ -52,6 +52,20 @@ def graph_batch_sizes(max_batch_size: int) -> list[int]:
     return sorted(sizes)
 
 
+# Context steps (prompt chunks, alone or with a few decodes) that get a CUDA graph: up to this many
+# sequences, padded to 1, 2, 4 or 8, and tokens padded to a power of two from 32 up to 2048. Eager, a
+# context step is bound by the host: ~160 Triton launches at ~40 us each plus the matmuls' dispatch make
+# a 128-token prefill of a 32-layer model take 13.7 ms of host time while the GPU needs 4-5 (H200,
+# Triton 3.6, scripts/gpu_profile_prefill.py); beyond 2048 tokens the GPU's work hides the host's.
+CONTEXT_GRAPH_SEQS = (1, 2, 4, 8)
+MAX_CONTEXT_GRAPH_TOKENS = 2048
+
+
+def graph_context_sizes(max_num_tokens: int) -> list[int]:
+    """Padded token counts of context steps that get CUDA graphs (see CONTEXT_GRAPH_SEQS)."""
+    return [1 << p for p in range(5, 12) if 1 << p <= min(max_num_tokens, MAX_CONTEXT_GRAPH_TOKENS)]
+
+
 def _views(host: torch.Tensor, dev: torch.Tensor,
            shapes: list[tuple[int, ...]]) -> list[tuple[np.ndarray, torch.Tensor]]:
     """Consecutive (host numpy, device tensor) views of the given shapes over two flat buffers."""
@@ -111,8 +125,10 @@ class ModelRunner:
         self.device = model.device
         self.buffers = InputBuffers(max(max_num_tokens, max_batch_size), max_batch_size,
                                     -(-max_seq_len // self.block_size), self.device)
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        # Captured forwards: a decode batch size -> its graph; a context step's (tokens, sequences) -> its.
+        self.graphs: dict[int | tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.graph_sizes: list[int] = []
+        self.context_graph_keys: list[tuple[int, int]] = []
         self._row_keys: list[tuple | None] = [None] * max_batch_size  # whose block table each row holds
         # The last launched step's sampled tokens (its own rows, no forks) and each sequence's row among them:
         # the inputs a plan marks pending (is_input_pending) are taken from there on the device.
@@ -129,7 +145,7 @@ class ModelRunner:
     def release(self) -> None:
         """Frees the KV cache and graphs (the executor has stopped)."""
         self.graphs.clear()
-        self.graph_sizes = []
+        self.graph_sizes, self.context_graph_keys = [], []
         self.kv_cache = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -145,8 +161,8 @@ class ModelRunner:
         if batch.num_pending_inputs:
             buf, k = self.buffers, batch.num_pending_inputs
             buf.input_ids.index_copy_(0, buf.pending_index[:k], self.last_tokens[buf.pending_source[:k]])
-        if batch.graph_size:
-            graph, logits = self.graphs[batch.graph_size]
+        if batch.graph_key is not None:
+            graph, logits = self.graphs[batch.graph_key]
             graph.replay()
         else:
             logits = self.model.forward(*batch.forward_args)
@@ -180,20 +196,29 @@ class ModelRunner:
         return out
 
     # ---- CUDA graphs -------------------------------------------------------------------------
-    def capture_decode_graphs(self, batch_sizes: list[int]) -> None:
-        """Captures one decode forward per padded batch size (largest first, sharing one memory pool).
-        Only for device-side kernels: the reference attention reads host lists that a graph would freeze."""
+    def capture_graphs(self, batch_sizes: list[int], context_sizes: list[int]) -> None:
+        """Captures one decode forward per padded batch size and one context forward per padded (tokens,
+        sequences) pair, largest first, sharing one memory pool. Only for device-side kernels: the
+        reference attention reads host lists that a graph would freeze."""
         import time
 
         t0 = time.perf_counter()
-        buf = self.buffers
+        max_seqs = len(self._row_keys)
+        keys: list[int | tuple[int, int]] = list(batch_sizes)
+        keys += [(t, s) for t in context_sizes for s in CONTEXT_GRAPH_SEQS if s <= min(t, max_seqs)]
         pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream(self.device)
-        for size in sorted(batch_sizes, reverse=True):
-            self._fill_padding(0, size)
-            buf.np_logits_indices[:size] = range(size)
-            buf.upload()
-            args = self._forward_args(size, size, size, [0] * size, [1] * size)
+        for key in sorted(keys, key=lambda k: k if isinstance(k, int) else k[0], reverse=True):
+            if isinstance(key, int):  # decode: one token per sequence
+                self._fill_padding(0, key)
+                self.buffers.np_logits_indices[:key] = range(key)
+                args = self._forward_args(key, key, key, [0] * key, [1] * key)
+            else:  # context: the launch grid is sized for one sequence of all the tokens
+                num_tokens, num_seqs = key
+                self._pad_context(0, 0, num_tokens, num_seqs)
+                args = self._forward_args(num_tokens, num_seqs, num_seqs, [0] * num_seqs,
+                                          [num_tokens] + [0] * (num_seqs - 1))
+            self.buffers.upload()
             stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(stream):
                 for _ in range(2):  # compile and autotune outside the capture
@@ -202,19 +227,24 @@ class ModelRunner:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool, stream=stream):
                 logits = self.model.forward(*args)
-            self.graphs[size] = (graph, logits)
-        self.graph_sizes = sorted(self.graphs)
+            self.graphs[key] = (graph, logits)
+        self.graph_sizes = sorted(k for k in self.graphs if isinstance(k, int))
+        self.context_graph_keys = sorted(k for k in self.graphs if not isinstance(k, int))
         torch.cuda.synchronize(self.device)
         self.graph_capture_seconds = time.perf_counter() - t0
 
-    def _graph_size(self, plan: SchedulerOutput, num_tokens: int, has_prompt_logprobs: bool) -> int:
-        """The smallest captured batch size that holds a decode-only plan whose sequence i samples from
-        logits row i (every sequence samples), else 0 (run eagerly)."""
-        if (not self.graph_sizes or has_prompt_logprobs or num_tokens != len(plan.scheduled)
-                or not all(s.samples for s in plan.scheduled)):
-            return 0
-        index = bisect.bisect_left(self.graph_sizes, num_tokens)
-        return self.graph_sizes[index] if index < len(self.graph_sizes) else 0
+    def _graph_key(self, plan: SchedulerOutput, num_tokens: int, has_prompt_logprobs: bool
+                   ) -> int | tuple[int, int] | None:
+        """The smallest captured graph that holds the plan, else None (run eagerly). Every sequence must
+        sample, from logits row i for sequence i: a decode-only plan takes a decode graph, any other a
+        context graph of at least its tokens and sequences."""
+        if has_prompt_logprobs or not all(s.samples for s in plan.scheduled):
+            return None
+        num_seqs = len(plan.scheduled)
+        if num_tokens == num_seqs:
+            index = bisect.bisect_left(self.graph_sizes, num_tokens)
+            return self.graph_sizes[index] if index < len(self.graph_sizes) else None
+        return next(((t, s) for t, s in self.context_graph_keys if t >= num_tokens and s >= num_seqs), None)
 
     def _fill_padding(self, start: int, end: int) -> None:
         """Rows start..end of a padded decode batch: no KV write (slot -1), no keys (seq_len 0)."""
@@ -226,6 +256,19 @@ class ModelRunner:
         buf.np_query_start_loc[start + 1:end + 1] = range(start + 1, end + 1)
         buf.np_block_tables[start:end] = 0
         self._row_keys[start:end] = [None] * (end - start)
+
+    def _pad_context(self, num_tokens: int, num_seqs: int, padded_tokens: int, padded_seqs: int) -> None:
+        """Pads a context step to a graph's size: token rows past num_tokens write no KV (slot -1) and
+        belong to no sequence; sequences past num_seqs have no queries and no keys, and logits row 0."""
+        buf = self.buffers
+        buf.np_input_ids[num_tokens:padded_tokens] = 0
+        buf.np_positions[num_tokens:padded_tokens] = 0
+        buf.np_slot_mapping[num_tokens:padded_tokens] = -1
+        buf.np_logits_indices[num_seqs:padded_seqs] = 0
+        buf.np_seq_lens[num_seqs:padded_seqs] = 0
+        buf.np_query_start_loc[num_seqs + 1:padded_seqs + 1] = num_tokens
+        buf.np_block_tables[num_seqs:padded_seqs] = 0
+        self._row_keys[num_seqs:padded_seqs] = [None] * (padded_seqs - num_seqs)
 
     def _forward_args(self, num_tokens: int, num_seqs: int, num_logits: int, seq_lens: list[int],
                       query_lens: list[int]) -> tuple:
@@ -295,16 +338,21 @@ class ModelRunner:
                 sample_rows.append(len(logits_rows) - 1)
             offset += n
         num_seqs = len(plan.scheduled)
-        graph_size = self._graph_size(plan, offset, bool(prompt_lp))
-        if graph_size:
-            self._fill_padding(num_seqs, graph_size)
-            buf.np_logits_indices[:graph_size] = range(graph_size)  # the graph computes logits for every row
+        key = self._graph_key(plan, offset, bool(prompt_lp))
+        if isinstance(key, int):
+            self._fill_padding(num_seqs, key)
+            buf.np_logits_indices[:key] = range(key)  # the graph computes logits for every row
             buf.upload()
-            return _Batch(None, sample_seqs, sample_rows, prompt_lp, graph_size, offset, num_pending)
+            return _Batch(None, sample_seqs, sample_rows, prompt_lp, key, num_pending)
+        # One logits row per sequence, in order, when a context graph runs.
         buf.np_logits_indices[:len(logits_rows)] = logits_rows
+        if key is not None:
+            self._pad_context(offset, num_seqs, *key)
+            buf.upload()
+            return _Batch(None, sample_seqs, sample_rows, prompt_lp, key, num_pending)
         buf.upload()
         args = self._forward_args(offset, num_seqs, len(logits_rows), seq_lens, q_lens)
-        return _Batch(args, sample_seqs, sample_rows, prompt_lp, 0, offset, num_pending)
+        return _Batch(args, sample_seqs, sample_rows, prompt_lp, None, num_pending)
 
     # ---- sampling ----------------------------------------------------------------------------
     def _sample(self, batch: "_Batch", logits: torch.Tensor) -> "LaunchedStep":
@@ -373,8 +421,7 @@ class _Batch:
     sample_seqs: list[Sequence]
     sample_rows: list[int]
     prompt_lp: list[tuple[Sequence, int, int, int]]
-    graph_size: int
-    num_tokens: int
+    graph_key: int | tuple[int, int] | None  # ModelRunner.graphs' key of the graph that runs the step
     num_pending_inputs: int  # entries of the pending rows of InputBuffers this step fills on the device
 
 

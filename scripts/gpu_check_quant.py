@@ -1,0 +1,205 @@
+"""Quantized engines and the hot path on one GPU, in one call per group of phases:
+
+    PYTHONPATH=src python3 scripts/gpu_check_quant.py --out $OUT --phases tests,tuning,none,fp8
+    PYTHONPATH=src python3 scripts/gpu_check_quant.py --out $OUT --phases gemv,int8_wo,int4_wo
+
+Phases:
+  tests    pytest -m gpu over the whole suite (every GPU-marked test: kernels, executor, engines);
+  tuning   an engine built for sm90 with the GPU hidden (kernel plan untuned) tunes at its first load on
+           the GPU, saves the plan, and the second load does nothing (issue 15 part 4);
+  gemv     weight bandwidth of the batch-1 matmuls (W4A16, W8A16, FP8 W8A16 GEMV, dense bf16) at
+           Llama-3-8B shapes against the copy bandwidth measured in the same run;
+  none / fp8 / int8_wo / int4_wo
+           a llama-3-8b dummy engine of that quantization (max batch 512, 8192 tokens per iteration):
+           batch-1 decode (against the floor: weight bytes read per token / copy bandwidth), the batch-1
+           graph replay, batch-16 decode, TTFT at 128 and 2048 tokens, offline 128/128 (2048 requests);
+           2048/128 (256 requests) and a batch-1 profile by kernel; ``fp8:ttft+128_128`` picks figures.
+OUT/gpu_check_quant.json holds every figure; a short table is printed last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import gpu_bench  # noqa: E402
+from gpu_bench import RESULTS, log  # noqa: E402
+
+from kiln import Builder, BuildConfig, Executor, KvCacheConfig, RuntimeConfig  # noqa: E402
+from kiln.convert import AutoModelForCausalLM  # noqa: E402
+from kiln.runtime.llm import DEFAULT_MODEL_DIR  # noqa: E402
+from kiln.runtime.loader import load_engine  # noqa: E402
+
+PRESET = "llama-3-8b"
+SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
+
+
+def run_tests(out: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "tests", "-p", "no:cacheprovider",
+                           # openai and schemathesis are not on the GPU machine; these files hold no GPU tests
+                           "--ignore", "tests/test_serve.py", "--ignore", "tests/test_serve_fuzz.py",
+                           "--timeout", "600"], capture_output=True, text=True)
+    (out / "pytest_gpu.log").write_text(proc.stdout + proc.stderr)
+    tail = [line for line in proc.stdout.strip().splitlines() if line.strip()]
+    RESULTS["gpu_tests"] = tail[-1] if tail else f"exit {proc.returncode}"
+    RESULTS["gpu_tests_ok"] = proc.returncode == 0
+
+
+def first_load_tuning(tmp: Path) -> None:
+    engine_dir = tmp / "stories_sm90_untuned"
+    shutil.rmtree(engine_dir, ignore_errors=True)
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    subprocess.run([sys.executable, "-m", "kiln.cli", "build", str(DEFAULT_MODEL_DIR), "--output", str(engine_dir),
+                    "--target", "sm90", "--max-batch-size", "8"], env=env, check=True, capture_output=True)
+    manifest = json.loads((engine_dir / "manifest.json").read_text())
+    RESULTS["tuning_built_untuned"] = not manifest.get("kernel_plan_tuned", True)
+    times = []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        engine = load_engine(engine_dir, progress=False)
+        times.append(time.perf_counter() - t0)
+        del engine
+    RESULTS["tuning_first_load_s"], RESULTS["tuning_second_load_s"] = times
+    RESULTS["tuning_saved_plan"] = json.loads((engine_dir / "manifest.json").read_text()).get("kernel_plan_tuned")
+
+
+def gemv_bandwidth() -> None:
+    """Median over 50 launches after warm-up of y = x W^T at one row; L2 (50 MB) is flushed by the
+    weights themselves for every shape above 28 MB, and for the smaller ones by a 256 MB scratch write."""
+    from kiln.kernels.fp8 import fp8_linear
+    from kiln.kernels.weight_only import w4a16_matmul_triton, w8a16_matmul_triton
+    from kiln.quantization.fp8 import quantize_fp8_weight
+    from kiln.quantization.weight_only import quantize_int4, quantize_int8
+
+    scratch = torch.empty(64 << 20, dtype=torch.float32, device="cuda")
+
+    def timed(fn) -> float:
+        for _ in range(5):
+            fn()
+        times = []
+        for _ in range(50):
+            scratch.zero_()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        return sorted(times)[len(times) // 2]
+
+    for name, (n, k) in SHAPES.items():
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k ** 0.5
+        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+        q8, s8 = quantize_int8(w, torch.float32)
+        q4, s4, z4 = quantize_int4(w, 128, torch.float16)
+        f8, f8s = quantize_fp8_weight(w.float(), "channel")
+        cases = {
+            "bf16": (lambda: x @ w.T, w.numel() * 2),
+            "int8": (lambda: w8a16_matmul_triton(x, q8, s8), q8.numel() + s8.numel() * 4),
+            "int4": (lambda: w4a16_matmul_triton(x, q4, s4, z4, 128), q4.numel() * 4 + s4.numel() * 3),
+            "fp8": (lambda: fp8_linear(x, f8, f8s), f8.numel() + f8s.numel() * 4),
+        }
+        for kind, (fn, nbytes) in cases.items():
+            seconds = timed(fn)
+            RESULTS[f"gemv_{name}_{kind}_us"] = seconds * 1e6
+            RESULTS[f"gemv_{name}_{kind}_TBps"] = nbytes / seconds / 1e12
+        del w, q8, s8, q4, s4, z4, f8, f8s
+    del scratch
+    torch.cuda.empty_cache()
+
+
+FIGURES = ("b1", "b16", "ttft", "128_128", "2048_128", "profile")
+
+
+def engine_phase(quant: str, tmp: Path, out: Path, figures: set[str]) -> None:
+    engine_dir = tmp / f"engine_{quant}"
+    shutil.rmtree(engine_dir, ignore_errors=True)
+    t0 = time.perf_counter()
+    cfg = BuildConfig(max_batch_size=512, max_input_len=2048, max_seq_len=4096, max_num_tokens=8192,
+                      dtype="bfloat16", quantization=quant)
+    Builder().build(AutoModelForCausalLM.from_preset(PRESET), cfg).save(engine_dir, progress=False)
+    RESULTS[f"{quant}_build_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    engine = load_engine(engine_dir, verify=False, progress=False)
+    ex = Executor(engine, RuntimeConfig(kv_cache_config=KvCacheConfig(free_gpu_memory_fraction=0.9)))
+    RESULTS[f"{quant}_load_s"] = time.perf_counter() - t0
+    mcfg = engine.model_config
+    vocab = mcfg.vocab_size
+    try:
+        gpu_bench.run_requests(ex, torch.randint(0, vocab, (4, 128)).tolist(), 8)  # warm-up
+        if "b1" in figures:
+            rates = []
+            for _ in range(3):
+                (res,) = gpu_bench.run_requests(ex, [torch.randint(0, vocab, (128,)).tolist()], 256)
+                rates.append(255 / (res.finish_time - res.first_token_time))
+            RESULTS[f"{quant}_b1_tok_s"] = sorted(rates)[1]
+            RESULTS[f"{quant}_b1_replay_ms"] = gpu_bench.graph_replay_ms(ex, 1)
+            embedding = vocab * mcfg.hidden_size * 2
+            read = engine.manifest.memory_plan["weight_bytes"] - (0 if mcfg.tie_word_embeddings else embedding)
+            RESULTS[f"{quant}_floor_tok_s"] = RESULTS["copy_bandwidth_TBps"] * 1e12 / read
+            RESULTS[f"{quant}_b1_pct_floor"] = 100 * RESULTS[f"{quant}_b1_tok_s"] / RESULTS[f"{quant}_floor_tok_s"]
+        if "b16" in figures:
+            RESULTS[f"{quant}_b16_tok_s"] = gpu_bench.decode_throughput(ex, 16, vocab)
+        if "ttft" in figures:
+            RESULTS[f"{quant}_ttft128_ms"] = gpu_bench.ttft(ex, 128, vocab)
+            RESULTS[f"{quant}_ttft2048_ms"] = gpu_bench.ttft(ex, 2048, vocab)
+        gpu_bench.write_results(out / "gpu_check_quant.json")
+        for isl, osl, count in ((128, 128, 2048), (2048, 128, 256)):
+            if f"{isl}_{osl}" not in figures:
+                continue
+            prompts = torch.randint(0, vocab, (count, isl)).tolist()
+            t0 = time.perf_counter()
+            gpu_bench.run_requests(ex, prompts, osl)
+            RESULTS[f"{quant}_{isl}_{osl}_tok_s"] = count * osl / (time.perf_counter() - t0)
+            gpu_bench.write_results(out / "gpu_check_quant.json")
+        if "profile" in figures:
+            gpu_bench.profile_decode(ex, vocab, out, 1)
+            os.replace(out / "profile_decode_b1.txt", out / f"profile_b1_{quant}.txt")
+    finally:
+        ex.shutdown()
+        del ex, engine
+        gc.collect()
+        torch.cuda.empty_cache()
+        shutil.rmtree(engine_dir, ignore_errors=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=os.environ.get("OUT", "gpu_out"))
+    ap.add_argument("--phases", default="tests,tuning,none,fp8",
+                    help="comma list; an engine phase may name its figures: fp8:b1+ttft (default: all of "
+                         + "+".join(FIGURES) + ")")
+    args = ap.parse_args()
+    out, tmp = Path(args.out), Path("/tmp/kiln_quant")
+    out.mkdir(parents=True, exist_ok=True)
+    tmp.mkdir(parents=True, exist_ok=True)
+    RESULTS["device"] = torch.cuda.get_device_name()
+    RESULTS["torch"] = torch.__version__
+    gpu_bench.measure_ceilings()
+    phases = {"tests": lambda: run_tests(out), "tuning": lambda: first_load_tuning(tmp), "gemv": gemv_bandwidth}
+    for phase in args.phases.split(","):
+        log(phase)
+        try:
+            if phase in phases:
+                phases[phase]()
+            else:
+                quant, _, figures = phase.partition(":")
+                engine_phase(quant, tmp, out, set(figures.split("+")) if figures else set(FIGURES))
+        except Exception as e:  # one phase's failure is recorded; the next still runs
+            RESULTS[f"{phase}_error"] = f"{type(e).__name__}: {e}"[:300]
+        gpu_bench.write_results(out / "gpu_check_quant.json")
+    gpu_bench.write_results(out / "gpu_check_quant.json", "quantized engines and the hot path")
+
+
+if __name__ == "__main__":
+    main()
