@@ -36,14 +36,31 @@ def kiln(capsys, *args: str) -> tuple[int, str, str]:
     return code, out.out, out.err
 
 
+# The stored measurements docs/plan.md lists as missing the 15% goal, with the error it states for each.
+DOCUMENTED_MISSES = {
+    # host-bound, machine-dependent: 11 ms on the H200's host, 21 ms on the H100's
+    "h200 llama-3-8b bf16: TTFT ms, 128-token prompt": 0.40,
+    "h100-80gb llama-3-8b bf16: TTFT ms, 128-token prompt": 0.29,
+    # bf16's fit makes batch-512 decode host-bound; fp8's faster GPU shows the host is quicker than that
+    "h200 llama-3-8b fp8: 128/128 output tok/s (2048 req)": 0.16,
+}
+
+
 def test_stored_calibration_predicts_kilns_measurements():
     cal, measurements = calib.load_stored()
     errors = {m.label: m.predict(calib.engine_for(m), cal) / m.value - 1 for m in measurements}
-    within = [label for label, e in errors.items() if abs(e) <= 0.15]
-    # The two 128-token TTFTs (11 ms on the H200, 21 ms on the H100: host-bound, machine-dependent) are the
-    # known misses that docs/plan.md lists; everything else is within the 15% goal.
-    assert len(within) >= len(errors) - 2, {k: f"{v:+.1%}" for k, v in errors.items()}
+    off = {label: f"{e:+.1%}" for label, e in errors.items() if abs(e) > DOCUMENTED_MISSES.get(label, 0.15)}
+    assert not off, off
     assert statistics.median(abs(e) for e in errors.values()) < 0.05
+    assert {m.precision for m in measurements} >= {"bf16", "fp8"}
+    assert [f.name for f in cal.precisions] == ["fp8"]  # the measured quantizations, and only those
+
+
+def test_docs_table_is_the_stored_calibrations():
+    """docs/plan.md's predicted-against-measured table is what kiln plan --calibrate prints for the stored
+    calibration: regenerate it with the command docs/plan.md gives when calibration.json changes."""
+    table = calib.comparison(*calib.load_stored())
+    assert table in (REPO / "docs/plan.md").read_text()
 
 
 def test_kv_pool_matches_the_runtime_on_an_h100():
