@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -17,7 +18,8 @@ from kiln.models import ModelConfig, num_params
 from kiln.plan.roofline import GIB, GPU, Calibration, EngineShape, ModelShape, Precision
 
 # Weight-only methods dequantize in the matmul: at large batches they run below the dense bf16 rate.
-# A lead (TensorRT-LLM's W4A16 trails its FP16 at high batch), not a kiln measurement yet.
+# A lead (TensorRT-LLM's W4A16 trails its FP16 at high batch); the calibration's compute factor for a
+# quantization kiln has measured corrects it (and fp8's 1.0).
 WEIGHT_ONLY_COMPUTE_FACTOR = 0.8
 INT4_GROUP_SIZE = 128  # one fp16 scale and one zero point per group of 128 weights
 
@@ -84,7 +86,12 @@ class Row:
     throughput_per_gpu_tok_s: float | None
     ttft_ms: float | None
     request_latency_ms: float | None  # one request alone: TTFT + the rest of its tokens at batch 1
-    is_measured: bool = False  # kiln has measured this precision: its predictions are calibrated, not extrapolated
+    num_measurements: int = 0  # kiln's measurements of this precision that the calibration was fitted on
+
+    @property
+    def is_measured(self) -> bool:
+        """The predictions are calibrated on this precision, not extrapolated from bf16's efficiencies."""
+        return self.num_measurements > 0
 
     @property
     def buildable(self) -> bool:
@@ -94,9 +101,11 @@ class Row:
     def note(self) -> str:
         if self.reason:
             return self.reason
-        if self.fits and not self.is_measured:
-            return f"builds; no kiln measurement of {self.quantization} yet: predicted from bf16's efficiencies"
-        return ""
+        if not self.fits:
+            return ""
+        if self.is_measured:
+            return f"calibrated on {self.num_measurements} kiln measurement{'s' if self.num_measurements > 1 else ''}"
+        return "uncalibrated: bf16's efficiencies"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -227,10 +236,10 @@ class Plan:
 
 def make_plan(model_name: str, config: Any, gpu: GPU, cal: Calibration, workload: Workload,
               tp_sizes: tuple[int, ...] = (1,), quantizations: tuple[str, ...] = tuple(PRECISIONS),
-              kv_dtypes: tuple[str, ...] = tuple(KV_DTYPES), measured: frozenset[str] = frozenset({"bf16"})) -> Plan:
-    """``measured``: the precisions the calibration has kiln measurements of."""
+              kv_dtypes: tuple[str, ...] = tuple(KV_DTYPES), *, measured: Mapping[str, int]) -> Plan:
+    """``measured``: how many kiln measurements of each precision the calibration was fitted on."""
     shape = model_shape(config)
     rows = [plan_row(shape, gpu, cal, workload, q, kv, tp) for tp in tp_sizes for q in quantizations for kv in kv_dtypes]
     for row in rows:
-        row.is_measured = row.quantization in measured
+        row.num_measurements = measured.get(row.quantization, 0)
     return Plan(model_name, gpu, workload, rows)
