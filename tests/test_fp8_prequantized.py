@@ -30,11 +30,13 @@ FUSED = {"attn.qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"
 NUM_LAYERS = 5
 
 
-def write_checkpoint(path: Path, layout: str) -> dict[str, torch.Tensor]:
+def write_checkpoint(path: Path, layout: str, kv_scales: dict[int, tuple[float, float]] | None = None
+                     ) -> dict[str, torch.Tensor]:
     """stories260K as ``layout`` writes it: "modelopt" (quant_algo FP8: float32 per-tensor weight scales and
     static input scales, hf_quant_config.json) or "compressed_tensors" (bfloat16 per-channel scales, the
-    weight divided in bfloat16 and clamped, dynamic activations). Returns the dequantized float weights
-    by Hugging Face name (the reference checkpoint)."""
+    weight divided in bfloat16 and clamped, dynamic activations); ``kv_scales``: an FP8 KV cache's
+    (k_scale, v_scale) by layer, under the layout's names. Returns the dequantized float weights by
+    Hugging Face name (the reference checkpoint)."""
     path.mkdir(parents=True)
     config = json.loads((STORIES_DIR / "config.json").read_text())
     tensors, dequantized = {}, {}
@@ -53,17 +55,26 @@ def write_checkpoint(path: Path, layout: str) -> dict[str, torch.Tensor]:
             fp8 = (w / scale).clamp(-448.0, 448.0).to(E4M3)
         tensors[name], tensors[f"{module}.weight_scale"] = fp8, scale
         dequantized[name] = fp8.float() * scale.float()
+    for i, (k_scale, v_scale) in (kv_scales or {}).items():
+        attention = f"model.layers.{i}.self_attn"
+        names = ((f"{attention}.k_proj.k_scale", f"{attention}.v_proj.v_scale") if layout == "modelopt" else
+                 (f"{attention}.k_scale", f"{attention}.v_scale"))
+        tensors.update(zip(names, (torch.tensor(k_scale), torch.tensor(v_scale))))
     if layout == "modelopt":
         (path / "hf_quant_config.json").write_text(json.dumps(
             {"producer": {"name": "modelopt", "version": "0.15.1"},
-             "quantization": {"quant_algo": "FP8", "kv_cache_quant_algo": None, "exclude_modules": ["lm_head"]}}))
+             "quantization": {"quant_algo": "FP8", "kv_cache_quant_algo": "FP8" if kv_scales else None,
+                              "exclude_modules": ["lm_head"]}}))
     else:
         group = {"targets": ["Linear"], "input_activations": {"num_bits": 8, "type": "float", "dynamic": True,
                                                               "strategy": "token", "symmetric": True},
                  "weights": {"num_bits": 8, "type": "float", "strategy": "channel", "symmetric": True,
                              "dynamic": False}}
+        kv_cache_scheme = {"num_bits": 8, "type": "float", "strategy": "tensor", "dynamic": False,
+                           "symmetric": True} if kv_scales else None
         config["quantization_config"] = {"quant_method": "compressed-tensors", "format": "float-quantized",
-                                         "config_groups": {"group_0": group}, "ignore": ["lm_head"]}
+                                         "config_groups": {"group_0": group}, "ignore": ["lm_head"],
+                                         "kv_cache_scheme": kv_cache_scheme}
     (path / "config.json").write_text(json.dumps(config))
     save_file(tensors, str(path / "model.safetensors"))
     return dequantized

@@ -11,10 +11,12 @@ ModelOpt's names), else 1.0.
 
 Why 1.0 and no calibration at build: calibrating means running the model over sample text at build
 time with every weight resident, which a build for another GPU (or of an 8B model on a small build
-machine) cannot do, and which the streaming, block-by-block conversion avoids. With scale 1.0 the cache
-holds k and v themselves in e4m3: exact in range up to ±448 (rotated keys of Llama-class models stay
-far below) with a relative step of 2^-4 from 2^-6 up, as vLLM's FP8 cache without scales; on stories260K
-it keeps the top-1 token at the rate tests/test_fp8_kv_cache.py prints.
+machine) cannot do, and which the streaming, block-by-block conversion avoids; and it buys little. With
+scale 1.0 the cache holds k and v themselves in e4m3: in range up to ±448 (rotated keys of Llama-class
+models stay far below; stories260K's largest is 30) with a relative step of 2^-4 from 2^-6 up, as vLLM's
+FP8 cache without scales. On stories260K (tests/test_fp8_kv_cache.py) scale 1.0 keeps 1040 of 1091
+teacher-forced top-1 tokens and per-layer scales calibrated to amax / 448 over the same text 1039: the
+loss is the 3-bit mantissa, which no scale changes.
 """
 
 from __future__ import annotations
