@@ -133,3 +133,20 @@ def test_a_quantization_that_disagrees_with_an_fp8_checkpoint_fails_before_readi
     with pytest.raises(ConfigError, match="FP8 .* weights, which build fp8 engines only; leave out "
                                           "quantization='none'"):
         Builder().build(source, BuildConfig(**BUILD, quantization="none"))
+
+
+def test_per_tensor_scaling_requantizes_a_checkpoints_rows_to_their_largest_scale(fp8_checkpoint, tmp_path):
+    """--fp8-scaling tensor on a pre-quantized checkpoint: each fused weight gets one scale, the largest of
+    its rows' (requantize_fp8_per_tensor); rows that had it keep their bytes."""
+    fp8_dir, _ = fp8_checkpoint
+    engine_dir = Builder().build(AutoModelForCausalLM.from_hugging_face(fp8_dir),
+                                 BuildConfig(**BUILD, fp8_scaling="tensor")).save(tmp_path / "engine", progress=False)
+    assert EngineManifest.read(engine_dir).build_config.fp8_scaling == "tensor"
+    checkpoint, stored = load_file(str(fp8_dir / "model.safetensors")), load_file(str(engine_dir / "rank0.safetensors"))
+    modules = [f"model.layers.0.{part}" for part in FUSED["attn.qkv"]]
+    scales = torch.cat([checkpoint[f"{m}.weight_scale"].float().reshape(-1, 1).expand(
+        checkpoint[f"{m}.weight"].shape[0], 1) for m in modules]).flatten()
+    weight = torch.cat([checkpoint[f"{m}.weight"] for m in modules])
+    assert stored["layers.0.attn.qkv.weight_scale"].shape == () and stored["layers.0.attn.qkv.weight_scale"] == scales.max()
+    kept = scales == scales.max()
+    assert torch.equal(stored["layers.0.attn.qkv.weight"][kept].view(torch.uint8), weight[kept].view(torch.uint8))
