@@ -159,7 +159,8 @@ def test_fp8_context_attention_matches_its_rounding_reference(case, config, dtyp
     attention = Fp8AttentionCase(*case, dtype=dtype)
     expected = attention.reference(fp8_context=True)
     got = attention.triton(fp8_context=True, context=config)
-    assert got.dtype == expected.dtype and ((got.float() - expected.float()).abs() <= attention.fp8_context_bound()).all()
+    assert got.dtype == expected.dtype
+    assert ((got.float() - expected.float()).abs() <= attention.fp8_context_bound()).all()
     # The reference rounded Q and P: it differs from the 16-bit dots' result, within e4m3's relative step
     # on average (measured: 1.9-3.5% of the mean |output| over these cases).
     error = (expected.float() - attention.reference().float()).abs()
@@ -253,9 +254,9 @@ def no_weight_reading(monkeypatch):
 @pytest.mark.parametrize("options, message", [
     (dict(kv_cache_dtype="fp8", target="sm80"),
      "kv_cache_dtype='fp8' (--kv-cache-dtype fp8) for target sm80: kiln's Triton kernels read and write e4m3 only "
-     "on sm89+ (Ada, Hopper; Triton has no float8e4nv conversion for sm80 (the A100)); leave --kv-cache-dtype at "
-     "auto (float16 KV cache), or build for an sm89+ target"),
-    (dict(kv_cache_dtype="fp8", target="sm86"), "Triton has no float8e4nv conversion for sm86)"),
+     "on sm89+ (Ada, Hopper), not on sm80 (the A100); leave --kv-cache-dtype at auto (float16 KV cache), or build "
+     "for an sm89+ target"),
+    (dict(kv_cache_dtype="fp8", target="sm86"), "e4m3 only on sm89+ (Ada, Hopper), not on sm86; leave"),
     (dict(kv_cache_dtype="fp8", use_fp8_context_fmha=True, target="sm80"),
      "use_fp8_context_fmha (--fp8-context-attention) for target sm80: FP8 dots need FP8 tensor cores (sm89+: Ada, "
      "Hopper) (the A100 has none); leave it off (int8_wo / int4_wo weight-only quantization runs there)"),
@@ -339,7 +340,8 @@ def test_a_checkpoints_kv_cache_scales_make_an_fp8_kv_engine(layout, tmp_path):
     them; without the scales, the cache holds the engine dtype."""
     kv_scales = {i: (0.011 * (i + 1), 0.0625 / (i + 1)) for i in range(NUM_LAYERS)}
     write_checkpoint(tmp_path / "fp8", layout, kv_scales)
-    engine = Builder().build(AutoModelForCausalLM.from_hugging_face(tmp_path / "fp8"), BuildConfig(**PREQUANTIZED_BUILD))
+    engine = Builder().build(AutoModelForCausalLM.from_hugging_face(tmp_path / "fp8"),
+                             BuildConfig(**PREQUANTIZED_BUILD))
     assert engine.manifest.build_config.kv_cache_dtype == "fp8"
     engine_dir = engine.save(tmp_path / "engine", progress=False)
     stored = load_file(str(engine_dir / "rank0.safetensors"))

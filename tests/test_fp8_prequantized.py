@@ -147,6 +147,7 @@ def test_per_tensor_scaling_requantizes_a_checkpoints_rows_to_their_largest_scal
     scales = torch.cat([checkpoint[f"{m}.weight_scale"].float().reshape(-1, 1).expand(
         checkpoint[f"{m}.weight"].shape[0], 1) for m in modules]).flatten()
     weight = torch.cat([checkpoint[f"{m}.weight"] for m in modules])
-    assert stored["layers.0.attn.qkv.weight_scale"].shape == () and stored["layers.0.attn.qkv.weight_scale"] == scales.max()
+    scale = stored["layers.0.attn.qkv.weight_scale"]
+    assert scale.shape == () and scale == scales.max()
     kept = scales == scales.max()
     assert torch.equal(stored["layers.0.attn.qkv.weight"][kept].view(torch.uint8), weight[kept].view(torch.uint8))

@@ -94,9 +94,10 @@ def _resolve_kv_cache_dtype(build: BuildConfig, dtype: str, target: str,
                           f"{dtype}; the KV cache holds the engine dtype or fp8: use --kv-cache-dtype auto or fp8")
     if build.use_fp8_context_fmha:
         if compute_capability(target) < MIN_FP8_KV_CAPABILITY and target != "cpu":
+            a100 = " (the A100 has none)" if target == "sm80" else ""
             raise ConfigError(f"use_fp8_context_fmha (--fp8-context-attention) for target {target}: FP8 dots need "
-                              f"FP8 tensor cores (sm{MIN_FP8_KV_CAPABILITY}+: Ada, Hopper){' (the A100 has none)' if target == 'sm80' else ''}; "
-                              "leave it off (int8_wo / int4_wo weight-only quantization runs there)")
+                              f"FP8 tensor cores (sm{MIN_FP8_KV_CAPABILITY}+: Ada, Hopper){a100}; leave it off "
+                              "(int8_wo / int4_wo weight-only quantization runs there)")
         if kv_cache_dtype != "fp8":
             raise ConfigError("use_fp8_context_fmha (--fp8-context-attention) multiplies the FP8 KV cache's keys and "
                               f"values, and this engine's KV cache is {kv_cache_dtype}; add --kv-cache-dtype fp8")

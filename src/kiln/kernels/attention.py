@@ -46,8 +46,8 @@ def fp8_kv_cache_refusal(target: str) -> str | None:
     if target == "cpu" or int(target.removeprefix("sm")) >= MIN_FP8_KV_CAPABILITY:
         return None
     gpu = " (the A100)" if target == "sm80" else ""
-    return (f"kiln's Triton kernels read and write e4m3 only on sm{MIN_FP8_KV_CAPABILITY}+ (Ada, Hopper; Triton "
-            f"has no float8e4nv conversion for {target}{gpu})")
+    return (f"kiln's Triton kernels read and write e4m3 only on sm{MIN_FP8_KV_CAPABILITY}+ (Ada, Hopper), not on "
+            f"{target}{gpu}")
 
 
 @dataclass

@@ -194,7 +194,8 @@ def rotary_kv_write_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, po
         k_cache, v_cache, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_cache.shape[1],
         kv_scale if is_fp8 else positions,  # not read without IS_FP8
         q_out, NUM_Q_HEADS=num_q_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, ROTARY_DIM=rotary_dim,
-        IS_INTERLEAVED=is_interleaved, IS_FP8=is_fp8, FP8_MAX=FP8_MAX, BLOCK_H=next_power_of_2(max(num_q_heads, num_kv_heads)),
+        IS_INTERLEAVED=is_interleaved, IS_FP8=is_fp8, FP8_MAX=FP8_MAX,
+        BLOCK_H=next_power_of_2(max(num_q_heads, num_kv_heads)),
         BLOCK_PAIRS=next_power_of_2(rotary_dim // 2), BLOCK_PASS=next_power_of_2(max(head_dim - rotary_dim, 1)),
         BLOCK_D=next_power_of_2(head_dim), num_warps=num_warps, enable_fp_fusion=False)
     return q_out

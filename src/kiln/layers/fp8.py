@@ -5,10 +5,11 @@ kiln.kernels.fp8 the GPU path).
 Build time: each float checkpoint weight [N, K] becomes ``weight`` (float8_e4m3fn [N, K]) and
 ``weight_scale`` (float32 [N, 1], amax of the row / 448; with ``BuildConfig.fp8_scaling="tensor"`` one
 0-d scale, amax of the weight / 448). A fused weight (Q/K/V, gate/up) is quantized row by row, so
-fusing costs nothing per channel; per tensor, the fused weight shares one scale. Run time: on CUDA ``fp8_linear`` (the W8A16 GEMV up to 16 rows,
-row-wise ``torch._scaled_mm`` above where the target allows: see ``large_batch_kernel``); on the CPU
-``fp8_linear_ref`` (the W8A8 arithmetic in float32), which is how CI runs every FP8 engine.
-The embedding and the LM head are not ``Linear``s: they stay in the engine dtype.
+fusing costs nothing per channel; per tensor, the fused weight shares one scale. Run time: on CUDA
+``fp8_linear`` (the W8A16 GEMV up to 16 rows, row-wise ``torch._scaled_mm`` above where the target
+allows: see ``large_batch_kernel``); on the CPU ``fp8_linear_ref`` (the W8A8 arithmetic in float32),
+which is how CI runs every FP8 engine. The embedding and the LM head are not ``Linear``s: they stay in
+the engine dtype.
 """
 
 from __future__ import annotations

@@ -96,8 +96,9 @@ def from_report(path: str | Path) -> list[Measurement]:
     gpu = next((key for key, g in load_gpus().items() if g.name == machine.get("name")), None)
     if gpu is None:
         raise ConfigError(f"{path}: GPU {machine.get('name')!r} is not in kiln plan's table")
-    if engine.get("quantization") or engine.get("dtype") not in ("bfloat16", "float16"):
-        raise ConfigError(f"{path}: only 16-bit engines calibrate the model so far")
+    if engine.get("quantization") or engine.get("dtype") not in ("bfloat16", "float16") or (
+            engine.get("kv_cache_dtype") == "fp8"):
+        raise ConfigError(f"{path}: only 16-bit engines (weights and KV cache) calibrate the model so far")
     common = dict(gpu=gpu, model=engine.get("model", ""), model_config=engine["model_config"],
                   isl=round(requests["avg_input_length"]), osl=round(requests["avg_output_length"]),
                   max_batch_size=world["max_batch_size"], max_num_tokens=world["max_num_tokens"], source=str(path))

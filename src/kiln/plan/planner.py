@@ -12,6 +12,7 @@ from typing import Any
 
 from kiln.config import BuildConfig
 from kiln.errors import ConfigError, KilnError
+from kiln.kernels.attention import fp8_kv_cache_refusal
 from kiln.layers import LINEAR_METHODS
 from kiln.models import ModelConfig, num_params
 from kiln.plan.roofline import GIB, GPU, Calibration, EngineShape, ModelShape, Precision
@@ -84,7 +85,7 @@ class Row:
     throughput_per_gpu_tok_s: float | None
     ttft_ms: float | None
     request_latency_ms: float | None  # one request alone: TTFT + the rest of its tokens at batch 1
-    is_measured: bool = False  # kiln has measured this precision: its predictions are calibrated, not extrapolated
+    is_measured: bool = False  # kiln has measured this precision and KV dtype: predictions calibrated, not extrapolated
 
     @property
     def buildable(self) -> bool:
@@ -95,7 +96,8 @@ class Row:
         if self.reason:
             return self.reason
         if self.fits and not self.is_measured:
-            return f"builds; no kiln measurement of {self.quantization} yet: predicted from bf16's efficiencies"
+            what = self.quantization if self.kv_cache_dtype == "bf16" else f"{self.quantization} with an fp8 KV cache"
+            return f"builds; no kiln measurement of {what} yet: predicted from bf16's efficiencies"
         return ""
 
     def to_dict(self) -> dict[str, Any]:
@@ -110,16 +112,18 @@ def gpu_refusal(gpu: GPU, precision: Precision, kv_dtype: str) -> str | None:
     return None
 
 
-def kiln_refusal(precision: Precision, kv_dtype: str, tp_size: int) -> str | None:
-    """Why this kiln cannot build the candidate yet (asked of BuildConfig itself), or None."""
+def kiln_refusal(gpu: GPU, precision: Precision, kv_dtype: str, tp_size: int) -> str | None:
+    """Why this kiln cannot build the candidate yet (asked of BuildConfig and the kernels themselves), or
+    None. An fp8 KV cache, which TensorRT-LLM keeps on Ampere as storage, kiln's kernels keep on sm89+."""
     options: dict[str, Any] = {"tp_size": tp_size}
     if precision.name != "bf16":
         if precision.name not in LINEAR_METHODS:
             return f"this kiln does not build {precision.name} engines yet"
         options["quantization"] = precision.name
     if kv_dtype != "bf16":
-        if "kv_cache_dtype" not in {f.name for f in dataclasses.fields(BuildConfig)}:
-            return "this kiln does not store the KV cache in fp8 yet"
+        refusal = fp8_kv_cache_refusal(f"sm{gpu.sm}")
+        if refusal:
+            return refusal
         options["kv_cache_dtype"] = kv_dtype
     try:
         BuildConfig(**options)
@@ -165,7 +169,7 @@ def plan_row(shape: ModelShape, gpu: GPU, cal: Calibration, workload: Workload, 
     ttft = engine.ttft_ms(cal, workload.isl)
     throughput = workload.num_requests * workload.osl / offline_ms * 1e3 if offline_ms else None
     row.fits = True
-    row.reason = kiln_refusal(precision, kv_dtype, tp_size)
+    row.reason = kiln_refusal(gpu, precision, kv_dtype, tp_size)
     row.kv_tokens, row.kv_gib = kv_tokens, kv_tokens * engine.kv_bytes_per_token / GIB
     row.concurrent_requests = concurrency
     row.max_batch_size, row.max_num_tokens = batch, max_num_tokens
@@ -231,6 +235,6 @@ def make_plan(model_name: str, config: Any, gpu: GPU, cal: Calibration, workload
     """``measured``: the precisions the calibration has kiln measurements of."""
     shape = model_shape(config)
     rows = [plan_row(shape, gpu, cal, workload, q, kv, tp) for tp in tp_sizes for q in quantizations for kv in kv_dtypes]
-    for row in rows:
-        row.is_measured = row.quantization in measured
+    for row in rows:  # an fp8 KV cache is never measured: calibration takes 16-bit engines only
+        row.is_measured = row.quantization in measured and row.kv_cache_dtype == "bf16"
     return Plan(model_name, gpu, workload, rows)
