@@ -1,6 +1,6 @@
 """Shared fixtures: the ``gpu`` marker, an isolated engine cache, tiny random-weight Hugging Face
-checkpoints, kiln engines built from them, the bundled stories260K engine, and ``kiln serve`` processes on
-ports the OS picks."""
+checkpoints, kiln engines built from them, the bundled stories260K engine, float32 -> e4m3 casts in
+Triton's interpreter rounded as the GPU rounds them, and ``kiln serve`` processes on ports the OS picks."""
 
 from __future__ import annotations
 

@@ -322,8 +322,8 @@ def test_fp8_kv_engine_for_a_gpu_this_machine_lacks(target, tmp_path):
     manifest = EngineManifest.read(engine_dir)
     assert manifest.build_config.kv_cache_dtype == "fp8" and manifest.build_config.use_fp8_context_fmha
     num_layers = manifest.model_config.num_layers
-    scales = [name for name in manifest.tensors if name.endswith("kv_cache.scale")]
-    assert scales == [f"layers.{i}.attn.kv_cache.scale" for i in range(num_layers)]
+    scales = [name for name in manifest.tensors if name.endswith("kv_scales.scale")]
+    assert scales == [f"layers.{i}.attn.kv_scales.scale" for i in range(num_layers)]
     assert all(manifest.tensors[name] | {"crc32": 0} == {"shape": [2], "dtype": "F32", "crc32": 0} for name in scales)
     stored = load_file(str(engine_dir / "rank0.safetensors"))
     assert all(torch.equal(stored[name], torch.ones(2)) for name in scales)
@@ -346,7 +346,7 @@ def test_a_checkpoints_kv_cache_scales_make_an_fp8_kv_engine(layout, tmp_path):
     engine_dir = engine.save(tmp_path / "engine", progress=False)
     stored = load_file(str(engine_dir / "rank0.safetensors"))
     for i, scales in kv_scales.items():
-        assert torch.equal(stored[f"layers.{i}.attn.kv_cache.scale"], torch.tensor(scales))
+        assert torch.equal(stored[f"layers.{i}.attn.kv_scales.scale"], torch.tensor(scales))
     with LLM(engine_dir, progress=False) as llm:  # the executor runs it over an e4m3 cache
         out = llm.generate([[1, 403, 407, 261, 378]], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True),
                            use_tqdm=False)[0].outputs[0]

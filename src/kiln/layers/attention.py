@@ -28,7 +28,7 @@ class Attention(nn.Module):
     """Fused QKV projection, optional per-head RMSNorm of q and k (Qwen3), rotary + KV cache write,
     paged attention, output projection. A sliding window, where the model has one, reaches the kernel
     in AttentionMetadata (the runner sets it from the model config). With an FP8 KV cache the block
-    holds its scales (``kv_cache``); FP8 context attention is the context's choice too."""
+    holds its scales (``kv_scales``); FP8 context attention is the context's choice too."""
 
     kernel_ops = ("rotary_kv_write", "attention")
 
@@ -41,7 +41,7 @@ class Attention(nn.Module):
         self.q_norm = None if qk_norm_eps is None else RMSNorm(head_dim, qk_norm_eps, ctx)
         self.k_norm = None if qk_norm_eps is None else RMSNorm(head_dim, qk_norm_eps, ctx)
         self.o = Linear(self.q_size, hidden_size, ctx, bias=o_bias, shard_dim=1)
-        self.kv_cache = KvCacheScales() if ctx.is_fp8_kv_cache else None
+        self.kv_scales = KvCacheScales() if ctx.is_fp8_kv_cache else None
         self.rotary = rotary
         self.ops = ctx.ops
         self.scale = head_dim ** -0.5
@@ -57,7 +57,7 @@ class Attention(nn.Module):
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:  # each head's head_dim values, read in place from the fused output
             q, k = self.q_norm.norm(q), self.k_norm.norm(k)
-        kv_scale = None if self.kv_cache is None else self.kv_cache.scale
+        kv_scale = None if self.kv_scales is None else self.kv_scales.scale
         q = self.rotary(q, k, v, positions, kv_cache, slot_mapping, kv_scale)
         out = self.ops.attention(q, kv_cache[0], kv_cache[1], attn, self.scale, kv_scale=kv_scale,
                                  fp8_context=self.use_fp8_context_fmha)
