@@ -13,7 +13,7 @@ TARGETS = ("auto", "cpu", "sm80", "sm86", "sm89", "sm90")
 # "auto": the checkpoint's own (fp8 where a pre-quantized checkpoint has an FP8 KV cache), else the engine
 # dtype; a dtype name must be the engine's (what "auto" resolves to, as a manifest holds it).
 KV_CACHE_DTYPES = ("auto", "fp8", "float32", "float16", "bfloat16")
-FP8_SCALINGS = ("channel", "tensor")
+FP8_SCALINGS = ("channel", "tensor")  # fp8 weights: a scale per output channel, or one per tensor
 CAPACITY_POLICIES = ("guaranteed_no_evict", "max_utilization")
 GREEDY_TEMPERATURE = 1e-5
 

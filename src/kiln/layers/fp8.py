@@ -19,7 +19,7 @@ import torch
 from kiln.config import BuildConfig
 from kiln.kernels.fp8 import MAX_GEMV_ROWS, fp8_linear, scaled_mm_refusal
 from kiln.layers.linear import Linear, LinearMethod
-from kiln.quantization.fp8 import (FP8_DTYPE, WEIGHT_SCALINGS, Fp8Linear, fp8_linear_ref, quantize_fp8_weight,
+from kiln.quantization.fp8 import (FP8_DTYPE, Fp8Linear, fp8_linear_ref, quantize_fp8_weight,
                                    requantize_fp8_per_tensor)
 
 # FP8 tensor cores: Ada (sm89) and Hopper (sm90+). Below, no FP8 matmul and no e4m3 conversion in hardware.
@@ -39,8 +39,7 @@ class Fp8LinearMethod(LinearMethod):
     takes_fp8_weights = True  # convert accepts an Fp8Linear as well as a float weight
 
     def __init__(self, scaling: str = "channel"):
-        assert scaling in WEIGHT_SCALINGS, scaling  # BuildConfig validated it
-        self.scaling = scaling
+        self.scaling = scaling  # one of BuildConfig's FP8_SCALINGS
 
     @classmethod
     def from_build(cls, build: BuildConfig) -> "Fp8LinearMethod":
