@@ -130,6 +130,9 @@ def from_report(report: Any, source: str) -> list[Measurement]:
     if engine.get("dtype") not in ("bfloat16", "float16"):
         raise ConfigError(f"{source}: a {engine.get('dtype')} engine; kiln plan models engines with 16-bit "
                           "activations (bfloat16 or float16) only")
+    if engine.get("kv_cache_dtype") == "fp8":
+        raise ConfigError(f"{source}: an engine with an fp8 KV cache; kiln plan calibrates on 16-bit KV caches "
+                          "only so far")
     precision = engine.get("quantization") or "bf16"  # the report says None for the dtype's own linear layers
     if precision not in PRECISIONS:
         raise ConfigError(f"{source}: quantization {precision!r} is not one kiln plan models; it knows "

@@ -13,6 +13,7 @@ from typing import Any
 
 from kiln.config import BuildConfig
 from kiln.errors import ConfigError, KilnError
+from kiln.kernels.attention import fp8_kv_cache_refusal
 from kiln.layers import LINEAR_METHODS
 from kiln.models import ModelConfig, num_params
 from kiln.plan.roofline import GIB, GPU, Calibration, EngineShape, ModelShape, Precision
@@ -119,16 +120,18 @@ def gpu_refusal(gpu: GPU, precision: Precision, kv_dtype: str) -> str | None:
     return None
 
 
-def kiln_refusal(precision: Precision, kv_dtype: str, tp_size: int) -> str | None:
-    """Why this kiln cannot build the candidate yet (asked of BuildConfig itself), or None."""
+def kiln_refusal(gpu: GPU, precision: Precision, kv_dtype: str, tp_size: int) -> str | None:
+    """Why this kiln cannot build the candidate yet (asked of BuildConfig and the kernels themselves), or
+    None. An fp8 KV cache, which TensorRT-LLM keeps on Ampere as storage, kiln's kernels keep on sm89+."""
     options: dict[str, Any] = {"tp_size": tp_size}
     if precision.name != "bf16":
         if precision.name not in LINEAR_METHODS:
             return f"this kiln does not build {precision.name} engines yet"
         options["quantization"] = precision.name
     if kv_dtype != "bf16":
-        if "kv_cache_dtype" not in {f.name for f in dataclasses.fields(BuildConfig)}:
-            return "this kiln does not store the KV cache in fp8 yet"
+        refusal = fp8_kv_cache_refusal(f"sm{gpu.sm}")
+        if refusal:
+            return refusal
         options["kv_cache_dtype"] = kv_dtype
     try:
         BuildConfig(**options)
@@ -174,7 +177,7 @@ def plan_row(shape: ModelShape, gpu: GPU, cal: Calibration, workload: Workload, 
     ttft = engine.ttft_ms(cal, workload.isl)
     throughput = workload.num_requests * workload.osl / offline_ms * 1e3 if offline_ms else None
     row.fits = True
-    row.reason = kiln_refusal(precision, kv_dtype, tp_size)
+    row.reason = kiln_refusal(gpu, precision, kv_dtype, tp_size)
     row.kv_tokens, row.kv_gib = kv_tokens, kv_tokens * engine.kv_bytes_per_token / GIB
     row.concurrent_requests = concurrency
     row.max_batch_size, row.max_num_tokens = batch, max_num_tokens
@@ -240,6 +243,6 @@ def make_plan(model_name: str, config: Any, gpu: GPU, cal: Calibration, workload
     """``measured``: how many kiln measurements of each precision the calibration was fitted on."""
     shape = model_shape(config)
     rows = [plan_row(shape, gpu, cal, workload, q, kv, tp) for tp in tp_sizes for q in quantizations for kv in kv_dtypes]
-    for row in rows:
-        row.num_measurements = measured.get(row.quantization, 0)
+    for row in rows:  # an fp8 KV cache is never measured: calibration takes 16-bit KV engines only
+        row.num_measurements = measured.get(row.quantization, 0) if row.kv_cache_dtype == "bf16" else 0
     return Plan(model_name, gpu, workload, rows)

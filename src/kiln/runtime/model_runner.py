@@ -54,7 +54,7 @@ class RunnerOutput:
 def allocate_kv_cache(model: CausalLM, num_blocks: int, block_size: int) -> torch.Tensor:
     cfg = model.config
     return torch.zeros(cfg.num_layers, 2, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim,
-                       dtype=model.dtype, device=model.device)
+                       dtype=model.kv_cache_dtype, device=model.device)
 
 
 def graph_batch_sizes(max_batch_size: int) -> list[int]:
