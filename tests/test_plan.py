@@ -113,12 +113,13 @@ def test_fp8_kv_rows_build_on_sm89_plus_and_say_why_not_on_an_a100():
     """bf16 weights with an fp8 KV cache: buildable on the H200 (twice the KV tokens, predicted, not measured),
     refused by kiln on the A100, where its kernels have no e4m3 conversion (TensorRT-LLM allows it there)."""
     cal, _ = calib.load_stored()
-    h200 = make_plan("llama-3-8b", LLAMA3_8B, gpu_named("h200"), cal, Workload(128, 128, 1000))
+    h200 = make_plan("llama-3-8b", LLAMA3_8B, gpu_named("h200"), cal, Workload(128, 128, 1000), measured=MEASURED)
     rows = {r.kv_cache_dtype: r for r in h200.rows if (r.quantization, r.tp_size) == ("bf16", 1)}
     assert rows["fp8"].buildable and not rows["fp8"].is_measured and rows["bf16"].is_measured
     assert rows["fp8"].kv_tokens > 1.9 * rows["bf16"].kv_tokens
-    assert "no kiln measurement of bf16 with an fp8 KV cache" in rows["fp8"].note
-    a100 = make_plan("llama-3-8b", LLAMA3_8B, gpu_named("a100-80gb"), cal, Workload(128, 128, 1000))
+    assert rows["fp8"].note == "uncalibrated: bf16's efficiencies"
+    a100 = make_plan("llama-3-8b", LLAMA3_8B, gpu_named("a100-80gb"), cal, Workload(128, 128, 1000),
+                     measured=MEASURED)
     fp8_kv = next(r for r in a100.rows if (r.quantization, r.kv_cache_dtype, r.tp_size) == ("bf16", "fp8", 1))
     assert fp8_kv.fits and fp8_kv.reason == ("kiln's Triton kernels read and write e4m3 only on sm89+ (Ada, "
                                              "Hopper), not on sm80 (the A100)")
