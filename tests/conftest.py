@@ -1,6 +1,6 @@
 """Shared fixtures: the ``gpu`` marker, an isolated engine cache, tiny random-weight Hugging Face
-checkpoints, kiln engines built from them, the bundled stories260K engine, and ``kiln serve`` processes on
-ports the OS picks."""
+checkpoints, kiln engines built from them, the bundled stories260K engine, float32 -> e4m3 casts in
+Triton's interpreter rounded as the GPU rounds them, and ``kiln serve`` processes on ports the OS picks."""
 
 from __future__ import annotations
 
@@ -154,6 +154,29 @@ def stories_engine(tmp_path_factory) -> Path:
     """The bundled stories260K model as a float32 CPU engine, built once per session."""
     return build_engine(STORIES_DIR, tmp_path_factory.mktemp("stories260K_engine"), max_batch_size=8,
                         max_input_len=128, max_seq_len=512, max_num_tokens=512, tokens_per_block=16)
+
+
+@pytest.fixture
+def rounding_fp8_casts(monkeypatch):
+    """Triton 3.9's interpreter rounds float32 -> float8e4nv wrongly: a mantissa that rounds up past
+    1.111b loses the carry into the exponent when the exponent is odd (126.0 becomes 64.0, not 128.0),
+    and ties round away from zero. On the CPU, those casts go through torch's instead, which rounds to
+    nearest even as the GPU's cvt.rn.satfinite does; every value the kernels cast is clamped to ±448."""
+    if torch.cuda.is_available():
+        return
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    convert_float = interpreter._convert_float
+
+    def convert(input, input_dtype, output_dtype, rounding_mode):
+        if output_dtype == tl.float8e4nv and input_dtype == tl.float32:
+            values = torch.from_numpy(np.ascontiguousarray(input, dtype=np.float32))
+            return values.to(torch.float8_e4m3fn).view(torch.uint8).numpy().reshape(input.shape)
+        return convert_float(input, input_dtype, output_dtype, rounding_mode)
+
+    monkeypatch.setattr(interpreter, "_convert_float", convert)
 
 
 # ---- servers and ports ----------------------------------------------------------------------------------

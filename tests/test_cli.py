@@ -42,7 +42,7 @@ def test_build_then_inspect(capsys, tiny_hf_checkpoint, tmp_path):
     assert code == 0
     lines = out.splitlines()
     assert lines[0].startswith(f"engine        {engine_dir}  (kiln ")
-    assert lines[1] == "target        cpu (cpu), dtype float32, quantization none, tp 1"
+    assert lines[1] == "target        cpu (cpu), dtype float32, quantization none, kv_cache_dtype float32, tp 1"
     assert lines[2].startswith("model         Qwen2ForCausalLM: 2 layers, hidden 64, heads 4/2 kv x 16, mlp 96, vocab 128")
     assert lines[3] == ("limits        max_batch_size 2, max_input_len 32, max_seq_len 64, max_num_tokens 48, "
                         "tokens_per_block 16")

@@ -33,7 +33,8 @@ def test_engine_folder_holds_a_json_manifest_and_standard_safetensors(tiny_llama
     manifest = json.loads((engine_dir / MANIFEST_FILE).read_text())
     assert manifest["format_version"] == ENGINE_FORMAT_VERSION and manifest["kiln_version"] == __version__
     assert manifest["target"] == {"name": "cpu", "device_name": "cpu"}
-    assert manifest["build_config"] == BuildConfig(**TINY_BUILD, quantization="none").to_dict()  # "auto" resolved
+    assert manifest["build_config"] == BuildConfig(**TINY_BUILD, quantization="none",  # "auto" resolved
+                                                   kv_cache_dtype="float32").to_dict()
     assert manifest["model_config"]["architecture"] == "LlamaForCausalLM"
     assert manifest["model_config"]["num_kv_heads"] == 2
     assert manifest["files"] == {"weights": WEIGHTS_FILE}
@@ -51,7 +52,8 @@ def test_engine_folder_holds_a_json_manifest_and_standard_safetensors(tiny_llama
             assert list(tensor.shape) == entry["shape"] and entry["dtype"] == "F32"
             assert zlib.crc32(tensor.contiguous().view(torch.uint8).numpy().tobytes()) == entry["crc32"]
 
-    assert EngineManifest.read(engine_dir).build_config == BuildConfig(**TINY_BUILD, quantization="none")
+    assert EngineManifest.read(engine_dir).build_config == BuildConfig(**TINY_BUILD, quantization="none",
+                                                                       kv_cache_dtype="float32")
 
 
 def test_saved_engine_loads_and_runs_like_a_fresh_build(tiny_llama, tiny_engine):

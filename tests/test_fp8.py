@@ -7,7 +7,6 @@ cases run them compiled at Llama-3-8B's shapes (``python -m pytest tests/test_fp
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
@@ -196,28 +195,6 @@ def test_requantizing_to_one_scale_costs_at_most_half_a_step():
 
 
 # ---- Triton kernels (interpreted on the CPU) -----------------------------------------------------
-@pytest.fixture
-def rounding_fp8_casts(monkeypatch):
-    """Triton 3.9's interpreter rounds float32 -> float8e4nv wrongly: a mantissa that rounds up past
-    1.111b loses the carry into the exponent when the exponent is odd (126.0 becomes 64.0, not 128.0),
-    and ties round away from zero. On the CPU, those casts go through torch's instead, which rounds to
-    nearest even as the GPU's cvt.rn.satfinite does; every value the kernels cast is clamped to ±448."""
-    if ON_GPU:
-        return
-    from triton.runtime import interpreter
-    import triton.language as tl
-
-    convert_float = interpreter._convert_float
-
-    def convert(input, input_dtype, output_dtype, rounding_mode):
-        if output_dtype == tl.float8e4nv and input_dtype == tl.float32:
-            values = torch.from_numpy(np.ascontiguousarray(input, dtype=np.float32))
-            return values.to(FP8_DTYPE).view(torch.uint8).numpy().reshape(input.shape)
-        return convert_float(input, input_dtype, output_dtype, rounding_mode)
-
-    monkeypatch.setattr(interpreter, "_convert_float", convert)
-
-
 QUANT_SHAPES = [(1, 72), (7, 200), (5, 1000)] + [
     pytest.param(t, k, marks=gpu) for t, k in ((1, 4096), (256, 14336), (4096, 4096))]
 

@@ -30,11 +30,13 @@ FUSED = {"attn.qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"
 NUM_LAYERS = 5
 
 
-def write_checkpoint(path: Path, layout: str) -> dict[str, torch.Tensor]:
+def write_checkpoint(path: Path, layout: str, kv_scales: dict[int, tuple[float, float]] | None = None
+                     ) -> dict[str, torch.Tensor]:
     """stories260K as ``layout`` writes it: "modelopt" (quant_algo FP8: float32 per-tensor weight scales and
     static input scales, hf_quant_config.json) or "compressed_tensors" (bfloat16 per-channel scales, the
-    weight divided in bfloat16 and clamped, dynamic activations). Returns the dequantized float weights
-    by Hugging Face name (the reference checkpoint)."""
+    weight divided in bfloat16 and clamped, dynamic activations); ``kv_scales``: an FP8 KV cache's
+    (k_scale, v_scale) by layer, under the layout's names. Returns the dequantized float weights by
+    Hugging Face name (the reference checkpoint)."""
     path.mkdir(parents=True)
     config = json.loads((STORIES_DIR / "config.json").read_text())
     tensors, dequantized = {}, {}
@@ -53,17 +55,26 @@ def write_checkpoint(path: Path, layout: str) -> dict[str, torch.Tensor]:
             fp8 = (w / scale).clamp(-448.0, 448.0).to(E4M3)
         tensors[name], tensors[f"{module}.weight_scale"] = fp8, scale
         dequantized[name] = fp8.float() * scale.float()
+    for i, (k_scale, v_scale) in (kv_scales or {}).items():
+        attention = f"model.layers.{i}.self_attn"
+        names = ((f"{attention}.k_proj.k_scale", f"{attention}.v_proj.v_scale") if layout == "modelopt" else
+                 (f"{attention}.k_scale", f"{attention}.v_scale"))
+        tensors.update(zip(names, (torch.tensor(k_scale), torch.tensor(v_scale))))
     if layout == "modelopt":
         (path / "hf_quant_config.json").write_text(json.dumps(
             {"producer": {"name": "modelopt", "version": "0.15.1"},
-             "quantization": {"quant_algo": "FP8", "kv_cache_quant_algo": None, "exclude_modules": ["lm_head"]}}))
+             "quantization": {"quant_algo": "FP8", "kv_cache_quant_algo": "FP8" if kv_scales else None,
+                              "exclude_modules": ["lm_head"]}}))
     else:
         group = {"targets": ["Linear"], "input_activations": {"num_bits": 8, "type": "float", "dynamic": True,
                                                               "strategy": "token", "symmetric": True},
                  "weights": {"num_bits": 8, "type": "float", "strategy": "channel", "symmetric": True,
                              "dynamic": False}}
+        kv_cache_scheme = {"num_bits": 8, "type": "float", "strategy": "tensor", "dynamic": False,
+                           "symmetric": True} if kv_scales else None
         config["quantization_config"] = {"quant_method": "compressed-tensors", "format": "float-quantized",
-                                         "config_groups": {"group_0": group}, "ignore": ["lm_head"]}
+                                         "config_groups": {"group_0": group}, "ignore": ["lm_head"],
+                                         "kv_cache_scheme": kv_cache_scheme}
     (path / "config.json").write_text(json.dumps(config))
     save_file(tensors, str(path / "model.safetensors"))
     return dequantized
@@ -122,3 +133,21 @@ def test_a_quantization_that_disagrees_with_an_fp8_checkpoint_fails_before_readi
     with pytest.raises(ConfigError, match="FP8 .* weights, which build fp8 engines only; leave out "
                                           "quantization='none'"):
         Builder().build(source, BuildConfig(**BUILD, quantization="none"))
+
+
+def test_per_tensor_scaling_requantizes_a_checkpoints_rows_to_their_largest_scale(fp8_checkpoint, tmp_path):
+    """--fp8-scaling tensor on a pre-quantized checkpoint: each fused weight gets one scale, the largest of
+    its rows' (requantize_fp8_per_tensor); rows that had it keep their bytes."""
+    fp8_dir, _ = fp8_checkpoint
+    engine_dir = Builder().build(AutoModelForCausalLM.from_hugging_face(fp8_dir),
+                                 BuildConfig(**BUILD, fp8_scaling="tensor")).save(tmp_path / "engine", progress=False)
+    assert EngineManifest.read(engine_dir).build_config.fp8_scaling == "tensor"
+    checkpoint, stored = load_file(str(fp8_dir / "model.safetensors")), load_file(str(engine_dir / "rank0.safetensors"))
+    modules = [f"model.layers.0.{part}" for part in FUSED["attn.qkv"]]
+    scales = torch.cat([checkpoint[f"{m}.weight_scale"].float().reshape(-1, 1).expand(
+        checkpoint[f"{m}.weight"].shape[0], 1) for m in modules]).flatten()
+    weight = torch.cat([checkpoint[f"{m}.weight"] for m in modules])
+    scale = stored["layers.0.attn.qkv.weight_scale"]
+    assert scale.shape == () and scale == scales.max()
+    kept = scales == scales.max()
+    assert torch.equal(stored["layers.0.attn.qkv.weight"][kept].view(torch.uint8), weight[kept].view(torch.uint8))

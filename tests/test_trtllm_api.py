@@ -37,7 +37,6 @@ def test_the_tensorrt_llm_build_script_runs_with_kiln_imports(tmp_path):
 
 @pytest.mark.parametrize("options, message", [
     (dict(tensor_parallel=2), "tp_size=2: this kiln builds single-GPU engines only"),
-    (dict(use_fp8_context_fmha=True), "FP8 context attention needs FP8 tensor cores (sm89+"),
     (dict(max_batchsize=8), "unknown max_batchsize; accepted: name, precision, max_output_len"),
     (dict(precision="int8"), "precision 'int8' is not one of float16"),
     (dict(max_output_len=64), "max_output_len needs max_input_len"),

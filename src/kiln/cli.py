@@ -15,7 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-from kiln.config import BUILD_DEFAULTS, DTYPES, TARGETS, BuildConfig, SamplingParams
+from kiln.config import BUILD_DEFAULTS, DTYPES, FP8_SCALINGS, KV_CACHE_DTYPES, TARGETS, BuildConfig, SamplingParams
 from kiln.errors import KilnError, cannot_write
 from kiln.flags import add_runtime_flags, runtime_config_from_args
 
@@ -55,6 +55,15 @@ def _add_build(sub) -> None:
                         "(e4m3 weights, a scale per output channel, activations per token: needs sm89+ or the "
                         "CPU reference), or another method this kiln knows; auto (default): the checkpoint's own "
                         "(fp8 for a ModelOpt / compressed-tensors FP8 folder), else none")
+    p.add_argument("--fp8-scaling", choices=FP8_SCALINGS,
+                   help="fp8 weights: a scale per output channel (default) or one per tensor")
+    p.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto",
+                   help="what the KV cache stores: fp8 (e4m3 with a scale per layer for K and V: twice the tokens; "
+                        "needs sm89+ or the CPU reference); auto (default): fp8 for a checkpoint with FP8 KV-cache "
+                        "scales, else the engine dtype")
+    p.add_argument("--fp8-context-attention", action="store_true",
+                   help="context attention multiplies Q @ K^T and P @ V in FP8 (needs --kv-cache-dtype fp8 and "
+                        "sm89+, or the CPU reference)")
     p.add_argument("--dummy-weights", action="store_true",
                    help="random weights of the model's shapes, made on the device (for presets; no download)")
     p.add_argument("--no-tune", action="store_true", help="skip kernel tuning on the GPU (default configs)")
@@ -72,7 +81,8 @@ def cmd_build(args) -> int:
     config = BuildConfig(max_batch_size=args.max_batch_size, max_input_len=args.max_input_len,
                          max_seq_len=args.max_seq_len, max_num_tokens=args.max_num_tokens,
                          tokens_per_block=args.tokens_per_block, dtype=args.dtype, target=args.target,
-                         quantization=args.quantization)
+                         quantization=args.quantization, fp8_scaling=args.fp8_scaling,
+                         kv_cache_dtype=args.kv_cache_dtype, use_fp8_context_fmha=args.fp8_context_attention)
     engine = Builder().build(source, config, tune=not args.no_tune)
     out = _save(engine, args.output, args.overwrite)
     m = engine.manifest
@@ -212,7 +222,7 @@ def cmd_inspect(args) -> int:
 
     m = EngineManifest.read(args.engine)
     files = _file_sizes(Path(args.engine))
-    linear_kernels = linear_method(m.build_config.quantization).kernels(m.target, m.dtype)
+    linear_kernels = linear_method(m.build_config.quantization, m.build_config).kernels(m.target, m.dtype)
     summary = {
         "engine": str(args.engine), "kiln_version": m.kiln_version, "format_version": m.format_version,
         "target": {"name": m.target, "device": m.target_device_name},
@@ -225,8 +235,10 @@ def cmd_inspect(args) -> int:
         return 0
     mc, bc = m.model_config, m.build_config
     print(f"engine        {args.engine}  (kiln {m.kiln_version}, format {m.format_version}, built {m.created})")
-    print(f"target        {m.target} ({m.target_device_name}), dtype {bc.dtype}, quantization {bc.quantization}, "
-          f"tp {bc.tp_size}")
+    fp8_scaling = f" ({bc.fp8_scaling} scales)" if bc.fp8_scaling else ""
+    fp8_context = ", FP8 context attention" if bc.use_fp8_context_fmha else ""
+    print(f"target        {m.target} ({m.target_device_name}), dtype {bc.dtype}, quantization {bc.quantization}"
+          f"{fp8_scaling}, kv_cache_dtype {bc.kv_cache_dtype}{fp8_context}, tp {bc.tp_size}")
     if linear_kernels:
         print(f"linear layers {linear_kernels}")
     print(f"model         {mc.architecture}: {mc.num_layers} layers, hidden {mc.hidden_size}, heads {mc.num_heads}/"

@@ -11,6 +11,10 @@ from kiln.errors import ConfigError, RequestError
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 TARGETS = ("auto", "cpu", "sm80", "sm86", "sm89", "sm90")
+# "auto": the checkpoint's own (fp8 where a pre-quantized checkpoint has an FP8 KV cache), else the engine
+# dtype; a dtype name must be the engine's (what "auto" resolves to, as a manifest holds it).
+KV_CACHE_DTYPES = ("auto", "fp8", "float32", "float16", "bfloat16")
+FP8_SCALINGS = ("channel", "tensor")  # fp8 weights: a scale per output channel, or one per tensor
 GREEDY_TEMPERATURE = 1e-5
 
 
@@ -73,6 +77,12 @@ class BuildConfig:
     # The LinearMethod every Linear stores its weight and multiplies by (kiln.layers.linear); "auto": the
     # checkpoint's own ("fp8" for a pre-quantized FP8 folder), else "none".
     quantization: str = "auto"
+    # fp8 weights: one scale per output channel or one per tensor (None: "channel" for fp8, unused otherwise).
+    fp8_scaling: str | None = None
+    # What the paged KV cache stores: the engine dtype, or "fp8" (e4m3 with a scale per layer and K / V).
+    kv_cache_dtype: str = "auto"
+    # Context attention's Q @ K^T and P @ V as FP8 dots (TensorRT-LLM's name); needs the fp8 KV cache.
+    use_fp8_context_fmha: bool = False
 
     def __post_init__(self):
         for name in ("max_batch_size", "max_input_len", "max_seq_len", "max_num_tokens", "tokens_per_block"):
@@ -88,6 +98,14 @@ class BuildConfig:
             raise ConfigError(f"tp_size={self.tp_size}: this kiln builds single-GPU engines only; use tp_size=1")
         if self.max_beam_width != 1:
             raise ConfigError(f"max_beam_width={self.max_beam_width}: beam search is not supported yet; use 1")
+        if self.fp8_scaling is not None and self.fp8_scaling not in FP8_SCALINGS:
+            raise ConfigError(f"fp8_scaling {self.fp8_scaling!r} is not supported; choose one of "
+                              f"{', '.join(FP8_SCALINGS)}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ConfigError(f"kv_cache_dtype {self.kv_cache_dtype!r} is not supported; choose one of "
+                              f"{', '.join(KV_CACHE_DTYPES)}")
+        if not isinstance(self.use_fp8_context_fmha, bool):
+            raise ConfigError(f"use_fp8_context_fmha must be True or False, got {self.use_fp8_context_fmha!r}")
         if self.max_input_len is not None and self.max_seq_len is not None and self.max_input_len > self.max_seq_len:
             raise ConfigError(f"max_input_len ({self.max_input_len}) must be <= max_seq_len ({self.max_seq_len}); "
                               "raise max_seq_len (--max-seq-len) or lower max_input_len (--max-input-len)")
@@ -99,7 +117,8 @@ class BuildConfig:
     def is_resolved(self) -> bool:
         """Every field has its value (as in an engine's manifest), none is left to the builder."""
         return None not in (self.max_batch_size, self.max_input_len, self.max_seq_len, self.max_num_tokens,
-                            self.tokens_per_block) and "auto" not in (self.dtype, self.target, self.quantization)
+                            self.tokens_per_block) and "auto" not in (self.dtype, self.target, self.quantization,
+                                                                      self.kv_cache_dtype)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -128,7 +128,9 @@ def engine_details(engine_dir: str | Path, manifest: EngineManifest, backend: st
     size = f"{params / 1e9:.2f}B" if params >= 1e9 else f"{params / 1e6:.2f}M"
     return {"model": f"{mc.architecture} ({size} params)", "model_path": str(engine_dir),
             "engine_dir": str(engine_dir), "version": version, "backend": backend, "dtype": dtype,
-            "kv_cache_dtype": dtype, "quantization": None if bc.quantization == "none" else bc.quantization, "max_input_length": bc.max_input_len,
+            "kv_cache_dtype": "fp8" if bc.kv_cache_dtype == "fp8" else dtype,
+            "quantization": None if bc.quantization == "none" else bc.quantization,
+            "max_input_length": bc.max_input_len,
             "max_sequence_length": bc.max_seq_len, "model_config": mc.to_dict()}
 
 

@@ -18,11 +18,12 @@ from kiln.config import BUILD_DEFAULTS, BuildConfig
 from kiln.convert import AutoModelForCausalLM, ModelSource, check_source
 from kiln.convert.checkpoint import CheckpointReader
 from kiln.convert.converter import convert_checkpoint, dummy_weights
-from kiln.convert.fp8_checkpoints import detect_fp8_format
+from kiln.convert.fp8_checkpoints import Fp8CheckpointFormat, detect_fp8_format
 from kiln.engine import Engine, EngineManifest
-from kiln.engine.target import detect_target, device_name, resolve_dtype
+from kiln.engine.target import compute_capability, detect_target, device_name, resolve_dtype
 from kiln.engine.weights import DTYPE_NAMES
 from kiln.errors import ConfigError
+from kiln.kernels.attention import MIN_FP8_KV_CAPABILITY, fp8_kv_cache_refusal
 from kiln.kernels.triton_jit import compile_cache
 from kiln.layers import kernel_ops_of, linear_method
 from kiln.models import CausalLM, model_skeleton
@@ -37,11 +38,18 @@ def resolve_build_config(model: ModelConfig, build: BuildConfig, checkpoint_dir:
     naming its field, its flag and the fix; a default never conflicts with a value given or the model."""
     target = detect_target() if build.target == "auto" else build.target
     dtype = resolve_dtype(build.dtype, model.checkpoint_dtype, target)
-    quantization = _resolve_quantization(build.quantization, checkpoint_dir)
-    refusal = linear_method(quantization).target_refusal(target)  # an unknown name fails naming the known ones
-    if refusal:
+    fp8_format = detect_fp8_format(checkpoint_dir) if checkpoint_dir is not None else None
+    quantization = _resolve_quantization(build.quantization, checkpoint_dir, fp8_format)
+    if build.fp8_scaling is not None and quantization != "fp8":
+        raise ConfigError(f"fp8_scaling={build.fp8_scaling!r} (--fp8-scaling) sets the scales of fp8 weights, and "
+                          f"this engine's quantization is {quantization!r}; add --quantization fp8, or leave "
+                          "--fp8-scaling out")
+    fp8_scaling = (build.fp8_scaling or "channel") if quantization == "fp8" else None
+    refusal = linear_method(quantization, build.replace(fp8_scaling=fp8_scaling)).target_refusal(target)
+    if refusal:  # an unknown quantization has failed above, naming the known ones
         raise ConfigError(f"quantization={quantization!r} (--quantization {quantization}) for target "
                           f"{target}: {refusal}")
+    kv_cache_dtype = _resolve_kv_cache_dtype(build, dtype, target, fp8_format)
     if model.sliding_window is not None and model.sliding_window < 1:
         raise ConfigError(f"sliding_window={model.sliding_window} leaves a query no key to attend to; set "
                           "sliding_window in config.json to the window the model was trained with (>= 1), or "
@@ -54,16 +62,17 @@ def resolve_build_config(model: ModelConfig, build: BuildConfig, checkpoint_dir:
                               f"{longest} or less")
     seq_len = build.max_seq_len or max(min(BUILD_DEFAULTS["max_seq_len"], longest), build.max_input_len or 0)
     return build.replace(
-        target=target, dtype=dtype, quantization=quantization, max_seq_len=seq_len,
+        target=target, dtype=dtype, quantization=quantization, fp8_scaling=fp8_scaling,
+        kv_cache_dtype=kv_cache_dtype, max_seq_len=seq_len,
         max_input_len=build.max_input_len or min(BUILD_DEFAULTS["max_input_len"], seq_len),
         **{name: getattr(build, name) or BUILD_DEFAULTS[name]
            for name in ("max_batch_size", "max_num_tokens", "tokens_per_block")})
 
 
-def _resolve_quantization(quantization: str, checkpoint_dir: str | Path | None) -> str:
+def _resolve_quantization(quantization: str, checkpoint_dir: str | Path | None,
+                          fp8_format: Fp8CheckpointFormat | None) -> str:
     """"auto" -> the checkpoint's quantization; a pre-quantized FP8 checkpoint builds "fp8" engines only
     (its weights are taken as stored), so another value given fails."""
-    fp8_format = detect_fp8_format(checkpoint_dir) if checkpoint_dir is not None else None
     if fp8_format is None:
         return "none" if quantization == "auto" else quantization
     if quantization not in ("auto", "fp8"):
@@ -71,6 +80,32 @@ def _resolve_quantization(quantization: str, checkpoint_dir: str | Path | None) 
                           f"quantization={quantization!r} (--quantization), or build {quantization} from the float "
                           "checkpoint")
     return "fp8"
+
+
+def _resolve_kv_cache_dtype(build: BuildConfig, dtype: str, target: str,
+                            fp8_format: Fp8CheckpointFormat | None) -> str:
+    """"auto" -> "fp8" for a checkpoint with an FP8 KV cache (its scales are used), else the engine dtype;
+    FP8 (and FP8 context attention, which reads it) only where the kernels can run it."""
+    kv_cache_dtype = build.kv_cache_dtype
+    if kv_cache_dtype == "auto":
+        kv_cache_dtype = "fp8" if fp8_format is not None and fp8_format.kv_cache == "fp8" else dtype
+    elif kv_cache_dtype != "fp8" and kv_cache_dtype != dtype:
+        raise ConfigError(f"kv_cache_dtype={kv_cache_dtype!r} (--kv-cache-dtype) differs from the engine dtype "
+                          f"{dtype}; the KV cache holds the engine dtype or fp8: use --kv-cache-dtype auto or fp8")
+    if build.use_fp8_context_fmha:
+        if compute_capability(target) < MIN_FP8_KV_CAPABILITY and target != "cpu":
+            a100 = " (the A100 has none)" if target == "sm80" else ""
+            raise ConfigError(f"use_fp8_context_fmha (--fp8-context-attention) for target {target}: FP8 dots need "
+                              f"FP8 tensor cores (sm{MIN_FP8_KV_CAPABILITY}+: Ada, Hopper){a100}; leave it off "
+                              "(int8_wo / int4_wo weight-only quantization runs there)")
+        if kv_cache_dtype != "fp8":
+            raise ConfigError("use_fp8_context_fmha (--fp8-context-attention) multiplies the FP8 KV cache's keys and "
+                              f"values, and this engine's KV cache is {kv_cache_dtype}; add --kv-cache-dtype fp8")
+    refusal = fp8_kv_cache_refusal(target) if kv_cache_dtype == "fp8" else None
+    if refusal:
+        raise ConfigError(f"kv_cache_dtype='fp8' (--kv-cache-dtype fp8) for target {target}: {refusal}; leave "
+                          f"--kv-cache-dtype at auto ({dtype} KV cache), or build for an sm89+ target")
+    return kv_cache_dtype
 
 
 def _longest_sequence(model: ModelConfig) -> tuple[int, str]:
@@ -102,15 +137,13 @@ class Builder:
         if precision != "auto" and precision not in TRTLLM_PRECISIONS:
             raise ConfigError(f"create_builder_config: precision {precision!r} is not one of "
                               f"{', '.join(TRTLLM_PRECISIONS)}")
-        if use_fp8_context_fmha:
-            raise ConfigError("use_fp8_context_fmha: FP8 context attention needs FP8 tensor cores (sm89+: Ada, Hopper; "
-                              "never an A100) and this kiln does not run it yet; leave it False")
         fields = {TRTLLM_NAMES[key]: value for key, value in options.items()}
         if max_output_len is not None:
             if fields.get("max_input_len") is None:
                 raise ConfigError("create_builder_config: max_output_len needs max_input_len (max_seq_len = both)")
             fields.setdefault("max_seq_len", fields["max_input_len"] + max_output_len)
-        return BuildConfig(dtype=TRTLLM_PRECISIONS.get(precision, "auto"), **fields)
+        return BuildConfig(dtype=TRTLLM_PRECISIONS.get(precision, "auto"), use_fp8_context_fmha=use_fp8_context_fmha,
+                           **fields)
 
     def build(self, model: ModelSource | str | Path, config: BuildConfig | dict[str, Any] | None = None,
               tune: bool = True) -> Engine:
@@ -125,7 +158,7 @@ class Builder:
         resolved = resolve_build_config(model.config, BuildConfig.of(config), model.checkpoint_dir)
         check_source(model)  # a source from a family class (LlamaForCausalLM.from_hugging_face) is checked here
         dtype = DTYPE_NAMES[resolved.dtype]
-        skeleton = model_skeleton(model.config, resolved.quantization, dtype)
+        skeleton = model_skeleton(model.config, resolved, dtype)
         here = detect_target()
         # A GPU the build machine lacks: the engine is converted and validated here, and its kernel plan is
         # made by the first load on such a GPU (kiln.runtime.loader), which saves it in the engine folder.
@@ -146,7 +179,7 @@ class Builder:
             build_config=resolved,
             target_device_name=target_device_name,
             kernel_plan=plan,
-            memory_plan=memory_plan(model.config, resolved, dtype, tensors),
+            memory_plan=memory_plan(model.config, resolved, skeleton.kv_cache_dtype, dtype, tensors),
             tensors=tensors,
             has_tokenizer=False,
             is_kernel_plan_tuned=is_tuned,

@@ -25,11 +25,12 @@ def tensor_table(model: CausalLM) -> dict[str, dict[str, Any]]:
     return {name: {"shape": list(p.shape), "dtype": DTYPE_TO_ST[p.dtype]} for name, p in model.named_parameters()}
 
 
-def memory_plan(config: ModelConfig, build: BuildConfig, dtype: torch.dtype,
+def memory_plan(config: ModelConfig, build: BuildConfig, kv_cache_dtype: torch.dtype, dtype: torch.dtype,
                 tensors: dict[str, dict[str, Any]]) -> dict[str, int]:
-    """Bytes the engine needs at its limits, so users can see what fits before loading."""
+    """Bytes the engine needs at its limits, so users can see what fits before loading; the KV cache's by
+    its element size (an FP8 cache holds twice the tokens of a 16-bit one in the same bytes)."""
     weights = sum(math.prod(t["shape"]) * ST_TO_DTYPE[t["dtype"]].itemsize for t in tensors.values())
-    per_token = kv_bytes_per_token(config, dtype)
+    per_token = kv_bytes_per_token(config, kv_cache_dtype)
     blocks_per_seq = -(-build.max_seq_len // build.tokens_per_block)
     widest = max(config.q_size + 2 * config.kv_size, 2 * config.intermediate_size, config.hidden_size)
     activations = build.max_num_tokens * (widest + 3 * config.hidden_size) * dtype.itemsize

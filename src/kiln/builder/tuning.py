@@ -28,6 +28,7 @@ from kiln.kernels.norm import (add_layer_norm_triton, add_rms_norm_triton, defau
                                rms_norm_triton)
 from kiln.kernels.rotary import DEFAULT_ROTARY_CONFIG, rope_cos_sin, rotary_kv_write_triton
 from kiln.models.config import ModelConfig
+from kiln.quantization.fp8 import FP8_DTYPE
 
 logger = logging.getLogger(__name__)
 
@@ -140,6 +141,9 @@ class TuningRun:
     def __init__(self, config: ModelConfig, build: BuildConfig, dtype: torch.dtype, num_sms: int,
                  device: torch.device):
         self.config, self.build, self.dtype, self.num_sms, self.device = config, build, dtype, num_sms, device
+        # An FP8 KV cache is timed as it runs: e4m3 caches and their scales, FP8 context dots if built so.
+        self.is_fp8_kv = build.kv_cache_dtype == "fp8"
+        self.kv_options = ({"kv_scale": torch.ones(2, device=device)} if self.is_fp8_kv else {})
         # Token counts of a batch-1 and a full-batch decode iteration, and of a full context iteration.
         self.token_counts = sorted({1, min(build.max_batch_size, build.max_num_tokens), build.max_num_tokens})
 
@@ -184,7 +188,8 @@ class TuningRun:
         cfg, block_size = self.config, self.build.tokens_per_block
         num_blocks = -(-num_tokens // block_size)
         shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
-        return self.randn(*shape), self.randn(*shape)
+        dtype = FP8_DTYPE if self.is_fp8_kv else self.dtype
+        return self.randn(*shape).to(dtype), self.randn(*shape).to(dtype)
 
     def rotary_run(self, num_tokens: int) -> Callable[..., torch.Tensor]:
         cfg = self.config
@@ -196,7 +201,8 @@ class TuningRun:
         cos_sin = rope_cos_sin(cfg.rope, cfg.head_dim, self.build.max_seq_len).to(self.device)
         return partial(rotary_kv_write_triton, q.view(num_tokens, cfg.num_heads, cfg.head_dim),
                        k.view(num_tokens, cfg.num_kv_heads, cfg.head_dim),
-                       v.view(num_tokens, cfg.num_kv_heads, cfg.head_dim), positions, cos_sin, k_cache, v_cache, slots)
+                       v.view(num_tokens, cfg.num_kv_heads, cfg.head_dim), positions, cos_sin, k_cache, v_cache, slots,
+                       **self.kv_options)
 
     def attention_run(self, q_lens: list[int], seq_lens: list[int], key: str) -> Callable[..., torch.Tensor]:
         """Attention over sequences with scattered cache blocks; the run takes one context / decode config."""
@@ -209,7 +215,8 @@ class TuningRun:
             query_start_loc=torch.tensor([0, *itertools.accumulate(q_lens)], dtype=torch.int32, device=self.device),
             block_tables=tables, seq_lens_host=seq_lens, query_lens_host=q_lens)
         q = self.randn(sum(q_lens), cfg.num_heads, cfg.head_dim)
-        attention = partial(paged_attention_triton, q, k_cache, v_cache, meta, cfg.head_dim ** -0.5)
+        attention = partial(paged_attention_triton, q, k_cache, v_cache, meta, cfg.head_dim ** -0.5,
+                            fp8_context=self.build.use_fp8_context_fmha, **self.kv_options)
         if key == "context":
             return lambda **config: attention(context=config)
         return lambda **config: attention(decode=[{"max_batch_size": len(seq_lens), **config}])

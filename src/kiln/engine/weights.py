@@ -30,7 +30,7 @@ DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": t
 def tensor_bytes(t: torch.Tensor) -> memoryview:
     """The tensor's raw bytes (host, contiguous) without a copy beyond the device transfer."""
     t = t.detach().contiguous().cpu()
-    return memoryview(t.view(torch.uint8).reshape(-1).numpy())
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())  # flattened first: a 0-d tensor has no byte view
 
 
 def write_streaming(path: Path, spec: dict[str, tuple[tuple[int, ...], torch.dtype]],

@@ -10,6 +10,15 @@ Context batches tile the query tokens (BLOCK_M rows per program). Decode batches
 sequence) split each sequence's keys into ``num_splits`` ranges, one program each (flash-decoding), and
 a reduction kernel merges the partial results; decode reads only device tensors and shapes, so it can
 be captured in a CUDA graph.
+
+An FP8 KV cache (float8_e4m3fn, k / k_scale and v / v_scale: rotary.py) is dequantized in registers:
+keys and values are converted to the query's dtype (exact), k_scale folds into the softmax scale and
+v_scale into the output's normalization. With ``fp8_context`` (FP8 context attention, TensorRT-LLM's
+use_fp8_context_fmha) batches with context chunks multiply Q @ K^T and P @ V as e4m3 dots: each query
+row (token, head) is quantized with its own scale (amax / 448), K and V are the cache's bytes, and the
+softmax probabilities P (in [0, 1]) are rounded as P * 448; decode-only batches keep the 16-bit dots.
+The reference does the same roundings in float32 (P relative to each row's final maximum; the kernel's
+online softmax rounds it relative to the running one, a difference within e4m3's step).
 """
 
 from __future__ import annotations
@@ -18,12 +27,27 @@ import functools
 import itertools
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from kiln.kernels.triton_jit import jit, next_power_of_2, tl
+from kiln.quantization.fp8 import FP8_DTYPE, FP8_MAX, FP8_MAX_INV, MIN_AMAX, dequantize_fp8, quantize_fp8_per_token
+
+# Triton converts float8e4nv (e4m3, what float8_e4m3fn tensors are to it) only on sm89+: on an sm80 / sm86
+# GPU a kernel that loads or stores one does not compile ("type fp8e4nv not supported in this
+# architecture"), so kiln keeps an FP8 KV cache to Ada and Hopper (sm89+), and FP8 dots with it.
+MIN_FP8_KV_CAPABILITY = 89
+
+
+def fp8_kv_cache_refusal(target: str) -> str | None:
+    """Why an engine for ``target`` cannot keep its KV cache in FP8 (None: it can; the CPU reference can)."""
+    if target == "cpu" or int(target.removeprefix("sm")) >= MIN_FP8_KV_CAPABILITY:
+        return None
+    gpu = " (the A100)" if target == "sm80" else ""
+    return (f"kiln's Triton kernels read and write e4m3 only on sm{MIN_FP8_KV_CAPABILITY}+ (Ada, Hopper), not on "
+            f"{target}{gpu}")
 
 
 @dataclass
@@ -50,34 +74,48 @@ class AttentionMetadata:
 
 
 def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                        meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """q: [T, Hq, D]; caches: [num_blocks, block_size, Hkv, D]; returns [T, Hq, D].
+                        meta: AttentionMetadata, scale: float, kv_scale: torch.Tensor | None = None,
+                        fp8_context: bool = False) -> torch.Tensor:
+    """q: [T, Hq, D]; caches: [num_blocks, block_size, Hkv, D]; returns [T, Hq, D]. FP8 caches are
+    dequantized with ``kv_scale`` [2] (k_scale, v_scale); ``fp8_context`` (FP8 caches only) rounds Q and
+    P to e4m3 as the FP8 context kernel does, in batches with context chunks.
 
     Sequences with the same number of query tokens attend together, as one batch whose keys are padded
     to the longest of theirs (and masked): a step's decodes are one batch, equal prompt chunks another.
     Nothing is done per token."""
+    if k_cache.dtype == FP8_DTYPE:
+        k_cache, v_cache = _Fp8Cache(k_cache, kv_scale[0]), _Fp8Cache(v_cache, kv_scale[1])
+    attend = functools.partial(_attend_batch, is_fp8_dot=fp8_context and not meta.is_decode_only)
     q_lens, seq_lens = meta.query_lens_host, meta.seq_lens_host
     batches: dict[int, list[int]] = {}  # query length -> sequences
     for i, q_len in enumerate(q_lens):
         if q_len:
             batches.setdefault(q_len, []).append(i)
     if len(batches) == 1 and q.shape[0] == len(q_lens) * q_lens[0]:  # all alike: no gather of queries
-        return _attend_batch(q.view(len(q_lens), q_lens[0], *q.shape[1:]), k_cache, v_cache, meta.block_tables,
-                             seq_lens, meta.sliding_window, scale).view(q.shape).to(q.dtype)
+        return attend(q.view(len(q_lens), q_lens[0], *q.shape[1:]), k_cache, v_cache, meta.block_tables,
+                      seq_lens, meta.sliding_window, scale).view(q.shape).to(q.dtype)
     out = torch.empty_like(q)
     starts = [0, *itertools.accumulate(q_lens)]
     for q_len, rows in batches.items():
         tokens = (torch.tensor([starts[i] for i in rows], device=q.device)[:, None]
                   + torch.arange(q_len, device=q.device))
-        out[tokens] = _attend_batch(q[tokens], k_cache, v_cache, meta.block_tables[torch.tensor(rows, device=q.device)],
-                                    [seq_lens[i] for i in rows], meta.sliding_window, scale).to(q.dtype)
+        out[tokens] = attend(q[tokens], k_cache, v_cache, meta.block_tables[torch.tensor(rows, device=q.device)],
+                             [seq_lens[i] for i in rows], meta.sliding_window, scale).to(q.dtype)
     return out
 
 
-def _attend_batch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                  seq_lens: list[int], sliding_window: int | None, scale: float) -> torch.Tensor:
+class _Fp8Cache(NamedTuple):
+    """An FP8 cache and the scale its values multiply by."""
+    cache: torch.Tensor
+    scale: torch.Tensor
+
+
+def _attend_batch(q: torch.Tensor, k_cache: torch.Tensor | _Fp8Cache, v_cache: torch.Tensor | _Fp8Cache,
+                  block_tables: torch.Tensor, seq_lens: list[int], sliding_window: int | None, scale: float,
+                  is_fp8_dot: bool = False) -> torch.Tensor:
     """q: [N, Q, Hq, D], the last Q tokens of N sequences of seq_lens keys (block_tables' rows); returns
     [N, Q, Hq, D] float32."""
+    attend = _attend_fp8 if is_fp8_dot else _attend
     num_keys = max(seq_lens)
     keys, values = _gather(k_cache, v_cache, block_tables, num_keys)
     num_q = q.shape[1]
@@ -85,7 +123,7 @@ def _attend_batch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     # all; queries at every position (whole prompts) see plain causal attention. No mask to build.
     if min(seq_lens) == num_keys > 0 and (sliding_window is None or sliding_window >= num_keys) and (
             num_q in (1, num_keys)):
-        return _attend(q, keys, values, None, scale, is_causal=num_q > 1)
+        return attend(q, keys, values, None, scale, is_causal=num_q > 1)
     kv_lens = torch.tensor(seq_lens, device=q.device)
     q_pos = kv_lens[:, None] - num_q + torch.arange(num_q, device=q.device)  # [N, Q]
     k_pos = torch.arange(num_keys, device=q.device)
@@ -97,22 +135,29 @@ def _attend_batch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         # (inf, NaN) would poison P @ V.
         stale = (k_pos < (q_pos[:, :1] - sliding_window + 1))[..., None, None]  # [N, L, 1, 1]
         keys, values = keys.masked_fill(stale, 0.0), values.masked_fill(stale, 0.0)
-    out = _attend(q, keys, values, visible, scale)
+    out = attend(q, keys, values, visible, scale)
     # A padded row (no keys, as CUDA-graph batches have) sees nothing: zeros, not softmax's NaN.
     return torch.where((kv_lens > 0)[:, None, None, None], out, 0.0) if min(seq_lens) == 0 else out
 
 
-def _gather(k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor, num_keys: int
-            ) -> tuple[torch.Tensor, torch.Tensor]:
+def _gather(k_cache: torch.Tensor | _Fp8Cache, v_cache: torch.Tensor | _Fp8Cache, block_tables: torch.Tensor,
+            num_keys: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Keys and values [N, num_keys, Hkv, D]: the first num_keys slots of each block table's blocks, in
-    order (whole blocks gathered: contiguous reads). Slots of freed blocks (below a sliding window) read
-    block 0, which the caller never lets a query see."""
-    _, block_size, num_kv_heads, head_dim = k_cache.shape
+    order (whole blocks gathered: contiguous reads), FP8 caches' dequantized to float32. Slots of freed
+    blocks (below a sliding window) read block 0, which the caller never lets a query see."""
+    return _gather_one(k_cache, block_tables, num_keys), _gather_one(v_cache, block_tables, num_keys)
+
+
+def _gather_one(cache: torch.Tensor | _Fp8Cache, block_tables: torch.Tensor, num_keys: int) -> torch.Tensor:
+    fp8_scale = cache.scale if isinstance(cache, _Fp8Cache) else None
+    if fp8_scale is not None:  # gathered as bytes: index_select has no float8 kernels
+        cache = cache.cache.view(torch.uint8)
+    _, block_size, num_kv_heads, head_dim = cache.shape
     num_seqs, num_blocks = block_tables.shape[0], -(-num_keys // block_size)
     blocks = block_tables[:, :num_blocks].flatten().long().clamp(min=0)  # a freed slot (NO_BLOCK) reads block 0
     shape = (num_seqs, num_blocks * block_size, num_kv_heads, head_dim)
-    return (k_cache.index_select(0, blocks).view(shape)[:, :num_keys],
-            v_cache.index_select(0, blocks).view(shape)[:, :num_keys])
+    gathered = cache.index_select(0, blocks).view(shape)[:, :num_keys]
+    return gathered if fp8_scale is None else dequantize_fp8(gathered.view(FP8_DTYPE), fp8_scale)
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor | None, scale: float,
@@ -126,6 +171,28 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Te
     return out.transpose(1, 2)
 
 
+def _attend_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor | None, scale: float,
+                is_causal: bool = False) -> torch.Tensor:
+    """As _attend, with FP8 context attention's roundings: each query row (token, head) to e4m3 with its
+    own scale, the softmax probabilities to e4m3 as P * 448 (K and V come dequantized from the FP8 cache);
+    the products and the softmax's sum in float32."""
+    q_fp8, q_scale = quantize_fp8_per_token(q)
+    q = dequantize_fp8(q_fp8, q_scale)
+    group = q.shape[2] // k.shape[2]
+    k, v = k.float().repeat_interleave(group, dim=2), v.float().repeat_interleave(group, dim=2)
+    scores = torch.einsum("nqhd,nkhd->nhqk", q, k) * scale
+    if is_causal:
+        visible = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).tril()[None]
+    if visible is not None:
+        scores = scores.masked_fill(~visible[:, None], float("-inf"))
+    row_max = scores.amax(-1, keepdim=True)
+    p = torch.exp(scores - torch.where(row_max == float("-inf"), 0.0, row_max))  # rows that see no key: zeros
+    p_rounded = (p * FP8_MAX).to(FP8_DTYPE).float() * FP8_MAX_INV
+    out = torch.einsum("nhqk,nkhd->nqhd", p_rounded, v) / p.sum(-1).clamp(min=torch.finfo(torch.float32).tiny
+                                                                          ).transpose(1, 2)[..., None]
+    return out
+
+
 # Metadata pointers and sizes that the runtime's own buffers make vary (in alignment, or by step) are
 # not specialized on: each variant would be another compile, at load or on the first request.
 @jit(do_not_specialize=["block_table_stride", "sliding_window", "num_splits"],
@@ -134,13 +201,16 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Te
 def _paged_attention_kernel(
         q_ptr, q_row_stride, q_head_stride, k_cache_ptr, v_cache_ptr, cache_block_stride, cache_slot_stride,
         cache_head_stride, block_tables_ptr, block_table_stride, seq_lens_ptr, query_start_loc_ptr,
-        out_ptr, out_row_stride, out_head_stride, partial_out_ptr, partial_lse_ptr, scale_log2, sliding_window,
-        num_splits, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, KV_BLOCK_SIZE: tl.constexpr,
+        out_ptr, out_row_stride, out_head_stride, partial_out_ptr, partial_lse_ptr, kv_scale_ptr, scale_log2,
+        sliding_window, num_splits, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, KV_BLOCK_SIZE: tl.constexpr,
         BLOCK_Q: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-        IS_SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+        IS_SPLIT: tl.constexpr, IS_FP8_KV: tl.constexpr, IS_FP8_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        FP8_MAX: tl.constexpr, FP8_MAX_INV: tl.constexpr, MIN_AMAX: tl.constexpr):
     """Program (query tile, KV head, sequence * num_splits + split): BLOCK_Q query tokens x BLOCK_G heads
     of the group against the split's share of the keys the tile can see. Without IS_SPLIT the result is
-    written to out; with it, normalized partial outputs and their log2-sum-exp go to the partial buffers."""
+    written to out; with it, normalized partial outputs and their log2-sum-exp go to the partial buffers.
+    IS_FP8_KV: the caches are e4m3, scaled by kv_scale_ptr's (k_scale, v_scale); IS_FP8_DOT: the two
+    products are e4m3 dots (query rows quantized here, P as P * FP8_MAX)."""
     q_tile = tl.num_programs(0) - 1 - tl.program_id(0)  # the longest causal ranges start first
     kv_head = tl.program_id(1)
     seq = tl.program_id(2) // num_splits
@@ -161,6 +231,23 @@ def _paged_attention_kernel(
     dim_mask = dims < HEAD_DIM
     q = tl.load(q_ptr + (q_start + token).to(tl.int64)[:, None] * q_row_stride + head[:, None] * q_head_stride
                 + dims[None, :], mask=row_mask[:, None] & dim_mask[None, :], other=0.0)
+    io_dtype = q.dtype
+    # k_scale multiplies every score and v_scale the output: folded into the softmax scale and the final
+    # normalization, so the cache's values enter the dots unscaled (e4m3 -> 16 bits is exact).
+    qk_scale = scale_log2
+    out_scale = 1.0
+    if IS_FP8_KV:
+        qk_scale = scale_log2 * tl.load(kv_scale_ptr)
+        out_scale = tl.load(kv_scale_ptr + 1)
+    row_scale = tl.full([BLOCK_Q * BLOCK_G], 1.0, tl.float32)
+    if IS_FP8_DOT:  # each query row to e4m3 with its own scale, as quantize_fp8_per_token
+        q_f32 = q.to(tl.float32)
+        q_scale = tl.maximum(tl.max(tl.abs(q_f32), 1), MIN_AMAX) * FP8_MAX_INV
+        q = tl.minimum(tl.maximum(tl.div_rn(q_f32, q_scale[:, None]), -FP8_MAX), FP8_MAX).to(
+            tl.float8e4nv, fp_downcast_rounding="rtne")
+        row_scale = q_scale
+        out_scale = out_scale * FP8_MAX_INV  # P entered the dot as P * FP8_MAX
+    row_scale = row_scale * qk_scale
 
     # Keys the tile can see: from the window start of its first query to its last query, shared
     # evenly (in whole BLOCK_N tiles) among the splits.
@@ -182,7 +269,13 @@ def _paged_attention_kernel(
                       + kv_head * cache_head_stride)
         kv_mask = key_mask[:, None] & dim_mask[None, :]
         k = tl.load(k_cache_ptr + kv_offsets[:, None] + dims[None, :], mask=kv_mask, other=0.0)
-        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
+        if IS_FP8_DOT:
+            scores = tl.dot(q, tl.trans(k))
+        else:
+            if IS_FP8_KV:  # through float32: Triton's e4m3 -> bfloat16 cvt is sm90-only
+                k = k.to(tl.float32).to(io_dtype)
+            scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        scores = scores * row_scale[:, None]
         visible = (key_mask[None, :] & (keys[None, :] <= q_pos[:, None])
                    & (keys[None, :] > q_pos[:, None] - sliding_window))
         scores = tl.where(visible, scores, float("-inf"))
@@ -192,11 +285,16 @@ def _paged_attention_kernel(
         alpha = tl.exp2(m - m_shift)
         l = l * alpha + tl.sum(p, 1)
         v = tl.load(v_cache_ptr + kv_offsets[:, None] + dims[None, :], mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        if IS_FP8_DOT:
+            acc = acc * alpha[:, None] + tl.dot((p * FP8_MAX).to(tl.float8e4nv, fp_downcast_rounding="rtne"), v)
+        else:
+            if IS_FP8_KV:
+                v = v.to(tl.float32).to(io_dtype)
+            acc = acc * alpha[:, None] + tl.dot(p.to(io_dtype), v, input_precision=DOT_PRECISION)
         m = m_new
 
     l_safe = tl.where(l > 0, l, 1.0)  # a row that saw no key (a padded decode row, an empty split): zeros
-    out = acc / l_safe[:, None]
+    out = acc * (out_scale / l_safe)[:, None]
     out_mask = row_mask[:, None] & dim_mask[None, :]
     if IS_SPLIT:
         partial = (seq * tl.num_programs(1) * GROUP + head) * num_splits + split
@@ -232,6 +330,9 @@ def _split_reduce_kernel(partial_out_ptr, partial_lse_ptr, query_start_loc_ptr, 
              out.to(out_ptr.dtype.element_ty), mask=dims < HEAD_DIM)
 
 
+# The reduction dim of an e4m3 tl.dot (mma k32 on Ada and Hopper) must be at least this.
+MIN_FP8_DOT_K = 32
+
 # Context launch parameters before tuning (``kiln build`` times candidates on the target GPU and stores
 # the winners in the kernel plan): 64 query rows x 64 keys per tile over 4 warps and 2 pipeline stages,
 # the flash-attention tutorial's smallest config for head_dim 128; it compiles for sm90 with head_dim 128
@@ -266,7 +367,8 @@ def decode_config(decode: list[dict[str, Any]] | None, batch_size: int, num_kv_h
 
 
 def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
-                           scale: float, context: dict[str, Any] | None = None,
+                           scale: float, kv_scale: torch.Tensor | None = None, fp8_context: bool = False,
+                           context: dict[str, Any] | None = None,
                            decode: list[dict[str, Any]] | None = None) -> torch.Tensor:
     """As paged_attention_ref. ``context``: BLOCK_M / BLOCK_N / num_warps / num_stages for batches with
     context chunks; ``decode``: per batch bucket (ascending ``max_batch_size``) num_splits / BLOCK_N /
@@ -276,7 +378,11 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     num_kv_heads = k_cache.shape[2]
     group = num_heads // num_kv_heads
     assert q.stride(2) == 1 and k_cache.stride() == v_cache.stride() and k_cache.stride(3) == 1
-    assert q.dtype == k_cache.dtype == v_cache.dtype
+    is_fp8_kv = k_cache.dtype == FP8_DTYPE
+    assert k_cache.dtype == v_cache.dtype in (q.dtype, FP8_DTYPE)
+    assert not is_fp8_kv or (kv_scale is not None and kv_scale.dtype == torch.float32 and kv_scale.numel() == 2)
+    assert is_fp8_kv or not fp8_context, "FP8 context attention reads an FP8 KV cache"
+    is_fp8_dot = fp8_context and not meta.is_decode_only
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if meta.is_decode_only:
         config = decode_config(decode, num_seqs, num_kv_heads, q.device)
@@ -296,13 +402,16 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     _paged_attention_kernel[(num_q_tiles, num_kv_heads, num_seqs * num_splits)](
         q, q.stride(0), q.stride(1), k_cache, v_cache, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         meta.block_tables, meta.block_tables.stride(0), meta.seq_lens, meta.query_start_loc,
-        out, out.stride(0), out.stride(1), partial_out, partial_lse, scale * math.log2(math.e),
-        meta.sliding_window or (1 << 30), num_splits,
+        out, out.stride(0), out.stride(1), partial_out, partial_lse, kv_scale if is_fp8_kv else out,
+        scale * math.log2(math.e), meta.sliding_window or (1 << 30), num_splits,
         GROUP=group, HEAD_DIM=head_dim, KV_BLOCK_SIZE=k_cache.shape[1], BLOCK_Q=block_q, BLOCK_G=block_g,
-        # tl.dot needs K >= 16: small heads (stories260K's 8) are padded, masked by HEAD_DIM.
-        BLOCK_N=config["BLOCK_N"], BLOCK_D=max(16, next_power_of_2(head_dim)),
-        IS_SPLIT=is_split, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=config["num_warps"], num_stages=config["num_stages"])
+        # tl.dot needs K >= 16 (32 for e4m3 operands): small heads (stories260K's 8) are padded, masked by
+        # HEAD_DIM, and so are FP8 dots' key tiles.
+        BLOCK_N=max(MIN_FP8_DOT_K, config["BLOCK_N"]) if is_fp8_dot else config["BLOCK_N"],
+        BLOCK_D=max(MIN_FP8_DOT_K if is_fp8_dot else 16, next_power_of_2(head_dim)),
+        IS_SPLIT=is_split, IS_FP8_KV=is_fp8_kv, IS_FP8_DOT=is_fp8_dot,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", FP8_MAX=FP8_MAX, FP8_MAX_INV=FP8_MAX_INV,
+        MIN_AMAX=MIN_AMAX, num_warps=config["num_warps"], num_stages=config["num_stages"])
     if is_split:
         _split_reduce_kernel[(num_heads, num_seqs)](
             partial_out, partial_lse, meta.query_start_loc, out, out.stride(0), out.stride(1), num_splits,

@@ -1,9 +1,9 @@
 """The blocks models are built from. Each declares its tensors once (``Layer.declare``); every matmul
 goes through a ``Linear`` and its ``LinearMethod``; fused paths go through ``KernelOps``."""
 
-from kiln.layers.attention import Attention
+from kiln.layers.attention import Attention, KvCacheScales
 from kiln.layers.base import Layer, checkpoint_layers, load_parameters
-from kiln.layers.context import LayerContext
+from kiln.layers.context import LayerContext, layer_context
 from kiln.layers.embedding import Embedding, LMHead
 from kiln.layers.linear import LINEAR_METHODS, DenseLinearMethod, Linear, LinearMethod, linear_method
 from kiln.layers.mlp import MLP, GatedMLP
@@ -16,5 +16,6 @@ def kernel_ops_of(model) -> tuple[str, ...]:
     return tuple(sorted({op for module in model.modules() for op in getattr(module, "kernel_ops", ())}))
 
 
-__all__ = ["Attention", "DenseLinearMethod", "Embedding", "GatedMLP", "LINEAR_METHODS", "LMHead", "Layer", "LayerContext", "LayerNorm", "Linear", "LinearMethod", "MLP", "RMSNorm",
-           "Rotary", "checkpoint_layers", "kernel_ops_of", "linear_method", "load_parameters"]
+__all__ = ["Attention", "DenseLinearMethod", "Embedding", "GatedMLP", "KvCacheScales", "LINEAR_METHODS", "LMHead",
+           "Layer", "LayerContext", "LayerNorm", "Linear", "LinearMethod", "MLP", "RMSNorm", "Rotary",
+           "checkpoint_layers", "kernel_ops_of", "layer_context", "linear_method", "load_parameters"]

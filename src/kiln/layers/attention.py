@@ -1,4 +1,5 @@
-"""Attention over the paged KV cache: multi-head with grouped KV heads (GQA; MQA at one KV head)."""
+"""Attention over the paged KV cache: multi-head with grouped KV heads (GQA; MQA at one KV head); an FP8
+KV cache with a scale per layer for K and for V."""
 
 from __future__ import annotations
 
@@ -6,16 +7,28 @@ import torch
 from torch import nn
 
 from kiln.kernels import AttentionMetadata
+from kiln.layers.base import ONES, Layer
 from kiln.layers.context import LayerContext
 from kiln.layers.linear import Linear
 from kiln.layers.norm import RMSNorm
 from kiln.layers.rotary import Rotary
 
 
+class KvCacheScales(Layer):
+    """An FP8 KV cache's scales for one layer: ``scale`` float32 [2], (k_scale, v_scale); the cache
+    holds k / k_scale and v / v_scale in e4m3. Made at build (kiln.convert): a pre-quantized checkpoint's
+    k_scale / v_scale where it has them, else 1.0 (dummy weights too: ONES)."""
+
+    def __init__(self):
+        super().__init__()
+        self.declare("scale", (2,), ONES, torch.float32)
+
+
 class Attention(nn.Module):
     """Fused QKV projection, optional per-head RMSNorm of q and k (Qwen3), rotary + KV cache write,
     paged attention, output projection. A sliding window, where the model has one, reaches the kernel
-    in AttentionMetadata (the runner sets it from the model config)."""
+    in AttentionMetadata (the runner sets it from the model config). With an FP8 KV cache the block
+    holds its scales (``kv_scales``); FP8 context attention is the context's choice too."""
 
     kernel_ops = ("rotary_kv_write", "attention")
 
@@ -28,9 +41,11 @@ class Attention(nn.Module):
         self.q_norm = None if qk_norm_eps is None else RMSNorm(head_dim, qk_norm_eps, ctx)
         self.k_norm = None if qk_norm_eps is None else RMSNorm(head_dim, qk_norm_eps, ctx)
         self.o = Linear(self.q_size, hidden_size, ctx, bias=o_bias, shard_dim=1)
+        self.kv_scales = KvCacheScales() if ctx.is_fp8_kv_cache else None
         self.rotary = rotary
         self.ops = ctx.ops
         self.scale = head_dim ** -0.5
+        self.use_fp8_context_fmha = ctx.use_fp8_context_fmha
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
                 attn: AttentionMetadata) -> torch.Tensor:
@@ -42,6 +57,8 @@ class Attention(nn.Module):
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:  # each head's head_dim values, read in place from the fused output
             q, k = self.q_norm.norm(q), self.k_norm.norm(k)
-        q = self.rotary(q, k, v, positions, kv_cache, slot_mapping)
-        out = self.ops.attention(q, kv_cache[0], kv_cache[1], attn, self.scale)
+        kv_scale = None if self.kv_scales is None else self.kv_scales.scale
+        q = self.rotary(q, k, v, positions, kv_cache, slot_mapping, kv_scale)
+        out = self.ops.attention(q, kv_cache[0], kv_cache[1], attn, self.scale, kv_scale=kv_scale,
+                                 fp8_context=self.use_fp8_context_fmha)
         return self.o(out.view(num_tokens, self.q_size))

@@ -14,12 +14,19 @@ from abc import ABC, abstractmethod
 import torch
 import torch.nn.functional as F
 
+from kiln.config import BuildConfig
 from kiln.errors import ConfigError
 from kiln.layers.base import SMALL_STD, CheckpointTensor, Layer, empty_parameter
 
 
 class LinearMethod(ABC):
     takes_fp8_weights = False  # convert also accepts a pre-quantized FP8 checkpoint's Fp8Linear
+
+    @classmethod
+    def from_build(cls, build: BuildConfig) -> LinearMethod:
+        """The method as an engine's build config sets it up (a method with options reads its fields)."""
+        return cls()
+
     @abstractmethod
     def tensors(self, out_features: int, in_features: int, dtype: torch.dtype
                 ) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
@@ -67,14 +74,15 @@ LINEAR_METHODS: dict[str, type[LinearMethod] | str] = {
 }
 
 
-def linear_method(name: str) -> LinearMethod:
+def linear_method(name: str, build: BuildConfig | None = None) -> LinearMethod:
+    """The method ``name``, with its options from ``build`` (None: its defaults)."""
     if name not in LINEAR_METHODS:
         raise ConfigError(f"unknown quantization {name!r}; this kiln knows {', '.join(LINEAR_METHODS)}")
     method = LINEAR_METHODS[name]
     if isinstance(method, str):
         module, _, cls = method.partition(":")
         method = getattr(importlib.import_module(module), cls)
-    return method()
+    return method() if build is None else method.from_build(build)
 
 
 class Linear(Layer):

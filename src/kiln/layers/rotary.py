@@ -23,7 +23,9 @@ class Rotary(nn.Module):
         self.is_interleaved, self.ops = is_interleaved, ctx.ops
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
-                kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> torch.Tensor:
-        """Writes rotated k and v to kv_cache [2, blocks, block_size, Hkv, D] at slot_mapping; returns rotated q."""
+                kv_cache: torch.Tensor, slot_mapping: torch.Tensor, kv_scale: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """Writes rotated k and v to kv_cache [2, blocks, block_size, Hkv, D] at slot_mapping (an FP8 cache:
+        quantized with kv_scale, the layer's (k_scale, v_scale)); returns rotated q."""
         return self.ops.rotary_kv_write(q, k, v, positions, self.cos_sin, kv_cache[0], kv_cache[1], slot_mapping,
-                                        is_interleaved=self.is_interleaved)
+                                        is_interleaved=self.is_interleaved, kv_scale=kv_scale)

@@ -12,8 +12,9 @@ import math
 
 import torch
 
+from kiln.config import BuildConfig
 from kiln.kernels import KernelOps, reference_plan
-from kiln.layers import LayerContext, checkpoint_layers, linear_method
+from kiln.layers import checkpoint_layers, layer_context
 from kiln.models.base import CausalLM
 from kiln.models.config import ModelConfig
 from kiln.models.presets import PRESETS, preset_hf_config
@@ -25,10 +26,13 @@ def create_model(config: ModelConfig, ctx: LayerContext, max_positions: int) -> 
     return family(config.architecture).Model(config, ctx, max_positions)
 
 
-def model_skeleton(config: ModelConfig, linear: str = "none", dtype: torch.dtype = torch.float32) -> CausalLM:
-    """The model's declarations only: meta parameters of the given linear method and engine dtype."""
-    ctx = LayerContext(KernelOps(reference_plan()), linear_method(linear), dtype, torch.device("meta"))
-    return create_model(config, ctx, max_positions=1)
+def model_skeleton(config: ModelConfig, build: BuildConfig | None = None, dtype: torch.dtype = torch.float32
+                   ) -> CausalLM:
+    """The model's declarations only: meta parameters in the engine dtype, of the linear method and KV
+    cache of ``build`` (a resolved BuildConfig; None: unquantized)."""
+    build = build or BuildConfig(quantization="none")
+    return create_model(config, layer_context(build, KernelOps(reference_plan()), dtype, torch.device("meta")),
+                        max_positions=1)
 
 
 def num_params(config: ModelConfig) -> int:

@@ -28,6 +28,7 @@ class CausalLM(nn.Module):
     def __init__(self, config: ModelConfig, ctx: LayerContext):
         super().__init__()
         self.config, self.dtype, self.device = config, ctx.dtype, ctx.device
+        self.kv_cache_dtype = ctx.kv_cache_dtype or ctx.dtype  # what allocate_kv_cache makes the cache of
 
     @classmethod
     def from_hugging_face(cls, path) -> ModelSource:

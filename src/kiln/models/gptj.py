@@ -27,6 +27,8 @@ HF_NAMES = {  # kiln tensor -> checkpoint tensors, concatenated along dim 0
     "layers.{n}.norm.bias": "transformer.h.{n}.ln_1.bias",
     "layers.{n}.attn.qkv.weight": tuple(f"transformer.h.{{n}}.attn.{p}_proj.weight" for p in "qkv"),
     "layers.{n}.attn.o.weight": "transformer.h.{n}.attn.out_proj.weight",
+    # FP8 KV caches only; optional (kiln.convert: 1.0 where absent, other exporters' names too).
+    "layers.{n}.attn.kv_scales.scale": ("transformer.h.{n}.attn.k_scale", "transformer.h.{n}.attn.v_scale"),
     "layers.{n}.mlp.fc_in.weight": "transformer.h.{n}.mlp.fc_in.weight",
     "layers.{n}.mlp.fc_in.bias": "transformer.h.{n}.mlp.fc_in.bias",
     "layers.{n}.mlp.fc_out.weight": "transformer.h.{n}.mlp.fc_out.weight",

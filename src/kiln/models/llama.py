@@ -29,6 +29,8 @@ HF_NAMES = {  # kiln tensor -> checkpoint tensors, concatenated along dim 0
     "layers.{n}.attn.qkv.bias": tuple(f"model.layers.{{n}}.self_attn.{p}_proj.bias" for p in "qkv"),
     "layers.{n}.attn.o.weight": "model.layers.{n}.self_attn.o_proj.weight",
     "layers.{n}.attn.o.bias": "model.layers.{n}.self_attn.o_proj.bias",
+    # FP8 KV caches only; optional (kiln.convert: 1.0 where absent, other exporters' names too).
+    "layers.{n}.attn.kv_scales.scale": ("model.layers.{n}.self_attn.k_scale", "model.layers.{n}.self_attn.v_scale"),
     "layers.{n}.mlp_norm.weight": "model.layers.{n}.post_attention_layernorm.weight",
     "layers.{n}.mlp.gate_up.weight": ("model.layers.{n}.mlp.gate_proj.weight", "model.layers.{n}.mlp.up_proj.weight"),
     "layers.{n}.mlp.down.weight": "model.layers.{n}.mlp.down_proj.weight",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +20,9 @@ a GPU cannot run (FP8 on an A100) or this kiln cannot build yet say so. It recom
 throughput and one for latency, as the exact kiln build command and runtime flags.
 
 Predictions come from a roofline (bytes and FLOPs per iteration over the GPU's datasheet rates) with
-efficiencies fitted on kiln's own measurements (docs/plan.md shows predicted against measured);
---calibrate refits them from kiln bench reports."""
+efficiencies fitted on kiln's own measurements (docs/plan.md shows predicted against measured): bf16's
+on the bf16 measurements, and for each quantization kiln has measured, factors of its own on top.
+--calibrate adds kiln bench reports (or a file of measurements) to the stored measurements and refits."""
 
 # A latency-minded engine keeps each user's decode speed within this fraction of batch 1.
 LATENCY_BATCH_SPEED = 0.9
@@ -42,9 +44,10 @@ def add_parser(subparsers) -> None:
                    help="bound on a request's latency: rows above it are not recommended, batches are capped")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument("--calibration", help="a calibration file written by --calibrate (default: kiln's own)")
-    p.add_argument("--calibrate", nargs="+", metavar="REPORT",
-                   help="refit the efficiencies from kiln bench reports (plus kiln's stored measurements), print "
-                        "predicted against measured and write the result to --calibration-out")
+    p.add_argument("--calibrate", nargs="+", metavar="FILE",
+                   help="refit the efficiencies on kiln's stored measurements plus those of these files (kiln bench "
+                        "reports, or {\"measurements\": [...]} files as calibration.json holds them), print predicted "
+                        "against measured and write the result to --calibration-out")
     p.add_argument("--calibration-out", default="kiln_plan_calibration.json",
                    help="where --calibrate writes (default ./kiln_plan_calibration.json)")
     p.set_defaults(func=cmd_plan)
@@ -57,7 +60,7 @@ def cmd_plan(args) -> int:
     if args.calibrate:
         return _calibrate(args, cal, stored)
     if not args.model or not args.gpu:
-        raise ConfigError("kiln plan needs a MODEL and --gpu (or --calibrate REPORT...)")
+        raise ConfigError("kiln plan needs a MODEL and --gpu (or --calibrate FILE...)")
     from kiln.plan.planner import Workload, gpu_named, make_plan
 
     gpu = gpu_named(args.gpu)
@@ -70,7 +73,7 @@ def cmd_plan(args) -> int:
             raise ConfigError(f"{name} must be a positive integer, got {value}")
     tp_sizes = _tp_sizes(args.tp)
     plan = make_plan(args.model, config, gpu, cal, Workload(isl, osl, n, args.max_latency_ms), tp_sizes,
-                     measured=frozenset(m.precision for m in stored))
+                     measured=Counter(m.precision for m in stored))
     if args.json:
         print(json.dumps(plan_json(plan, config, cal), indent=1))
     else:
@@ -215,10 +218,12 @@ def render(plan, config, cal) -> str:
 def _calibrate(args, cal, stored) -> int:
     from kiln.plan import calibration as calib
 
-    measurements = stored + [m for path in args.calibrate for m in calib.from_report(path)]
-    fitted, table = calib.refit(measurements, cal)
-    for label, measured, predicted in table:
-        print(f"{label:<64} measured {measured:>10,.1f}  predicted {predicted:>10,.1f}  {100 * (predicted / measured - 1):+6.1f}%")
-    Path(args.calibration_out).write_text(calib.to_json(fitted, measurements))
+    measurements = list(stored)
+    for m in (m for path in args.calibrate for m in calib.read_measurements(path)):
+        if m not in measurements:  # a file given again adds nothing twice
+            measurements.append(m)
+    fitted = calib.refit(measurements, cal)
+    print(calib.comparison(fitted, measurements))
+    Path(args.calibration_out).write_text(calib.to_json(fitted, measurements) + "\n")
     print(f"wrote {args.calibration_out}; use it with kiln plan ... --calibration {args.calibration_out}")
     return 0

@@ -6,18 +6,21 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
 from kiln.config import BuildConfig
 from kiln.errors import ConfigError, KilnError
+from kiln.kernels.attention import fp8_kv_cache_refusal
 from kiln.layers import LINEAR_METHODS
 from kiln.models import ModelConfig, num_params
 from kiln.plan.roofline import GIB, GPU, Calibration, EngineShape, ModelShape, Precision
 
 # Weight-only methods dequantize in the matmul: at large batches they run below the dense bf16 rate.
-# A lead (TensorRT-LLM's W4A16 trails its FP16 at high batch), not a kiln measurement yet.
+# A lead (TensorRT-LLM's W4A16 trails its FP16 at high batch); the calibration's compute factor for a
+# quantization kiln has measured corrects it (and fp8's 1.0).
 WEIGHT_ONLY_COMPUTE_FACTOR = 0.8
 INT4_GROUP_SIZE = 128  # one fp16 scale and one zero point per group of 128 weights
 
@@ -84,7 +87,12 @@ class Row:
     throughput_per_gpu_tok_s: float | None
     ttft_ms: float | None
     request_latency_ms: float | None  # one request alone: TTFT + the rest of its tokens at batch 1
-    is_measured: bool = False  # kiln has measured this precision: its predictions are calibrated, not extrapolated
+    num_measurements: int = 0  # kiln's measurements of this precision that the calibration was fitted on
+
+    @property
+    def is_measured(self) -> bool:
+        """The predictions are calibrated on this precision, not extrapolated from bf16's efficiencies."""
+        return self.num_measurements > 0
 
     @property
     def buildable(self) -> bool:
@@ -94,9 +102,11 @@ class Row:
     def note(self) -> str:
         if self.reason:
             return self.reason
-        if self.fits and not self.is_measured:
-            return f"builds; no kiln measurement of {self.quantization} yet: predicted from bf16's efficiencies"
-        return ""
+        if not self.fits:
+            return ""
+        if self.is_measured:
+            return f"calibrated on {self.num_measurements} kiln measurement{'s' if self.num_measurements > 1 else ''}"
+        return "uncalibrated: bf16's efficiencies"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -110,16 +120,18 @@ def gpu_refusal(gpu: GPU, precision: Precision, kv_dtype: str) -> str | None:
     return None
 
 
-def kiln_refusal(precision: Precision, kv_dtype: str, tp_size: int) -> str | None:
-    """Why this kiln cannot build the candidate yet (asked of BuildConfig itself), or None."""
+def kiln_refusal(gpu: GPU, precision: Precision, kv_dtype: str, tp_size: int) -> str | None:
+    """Why this kiln cannot build the candidate yet (asked of BuildConfig and the kernels themselves), or
+    None. An fp8 KV cache, which TensorRT-LLM keeps on Ampere as storage, kiln's kernels keep on sm89+."""
     options: dict[str, Any] = {"tp_size": tp_size}
     if precision.name != "bf16":
         if precision.name not in LINEAR_METHODS:
             return f"this kiln does not build {precision.name} engines yet"
         options["quantization"] = precision.name
     if kv_dtype != "bf16":
-        if "kv_cache_dtype" not in {f.name for f in dataclasses.fields(BuildConfig)}:
-            return "this kiln does not store the KV cache in fp8 yet"
+        refusal = fp8_kv_cache_refusal(f"sm{gpu.sm}")
+        if refusal:
+            return refusal
         options["kv_cache_dtype"] = kv_dtype
     try:
         BuildConfig(**options)
@@ -165,7 +177,7 @@ def plan_row(shape: ModelShape, gpu: GPU, cal: Calibration, workload: Workload, 
     ttft = engine.ttft_ms(cal, workload.isl)
     throughput = workload.num_requests * workload.osl / offline_ms * 1e3 if offline_ms else None
     row.fits = True
-    row.reason = kiln_refusal(precision, kv_dtype, tp_size)
+    row.reason = kiln_refusal(gpu, precision, kv_dtype, tp_size)
     row.kv_tokens, row.kv_gib = kv_tokens, kv_tokens * engine.kv_bytes_per_token / GIB
     row.concurrent_requests = concurrency
     row.max_batch_size, row.max_num_tokens = batch, max_num_tokens
@@ -227,10 +239,10 @@ class Plan:
 
 def make_plan(model_name: str, config: Any, gpu: GPU, cal: Calibration, workload: Workload,
               tp_sizes: tuple[int, ...] = (1,), quantizations: tuple[str, ...] = tuple(PRECISIONS),
-              kv_dtypes: tuple[str, ...] = tuple(KV_DTYPES), measured: frozenset[str] = frozenset({"bf16"})) -> Plan:
-    """``measured``: the precisions the calibration has kiln measurements of."""
+              kv_dtypes: tuple[str, ...] = tuple(KV_DTYPES), *, measured: Mapping[str, int]) -> Plan:
+    """``measured``: how many kiln measurements of each precision the calibration was fitted on."""
     shape = model_shape(config)
     rows = [plan_row(shape, gpu, cal, workload, q, kv, tp) for tp in tp_sizes for q in quantizations for kv in kv_dtypes]
-    for row in rows:
-        row.is_measured = row.quantization in measured
+    for row in rows:  # an fp8 KV cache is never measured: calibration takes 16-bit KV engines only
+        row.num_measurements = measured.get(row.quantization, 0) if row.kv_cache_dtype == "bf16" else 0
     return Plan(model_name, gpu, workload, rows)

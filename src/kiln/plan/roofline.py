@@ -2,12 +2,14 @@
 
 One iteration of the engine reads every weight once (plus the KV cache of the sequences in the batch)
 and does two FLOPs per weight per token (plus attention). Its time is the larger of the two over the
-GPU's rates, each scaled by an efficiency fitted on kiln's own measurements (``calibration.json``), plus a
-fixed cost: decode-only iterations replay a CUDA graph. The host works beside the GPU (the executor
-plans and launches step N+1 while step N runs), so an iteration lasts the longer of the GPU's time and
-the host's: launching an eager iteration with prompt tokens, and handling each sequence. A workload (ISL/OSL, request count) is played through kiln's ``guaranteed_no_evict`` rules:
-decodes first, then prompt chunks within ``max_num_tokens``, new requests admitted while the batch and
-the KV pool (each request's worst case) have room.
+GPU's rates, each scaled by an efficiency fitted on kiln's own measurements (``calibration.json``; a
+quantization kiln has measured scales bf16's by factors of its own, since its kernels stream weights and
+run large matmuls at rates of their own), plus a fixed cost: decode-only iterations replay a CUDA graph.
+The host works beside the GPU (the executor plans and launches step N+1 while step N runs), so an
+iteration lasts the longer of the GPU's time and the host's: launching an eager iteration with prompt
+tokens, and handling each sequence. A workload (ISL/OSL, request count) is played through kiln's
+``guaranteed_no_evict`` rules: decodes first, then prompt chunks within ``max_num_tokens``, new requests
+admitted while the batch and the KV pool (each request's worst case) have room.
 """
 
 from __future__ import annotations
@@ -63,6 +65,15 @@ class Precision:
 
 
 @dataclass(frozen=True)
+class PrecisionFactors:
+    """A quantization's efficiencies relative to bf16's, fitted on kiln's measurements of that quantization."""
+
+    name: str
+    bandwidth: float = 1.0   # its linear layers' weight streaming (its GEMV kernels) against bf16's (cuBLAS)
+    compute: float = 1.0     # its large-batch matmul rate against Precision.compute_factor's assumption
+
+
+@dataclass(frozen=True)
 class Calibration:
     """Efficiencies against the datasheet (fractions of peak) and fixed costs, fitted by ``calibrate``."""
 
@@ -74,6 +85,11 @@ class Calibration:
     kv_memory_fraction: float = 0.9      # the runtime's default free_gpu_memory_fraction
     runtime_overhead_gib: float = 0.5    # CUDA context, cuBLAS workspace, graph pools
     collective_latency_us: float = 8.0   # fixed cost of one all-reduce (tp > 1); a lead, not measured by kiln
+    # The quantizations kiln has measured, by name; any other runs at bf16's efficiencies (factors of 1.0).
+    precisions: tuple[PrecisionFactors, ...] = ()
+
+    def factors(self, precision: str) -> PrecisionFactors:
+        return next((f for f in self.precisions if f.name == precision), PrecisionFactors(precision))
 
 
 @dataclass(frozen=True)
@@ -101,9 +117,14 @@ class EngineShape:
         return (self.linear_params * self.precision.weight_bytes + 2 * tables) / self.tp_size
 
     @property
+    def linear_bytes_read(self) -> float:
+        """The linear layers' weights, in the precision's kernels' format (scales included)."""
+        return self.linear_params * self.precision.weight_bytes / self.tp_size
+
+    @property
     def weight_bytes_read(self) -> float:
         """Read by every iteration: the linear layers and the LM head (the embedding table only by row)."""
-        return (self.linear_params * self.precision.weight_bytes + 2 * self.model.embedding_params) / self.tp_size
+        return self.linear_bytes_read + 2 * self.model.embedding_params / self.tp_size
 
     @property
     def kv_bytes_per_token(self) -> float:
@@ -134,10 +155,13 @@ class EngineShape:
         matmul_flops = 2 * self.linear_params / tp * num_tokens
         other_flops = (2 * m.embedding_params / tp * num_sampled
                        + 4 * m.num_layers * m.num_heads / tp * m.head_dim * attended_pairs)
+        factors = cal.factors(self.precision.name)
         peak = self.gpu.fp8_tflops if self.precision.compute == "fp8" else self.gpu.bf16_tflops
-        compute_s = (matmul_flops / (peak * self.precision.compute_factor) + other_flops / self.gpu.bf16_tflops) \
-            / (cal.compute_efficiency * 1e12)
-        bytes_read = self.weight_bytes_read + kv_tokens_read * self.kv_bytes_per_token
+        matmul_rate = peak * self.precision.compute_factor * factors.compute
+        compute_s = (matmul_flops / matmul_rate + other_flops / self.gpu.bf16_tflops) / (cal.compute_efficiency * 1e12)
+        # Bytes as bf16's kernels would stream them: the LM head and the KV cache are read as in a bf16 engine.
+        bytes_read = (self.linear_bytes_read / factors.bandwidth + self.weight_bytes_read - self.linear_bytes_read
+                      + kv_tokens_read * self.kv_bytes_per_token)
         memory_s = bytes_read / (self.gpu.bandwidth_tbps * 1e12 * cal.bandwidth_efficiency)
         gpu_ms = 1e3 * max(compute_s, memory_s) + self.all_reduce_ms(cal, num_tokens)
         if not is_context:

@@ -21,6 +21,8 @@ from typing import NamedTuple
 
 import torch
 
+from kiln.config import FP8_SCALINGS
+
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
 # The amax floor: an all-zero row (a padded token, a pruned channel) gets a finite, nonzero scale and
@@ -28,7 +30,6 @@ FP8_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
 # so no GPU flush-to-zero turns the scale into 0.
 MIN_AMAX = 1e-12
 
-WEIGHT_SCALINGS = ("channel", "tensor")
 
 
 class Fp8Linear(NamedTuple):
@@ -59,8 +60,8 @@ def dequantize_fp8(x_fp8: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype 
 
 def quantize_fp8_weight(w: torch.Tensor, scaling: str = "channel") -> tuple[torch.Tensor, torch.Tensor]:
     """A weight [N, K] -> (w_fp8 [N, K], scale): [N, 1] per output channel, 0-d per tensor."""
-    if scaling not in WEIGHT_SCALINGS:
-        raise ValueError(f"unknown FP8 weight scaling {scaling!r}; known: {', '.join(WEIGHT_SCALINGS)}")
+    if scaling not in FP8_SCALINGS:
+        raise ValueError(f"unknown FP8 weight scaling {scaling!r}; known: {', '.join(FP8_SCALINGS)}")
     if w.dim() != 2:
         raise ValueError(f"expected a 2-D weight [out_features, in_features], got shape {tuple(w.shape)}")
     amax = w.abs().amax(dim=1, keepdim=True) if scaling == "channel" else w.abs().amax()

@@ -17,7 +17,7 @@ from kiln.config import KvCacheConfig
 from kiln.errors import ConfigError
 from kiln.kernels import KernelOps
 from kiln.kernels.triton_jit import compile_cache, use_compile_cache
-from kiln.layers import LayerContext, kernel_ops_of, linear_method, load_parameters
+from kiln.layers import kernel_ops_of, layer_context, load_parameters
 from kiln.models import CausalLM, create_model, model_skeleton
 from kiln.runtime.kv_cache import max_live_blocks
 from kiln.runtime.tokenizer import Tokenizer
@@ -56,7 +56,7 @@ def load_engine(engine_dir: str | Path, device: str | None = None, verify: bool 
     ops = KernelOps(manifest.kernel_plan)
     if ops.uses_triton:
         use_compile_cache(engine_dir / COMPILE_CACHE_DIR)
-    ctx = LayerContext(ops, linear_method(manifest.build_config.quantization), manifest.dtype, dev)
+    ctx = layer_context(manifest.build_config, ops, manifest.dtype, dev)
     model = create_model(manifest.model_config, ctx, manifest.build_config.max_seq_len)
     load_parameters(model, weights)
     tokenizer = None
@@ -73,7 +73,7 @@ def tune_at_first_load(engine_dir: Path, manifest: EngineManifest, device: torch
     from kiln.builder.tuning import gpu_kernel_plan
 
     build = manifest.build_config
-    ops = kernel_ops_of(model_skeleton(manifest.model_config, build.quantization, manifest.dtype))
+    ops = kernel_ops_of(model_skeleton(manifest.model_config, build, manifest.dtype))
     is_writable = os.access(engine_dir, os.W_OK)
     print(f"kiln: tuning the kernels of {engine_dir} for this {build.target} GPU (first load of an engine built "
           f"without one){'' if is_writable else '; the folder is read-only, so every load tunes again'}",

@@ -39,7 +39,7 @@ class RunnerOutput:
 def allocate_kv_cache(model: CausalLM, num_blocks: int, block_size: int) -> torch.Tensor:
     cfg = model.config
     return torch.zeros(cfg.num_layers, 2, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim,
-                       dtype=model.dtype, device=model.device)
+                       dtype=model.kv_cache_dtype, device=model.device)
 
 
 def graph_batch_sizes(max_batch_size: int) -> list[int]:
@@ -196,29 +196,45 @@ class ModelRunner:
         return out
 
     # ---- CUDA graphs -------------------------------------------------------------------------
-    def capture_graphs(self, batch_sizes: list[int], context_sizes: list[int]) -> None:
-        """Captures one decode forward per padded batch size and one context forward per padded (tokens,
-        sequences) pair, largest first, sharing one memory pool. Only for device-side kernels: the
-        reference attention reads host lists that a graph would freeze."""
-        import time
-
-        t0 = time.perf_counter()
+    def graph_keys(self, batch_sizes: list[int], context_sizes: list[int]) -> list[int | tuple[int, int]]:
+        """The graphs to capture, largest first (they share one memory pool): one decode forward per padded
+        batch size, one context forward per padded (tokens, sequences) pair."""
         max_seqs = len(self._row_keys)
         keys: list[int | tuple[int, int]] = list(batch_sizes)
         keys += [(t, s) for t in context_sizes for s in CONTEXT_GRAPH_SEQS if s <= min(t, max_seqs)]
+        return sorted(keys, key=lambda k: k if isinstance(k, int) else k[0], reverse=True)
+
+    def stage_graph_inputs(self, key: int | tuple[int, int]) -> tuple:
+        """Writes and uploads the padded inputs of graph ``key`` (every row padding) and returns the forward
+        arguments to capture: the launch sizes they freeze are the graph's."""
+        if isinstance(key, int):  # decode: one token per sequence
+            self._fill_padding(0, key)
+            self.buffers.np_logits_indices[:key] = range(key)
+            args = self._forward_args(key, key, key, [0] * key, [1] * key)
+        else:  # context: the attention grid is sized for one sequence of all the tokens
+            num_tokens, num_seqs = key
+            self._pad_context(0, 0, num_tokens, num_seqs)
+            args = self._forward_args(num_tokens, num_seqs, num_seqs, [0] * num_seqs,
+                                      [num_tokens] + [0] * (num_seqs - 1))
+        self.buffers.upload()
+        return args
+
+    def add_graph(self, key: int | tuple[int, int], graph, logits: torch.Tensor) -> None:
+        """Makes ``graph`` (anything with ``replay()`` that writes ``logits``) run the plans ``key`` holds."""
+        self.graphs[key] = (graph, logits)
+        self.graph_sizes = sorted(k for k in self.graphs if isinstance(k, int))
+        self.context_graph_keys = sorted(k for k in self.graphs if not isinstance(k, int))
+
+    def capture_graphs(self, batch_sizes: list[int], context_sizes: list[int]) -> None:
+        """Captures the CUDA graphs of ``graph_keys``. Only for device-side kernels: the reference
+        attention reads host lists that a graph would freeze."""
+        import time
+
+        t0 = time.perf_counter()
         pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream(self.device)
-        for key in sorted(keys, key=lambda k: k if isinstance(k, int) else k[0], reverse=True):
-            if isinstance(key, int):  # decode: one token per sequence
-                self._fill_padding(0, key)
-                self.buffers.np_logits_indices[:key] = range(key)
-                args = self._forward_args(key, key, key, [0] * key, [1] * key)
-            else:  # context: the launch grid is sized for one sequence of all the tokens
-                num_tokens, num_seqs = key
-                self._pad_context(0, 0, num_tokens, num_seqs)
-                args = self._forward_args(num_tokens, num_seqs, num_seqs, [0] * num_seqs,
-                                          [num_tokens] + [0] * (num_seqs - 1))
-            self.buffers.upload()
+        for key in self.graph_keys(batch_sizes, context_sizes):
+            args = self.stage_graph_inputs(key)
             stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(stream):
                 for _ in range(2):  # compile and autotune outside the capture
@@ -227,9 +243,7 @@ class ModelRunner:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool, stream=stream):
                 logits = self.model.forward(*args)
-            self.graphs[key] = (graph, logits)
-        self.graph_sizes = sorted(k for k in self.graphs if isinstance(k, int))
-        self.context_graph_keys = sorted(k for k in self.graphs if not isinstance(k, int))
+            self.add_graph(key, graph, logits)
         torch.cuda.synchronize(self.device)
         self.graph_capture_seconds = time.perf_counter() - t0
 
