@@ -76,7 +76,7 @@ def stories_engines(tmp_path_factory):
     source = AutoModelForCausalLM.from_hugging_face(STORIES_DIR)
     root = tmp_path_factory.mktemp("weight_only_engines")
     return {quantization: Builder().build(source, BuildConfig(**BUILD, quantization=quantization))
-            .save(root / quantization, progress=False) for quantization in ("none", "int8_wo", "int4_wo")}
+            .save(root / quantization, progress=False) for quantization in ("none", "int8_wo", "int4_wo", "int4_awq")}
 
 
 def test_engines_store_the_packed_tensors_and_count_their_bytes(stories_engines):
@@ -98,17 +98,41 @@ def test_engines_store_the_packed_tensors_and_count_their_bytes(stories_engines)
     assert weight_bytes["int4_wo"] == others + int4_inputs // 2 + int4_inputs // 128 * 3
 
 
+def float_engine_texts(engine_dir, prompts: list[str], params: SamplingParams) -> list[list[int]]:
+    """Prompt + output token ids of the float engine for each prompt."""
+    with LLM(engine_dir, progress=False) as llm:
+        outs = llm.generate(prompts, params, use_tqdm=False)
+    return [out.prompt_token_ids + out.outputs[0].token_ids for out in outs]
+
+
 def test_stories260k_top1_agreement_with_the_float_engine(stories_engines):
     """Teacher-forced: greedy text of the float engine fed through each engine; at every position the
-    quantized engine's argmax is compared with the float engine's."""
+    quantized engine's argmax is compared with the float engine's. int4_awq (its scales searched on the
+    bundled calibration text) must beat int4_wo's round to nearest."""
     prompts = ["Once upon a time", "Lily and Ben went to the park", "The little dog was sad because", "One day"]
-    with LLM(stories_engines["none"], progress=False) as llm:
-        outs = llm.generate(prompts, SamplingParams(max_tokens=256, temperature=0.0, ignore_eos=True),
-                            use_tqdm=False)
-    texts = [out.prompt_token_ids + out.outputs[0].token_ids for out in outs]
+    texts = float_engine_texts(stories_engines["none"], prompts,
+                               SamplingParams(max_tokens=256, temperature=0.0, ignore_eos=True))
     top1 = {q: torch.cat([logits.argmax(-1) for logits in kiln_logits(load_engine(d, progress=False), texts, chunk=64)])
             for q, d in stories_engines.items()}
-    agreement = {q: (top1[q] == top1["none"]).float().mean().item() for q in ("int8_wo", "int4_wo")}
+    agreement = {q: (top1[q] == top1["none"]).float().mean().item() for q in ("int8_wo", "int4_wo", "int4_awq")}
     print(f"stories260K top-1 agreement with the float engine over {top1['none'].numel()} positions: "
           + ", ".join(f"{q} {a:.1%}" for q, a in agreement.items()))
     assert agreement["int8_wo"] >= 0.97 and agreement["int4_wo"] >= 0.80
+    assert agreement["int4_awq"] > agreement["int4_wo"]
+
+
+def test_stories260k_int4_awq_perplexity_on_held_out_text_beats_int4_wo(stories_engines):
+    """Perplexity of text the calibration never saw: stories sampled from the float engine (temperature
+    0.8, fixed seeds) from prompts of their own. Measured: float 3.00, int4_wo 3.46, int4_awq 3.36."""
+    prompts = ["A girl named Sue", "The cat", "Tom had a ball", "It was a sunny day", "Mom said",
+               "Once there was a big tree"]
+    texts = float_engine_texts(stories_engines["none"], prompts,
+                               SamplingParams(max_tokens=300, temperature=0.8, seed=1, ignore_eos=True))
+    perplexity = {}
+    for q in ("none", "int4_wo", "int4_awq"):
+        logits = kiln_logits(load_engine(stories_engines[q], progress=False), texts, chunk=64)
+        nll = [F.cross_entropy(part[:-1].float(), torch.tensor(text[1:]), reduction="sum") for part, text in
+               zip(logits, texts)]
+        perplexity[q] = torch.exp(sum(nll) / sum(len(text) - 1 for text in texts)).item()
+    print("stories260K perplexity of held-out text: " + ", ".join(f"{q} {p:.3f}" for q, p in perplexity.items()))
+    assert perplexity["none"] < perplexity["int4_awq"] < perplexity["int4_wo"]

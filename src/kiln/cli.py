@@ -15,7 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-from kiln.config import BUILD_DEFAULTS, DTYPES, TARGETS, BuildConfig, SamplingParams
+from kiln.config import BUILD_DEFAULTS, DTYPES, GROUP_SIZES, TARGETS, BuildConfig, SamplingParams
 from kiln.errors import KilnError, cannot_write
 from kiln.flags import add_runtime_flags, runtime_config_from_args
 
@@ -53,8 +53,17 @@ def _add_build(sub) -> None:
     p.add_argument("--quantization", default="auto",
                    help="how every linear layer stores its weight and multiplies: none (the dtype's own), fp8 "
                         "(e4m3 weights, a scale per output channel, activations per token: needs sm89+ or the "
-                        "CPU reference), or another method this kiln knows; auto (default): the checkpoint's own "
-                        "(fp8 for a ModelOpt / compressed-tensors FP8 folder), else none")
+                        "CPU reference), int8_wo (INT8 weights, a scale per output channel), int4_wo (INT4 "
+                        "weights in groups, round to nearest), int4_awq (INT4 with AWQ's activation-aware "
+                        "scales, searched on --calibration-data), or another method this kiln knows; auto "
+                        "(default): the checkpoint's own (fp8 for a ModelOpt / compressed-tensors FP8 folder; "
+                        "int4_wo, int4_gptq, int8_wo or int8_gptq for an AutoAWQ / GPTQ folder), else none")
+    p.add_argument("--group-size", type=int, choices=GROUP_SIZES,
+                   help="inputs per INT4 scale and zero point (int4_wo, int4_awq; default 128; a pre-quantized "
+                        "checkpoint keeps its own)")
+    p.add_argument("--calibration-data", metavar="FILE",
+                   help="int4_awq: text whose activations choose the AWQ scales, a .txt file or a .jsonl file "
+                        "with a \"text\" per line (default: a bundled public-domain text)")
     p.add_argument("--dummy-weights", action="store_true",
                    help="random weights of the model's shapes, made on the device (for presets; no download)")
     p.add_argument("--no-tune", action="store_true", help="skip kernel tuning on the GPU (default configs)")
@@ -72,7 +81,8 @@ def cmd_build(args) -> int:
     config = BuildConfig(max_batch_size=args.max_batch_size, max_input_len=args.max_input_len,
                          max_seq_len=args.max_seq_len, max_num_tokens=args.max_num_tokens,
                          tokens_per_block=args.tokens_per_block, dtype=args.dtype, target=args.target,
-                         quantization=args.quantization)
+                         quantization=args.quantization, group_size=args.group_size,
+                         calibration_data=args.calibration_data)
     engine = Builder().build(source, config, tune=not args.no_tune)
     out = _save(engine, args.output, args.overwrite)
     m = engine.manifest

@@ -18,7 +18,9 @@ from kiln.config import BUILD_DEFAULTS, BuildConfig
 from kiln.convert import AutoModelForCausalLM, ModelSource, check_source
 from kiln.convert.checkpoint import CheckpointReader
 from kiln.convert.converter import convert_checkpoint, dummy_weights
+from kiln.convert.calibration import awq_input_scales
 from kiln.convert.fp8_checkpoints import detect_fp8_format
+from kiln.convert.int_checkpoints import detect_checkpoint_quantization, engine_quantization
 from kiln.engine import Engine, EngineManifest
 from kiln.engine.target import detect_target, device_name, resolve_dtype
 from kiln.engine.weights import DTYPE_NAMES
@@ -37,11 +39,18 @@ def resolve_build_config(model: ModelConfig, build: BuildConfig, checkpoint_dir:
     naming its field, its flag and the fix; a default never conflicts with a value given or the model."""
     target = detect_target() if build.target == "auto" else build.target
     dtype = resolve_dtype(build.dtype, model.checkpoint_dtype, target)
-    quantization = _resolve_quantization(build.quantization, checkpoint_dir)
-    refusal = linear_method(quantization).target_refusal(target)  # an unknown name fails naming the known ones
+    quantization, group_size = _resolve_quantization(build, checkpoint_dir)
+    method = linear_method(quantization, group_size)  # an unknown name or group size fails naming the known ones
+    refusal = method.target_refusal(target)
     if refusal:
         raise ConfigError(f"quantization={quantization!r} (--quantization {quantization}) for target "
                           f"{target}: {refusal}")
+    if build.calibration_data is not None:
+        if quantization != "int4_awq":
+            raise ConfigError(f"calibration_data (--calibration-data) is for quantization int4_awq, not "
+                              f"{quantization!r}; leave it out")
+        if not Path(build.calibration_data).is_file():
+            raise ConfigError(f"calibration_data {build.calibration_data} (--calibration-data): no such file")
     if model.sliding_window is not None and model.sliding_window < 1:
         raise ConfigError(f"sliding_window={model.sliding_window} leaves a query no key to attend to; set "
                           "sliding_window in config.json to the window the model was trained with (>= 1), or "
@@ -54,23 +63,32 @@ def resolve_build_config(model: ModelConfig, build: BuildConfig, checkpoint_dir:
                               f"{longest} or less")
     seq_len = build.max_seq_len or max(min(BUILD_DEFAULTS["max_seq_len"], longest), build.max_input_len or 0)
     return build.replace(
-        target=target, dtype=dtype, quantization=quantization, max_seq_len=seq_len,
+        target=target, dtype=dtype, quantization=quantization, group_size=method.group_size, max_seq_len=seq_len,
         max_input_len=build.max_input_len or min(BUILD_DEFAULTS["max_input_len"], seq_len),
         **{name: getattr(build, name) or BUILD_DEFAULTS[name]
            for name in ("max_batch_size", "max_num_tokens", "tokens_per_block")})
 
 
-def _resolve_quantization(quantization: str, checkpoint_dir: str | Path | None) -> str:
-    """"auto" -> the checkpoint's quantization; a pre-quantized FP8 checkpoint builds "fp8" engines only
-    (its weights are taken as stored), so another value given fails."""
+def _resolve_quantization(build: BuildConfig, checkpoint_dir: str | Path | None) -> tuple[str, int | None]:
+    """(quantization, group size): "auto" -> the checkpoint's quantization. A pre-quantized checkpoint
+    builds engines of its own format only (its weights are taken as stored): FP8 ones "fp8", AutoAWQ /
+    GPTQ ones the weight-only method and group size that store them (``engine_quantization``), so
+    another value given fails."""
+    quantization = build.quantization
     fp8_format = detect_fp8_format(checkpoint_dir) if checkpoint_dir is not None else None
-    if fp8_format is None:
-        return "none" if quantization == "auto" else quantization
-    if quantization not in ("auto", "fp8"):
-        raise ConfigError(f"{checkpoint_dir} holds {fp8_format} weights, which build fp8 engines only; leave out "
-                          f"quantization={quantization!r} (--quantization), or build {quantization} from the float "
-                          "checkpoint")
-    return "fp8"
+    int_format = detect_checkpoint_quantization(checkpoint_dir) if checkpoint_dir is not None else None
+    if fp8_format is None and int_format is None:
+        return ("none" if quantization == "auto" else quantization), build.group_size
+    own, group_size = ("fp8", None) if fp8_format is not None else engine_quantization(int_format)
+    if quantization not in ("auto", own):
+        raise ConfigError(f"{checkpoint_dir} holds {fp8_format or int_format} weights, which build {own} engines "
+                          f"only; leave out quantization={quantization!r} (--quantization), or build {quantization} "
+                          "from the float checkpoint")
+    if build.group_size not in (None, group_size):
+        stored = f"stored in groups of {group_size}" if group_size else f"stored as {own}, which has no groups"
+        raise ConfigError(f"{checkpoint_dir} holds {fp8_format or int_format} weights, {stored}; leave out "
+                          f"group_size={build.group_size} (--group-size)")
+    return own, group_size
 
 
 def _longest_sequence(model: ModelConfig) -> tuple[int, str]:
@@ -125,7 +143,7 @@ class Builder:
         resolved = resolve_build_config(model.config, BuildConfig.of(config), model.checkpoint_dir)
         check_source(model)  # a source from a family class (LlamaForCausalLM.from_hugging_face) is checked here
         dtype = DTYPE_NAMES[resolved.dtype]
-        skeleton = model_skeleton(model.config, resolved.quantization, dtype)
+        skeleton = model_skeleton(model.config, resolved.quantization, dtype, resolved.group_size)
         here = detect_target()
         # A GPU the build machine lacks: the engine is converted and validated here, and its kernel plan is
         # made by the first load on such a GPU (kiln.runtime.loader), which saves it in the engine folder.
@@ -155,10 +173,12 @@ class Builder:
             device = torch.device("cuda" if resolved.target != "cpu" and torch.cuda.is_available() else "cpu")
             produce = partial(dummy_weights, skeleton, device)
         else:
-            produce = partial(_convert, skeleton, model.checkpoint_dir)
+            # int4_awq: the scales are searched here, on the float model's activations (GPU if there is one).
+            input_scales = awq_input_scales(model, resolved, dtype) if resolved.quantization == "int4_awq" else None
+            produce = partial(_convert, skeleton, model.checkpoint_dir, input_scales)
         return Engine(manifest=manifest, produce_weights=produce, tokenizer_source=model.tokenizer_dir,
                       kernel_cache=kernel_cache)
 
 
-def _convert(skeleton: CausalLM, checkpoint_dir):
-    return convert_checkpoint(skeleton, CheckpointReader(checkpoint_dir))
+def _convert(skeleton: CausalLM, checkpoint_dir, input_scales: dict[str, torch.Tensor] | None):
+    return convert_checkpoint(skeleton, CheckpointReader(checkpoint_dir), input_scales)

@@ -20,6 +20,12 @@ from kiln.layers.base import SMALL_STD, CheckpointTensor, Layer, empty_parameter
 
 class LinearMethod(ABC):
     takes_fp8_weights = False  # convert also accepts a pre-quantized FP8 checkpoint's Fp8Linear
+    takes_int_weights = False  # convert also accepts an AWQ / GPTQ checkpoint's UnpackedWeight
+    # The group sizes it quantizes in (BuildConfig.group_size) and its default; empty: no groups.
+    group_sizes: tuple[int, ...] = ()
+    default_group_size: int | None = None
+    group_size: int | None = None  # this method's, where it has groups
+
     @abstractmethod
     def tensors(self, out_features: int, in_features: int, dtype: torch.dtype
                 ) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
@@ -64,17 +70,36 @@ LINEAR_METHODS: dict[str, type[LinearMethod] | str] = {
     "fp8": "kiln.layers.fp8:Fp8LinearMethod",
     "int8_wo": "kiln.layers.weight_only:Int8WeightOnlyMethod",
     "int4_wo": "kiln.layers.weight_only:Int4WeightOnlyMethod",
+    "int4_awq": "kiln.layers.weight_only:Int4AwqMethod",
+    "int4_gptq": "kiln.layers.weight_only:Int4GptqMethod",
+    "int8_gptq": "kiln.layers.weight_only:Int8GptqMethod",
 }
 
 
-def linear_method(name: str) -> LinearMethod:
+def linear_method(name: str, group_size: int | None = None) -> LinearMethod:
+    """The method of ``BuildConfig.quantization`` ``name``; one that quantizes in groups takes
+    ``group_size`` (None: its default), any other refuses one."""
+    method = _method_class(name)
+    if not method.group_sizes:
+        if group_size is not None:
+            grouped = [n for n in LINEAR_METHODS if _method_class(n).group_sizes]
+            raise ConfigError(f"group_size={group_size} (--group-size) is for quantizations with groups "
+                              f"({', '.join(grouped)}), not {name!r}; leave it unset")
+        return method()
+    if group_size is not None and group_size not in method.group_sizes:
+        raise ConfigError(f"group_size={group_size} (--group-size) is not one of {name}'s: "
+                          f"{', '.join(map(str, method.group_sizes))}")
+    return method(group_size or method.default_group_size)
+
+
+def _method_class(name: str) -> type[LinearMethod]:
     if name not in LINEAR_METHODS:
         raise ConfigError(f"unknown quantization {name!r}; this kiln knows {', '.join(LINEAR_METHODS)}")
     method = LINEAR_METHODS[name]
     if isinstance(method, str):
         module, _, cls = method.partition(":")
         method = getattr(importlib.import_module(module), cls)
-    return method()
+    return method
 
 
 class Linear(Layer):

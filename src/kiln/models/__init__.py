@@ -25,9 +25,11 @@ def create_model(config: ModelConfig, ctx: LayerContext, max_positions: int) -> 
     return family(config.architecture).Model(config, ctx, max_positions)
 
 
-def model_skeleton(config: ModelConfig, linear: str = "none", dtype: torch.dtype = torch.float32) -> CausalLM:
-    """The model's declarations only: meta parameters of the given linear method and engine dtype."""
-    ctx = LayerContext(KernelOps(reference_plan()), linear_method(linear), dtype, torch.device("meta"))
+def model_skeleton(config: ModelConfig, linear: str = "none", dtype: torch.dtype = torch.float32,
+                   group_size: int | None = None) -> CausalLM:
+    """The model's declarations only: meta parameters of the given linear method (and its group size)
+    and engine dtype."""
+    ctx = LayerContext(KernelOps(reference_plan()), linear_method(linear, group_size), dtype, torch.device("meta"))
     return create_model(config, ctx, max_positions=1)
 
 

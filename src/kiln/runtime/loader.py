@@ -20,7 +20,7 @@ from kiln.kernels.triton_jit import compile_cache, use_compile_cache
 from kiln.layers import LayerContext, kernel_ops_of, linear_method, load_parameters
 from kiln.models import CausalLM, create_model, model_skeleton
 from kiln.runtime.kv_cache import max_live_blocks
-from kiln.runtime.tokenizer import Tokenizer
+from kiln.engine.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +56,8 @@ def load_engine(engine_dir: str | Path, device: str | None = None, verify: bool 
     ops = KernelOps(manifest.kernel_plan)
     if ops.uses_triton:
         use_compile_cache(engine_dir / COMPILE_CACHE_DIR)
-    ctx = LayerContext(ops, linear_method(manifest.build_config.quantization), manifest.dtype, dev)
+    build = manifest.build_config
+    ctx = LayerContext(ops, linear_method(build.quantization, build.group_size), manifest.dtype, dev)
     model = create_model(manifest.model_config, ctx, manifest.build_config.max_seq_len)
     load_parameters(model, weights)
     tokenizer = None
@@ -73,7 +74,7 @@ def tune_at_first_load(engine_dir: Path, manifest: EngineManifest, device: torch
     from kiln.builder.tuning import gpu_kernel_plan
 
     build = manifest.build_config
-    ops = kernel_ops_of(model_skeleton(manifest.model_config, build.quantization, manifest.dtype))
+    ops = kernel_ops_of(model_skeleton(manifest.model_config, build.quantization, manifest.dtype, build.group_size))
     is_writable = os.access(engine_dir, os.W_OK)
     print(f"kiln: tuning the kernels of {engine_dir} for this {build.target} GPU (first load of an engine built "
           f"without one){'' if is_writable else '; the folder is read-only, so every load tunes again'}",
