@@ -183,6 +183,9 @@ MATMUL_CASES = {
     "gemv_16_rows_dot_g32": (16, 72, 256, 32, config(16, 32, 64)),
     "gemm_33_rows_k172_g64": (33, 250, 172, 64, config(16, 32, 32, group_m=2)),
     "defaults_1_row": (1, 72, 172, 128, None),
+    "gemv_2_rows_k300_g32_n33": (2, 33, 300, 32, config(1, 16, 128)),
+    "defaults_5_rows_k300_g32": (5, 47, 300, 32, None),
+    "gemm_20_rows_k300_g64_n47": (20, 47, 300, 64, config(16, 16, 32)),
 }
 MATMUL_DTYPES = [torch.float16, torch.bfloat16]
 
@@ -233,11 +236,12 @@ def test_w4a16_matmul_reads_inputs_through_the_act_order_permutation(block_m):
     assert_close(actual, expected)
 
 
+@pytest.mark.parametrize("group_size", [32, 64])
 @pytest.mark.parametrize("block_m", [1, 16])
-def test_w8a16_matmul_grouped_with_zero_points(block_m):
+def test_w8a16_matmul_grouped_with_zero_points(block_m, group_size):
     """INT8 with a scale and a zero point per group of input rows, as GPTQ 8-bit checkpoints have them."""
     gen = torch.Generator().manual_seed(6)
-    rows, out_features, in_features, group_size = 3, 24, 172, 64
+    rows, out_features, in_features = 3, 24, 172
     num_groups = -(-in_features // group_size)
     qweight = torch.randint(-128, 128, (out_features, in_features), generator=gen, dtype=torch.int8)
     zeros = torch.randint(-20, 20, (out_features, num_groups), generator=gen, dtype=torch.int8)

@@ -10,7 +10,9 @@ import torch.nn.functional as F
 from conftest import STORIES_DIR
 from kiln import BuildConfig, Builder
 from kiln.convert import AutoModelForCausalLM
+from kiln.cli import main
 from kiln.engine import EngineManifest
+from kiln.errors import ConfigError
 from kiln.layers import LinearMethod
 from kiln.layers.weight_only import Int4WeightOnlyMethod, Int8WeightOnlyMethod
 from kiln.quantization.weight_only import dequantize_int4, dequantize_int8
@@ -69,6 +71,53 @@ def test_apply_on_cuda_runs_the_triton_kernels_as_the_cpu_reference(method, num_
     on_cpu = FakeLinear(method, weight, bias)
     on_cuda = FakeLinear(method, weight.cuda(), bias.cuda())
     torch.testing.assert_close(method.apply(on_cuda, x.cuda()).cpu(), method.apply(on_cpu, x), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+def test_int4_group_size_is_built_kept_in_the_manifest_and_loaded(group_size, tmp_path):
+    source = AutoModelForCausalLM.from_hugging_face(STORIES_DIR)
+    engine = Builder().build(source, BuildConfig(**BUILD, quantization="int4_wo", group_size=group_size))
+    manifest = engine.manifest
+    assert manifest.build_config.group_size == group_size
+    assert manifest.tensors["layers.0.mlp.down.scales"]["shape"] == [64, 256 // group_size]  # K 172 -> 256
+    loaded = load_engine(engine.save(tmp_path / "engine", progress=False), progress=False)
+    assert loaded.model.layers[0].mlp.down.method.group_size == group_size
+
+
+def test_group_size_defaults_and_refusals():
+    source = AutoModelForCausalLM.from_hugging_face(STORIES_DIR)
+    resolved = {q: Builder().build(source, BuildConfig(**BUILD, quantization=q)).manifest.build_config.group_size
+                for q in ("none", "int8_wo", "int4_wo")}
+    assert resolved == {"none": None, "int8_wo": None, "int4_wo": 128}
+    with pytest.raises(ConfigError, match="group_size=48 .--group-size. is not supported; choose one of 32, 64, 128"):
+        BuildConfig(group_size=48)
+    with pytest.raises(ConfigError, match="group_size=64 .--group-size. is for quantizations with groups "
+                                          r"\(int4_wo, int4_awq, int4_gptq, int8_gptq\), not 'int8_wo'"):
+        Builder().build(source, BuildConfig(**BUILD, quantization="int8_wo", group_size=64))
+    with pytest.raises(ConfigError, match="calibration_data .--calibration-data. is for quantization int4_awq, "
+                                          "not 'int4_wo'"):
+        Builder().build(source, BuildConfig(**BUILD, quantization="int4_wo", calibration_data="text.txt"))
+    with pytest.raises(ConfigError, match="calibration_data missing.txt .--calibration-data.: no such file"):
+        Builder().build(source, BuildConfig(**BUILD, quantization="int4_awq", calibration_data="missing.txt"))
+    with pytest.raises(ConfigError, match="give a .txt or .jsonl file"):
+        BuildConfig(calibration_data="text.csv")
+
+
+def test_cli_build_takes_group_size_and_calibration_data(tmp_path, capsys):
+    text = tmp_path / "calibration.jsonl"
+    text.write_text('{"text": "Once upon a time there was a little dog."}\n\n{"text": "The cat sat on the mat."}\n')
+    args = ["build", str(STORIES_DIR), "-o", str(tmp_path / "e"), "--target", "cpu", "--dtype", "float32",
+            "--max-seq-len", "128", "--quantization", "int4_awq", "--group-size", "32", "--calibration-data", str(text)]
+    assert main(args) == 0
+    build = EngineManifest.read(tmp_path / "e").build_config
+    assert (build.quantization, build.group_size, build.calibration_data) == ("int4_awq", 32, str(text))
+    text.write_text('{"prompt": "no text field"}\n')
+    assert main(args[:-1] + [str(text), "--overwrite"]) == 1
+    assert capsys.readouterr().err.strip().endswith('calibration.jsonl:1: each line must be an object with a "text" '
+                                                    'string')
+    with pytest.raises(SystemExit) as exit_:
+        main(["build", str(STORIES_DIR), "-o", str(tmp_path / "f"), "--group-size", "48"])
+    assert exit_.value.code == 2 and "invalid choice: 48 (choose from 32, 64, 128)" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")
@@ -136,3 +185,19 @@ def test_stories260k_int4_awq_perplexity_on_held_out_text_beats_int4_wo(stories_
         perplexity[q] = torch.exp(sum(nll) / sum(len(text) - 1 for text in texts)).item()
     print("stories260K perplexity of held-out text: " + ", ".join(f"{q} {p:.3f}" for q, p in perplexity.items()))
     assert perplexity["none"] < perplexity["int4_awq"] < perplexity["int4_wo"]
+
+
+@pytest.mark.parametrize("quantization,bytes_per_weight", [("int8_wo", "1.053"), ("int4_wo", "0.982")])
+def test_sm80_weight_only_engine_builds_and_inspect_shows_packed_sizes_and_kv_pool(quantization, bytes_per_weight,
+                                                                                   tmp_path, capsys):
+    """An A100 (sm80) engine with INT8 / INT4 weights is allowed (fp8 is not). Stories260K's linears hold
+    226,560 weights: INT8 adds a float32 scale per row; INT4 pads K (64 -> 128, 172 -> 256) and adds a
+    float16 scale and a uint8 zero point per 128 inputs."""
+    engine_dir = tmp_path / "engine"
+    assert main(["build", str(STORIES_DIR), "-o", str(engine_dir), "--target", "sm80", "--dtype", "bfloat16",
+                 "--quantization", quantization]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(engine_dir)]) == 0
+    out = capsys.readouterr().out
+    assert f"bytes per weight           {bytes_per_weight} in the linear layers as stored ({quantization}" in out
+    assert "KV pool on NVIDIA A100-SXM4-80GB ~" in out and "KV pool on NVIDIA H100" not in out

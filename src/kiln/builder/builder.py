@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from kiln.builder.plan import kernel_plan, memory_plan, tensor_table
+from kiln.builder.plan import kernel_plan, linear_weights, memory_plan, tensor_table
 from kiln.config import BUILD_DEFAULTS, BuildConfig
 from kiln.convert import AutoModelForCausalLM, ModelSource, check_source
 from kiln.convert.checkpoint import CheckpointReader
@@ -164,7 +164,7 @@ class Builder:
             build_config=resolved,
             target_device_name=target_device_name,
             kernel_plan=plan,
-            memory_plan=memory_plan(model.config, resolved, dtype, tensors),
+            memory_plan=memory_plan(model.config, resolved, dtype, tensors, linear_weights(skeleton)),
             tensors=tensors,
             has_tokenizer=False,
             is_kernel_plan_tuned=is_tuned,
