@@ -15,9 +15,9 @@ import torch
 
 from kiln.kernels.weight_only import (DEFAULT_CONFIGS, launch_config, w4a16_matmul_ref, w4a16_matmul_triton,
                                       w8a16_matmul_ref, w8a16_matmul_triton)
-from kiln.quantization.weight_only import (QuantizedWeight, awq_scales, dequantize_int4, dequantize_int8,
-                                           pack_int4, padded_in_features, quantize_int4, quantize_int8,
-                                           unpack_int4)
+from kiln.quantization.weight_only import (QuantizedWeight, awq_clip, awq_scales, clip_groups, dequantize_int4,
+                                           dequantize_int8, pack_int4, padded_in_features, quantize_int4,
+                                           quantize_int8, unpack_int4)
 
 pytest.importorskip("triton")
 
@@ -165,6 +165,26 @@ def test_awq_scales_beat_round_to_nearest_on_salient_channels():
     assert scales[salient].min() > scales.median()  # the salient channels are the ones scaled up
     rtn_error = output_error(torch.ones(in_features))
     assert output_error(scales) < 0.8 * rtn_error
+
+
+def test_awq_clip_never_raises_a_groups_output_error_on_the_calibration_inputs():
+    gen = torch.Generator().manual_seed(4)
+    num_tokens, in_features, out_features, group_size = 128, 172, 40, 32
+    x = torch.randn(num_tokens, in_features, generator=gen)
+    w = torch.randn(out_features, in_features, generator=gen) / in_features ** 0.5
+    w[:, 3] *= 8.0  # an outlier in every row's first group: clipping it helps the group's other weights
+    clip = awq_clip(w, x, group_size)
+    assert clip.shape == (out_features, 6)
+    max_abs = torch.nn.functional.pad(w.abs(), (0, 192 - in_features)).view(out_features, 6, group_size).amax(-1)
+    assert (clip <= max_abs).all() and (clip >= 0.5 * max_abs - 1e-6).all() and (clip < max_abs).any()
+
+    def group_errors(weight: torch.Tensor) -> torch.Tensor:
+        diff = dequantize_int4(*quantize_int4(weight, group_size), group_size, in_features) - w
+        diff = torch.nn.functional.pad(diff, (0, 192 - in_features)).view(out_features, 6, group_size)
+        xg = torch.nn.functional.pad(x, (0, 192 - in_features)).view(num_tokens, 6, group_size)
+        return torch.einsum("tgk,ngk->tng", xg, diff).pow(2).mean(0)
+
+    assert (group_errors(clip_groups(w, clip, group_size)) <= group_errors(w) + 1e-7).all()
 
 
 # ---- the matmuls ----------------------------------------------------------------------------------

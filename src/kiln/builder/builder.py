@@ -173,7 +173,7 @@ class Builder:
             device = torch.device("cuda" if resolved.target != "cpu" and torch.cuda.is_available() else "cpu")
             produce = partial(dummy_weights, skeleton, device)
         else:
-            # int4_awq: the scales are searched here, on the float model's activations (GPU if there is one).
+            # int4_awq: scales and clipping searched here, on the float model's activations (GPU if there is one).
             input_scales = awq_input_scales(model, resolved, dtype) if resolved.quantization == "int4_awq" else None
             produce = partial(_convert, skeleton, model.checkpoint_dir, input_scales)
         return Engine(manifest=manifest, produce_weights=produce, tokenizer_source=model.tokenizer_dir,

@@ -7,8 +7,9 @@ into sequences of up to ``CALIBRATION_SEQ_LEN`` (AutoAWQ's defaults: 128 sequenc
 through the unquantized model on the GPU when there is one (else the CPU), with the reference kernels;
 each Linear keeps mean |x| over every token and up to ``MAX_ROWS`` of its input rows, on which the scales
 are searched (one search per Linear, Q/K/V and gate/up fused, so they share their scales as AWQ's
-groups do). The scales, s [K] per Linear, go to the int4_awq method through the converter, with the
-float weight (``ActivationScaledWeight``).
+groups do), then the clipping bound of each output channel's groups of W * s (``awq_clip``, on the
+inputs divided by s). Both go to the int4_awq method through the converter, with the float weight
+(``ActivationScaledWeight``).
 """
 
 from __future__ import annotations
@@ -103,10 +104,11 @@ def _prefill(model: CausalLM, tokens: list[int], device: torch.device) -> None:
                   torch.tensor([len(tokens) - 1], device=device))
 
 
-def awq_input_scales(source: ModelSource, build: BuildConfig, dtype: torch.dtype,
-                     device: torch.device | None = None) -> dict[str, torch.Tensor]:
-    """Linear prefix ("layers.0.attn.qkv.") -> AWQ scales s [K] (float32, on the CPU) for an int4_awq engine
-    of ``build`` (resolved: its group size and calibration data), from the float checkpoint's activations."""
+def awq_input_scales(source: ModelSource, build: BuildConfig, dtype: torch.dtype, device: torch.device | None = None
+                     ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Linear prefix ("layers.0.attn.qkv.") -> (AWQ scales s [K], clipping bounds of W * s [N, groups]),
+    float32 on the CPU, for an int4_awq engine of ``build`` (resolved: its group size and calibration
+    data), from the float checkpoint's activations."""
     if source.tokenizer_dir is None:
         raise ConfigError(f"{source.checkpoint_dir}: int4_awq tokenizes its calibration text with the model's "
                           "tokenizer, and this folder has none; add the tokenizer files, or use int4_wo")

@@ -348,7 +348,7 @@ def awq_clip(w: torch.Tensor, activations: torch.Tensor, group_size: int = 128, 
                 best_error = torch.where(better, error, best_error)
                 best_clip = torch.where(better, clip, best_clip)
         clips.append(best_clip)
-    return torch.cat(clips)
+    return torch.cat(clips)[:, :-(-num_cols // group_size)]
 
 
 def awq_scales(w: torch.Tensor, activations: torch.Tensor, group_size: int = 128, grid: int = 20,
@@ -357,10 +357,13 @@ def awq_scales(w: torch.Tensor, activations: torch.Tensor, group_size: int = 128
 
     ``w`` [N, K] is the weight of every linear that reads the same input, concatenated along N (q, k and
     v; gate and up), since they share the scales; ``activations`` [..., K] are calibration inputs to it.
-    As in the AWQ paper (Lin et al., 2023, section 3.2): s = mean|x|^alpha per input channel, normalized
-    by sqrt(max(s) * min(s)), with alpha on the grid 0, 1/grid, ..., (grid - 1)/grid chosen to minimise
-    the mean squared error of x @ (Q(w * s) / s).T against x @ w.T. alpha = 0 is s = 1, plain
-    round-to-nearest, so the result is never worse than RTN on the calibration set.
+    As AutoAWQ does by default ("duo scaling", a refinement of the paper's s = mean|x|^alpha: Lin et al.,
+    2023, section 3.2): s = mean|x|^alpha / mean|w'|^(1 - alpha) per input channel, w' each weight over
+    its group's largest magnitude, normalized by sqrt(max(s) * min(s)), with alpha on the grid 0, 1/grid,
+    ..., (grid - 1)/grid, and s = 1 (plain round to nearest) as a candidate too; the one that minimises
+    the mean squared error of x @ (Q(w * s) / s).T against x @ w.T wins, so the result is never worse
+    than round to nearest on the calibration inputs. (On stories260K, duo scaling beats mean|x|^alpha
+    alone on the perplexity of held-out text; see tests/test_weight_only_methods.py.)
 
     The int4_awq linear method (``kiln.layers.weight_only``) then stores Q(w * s) and multiplies its input
     by 1 / s (``pre_quant_scale``, TensorRT-LLM's name), so the network computes the same function with
@@ -372,10 +375,16 @@ def awq_scales(w: torch.Tensor, activations: torch.Tensor, group_size: int = 128
     wf = w.float()
     reference = x @ wf.T
     mean_abs = x.abs().mean(dim=0)
-    best_scales, best_error = None, float("inf")
+    padded = padded_in_features(num_cols, group_size)
+    groups = F.pad(wf.abs(), (0, padded - num_cols)).view(wf.shape[0], -1, group_size)
+    w_mean = (groups / (groups.amax(dim=-1, keepdim=True) + 1e-6)).view(wf.shape[0], -1)[:, :num_cols].mean(dim=0)
+    candidates = [torch.ones_like(mean_abs)]
     for step in range(grid):
-        scales = mean_abs.pow(step / grid).clamp(min=1e-4)
-        scales = scales / (scales.max() * scales.min()).sqrt()
+        alpha = step / grid
+        scales = (mean_abs.pow(alpha) / (w_mean.pow(1 - alpha) + 1e-4)).clamp(min=1e-4)
+        candidates.append(scales / (scales.max() * scales.min()).sqrt())
+    best_scales, best_error = None, float("inf")
+    for scales in candidates:
         quantized = quantize_int4(wf * scales, group_size, scale_dtype)
         dequantized = dequantize_int4(*quantized, group_size, num_cols) / scales
         error = (x @ dequantized.T - reference).pow(2).mean().item()
