@@ -16,8 +16,9 @@ from kiln.engine import EngineManifest
 from kiln.engine.tokenizer import Tokenizer
 from kiln.errors import ConfigError
 from kiln.layers import LinearMethod
-from kiln.layers.weight_only import Int4WeightOnlyMethod, Int8WeightOnlyMethod
-from kiln.quantization.weight_only import dequantize_int4, dequantize_int8
+from kiln.layers.weight_only import (Int4AwqMethod, Int4GptqMethod, Int4WeightOnlyMethod, Int8GptqMethod,
+                                     Int8WeightOnlyMethod)
+from kiln.quantization.weight_only import ActivationScaledWeight, dequantize_int4, dequantize_int8
 from kiln.runtime.llm import LLM, SamplingParams
 from kiln.runtime.loader import load_engine
 from test_models_vs_hf import kiln_logits
@@ -25,20 +26,42 @@ from test_models_vs_hf import kiln_logits
 BUILD = dict(max_batch_size=4, max_input_len=64, max_seq_len=320, max_num_tokens=256, dtype="float32", target="cpu")
 
 
-class FakeLinear:
-    """What a method's ``apply`` reads of its layer: the stored tensors and the bias."""
+METHODS = {"int8_wo": Int8WeightOnlyMethod(), "int4_wo": Int4WeightOnlyMethod(), "int4_wo_g32": Int4WeightOnlyMethod(32),
+           "int4_awq_g64": Int4AwqMethod(64), "int4_gptq_g64": Int4GptqMethod(64), "int8_gptq_g32": Int8GptqMethod(32)}
 
-    def __init__(self, method: LinearMethod, weight: torch.Tensor, bias: torch.Tensor | None):
-        self.__dict__.update(method.convert(weight, torch.float32), bias=bias)
+
+class FakeLinear:
+    """What a method's ``apply`` reads of its layer: the stored tensors and the bias. int4_awq gets AWQ
+    scales (random, in [0.71, 1.41]); the GPTQ methods an act-order permutation: the weight's inputs are
+    stored in a random order and ``input_order`` says which."""
+
+    def __init__(self, method: LinearMethod, weight: torch.Tensor, bias: torch.Tensor | None, dtype=torch.float32):
+        gen = torch.Generator().manual_seed(7)
+        in_features = weight.shape[1]
+        order = None
+        if isinstance(method, Int4AwqMethod):
+            scales = (2.0 ** (torch.rand(in_features, generator=gen) - 0.5)).to(weight.device)
+            weight = ActivationScaledWeight(weight, scales)
+        elif isinstance(method, (Int4GptqMethod, Int8GptqMethod)):
+            order = torch.randperm(in_features, generator=gen).to(weight.device)
+            weight = weight[:, order]
+        self.__dict__.update(method.convert(weight, dtype), bias=bias)
+        if order is not None:
+            self.input_order = order.to(torch.int32)
 
 
 def dequantized(method: LinearMethod, layer: FakeLinear, in_features: int) -> torch.Tensor:
+    """The weight the layer multiplies by, in float32, inputs in their original order."""
+    order = getattr(layer, "input_order", None)
     if isinstance(method, Int8WeightOnlyMethod):
         return dequantize_int8(layer.qweight, layer.scales)
-    return dequantize_int4(layer.qweight, layer.scales, layer.zeros, method.group_size, in_features)
+    if isinstance(method, Int8GptqMethod):
+        return dequantize_int8(layer.qweight, layer.scales, layer.zeros, method.group_size, order)
+    weight = dequantize_int4(layer.qweight, layer.scales, layer.zeros, method.group_size, in_features, order)
+    return weight * layer.pre_quant_scale.float() if isinstance(method, Int4AwqMethod) else weight
 
 
-@pytest.mark.parametrize("method", [Int8WeightOnlyMethod(), Int4WeightOnlyMethod()], ids=["int8_wo", "int4_wo"])
+@pytest.mark.parametrize("method", list(METHODS.values()), ids=list(METHODS))
 @pytest.mark.parametrize("out_features,in_features,num_rows", [(251, 172, 1), (71, 172, 5), (33, 300, 17)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 @pytest.mark.parametrize("has_bias", [False, True], ids=["", "bias"])
@@ -47,7 +70,7 @@ def test_apply_matches_dequantize_then_linear(method, out_features, in_features,
     weight = torch.randn(out_features, in_features, generator=gen) / in_features ** 0.5
     bias = torch.randn(out_features, generator=gen).to(dtype) if has_bias else None
     x = torch.randn(num_rows, in_features, generator=gen).to(dtype)
-    layer = FakeLinear(method, weight, bias)
+    layer = FakeLinear(method, weight, bias, dtype)
     declared = method.tensors(out_features, in_features, dtype)
     assert {name: (tuple(t.shape), t.dtype) for name, t in method.convert(weight, dtype).items()} == declared
 
@@ -63,15 +86,15 @@ def test_apply_matches_dequantize_then_linear(method, out_features, in_features,
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("method", [Int8WeightOnlyMethod(), Int4WeightOnlyMethod()], ids=["int8_wo", "int4_wo"])
+@pytest.mark.parametrize("method", list(METHODS.values()), ids=list(METHODS))
 @pytest.mark.parametrize("num_rows", [1, 5, 300])  # the GEMV, a few rows on tensor cores, tiled GEMM
 def test_apply_on_cuda_runs_the_triton_kernels_as_the_cpu_reference(method, num_rows):
     gen = torch.Generator().manual_seed(num_rows)
     weight = torch.randn(251, 172, generator=gen) / 172 ** 0.5
     bias = torch.randn(251, generator=gen).to(torch.bfloat16)
     x = torch.randn(num_rows, 172, generator=gen).to(torch.bfloat16)
-    on_cpu = FakeLinear(method, weight, bias)
-    on_cuda = FakeLinear(method, weight.cuda(), bias.cuda())
+    on_cpu = FakeLinear(method, weight, bias, torch.bfloat16)
+    on_cuda = FakeLinear(method, weight.cuda(), bias.cuda(), torch.bfloat16)
     torch.testing.assert_close(method.apply(on_cuda, x.cuda()).cpu(), method.apply(on_cpu, x), atol=2e-2, rtol=2e-2)
 
 
