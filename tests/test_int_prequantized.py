@@ -19,10 +19,12 @@ from safetensors.torch import load_file, save_file
 
 from conftest import STORIES_DIR
 from kiln import BuildConfig, Builder
+from kiln.cli import main
 from kiln.convert import AutoModelForCausalLM
 from kiln.engine import EngineManifest
 from kiln.errors import ConfigError
 from kiln.quantization.weight_only import dequantize_int4, quantize_int4
+from kiln.runtime.llm import LLM, SamplingParams
 from kiln.runtime.loader import load_engine
 from test_models_vs_hf import kiln_logits, random_prompts
 from test_quant_formats import pack_awq, pack_gptq_rows, pack_gptq_zeros, quantize_asymmetric
@@ -135,3 +137,17 @@ def test_a_quantization_or_group_size_that_disagrees_with_the_checkpoint_fails_b
     stored = f"stored in groups of {group_size}" if group_size else "stored as int8_wo, which has no groups"
     with pytest.raises(ConfigError, match=f"{stored}; leave out group_size={other_group}"):
         Builder().build(source, BuildConfig(**BUILD, group_size=other_group))
+
+
+def test_kiln_build_and_llm_detect_the_checkpoint_with_no_flag(int_checkpoint, tmp_path, monkeypatch):
+    root, quantization, group_size = int_checkpoint
+    assert main(["build", str(root / "quantized"), "-o", str(tmp_path / "engine"), "--target", "cpu",
+                 "--max-seq-len", "128"]) == 0
+    build = EngineManifest.read(tmp_path / "engine").build_config
+    assert (build.quantization, build.group_size) == (quantization, group_size)
+    monkeypatch.setenv("KILN_CACHE_DIR", str(tmp_path / "cache"))
+    with LLM(root / "quantized", build_config={"max_seq_len": 128}, progress=False) as llm:
+        built = llm.executor.engine.build_config
+        assert (built.quantization, built.group_size) == (quantization, group_size)
+        assert len(llm.generate([[1, 403, 407]], SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True), use_tqdm=False)[0]
+                   .outputs[0].token_ids) == 3
