@@ -149,5 +149,5 @@ def test_kiln_build_and_llm_detect_the_checkpoint_with_no_flag(int_checkpoint, t
     with LLM(root / "quantized", build_config={"max_seq_len": 128}, progress=False) as llm:
         built = llm.executor.engine.build_config
         assert (built.quantization, built.group_size) == (quantization, group_size)
-        assert len(llm.generate([[1, 403, 407]], SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True), use_tqdm=False)[0]
-                   .outputs[0].token_ids) == 3
+        params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+        assert len(llm.generate([[1, 403, 407]], params, use_tqdm=False)[0].outputs[0].token_ids) == 3

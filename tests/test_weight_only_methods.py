@@ -26,8 +26,9 @@ from test_models_vs_hf import kiln_logits
 BUILD = dict(max_batch_size=4, max_input_len=64, max_seq_len=320, max_num_tokens=256, dtype="float32", target="cpu")
 
 
-METHODS = {"int8_wo": Int8WeightOnlyMethod(), "int4_wo": Int4WeightOnlyMethod(), "int4_wo_g32": Int4WeightOnlyMethod(32),
-           "int4_awq_g64": Int4AwqMethod(64), "int4_gptq_g64": Int4GptqMethod(64), "int8_gptq_g32": Int8GptqMethod(32)}
+METHODS = {"int8_wo": Int8WeightOnlyMethod(), "int4_wo": Int4WeightOnlyMethod(),
+           "int4_wo_g32": Int4WeightOnlyMethod(32), "int4_awq_g64": Int4AwqMethod(64),
+           "int4_gptq_g64": Int4GptqMethod(64), "int8_gptq_g32": Int8GptqMethod(32)}
 
 
 class FakeLinear:
