@@ -252,3 +252,16 @@ def test_sm80_weight_only_engine_builds_and_inspect_shows_packed_sizes_and_kv_po
     out = capsys.readouterr().out
     assert f"bytes per weight           {bytes_per_weight} in the linear layers as stored ({quantization}" in out
     assert "KV pool on NVIDIA A100-SXM4-80GB ~" in out and "KV pool on NVIDIA H100" not in out
+
+
+def test_llm_engine_cache_rebuilds_int4_awq_when_its_calibration_file_changes(tmp_path, monkeypatch):
+    from kiln.runtime.llm import ensure_engine
+
+    monkeypatch.setenv("KILN_CACHE_DIR", str(tmp_path / "cache"))
+    text = tmp_path / "calibration.txt"
+    text.write_text("Once upon a time there was a cat. " * 20)
+    config = {"quantization": "int4_awq", "calibration_data": str(text), "max_seq_len": 128, "target": "cpu"}
+    first = ensure_engine(STORIES_DIR, config, progress=False)
+    assert ensure_engine(STORIES_DIR, config, progress=False) == first
+    text.write_text("The dog ran to the park. " * 30)
+    assert ensure_engine(STORIES_DIR, config, progress=False) != first
