@@ -272,8 +272,7 @@ def test_rows_say_what_their_figures_are_calibrated_on():
     notes = {r.quantization: r.note for r in plan.rows}
     assert notes["bf16"] == "calibrated on 21 kiln measurements"
     assert notes["fp8"] == "calibrated on 3 kiln measurements"
-    assert notes["int8_wo"] == notes["int4_wo"] == "uncalibrated: bf16's efficiencies"
-    assert notes["int4_awq"] == "this kiln does not build int4_awq engines yet"
+    assert notes["int8_wo"] == notes["int4_wo"] == notes["int4_awq"] == "uncalibrated: bf16's efficiencies"
     # Only calibrated rows are recommended; an uncalibrated one is named as a later option at most.
     assert all(r.is_measured for r in plan.recommended().values())
 
