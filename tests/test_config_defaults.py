@@ -75,7 +75,7 @@ def test_builder_takes_none_a_dict_or_a_path(stories):
     ("stories", {"max_seq_len": 256, "max_seqlen": 3},
      "unknown BuildConfig field max_seqlen; accepted: max_batch_size, max_input_len, max_seq_len, max_num_tokens, "
      "max_beam_width, tokens_per_block, dtype, tp_size, target, quantization, fp8_scaling, kv_cache_dtype, "
-     "use_fp8_context_fmha"),
+     "use_fp8_context_fmha, group_size, calibration_data"),
     ("stories", "max_seq_len=256", "expected a BuildConfig, a dict of its fields or None, got str"),
     (42, None, "Builder.build takes a model from AutoModelForCausalLM.from_hugging_face(path) or from_preset(name), "
                "or a Hugging Face folder's path; got int"),

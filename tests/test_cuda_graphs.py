@@ -18,7 +18,7 @@ from kiln.models import create_model
 from kiln.runtime.loader import LoadedEngine, load_engine
 from kiln.runtime.model_runner import CONTEXT_GRAPH_SEQS, graph_batch_sizes, graph_context_sizes
 
-LIMITS = dict(max_batch_size=16, max_input_len=256, max_seq_len=512, max_num_tokens=512)
+LIMITS = dict(max_batch_size=8, max_input_len=256, max_seq_len=512, max_num_tokens=512)
 
 
 def test_graph_context_sizes_stop_at_the_step_limit():
@@ -36,10 +36,9 @@ def _tokens(ex: Executor, prompts: list[list[int]], max_tokens: int, seen_keys: 
     ex.runner._graph_key = lambda *a: seen_keys.append(key_of(*a)) or seen_keys[-1]
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     try:
-        # Waves that make context steps of 1-8 prompts, with and without decodes of the wave before.
-        ids = []
-        for wave in (prompts[:1], prompts[1:3], prompts[3:6], prompts[6:]):
-            ids += [ex.enqueue_request(Request(p, sampling_params=params)) for p in wave]
+        # Enqueued at once: with at most max_batch_size (8 on the GPU, 4 on the CPU) sequences running, steps
+        # join prompts to the decodes of earlier ones, so context graphs of several sequences run.
+        ids = [ex.enqueue_request(Request(p, sampling_params=params)) for p in prompts]
         results = {}
         while len(results) < len(ids):
             for r in ex.await_responses(timeout=60.0):

@@ -38,11 +38,14 @@ def kiln(capsys, *args: str) -> tuple[int, str, str]:
 
 # The stored measurements docs/plan.md lists as missing the 15% goal, with the error it states for each.
 DOCUMENTED_MISSES = {
-    # host-bound, machine-dependent: 11 ms on the H200's host, 21 ms on the H100's
-    "h200 llama-3-8b bf16: TTFT ms, 128-token prompt": 0.40,
-    "h100-80gb llama-3-8b bf16: TTFT ms, 128-token prompt": 0.29,
     # bf16's fit makes batch-512 decode host-bound; fp8's faster GPU shows the host is quicker than that
     "h200 llama-3-8b fp8: 128/128 output tok/s (2048 req)": 0.16,
+    # weight-only prefill re-dequantizes per row tile: neither factor follows its growth with the prompt
+    "h200 llama-3-8b int8_wo: TTFT ms, 128-token prompt": 0.38,
+    "h200 llama-3-8b int8_wo: TTFT ms, 2048-token prompt": 0.33,
+    "h200 llama-3-8b int8_wo: 128/128 output tok/s (2048 req)": 0.19,
+    "h200 llama-3-8b int4_wo: TTFT ms, 128-token prompt": 0.27,
+    "h200 llama-3-8b int4_wo: TTFT ms, 2048-token prompt": 0.36,
 }
 
 
@@ -53,7 +56,7 @@ def test_stored_calibration_predicts_kilns_measurements():
     assert not off, off
     assert statistics.median(abs(e) for e in errors.values()) < 0.05
     assert {m.precision for m in measurements} >= {"bf16", "fp8"}
-    assert [f.name for f in cal.precisions] == ["fp8"]  # the measured quantizations, and only those
+    assert [f.name for f in cal.precisions] == ["fp8", "int4_wo", "int8_wo"]  # the measured quantizations, and only those
 
 
 def test_docs_table_is_the_stored_calibrations():
@@ -252,16 +255,18 @@ def test_fit_recovers_known_factors():
 
 
 def test_precision_factors_scale_only_their_precision():
-    cal, _ = calib.load_stored()
+    stored, _ = calib.load_stored()
+    cal = dataclasses.replace(stored, precisions=tuple(p for p in stored.precisions if p.name != "int8_wo"))
     slow = dataclasses.replace(cal, precisions=(*cal.precisions, PrecisionFactors("int8_wo", 0.5, 0.5)))
     for other in (engine(gpu="h200"), engine(gpu="h200", precision="fp8")):
         assert other.decode_tok_s(slow, 1, 192) == other.decode_tok_s(cal, 1, 192)
         assert other.ttft_ms(slow, 4096) == other.ttft_ms(cal, 4096)
     int8 = engine(gpu="h200", precision="int8_wo")
-    # Batch 1 streams the int8 linear weights at half bf16's rate: the LM head and KV are read as in bf16.
-    head_and_kv = int8.weight_bytes_read - int8.linear_bytes_read + 192 * int8.kv_bytes_per_token
-    ratio = (2 * int8.linear_bytes_read + head_and_kv) / (int8.linear_bytes_read + head_and_kv)
-    assert int8.decode_tok_s(cal, 1, 192) / int8.decode_tok_s(slow, 1, 192) == pytest.approx(ratio, rel=0.02)
+    # Batch 1 streams the int8 linear weights at half bf16's rate (the LM head and KV as in bf16): each token
+    # takes the linear weights' bytes at bf16's rate longer.
+    rate = int8.gpu.bandwidth_tbps * 1e12 * cal.bandwidth_efficiency
+    extra_s = 1 / int8.decode_tok_s(slow, 1, 192) - 1 / int8.decode_tok_s(cal, 1, 192)
+    assert extra_s == pytest.approx(int8.linear_bytes_read / rate, rel=0.02)
     assert int8.ttft_ms(slow, 4096) > 1.8 * int8.ttft_ms(cal, 4096)  # compute-bound prefill at half the rate
 
 
@@ -272,8 +277,7 @@ def test_rows_say_what_their_figures_are_calibrated_on():
     notes = {r.quantization: r.note for r in plan.rows}
     assert notes["bf16"] == "calibrated on 21 kiln measurements"
     assert notes["fp8"] == "calibrated on 3 kiln measurements"
-    assert notes["int8_wo"] == notes["int4_wo"] == "uncalibrated: bf16's efficiencies"
-    assert notes["int4_awq"] == "this kiln does not build int4_awq engines yet"
+    assert notes["int8_wo"] == notes["int4_wo"] == notes["int4_awq"] == "uncalibrated: bf16's efficiencies"
     # Only calibrated rows are recommended; an uncalibrated one is named as a later option at most.
     assert all(r.is_measured for r in plan.recommended().values())
 

@@ -17,8 +17,8 @@ import torch
 
 from kiln.errors import CheckpointError
 from kiln.kernels.weight_only import w4a16_matmul_ref, w4a16_matmul_triton, w8a16_matmul_ref
-from kiln.convert.int_checkpoints import (CheckpointQuantization, detect_checkpoint_quantization,
-                                                  parse_quantization_config, read_quantized_linear)
+from kiln.convert.int_checkpoints import (CheckpointQuantization, detect_checkpoint_quantization, engine_quantization,
+                                         parse_quantization_config, read_quantized_linear)
 
 AWQ_ORDER_FROM_AUTOAWQ = [0, 2, 4, 6, 1, 3, 5, 7]  # WQLinear_GEMM.from_linear's order_map
 
@@ -99,7 +99,9 @@ def test_awq_gemm_checkpoint_repacks_exactly(group_size):
     tensors = {"qweight": pack_awq(q), "qzeros": pack_awq(zeros), "scales": scales}
     quantization = parse_quantization_config({"quant_method": "awq", "bits": 4, "group_size": group_size,
                                               "zero_point": True, "version": "gemm"})
-    weight = read_quantized_linear(quantization, tensors)
+    unpacked = read_quantized_linear(quantization, tensors)
+    assert torch.equal(unpacked.dequantize(), reference)
+    weight = unpacked.to_int4(group_size)
     assert weight.bits == 4 and weight.input_order is None and weight.scales.dtype == torch.float16
     assert torch.equal(weight.dequantize(), reference)
     x = torch.randn(3, in_features)
@@ -160,7 +162,10 @@ def test_gptq_checkpoint_repacks_exactly(case):
     if not is_symmetric:
         assert (zeros == 0).any()  # v1 stores those as -1: the off-by-one must wrap back
     quantization = parse_quantization_config(config)
-    weight = read_quantized_linear(quantization, tensors)
+    _, engine_group_size = engine_quantization(quantization)
+    unpacked = read_quantized_linear(quantization, tensors)
+    assert unpacked.is_act_order == desc_act and torch.equal(unpacked.dequantize(), reference)
+    weight = unpacked.to_int4(engine_group_size) if bits == 4 else unpacked.to_int8(engine_group_size)
     assert weight.bits == bits and (weight.input_order is not None) == desc_act
     assert torch.equal(weight.dequantize(), reference)
     x = torch.randn(2, reference.shape[1])
@@ -170,15 +175,41 @@ def test_gptq_checkpoint_repacks_exactly(case):
         actual = w8a16_matmul_ref(x, weight.qweight, weight.scales, weight.zeros, weight.group_size,
                                   weight.input_order)
     torch.testing.assert_close(actual, x @ reference.T)
-    if bits == 8 and is_symmetric:
-        assert weight.zeros is None  # sym: q - 128 alone
-        assert (weight.group_size is None) == (group_size == -1)  # one group: per-channel scales
+    if bits == 8 and is_symmetric and group_size == -1 and not desc_act:  # int8_wo: per channel, q - 128 alone
+        per_channel = unpacked.to_int8(None)
+        assert per_channel.zeros is None and per_channel.scales.shape == (reference.shape[0],)
+        assert torch.equal(per_channel.dequantize(), reference)
+
+
+@pytest.mark.parametrize("engine_group_size", [32, 64])
+def test_a_checkpoint_group_repacks_into_smaller_engine_groups(engine_group_size):
+    """A group of 128 rows is 128 / g engine groups with its scale and zero point repeated: the same weight."""
+    tensors, config, reference, _ = make_gptq_checkpoint(4, 128, True, False, "gptq")
+    weight = read_quantized_linear(parse_quantization_config(config), tensors).to_int4(engine_group_size)
+    assert weight.scales.shape == (40, 256 // engine_group_size) and torch.equal(weight.dequantize(), reference)
+
+
+def test_engine_quantization_of_each_checkpoint_kind():
+    def engine(**config):
+        return engine_quantization(parse_quantization_config({"quant_method": "gptq", "checkpoint_format": "gptq",
+                                                              **config}))
+
+    assert engine_quantization(CheckpointQuantization("awq", 4, 64, "gemm")) == ("int4_wo", 64)
+    assert engine(bits=4, group_size=128, desc_act=False) == ("int4_wo", 128)
+    assert engine(bits=4, group_size=32, desc_act=True) == ("int4_gptq", 32)
+    assert engine(bits=4, group_size=-1) == ("int4_wo", 128)  # one group per channel: its scale repeated
+    assert engine(bits=4, group_size=256) == ("int4_wo", 128)
+    assert engine(bits=8, group_size=-1, sym=True) == ("int8_wo", None)
+    assert engine(bits=8, group_size=-1, sym=False) == ("int8_gptq", 128)
+    assert engine(bits=8, group_size=64, sym=True) == ("int8_gptq", 64)
+    with pytest.raises(CheckpointError, match="group size 48 is not supported"):
+        engine(bits=4, group_size=48)
 
 
 def test_gptq_act_order_checkpoint_runs_in_the_triton_kernel():
     """The act-order permutation as the kernels consume it, not only as dequantize() applies it."""
     tensors, config, reference, _ = make_gptq_checkpoint(4, 64, True, False, "gptq")
-    weight = read_quantized_linear(parse_quantization_config(config), tensors)
+    weight = read_quantized_linear(parse_quantization_config(config), tensors).to_int4(64)
     x = torch.randn(1, reference.shape[1], dtype=torch.float16)
     actual = w4a16_matmul_triton(x, weight.qweight, weight.scales, weight.zeros, weight.group_size,
                                  weight.input_order)
@@ -191,15 +222,15 @@ def test_gptq_v1_zero_point_of_zero_written_as_minus_one_reads_back_as_zero():
     qzeros = torch.tensor([[-1]], dtype=torch.int32)  # 8 zero points, all written as -1
     tensors = {"qweight": torch.zeros(4, 8, dtype=torch.int32), "qzeros": qzeros,
                "scales": torch.ones(1, 8, dtype=torch.float16)}
-    weight = read_quantized_linear(quantization, tensors)
+    weight = read_quantized_linear(quantization, tensors).to_int4(32)
     assert torch.equal(weight.zeros, torch.zeros(8, 4, dtype=torch.uint8))  # padded to 4 groups by kiln
 
 
 def test_gptq_g_idx_that_cannot_form_contiguous_groups_is_refused():
     tensors, config, _, _ = make_gptq_checkpoint(4, 64, True, False, "gptq")
-    tensors["g_idx"] = torch.zeros(192, dtype=torch.int32)  # every row in group 0
-    with pytest.raises(CheckpointError, match="contiguous groups"):
-        read_quantized_linear(parse_quantization_config(config), tensors)
+    tensors["g_idx"] = (torch.arange(192) % 2).to(torch.int32)  # two groups of 96 rows
+    with pytest.raises(CheckpointError, match="do not split into runs of 64 inputs"):
+        read_quantized_linear(parse_quantization_config(config), tensors).to_int4(64)
 
 
 # ---- detection ------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from kiln.cli import build_parser
 from kiln.cli import main as kiln_main
 from kiln.models.config import ModelConfig
 from kiln.runtime.llm import DEFAULT_MODEL_DIR, DEFAULT_MODEL_NAME
-from kiln.runtime.tokenizer import Tokenizer
+from kiln.engine.tokenizer import Tokenizer
 
 PROMPT = "Once upon a time"
 DEFAULT_URL = "http://127.0.0.1:8000"  # where the docs' examples send requests

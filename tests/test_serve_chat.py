@@ -9,7 +9,7 @@ import pytest
 
 from kiln.errors import ConfigError, RequestError
 from kiln.runtime.llm import DEFAULT_MODEL_DIR
-from kiln.runtime.tokenizer import Tokenizer
+from kiln.engine.tokenizer import Tokenizer
 from kiln.serve.chat import PLAIN_CHAT_TEMPLATE, ChatTemplate
 
 # Llama 2's template, shortened: it insists on alternating roles, as real templates do.

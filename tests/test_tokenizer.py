@@ -11,7 +11,7 @@ import pytest
 
 from kiln import LLM, SamplingParams
 from kiln.runtime.llm import DEFAULT_MODEL_DIR as STORIES_DIR
-from kiln.runtime.tokenizer import IncrementalDetokenizer, Tokenizer
+from kiln.engine.tokenizer import IncrementalDetokenizer, Tokenizer
 
 TEXTS = [
     "Once upon a time, there was a little dog named Max.",

@@ -15,9 +15,9 @@ import torch
 
 from kiln.kernels.weight_only import (DEFAULT_CONFIGS, launch_config, w4a16_matmul_ref, w4a16_matmul_triton,
                                       w8a16_matmul_ref, w8a16_matmul_triton)
-from kiln.quantization.weight_only import (QuantizedWeight, awq_scales, dequantize_int4, dequantize_int8,
-                                           pack_int4, padded_in_features, quantize_int4, quantize_int8,
-                                           unpack_int4)
+from kiln.quantization.weight_only import (QuantizedWeight, awq_clip, awq_scales, clip_groups, dequantize_int4,
+                                           dequantize_int8, pack_int4, padded_in_features, quantize_int4,
+                                           quantize_int8, unpack_int4)
 
 pytest.importorskip("triton")
 
@@ -167,6 +167,26 @@ def test_awq_scales_beat_round_to_nearest_on_salient_channels():
     assert output_error(scales) < 0.8 * rtn_error
 
 
+def test_awq_clip_never_raises_a_groups_output_error_on_the_calibration_inputs():
+    gen = torch.Generator().manual_seed(4)
+    num_tokens, in_features, out_features, group_size = 128, 172, 40, 32
+    x = torch.randn(num_tokens, in_features, generator=gen)
+    w = torch.randn(out_features, in_features, generator=gen) / in_features ** 0.5
+    w[:, 3] *= 8.0  # an outlier in every row's first group: clipping it helps the group's other weights
+    clip = awq_clip(w, x, group_size)
+    assert clip.shape == (out_features, 6)
+    max_abs = torch.nn.functional.pad(w.abs(), (0, 192 - in_features)).view(out_features, 6, group_size).amax(-1)
+    assert (clip <= max_abs).all() and (clip >= 0.5 * max_abs - 1e-6).all() and (clip < max_abs).any()
+
+    def group_errors(weight: torch.Tensor) -> torch.Tensor:
+        diff = dequantize_int4(*quantize_int4(weight, group_size), group_size, in_features) - w
+        diff = torch.nn.functional.pad(diff, (0, 192 - in_features)).view(out_features, 6, group_size)
+        xg = torch.nn.functional.pad(x, (0, 192 - in_features)).view(num_tokens, 6, group_size)
+        return torch.einsum("tgk,ngk->tng", xg, diff).pow(2).mean(0)
+
+    assert (group_errors(clip_groups(w, clip, group_size)) <= group_errors(w) + 1e-7).all()
+
+
 # ---- the matmuls ----------------------------------------------------------------------------------
 def config(block_m: int, block_n: int, block_k: int, group_m: int = 1) -> list[dict]:
     """One launch config for every batch size."""
@@ -183,6 +203,9 @@ MATMUL_CASES = {
     "gemv_16_rows_dot_g32": (16, 72, 256, 32, config(16, 32, 64)),
     "gemm_33_rows_k172_g64": (33, 250, 172, 64, config(16, 32, 32, group_m=2)),
     "defaults_1_row": (1, 72, 172, 128, None),
+    "gemv_2_rows_k300_g32_n33": (2, 33, 300, 32, config(1, 16, 128)),
+    "defaults_5_rows_k300_g32": (5, 47, 300, 32, None),
+    "gemm_20_rows_k300_g64_n47": (20, 47, 300, 64, config(16, 16, 32)),
 }
 MATMUL_DTYPES = [torch.float16, torch.bfloat16]
 
@@ -233,11 +256,12 @@ def test_w4a16_matmul_reads_inputs_through_the_act_order_permutation(block_m):
     assert_close(actual, expected)
 
 
+@pytest.mark.parametrize("group_size", [32, 64])
 @pytest.mark.parametrize("block_m", [1, 16])
-def test_w8a16_matmul_grouped_with_zero_points(block_m):
+def test_w8a16_matmul_grouped_with_zero_points(block_m, group_size):
     """INT8 with a scale and a zero point per group of input rows, as GPTQ 8-bit checkpoints have them."""
     gen = torch.Generator().manual_seed(6)
-    rows, out_features, in_features, group_size = 3, 24, 172, 64
+    rows, out_features, in_features = 3, 24, 172
     num_groups = -(-in_features // group_size)
     qweight = torch.randint(-128, 128, (out_features, in_features), generator=gen, dtype=torch.int8)
     zeros = torch.randint(-20, 20, (out_features, num_groups), generator=gen, dtype=torch.int8)

@@ -15,7 +15,8 @@ import os
 import sys
 from pathlib import Path
 
-from kiln.config import BUILD_DEFAULTS, DTYPES, FP8_SCALINGS, KV_CACHE_DTYPES, TARGETS, BuildConfig, SamplingParams
+from kiln.config import (BUILD_DEFAULTS, DTYPES, FP8_SCALINGS, GROUP_SIZES, KV_CACHE_DTYPES, TARGETS, BuildConfig,
+                         KvCacheConfig, SamplingParams)
 from kiln.errors import KilnError, cannot_write
 from kiln.flags import add_runtime_flags, runtime_config_from_args
 
@@ -24,6 +25,7 @@ Engine limits are fixed at build time; the runtime may lower max batch size and 
 raise them. A request beyond a limit gets an error naming it (rebuild with a larger value)."""
 EXIT_INTERRUPTED = 130  # 128 + SIGINT
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE
+KV_FRACTION = KvCacheConfig().free_gpu_memory_fraction
 
 
 def _add_build(sub) -> None:
@@ -53,8 +55,17 @@ def _add_build(sub) -> None:
     p.add_argument("--quantization", default="auto",
                    help="how every linear layer stores its weight and multiplies: none (the dtype's own), fp8 "
                         "(e4m3 weights, a scale per output channel, activations per token: needs sm89+ or the "
-                        "CPU reference), or another method this kiln knows; auto (default): the checkpoint's own "
-                        "(fp8 for a ModelOpt / compressed-tensors FP8 folder), else none")
+                        "CPU reference), int8_wo (INT8 weights, a scale per output channel), int4_wo (INT4 "
+                        "weights in groups, round to nearest), int4_awq (INT4 with AWQ's activation-aware "
+                        "scales, searched on --calibration-data), or another method this kiln knows; auto "
+                        "(default): the checkpoint's own (fp8 for a ModelOpt / compressed-tensors FP8 folder; "
+                        "int4_wo, int4_gptq, int8_wo or int8_gptq for an AutoAWQ / GPTQ folder), else none")
+    p.add_argument("--group-size", type=int, choices=GROUP_SIZES,
+                   help="inputs per INT4 scale and zero point (int4_wo, int4_awq; default 128; a pre-quantized "
+                        "checkpoint keeps its own)")
+    p.add_argument("--calibration-data", metavar="FILE",
+                   help="int4_awq: text whose activations choose the AWQ scales, a .txt file or a .jsonl file "
+                        "with a \"text\" per line (default: a bundled public-domain text)")
     p.add_argument("--fp8-scaling", choices=FP8_SCALINGS,
                    help="fp8 weights: a scale per output channel (default) or one per tensor")
     p.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto",
@@ -81,7 +92,8 @@ def cmd_build(args) -> int:
     config = BuildConfig(max_batch_size=args.max_batch_size, max_input_len=args.max_input_len,
                          max_seq_len=args.max_seq_len, max_num_tokens=args.max_num_tokens,
                          tokens_per_block=args.tokens_per_block, dtype=args.dtype, target=args.target,
-                         quantization=args.quantization, fp8_scaling=args.fp8_scaling,
+                         quantization=args.quantization, group_size=args.group_size,
+                         calibration_data=args.calibration_data, fp8_scaling=args.fp8_scaling,
                          kv_cache_dtype=args.kv_cache_dtype, use_fp8_context_fmha=args.fp8_context_attention)
     engine = Builder().build(source, config, tune=not args.no_tune)
     out = _save(engine, args.output, args.overwrite)
@@ -223,12 +235,16 @@ def cmd_inspect(args) -> int:
     m = EngineManifest.read(args.engine)
     files = _file_sizes(Path(args.engine))
     linear_kernels = linear_method(m.build_config.quantization, m.build_config).kernels(m.target, m.dtype)
+    plan = m.memory_plan
+    bytes_per_weight = plan["linear_weight_bytes"] / plan["linear_weights"] if "linear_weights" in plan else None
+    kv_pools = _kv_pools(m)
     summary = {
         "engine": str(args.engine), "kiln_version": m.kiln_version, "format_version": m.format_version,
         "target": {"name": m.target, "device": m.target_device_name},
         "model": m.model_config.to_dict(), "limits": m.build_config.to_dict(),
         "memory_plan": m.memory_plan, "kernel_plan": m.kernel_plan, "kernel_plan_tuned": m.is_kernel_plan_tuned,
-        "files": files, "linear_kernels": linear_kernels,
+        "files": files, "linear_kernels": linear_kernels, "linear_bytes_per_weight": bytes_per_weight,
+        "kv_pool_tokens": kv_pools,
     }
     if args.json:
         print(json.dumps(summary, indent=2))
@@ -249,6 +265,13 @@ def cmd_inspect(args) -> int:
     print("memory plan")
     for k, v in m.memory_plan.items():
         print(f"  {k:<26} {_human(v) if k.endswith('bytes') or '_bytes' in k else v}")
+    if bytes_per_weight is not None:
+        groups = f", groups of {bc.group_size}" if bc.group_size else ""
+        print(f"  {'bytes per weight':<26} {bytes_per_weight:.3f} in the linear layers as stored ({bc.quantization}"
+              f"{groups}; scales and zero points included)")
+    for gpu, tokens in kv_pools.items():
+        print(f"  {'KV pool on ' + gpu:<26} ~{tokens:,} tokens in what the weights leave ({KV_FRACTION:.0%} of the "
+              "memory after weights and activations)")
     print("kernel plan" if m.is_kernel_plan_tuned else
           f"kernel plan   not made yet: built without a {m.target} GPU, the first load on one tunes it (and saves it "
           "here when the folder is writable)")
@@ -259,6 +282,19 @@ def cmd_inspect(args) -> int:
     for name, size in files.items():
         print(f"  {name:<34} {_human(size)}")
     return 0
+
+
+def _kv_pools(m) -> dict[str, int]:
+    """Tokens the KV pool would hold on each GPU of kiln plan's table that the engine's target is (an sm80
+    engine: the A100s), at the default free_gpu_memory_fraction; none for CPU engines."""
+    from kiln.plan.planner import load_gpus
+
+    if m.target == "cpu" or "linear_weights" not in m.memory_plan:
+        return {}
+    plan = m.memory_plan
+    used = plan["weight_bytes"] + plan["activation_bytes"] + plan["logits_bytes"]
+    return {gpu.name: max(0, int((gpu.memory_gib * 2**30 - used) * KV_FRACTION) // plan["kv_bytes_per_token"])
+            for gpu in load_gpus().values() if f"sm{gpu.sm}" == m.target}
 
 
 def _file_sizes(engine_dir: Path) -> dict[str, int]:

@@ -15,6 +15,8 @@ TARGETS = ("auto", "cpu", "sm80", "sm86", "sm89", "sm90")
 # dtype; a dtype name must be the engine's (what "auto" resolves to, as a manifest holds it).
 KV_CACHE_DTYPES = ("auto", "fp8", "float32", "float16", "bfloat16")
 FP8_SCALINGS = ("channel", "tensor")  # fp8 weights: a scale per output channel, or one per tensor
+GROUP_SIZES = (32, 64, 128)  # weight-only quantization groups: the ones AutoAWQ and GPTQ checkpoints use
+CALIBRATION_FORMATS = (".txt", ".jsonl")
 GREEDY_TEMPERATURE = 1e-5
 
 
@@ -83,6 +85,12 @@ class BuildConfig:
     kv_cache_dtype: str = "auto"
     # Context attention's Q @ K^T and P @ V as FP8 dots (TensorRT-LLM's name); needs the fp8 KV cache.
     use_fp8_context_fmha: bool = False
+    # Inputs per scale and zero point of a grouped quantization (int4_wo, int4_awq; a GPTQ checkpoint's own);
+    # None: the method's default (128), or none for methods without groups.
+    group_size: int | None = None
+    # int4_awq: the text whose activations choose the AWQ scales (.txt, or .jsonl of {"text": ...} lines);
+    # None: the bundled public-domain text.
+    calibration_data: str | None = None
 
     def __post_init__(self):
         for name in ("max_batch_size", "max_input_len", "max_seq_len", "max_num_tokens", "tokens_per_block"):
@@ -106,6 +114,12 @@ class BuildConfig:
                               f"{', '.join(KV_CACHE_DTYPES)}")
         if not isinstance(self.use_fp8_context_fmha, bool):
             raise ConfigError(f"use_fp8_context_fmha must be True or False, got {self.use_fp8_context_fmha!r}")
+        if self.group_size is not None and self.group_size not in GROUP_SIZES:
+            raise ConfigError(f"group_size={self.group_size!r} (--group-size) is not supported; choose one of "
+                              f"{', '.join(map(str, GROUP_SIZES))}")
+        if self.calibration_data is not None and not str(self.calibration_data).endswith(CALIBRATION_FORMATS):
+            raise ConfigError(f"calibration_data {self.calibration_data!r} (--calibration-data): give a "
+                              f"{' or '.join(CALIBRATION_FORMATS)} file (.jsonl: one {{\"text\": ...}} per line)")
         if self.max_input_len is not None and self.max_seq_len is not None and self.max_input_len > self.max_seq_len:
             raise ConfigError(f"max_input_len ({self.max_input_len}) must be <= max_seq_len ({self.max_seq_len}); "
                               "raise max_seq_len (--max-seq-len) or lower max_input_len (--max-input-len)")

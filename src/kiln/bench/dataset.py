@@ -18,7 +18,7 @@ import numpy as np
 from kiln.engine.manifest import TOKENIZER_DIR, EngineManifest
 from kiln.config import BuildConfig
 from kiln.errors import ConfigError, KilnError
-from kiln.runtime.tokenizer import Tokenizer
+from kiln.engine.tokenizer import Tokenizer
 
 PROMPT_FIELDS = ("prompt", "text")  # where a .jsonl prompt file keeps each prompt
 LINE_FORMAT = '{"task_id", "input_ids" | "prompt", "output_tokens"}'  # one request a line

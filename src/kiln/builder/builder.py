@@ -13,12 +13,14 @@ from typing import Any
 
 import torch
 
-from kiln.builder.plan import kernel_plan, memory_plan, tensor_table
+from kiln.builder.plan import kernel_plan, linear_weights, memory_plan, tensor_table
 from kiln.config import BUILD_DEFAULTS, BuildConfig
 from kiln.convert import AutoModelForCausalLM, ModelSource, check_source
 from kiln.convert.checkpoint import CheckpointReader
 from kiln.convert.converter import convert_checkpoint, dummy_weights
+from kiln.convert.calibration import awq_input_scales
 from kiln.convert.fp8_checkpoints import Fp8CheckpointFormat, detect_fp8_format
+from kiln.convert.int_checkpoints import detect_checkpoint_quantization, engine_quantization
 from kiln.engine import Engine, EngineManifest
 from kiln.engine.target import compute_capability, detect_target, device_name, resolve_dtype
 from kiln.engine.weights import DTYPE_NAMES
@@ -39,16 +41,25 @@ def resolve_build_config(model: ModelConfig, build: BuildConfig, checkpoint_dir:
     target = detect_target() if build.target == "auto" else build.target
     dtype = resolve_dtype(build.dtype, model.checkpoint_dtype, target)
     fp8_format = detect_fp8_format(checkpoint_dir) if checkpoint_dir is not None else None
-    quantization = _resolve_quantization(build.quantization, checkpoint_dir, fp8_format)
+    quantization, group_size = _resolve_quantization(build, checkpoint_dir, fp8_format)
     if build.fp8_scaling is not None and quantization != "fp8":
         raise ConfigError(f"fp8_scaling={build.fp8_scaling!r} (--fp8-scaling) sets the scales of fp8 weights, and "
                           f"this engine's quantization is {quantization!r}; add --quantization fp8, or leave "
                           "--fp8-scaling out")
     fp8_scaling = (build.fp8_scaling or "channel") if quantization == "fp8" else None
-    refusal = linear_method(quantization, build.replace(fp8_scaling=fp8_scaling)).target_refusal(target)
-    if refusal:  # an unknown quantization has failed above, naming the known ones
+    # An unknown quantization or a group size it cannot take fails here, naming the known ones.
+    method = linear_method(quantization, build.replace(quantization=quantization, fp8_scaling=fp8_scaling,
+                                                       group_size=group_size))
+    refusal = method.target_refusal(target)
+    if refusal:
         raise ConfigError(f"quantization={quantization!r} (--quantization {quantization}) for target "
                           f"{target}: {refusal}")
+    if build.calibration_data is not None:
+        if quantization != "int4_awq":
+            raise ConfigError(f"calibration_data (--calibration-data) is for quantization int4_awq, not "
+                              f"{quantization!r}; leave it out")
+        if not Path(build.calibration_data).is_file():
+            raise ConfigError(f"calibration_data {build.calibration_data} (--calibration-data): no such file")
     kv_cache_dtype = _resolve_kv_cache_dtype(build, dtype, target, fp8_format)
     if model.sliding_window is not None and model.sliding_window < 1:
         raise ConfigError(f"sliding_window={model.sliding_window} leaves a query no key to attend to; set "
@@ -62,24 +73,33 @@ def resolve_build_config(model: ModelConfig, build: BuildConfig, checkpoint_dir:
                               f"{longest} or less")
     seq_len = build.max_seq_len or max(min(BUILD_DEFAULTS["max_seq_len"], longest), build.max_input_len or 0)
     return build.replace(
-        target=target, dtype=dtype, quantization=quantization, fp8_scaling=fp8_scaling,
-        kv_cache_dtype=kv_cache_dtype, max_seq_len=seq_len,
+        target=target, dtype=dtype, quantization=quantization, group_size=method.group_size,
+        fp8_scaling=fp8_scaling, kv_cache_dtype=kv_cache_dtype, max_seq_len=seq_len,
         max_input_len=build.max_input_len or min(BUILD_DEFAULTS["max_input_len"], seq_len),
         **{name: getattr(build, name) or BUILD_DEFAULTS[name]
            for name in ("max_batch_size", "max_num_tokens", "tokens_per_block")})
 
 
-def _resolve_quantization(quantization: str, checkpoint_dir: str | Path | None,
-                          fp8_format: Fp8CheckpointFormat | None) -> str:
-    """"auto" -> the checkpoint's quantization; a pre-quantized FP8 checkpoint builds "fp8" engines only
-    (its weights are taken as stored), so another value given fails."""
-    if fp8_format is None:
-        return "none" if quantization == "auto" else quantization
-    if quantization not in ("auto", "fp8"):
-        raise ConfigError(f"{checkpoint_dir} holds {fp8_format} weights, which build fp8 engines only; leave out "
-                          f"quantization={quantization!r} (--quantization), or build {quantization} from the float "
-                          "checkpoint")
-    return "fp8"
+def _resolve_quantization(build: BuildConfig, checkpoint_dir: str | Path | None,
+                          fp8_format: Fp8CheckpointFormat | None) -> tuple[str, int | None]:
+    """(quantization, group size): "auto" -> the checkpoint's quantization. A pre-quantized checkpoint
+    builds engines of its own format only (its weights are taken as stored): FP8 ones "fp8", AutoAWQ /
+    GPTQ ones the weight-only method and group size that store them (``engine_quantization``), so
+    another value given fails."""
+    quantization = build.quantization
+    int_format = detect_checkpoint_quantization(checkpoint_dir) if checkpoint_dir is not None else None
+    if fp8_format is None and int_format is None:
+        return ("none" if quantization == "auto" else quantization), build.group_size
+    own, group_size = ("fp8", None) if fp8_format is not None else engine_quantization(int_format)
+    if quantization not in ("auto", own):
+        raise ConfigError(f"{checkpoint_dir} holds {fp8_format or int_format} weights, which build {own} engines "
+                          f"only; leave out quantization={quantization!r} (--quantization), or build {quantization} "
+                          "from the float checkpoint")
+    if build.group_size not in (None, group_size):
+        stored = f"stored in groups of {group_size}" if group_size else f"stored as {own}, which has no groups"
+        raise ConfigError(f"{checkpoint_dir} holds {fp8_format or int_format} weights, {stored}; leave out "
+                          f"group_size={build.group_size} (--group-size)")
+    return own, group_size
 
 
 def _resolve_kv_cache_dtype(build: BuildConfig, dtype: str, target: str,
@@ -179,7 +199,8 @@ class Builder:
             build_config=resolved,
             target_device_name=target_device_name,
             kernel_plan=plan,
-            memory_plan=memory_plan(model.config, resolved, skeleton.kv_cache_dtype, dtype, tensors),
+            memory_plan=memory_plan(model.config, resolved, skeleton.kv_cache_dtype, dtype, tensors,
+                                    linear_weights(skeleton)),
             tensors=tensors,
             has_tokenizer=False,
             is_kernel_plan_tuned=is_tuned,
@@ -188,10 +209,12 @@ class Builder:
             device = torch.device("cuda" if resolved.target != "cpu" and torch.cuda.is_available() else "cpu")
             produce = partial(dummy_weights, skeleton, device)
         else:
-            produce = partial(_convert, skeleton, model.checkpoint_dir)
+            # int4_awq: scales and clipping searched here, on the float model's activations (GPU if there is one).
+            input_scales = awq_input_scales(model, resolved, dtype) if resolved.quantization == "int4_awq" else None
+            produce = partial(_convert, skeleton, model.checkpoint_dir, input_scales)
         return Engine(manifest=manifest, produce_weights=produce, tokenizer_source=model.tokenizer_dir,
                       kernel_cache=kernel_cache)
 
 
-def _convert(skeleton: CausalLM, checkpoint_dir):
-    return convert_checkpoint(skeleton, CheckpointReader(checkpoint_dir))
+def _convert(skeleton: CausalLM, checkpoint_dir, input_scales: dict[str, torch.Tensor] | None):
+    return convert_checkpoint(skeleton, CheckpointReader(checkpoint_dir), input_scales)

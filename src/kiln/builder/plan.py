@@ -11,6 +11,7 @@ import torch
 from kiln.config import BuildConfig
 from kiln.engine.weights import DTYPE_TO_ST, ST_TO_DTYPE
 from kiln.kernels import LLAMA_OPS, reference_plan
+from kiln.layers import Linear
 from kiln.models import CausalLM
 from kiln.models.config import ModelConfig
 
@@ -25,11 +26,23 @@ def tensor_table(model: CausalLM) -> dict[str, dict[str, Any]]:
     return {name: {"shape": list(p.shape), "dtype": DTYPE_TO_ST[p.dtype]} for name, p in model.named_parameters()}
 
 
+def linear_weights(model: CausalLM) -> dict[str, int]:
+    """The Linears' prefixes ("layers.0.mlp.down.") -> weights each multiplies (out x in features): what
+    their stored tensors hold, packed or not."""
+    return {name + ".": module.out_features * module.in_features for name, module in model.named_modules()
+            if isinstance(module, Linear)}
+
+
 def memory_plan(config: ModelConfig, build: BuildConfig, kv_cache_dtype: torch.dtype, dtype: torch.dtype,
-                tensors: dict[str, dict[str, Any]]) -> dict[str, int]:
-    """Bytes the engine needs at its limits, so users can see what fits before loading; the KV cache's by
-    its element size (an FP8 cache holds twice the tokens of a 16-bit one in the same bytes)."""
-    weights = sum(math.prod(t["shape"]) * ST_TO_DTYPE[t["dtype"]].itemsize for t in tensors.values())
+                tensors: dict[str, dict[str, Any]], linears: dict[str, int]) -> dict[str, int]:
+    """Bytes the engine needs at its limits, so users can see what fits before loading: the KV cache's by
+    its element size (an FP8 cache holds twice the tokens of a 16-bit one in the same bytes); ``linears``
+    (from ``linear_weights``) tells how many bytes the linear layers' weights take as stored (packed INT4 /
+    INT8 with their scales) for how many weights."""
+    sizes = {name: math.prod(t["shape"]) * ST_TO_DTYPE[t["dtype"]].itemsize for name, t in tensors.items()}
+    weights = sum(sizes.values())
+    linear_bytes = sum(size for name, size in sizes.items()
+                       if name.rpartition(".")[0] + "." in linears and not name.endswith(".bias"))
     per_token = kv_bytes_per_token(config, kv_cache_dtype)
     blocks_per_seq = -(-build.max_seq_len // build.tokens_per_block)
     widest = max(config.q_size + 2 * config.kv_size, 2 * config.intermediate_size, config.hidden_size)
@@ -37,6 +50,8 @@ def memory_plan(config: ModelConfig, build: BuildConfig, kv_cache_dtype: torch.d
     logits = build.max_batch_size * config.vocab_size * 4
     return {
         "weight_bytes": weights,
+        "linear_weight_bytes": linear_bytes,
+        "linear_weights": sum(linears.values()),
         "kv_bytes_per_token": per_token,
         "kv_bytes_per_block": per_token * build.tokens_per_block,
         "kv_blocks_for_full_batch": build.max_batch_size * blocks_per_seq,

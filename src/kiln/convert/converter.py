@@ -28,12 +28,20 @@ import torch
 
 from kiln.convert.checkpoint import CheckpointReader
 from kiln.convert.fp8_checkpoints import Fp8CheckpointReader, detect_fp8_format, is_fp8_metadata
+from kiln.convert.int_checkpoints import IntCheckpointReader, detect_checkpoint_quantization, is_int_metadata
 from kiln.errors import CheckpointError
 from kiln.layers import KvCacheScales, Layer, checkpoint_layers
 from kiln.layers.base import ONES
 from kiln.models import CausalLM, family
 from kiln.models.registry import hf_sources
 from kiln.quantization.fp8 import fuse_fp8_linears
+from kiln.quantization.weight_only import ActivationScaledWeight, fuse_unpacked
+
+
+def int_checkpoint_reader(reader: CheckpointReader) -> IntCheckpointReader | None:
+    """The AWQ / GPTQ weights of the checkpoint, or None for a checkpoint without them."""
+    quantization = detect_checkpoint_quantization(reader.path)
+    return IntCheckpointReader(quantization, reader) if quantization is not None else None
 
 
 def check_checkpoint(model: CausalLM, reader: CheckpointReader) -> None:
@@ -45,7 +53,18 @@ def check_checkpoint(model: CausalLM, reader: CheckpointReader) -> None:
     sources = {name: hf_sources(fam.HF_NAMES, name) for name in declared}
     ignored = re.compile("|".join(fam.HF_IGNORED))
     is_fp8 = detect_fp8_format(reader.path) is not None
+    int_reader = int_checkpoint_reader(reader)
     present = {n for n in reader.names() if not ignored.match(n) and not (is_fp8 and is_fp8_metadata(n))}
+    if int_reader is not None:  # <linear>.qweight stands for <linear>.weight
+        present = {n.removesuffix(".qweight") + ".weight" if n.endswith(".qweight") else n
+                   for n in present if not is_int_metadata(n)}
+
+    def shape(src: str) -> tuple[int, ...]:
+        linear = src.removesuffix(".weight")
+        if int_reader is not None and src.endswith(".weight") and int_reader.is_quantized(linear):
+            return int_reader.shape(linear)
+        return reader.shape(src)
+
     if config.tie_word_embeddings:  # some tied checkpoints store a copy; the embedding is used
         present -= set(hf_sources(fam.HF_NAMES, "lm_head.weight"))
     needed = {src for srcs in sources.values() for src in srcs}
@@ -60,38 +79,51 @@ def check_checkpoint(model: CausalLM, reader: CheckpointReader) -> None:
         raise CheckpointError(f"{reader.path}: checkpoint does not match config.json ({config.architecture}): "
                               f"{'; '.join(parts)}")
     for name, tensor in declared.items():
-        shapes = [reader.shape(src) for src in sources[name]]
+        shapes = [shape(src) for src in sources[name]]
         if any(s[1:] != tensor.shape[1:] for s in shapes) or sum(s[0] for s in shapes) != tensor.shape[0]:
             found = ", ".join(f"{src} {list(s)}" for src, s in zip(sources[name], shapes))
             raise CheckpointError(f"{reader.path}: {found} do not fit config.json, which implies {name} "
                                   f"{list(tensor.shape)}; the config does not describe these weights")
 
 
-def convert_checkpoint(model: CausalLM, reader: CheckpointReader) -> Iterator[tuple[str, torch.Tensor]]:
+def convert_checkpoint(model: CausalLM, reader: CheckpointReader,
+                       input_scales: dict[str, torch.Tensor] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """Yields (kiln name, tensor) in the model's parameter order: fused, converted, contiguous, on the
     host. Names and shapes were checked by check_checkpoint.
 
     A pre-quantized FP8 checkpoint's weights go to a block as one ``Fp8Linear`` (parts fused with a scale
     per row, nothing requantized) where the block's method takes them (``takes_fp8_weights``), else
-    dequantized to float32."""
+    dequantized to float32. An AWQ / GPTQ checkpoint's go as one ``UnpackedWeight`` (parts fused along N),
+    which only a method that ``takes_int_weights`` stores (the build resolves the quantization to one).
+    ``input_scales``: AWQ's scales by Linear prefix (int4_awq), handed over with the float weight."""
     names = family(model.config.architecture).HF_NAMES
     fp8 = Fp8CheckpointReader(reader.path, reader) if detect_fp8_format(reader.path) is not None else None
+    int_reader = int_checkpoint_reader(reader)
     for prefix, layer in checkpoint_layers(model):
         if isinstance(layer, KvCacheScales):
             yield from _stored(prefix, layer, {"scale": _kv_cache_scales(fp8, hf_sources(names, prefix + "scale"))})
             continue
-        takes_fp8 = getattr(getattr(layer, "method", None), "takes_fp8_weights", False)
+        method = getattr(layer, "method", None)
         tensors = {}
         for name in layer.checkpoint_tensors:
             sources = hf_sources(names, prefix + name)
             modules = [src.removesuffix(".weight") for src in sources]
-            if fp8 is not None and all(src.endswith(".weight") and fp8.is_quantized(m)
-                                       for src, m in zip(sources, modules)):
+            is_weight = all(src.endswith(".weight") for src in sources)
+            if fp8 is not None and is_weight and all(fp8.is_quantized(m) for m in modules):
                 fused = fuse_fp8_linears([fp8.linear(m) for m in modules])
-                tensors[name] = fused if takes_fp8 else fused.weight.float() * fused.weight_scale
+                tensors[name] = fused if method.takes_fp8_weights else fused.weight.float() * fused.weight_scale
+                continue
+            if int_reader is not None and is_weight and any(int_reader.is_quantized(m) for m in modules):
+                if not method.takes_int_weights or not all(int_reader.is_quantized(m) for m in modules):
+                    raise CheckpointError(f"{reader.path}: {', '.join(modules)}: kiln's {type(method).__name__} "
+                                          "cannot store these AWQ / GPTQ weights (fused parts must all be "
+                                          "quantized, with a method that takes them)")
+                tensors[name] = fuse_unpacked([int_reader.linear(m) for m in modules])
                 continue
             parts = [reader.get(src) for src in sources]
             tensors[name] = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+        if input_scales is not None and prefix in input_scales:
+            tensors["weight"] = ActivationScaledWeight(tensors["weight"], *input_scales[prefix])
         yield from _stored(prefix, layer, tensors)
 
 

@@ -28,12 +28,15 @@ settings in ``quantize_config.json``), 4 or 8 bits, p = 32 / bits values per wor
     read back as 0 too, which is what the checkpoint holds; nothing can recover the originals.)
     ``sym: true`` (zero points all 2**(bits-1)) needs nothing special: the zero points are stored.
 
-Repacking: INT4 goes to kiln's INT4 layout (K padded with q = z); INT8 to kiln's INT8 layout as int8
-q - 128 with int8 zero points z - 128, dropped when all are 0 (sym), and per-channel scales when there is
-a single group. Act-order (desc_act): the input rows are reordered so each group's rows are contiguous
-(a stable sort by g_idx, which must give g rows per group), and the permutation is kept as
-``input_order`` for the kernels to gather x through: permuting the previous layer's outputs instead is
-not possible for every layer, and a per-row group index would cost the kernels a scale load per weight.
+Building: ``kiln build DIR`` (and ``LLM(DIR)``) detects these settings from the folder and builds the
+engine in the linear method that stores the weights as they are (``engine_quantization``); the
+converter reads each linear as an ``UnpackedWeight`` (Q/K/V and gate/up fused along N) and the method
+repacks it (``UnpackedWeight.to_int4`` / ``to_int8``): INT4 with K padded with q = z; INT8 as int8 q - 128
+with int8 zero points z - 128, or per-channel scales and no zero points for a symmetric checkpoint with
+one group per channel. Act-order (desc_act): the input rows are reordered so each group's rows are
+contiguous (a stable sort by g_idx), and the permutation is kept as ``input_order`` for the kernels to
+gather x through: permuting the previous layer's outputs instead is not possible for every layer, and a
+per-row group index would cost the kernels a scale load per weight.
 """
 
 from __future__ import annotations
@@ -45,8 +48,10 @@ from typing import Any
 
 import torch
 
+from kiln.config import GROUP_SIZES
+from kiln.convert.checkpoint import CheckpointReader
 from kiln.errors import CheckpointError
-from kiln.quantization.weight_only import QuantizedWeight, pack_int4, padded_in_features
+from kiln.quantization.weight_only import UnpackedWeight
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # the output channel (within 8) that nibble i of an AutoAWQ word holds
 SUPPORTED_AWQ_VERSIONS = ("gemm",)
@@ -65,6 +70,10 @@ class CheckpointQuantization:
     is_symmetric: bool = False
     desc_act: bool = False
     modules_to_not_convert: tuple[str, ...] = ()  # AutoAWQ's list of modules left in float
+
+    def __str__(self) -> str:
+        groups = f"groups of {self.group_size}" if self.group_size else "one group per channel"
+        return f"{self.method.upper()} {self.bits}-bit ({groups}{', act-order' if self.desc_act else ''})"
 
     @property
     def zero_point_offset(self) -> int:
@@ -132,22 +141,6 @@ def detect_checkpoint_quantization(model_dir: str | Path) -> CheckpointQuantizat
     return None
 
 
-@dataclass(frozen=True)
-class UnpackedWeight:
-    """A checkpoint's quantized weight as plain integers, in W's orientation [N, K]."""
-
-    values: torch.Tensor  # int16 [N, K], q in [0, 2**bits)
-    zeros: torch.Tensor  # int16 [N, G], z in [0, 2**bits)
-    scales: torch.Tensor  # [N, G], the checkpoint's dtype
-    group_index: torch.Tensor  # int64 [K], the group of each input row
-    group_size: int
-
-    def dequantize(self) -> torch.Tensor:
-        """(q - z) * s in float32, [N, K]."""
-        rows = self.group_index
-        return (self.values.float() - self.zeros[:, rows].float()) * self.scales[:, rows].float()
-
-
 def _unpack_words(words: torch.Tensor, bits: int) -> torch.Tensor:
     """int32 [..., W] -> int16 [..., W, 32 / bits], value j from bits j*bits.. of each word."""
     shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=words.device)
@@ -179,8 +172,8 @@ def unpack_awq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor
         return ordered.flatten(-2)
 
     rows = torch.arange(in_features, device=qweight.device) // group_size
-    return UnpackedWeight(unpack(qweight).T.contiguous(), unpack(qzeros).T.contiguous(), scales.T.contiguous(),
-                          rows, group_size)
+    return UnpackedWeight(4, unpack(qweight).T.contiguous(), unpack(qzeros).T.contiguous(), scales.T.contiguous(),
+                          rows)
 
 
 def unpack_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor | None,
@@ -203,48 +196,69 @@ def unpack_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tenso
         rows = g_idx.long()
         if rows.min() < 0 or rows.max() >= num_groups:
             raise CheckpointError(f"GPTQ g_idx names groups outside 0..{num_groups - 1}")
-    return UnpackedWeight(values, zeros.T.contiguous(), scales.T.contiguous(), rows, group_size)
+    return UnpackedWeight(bits, values, zeros.T.contiguous(), scales.T.contiguous(), rows)
 
 
-def repack(unpacked: UnpackedWeight, bits: int) -> QuantizedWeight:
-    """Integers + scales + zero points -> kiln's layout for ``bits`` (see the module docstring)."""
-    values, zeros, scales, group_size = unpacked.values, unpacked.zeros, unpacked.scales, unpacked.group_size
-    num_rows, in_features = values.shape
-    input_order = None
-    natural = torch.arange(in_features, device=values.device) // group_size
-    if not torch.equal(unpacked.group_index, natural):
-        order = torch.sort(unpacked.group_index, stable=True).indices
-        if not torch.equal(unpacked.group_index[order], natural):
-            raise CheckpointError(f"g_idx does not assign {group_size} input rows to each group; cannot reorder "
-                                  "the inputs into contiguous groups")
-        values, input_order = values[:, order], order.to(torch.int32)
-    if bits == 4:
-        padded = padded_in_features(in_features, group_size)
-        num_groups = padded // group_size
-        zeros = torch.nn.functional.pad(zeros, (0, num_groups - zeros.shape[1]))
-        scales = torch.nn.functional.pad(scales, (0, num_groups - scales.shape[1]), value=1.0)
-        padding = zeros.repeat_interleave(group_size, dim=1)[:, in_features:]  # q = z: dequantizes to 0
-        qweight = pack_int4(torch.cat([values, padding], dim=1))
-        return QuantizedWeight(4, qweight, scales.contiguous(), zeros.to(torch.uint8), group_size, in_features,
-                               input_order)
-    qweight = (values - 128).to(torch.int8)
-    signed_zeros = (zeros - 128).to(torch.int8)
-    if signed_zeros.any():
-        return QuantizedWeight(8, qweight, scales.contiguous(), signed_zeros, group_size, in_features, input_order)
-    if scales.shape[1] == 1:  # one group over all inputs: per-channel scales
-        return QuantizedWeight(8, qweight, scales[:, 0].contiguous(), None, None, in_features, input_order)
-    return QuantizedWeight(8, qweight, scales.contiguous(), None, group_size, in_features, input_order)
-
-
-def read_quantized_linear(quantization: CheckpointQuantization, tensors: dict[str, torch.Tensor]) -> QuantizedWeight:
+def read_quantized_linear(quantization: CheckpointQuantization, tensors: dict[str, torch.Tensor]) -> UnpackedWeight:
     """One linear layer's checkpoint tensors (``qweight``, ``qzeros``, ``scales``, GPTQ ``g_idx``: the
-    names after the layer's prefix) -> kiln's layout."""
+    names after the layer's prefix) -> its integers, scales and zero points (repacked by the linear
+    method: ``UnpackedWeight.to_int4`` / ``to_int8``)."""
     missing = [name for name in ("qweight", "qzeros", "scales") if name not in tensors]
     if missing:
         raise CheckpointError(f"{quantization.method.upper()} layer lacks {', '.join(missing)}")
     if quantization.method == "awq":
-        unpacked = unpack_awq(tensors["qweight"], tensors["qzeros"], tensors["scales"], quantization.group_size)
-    else:
-        unpacked = unpack_gptq(tensors["qweight"], tensors["qzeros"], tensors["scales"], tensors.get("g_idx"),
-                               quantization)
-    return repack(unpacked, quantization.bits)
+        return unpack_awq(tensors["qweight"], tensors["qzeros"], tensors["scales"], quantization.group_size)
+    return unpack_gptq(tensors["qweight"], tensors["qzeros"], tensors["scales"], tensors.get("g_idx"), quantization)
+
+
+def engine_quantization(quantization: CheckpointQuantization) -> tuple[str, int | None]:
+    """The linear method (``BuildConfig.quantization``) and group size that store this checkpoint's weights
+    as they are: 4-bit as int4_wo (int4_gptq with GPTQ act-order, for its input permutation), 8-bit GPTQ
+    as int8_wo where it is symmetric with one group per channel and no act-order, else as int8_gptq.
+    Groups of 32, 64 or 128 are kept; a larger multiple of 128, or one group per channel, is stored as
+    groups of 128 with the scale repeated (the same weights)."""
+    group_size = quantization.group_size
+    if quantization.bits == 8 and quantization.is_symmetric and group_size is None and not quantization.desc_act:
+        return "int8_wo", None
+    if group_size not in GROUP_SIZES:
+        if group_size is not None and group_size % max(GROUP_SIZES):
+            raise CheckpointError(f"{quantization.method.upper()} group size {group_size} is not supported; kiln "
+                                  f"stores groups of {', '.join(map(str, GROUP_SIZES))} (or a multiple of "
+                                  f"{max(GROUP_SIZES)}, or one group per channel, as groups of "
+                                  f"{max(GROUP_SIZES)})")
+        group_size = max(GROUP_SIZES)
+    if quantization.bits == 8:
+        return "int8_gptq", group_size
+    return ("int4_gptq" if quantization.desc_act else "int4_wo"), group_size
+
+
+class IntCheckpointReader:
+    """The quantized linear weights of an AutoAWQ / GPTQ checkpoint, by Hugging Face module name
+    ("model.layers.0.self_attn.q_proj"); layers the checkpoint keeps in float have a plain ``.weight``."""
+
+    def __init__(self, quantization: CheckpointQuantization, checkpoint: CheckpointReader):
+        self.quantization, self.checkpoint = quantization, checkpoint
+        self._names = checkpoint.names()
+
+    def is_quantized(self, linear: str) -> bool:
+        return f"{linear}.qweight" in self._names
+
+    def shape(self, linear: str) -> tuple[int, int]:
+        """The float weight's [out_features, in_features], from the qweight's file metadata."""
+        rows, cols = self.checkpoint.shape(f"{linear}.qweight")
+        if self.quantization.method == "awq":
+            return cols * 8, rows  # [K, N / 8]
+        return cols, rows * 32 // self.quantization.bits  # [K / p, N]
+
+    def linear(self, linear: str) -> UnpackedWeight:
+        names = ("qweight", "qzeros", "scales", "g_idx")
+        tensors = {n: self.checkpoint.get(f"{linear}.{n}") for n in names if f"{linear}.{n}" in self._names}
+        try:
+            return read_quantized_linear(self.quantization, tensors)
+        except CheckpointError as e:
+            raise CheckpointError(f"{self.checkpoint.path}: {linear}: {e}") from e
+
+
+def is_int_metadata(name: str) -> bool:
+    """Whether a checkpoint tensor is an AWQ / GPTQ zero point, scale or group index, not a weight."""
+    return name.endswith((".qzeros", ".scales", ".g_idx"))

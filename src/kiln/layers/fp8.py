@@ -43,7 +43,7 @@ class Fp8LinearMethod(LinearMethod):
 
     @classmethod
     def from_build(cls, build: BuildConfig) -> "Fp8LinearMethod":
-        return cls(build.fp8_scaling or "channel")
+        return cls(build.fp8_scaling or "channel", **cls.group_options(build))
 
     def tensors(self, out_features, in_features, dtype):
         scale_shape = (out_features, 1) if self.scaling == "channel" else ()

@@ -21,11 +21,32 @@ from kiln.layers.base import SMALL_STD, CheckpointTensor, Layer, empty_parameter
 
 class LinearMethod(ABC):
     takes_fp8_weights = False  # convert also accepts a pre-quantized FP8 checkpoint's Fp8Linear
+    takes_int_weights = False  # convert also accepts an AWQ / GPTQ checkpoint's UnpackedWeight
+    # The group sizes it quantizes in (BuildConfig.group_size) and its default; empty: no groups.
+    group_sizes: tuple[int, ...] = ()
+    default_group_size: int | None = None
+    group_size: int | None = None  # this method's, where it has groups
 
     @classmethod
     def from_build(cls, build: BuildConfig) -> LinearMethod:
-        """The method as an engine's build config sets it up (a method with options reads its fields)."""
-        return cls()
+        """The method as an engine's build config sets it up: one with groups takes ``build.group_size``
+        (its default when None), any other refuses one; a method with other options reads its fields too
+        (overriding this, with ``group_options``)."""
+        return cls(**cls.group_options(build))
+
+    @classmethod
+    def group_options(cls, build: BuildConfig) -> dict[str, int]:
+        """``{"group_size": ...}`` for a method with groups, else ``{}``; a group size it cannot take fails."""
+        if not cls.group_sizes:
+            if build.group_size is not None:
+                grouped = [n for n in LINEAR_METHODS if _method_class(n).group_sizes]
+                raise ConfigError(f"group_size={build.group_size} (--group-size) is for quantizations with groups "
+                                  f"({', '.join(grouped)}), not {build.quantization!r}; leave it unset")
+            return {}
+        if build.group_size is not None and build.group_size not in cls.group_sizes:
+            raise ConfigError(f"group_size={build.group_size} (--group-size) is not one of {build.quantization}'s: "
+                              f"{', '.join(map(str, cls.group_sizes))}")
+        return {"group_size": build.group_size or cls.default_group_size}
 
     @abstractmethod
     def tensors(self, out_features: int, in_features: int, dtype: torch.dtype
@@ -71,18 +92,26 @@ LINEAR_METHODS: dict[str, type[LinearMethod] | str] = {
     "fp8": "kiln.layers.fp8:Fp8LinearMethod",
     "int8_wo": "kiln.layers.weight_only:Int8WeightOnlyMethod",
     "int4_wo": "kiln.layers.weight_only:Int4WeightOnlyMethod",
+    "int4_awq": "kiln.layers.weight_only:Int4AwqMethod",
+    "int4_gptq": "kiln.layers.weight_only:Int4GptqMethod",
+    "int8_gptq": "kiln.layers.weight_only:Int8GptqMethod",
 }
 
 
 def linear_method(name: str, build: BuildConfig | None = None) -> LinearMethod:
     """The method ``name``, with its options from ``build`` (None: its defaults)."""
+    method = _method_class(name)
+    return method() if build is None else method.from_build(build)
+
+
+def _method_class(name: str) -> type[LinearMethod]:
     if name not in LINEAR_METHODS:
         raise ConfigError(f"unknown quantization {name!r}; this kiln knows {', '.join(LINEAR_METHODS)}")
     method = LINEAR_METHODS[name]
     if isinstance(method, str):
         module, _, cls = method.partition(":")
         method = getattr(importlib.import_module(module), cls)
-    return method() if build is None else method.from_build(build)
+    return method
 
 
 class Linear(Layer):

@@ -2,35 +2,56 @@
 ``kiln.quantization.weight_only``, activations and outputs in the engine dtype.
 
 * ``int8_wo``: symmetric INT8, one float32 scale per output channel (``quantize_int8``).
-* ``int4_wo``: asymmetric INT4 in groups of 128 inputs, a float16 scale and a uint8 zero point per group
-  (``quantize_int4``), K padded to whole 128-input blocks (stories260K's down projection: 172 -> 256).
-  128 is fixed: BuildConfig has no group-size field; it is the size AutoAWQ and GPTQ use by default.
+* ``int4_wo``: asymmetric INT4 in groups of ``group_size`` inputs (``BuildConfig.group_size``: 32, 64 or
+  128, default 128), a float16 scale and a uint8 zero point per group (``quantize_int4``), K padded to
+  whole 128-input blocks (stories260K's down projection: 172 -> 256).
+* ``int4_awq``: int4_wo of the weight times AWQ's per-input-channel scales s (searched on calibration
+  activations at build: ``kiln.convert.calibration``), and ``pre_quant_scale`` = 1 / s [K], which
+  multiplies the input first.
+* ``int4_gptq`` / ``int8_gptq``: what GPTQ checkpoints hold beyond int4_wo / int8_wo: the act-order
+  input permutation ``input_order`` [K], and for 8 bits, scales and zero points per group.
 
-The matmul: on CUDA tensors the Triton kernels of ``kiln.kernels.weight_only`` (which pick the GEMV or
-the tiled path from the number of rows); elsewhere their plain-PyTorch references (dequantize to
-float32, matmul in float32, round to x's dtype), which are also the tests' oracle.
+AutoAWQ and GPTQ checkpoints (``kiln.convert.int_checkpoints``) come as an ``UnpackedWeight``, repacked
+without loss (``takes_int_weights``); float checkpoints are quantized by rounding to nearest. The
+matmul: on CUDA tensors the Triton kernels of ``kiln.kernels.weight_only`` (which pick the GEMV or the
+tiled path from the number of rows); elsewhere their plain-PyTorch references (dequantize to float32,
+matmul in float32, round to x's dtype), which are also the tests' oracle.
 """
 
 from __future__ import annotations
 
 import torch
 
+from kiln.config import GROUP_SIZES
+from kiln.errors import CheckpointError
 from kiln.kernels.weight_only import w4a16_matmul_ref, w4a16_matmul_triton, w8a16_matmul_ref, w8a16_matmul_triton
 from kiln.layers.linear import LinearMethod
-from kiln.quantization.weight_only import INT4_PER_WORD, padded_in_features, quantize_int4, quantize_int8
+from kiln.quantization.weight_only import (INT4_PER_WORD, ActivationScaledWeight, UnpackedWeight, clip_groups,
+                                           padded_in_features, quantize_int4, quantize_int8)
+
+DEFAULT_GROUP_SIZE = 128  # what AutoAWQ and GPTQ checkpoints use by default
 
 
 def _with_bias(out: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return out if bias is None else out + bias
 
 
+def _identity_order(in_features: int, device: torch.device) -> torch.Tensor:
+    return torch.arange(in_features, dtype=torch.int32, device=device)
+
+
 class Int8WeightOnlyMethod(LinearMethod):
     """qweight int8 [N, K], scales float32 [N]."""
+
+    takes_int_weights = True  # a symmetric GPTQ 8-bit checkpoint with one group per channel, no act-order
 
     def tensors(self, out_features, in_features, dtype):
         return {"qweight": ((out_features, in_features), torch.int8), "scales": ((out_features,), torch.float32)}
 
     def convert(self, weight, dtype):
+        if isinstance(weight, UnpackedWeight):
+            quantized = weight.to_int8(None)
+            return {"qweight": quantized.qweight, "scales": quantized.scales}
         qweight, scales = quantize_int8(weight, torch.float32)
         return {"qweight": qweight, "scales": scales}
 
@@ -39,10 +60,52 @@ class Int8WeightOnlyMethod(LinearMethod):
         return _with_bias(matmul(x.contiguous(), layer.qweight, layer.scales), layer.bias)
 
 
-class Int4WeightOnlyMethod(LinearMethod):
-    """qweight int32 [N, Kp / 8], scales float16 [N, Kp / 128], zeros uint8 [N, Kp / 128]."""
+class Int8GptqMethod(LinearMethod):
+    """GPTQ 8-bit: qweight int8 [N, K] (q - 128), scales float16 and zeros int8 (z - 128) [N, ceil(K / g)],
+    input_order int32 [K] (the identity without act-order). A float weight is quantized per channel
+    (int8_wo's rounding), its scale repeated over the groups with zero points 0."""
 
-    group_size = 128
+    takes_int_weights = True
+    group_sizes = GROUP_SIZES
+    default_group_size = DEFAULT_GROUP_SIZE
+
+    def __init__(self, group_size: int = DEFAULT_GROUP_SIZE):
+        self.group_size = group_size
+
+    def tensors(self, out_features, in_features, dtype):
+        groups = (out_features, -(-in_features // self.group_size))
+        return {"qweight": ((out_features, in_features), torch.int8), "scales": (groups, torch.float16),
+                "zeros": (groups, torch.int8), "input_order": ((in_features,), torch.int32)}
+
+    def convert(self, weight, dtype):
+        if isinstance(weight, UnpackedWeight):
+            quantized = weight.to_int8(self.group_size)
+            qweight, scales, zeros, input_order = (quantized.qweight, quantized.scales, quantized.zeros,
+                                                   quantized.input_order)
+        else:
+            qweight, per_channel = quantize_int8(weight, torch.float16)
+            num_groups = -(-weight.shape[1] // self.group_size)
+            scales = per_channel[:, None].expand(-1, num_groups).contiguous()
+            zeros, input_order = torch.zeros(scales.shape, dtype=torch.int8, device=qweight.device), None
+        if input_order is None:
+            input_order = _identity_order(qweight.shape[1], qweight.device)
+        return {"qweight": qweight, "scales": scales, "zeros": zeros, "input_order": input_order}
+
+    def apply(self, layer, x):
+        matmul = w8a16_matmul_triton if x.is_cuda else w8a16_matmul_ref
+        out = matmul(x.contiguous(), layer.qweight, layer.scales, layer.zeros, self.group_size, layer.input_order)
+        return _with_bias(out, layer.bias)
+
+
+class Int4WeightOnlyMethod(LinearMethod):
+    """qweight int32 [N, Kp / 8], scales float16 [N, Kp / g], zeros uint8 [N, Kp / g]."""
+
+    takes_int_weights = True  # AutoAWQ GEMM and GPTQ 4-bit (without act-order) checkpoints
+    group_sizes = GROUP_SIZES
+    default_group_size = DEFAULT_GROUP_SIZE
+
+    def __init__(self, group_size: int = DEFAULT_GROUP_SIZE):
+        self.group_size = group_size
 
     def tensors(self, out_features, in_features, dtype):
         padded = padded_in_features(in_features, self.group_size)
@@ -51,12 +114,66 @@ class Int4WeightOnlyMethod(LinearMethod):
                 "scales": (groups, torch.float16), "zeros": (groups, torch.uint8)}
 
     def convert(self, weight, dtype):
+        if isinstance(weight, UnpackedWeight):
+            quantized = weight.to_int4(self.group_size)
+            if quantized.input_order is not None:
+                raise CheckpointError("this weight's checkpoint groups are in act-order (GPTQ desc_act), which "
+                                      "int4_wo cannot store; build it as int4_gptq")
+            return {"qweight": quantized.qweight, "scales": quantized.scales, "zeros": quantized.zeros}
         qweight, scales, zeros = quantize_int4(weight, self.group_size, torch.float16)
         return {"qweight": qweight, "scales": scales, "zeros": zeros}
 
     def apply(self, layer, x):
+        return self._matmul(layer, x.contiguous(), None)
+
+    def _matmul(self, layer, x: torch.Tensor, input_order: torch.Tensor | None) -> torch.Tensor:
         matmul = w4a16_matmul_triton if x.is_cuda else w4a16_matmul_ref
-        out = matmul(x.contiguous(), layer.qweight, layer.scales, layer.zeros, self.group_size)
+        out = matmul(x, layer.qweight, layer.scales, layer.zeros, self.group_size, input_order)
         return _with_bias(out, layer.bias)
 
 
+class Int4GptqMethod(Int4WeightOnlyMethod):
+    """int4_wo plus input_order int32 [K]: GPTQ act-order (desc_act) checkpoints, whose groups are not
+    runs of consecutive inputs; the kernels read x through the permutation."""
+
+    def tensors(self, out_features, in_features, dtype):
+        return {**super().tensors(out_features, in_features, dtype), "input_order": ((in_features,), torch.int32)}
+
+    def convert(self, weight, dtype):
+        if isinstance(weight, UnpackedWeight):
+            quantized = weight.to_int4(self.group_size)
+            stored = {"qweight": quantized.qweight, "scales": quantized.scales, "zeros": quantized.zeros}
+            input_order = quantized.input_order
+        else:
+            stored, input_order = super().convert(weight, dtype), None
+        if input_order is None:
+            input_order = _identity_order(weight.in_features if isinstance(weight, UnpackedWeight)
+                                          else weight.shape[1], stored["qweight"].device)
+        return {**stored, "input_order": input_order}
+
+    def apply(self, layer, x):
+        return self._matmul(layer, x.contiguous(), layer.input_order)
+
+
+class Int4AwqMethod(Int4WeightOnlyMethod):
+    """int4_wo of W * s plus pre_quant_scale [K] = 1 / s in the engine dtype (AWQ, activation-aware): the
+    input is multiplied by it before the matmul, so y = (x / s) @ Q(W * s).T ~ x @ W.T. A weight with no
+    scales (dummy weights) takes s = 1: round to nearest."""
+
+    takes_int_weights = False  # an AutoAWQ checkpoint's scales are folded into its weights: int4_wo stores it
+
+    def tensors(self, out_features, in_features, dtype):
+        return {**super().tensors(out_features, in_features, dtype), "pre_quant_scale": ((in_features,), dtype)}
+
+    def convert(self, weight, dtype):
+        clip = None
+        if isinstance(weight, ActivationScaledWeight):
+            weight, input_scales, clip = weight.weight, weight.input_scales.float(), weight.clip
+        else:
+            input_scales = torch.ones(weight.shape[1], device=weight.device)
+        scaled = weight.float() * input_scales
+        stored = super().convert(scaled if clip is None else clip_groups(scaled, clip, self.group_size), dtype)
+        return {**stored, "pre_quant_scale": (1.0 / input_scales).to(dtype)}
+
+    def apply(self, layer, x):
+        return self._matmul(layer, (x * layer.pre_quant_scale).contiguous(), None)

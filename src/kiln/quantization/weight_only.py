@@ -58,12 +58,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from kiln.config import GROUP_SIZES
+from kiln.errors import CheckpointError
+
 INT8_MAX = 127
 INT4_MAX = 15
 INT4_PER_WORD = 8
 INT4_RUN = 16  # inputs per nibble run: a word's position in its block; tl.dot's smallest K for 16-bit floats
 INT4_BLOCK = INT4_PER_WORD * INT4_RUN  # 128 inputs in 16 words
-INT4_GROUP_SIZES = (32, 64, 128)  # the ones AutoAWQ and GPTQ checkpoints use; any multiple of 16 works
 
 
 def _round_scale_up(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -151,7 +153,7 @@ def quantize_int4(w: torch.Tensor, group_size: int = 128, scale_dtype: torch.dty
         raise ValueError(f"expected a 2-D weight [out_features, in_features], got {list(w.shape)}")
     if group_size <= 0 or group_size % INT4_RUN:
         raise ValueError(f"INT4 group size must be a positive multiple of {INT4_RUN} "
-                         f"(checkpoints use {', '.join(map(str, INT4_GROUP_SIZES))}), got {group_size}")
+                         f"(checkpoints use {', '.join(map(str, GROUP_SIZES))}), got {group_size}")
     num_rows, in_features = w.shape
     padded = padded_in_features(in_features, group_size)
     groups = F.pad(w.float(), (0, padded - in_features)).view(num_rows, -1, group_size)
@@ -178,8 +180,8 @@ def dequantize_int4(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Te
 
 @dataclass(frozen=True)
 class QuantizedWeight:
-    """One linear's weight in kiln's INT8 or INT4 layout (see the module docstring), as a checkpoint
-    reader or a quantizer hands it to a linear method."""
+    """One linear's weight in kiln's INT8 or INT4 layout (see the module docstring), as a linear method
+    stores it."""
 
     bits: int
     qweight: torch.Tensor
@@ -213,33 +215,176 @@ class QuantizedWeight:
         return {name: tensor for name, tensor in named.items() if tensor is not None}
 
 
+@dataclass(frozen=True)
+class UnpackedWeight:
+    """A pre-quantized checkpoint's weight (AutoAWQ, GPTQ: ``kiln.convert.int_checkpoints`` reads them) as
+    plain integers in W's orientation [N, K]: w = (q - z) * s, per output channel and checkpoint group.
+    ``to_int4`` / ``to_int8`` repack it, losslessly, into kiln's layouts at the engine's group size."""
+
+    bits: int
+    values: torch.Tensor  # int16 [N, K], q in [0, 2**bits)
+    zeros: torch.Tensor  # int16 [N, G], z in [0, 2**bits)
+    scales: torch.Tensor  # [N, G], the checkpoint's dtype
+    group_index: torch.Tensor  # int64 [K], the checkpoint group of each input row
+
+    @property
+    def in_features(self) -> int:
+        return self.values.shape[1]
+
+    @property
+    def is_act_order(self) -> bool:
+        """Whether the checkpoint's groups are not runs of consecutive inputs (GPTQ desc_act)."""
+        return bool((self.group_index[1:] < self.group_index[:-1]).any())
+
+    def dequantize(self) -> torch.Tensor:
+        """(q - z) * s in float32, [N, K]."""
+        rows = self.group_index
+        return (self.values.float() - self.zeros[:, rows].float()) * self.scales[:, rows].float()
+
+    def _regrouped(self, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(values with the input rows sorted by checkpoint group, zero points and scales per run of
+        ``group_size`` sorted rows, the order or None where it is the identity). Each run must lie in one
+        checkpoint group: a checkpoint group of a multiple of ``group_size`` rows (or one spanning all
+        inputs) becomes several runs with its scale and zero point repeated, which changes nothing."""
+        order = torch.sort(self.group_index, stable=True).indices
+        sorted_groups = self.group_index[order]
+        run_groups = sorted_groups[::group_size]  # the checkpoint group of each run's first row
+        if not torch.equal(run_groups.repeat_interleave(group_size)[:self.in_features], sorted_groups):
+            raise CheckpointError(f"the checkpoint's groups (g_idx) do not split into runs of {group_size} inputs "
+                                  f"sharing a scale; build with the checkpoint's own group size")
+        is_identity = torch.equal(order, torch.arange(self.in_features, device=order.device))
+        values = self.values if is_identity else self.values[:, order]
+        return (values, self.zeros[:, run_groups], self.scales[:, run_groups],
+                None if is_identity else order.to(torch.int32))
+
+    def to_int4(self, group_size: int) -> QuantizedWeight:
+        """kiln's INT4 layout in groups of ``group_size``: K padded with q = z (dequantizes to 0), scales
+        float16 (as the checkpoints store them), the act-order permutation as ``input_order``."""
+        if self.bits != 4:
+            raise CheckpointError(f"a {self.bits}-bit checkpoint weight cannot be stored as INT4")
+        values, zeros, scales, input_order = self._regrouped(group_size)
+        num_groups = padded_in_features(self.in_features, group_size) // group_size
+        zeros = F.pad(zeros, (0, num_groups - zeros.shape[1]))
+        scales = F.pad(scales.to(torch.float16), (0, num_groups - scales.shape[1]), value=1.0)
+        padding = zeros.repeat_interleave(group_size, dim=1)[:, self.in_features:]
+        qweight = pack_int4(torch.cat([values, padding], dim=1))
+        return QuantizedWeight(4, qweight, scales.contiguous(), zeros.to(torch.uint8).contiguous(), group_size,
+                               self.in_features, input_order)
+
+    def to_int8(self, group_size: int | None) -> QuantizedWeight:
+        """kiln's INT8 layout: q - 128 as int8; in groups of ``group_size`` with float16 scales and int8
+        zero points z - 128, or (None) per output channel with float32 scales and no zero points, which
+        only a symmetric checkpoint with one group per channel fits."""
+        if self.bits != 8:
+            raise CheckpointError(f"a {self.bits}-bit checkpoint weight cannot be stored as INT8")
+        if group_size is not None:
+            values, zeros, scales, input_order = self._regrouped(group_size)
+            return QuantizedWeight(8, (values - 128).to(torch.int8), scales.to(torch.float16).contiguous(),
+                                   (zeros - 128).to(torch.int8).contiguous(), group_size, self.in_features,
+                                   input_order)
+        if self.scales.shape[1] != 1 or not bool((self.zeros == 128).all()):
+            raise CheckpointError("per-channel INT8 needs a symmetric checkpoint with one group per output channel")
+        return QuantizedWeight(8, (self.values - 128).to(torch.int8), self.scales[:, 0].float().contiguous(), None,
+                               None, self.in_features)
+
+
+def fuse_unpacked(parts: list[UnpackedWeight]) -> UnpackedWeight:
+    """Checkpoint weights that read the same input (Q/K/V, gate/up), concatenated along N: they must share
+    their groups (GPTQ quantizes them from the same inputs, so act-order gives them one permutation)."""
+    first = parts[0]
+    if any(p.bits != first.bits or not torch.equal(p.group_index, first.group_index) for p in parts[1:]):
+        raise CheckpointError("weights fused into one layer (Q/K/V, gate/up) have different bits or groups "
+                              "(g_idx) in the checkpoint; kiln stores them as one matrix and cannot")
+    return UnpackedWeight(first.bits, *(torch.cat([getattr(p, name) for p in parts])
+                                        for name in ("values", "zeros", "scales")), first.group_index)
+
+
+@dataclass(frozen=True)
+class ActivationScaledWeight:
+    """A float weight [N, K] with AWQ's per-input-channel scales s [K] (``awq_scales``): the int4_awq
+    method stores Q(weight * s) and multiplies its input by 1 / s. s has the K dim, so a row-parallel
+    shard of the weight takes the same slice of it."""
+
+    weight: torch.Tensor
+    input_scales: torch.Tensor
+    clip: torch.Tensor | None = None  # [N, groups]: bounds on |weight * s| per group (``awq_clip``)
+
+
 # ---- AWQ ------------------------------------------------------------------------------------------
+def clip_groups(w: torch.Tensor, clip: torch.Tensor, group_size: int) -> torch.Tensor:
+    """w [N, K] with each group's weights clamped to [-clip, clip], clip [N, ceil(K / group_size)]."""
+    bound = clip.float().repeat_interleave(group_size, dim=1)[:, :w.shape[1]]
+    return torch.maximum(torch.minimum(w.float(), bound), -bound)
+
+
+def awq_clip(w: torch.Tensor, activations: torch.Tensor, group_size: int = 128, grid: int = 20,
+             max_shrink: float = 0.5, num_tokens: int = 512, rows_per_step: int = 1024,
+             scale_dtype: torch.dtype = torch.float16) -> torch.Tensor:
+    """AWQ's weight clipping (AutoAWQ's auto_clip): per output channel and group, the bound
+    clip = r * max|w| with r on the grid 1, 1 - 1/grid, ..., max_shrink that minimises the mean squared
+    error of that group's part of the output, x_g @ (Q(clamp(w_g)) - w_g).T, on ``num_tokens`` of the
+    calibration inputs. r = 1 changes nothing, so no group is made worse on them. Returns clip
+    [N, ceil(K / group_size)] (float32)."""
+    num_rows, num_cols = w.shape
+    x = activations.reshape(-1, num_cols).float()
+    x = x[torch.linspace(0, x.shape[0] - 1, min(num_tokens, x.shape[0]), device=x.device).long()]
+    padded = padded_in_features(num_cols, group_size)
+    x_groups = F.pad(x, (0, padded - num_cols)).view(x.shape[0], -1, group_size)  # [T, G, g]
+    clips = []
+    for start in range(0, num_rows, rows_per_step):
+        part = w[start:start + rows_per_step].float()
+        max_abs = F.pad(part.abs(), (0, padded - num_cols)).view(part.shape[0], -1, group_size).amax(dim=-1)
+        best_clip, best_error = max_abs, None
+        for step in range(int(round(grid * (1 - max_shrink))) + 1):
+            clip = max_abs * (1 - step / grid)
+            clipped = clip_groups(part, clip, group_size)
+            quantized = quantize_int4(clipped, group_size, scale_dtype)
+            diff = F.pad(dequantize_int4(*quantized, group_size, num_cols) - part, (0, padded - num_cols))
+            error = torch.einsum("tgk,ngk->tng", x_groups, diff.view(part.shape[0], -1, group_size)).pow(2).mean(0)
+            if best_error is None:
+                best_error = error
+            else:
+                better = error < best_error
+                best_error = torch.where(better, error, best_error)
+                best_clip = torch.where(better, clip, best_clip)
+        clips.append(best_clip)
+    return torch.cat(clips)[:, :-(-num_cols // group_size)]
+
+
 def awq_scales(w: torch.Tensor, activations: torch.Tensor, group_size: int = 128, grid: int = 20,
                scale_dtype: torch.dtype = torch.float16) -> torch.Tensor:
     """AWQ's activation-aware per-input-channel scales s [K] (float32) for INT4 group quantization.
 
     ``w`` [N, K] is the weight of every linear that reads the same input, concatenated along N (q, k and
     v; gate and up), since they share the scales; ``activations`` [..., K] are calibration inputs to it.
-    As in the AWQ paper (Lin et al., 2023, section 3.2): s = mean|x|^alpha per input channel, normalized
-    by sqrt(max(s) * min(s)), with alpha on the grid 0, 1/grid, ..., (grid - 1)/grid chosen to minimise
-    the mean squared error of x @ (Q(w * s) / s).T against x @ w.T. alpha = 0 is s = 1, plain
-    round-to-nearest, so the result is never worse than RTN on the calibration set.
+    As AutoAWQ does by default ("duo scaling", a refinement of the paper's s = mean|x|^alpha: Lin et al.,
+    2023, section 3.2): s = mean|x|^alpha / mean|w'|^(1 - alpha) per input channel, w' each weight over
+    its group's largest magnitude, normalized by sqrt(max(s) * min(s)), with alpha on the grid 0, 1/grid,
+    ..., (grid - 1)/grid, and s = 1 (plain round to nearest) as a candidate too; the one that minimises
+    the mean squared error of x @ (Q(w * s) / s).T against x @ w.T wins, so the result is never worse
+    than round to nearest on the calibration inputs. (On stories260K, duo scaling beats mean|x|^alpha
+    alone on the perplexity of held-out text; see tests/test_weight_only_methods.py.)
 
-    The caller then quantizes w * s (quantize_int4) and folds 1 / s into the op that produces x, so the
-    network computes the same function: for the attention and MLP input projections, the preceding
-    RMSNorm's weight (norm.weight / s); for o_proj, the rows of v_proj (its output feeds o_proj linearly,
-    per head); for down_proj, the rows of up_proj (silu(gate) * up is linear in up). An input that no
-    op can absorb (a residual stream read directly) cannot take AWQ scales: use s = 1 there.
+    The int4_awq linear method (``kiln.layers.weight_only``) then stores Q(w * s) and multiplies its input
+    by 1 / s (``pre_quant_scale``, TensorRT-LLM's name), so the network computes the same function with
+    no other layer changed; folding 1 / s into the op that produces x (a norm, v_proj, up_proj) would
+    save that multiply where such an op exists.
     """
     num_cols = w.shape[1]
     x = activations.reshape(-1, num_cols).float()
     wf = w.float()
     reference = x @ wf.T
     mean_abs = x.abs().mean(dim=0)
-    best_scales, best_error = None, float("inf")
+    padded = padded_in_features(num_cols, group_size)
+    groups = F.pad(wf.abs(), (0, padded - num_cols)).view(wf.shape[0], -1, group_size)
+    w_mean = (groups / (groups.amax(dim=-1, keepdim=True) + 1e-6)).view(wf.shape[0], -1)[:, :num_cols].mean(dim=0)
+    candidates = [torch.ones_like(mean_abs)]
     for step in range(grid):
-        scales = mean_abs.pow(step / grid).clamp(min=1e-4)
-        scales = scales / (scales.max() * scales.min()).sqrt()
+        alpha = step / grid
+        scales = (mean_abs.pow(alpha) / (w_mean.pow(1 - alpha) + 1e-4)).clamp(min=1e-4)
+        candidates.append(scales / (scales.max() * scales.min()).sqrt())
+    best_scales, best_error = None, float("inf")
+    for scales in candidates:
         quantized = quantize_int4(wf * scales, group_size, scale_dtype)
         dequantized = dequantize_int4(*quantized, group_size, num_cols) / scales
         error = (x @ dequantized.T - reference).pow(2).mean().item()

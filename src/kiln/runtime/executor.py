@@ -27,7 +27,7 @@ from kiln.runtime.model_runner import (LaunchedStep, ModelRunner, RunnerOutput, 
 from kiln.runtime.request import Request, Response, Result
 from kiln.runtime.scheduler import ScheduledSequence, Scheduler, SchedulerOutput
 from kiln.runtime.sequence import Sequence
-from kiln.runtime.tokenizer import IncrementalDetokenizer
+from kiln.engine.tokenizer import IncrementalDetokenizer
 
 logger = logging.getLogger(__name__)
 

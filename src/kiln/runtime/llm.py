@@ -100,6 +100,9 @@ def ensure_engine(model: str | Path | None, build_config: BuildConfig | dict | N
     resolved = resolve_build_config(source.config, BuildConfig.of(build_config), source.checkpoint_dir)
     stamp = [__version__, ENGINE_FORMAT_VERSION, str(path.resolve()), resolved.to_dict()]
     stamp += [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(path.iterdir()) if f.is_file()]
+    if resolved.calibration_data is not None:  # int4_awq: an edited calibration file makes another engine
+        calibration = Path(resolved.calibration_data).stat()
+        stamp.append((calibration.st_size, calibration.st_mtime_ns))
     key = hashlib.sha256(json.dumps(stamp, sort_keys=True).encode()).hexdigest()[:16]
     engine_dir = cache_root() / f"{path.name}-{key}"
     if (engine_dir / MANIFEST_FILE).is_file():

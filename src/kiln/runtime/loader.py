@@ -20,7 +20,7 @@ from kiln.kernels.triton_jit import compile_cache, use_compile_cache
 from kiln.layers import kernel_ops_of, layer_context, load_parameters
 from kiln.models import CausalLM, create_model, model_skeleton
 from kiln.runtime.kv_cache import max_live_blocks
-from kiln.runtime.tokenizer import Tokenizer
+from kiln.engine.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 

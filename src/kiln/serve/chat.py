@@ -23,7 +23,7 @@ from jinja2 import nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from kiln.errors import ConfigError, RequestError
-from kiln.runtime.tokenizer import Tokenizer
+from kiln.engine.tokenizer import Tokenizer
 
 PLAIN_CHAT_TEMPLATE = (
     "{{ bos_token }}"

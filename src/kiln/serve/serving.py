@@ -21,7 +21,7 @@ from kiln.config import SamplingParams
 from kiln.errors import KilnError, RequestError
 from kiln.runtime.executor import Executor
 from kiln.runtime.request import Request, Result
-from kiln.runtime.tokenizer import Tokenizer
+from kiln.engine.tokenizer import Tokenizer
 from kiln.serve import protocol as p
 from kiln.serve.chat import ChatTemplate
 from kiln.serve.generation import EngineStopped, EventStream, Generation, unless_disconnected
