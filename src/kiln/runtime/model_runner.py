@@ -53,8 +53,15 @@ class RunnerOutput:
 
 def allocate_kv_cache(model: CausalLM, num_blocks: int, block_size: int) -> torch.Tensor:
     cfg = model.config
-    return torch.zeros(cfg.num_layers, 2, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim,
+    return torch.zeros(cfg.num_layers, 2, num_blocks, block_size, model.num_local_kv_heads, cfg.head_dim,
                        dtype=model.kv_cache_dtype, device=model.device)
+
+
+def uses_cuda_graphs(engine, enabled: bool) -> bool:
+    """Whether decode steps replay CUDA graphs: asked for, on a GPU, with device-side attention (the
+    reference attention sizes its loops from host lists, which a captured graph would freeze)."""
+    attention_impl = engine.manifest.kernel_plan.get("attention", {}).get("impl", "reference")
+    return enabled and engine.device.type == "cuda" and attention_impl != "reference"
 
 
 def graph_batch_sizes(max_batch_size: int) -> list[int]:
@@ -138,6 +145,9 @@ class ModelRunner:
         self._token_host = [torch.zeros(4 * max_batch_size, dtype=torch.int64, pin_memory=pin) for _ in range(2)]
         self._token_flip = 0
         self.graph_capture_seconds = 0.0
+        # Rank 0 of a tensor-parallel engine: the other ranks (kiln.runtime.distributed.Ranks), sent each step's
+        # packed inputs before its forward and its sampled tokens after; None at one rank.
+        self.peers = None
 
     def release(self) -> None:
         """Frees the KV cache and graphs (the executor has stopped)."""
@@ -155,15 +165,59 @@ class ModelRunner:
         for src, dst in plan.block_copies:
             self.kv_cache[:, :, dst].copy_(self.kv_cache[:, :, src])
         batch = self._prepare(plan)
+        if self.peers is not None:
+            self.peers.send_step(self._step_message(plan, batch))
         if batch.has_pending_inputs:
-            ids = self.buffers.dev64[0, :batch.num_rows]
-            ids.copy_(torch.where(ids < 0, self.last_tokens[(-ids - 1).clamp(min=0)], ids))
+            self._feed_pending(batch.num_rows)
         if batch.graph_key is not None:
             graph, logits = self.graphs[batch.graph_key]
             graph.replay()
         else:
             logits = self.model.forward(*batch.forward_args)
-        return self._sample(batch, logits)
+        step = self._sample(batch, logits)
+        if self.peers is not None and batch.sample_seqs:
+            self.peers.share_tokens(self.last_tokens)
+        return step
+
+    def _feed_pending(self, num_rows: int) -> None:
+        """Input ids -1 - r (a token sampled by the previous step, not yet on the host) become row r of it."""
+        ids = self.buffers.dev64[0, :num_rows]
+        ids.copy_(torch.where(ids < 0, self.last_tokens[(-ids - 1).clamp(min=0)], ids))
+
+    # ---- tensor parallelism: the other ranks run rank 0's step -------------------------------
+    def _step_message(self, plan: SchedulerOutput, batch: "_Batch") -> dict:
+        """What another rank needs to run the same forward: the packed inputs as rank 0 wrote them (plain
+        numbers and arrays) and how to run them (a captured graph's key, or the eager forward's sizes)."""
+        buf = self.buffers
+        eager = {}
+        if batch.graph_key is None:
+            meta = batch.forward_args[4]
+            eager = dict(num_seqs=len(meta.seq_lens_host), num_logits=batch.forward_args[5].shape[0],
+                         seq_lens=list(meta.seq_lens_host), query_lens=list(meta.query_lens_host))
+        return dict(block_copies=[list(c) for c in plan.block_copies], graph_key=batch.graph_key, eager=eager,
+                    has_pending=batch.has_pending_inputs, has_samples=bool(batch.sample_seqs),
+                    host64=buf.np64[:, :batch.num_rows], host32=buf.np32)  # logits rows never outnumber tokens
+
+    @torch.inference_mode()
+    def replay(self, block_copies, graph_key, eager, has_pending, has_samples, host64, host32, receive_tokens) -> None:
+        """Another rank's side of ``launch``: rank 0's step message in, the same forward (its collectives
+        with rank 0's), and rank 0's sampled tokens received (``receive_tokens``) for the next step."""
+        for src, dst in block_copies:
+            self.kv_cache[:, :, dst].copy_(self.kv_cache[:, :, src])
+        buf = self.buffers
+        buf.wait_uploaded()
+        num_rows = host64.shape[1]
+        buf.np64[:, :num_rows] = host64
+        buf.np32[:] = host32
+        buf.upload()
+        if has_pending:
+            self._feed_pending(num_rows)
+        if graph_key is not None:  # a context graph's (tokens, sequences) key arrives as a list
+            self.graphs[graph_key if isinstance(graph_key, int) else tuple(graph_key)][0].replay()
+        else:
+            self.model.forward(*self._forward_args(num_rows, **eager))
+        if has_samples:
+            receive_tokens(self.last_tokens)
 
     @torch.inference_mode()
     def collect(self, step: "LaunchedStep") -> RunnerOutput:
