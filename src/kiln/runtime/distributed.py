@@ -52,6 +52,7 @@ DATA_TIMEOUT = timedelta(minutes=2)
 CONTROL_TIMEOUT = timedelta(days=365)
 STARTUP_TIMEOUT_S = 600.0  # for kiln's own ranks to join (imports, CUDA init)
 WATCH_INTERVAL_S = 0.1
+EXIT_GRACE_S = 2.0  # a failed collective waits this long for a dead peer's exit status, to name it
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -172,8 +173,9 @@ class Ranks:
     """Rank 0's side: the device group's rank (``tp``), the control channel, the ranks kiln started (none
     under torchrun) and a thread that watches them. ``ModelRunner.peers`` on rank 0."""
 
-    def __init__(self, tp: TensorParallel, channel: _Channel, workers: list[subprocess.Popen]):
-        self.tp, self.channel, self.workers = tp, channel, workers
+    def __init__(self, tp: TensorParallel, channel: _Channel, workers: list[subprocess.Popen],
+                 store: dist.Store | None = None):
+        self.tp, self.channel, self.workers, self.store = tp, channel, workers, store
         self.failure: RankFailure | None = None  # set when a rank stopped: serving cannot go on
         self._stopping = False
         self._watcher = threading.Thread(target=self._watch, name="kiln-rank-watcher", daemon=True)
@@ -220,8 +222,10 @@ class Ranks:
     def failed(self, error: BaseException) -> RankFailure:
         """The RankFailure that ``error`` (a failed step or collective) means: a rank that exited, said by its
         exit status, or the error itself; from here on every call raises it."""
-        if self.failure is None:
+        deadline = time.monotonic() + EXIT_GRACE_S  # a peer's closed socket comes before its exit status
+        while self.failure is None and self.workers and time.monotonic() < deadline:
             self._poll()
+            time.sleep(0.02)
         if self.failure is None:
             self.failure = RankFailure(f"a tensor-parallel step failed ({type(error).__name__}: {error}), so the "
                                        "ranks may disagree; every rank is shut down: restart kiln")
@@ -232,8 +236,10 @@ class Ranks:
             code = proc.poll()
             if code is not None and self.failure is None:
                 how = f"signal {-code}" if code < 0 else f"exit status {code}"
-                self.failure = RankFailure(f"tensor-parallel rank {rank} stopped ({how}); every rank is shut down: "
-                                           "restart kiln (the rank's own error, if any, is above on stderr)")
+                key = f"kiln_rank{rank}_error"
+                why = f": {self.store.get(key).decode()}" if self.store is not None and self.store.check([key]) else ""
+                self.failure = RankFailure(f"tensor-parallel rank {rank} stopped ({how}){why}; every rank is shut "
+                                           "down: restart kiln")
 
     def _watch(self) -> None:
         while not self._stopping and self.failure is None:
@@ -264,8 +270,7 @@ class Ranks:
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
-        if self.failure is None:  # with a rank gone this could wait on it; the process's exit frees the groups
-            dist.destroy_process_group()
+        dist.destroy_process_group()  # so that another engine may start its ranks in this process
 
 
 def start_ranks(engine_dir: str | Path, manifest: EngineManifest) -> Ranks | None:
@@ -287,7 +292,7 @@ def start_ranks(engine_dir: str | Path, manifest: EngineManifest) -> Ranks | Non
     except BaseException:
         _kill(workers)
         raise
-    return Ranks(tp, channel, workers)
+    return Ranks(tp, channel, workers, store)
 
 
 def _spawn(rank: int, world_size: int, port: int) -> subprocess.Popen:
@@ -372,6 +377,11 @@ def run_worker(store: dist.Store | None = None) -> int:
             runner.replay(**args, receive_tokens=receive_tokens)
     except (RuntimeError, KilnError) as e:  # rank 0 gone, a collective failed, or this rank cannot load
         print(f"kiln: tensor-parallel rank {env.rank} stopping: {e}", file=sys.stderr, flush=True)
+        if store is not None:  # for rank 0's error message
+            try:
+                store.set(f"kiln_rank{env.rank}_error", str(e))
+            except RuntimeError:
+                pass  # rank 0 (which holds the store) is gone
         return 1
     dist.destroy_process_group()
     return 0
