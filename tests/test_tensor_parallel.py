@@ -297,3 +297,54 @@ def test_serve_and_bench_run_a_tp2_engine(stories, tmp_path, capsys):
     performance = json.loads(report.read_text())["performance"]
     assert performance["output_throughput_per_gpu_tok_s"] == pytest.approx(
         performance["system_output_throughput_tok_s"] / 2)
+
+
+def test_ctrl_c_ends_kiln_serve_and_its_ranks(stories):
+    """A terminal's Ctrl-C (SIGINT to the whole process group): rank 0 shuts down, which ends rank 1."""
+    proc = subprocess.Popen([sys.executable, "-m", "kiln.cli", "serve", str(stories[1]), "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert "http://" in proc.stdout.readline()
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(60)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(proc.pid, 0)  # any process left in the group (rank 1)?
+            except ProcessLookupError:
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail("a rank outlived kiln serve")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.mark.gpu
+def test_two_gpus_give_one_gpus_tokens_and_logprobs(tmp_path):
+    """NCCL between two GPUs, all-reduces captured in the decode CUDA graphs (float32: the tolerance above)."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs (NCCL at one rank tests nothing)")
+    tp1, tp2 = stories_engines(tmp_path, target="auto", dtype="float32")
+    assert EngineManifest.read(tp2).target != "cpu"
+    assert_same_outputs(run(tp1), run(tp2))
+
+
+def test_a_script_under_torchrun_runs_on_rank_0_only(stories):
+    """LLM(ENG) on a rank other than 0 runs rank 0's steps and then ends the process: the rest of the script
+    runs at rank 0 alone."""
+    port = free_port()
+    script = ("import sys; from kiln import LLM, SamplingParams; llm = LLM(sys.argv[1], progress=False); "
+              "out = llm.generate([[1, 403, 407]], SamplingParams(max_tokens=6, temperature=0.0), use_tqdm=False); "
+              "print(out[0].outputs[0].token_ids); llm.shutdown()")
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        procs.append(subprocess.Popen([sys.executable, "-c", script, str(stories[1])], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    results = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], results
+    expected = run(stories[0], [[1, 403, 407]], SamplingParams(max_tokens=6, temperature=0.0))
+    assert results[0][0] == f"{expected[0].outputs[0].token_ids}\n" and results[1][0] == ""

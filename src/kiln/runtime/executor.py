@@ -23,7 +23,7 @@ from kiln.engine import EngineManifest
 from kiln.errors import KilnError, RankFailure, RequestError
 from kiln.runtime.kv_cache import BlockPool
 from kiln.runtime.loader import LoadedEngine, load_engine, num_kv_blocks
-from kiln.runtime.distributed import start_ranks
+from kiln.runtime.distributed import is_torchrun_worker, run_worker, start_ranks
 from kiln.runtime.model_runner import (LaunchedStep, ModelRunner, RunnerOutput, allocate_kv_cache, graph_batch_sizes,
                                        graph_context_sizes, uses_cuda_graphs)
 from kiln.runtime.request import Request, Response, Result
@@ -89,8 +89,12 @@ class Executor:
     def __init__(self, engine: str | Path | LoadedEngine, config: RuntimeConfig | None = None, progress: bool = False,
                  **options):
         config = config or RuntimeConfig(**options)
+        manifest = None if isinstance(engine, LoadedEngine) else EngineManifest.read(engine)
+        if manifest is not None and manifest.tp_size > 1 and is_torchrun_worker():
+            # A script under torchrun: this rank runs rank 0's steps, then ends; the script goes on at rank 0.
+            raise SystemExit(run_worker())
         # A tensor-parallel engine's other ranks (started here, or torchrun's); None at one rank.
-        self.ranks = None if isinstance(engine, LoadedEngine) else start_ranks(engine, EngineManifest.read(engine))
+        self.ranks = start_ranks(engine, manifest) if manifest is not None else None
         try:
             self._init(engine, config, progress)
         except BaseException:
