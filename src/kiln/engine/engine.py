@@ -66,7 +66,7 @@ class Engine:
                     metadata={"format": "pt", "kiln_version": __version__, "rank": str(rank),
                               "tp_size": str(m.tp_size)},
                     on_tensor=lambda _n, nbytes: bar.update(nbytes)))
-        tensors = {name: {**t, "crc32": rank_checksums[0][name] if m.tp_size == 1 else [c[name] for c in rank_checksums]}
+        tensors = {name: {**t, "crc32": [c[name] for c in rank_checksums] if m.tp_size > 1 else rank_checksums[0][name]}
                    for name, t in m.tensors.items()}
         has_tokenizer = self._copy_tokenizer(engine_dir)
         if self.kernel_cache is not None:

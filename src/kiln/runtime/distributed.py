@@ -365,7 +365,8 @@ def run_worker(store: dist.Store | None = None) -> int:
         runner = ModelRunner(model, allocate_kv_cache(model, blocks, build.tokens_per_block), args["max_batch_size"],
                              args["max_num_tokens"], build.max_seq_len)
         if uses_cuda_graphs(engine, args["enable_cuda_graphs"]):
-            runner.capture_graphs(graph_batch_sizes(args["max_batch_size"]), graph_context_sizes(args["max_num_tokens"]))
+            runner.capture_graphs(graph_batch_sizes(args["max_batch_size"]),
+                                  graph_context_sizes(args["max_num_tokens"]))
 
         def receive_tokens(tokens: torch.Tensor) -> None:
             dist.broadcast(tokens, src=0, group=tp.group)

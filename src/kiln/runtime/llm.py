@@ -209,7 +209,8 @@ class LLM:
                     resp = finals.get(timeout=1.0)
                 except queue.Empty:
                     if not self.executor.is_alive():
-                        raise (self.executor.failure or KilnError("executor stopped before all requests finished")) from None
+                        stopped = KilnError("executor stopped before all requests finished")
+                        raise (self.executor.failure or stopped) from None
                     continue
                 if resp.has_error() and self.executor.failure is not None:  # a rank stopped: nothing finishes
                     raise self.executor.failure
