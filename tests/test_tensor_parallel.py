@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import STORIES_DIR, build_engine
-from kiln import LLM, Builder, BuildConfig, SamplingParams
+from kiln import LLM, BuildConfig, SamplingParams
 from kiln.builder import resolve_build_config
 from kiln.cli import main
 from kiln.engine import EngineManifest
@@ -131,12 +131,16 @@ def test_hf_models_at_tp2_give_tp1s_tokens_and_logprobs(case, tiny_hf_checkpoint
     assert_same_outputs(run(tp1, prompts), run(tp2, prompts))
 
 
-def test_weight_only_int4_shards_before_quantizing(tmp_path):
-    """Each rank quantizes its own float slice (int4: its K padded to whole groups of 128 per rank)."""
-    _, tp2 = stories_engines(tmp_path, quantization="int4_wo")
-    ranks = [load_file(tp2 / f"rank{r}.safetensors") for r in range(2)]
-    assert ranks[0]["layers.0.mlp.down.qweight"].shape == (64, 128 // 8)  # 86 inputs per rank, padded to 128
-    out = run(tp2, params=SamplingParams(max_tokens=8, temperature=0.0))
+@pytest.mark.parametrize("quantization, tensor, shape", [
+    ("int4_wo", "layers.0.mlp.down.qweight", (64, 128 // 8)),  # 86 inputs per rank, padded to 128, 8 per int32
+    ("int8_wo", "layers.0.mlp.gate_up.qweight", (172, 64)),    # 86 gate + 86 up rows per rank
+    ("fp8", "layers.0.attn.o.weight_scale", (64, 1)),           # a scale per output row, the rows not split
+])
+def test_quantized_methods_convert_each_ranks_slice(tmp_path, quantization, tensor, shape):
+    """Each rank quantizes its own float slice (int4_wo: its K padded to whole groups of 128 per rank)."""
+    _, tp2 = stories_engines(tmp_path, quantization=quantization)
+    assert all(load_file(tp2 / f"rank{r}.safetensors")[tensor].shape == shape for r in range(2))
+    out = run(tp2, params=SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
     assert all(len(o.outputs[0].token_ids) == 8 for o in out)
 
 
@@ -153,15 +157,17 @@ def test_build_refuses_a_tp_size_the_model_does_not_split_into(overrides, messag
         resolve_build_config(model, BuildConfig(tp_size=tp, target="cpu"))
 
 
-def test_config_errors_name_the_field_and_the_flag(stories):
+def test_config_errors_name_the_field_and_the_flag(stories, monkeypatch):
     with pytest.raises(ConfigError, match=r"tp_size \(--tp-size\) must be a positive integer"):
         BuildConfig(tp_size=0)
     with pytest.raises(ConfigError, match="tensor_parallel_size=1, but .* is built for tp_size=2"):
         LLM(stories[1], tensor_parallel_size=1)
     m = EngineManifest.read(stories[1])
     gpu = replace(m, build_config=m.build_config.replace(target="sm90"))
-    with pytest.raises(EngineError, match=r"built for tp_size=2: its 2 rank\(s\) on this machine need 2 GPUs"):
-        check_devices(gpu, stories[1], 2) if torch.cuda.device_count() < 2 else pytest.skip("2 GPUs here")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(EngineError, match=r"built for tp_size=2: its 2 rank\(s\) on this machine need 2 GPUs, 1 "
+                                          "visible; rebuild it with a smaller --tp-size"):
+        check_devices(gpu, stories[1], 2)
 
 
 def test_llm_builds_a_tp2_engine_from_a_hugging_face_folder(stories):
@@ -348,3 +354,24 @@ def test_a_script_under_torchrun_runs_on_rank_0_only(stories):
     assert [p.returncode for p in procs] == [0, 0], results
     expected = run(stories[0], [[1, 403, 407]], SamplingParams(max_tokens=6, temperature=0.0))
     assert results[0][0] == f"{expected[0].outputs[0].token_ids}\n" and results[1][0] == ""
+
+
+def test_a_prequantized_fp8_checkpoint_is_sliced_as_stored(tmp_path):
+    """A compressed-tensors FP8 checkpoint (a scale per row): each rank stores its rows' bytes and scales as
+    the checkpoint has them, nothing requantized."""
+    from test_fp8_prequantized import write_checkpoint
+
+    write_checkpoint(tmp_path / "fp8", "compressed_tensors")
+    tp1, tp2 = (build_engine(tmp_path / "fp8", tmp_path / f"tp{tp}", tp_size=tp, max_input_len=32, max_seq_len=64)
+                for tp in (1, 2))
+    def read(engine: Path, rank: int) -> dict[str, torch.Tensor]:  # e4m3 as bytes: compared exactly
+        tensors = load_file(engine / f"rank{rank}.safetensors")
+        return {k: t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t for k, t in tensors.items()}
+
+    whole, rank1 = read(tp1, 0), read(tp2, 1)
+    rows = torch.cat([torch.arange(32, 64), torch.arange(80, 96), torch.arange(112, 128)])  # Q, K, V of rank 1
+    for name in ("layers.0.attn.qkv.weight", "layers.0.attn.qkv.weight_scale"):
+        assert torch.equal(rank1[name], whole[name][rows])
+    assert torch.equal(rank1["layers.0.mlp.down.weight"], whole["layers.0.mlp.down.weight"][:, 86:])
+    out = run(tp2, params=SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
+    assert all(len(o.outputs[0].token_ids) == 8 for o in out)

@@ -180,7 +180,7 @@ class Ranks:
         self._stopping = False
         self._watcher = threading.Thread(target=self._watch, name="kiln-rank-watcher", daemon=True)
         self._watcher.start()
-        atexit.register(self.stop)
+        atexit.register(self._end_workers)  # a process that exits without shutting its engine down
 
     def load_engine(self, engine_dir: str | Path, config: RuntimeConfig, progress: bool) -> LoadedEngine:
         """Every rank loads its shard: rank 0 here, the others when told (the kernel plan rank 0 tuned for an
@@ -253,7 +253,7 @@ class Ranks:
         if self._stopping:
             return
         self._stopping = True
-        atexit.unregister(self.stop)
+        atexit.unregister(self._end_workers)
         if self.failure is None and send_shutdown:
             try:
                 self.channel.send("shutdown", {})
@@ -271,6 +271,14 @@ class Ranks:
                     proc.kill()
                     proc.wait()
         dist.destroy_process_group()  # so that another engine may start its ranks in this process
+
+
+    def _end_workers(self) -> None:
+        """At exit, with the executor's loop perhaps still inside a step: no message, the ranks kiln started
+        are terminated."""
+        self._stopping = True
+        for proc in self.workers:
+            proc.terminate()
 
 
 def start_ranks(engine_dir: str | Path, manifest: EngineManifest) -> Ranks | None:

@@ -299,9 +299,7 @@ class Executor:
     def _end_with(self, failure: RankFailure) -> None:
         """A tensor-parallel engine that cannot go on: every request fails with why, every rank stops."""
         logger.error("%s", failure)
-        with self._inbox_lock:
-            self._accepting = False
-        self._drain_inbox()
+        self._drain_inbox()  # requests enqueued before the failure; enqueue_request refuses those after it
         for state in list(self._requests.values()):
             self._fail(state, str(failure))
         self.ranks.stop()
