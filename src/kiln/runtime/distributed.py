@@ -247,19 +247,21 @@ class Ranks:
             time.sleep(WATCH_INTERVAL_S)
 
     def stop(self, send_shutdown: bool = True, timeout: float = 10.0) -> None:
-        """Ends every rank: a shutdown message while they can still take one (``send_shutdown``: no other
-        thread is sending), then the processes kiln started are waited for (terminated, then killed, past
-        ``timeout``). Safe to call twice."""
+        """Ends every rank: a shutdown message while they can still take one (no failure, and
+        ``send_shutdown``: no other thread is sending), after which the processes kiln started have
+        ``timeout`` to exit; then (at once, without a message) they are terminated, and killed if need be.
+        Safe to call twice."""
         if self._stopping:
             return
         self._stopping = True
         atexit.unregister(self._end_workers)
-        if self.failure is None and send_shutdown:
+        is_told = self.failure is None and send_shutdown
+        if is_told:
             try:
                 self.channel.send("shutdown", {})
             except RuntimeError:
-                pass
-        deadline = time.monotonic() + timeout
+                is_told = False
+        deadline = time.monotonic() + (timeout if is_told else 0.0)
         for proc in self.workers:
             try:
                 proc.wait(max(0.0, deadline - time.monotonic()))
@@ -271,7 +273,6 @@ class Ranks:
                     proc.kill()
                     proc.wait()
         dist.destroy_process_group()  # so that another engine may start its ranks in this process
-
 
     def _end_workers(self) -> None:
         """At exit, with the executor's loop perhaps still inside a step: no message, the ranks kiln started

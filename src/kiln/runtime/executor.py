@@ -21,9 +21,9 @@ from pathlib import Path
 from kiln.config import RuntimeConfig, SamplingParams
 from kiln.engine import EngineManifest
 from kiln.errors import KilnError, RankFailure, RequestError
+from kiln.runtime.distributed import is_torchrun_worker, run_worker, start_ranks
 from kiln.runtime.kv_cache import BlockPool
 from kiln.runtime.loader import LoadedEngine, load_engine, num_kv_blocks
-from kiln.runtime.distributed import is_torchrun_worker, run_worker, start_ranks
 from kiln.runtime.model_runner import (LaunchedStep, ModelRunner, RunnerOutput, allocate_kv_cache, graph_batch_sizes,
                                        graph_context_sizes, uses_cuda_graphs)
 from kiln.runtime.request import Request, Response, Result

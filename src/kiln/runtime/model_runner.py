@@ -58,8 +58,8 @@ def allocate_kv_cache(model: CausalLM, num_blocks: int, block_size: int) -> torc
 
 
 def uses_cuda_graphs(engine, enabled: bool) -> bool:
-    """Whether decode steps replay CUDA graphs: asked for, on a GPU, with device-side attention (the
-    reference attention sizes its loops from host lists, which a captured graph would freeze)."""
+    """Whether steps replay CUDA graphs: asked for, on a GPU, with device-side attention (the reference
+    attention sizes its loops from host lists, which a captured graph would freeze)."""
     attention_impl = engine.manifest.kernel_plan.get("attention", {}).get("impl", "reference")
     return enabled and engine.device.type == "cuda" and attention_impl != "reference"
 
