@@ -158,6 +158,10 @@ def test_build_refuses_a_tp_size_the_model_does_not_split_into(overrides, messag
 
 
 def test_config_errors_name_the_field_and_the_flag(stories, monkeypatch):
+    with pytest.raises(ConfigError, match=r"tp_size=2 \(--tp-size 2\): quantization='int4_awq' .* does not split "
+                                          "over ranks yet; build with --tp-size 1"):
+        resolve_build_config(ModelConfig.from_hf_dir(STORIES_DIR), BuildConfig(tp_size=2, quantization="int4_awq",
+                                                                                target="cpu"))
     with pytest.raises(ConfigError, match=r"tp_size \(--tp-size\) must be a positive integer"):
         BuildConfig(tp_size=0)
     with pytest.raises(ConfigError, match="tensor_parallel_size=1, but .* is built for tp_size=2"):
