@@ -238,20 +238,23 @@ def test_family_class_refuses_another_architecture(tiny_hf_checkpoint):
         AutoModelForCausalLM.from_hugging_face(checkpoint.path, architecture="MistralForCausalLM")
 
 
-def test_conversion_streams_one_tensor_at_a_time(tiny_hf_checkpoint, tmp_path, monkeypatch):
+@pytest.mark.parametrize("tp_size", [1, 2])
+def test_conversion_streams_one_tensor_at_a_time(tiny_hf_checkpoint, tmp_path, monkeypatch, tp_size):
     """Peak host memory stays near one tensor group: the converter reads a checkpoint tensor only when
-    the writer asks for the next kiln tensor, and the writer lets each tensor go once it is written."""
+    the writer asks for the next kiln tensor, and the writer lets each tensor go once it is written; with
+    tensor parallelism, one rank's file after the other, each pass reading the checkpoint again."""
     checkpoint = tiny_hf_checkpoint("LlamaForCausalLM", num_hidden_layers=3)
-    engine = Builder().build(AutoModelForCausalLM.from_hugging_face(checkpoint.path), BuildConfig(**TINY_BUILD))
+    engine = Builder().build(AutoModelForCausalLM.from_hugging_face(checkpoint.path),
+                             BuildConfig(**TINY_BUILD, tp_size=tp_size))
     reads: list[str] = []
     real_get = CheckpointReader.get
     monkeypatch.setattr(CheckpointReader, "get", lambda self, name: reads.append(name) or real_get(self, name))
     produce = engine.produce_weights
     reads_at_yield, alive_at_yield = [], []
 
-    def tracked():
+    def tracked(rank):
         written = []
-        for name, tensor in produce():
+        for name, tensor in produce(rank):
             reads_at_yield.append(len(reads))
             alive_at_yield.append(sum(ref() is not None for ref in written))
             written.append(weakref.ref(tensor))
@@ -260,7 +263,8 @@ def test_conversion_streams_one_tensor_at_a_time(tiny_hf_checkpoint, tmp_path, m
     engine.produce_weights = tracked
     engine.save(tmp_path / "engine", progress=False)
     num_sources = [1] + [1, 3, 1, 1, 2, 1] * 3 + [1, 1]  # embed; per layer: norm, qkv, o, norm, gate_up, down; norm, lm_head
-    assert reads_at_yield == [sum(num_sources[:i + 1]) for i in range(len(num_sources))]
+    per_rank = [sum(num_sources[:i + 1]) for i in range(len(num_sources))]
+    assert reads_at_yield == [rank * sum(num_sources) + n for rank in range(tp_size) for n in per_rank]
     assert max(alive_at_yield) <= 1  # only the tensor being written when the next one is produced
 
 
@@ -269,8 +273,8 @@ def test_failed_conversion_leaves_no_partial_files(tiny_hf_checkpoint, tmp_path)
     engine = Builder().build(AutoModelForCausalLM.from_hugging_face(checkpoint.path), BuildConfig(**TINY_BUILD))
     produce = engine.produce_weights
 
-    def fails_half_way():
-        for i, item in enumerate(produce()):
+    def fails_half_way(rank):
+        for i, item in enumerate(produce(rank)):
             if i == 5:
                 raise CheckpointError("disk went away")
             yield item

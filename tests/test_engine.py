@@ -37,7 +37,7 @@ def test_engine_folder_holds_a_json_manifest_and_standard_safetensors(tiny_llama
                                                    kv_cache_dtype="float32").to_dict()
     assert manifest["model_config"]["architecture"] == "LlamaForCausalLM"
     assert manifest["model_config"]["num_kv_heads"] == 2
-    assert manifest["files"] == {"weights": WEIGHTS_FILE}
+    assert manifest["files"] == {"weights": [WEIGHTS_FILE]} and manifest["sharding"] == {}
     assert set(manifest["kernel_plan"]) == set(LLAMA_OPS)  # the ops stories260K (a Llama) calls
     plan = manifest["memory_plan"]
     config = tiny_llama.model.config
@@ -196,7 +196,7 @@ def test_save_replaces_an_engine_only_when_told_and_never_other_files(tiny_llama
 # ---- build validation ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("overrides, message", [
-    (dict(tp_size=2), "tp_size=2: this kiln builds single-GPU engines only; use tp_size=1"),
+    (dict(tp_size=0), r"tp_size \(--tp-size\) must be a positive integer"),
     (dict(max_input_len=256, max_seq_len=128), r"max_input_len \(256\) must be <= max_seq_len \(128\)"),
     (dict(tokens_per_block=12), "tokens_per_block must be a power of two"),
     (dict(dtype="float8"), "dtype 'float8' is not supported; choose one of auto, float32, float16, bfloat16"),

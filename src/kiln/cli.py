@@ -75,6 +75,9 @@ def _add_build(sub) -> None:
     p.add_argument("--fp8-context-attention", action="store_true",
                    help="context attention multiplies Q @ K^T and P @ V in FP8 (needs --kv-cache-dtype fp8 and "
                         "sm89+, or the CPU reference)")
+    p.add_argument("--tp-size", type=int, default=1,
+                   help="tensor-parallel ranks (GPUs) to split the weights over: one weight file per rank; kiln "
+                        "generate / serve / bench start the ranks themselves (default 1)")
     p.add_argument("--dummy-weights", action="store_true",
                    help="random weights of the model's shapes, made on the device (for presets; no download)")
     p.add_argument("--no-tune", action="store_true", help="skip kernel tuning on the GPU (default configs)")
@@ -94,12 +97,14 @@ def cmd_build(args) -> int:
                          tokens_per_block=args.tokens_per_block, dtype=args.dtype, target=args.target,
                          quantization=args.quantization, group_size=args.group_size,
                          calibration_data=args.calibration_data, fp8_scaling=args.fp8_scaling,
-                         kv_cache_dtype=args.kv_cache_dtype, use_fp8_context_fmha=args.fp8_context_attention)
+                         kv_cache_dtype=args.kv_cache_dtype, use_fp8_context_fmha=args.fp8_context_attention,
+                         tp_size=args.tp_size)
     engine = Builder().build(source, config, tune=not args.no_tune)
     out = _save(engine, args.output, args.overwrite)
     m = engine.manifest
+    ranks = f", {m.tp_size} ranks of {m.memory_plan['weight_bytes'] / 2**30:.2f} GiB" if m.tp_size > 1 else ""
     print(f"engine written to {out} ({m.build_config.target}, {m.build_config.dtype}, "
-          f"{m.memory_plan['weight_bytes'] / 2**30:.2f} GiB of weights)")
+          f"{m.memory_plan['weight_bytes'] * m.tp_size / 2**30:.2f} GiB of weights{ranks})")
     return 0
 
 
@@ -244,7 +249,7 @@ def cmd_inspect(args) -> int:
         "model": m.model_config.to_dict(), "limits": m.build_config.to_dict(),
         "memory_plan": m.memory_plan, "kernel_plan": m.kernel_plan, "kernel_plan_tuned": m.is_kernel_plan_tuned,
         "files": files, "linear_kernels": linear_kernels, "linear_bytes_per_weight": bytes_per_weight,
-        "kv_pool_tokens": kv_pools,
+        "kv_pool_tokens": kv_pools, "tp_size": m.tp_size, "sharding": m.sharding,
     }
     if args.json:
         print(json.dumps(summary, indent=2))
@@ -262,7 +267,11 @@ def cmd_inspect(args) -> int:
           f"rope {mc.rope.rope_type} theta {mc.rope.theta:g}, {num_params(mc) / 1e6:.1f}M params")
     print(f"limits        max_batch_size {bc.max_batch_size}, max_input_len {bc.max_input_len}, max_seq_len "
           f"{bc.max_seq_len}, max_num_tokens {bc.max_num_tokens}, tokens_per_block {bc.tokens_per_block}")
-    print("memory plan")
+    if bc.tp_size > 1:
+        rank_bytes = [files.get(f"rank{rank}.safetensors", 0) for rank in range(bc.tp_size)]
+        print(f"tensor parallel {bc.tp_size} ranks, one weight file each ({', '.join(map(_human, rank_bytes))}); "
+              f"{len(m.sharding)} tensors sharded, the rest replicated")
+    print("memory plan" + (" (per rank)" if bc.tp_size > 1 else ""))
     for k, v in m.memory_plan.items():
         print(f"  {k:<26} {_human(v) if k.endswith('bytes') or '_bytes' in k else v}")
     if bytes_per_weight is not None:
@@ -333,10 +342,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Commands that run an engine: under torchrun, ranks other than 0 serve rank 0's steps instead.
+RANK_COMMANDS = ("generate", "serve", "bench")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if args.command in RANK_COMMANDS:
+            from kiln.runtime.distributed import is_torchrun_worker, run_worker
+
+            if is_torchrun_worker():
+                return run_worker()
         code = args.func(args) or 0
         sys.stdout.flush()  # a reader that left shows here, not as a message at the interpreter's exit
         return code

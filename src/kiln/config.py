@@ -74,7 +74,7 @@ class BuildConfig:
     max_beam_width: int = 1
     tokens_per_block: int | None = None
     dtype: str = "auto"
-    tp_size: int = 1
+    tp_size: int = 1  # tensor-parallel ranks (GPUs) the weights are split over; one weight file per rank
     target: str = "auto"
     # The LinearMethod every Linear stores its weight and multiplies by (kiln.layers.linear); "auto": the
     # checkpoint's own ("fp8" for a pre-quantized FP8 folder), else "none".
@@ -102,8 +102,9 @@ class BuildConfig:
             raise ConfigError(f"dtype {self.dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
         if self.target not in TARGETS:
             raise ConfigError(f"target {self.target!r} is not supported; choose one of {', '.join(TARGETS)}")
-        if self.tp_size != 1:
-            raise ConfigError(f"tp_size={self.tp_size}: this kiln builds single-GPU engines only; use tp_size=1")
+        if not isinstance(self.tp_size, int) or isinstance(self.tp_size, bool) or self.tp_size < 1:
+            raise ConfigError(f"tp_size (--tp-size) must be a positive integer (ranks the weights are split over), "
+                              f"got {self.tp_size!r}")
         if self.max_beam_width != 1:
             raise ConfigError(f"max_beam_width={self.max_beam_width}: beam search is not supported yet; use 1")
         if self.fp8_scaling is not None and self.fp8_scaling not in FP8_SCALINGS:

@@ -19,6 +19,10 @@ class EngineError(KilnError):
     """An engine folder that is missing, damaged, from a newer kiln or for another GPU."""
 
 
+class RankFailure(KilnError):
+    """A tensor-parallel rank stopped or failed; the engine's ranks are all shut down."""
+
+
 class RequestError(KilnError, ValueError):
     """One request that breaks the engine's limits or has invalid parameters; other requests go on."""
 

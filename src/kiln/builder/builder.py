@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from kiln.builder.plan import kernel_plan, linear_weights, memory_plan, tensor_table
+from kiln.builder.plan import kernel_plan, linear_weights, memory_plan, rank_config, sharding_table, tensor_table
 from kiln.config import BUILD_DEFAULTS, BuildConfig
 from kiln.convert import AutoModelForCausalLM, ModelSource, check_source
 from kiln.convert.checkpoint import CheckpointReader
@@ -28,7 +28,8 @@ from kiln.errors import ConfigError
 from kiln.kernels.attention import MIN_FP8_KV_CAPABILITY, fp8_kv_cache_refusal
 from kiln.kernels.triton_jit import compile_cache
 from kiln.layers import kernel_ops_of, linear_method
-from kiln.models import CausalLM, model_skeleton
+from kiln.layers import TensorParallel
+from kiln.models import CausalLM, family, model_skeleton
 from kiln.models.config import ModelConfig
 
 
@@ -65,6 +66,15 @@ def resolve_build_config(model: ModelConfig, build: BuildConfig, checkpoint_dir:
         raise ConfigError(f"sliding_window={model.sliding_window} leaves a query no key to attend to; set "
                           "sliding_window in config.json to the window the model was trained with (>= 1), or "
                           "to null for full attention")
+    _check_tp_size(model, build.tp_size)
+    if build.tp_size > 1:  # weights that arrive as packed integers or with AWQ scales are not sliced by rank yet
+        int_format = detect_checkpoint_quantization(checkpoint_dir) if checkpoint_dir is not None else None
+        if int_format is not None or quantization == "int4_awq":
+            what = (f"{checkpoint_dir} holds {int_format} weights" if int_format is not None
+                    else "quantization='int4_awq' (--quantization int4_awq)")
+            raise ConfigError(f"tp_size={build.tp_size} (--tp-size {build.tp_size}): {what}, which this kiln does "
+                              "not split over ranks yet; build with --tp-size 1, or from the float checkpoint with "
+                              "int4_wo / int8_wo / fp8")
     longest, reason = _longest_sequence(model)
     for name in ("max_seq_len", "max_input_len"):  # max_input_len <= max_seq_len when both are given
         value = getattr(build, name)
@@ -128,6 +138,29 @@ def _resolve_kv_cache_dtype(build: BuildConfig, dtype: str, target: str,
     return kv_cache_dtype
 
 
+def _check_tp_size(model: ModelConfig, tp_size: int) -> None:
+    """Every rank must hold whole attention heads, whole KV heads (an equal share, or a copy of one when
+    there are fewer KV heads than ranks) and an equal share of the MLP; the vocabulary is padded instead."""
+    if tp_size == 1:
+        return
+    keys = family(model.architecture).HF_CONFIG  # ModelConfig field -> its config.json key, for the messages
+    flag = f"tp_size={tp_size} (--tp-size {tp_size})"
+
+    def key(field: str) -> str:
+        return keys.get(field, field)
+
+    if model.num_heads % tp_size:
+        raise ConfigError(f"{flag}: the model's {model.num_heads} attention heads ({key('num_heads')}) do not split "
+                          f"over {tp_size} ranks; choose a tp_size that divides {model.num_heads}")
+    if model.num_kv_heads % tp_size and tp_size % model.num_kv_heads:
+        raise ConfigError(f"{flag}: the model's {model.num_kv_heads} KV heads ({key('num_kv_heads')}) neither split "
+                          f"over {tp_size} ranks nor replicate evenly across them; choose a tp_size that divides "
+                          f"{model.num_kv_heads} or is a multiple of it")
+    if model.intermediate_size % tp_size:
+        raise ConfigError(f"{flag}: the model's MLP width {model.intermediate_size} ({key('intermediate_size')}) does "
+                          f"not split over {tp_size} ranks; choose a tp_size that divides {model.intermediate_size}")
+
+
 def _longest_sequence(model: ModelConfig) -> tuple[int, str]:
     """The longest sequence an engine of ``model`` may hold, and what sets it (for error messages)."""
     limit = model.max_supported_positions
@@ -178,7 +211,10 @@ class Builder:
         resolved = resolve_build_config(model.config, BuildConfig.of(config), model.checkpoint_dir)
         check_source(model)  # a source from a family class (LlamaForCausalLM.from_hugging_face) is checked here
         dtype = DTYPE_NAMES[resolved.dtype]
-        skeleton = model_skeleton(model.config, resolved, dtype)
+        tp_size = resolved.tp_size
+        skeletons = [model_skeleton(model.config, resolved, dtype, TensorParallel(rank, tp_size))
+                     for rank in range(tp_size)]  # every rank's tensors have rank 0's names and shapes
+        per_rank = rank_config(model.config, tp_size)  # the shapes one rank's kernels and memory see
         here = detect_target()
         # A GPU the build machine lacks: the engine is converted and validated here, and its kernel plan is
         # made by the first load on such a GPU (kiln.runtime.loader), which saves it in the engine folder.
@@ -190,31 +226,38 @@ class Builder:
             # Kernels compiled while tuning are saved in the engine folder, so that loading compiles nothing.
             kernel_cache = tempfile.TemporaryDirectory(prefix="kiln-kernels-") if resolved.target != "cpu" else None
             with compile_cache(kernel_cache.name if kernel_cache else None):
-                plan = kernel_plan(resolved.target, model.config, resolved, dtype, tune=tune,
-                                   ops=kernel_ops_of(skeleton))
+                plan = kernel_plan(resolved.target, per_rank, resolved, dtype, tune=tune,
+                                   ops=kernel_ops_of(skeletons[0]))
             is_tuned, target_device_name = True, device_name() if resolved.target != "cpu" else "cpu"
-        tensors = tensor_table(skeleton)
+        tensors = tensor_table(skeletons[0])
         manifest = EngineManifest(
             model_config=model.config,
             build_config=resolved,
             target_device_name=target_device_name,
             kernel_plan=plan,
-            memory_plan=memory_plan(model.config, resolved, skeleton.kv_cache_dtype, dtype, tensors,
-                                    linear_weights(skeleton)),
+            memory_plan=memory_plan(per_rank, resolved, skeletons[0].kv_cache_dtype, dtype, tensors,
+                                    linear_weights(skeletons[0])),
             tensors=tensors,
             has_tokenizer=False,
             is_kernel_plan_tuned=is_tuned,
+            sharding=sharding_table(skeletons),
         )
         if model.is_dummy:
             device = torch.device("cuda" if resolved.target != "cpu" and torch.cuda.is_available() else "cpu")
-            produce = partial(dummy_weights, skeleton, device)
+            produce = partial(_dummy, skeletons, device)
         else:
             # int4_awq: scales and clipping searched here, on the float model's activations (GPU if there is one).
             input_scales = awq_input_scales(model, resolved, dtype) if resolved.quantization == "int4_awq" else None
-            produce = partial(_convert, skeleton, model.checkpoint_dir, input_scales)
+            produce = partial(_convert, skeletons, model.checkpoint_dir, input_scales)
         return Engine(manifest=manifest, produce_weights=produce, tokenizer_source=model.tokenizer_dir,
                       kernel_cache=kernel_cache)
 
 
-def _convert(skeleton: CausalLM, checkpoint_dir, input_scales: dict[str, torch.Tensor] | None):
-    return convert_checkpoint(skeleton, CheckpointReader(checkpoint_dir), input_scales)
+# One rank's weights at a time: each rank's pass reads (or, seeded alike, draws) the full checkpoint tensors
+# block by block and keeps its slices, so host memory stays near one block's tensors whatever the ranks.
+def _convert(skeletons: list[CausalLM], checkpoint_dir, input_scales: dict[str, torch.Tensor] | None, rank: int):
+    return convert_checkpoint(skeletons[rank], CheckpointReader(checkpoint_dir), input_scales)
+
+
+def _dummy(skeletons: list[CausalLM], device: torch.device, rank: int):
+    return dummy_weights(skeletons[rank], device)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from collections.abc import Collection
 from typing import Any
 
@@ -11,13 +12,34 @@ import torch
 from kiln.config import BuildConfig
 from kiln.engine.weights import DTYPE_TO_ST, ST_TO_DTYPE
 from kiln.kernels import LLAMA_OPS, reference_plan
-from kiln.layers import Linear
+from kiln.layers import Linear, checkpoint_layers
 from kiln.models import CausalLM
 from kiln.models.config import ModelConfig
 
 
 def kv_bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
     return 2 * config.num_layers * config.num_kv_heads * config.head_dim * dtype.itemsize
+
+
+def rank_config(config: ModelConfig, tp_size: int) -> ModelConfig:
+    """The shapes one tensor-parallel rank computes with: its share of the heads (one KV head where the
+    ranks replicate fewer) and of the MLP; the model config itself at one rank."""
+    if tp_size == 1:
+        return config
+    return replace(config, num_heads=config.num_heads // tp_size, num_kv_heads=max(1, config.num_kv_heads // tp_size),
+                   intermediate_size=config.intermediate_size // tp_size)
+
+
+def sharding_table(skeletons: list[CausalLM]) -> dict[str, dict[str, Any]]:
+    """The manifest's sharding mapping: checkpoint tensor -> the dim it is split along and, per rank, the
+    [start, stop) ranges of it that the rank holds (``padded``: zero-padded to that size first)."""
+    table: dict[str, dict[str, Any]] = {}
+    for skeleton in skeletons:  # at one rank nothing is sharded: an empty table
+        for prefix, layer in checkpoint_layers(skeleton):
+            for name, shard in layer.shards.items():
+                entry = table.setdefault(prefix + name, {"dim": shard.dim, "padded": shard.padded, "ranks": []})
+                entry["ranks"].append([list(r) for r in shard.ranges])
+    return table
 
 
 def tensor_table(model: CausalLM) -> dict[str, dict[str, Any]]:
@@ -38,7 +60,8 @@ def memory_plan(config: ModelConfig, build: BuildConfig, kv_cache_dtype: torch.d
     """Bytes the engine needs at its limits, so users can see what fits before loading: the KV cache's by
     its element size (an FP8 cache holds twice the tokens of a 16-bit one in the same bytes); ``linears``
     (from ``linear_weights``) tells how many bytes the linear layers' weights take as stored (packed INT4 /
-    INT8 with their scales) for how many weights."""
+    INT8 with their scales) for how many weights. Per rank: ``config`` is the rank's shapes, ``tensors``
+    and ``linears`` one rank's."""
     sizes = {name: math.prod(t["shape"]) * ST_TO_DTYPE[t["dtype"]].itemsize for name, t in tensors.items()}
     weights = sum(sizes.values())
     linear_bytes = sum(size for name, size in sizes.items()

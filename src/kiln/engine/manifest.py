@@ -1,15 +1,18 @@
 """The engine folder's format: file names and ``manifest.json`` (versioned, JSON only).
 
-An engine folder holds ``manifest.json`` + ``rank0.safetensors`` + ``tokenizer/`` (+ ``triton_cache/``,
-the kernels compiled for a GPU target, which loading reuses). Nothing in an engine is pickled. The manifest
-lists every tensor (shape, dtype, CRC32) in file order; it is the contract between the builder, which
-writes it, and the runtime, which reads it.
+An engine folder holds ``manifest.json`` + one ``rank{i}.safetensors`` per tensor-parallel rank +
+``tokenizer/`` (+ ``triton_cache/``, the kernels compiled for a GPU target, which loading reuses). Nothing
+in an engine is pickled. The manifest lists every tensor (shape, dtype, CRC32) in file order; it is the
+contract between the builder, which writes it, and the runtime, which reads it. Every rank's file holds
+the same names and shapes (its slices); a tensor's ``crc32`` is one number at one rank, else a list with
+one per rank, and ``sharding`` records which slice of each checkpoint tensor every rank holds.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +25,14 @@ from kiln.models.config import ModelConfig
 from kiln.version import ENGINE_FORMAT_VERSION, __version__
 
 MANIFEST_FILE = "manifest.json"
-WEIGHTS_FILE = "rank0.safetensors"
+WEIGHTS_FILE_PATTERN = re.compile(r"rank\d+\.safetensors")
+
+
+def weights_file(rank: int) -> str:
+    return f"rank{rank}.safetensors"
+
+
+WEIGHTS_FILE = weights_file(0)
 TOKENIZER_DIR = "tokenizer"
 COMPILE_CACHE_DIR = "triton_cache"  # the Triton kernels compiled for this engine (GPU targets)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
@@ -44,6 +54,18 @@ class EngineManifest:
     # False for an engine built for a GPU the build machine lacks: its kernel plan is made (and saved in the
     # folder) by the first load on such a GPU.
     is_kernel_plan_tuned: bool = True
+    # checkpoint tensor -> {dim, padded, ranks: per rank the [start, stop) ranges it holds}; empty at one rank
+    sharding: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def tp_size(self) -> int:
+        return self.build_config.tp_size
+
+    def rank_tensors(self, rank: int) -> dict[str, dict[str, Any]]:
+        """The tensor table of rank ``rank``'s weight file: its own CRC32 per tensor."""
+        if self.tp_size == 1:
+            return self.tensors
+        return {name: {**t, "crc32": t["crc32"][rank]} if "crc32" in t else t for name, t in self.tensors.items()}
 
     @property
     def dtype(self) -> torch.dtype:
@@ -65,8 +87,9 @@ class EngineManifest:
             "kernel_plan": self.kernel_plan,
             "kernel_plan_tuned": self.is_kernel_plan_tuned,
             "has_tokenizer": self.has_tokenizer,
-            "files": {"weights": WEIGHTS_FILE},
+            "files": {"weights": [weights_file(rank) for rank in range(self.tp_size)]},
             "tensors": self.tensors,
+            "sharding": self.sharding,
         }, indent=1)
 
     def write(self, engine_dir: str | Path) -> None:
@@ -113,6 +136,7 @@ class EngineManifest:
                 format_version=version,
                 created=d.get("created", ""),
                 is_kernel_plan_tuned=d.get("kernel_plan_tuned", True),
+                sharding=d.get("sharding", {}),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise EngineError(f"{path}: field {e} missing or invalid; rebuild the engine") from e

@@ -8,6 +8,7 @@ from kiln.layers.embedding import Embedding, LMHead
 from kiln.layers.linear import LINEAR_METHODS, DenseLinearMethod, Linear, LinearMethod, linear_method
 from kiln.layers.mlp import MLP, GatedMLP
 from kiln.layers.norm import LayerNorm, RMSNorm
+from kiln.layers.parallel import SINGLE, Shard, TensorParallel
 from kiln.layers.rotary import Rotary
 
 
@@ -17,5 +18,6 @@ def kernel_ops_of(model) -> tuple[str, ...]:
 
 
 __all__ = ["Attention", "DenseLinearMethod", "Embedding", "GatedMLP", "KvCacheScales", "LINEAR_METHODS", "LMHead",
-           "Layer", "LayerContext", "LayerNorm", "Linear", "LinearMethod", "MLP", "RMSNorm", "Rotary",
-           "checkpoint_layers", "kernel_ops_of", "layer_context", "linear_method", "load_parameters"]
+           "Layer", "LayerContext", "LayerNorm", "Linear", "LinearMethod", "MLP", "RMSNorm", "Rotary", "SINGLE",
+           "Shard", "TensorParallel", "checkpoint_layers", "kernel_ops_of", "layer_context", "linear_method",
+           "load_parameters"]

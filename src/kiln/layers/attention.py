@@ -35,12 +35,18 @@ class Attention(nn.Module):
     def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int, rotary: Rotary,
                  ctx: LayerContext, qkv_bias: bool = False, o_bias: bool = False, qk_norm_eps: float | None = None):
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
-        self.q_size, self.kv_size = num_heads * head_dim, num_kv_heads * head_dim
-        self.qkv = Linear(hidden_size, self.q_size + 2 * self.kv_size, ctx, bias=qkv_bias, shard_dim=0)
+        # Tensor parallelism: each rank holds whole heads, its share of the query heads and of the KV heads
+        # (or, with fewer KV heads than ranks, a copy of the one its query heads read).
+        (q_first, q_last), (kv_first, kv_last) = ctx.tp.share(num_heads), ctx.tp.share(num_kv_heads)
+        self.num_heads, self.num_kv_heads, self.head_dim = q_last - q_first, kv_last - kv_first, head_dim
+        self.q_size, self.kv_size = self.num_heads * head_dim, self.num_kv_heads * head_dim
+        q_rows, kv_rows = (q_first * head_dim, q_last * head_dim), (kv_first * head_dim, kv_last * head_dim)
+        q_full, kv_full = num_heads * head_dim, num_kv_heads * head_dim
+        qkv_rows = (q_rows, tuple(q_full + r for r in kv_rows), tuple(q_full + kv_full + r for r in kv_rows))
+        self.qkv = Linear(hidden_size, q_full + 2 * kv_full, ctx, bias=qkv_bias, shard_dim=0, shard_ranges=qkv_rows)
         self.q_norm = None if qk_norm_eps is None else RMSNorm(head_dim, qk_norm_eps, ctx)
         self.k_norm = None if qk_norm_eps is None else RMSNorm(head_dim, qk_norm_eps, ctx)
-        self.o = Linear(self.q_size, hidden_size, ctx, bias=o_bias, shard_dim=1)
+        self.o = Linear(q_full, hidden_size, ctx, bias=o_bias, shard_dim=1, shard_ranges=(q_rows,))
         self.kv_scales = KvCacheScales() if ctx.is_fp8_kv_cache else None
         self.rotary = rotary
         self.ops = ctx.ops

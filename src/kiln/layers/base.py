@@ -3,7 +3,9 @@
 A block (``Layer``) declares each tensor it is made of from the checkpoint: name, shape and how a dummy
 engine fills it. From that one declaration come the engine's tensor table (the block's parameters: name,
 shape, dtype), the conversion of checkpoint tensors at build time (``convert``) and the forward's
-attributes. Parameters start empty on the meta device: the converter or the engine file fills them.
+attributes. Parameters start empty on the meta device: the converter or the engine file fills them. A
+tensor sharded over tensor-parallel ranks is declared with its ``Shard``: the checkpoint tensor keeps its
+full shape, the parameter has the rank's, and ``convert`` takes the rank's slice.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import torch
 from torch import nn
 
 from kiln.errors import EngineError
+from kiln.layers.parallel import Shard
 
 # Dummy-weight init: norm scales start at one; biases and embeddings get this std; matrices 1/sqrt(fan_in).
 ONES = "ones"
@@ -38,14 +41,22 @@ class Layer(nn.Module):
     def __init__(self):
         super().__init__()
         self.checkpoint_tensors: dict[str, CheckpointTensor] = {}
+        self.shards: dict[str, Shard] = {}  # checkpoint tensor -> the slice this rank holds (tp > 1 only)
 
-    def declare(self, name: str, shape: tuple[int, ...], init: str | float, dtype: torch.dtype) -> None:
+    def declare(self, name: str, shape: tuple[int, ...], init: str | float, dtype: torch.dtype,
+                shard: Shard | None = None) -> None:
         self.checkpoint_tensors[name] = CheckpointTensor(tuple(shape), init)
-        self.register_parameter(name, empty_parameter(tuple(shape), dtype))
+        self.register_parameter(name, empty_parameter(shard.local_shape(shape) if shard else tuple(shape), dtype))
+        if shard is not None:
+            self.shards[name] = shard
+
+    def shard(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """This rank's part of checkpoint tensor ``name`` (all of it when it is not sharded)."""
+        return self.shards[name].take(tensor) if name in self.shards else tensor
 
     def convert(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Build time: this block's stored tensors from its checkpoint tensors (float, fused)."""
-        return {name: tensors[name].to(getattr(self, name).dtype) for name in self.checkpoint_tensors}
+        return {name: self.shard(name, tensors[name]).to(getattr(self, name).dtype) for name in self.checkpoint_tensors}
 
 
 def checkpoint_layers(model: nn.Module) -> list[tuple[str, Layer]]:

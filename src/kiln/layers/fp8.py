@@ -60,6 +60,15 @@ class Fp8LinearMethod(LinearMethod):
         weight_fp8, weight_scale = quantize_fp8_weight(weight.float(), self.scaling)
         return {"weight": weight_fp8, "weight_scale": weight_scale}
 
+    def shard(self, weight, shard):
+        if not isinstance(weight, Fp8Linear):
+            return shard.take(weight)
+        scale = weight.weight_scale
+        if shard.dim == 0 and scale.ndim:  # a scale per output row goes with its row
+            scale = shard.take(scale.reshape(-1, 1))
+        # Sliced as bytes: concatenation is not implemented for float8 on every device.
+        return weight._replace(weight=shard.take(weight.weight.view(torch.uint8)).view(FP8_DTYPE), weight_scale=scale)
+
     def target_refusal(self, target):
         if target == "cpu" or int(target.removeprefix("sm")) >= MIN_FP8_CAPABILITY:
             return None

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from kiln.config import BuildConfig
 from kiln.errors import ConfigError
 from kiln.layers.base import SMALL_STD, CheckpointTensor, Layer, empty_parameter
+from kiln.layers.parallel import Shard
 
 
 class LinearMethod(ABC):
@@ -60,6 +61,11 @@ class LinearMethod(ABC):
     @abstractmethod
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         """x [T, in_features] -> [T, out_features], with the layer's bias (None or [out_features])."""
+
+    def shard(self, weight, shard: Shard):
+        """Build time, tensor parallelism: a rank's part of what ``convert`` takes (the float weight; a
+        method that takes other inputs slices them here), before ``convert`` makes its tensors."""
+        return shard.take(weight)
 
     def target_refusal(self, target: str) -> str | None:
         """Why an engine for ``target`` (``sm90``, ``cpu``) cannot use this method, or None. Asked at build,
@@ -117,28 +123,46 @@ def _method_class(name: str) -> type[LinearMethod]:
 class Linear(Layer):
     """y = x W^T (+ b) for W [out_features, in_features], stored and multiplied by the context's method.
 
-    ``shard_dim`` is the weight dim tensor parallelism would split: 0 column-parallel (each rank computes
-    a slice of the outputs), 1 row-parallel (each rank a slice of the inputs, the outputs summed). At one
-    rank nothing is split.
+    ``shard_dim`` is the weight dim tensor parallelism splits: 0 column-parallel (each rank computes a
+    slice of the outputs: ``shard_ranges`` of them, by default an equal share), 1 row-parallel (each rank
+    a slice of the inputs; the outputs are summed over the ranks, the bias added once: rank 0 stores it,
+    the others zeros). ``in_features`` and ``out_features`` are the rank's; at one rank nothing is split.
     """
 
-    def __init__(self, in_features: int, out_features: int, ctx, bias: bool = False, shard_dim: int | None = None):
+    def __init__(self, in_features: int, out_features: int, ctx, bias: bool = False, shard_dim: int | None = None,
+                 shard_ranges: tuple[tuple[int, int], ...] | None = None):
         super().__init__()
-        self.in_features, self.out_features, self.shard_dim = in_features, out_features, shard_dim
+        self.shard_dim, self.tp = shard_dim, ctx.tp
         self.method, self.dtype = ctx.linear, ctx.dtype
         self.checkpoint_tensors["weight"] = CheckpointTensor((out_features, in_features), in_features ** -0.5)
+        if ctx.tp.size > 1 and shard_dim is not None:
+            full = (out_features, in_features)[shard_dim]
+            self.shards["weight"] = Shard(shard_dim, shard_ranges or (ctx.tp.share(full),))
+            if shard_dim == 0:
+                out_features = self.shards["weight"].size
+            else:
+                in_features = self.shards["weight"].size
+        self.in_features, self.out_features = in_features, out_features
+        self.is_row_parallel = ctx.tp.size > 1 and shard_dim == 1
         for name, (shape, dtype) in self.method.tensors(out_features, in_features, ctx.dtype).items():
             self.register_parameter(name, empty_parameter(shape, dtype))
         if bias:
-            self.declare("bias", (out_features,), SMALL_STD, ctx.dtype)
+            self.declare("bias", (self.checkpoint_tensors["weight"].shape[0],), SMALL_STD, ctx.dtype,
+                         shard=Shard(0, self.shards["weight"].ranges) if "weight" in self.shards and shard_dim == 0
+                         else None)
         else:
             self.register_parameter("bias", None)
 
     def convert(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        stored = self.method.convert(tensors["weight"], self.dtype)
+        weight = tensors["weight"]
+        if "weight" in self.shards:
+            weight = self.method.shard(weight, self.shards["weight"])
+        stored = self.method.convert(weight, self.dtype)
         if self.bias is not None:
-            stored["bias"] = tensors["bias"].to(self.dtype)
+            bias = self.shard("bias", tensors["bias"]).to(self.dtype)
+            stored["bias"] = torch.zeros_like(bias) if self.is_row_parallel and self.tp.rank else bias
         return stored
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.method.apply(self, x)
+        y = self.method.apply(self, x)
+        return self.tp.all_reduce(y) if self.is_row_parallel else y

@@ -16,7 +16,9 @@ class GatedMLP(nn.Module):
 
     def __init__(self, hidden_size: int, intermediate_size: int, ctx: LayerContext):
         super().__init__()
-        self.gate_up = Linear(hidden_size, 2 * intermediate_size, ctx, shard_dim=0)
+        first, last = ctx.tp.share(intermediate_size)  # gate and up split alike, before they are fused
+        self.gate_up = Linear(hidden_size, 2 * intermediate_size, ctx, shard_dim=0,
+                              shard_ranges=((first, last), (intermediate_size + first, intermediate_size + last)))
         self.down = Linear(intermediate_size, hidden_size, ctx, shard_dim=1)
         self.ops = ctx.ops
 

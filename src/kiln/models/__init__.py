@@ -14,7 +14,7 @@ import torch
 
 from kiln.config import BuildConfig
 from kiln.kernels import KernelOps, reference_plan
-from kiln.layers import checkpoint_layers, layer_context
+from kiln.layers import SINGLE, TensorParallel, checkpoint_layers, layer_context
 from kiln.models.base import CausalLM
 from kiln.models.config import ModelConfig
 from kiln.models.presets import PRESETS, preset_hf_config
@@ -26,12 +26,13 @@ def create_model(config: ModelConfig, ctx: LayerContext, max_positions: int) -> 
     return family(config.architecture).Model(config, ctx, max_positions)
 
 
-def model_skeleton(config: ModelConfig, build: BuildConfig | None = None, dtype: torch.dtype = torch.float32
-                   ) -> CausalLM:
+def model_skeleton(config: ModelConfig, build: BuildConfig | None = None, dtype: torch.dtype = torch.float32,
+                   tp: TensorParallel = SINGLE) -> CausalLM:
     """The model's declarations only: meta parameters in the engine dtype, of the linear method and KV
-    cache of ``build`` (a resolved BuildConfig; None: unquantized)."""
+    cache of ``build`` (a resolved BuildConfig; None: unquantized), sharded for tensor-parallel rank
+    ``tp.rank`` of ``tp.size``."""
     build = build or BuildConfig(quantization="none")
-    return create_model(config, layer_context(build, KernelOps(reference_plan()), dtype, torch.device("meta")),
+    return create_model(config, layer_context(build, KernelOps(reference_plan()), dtype, torch.device("meta"), tp),
                         max_positions=1)
 
 

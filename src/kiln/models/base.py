@@ -27,8 +27,10 @@ class CausalLM(nn.Module):
 
     def __init__(self, config: ModelConfig, ctx: LayerContext):
         super().__init__()
-        self.config, self.dtype, self.device = config, ctx.dtype, ctx.device
+        self.config, self.dtype, self.device, self.tp = config, ctx.dtype, ctx.device, ctx.tp
         self.kv_cache_dtype = ctx.kv_cache_dtype or ctx.dtype  # what allocate_kv_cache makes the cache of
+        first, last = ctx.tp.share(config.num_kv_heads)
+        self.num_local_kv_heads = last - first  # the KV heads of this tensor-parallel rank's cache
 
     @classmethod
     def from_hugging_face(cls, path) -> ModelSource:

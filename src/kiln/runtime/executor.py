@@ -19,11 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kiln.config import RuntimeConfig, SamplingParams
-from kiln.errors import KilnError, RequestError
+from kiln.engine import EngineManifest
+from kiln.errors import KilnError, RankFailure, RequestError
+from kiln.runtime.distributed import is_torchrun_worker, run_worker, start_ranks
 from kiln.runtime.kv_cache import BlockPool
 from kiln.runtime.loader import LoadedEngine, load_engine, num_kv_blocks
 from kiln.runtime.model_runner import (LaunchedStep, ModelRunner, RunnerOutput, allocate_kv_cache, graph_batch_sizes,
-                                      graph_context_sizes)
+                                       graph_context_sizes, uses_cuda_graphs)
 from kiln.runtime.request import Request, Response, Result
 from kiln.runtime.scheduler import ScheduledSequence, Scheduler, SchedulerOutput
 from kiln.runtime.sequence import Sequence
@@ -87,13 +89,33 @@ class Executor:
     def __init__(self, engine: str | Path | LoadedEngine, config: RuntimeConfig | None = None, progress: bool = False,
                  **options):
         config = config or RuntimeConfig(**options)
-        self.engine = engine if isinstance(engine, LoadedEngine) else load_engine(engine, config.device,
-                                                                                  progress=progress)
+        manifest = None if isinstance(engine, LoadedEngine) else EngineManifest.read(engine)
+        if manifest is not None and manifest.tp_size > 1 and is_torchrun_worker():
+            # A script under torchrun: this rank runs rank 0's steps, then ends; the script goes on at rank 0.
+            raise SystemExit(run_worker())
+        # A tensor-parallel engine's other ranks (started here, or torchrun's); None at one rank.
+        self.ranks = start_ranks(engine, manifest) if manifest is not None else None
+        try:
+            self._init(engine, config, progress)
+        except BaseException:
+            if self.ranks is not None:
+                self.ranks.stop()
+            raise
+
+    def _init(self, engine: str | Path | LoadedEngine, config: RuntimeConfig, progress: bool) -> None:
+        if isinstance(engine, LoadedEngine):
+            self.engine = engine
+        elif self.ranks is not None:
+            self.engine = self.ranks.load_engine(engine, config, progress)
+        else:
+            self.engine = load_engine(engine, config.device, progress=progress)
         build = self.engine.build_config
         self.max_batch_size, self.max_num_tokens = config.resolve(build)
         self.config = config
         num_blocks = num_kv_blocks(self.engine, config.kv_cache_config,
                                    activation_bytes=self.engine.manifest.memory_plan["activation_bytes"])
+        if self.ranks is not None:  # every rank's pool has the same blocks: the fewest any can hold
+            num_blocks = self.ranks.min(num_blocks)
         self.pool = BlockPool(num_blocks, build.tokens_per_block, config.kv_cache_config.enable_block_reuse)
         self.runner: ModelRunner  # made by the loop thread (_run) before __init__ returns
         self.scheduler = Scheduler(self.pool, self.max_batch_size, self.max_num_tokens, build.max_seq_len,
@@ -142,7 +164,8 @@ class Executor:
             build, model = self.engine.build_config, self.engine.model
             self.runner = ModelRunner(model, allocate_kv_cache(model, num_blocks, build.tokens_per_block),
                                       self.max_batch_size, self.max_num_tokens, build.max_seq_len)
-            if self._use_cuda_graphs(self.config):
+            self.runner.peers = self.ranks
+            if uses_cuda_graphs(self.engine, self.config.enable_cuda_graphs):
                 self.runner.capture_graphs(graph_batch_sizes(self.max_batch_size),
                                            graph_context_sizes(self.max_num_tokens))
         except BaseException as e:  # raised by __init__, in the caller's thread
@@ -152,16 +175,13 @@ class Executor:
             self._started.set()
         self._loop()
 
-    def _use_cuda_graphs(self, config: RuntimeConfig) -> bool:
-        # The reference attention sizes its loops from host lists, which a captured graph would freeze.
-        attention_impl = self.engine.manifest.kernel_plan.get("attention", {}).get("impl", "reference")
-        return config.enable_cuda_graphs and self.engine.device.type == "cuda" and attention_impl != "reference"
-
     # ---- client API (any thread) ---------------------------------------------------------------
     def enqueue_request(self, request: Request, on_response: ResponseCallback | None = None) -> int:
         """Queues a request; returns its id. Invalid requests get an error response, never an exception
         that stops the caller's other requests."""
         with self._inbox_lock:
+            if self.failure is not None:
+                raise self.failure
             if not self._accepting:
                 raise KilnError("executor is shut down; create a new one to serve more requests")
             request_id = self._next_id
@@ -233,6 +253,8 @@ class Executor:
         self._shutdown = True
         if not self._thread.is_alive():  # a loop still inside an iteration keeps its KV cache
             self.runner.release()
+        if self.ranks is not None:  # a loop still inside a step could be sending: then no message, the ranks end
+            self.ranks.stop(send_shutdown=not self._thread.is_alive())
         with self._ready_cv:
             self._ready_cv.notify_all()
 
@@ -245,6 +267,9 @@ class Executor:
     # ---- the loop ------------------------------------------------------------------------------
     def _loop(self) -> None:
         while True:
+            if self.failure is not None:
+                self._end_with(self.failure)
+                return
             if not self._drain_inbox():
                 break
             if not self.scheduler.has_work():
@@ -256,12 +281,28 @@ class Executor:
                 continue
             try:
                 self._step()
+            except RankFailure as e:
+                self._end_with(e)
+                return
             except Exception as e:  # a bug in the loop itself: fail what is in flight, keep serving
                 logger.exception("executor iteration failed")
                 for state in list(self._requests.values()):
                     self._fail(state, f"internal error: {e}")
         for state in list(self._requests.values()):
             self._finish_all(state, "cancelled")
+
+    @property
+    def failure(self) -> RankFailure | None:
+        """Why a tensor-parallel engine stopped serving (a rank stopped or a step failed), or None."""
+        return self.ranks.failure if self.ranks is not None else None
+
+    def _end_with(self, failure: RankFailure) -> None:
+        """A tensor-parallel engine that cannot go on: every request fails with why, every rank stops."""
+        logger.error("%s", failure)
+        self._drain_inbox()  # requests enqueued before the failure; enqueue_request refuses those after it
+        for state in list(self._requests.values()):
+            self._fail(state, str(failure))
+        self.ranks.stop()
 
     def _drain_inbox(self) -> bool:
         while True:
@@ -298,6 +339,8 @@ class Executor:
         try:
             step = self._launch(plan, scheduled_at, t0)
         except Exception as batch_error:
+            if self.ranks is not None:  # the ranks may have parted ways mid-step: serving cannot go on
+                raise self.ranks.failed(batch_error) from batch_error
             logger.warning("batch of %d failed (%s); isolating", len(plan.scheduled), batch_error)
             if self._in_flight is not None:
                 self._complete(self._in_flight)  # single runs read their inputs from the host

@@ -117,6 +117,23 @@ def ensure_engine(model: str | Path | None, build_config: BuildConfig | dict | N
     return engine_dir
 
 
+def _with_tp_size(model: str | Path | None, build_config: BuildConfig | dict | None, tp_size: int
+                  ) -> BuildConfig | dict | None:
+    """LLM(tensor_parallel_size=N): the build's tp_size for a Hugging Face folder; for an engine folder, it
+    must be the one the engine was built for."""
+    if model is not None and (Path(model) / MANIFEST_FILE).is_file():
+        built = EngineManifest.read(model).tp_size
+        if tp_size != built:
+            raise ConfigError(f"tensor_parallel_size={tp_size}, but {model} is built for tp_size={built}; leave "
+                              f"tensor_parallel_size out, or rebuild the engine with --tp-size {tp_size}")
+        return build_config
+    config = BuildConfig.of(build_config)
+    if config.tp_size not in (1, tp_size):
+        raise ConfigError(f"tensor_parallel_size={tp_size} disagrees with build_config.tp_size={config.tp_size}; "
+                          "give one of them")
+    return config.replace(tp_size=tp_size)
+
+
 def _check_writable(folder: Path) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -131,7 +148,11 @@ class LLM:
                  max_num_tokens: int | None = None, kv_cache_config: KvCacheConfig | None = None,
                  scheduler_config: SchedulerConfig | None = None, build_config: BuildConfig | dict | None = None,
                  enable_cuda_graphs: bool = True, enable_overlap: bool = True, device: str | None = None,
-                 progress: bool = True):
+                 progress: bool = True, tensor_parallel_size: int | None = None):
+        """``tensor_parallel_size``: ranks a Hugging Face folder's engine is built for (BuildConfig.tp_size);
+        an engine folder runs on the ranks it was built for, which kiln starts itself (or torchrun's)."""
+        if tensor_parallel_size is not None:
+            build_config = _with_tp_size(model, build_config, tensor_parallel_size)
         self.engine_dir = ensure_engine(model, build_config, progress=progress)
         config = RuntimeConfig(max_batch_size=max_batch_size, max_num_tokens=max_num_tokens,
                                kv_cache_config=kv_cache_config or KvCacheConfig(),
@@ -188,8 +209,11 @@ class LLM:
                     resp = finals.get(timeout=1.0)
                 except queue.Empty:
                     if not self.executor.is_alive():
-                        raise KilnError("executor stopped before all requests finished") from None
+                        stopped = KilnError("executor stopped before all requests finished")
+                        raise (self.executor.failure or stopped) from None
                     continue
+                if resp.has_error() and self.executor.failure is not None:  # a rank stopped: nothing finishes
+                    raise self.executor.failure
                 done[resp.request_id] = _to_output(resp, by_id[resp.request_id], None)
                 if resp.has_error():
                     logger.warning("prompts[%d] failed while running: %s", ids.index(resp.request_id),

@@ -14,10 +14,11 @@ import torch
 from kiln.engine import EngineManifest, engine_device, load_weights
 from kiln.engine.manifest import COMPILE_CACHE_DIR, TOKENIZER_DIR
 from kiln.config import KvCacheConfig
-from kiln.errors import ConfigError
+from kiln.builder.plan import rank_config
+from kiln.errors import ConfigError, EngineError
 from kiln.kernels import KernelOps
 from kiln.kernels.triton_jit import compile_cache, use_compile_cache
-from kiln.layers import kernel_ops_of, layer_context, load_parameters
+from kiln.layers import SINGLE, TensorParallel, kernel_ops_of, layer_context, load_parameters
 from kiln.models import CausalLM, create_model, model_skeleton
 from kiln.runtime.kv_cache import max_live_blocks
 from kiln.engine.tokenizer import Tokenizer
@@ -45,18 +46,26 @@ class LoadedEngine:
 
 
 def load_engine(engine_dir: str | Path, device: str | None = None, verify: bool = True,
-                progress: bool = True) -> LoadedEngine:
+                progress: bool = True, tp: TensorParallel = SINGLE, kernel_plan: dict | None = None) -> LoadedEngine:
+    """The engine on ``device`` (default: its target's), as tensor-parallel rank ``tp.rank`` of an engine
+    built for ``tp.size`` ranks: that rank's weight file. ``kernel_plan``: the plan rank 0 tuned for an
+    engine built without its GPU (the other ranks take it rather than tune again)."""
     t0 = time.perf_counter()
     engine_dir = Path(engine_dir)
     manifest = EngineManifest.read(engine_dir)
+    if manifest.tp_size != tp.size:
+        raise EngineError(f"{engine_dir} is built for tp_size={manifest.tp_size}, loaded as {tp.size} rank(s); "
+                          "load it with LLM / Executor / kiln, which start its ranks")
+    if kernel_plan is not None:
+        manifest = replace(manifest, kernel_plan=kernel_plan, is_kernel_plan_tuned=True)
     dev = torch.device(device) if device else engine_device(manifest)
     if not manifest.is_kernel_plan_tuned and dev.type == "cuda":
         manifest = tune_at_first_load(engine_dir, manifest, dev)
-    weights = load_weights(engine_dir, manifest, dev, verify=verify, progress=progress)
+    weights = load_weights(engine_dir, manifest, dev, verify=verify, progress=progress, rank=tp.rank)
     ops = KernelOps(manifest.kernel_plan)
     if ops.uses_triton:
         use_compile_cache(engine_dir / COMPILE_CACHE_DIR)
-    ctx = layer_context(manifest.build_config, ops, manifest.dtype, dev)
+    ctx = layer_context(manifest.build_config, ops, manifest.dtype, dev, tp)
     model = create_model(manifest.model_config, ctx, manifest.build_config.max_seq_len)
     load_parameters(model, weights)
     tokenizer = None
@@ -74,13 +83,14 @@ def tune_at_first_load(engine_dir: Path, manifest: EngineManifest, device: torch
 
     build = manifest.build_config
     ops = kernel_ops_of(model_skeleton(manifest.model_config, build, manifest.dtype))
+    per_rank = rank_config(manifest.model_config, build.tp_size)
     is_writable = os.access(engine_dir, os.W_OK)
     print(f"kiln: tuning the kernels of {engine_dir} for this {build.target} GPU (first load of an engine built "
           f"without one){'' if is_writable else '; the folder is read-only, so every load tunes again'}",
           file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     with compile_cache(str(engine_dir / COMPILE_CACHE_DIR) if is_writable else None):  # on the current GPU
-        plan = gpu_kernel_plan(manifest.model_config, build, manifest.dtype, tune=True, ops=ops)
+        plan = gpu_kernel_plan(per_rank, build, manifest.dtype, tune=True, ops=ops)
     tuned = replace(manifest, kernel_plan=plan, is_kernel_plan_tuned=True,
                     target_device_name=torch.cuda.get_device_name(device))
     if is_writable:

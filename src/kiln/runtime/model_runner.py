@@ -38,8 +38,15 @@ class RunnerOutput:
 
 def allocate_kv_cache(model: CausalLM, num_blocks: int, block_size: int) -> torch.Tensor:
     cfg = model.config
-    return torch.zeros(cfg.num_layers, 2, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim,
+    return torch.zeros(cfg.num_layers, 2, num_blocks, block_size, model.num_local_kv_heads, cfg.head_dim,
                        dtype=model.kv_cache_dtype, device=model.device)
+
+
+def uses_cuda_graphs(engine, enabled: bool) -> bool:
+    """Whether steps replay CUDA graphs: asked for, on a GPU, with device-side attention (the reference
+    attention sizes its loops from host lists, which a captured graph would freeze)."""
+    attention_impl = engine.manifest.kernel_plan.get("attention", {}).get("impl", "reference")
+    return enabled and engine.device.type == "cuda" and attention_impl != "reference"
 
 
 def graph_batch_sizes(max_batch_size: int) -> list[int]:
@@ -141,6 +148,9 @@ class ModelRunner:
         self._token_host = [torch.zeros(4 * max_batch_size, dtype=torch.int64, pin_memory=pin) for _ in range(2)]
         self._token_flip = 0
         self.graph_capture_seconds = 0.0
+        # Rank 0 of a tensor-parallel engine: the other ranks (kiln.runtime.distributed.Ranks), sent each step's
+        # packed inputs before its forward and its sampled tokens after; None at one rank.
+        self.peers = None
 
     def release(self) -> None:
         """Frees the KV cache and graphs (the executor has stopped)."""
@@ -158,15 +168,67 @@ class ModelRunner:
         for src, dst in plan.block_copies:
             self.kv_cache[:, :, dst].copy_(self.kv_cache[:, :, src])
         batch = self._prepare(plan)
+        if self.peers is not None:
+            self.peers.send_step(self._step_message(plan, batch))
         if batch.num_pending_inputs:
-            buf, k = self.buffers, batch.num_pending_inputs
-            buf.input_ids.index_copy_(0, buf.pending_index[:k], self.last_tokens[buf.pending_source[:k]])
+            self._feed_pending(batch.num_pending_inputs)
         if batch.graph_key is not None:
             graph, logits = self.graphs[batch.graph_key]
             graph.replay()
         else:
             logits = self.model.forward(*batch.forward_args)
-        return self._sample(batch, logits)
+        step = self._sample(batch, logits)
+        if self.peers is not None and batch.sample_seqs:
+            self.peers.share_tokens(self.last_tokens)
+        return step
+
+    def _feed_pending(self, num_pending: int) -> None:
+        """Inputs the previous step sampled, still on the device: its token row ``pending_source[i]``
+        becomes packed input row ``pending_index[i]``."""
+        buf = self.buffers
+        buf.input_ids.index_copy_(0, buf.pending_index[:num_pending],
+                                  self.last_tokens[buf.pending_source[:num_pending]])
+
+    # ---- tensor parallelism: the other ranks run rank 0's step -------------------------------
+    def _step_message(self, plan: SchedulerOutput, batch: "_Batch") -> dict:
+        """What another rank needs to run the same forward: the packed inputs as rank 0 wrote them (plain
+        numbers and arrays) and how to run them (a captured graph's key, or the eager forward's sizes)."""
+        buf, n, k = self.buffers, batch.num_rows, batch.num_pending_inputs
+        eager = {}
+        if batch.graph_key is None:
+            meta = batch.forward_args[4]
+            eager = dict(num_seqs=len(meta.seq_lens_host), num_logits=batch.forward_args[5].shape[0],
+                         seq_lens=list(meta.seq_lens_host), query_lens=list(meta.query_lens_host))
+        # Logits rows never outnumber the step's (or its graph's) input rows.
+        return dict(block_copies=[list(c) for c in plan.block_copies], graph_key=batch.graph_key, eager=eager,
+                    has_samples=bool(batch.sample_seqs), input_ids=buf.np_input_ids[:n],
+                    positions=buf.np_positions[:n], slot_mapping=buf.np_slot_mapping[:n],
+                    logits_indices=buf.np_logits_indices[:n], pending_index=buf.np_pending_index[:k],
+                    pending_source=buf.np_pending_source[:k], host32=buf.host32.numpy())
+
+    @torch.inference_mode()
+    def replay(self, block_copies, graph_key, eager, has_samples, input_ids, positions, slot_mapping, logits_indices,
+               pending_index, pending_source, host32, receive_tokens) -> None:
+        """Another rank's side of ``launch``: rank 0's step message in, the same forward (its collectives
+        with rank 0's), and rank 0's sampled tokens received (``receive_tokens``) for the next step."""
+        for src, dst in block_copies:
+            self.kv_cache[:, :, dst].copy_(self.kv_cache[:, :, src])
+        buf = self.buffers
+        buf.wait_uploaded()
+        num_rows, num_pending = len(input_ids), len(pending_index)
+        buf.np_input_ids[:num_rows], buf.np_positions[:num_rows] = input_ids, positions
+        buf.np_slot_mapping[:num_rows], buf.np_logits_indices[:num_rows] = slot_mapping, logits_indices
+        buf.np_pending_index[:num_pending], buf.np_pending_source[:num_pending] = pending_index, pending_source
+        buf.host32.numpy()[:] = host32
+        buf.upload()
+        if num_pending:
+            self._feed_pending(num_pending)
+        if graph_key is not None:  # a context graph's (tokens, sequences) key arrives as a list
+            self.graphs[graph_key if isinstance(graph_key, int) else tuple(graph_key)][0].replay()
+        else:
+            self.model.forward(*self._forward_args(num_rows, **eager))
+        if has_samples:
+            receive_tokens(self.last_tokens)
 
     @torch.inference_mode()
     def collect(self, step: "LaunchedStep") -> RunnerOutput:
@@ -357,16 +419,16 @@ class ModelRunner:
             self._fill_padding(num_seqs, key)
             buf.np_logits_indices[:key] = range(key)  # the graph computes logits for every row
             buf.upload()
-            return _Batch(None, sample_seqs, sample_rows, prompt_lp, key, num_pending)
+            return _Batch(None, sample_seqs, sample_rows, prompt_lp, key, key, num_pending)
         # One logits row per sequence, in order, when a context graph runs.
         buf.np_logits_indices[:len(logits_rows)] = logits_rows
         if key is not None:
             self._pad_context(offset, num_seqs, *key)
             buf.upload()
-            return _Batch(None, sample_seqs, sample_rows, prompt_lp, key, num_pending)
+            return _Batch(None, sample_seqs, sample_rows, prompt_lp, key, key[0], num_pending)
         buf.upload()
         args = self._forward_args(offset, num_seqs, len(logits_rows), seq_lens, q_lens)
-        return _Batch(args, sample_seqs, sample_rows, prompt_lp, None, num_pending)
+        return _Batch(args, sample_seqs, sample_rows, prompt_lp, None, offset, num_pending)
 
     # ---- sampling ----------------------------------------------------------------------------
     def _sample(self, batch: "_Batch", logits: torch.Tensor) -> "LaunchedStep":
@@ -436,6 +498,7 @@ class _Batch:
     sample_rows: list[int]
     prompt_lp: list[tuple[Sequence, int, int, int]]
     graph_key: int | tuple[int, int] | None  # ModelRunner.graphs' key of the graph that runs the step
+    num_rows: int  # input rows the forward reads: the step's tokens, or its graph's padded count
     num_pending_inputs: int  # entries of the pending rows of InputBuffers this step fills on the device
 
 
