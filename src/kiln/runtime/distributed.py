@@ -152,6 +152,12 @@ class _Channel:
         dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.group)
         return int(t[0])
 
+    def close(self) -> None:
+        """After the shutdown message, every rank meets here before any tears its groups down: rank 0 (which
+        holds the rendezvous store) exiting while another rank still reads the message ended it with
+        "terminate called without an active exception" (SIGABRT) in one CI run of two torchrun-style nodes."""
+        dist.barrier(group=self.group)
+
 
 def _init_groups(env: LaunchEnv, store: dist.Store | None) -> tuple[TensorParallel, _Channel]:
     """The device group (the default one: gloo for CPU tensors, and NCCL for CUDA ones where there is CUDA,
@@ -259,6 +265,7 @@ class Ranks:
         if is_told:
             try:
                 self.channel.send("shutdown", {})
+                self.channel.close()
             except RuntimeError:
                 is_told = False
         deadline = time.monotonic() + (timeout if is_told else 0.0)
@@ -383,6 +390,7 @@ def run_worker(store: dist.Store | None = None) -> int:
         while True:
             method, args = channel.receive()
             if method == "shutdown":
+                channel.close()
                 break
             runner.replay(**args, receive_tokens=receive_tokens)
     except (RuntimeError, KilnError) as e:  # rank 0 gone, a collective failed, or this rank cannot load
