@@ -74,13 +74,19 @@ def measure_ceilings() -> None:
 
 
 # ---- 2. checks ------------------------------------------------------------------------------------
-def check_kernels(out: Path) -> None:
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "tests/test_kernels.py", "-x",
-                           "-p", "no:cacheprovider"], capture_output=True, text=True)
-    (out / "pytest_gpu_kernels.log").write_text(proc.stdout + proc.stderr)
+def run_gpu_pytest(targets: list[str], log: Path, key: str) -> None:
+    """``pytest -m gpu`` over ``targets`` (files and options); its log at ``log``, its summary line and
+    whether it passed in RESULTS under ``key`` and ``key``_ok."""
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", *targets],
+                          capture_output=True, text=True)
+    log.write_text(proc.stdout + proc.stderr)
     tail = [line for line in proc.stdout.strip().splitlines() if line.strip()]
-    RESULTS["kernel_tests"] = tail[-1] if tail else f"exit {proc.returncode}"
-    RESULTS["kernel_tests_ok"] = proc.returncode == 0
+    RESULTS[key] = tail[-1] if tail else f"exit {proc.returncode}"
+    RESULTS[f"{key}_ok"] = proc.returncode == 0
+
+
+def check_kernels(out: Path) -> None:
+    run_gpu_pytest(["tests/test_kernels.py", "-x"], out / "pytest_gpu_kernels.log", "kernel_tests")
 
 
 def check_stories_gpu_vs_cpu(tmp: Path) -> None:

@@ -20,7 +20,6 @@ import logging
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -37,12 +36,8 @@ from kiln.runtime.loader import load_engine  # noqa: E402
 
 
 def kernel_tests(out: Path) -> None:
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "tests/test_kernels.py",
-                           "tests/test_family_kernels.py", "tests/test_weight_only.py", "tests/test_fp8.py",
-                           "-p", "no:cacheprovider"], capture_output=True, text=True)
-    (out / "pytest_gpu_kernels.log").write_text(proc.stdout + proc.stderr)
-    tail = [line for line in proc.stdout.strip().splitlines() if line.strip()]
-    RESULTS["kernel_tests"] = tail[-1] if tail else f"exit {proc.returncode}"
+    gpu_bench.run_gpu_pytest(["tests/test_kernels.py", "tests/test_family_kernels.py", "tests/test_weight_only.py",
+                              "tests/test_fp8.py"], out / "pytest_gpu_kernels.log", "kernel_tests")
 
 
 def build(preset: str, engine_dir: Path, max_batch_size: int) -> None:

@@ -45,14 +45,9 @@ SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "dow
 
 
 def run_tests(out: Path) -> None:
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "tests", "-p", "no:cacheprovider",
-                           # openai and schemathesis are not on the GPU machine; these files hold no GPU tests
-                           "--ignore", "tests/test_serve.py", "--ignore", "tests/test_serve_fuzz.py",
-                           "--timeout", "600"], capture_output=True, text=True)
-    (out / "pytest_gpu.log").write_text(proc.stdout + proc.stderr)
-    tail = [line for line in proc.stdout.strip().splitlines() if line.strip()]
-    RESULTS["gpu_tests"] = tail[-1] if tail else f"exit {proc.returncode}"
-    RESULTS["gpu_tests_ok"] = proc.returncode == 0
+    # openai and schemathesis are not on the GPU machine; these files hold no GPU tests
+    gpu_bench.run_gpu_pytest(["tests", "--ignore", "tests/test_serve.py", "--ignore", "tests/test_serve_fuzz.py",
+                              "--timeout", "600"], out / "pytest_gpu.log", "gpu_tests")
 
 
 def first_load_tuning(tmp: Path) -> None:

@@ -333,10 +333,9 @@ def test_ctrl_c_ends_kiln_serve_and_its_ranks(stories):
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs (NCCL at one rank tests nothing)")
 def test_two_gpus_give_one_gpus_tokens_and_logprobs(tmp_path):
     """NCCL between two GPUs, all-reduces captured in the decode CUDA graphs (float32: the tolerance above)."""
-    if torch.cuda.device_count() < 2:
-        pytest.skip("needs 2 GPUs (NCCL at one rank tests nothing)")
     tp1, tp2 = stories_engines(tmp_path, target="auto", dtype="float32")
     assert EngineManifest.read(tp2).target != "cpu"
     assert_same_outputs(run(tp1), run(tp2))
