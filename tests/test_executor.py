@@ -425,14 +425,14 @@ def test_the_loop_thread_makes_the_runner_and_its_errors_reach_the_caller(engine
     its own); a failure there is raised by the constructor, and no loop is left running."""
     import kiln.runtime.executor as executor_module
 
-    allocate = executor_module.allocate_kv_cache
+    make_runner = executor_module.make_runner  # allocates the KV cache
     threads = []
 
     def record_thread(*args):
         threads.append(threading.current_thread())
-        return allocate(*args)
+        return make_runner(*args)
 
-    monkeypatch.setattr(executor_module, "allocate_kv_cache", record_thread)
+    monkeypatch.setattr(executor_module, "make_runner", record_thread)
     with make_executor(engine) as ex:
         assert threads == [ex._thread] and threads[0] is not threading.current_thread()
         assert run_requests(ex, [Request([1, 7, 8], sampling_params=GREEDY)])[0].result.is_final
@@ -440,7 +440,7 @@ def test_the_loop_thread_makes_the_runner_and_its_errors_reach_the_caller(engine
     def fail(*args):
         raise MemoryError("no room for the KV cache")
 
-    monkeypatch.setattr(executor_module, "allocate_kv_cache", fail)
+    monkeypatch.setattr(executor_module, "make_runner", fail)
     before = threading.active_count()
     with pytest.raises(MemoryError, match="no room"):
         make_executor(engine)

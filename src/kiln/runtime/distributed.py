@@ -42,8 +42,7 @@ from kiln.engine import EngineManifest
 from kiln.errors import ConfigError, EngineError, KilnError, RankFailure
 from kiln.layers import TensorParallel
 from kiln.runtime.loader import LoadedEngine, load_engine, num_kv_blocks, tune_at_first_load
-from kiln.runtime.model_runner import (ModelRunner, allocate_kv_cache, graph_batch_sizes, graph_context_sizes,
-                                       uses_cuda_graphs)
+from kiln.runtime.model_runner import ModelRunner, make_runner
 
 # A collective of the forward waits this long for a peer that neither answers nor dies (NCCL; on gloo a dead
 # peer's closed socket fails it at once).
@@ -377,12 +376,8 @@ def run_worker(store: dist.Store | None = None) -> int:
         engine = load_engine(engine_dir, device, progress=False, tp=tp, kernel_plan=args["kernel_plan"])
         kv = KvCacheConfig(**args["kv_cache"])
         blocks = channel.min(num_kv_blocks(engine, kv, engine.manifest.memory_plan["activation_bytes"]))
-        build, model = engine.build_config, engine.model
-        runner = ModelRunner(model, allocate_kv_cache(model, blocks, build.tokens_per_block), args["max_batch_size"],
-                             args["max_num_tokens"], build.max_seq_len)
-        if uses_cuda_graphs(engine, args["enable_cuda_graphs"]):
-            runner.capture_graphs(graph_batch_sizes(args["max_batch_size"]),
-                                  graph_context_sizes(args["max_num_tokens"]))
+        runner = make_runner(engine, blocks, args["max_batch_size"], args["max_num_tokens"],
+                             args["enable_cuda_graphs"])
 
         def receive_tokens(tokens: torch.Tensor) -> None:
             dist.broadcast(tokens, src=0, group=tp.group)

@@ -24,8 +24,7 @@ from kiln.errors import KilnError, RankFailure, RequestError
 from kiln.runtime.distributed import is_torchrun_worker, run_worker, start_ranks
 from kiln.runtime.kv_cache import BlockPool
 from kiln.runtime.loader import LoadedEngine, load_engine, num_kv_blocks
-from kiln.runtime.model_runner import (LaunchedStep, ModelRunner, RunnerOutput, allocate_kv_cache, graph_batch_sizes,
-                                       graph_context_sizes, uses_cuda_graphs)
+from kiln.runtime.model_runner import LaunchedStep, ModelRunner, RunnerOutput, make_runner
 from kiln.runtime.request import Request, Response, Result
 from kiln.runtime.scheduler import ScheduledSequence, Scheduler, SchedulerOutput
 from kiln.runtime.sequence import Sequence
@@ -161,13 +160,9 @@ class Executor:
         stories260K, 64 requests of 128/128 at once: 4,030-4,180 output tok/s with the cache zeroed by the
         caller, 6,030-6,730 with it zeroed here (3-4 runs each)."""
         try:
-            build, model = self.engine.build_config, self.engine.model
-            self.runner = ModelRunner(model, allocate_kv_cache(model, num_blocks, build.tokens_per_block),
-                                      self.max_batch_size, self.max_num_tokens, build.max_seq_len)
+            self.runner = make_runner(self.engine, num_blocks, self.max_batch_size, self.max_num_tokens,
+                                      self.config.enable_cuda_graphs)
             self.runner.peers = self.ranks
-            if uses_cuda_graphs(self.engine, self.config.enable_cuda_graphs):
-                self.runner.capture_graphs(graph_batch_sizes(self.max_batch_size),
-                                           graph_context_sizes(self.max_num_tokens))
         except BaseException as e:  # raised by __init__, in the caller's thread
             self._start_error = e
             return

@@ -49,6 +49,18 @@ def uses_cuda_graphs(engine, enabled: bool) -> bool:
     return enabled and engine.device.type == "cuda" and attention_impl != "reference"
 
 
+def make_runner(engine, num_blocks: int, max_batch_size: int, max_num_tokens: int,
+                enable_cuda_graphs: bool) -> "ModelRunner":
+    """The KV cache allocated, the runner made and, where graphs apply, its graphs captured: every rank of an
+    engine makes its runner here, so their graphs (and their collectives) match."""
+    build, model = engine.build_config, engine.model
+    runner = ModelRunner(model, allocate_kv_cache(model, num_blocks, build.tokens_per_block), max_batch_size,
+                         max_num_tokens, build.max_seq_len)
+    if uses_cuda_graphs(engine, enable_cuda_graphs):
+        runner.capture_graphs(graph_batch_sizes(max_batch_size), graph_context_sizes(max_num_tokens))
+    return runner
+
+
 def graph_batch_sizes(max_batch_size: int) -> list[int]:
     """Padded decode batch sizes that get a CUDA graph: 1, 2, 4, 8, then steps of 8 up to 32 and
     of 16 beyond, and max_batch_size itself (padding waste stays under ~1/3 at any batch size)."""
