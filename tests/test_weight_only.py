@@ -206,6 +206,8 @@ MATMUL_CASES = {
     "gemv_2_rows_k300_g32_n33": (2, 33, 300, 32, config(1, 16, 128)),
     "defaults_5_rows_k300_g32": (5, 47, 300, 32, None),
     "gemm_20_rows_k300_g64_n47": (20, 47, 300, 64, config(16, 16, 32)),
+    "gemv_1_row_whole_tiles_g128": (1, 64, 512, 128, config(1, 16, 256)),  # the INT4 GEMV without masks
+    "gemv_2_rows_whole_tiles_g32": (2, 48, 256, 32, config(1, 16, 256)),
 }
 MATMUL_DTYPES = [torch.float16, torch.bfloat16]
 

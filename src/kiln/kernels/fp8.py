@@ -207,15 +207,15 @@ def _fp8_gemv_kernel(x_ptr, x_row_stride, w_ptr, w_row_stride, w_scale_ptr, w_sc
              out.to(out_ptr.dtype.element_ty), mask=(out_rows < num_rows)[:, None] & col_mask[None, :])
 
 
-# Launch configs before tuning, by BLOCK_M. Their speed is not measured yet (written without a GPU); they
-# are sized so the weight bytes in flight cover HBM latency: at ~4.3 TB/s over 132 SMs and ~1 us an SM
-# needs ~32 KB of loads outstanding. Compiled for sm90 (ptxas, Triton 3.6 and 3.9, no spills): BLOCK_M 1,
-# an [8, 1024] fp8 tile of 16-byte loads, 4 per thread of 4 warps, in 121-123 registers: 4 programs per
-# SM, 32 KB; BLOCK_M 16, a [16, 512] tile pipelined 3 deep through shared memory (48 KB, 80 registers):
-# 24 KB per program, up to 4 per SM. measure_fp8_weight_bandwidth(gemv_configs=GEMV_CANDIDATES) times
-# the alternatives on the H200; its winners replace these, with their figures.
+# Launch configs before tuning, by BLOCK_M. BLOCK_M 1: the best uniform config of
+# scripts/sweep_gemv.py on an H200 (Triton 3.6, each kernel replayed from a CUDA graph over >= 400 MB of
+# weight copies, 2026-12-02): at the Llama-3-8B shapes qkv / o / gate_up / down 10.0 / 6.9 / 34.3 /
+# 17.2 us (2.53 / 2.42 / 3.43 / 3.41 TB/s of fp8 weights, copy 4.25; BLOCK_N 8 before: 72.0 us for the
+# four, now 68.4). ncu at gate_up: DRAM 70%, issue slots 55%, half the stalls wait on loads (46%
+# occupancy); num_stages changes nothing (Triton pipelines only loads that feed a tl.dot). BLOCK_M 16,
+# a [16, 512] tile pipelined 3 deep through shared memory (48 KB, 80 registers), is not measured yet.
 DEFAULT_GEMV_CONFIGS: dict[int, dict[str, int]] = {
-    1: {"BLOCK_N": 8, "BLOCK_K": 1024, "num_warps": 4, "num_stages": 1},
+    1: {"BLOCK_N": 4, "BLOCK_K": 1024, "num_warps": 4, "num_stages": 1},
     16: {"BLOCK_N": 16, "BLOCK_K": 512, "num_warps": 4, "num_stages": 3},
 }
 GEMV_CANDIDATES: list[dict[str, int]] = (

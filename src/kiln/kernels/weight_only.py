@@ -1,11 +1,12 @@
 """Weight-only quantized matmuls, y = x @ dequant(W).T: W8A16 and W4A16 over kiln's layouts
 (``kiln.quantization.weight_only`` describes them), the weights dequantized in registers.
 
-Two Triton kernels, chosen by the launch config's BLOCK_M:
+Three Triton kernels, chosen by the launch config's BLOCK_M and the bits:
 
-* GEMV (BLOCK_M = 1: batch-1 decode): a program per (tile of BLOCK_N output channels, row of x) loops
+* GEMVs (BLOCK_M = 1: batch-1 decode): a program per (tile of BLOCK_N output channels, row of x) loops
   over all of K (no split-K, so no reduction kernel and no partial buffers), reading its channels'
-  weights contiguously along K in 16-byte vector loads, and accumulates products on CUDA cores.
+  weights contiguously along K in 16-byte vector loads, and accumulates products on CUDA cores; one
+  for INT8 (``_int8_gemv_kernel``), one for INT4 (``_int4_gemv_kernel``).
 * Tensor cores (BLOCK_M >= 16): out.T = dequant(W) @ x.T in BLOCK_N x BLOCK_M tiles, the weights as
   tl.dot's left operand (which may come from registers; BLOCK_N >= 64 fills the instruction's 64 rows
   when a batch has few). With one row tile (BLOCK_M >= rows: 2-16 rows at BLOCK_M = 16) this is the
@@ -14,9 +15,11 @@ Two Triton kernels, chosen by the launch config's BLOCK_M:
 
 A run of inputs that shares one group (16 for INT4: one nibble of a block's 16 words; GROUP_K for
 INT8) is the unit: its scale and zero point are loaded once per tile, not per weight. Integers become
-floats without a conversion instruction (quarter rate; at the H200's bandwidth batch-1 INT4 streams
-~8.5e12 weights/s, as many as its SMs convert): OR-ing q into the mantissa of 2**23 gives the float
-2**23 + q, and subtracting 2**23 + z gives q - z exactly. INT8 the same way, from 2**23 + 128 + q.
+floats without a conversion instruction (quarter rate): OR-ing q into the mantissa of 2**23 gives the
+float 2**23 + q, and subtracting 2**23 + z gives q - z exactly (INT8 the same way, from 2**23 + 128 +
+q). The INT4 GEMV, bound by integer instructions, goes further: q shifted into the top of 1.0's
+mantissa is the float 1 + q / 16 (a shift and one mask-and-OR per weight), multiplied into the sum
+as it is, and the group's scale, zero point and the sum of its inputs correct the sum once per group.
 
 ``*_ref``: dequantize in float32, matmul in float32, round to x's dtype: the CPU path and the oracle.
 """
@@ -73,14 +76,14 @@ def _dequantize(w_bits, offset, run_starts, meta_offsets, col_mask, num_inputs, 
 
 
 @jit(do_not_specialize=["num_rows"])
-def _weight_only_gemv_kernel(
+def _int8_gemv_kernel(
         x_ptr, x_row_stride, input_order_ptr, w_ptr, w_row_stride, scales_ptr, scales_row_stride, zeros_ptr,
         out_ptr, out_row_stride, num_rows, num_cols, num_inputs,
-        BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_INPUT_ORDER: tl.constexpr,
+        GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_INPUT_ORDER: tl.constexpr,
         BLOCK_N: tl.constexpr, TILE_RUNS: tl.constexpr, RUN_K: tl.constexpr):
     """Program (output channel tile, row of x): one row against BLOCK_N channels over all of K, in steps
-    of TILE_RUNS runs of RUN_K inputs (INT4: TILE_RUNS blocks of 128, taken one nibble at a time, RUN_K
-    = 16); products accumulate per lane on CUDA cores and are summed once at the end."""
+    of TILE_RUNS runs of RUN_K inputs; products accumulate per lane on CUDA cores and are summed once at
+    the end."""
     row = tl.program_id(1).to(tl.int64)
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < num_cols
@@ -90,36 +93,76 @@ def _weight_only_gemv_kernel(
     runs = tl.arange(0, TILE_RUNS)
     lanes = tl.arange(0, RUN_K)
     acc = tl.zeros([BLOCK_N, TILE_RUNS, RUN_K], dtype=tl.float32)
-    if BITS == 4:
-        step = TILE_RUNS * INT4_BLOCK
-    else:
-        step = TILE_RUNS * RUN_K
-    for k_start in range(0, num_inputs, step):
-        if BITS == 4:
-            words = k_start // 8 + runs[:, None] * INT4_RUN + lanes[None, :]  # [blocks, 16]
-            block_mask = (k_start + runs * INT4_BLOCK < num_inputs)[None, :, None]
-            packed = tl.load(w_rows + words[None, :, :], mask=col_mask[:, None, None] & block_mask, other=0)
-            for nibble in tl.static_range(8):
-                run_starts = k_start + runs * INT4_BLOCK + nibble * INT4_RUN
-                ks = run_starts[:, None] + lanes[None, :]
-                w_bits = ((packed >> (4 * nibble)) & 0xF) | MAGIC_2_POW_23
-                w = _dequantize(w_bits, 8388608.0, run_starts, meta_offsets, col_mask, num_inputs, scales_ptr,
-                                zeros_ptr, GROUP_SIZE, HAS_ZEROS)
-                x = _load_inputs(x_ptr + row * x_row_stride, True, input_order_ptr, ks, num_inputs, HAS_INPUT_ORDER)
-                acc += x.to(tl.float32)[None, :, :] * w
-        else:
-            run_starts = k_start + runs * RUN_K
-            ks = run_starts[:, None] + lanes[None, :]
-            q = tl.load(w_rows + ks[None, :, :], mask=col_mask[:, None, None] & (ks < num_inputs)[None, :, :],
-                        other=0)
-            w = _dequantize(q.to(tl.int32) + MAGIC_2_POW_23_PLUS_128, 8388736.0, run_starts, meta_offsets, col_mask,
-                            num_inputs, scales_ptr, zeros_ptr, GROUP_SIZE, HAS_ZEROS)
-            x = _load_inputs(x_ptr + row * x_row_stride, True, input_order_ptr, ks, num_inputs, HAS_INPUT_ORDER)
-            acc += x.to(tl.float32)[None, :, :] * w
+    for k_start in range(0, num_inputs, TILE_RUNS * RUN_K):
+        run_starts = k_start + runs * RUN_K
+        ks = run_starts[:, None] + lanes[None, :]
+        q = tl.load(w_rows + ks[None, :, :], mask=col_mask[:, None, None] & (ks < num_inputs)[None, :, :], other=0)
+        w = _dequantize(q.to(tl.int32) + MAGIC_2_POW_23_PLUS_128, 8388736.0, run_starts, meta_offsets, col_mask,
+                        num_inputs, scales_ptr, zeros_ptr, GROUP_SIZE, HAS_ZEROS)
+        x = _load_inputs(x_ptr + row * x_row_stride, True, input_order_ptr, ks, num_inputs, HAS_INPUT_ORDER)
+        acc += x.to(tl.float32)[None, :, :] * w
     out = tl.sum(tl.sum(acc, axis=2), axis=1)
     if GROUP_SIZE == 0:
         out *= tl.load(scales_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + row * out_row_stride + cols, out.to(out_ptr.dtype.element_ty), mask=col_mask)
+
+
+@jit(do_not_specialize=["num_rows"])
+def _int4_gemv_kernel(
+        x_ptr, x_row_stride, input_order_ptr, w_ptr, w_row_stride, scales_ptr, scales_row_stride, zeros_ptr,
+        out_ptr, out_row_stride, num_rows, num_cols, num_inputs, num_blocks,
+        GROUP_SIZE: tl.constexpr, HAS_INPUT_ORDER: tl.constexpr, BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr,
+        EVEN: tl.constexpr):
+    """Program (output channel tile, row of x): one row against BLOCK_N channels over all of K, BLOCKS
+    blocks of 128 inputs per step. Each nibble becomes the float 1 + q / 16 with a shift and one mask-and-
+    OR (q into bits 19-22 of 1.0's mantissa), so a weight costs two integer operations and one FMA:
+    sum x (q - z) s = s (16 sum x (1 + q / 16) - (16 + z) sum x), the sums per group, corrected once
+    per group and channel. EVEN: whole tiles of channels and blocks, no masks."""
+    row = tl.program_id(1).to(tl.int64)
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < num_cols
+    cols_64 = cols.to(tl.int64)
+    blocks = tl.arange(0, BLOCKS)
+    lanes = tl.arange(0, INT4_RUN)
+    GROUPS_PER_BLOCK: tl.constexpr = INT4_BLOCK // GROUP_SIZE
+    RUNS_PER_GROUP: tl.constexpr = GROUP_SIZE // INT4_RUN
+    w_ptrs = w_ptr + cols_64[:, None, None] * w_row_stride + (blocks[:, None] * INT4_RUN + lanes[None, :])[None, :, :]
+    meta_offsets = cols_64[:, None] * scales_row_stride + blocks[None, :] * GROUPS_PER_BLOCK
+    x_row = x_ptr + row * x_row_stride
+    out = tl.zeros([BLOCK_N, BLOCKS], dtype=tl.float32)
+    for block0 in range(0, num_blocks, BLOCKS):
+        block_mask = block0 + blocks < num_blocks
+        if EVEN:
+            words = tl.load(w_ptrs)
+        else:
+            words = tl.load(w_ptrs, mask=col_mask[:, None, None] & block_mask[None, :, None], other=0)
+        for g in tl.static_range(GROUPS_PER_BLOCK):
+            acc = tl.zeros([BLOCK_N, BLOCKS, INT4_RUN], dtype=tl.float32)
+            x_sum = tl.zeros([BLOCKS, INT4_RUN], dtype=tl.float32)
+            for r in tl.static_range(RUNS_PER_GROUP):
+                j = g * RUNS_PER_GROUP + r
+                ks = (block0 + blocks)[:, None] * INT4_BLOCK + j * INT4_RUN + lanes[None, :]
+                if EVEN and not HAS_INPUT_ORDER:
+                    x = tl.load(x_row + ks).to(tl.float32)
+                else:
+                    x = _load_inputs(x_row, True, input_order_ptr, ks, num_inputs, HAS_INPUT_ORDER).to(tl.float32)
+                if j < 5:
+                    bits = words << (19 - 4 * j)
+                else:
+                    bits = words >> (4 * j - 19)
+                acc += x[None, :, :] * ((bits & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)
+                x_sum += x
+            meta = meta_offsets + block0 * GROUPS_PER_BLOCK + g
+            if EVEN:
+                scale = tl.load(scales_ptr + meta).to(tl.float32)
+                zero = tl.load(zeros_ptr + meta).to(tl.float32)
+            else:
+                meta_mask = col_mask[:, None] & block_mask[None, :]
+                scale = tl.load(scales_ptr + meta, mask=meta_mask, other=0.0).to(tl.float32)
+                zero = tl.load(zeros_ptr + meta, mask=meta_mask, other=0).to(tl.float32)
+            out += scale * (16.0 * tl.sum(acc, axis=2) - (16.0 + zero) * tl.sum(x_sum, axis=1)[None, :])
+        w_ptrs += BLOCKS * INT4_RUN
+    tl.store(out_ptr + row * out_row_stride + cols, tl.sum(out, axis=1).to(out_ptr.dtype.element_ty), mask=col_mask)
 
 
 @jit
@@ -187,24 +230,30 @@ def _weight_only_gemm_kernel(
 
 
 # Launch configs before tuning, per bucket of rows: the first entry whose max_rows holds the batch is
-# used (else the last). BLOCK_M 1 runs the CUDA-core GEMV, BLOCK_M >= 16 the tensor-core kernel.
+# used (else the last). BLOCK_M 1 runs the CUDA-core GEMVs, BLOCK_M >= 16 the tensor-core kernel.
 # BLOCK_K: inputs per loop step (INT4: whole blocks of 128 in the GEMV, one block per step on tensor
-# cores; INT8: runs of at most the group size). Chosen on an H200 (Triton 3.6, bf16 x, group 128,
-# medians with L2 flushed, 2026-12-02) as the config within 5-22% of the best of each bucket's sweep
-# on every Llama-3-8B shape (N x K = 4096 x 4096, 4096 x 14336, 28672 x 4096), in microseconds:
-#   INT4  1 row : 16.9 / 54.7 / 58.3 (dense bf16: 18.5 / 42.3 / 69.9), up to 1.09 TB/s of weights
-#   INT8  1 row : 12.0 / 27.9 / 56.4 (dense bf16: 18.8 / 42.3 / 70.4), up to 2.55 TB/s
+# cores; INT8: runs of at most the group size).
+# 1 row: the best uniform config of scripts/sweep_gemv.py on an H200 (Triton 3.6, bf16 x, INT4 group
+# 128, each kernel replayed from a CUDA graph over >= 400 MB of weight copies, 2026-12-02), at the
+# Llama-3-8B shapes qkv / o / gate_up / down (N x K = 6144 x 4096, 4096 x 4096, 28672 x 4096,
+# 4096 x 14336), in microseconds, against the copy bandwidth (4.25 TB/s):
+#   INT4: 10.3 / 8.1 / 34.6 / 21.5 (1.28 / 1.08 / 1.80 / 1.43 TB/s); the GEMV before: 15.2 / 13.0 / 55.0 / 41.9
+#   INT8: 10.8 / 7.4 / 37.2 / 18.7 (2.38 / 2.27 / 3.16 / 3.14 TB/s); BLOCK_N 2, BLOCK_K 2048 before: 84.6 in all
+#   dense bf16 (cuBLAS): 15.1 / 12.7 / 60.1 / 30.7
+# The INT4 GEMV is bound by integer instructions (ncu: ALU pipe 59%, issue slots 67%, DRAM 35%), not
+# by memory; INT8's by latency (ncu: half the stalls wait on loads at 44% occupancy). num_stages changes
+# nothing for either (the loads feed no tl.dot, so Triton does not pipeline them).
+# More rows (measured 2026-12-02 with L2 flushed by the older timing, in microseconds, o / down / gate_up):
 #   INT4  4 rows: 39.1 / - / 92.9;  INT8 4 rows: 26.7 / - / 67.8  (dense ~19 / - / 70)
 #   INT4 256 rows: 61.2 / - / 315;  INT8 256 rows: 44.5 / - / 168  (dense 24 / - / 101)
-# The 64-row bucket was not swept (its configs follow the 256-row ones). These are a floor for the
-# build's tuner, not the targets (TARGETS.md): the tensor-core path still dequantizes below its roofline.
+# The 64-row bucket was not swept (its configs follow the 256-row ones).
 DEFAULT_CONFIGS: dict[int, list[dict[str, Any]]] = {
-    4: [{"max_rows": 1, "BLOCK_M": 1, "BLOCK_N": 4, "BLOCK_K": 4096, "num_warps": 4, "num_stages": 3},
+    4: [{"max_rows": 1, "BLOCK_M": 1, "BLOCK_N": 8, "BLOCK_K": 2048, "num_warps": 4, "num_stages": 1},
         {"max_rows": 16, "BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 1, "num_warps": 4, "num_stages": 3},
         {"max_rows": 64, "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 4, "num_stages": 3},
         {"max_rows": 1 << 30, "BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 4,
          "num_stages": 3}],
-    8: [{"max_rows": 1, "BLOCK_M": 1, "BLOCK_N": 2, "BLOCK_K": 2048, "num_warps": 2, "num_stages": 1},
+    8: [{"max_rows": 1, "BLOCK_M": 1, "BLOCK_N": 4, "BLOCK_K": 1024, "num_warps": 4, "num_stages": 1},
         {"max_rows": 16, "BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "GROUP_M": 1, "num_warps": 4, "num_stages": 4},
         {"max_rows": 64, "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4, "num_stages": 3},
         {"max_rows": 1 << 30, "BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4,
@@ -219,13 +268,13 @@ def launch_config(configs: list[dict[str, Any]] | None, num_rows: int, bits: int
 
 
 def _run_tiling(bits: int, block_k: int, group_size: int | None, uses_dot: bool) -> tuple[int, int]:
-    """(TILE_RUNS, RUN_K) for a K step of BLOCK_K inputs. INT4: blocks of 128 per GEMV step (one on
-    tensor cores), runs of 16. INT8: runs of RUN_K inputs inside one group (the largest power of two
-    dividing the group size, at most BLOCK_K); tensor cores take one run per step."""
+    """(TILE_RUNS, RUN_K) for a K step of BLOCK_K inputs. INT4: runs of 16 (the INT4 GEMV takes BLOCK_K
+    // 128 whole blocks per step itself). INT8: runs of RUN_K inputs inside one group (the largest power
+    of two dividing the group size, at most BLOCK_K); tensor cores take one run per step."""
     if bits == 4:
-        if group_size % 16:
-            raise ValueError(f"INT4 group size must be a multiple of 16, got {group_size}")
-        return (1 if uses_dot else max(1, block_k // 128)), 16
+        if 128 % group_size:
+            raise ValueError(f"INT4 group size must divide 128 (16, 32, 64 or 128), got {group_size}")
+        return 1, 16
     if group_size is None:
         return 1, block_k
     run_k = min(block_k, group_size & -group_size)  # largest power of two dividing the group size
@@ -268,16 +317,24 @@ def _weight_only_matmul(x: torch.Tensor, bits: int, qweight: torch.Tensor, scale
     args = (rows, rows.stride(0), input_order if input_order is not None else rows, qweight, qweight.stride(0),
             scales, scales.stride(0) if is_grouped else 0, zeros if zeros is not None else scales,
             out, out.stride(0), num_rows, num_cols, num_inputs)
-    meta = dict(BITS=bits, GROUP_SIZE=group_size or 0, HAS_ZEROS=zeros is not None,
+    meta = dict(GROUP_SIZE=group_size or 0, HAS_ZEROS=zeros is not None,
                 HAS_INPUT_ORDER=input_order is not None, BLOCK_N=config["BLOCK_N"], RUN_K=run_k,
                 num_warps=config["num_warps"], num_stages=config["num_stages"])
     num_tiles_n = -(-num_cols // config["BLOCK_N"])
     if uses_dot and num_rows:
         _weight_only_gemm_kernel[(-(-num_rows // config["BLOCK_M"]) * num_tiles_n,)](
-            *args, **meta, BLOCK_M=config["BLOCK_M"], GROUP_M=config["GROUP_M"],
+            *args, **meta, BITS=bits, BLOCK_M=config["BLOCK_M"], GROUP_M=config["GROUP_M"],
             DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32")
+    elif num_rows and bits == 4:
+        num_blocks = qweight.shape[1] // INT4_RUN
+        blocks = max(1, config["BLOCK_K"] // 128)
+        even = num_cols % config["BLOCK_N"] == 0 and num_blocks % blocks == 0 and num_inputs == 128 * num_blocks
+        _int4_gemv_kernel[(num_tiles_n, num_rows)](
+            *args, num_blocks, GROUP_SIZE=group_size, HAS_INPUT_ORDER=input_order is not None,
+            BLOCK_N=config["BLOCK_N"], BLOCKS=blocks, EVEN=even, num_warps=config["num_warps"],
+            num_stages=config["num_stages"])
     elif num_rows:
-        _weight_only_gemv_kernel[(num_tiles_n, num_rows)](*args, **meta, TILE_RUNS=tile_runs)
+        _int8_gemv_kernel[(num_tiles_n, num_rows)](*args, **meta, TILE_RUNS=tile_runs)
     return out.view(*x.shape[:-1], num_cols)
 
 
