@@ -88,7 +88,8 @@ def test_apply_matches_dequantize_then_linear(method, out_features, in_features,
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("method", list(METHODS.values()), ids=list(METHODS))
-@pytest.mark.parametrize("num_rows", [1, 5, 300])  # the GEMV, a few rows on tensor cores, tiled GEMM
+# The GEMV, a few rows on tensor cores, the tiled GEMM, and (from DEQUANT_MIN_ROWS) dequantize-then-cuBLAS.
+@pytest.mark.parametrize("num_rows", [1, 5, 100, 300])
 def test_apply_on_cuda_runs_the_triton_kernels_as_the_cpu_reference(method, num_rows):
     gen = torch.Generator().manual_seed(num_rows)
     weight = torch.randn(251, 172, generator=gen) / 172 ** 0.5

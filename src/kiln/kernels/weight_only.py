@@ -18,6 +18,13 @@ floats without a conversion instruction (quarter rate; at the H200's bandwidth b
 ~8.5e12 weights/s, as many as its SMs convert): OR-ing q into the mantissa of 2**23 gives the float
 2**23 + q, and subtracting 2**23 + z gives q - z exactly. INT8 the same way, from 2**23 + 128 + q.
 
+Above a row count (the launch config's ``dequantize`` bucket: DEQUANT_MIN_ROWS rows by default) a
+batch is compute-bound and the tensor-core kernel, which dequantizes every weight tile once per row
+tile, falls far behind cuBLAS: on the H200 at 256 rows, gate_up (28672 x 4096) took 315 us (INT4) and
+168 us (INT8) against dense bf16's 101 us. There the weight is dequantized once, whole, into a scratch
+[N, K] in x's dtype (``dequantize_weight_triton``: reading the packed bytes and writing 2 bytes per
+weight, ~75 us for INT4 gate_up at 4 TB/s) and multiplied by cuBLAS at the dense rate (``F.linear``).
+
 ``*_ref``: dequantize in float32, matmul in float32, round to x's dtype: the CPU path and the oracle.
 """
 
@@ -27,6 +34,7 @@ import functools
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from kiln.kernels.triton_jit import jit, tl
 from kiln.quantization.weight_only import dequantize_int4, dequantize_int8, padded_in_features
@@ -186,19 +194,72 @@ def _weight_only_gemm_kernel(
              mask=col_mask[:, None] & row_mask[None, :])
 
 
+@jit
+def _dequantize_weight_kernel(
+        w_ptr, w_row_stride, scales_ptr, scales_row_stride, zeros_ptr, out_ptr, out_row_stride, num_cols, num_inputs,
+        BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr,
+        BLOCK_N: tl.constexpr, TILE_RUNS: tl.constexpr, RUN_K: tl.constexpr):
+    """Program (tile of BLOCK_N output channels, tile of inputs): dequant(W) into out [N, K] in out's
+    dtype, input rows in their stored order. INT4: TILE_RUNS blocks of 128 inputs, written one nibble
+    at a time (each block's 16-input run, 32 contiguous bytes of a 16-bit out row); INT8: TILE_RUNS
+    runs of RUN_K inputs. The same float32 arithmetic as the matmuls and the references, rounded once."""
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < num_cols
+    cols_64 = cols.to(tl.int64)
+    w_rows = w_ptr + cols_64[:, None, None] * w_row_stride
+    out_rows = out_ptr + cols_64[:, None, None] * out_row_stride
+    meta_offsets = cols_64[:, None] * scales_row_stride
+    runs = tl.arange(0, TILE_RUNS)
+    lanes = tl.arange(0, RUN_K)
+    if BITS == 4:
+        k_start = tl.program_id(1) * (TILE_RUNS * INT4_BLOCK)
+        words = k_start // 8 + runs[:, None] * INT4_RUN + lanes[None, :]  # [blocks, 16]
+        block_mask = (k_start + runs * INT4_BLOCK < num_inputs)[None, :, None]
+        packed = tl.load(w_rows + words[None, :, :], mask=col_mask[:, None, None] & block_mask, other=0)
+        for nibble in tl.static_range(8):
+            run_starts = k_start + runs * INT4_BLOCK + nibble * INT4_RUN
+            ks = run_starts[:, None] + lanes[None, :]
+            w_bits = ((packed >> (4 * nibble)) & 0xF) | MAGIC_2_POW_23
+            w = _dequantize(w_bits, 8388608.0, run_starts, meta_offsets, col_mask, num_inputs, scales_ptr, zeros_ptr,
+                            GROUP_SIZE, HAS_ZEROS)
+            tl.store(out_rows + ks[None, :, :], w.to(out_ptr.dtype.element_ty),
+                     mask=col_mask[:, None, None] & (ks < num_inputs)[None, :, :])
+    else:
+        run_starts = tl.program_id(1) * (TILE_RUNS * RUN_K) + runs * RUN_K
+        ks = run_starts[:, None] + lanes[None, :]
+        mask = col_mask[:, None, None] & (ks < num_inputs)[None, :, :]
+        q = tl.load(w_rows + ks[None, :, :], mask=mask, other=0)
+        w = _dequantize(q.to(tl.int32) + MAGIC_2_POW_23_PLUS_128, 8388736.0, run_starts, meta_offsets, col_mask,
+                        num_inputs, scales_ptr, zeros_ptr, GROUP_SIZE, HAS_ZEROS)
+        if GROUP_SIZE == 0:
+            w *= tl.load(scales_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[:, None, None]
+        tl.store(out_rows + ks[None, :, :], w.to(out_ptr.dtype.element_ty), mask=mask)
+
+
 # Launch configs before tuning, per bucket of rows: the first entry whose max_rows holds the batch is
-# used (else the last). BLOCK_M 1 runs the CUDA-core GEMV, BLOCK_M >= 16 the tensor-core kernel.
-# BLOCK_K: inputs per loop step (INT4: whole blocks of 128 in the GEMV, one block per step on tensor
-# cores; INT8: runs of at most the group size). Chosen on an H200 (Triton 3.6, bf16 x, group 128,
-# medians with L2 flushed, 2026-12-02) as the config within 5-22% of the best of each bucket's sweep
-# on every Llama-3-8B shape (N x K = 4096 x 4096, 4096 x 14336, 28672 x 4096), in microseconds:
+# used (else the last). BLOCK_M 1 runs the CUDA-core GEMV, BLOCK_M >= 16 the tensor-core kernel, and
+# a bucket with "dequantize" dequantize-then-cuBLAS (its BLOCK_N / BLOCK_K / num_warps tile the
+# dequantization kernel). BLOCK_K: inputs per loop step (INT4: whole blocks of 128 in the GEMV, one
+# block per step on tensor cores; INT8: runs of at most the group size). Chosen on an H200 (Triton 3.6,
+# bf16 x, group 128, medians with L2 flushed, 2026-12-02) as the config within 5-22% of the best of
+# each bucket's sweep on every Llama-3-8B shape (N x K = 4096 x 4096, 4096 x 14336, 28672 x 4096), in
+# microseconds:
 #   INT4  1 row : 16.9 / 54.7 / 58.3 (dense bf16: 18.5 / 42.3 / 69.9), up to 1.09 TB/s of weights
 #   INT8  1 row : 12.0 / 27.9 / 56.4 (dense bf16: 18.8 / 42.3 / 70.4), up to 2.55 TB/s
 #   INT4  4 rows: 39.1 / - / 92.9;  INT8 4 rows: 26.7 / - / 67.8  (dense ~19 / - / 70)
 #   INT4 256 rows: 61.2 / - / 315;  INT8 256 rows: 44.5 / - / 168  (dense 24 / - / 101)
 # The 64-row bucket was not swept (its configs follow the 256-row ones). These are a floor for the
 # build's tuner, not the targets (TARGETS.md): the tensor-core path still dequantizes below its roofline.
-DEFAULT_CONFIGS: dict[int, list[dict[str, Any]]] = {
+#
+# DEQUANT_MIN_ROWS: from this many rows, dequantize-then-cuBLAS. Not measured yet: 128 is a first
+# guess from the 256-row figures above and ~4 TB/s for the dequantization (packed bytes read, 2 bytes
+# per weight written). For gate_up that predicts ~75 + 101 us against 315 us for INT4, but ~90 + 101
+# against 168 us for INT8, whose crossover may lie higher; scripts/sweep_weight_only_prefill.py
+# measures both paths at 16-2048 rows. DEQUANTIZE_CONFIG's tile is not swept either (the script
+# times a few).
+DEQUANT_MIN_ROWS = {4: 128, 8: 128}
+DEQUANTIZE_CONFIG: dict[str, Any] = {"dequantize": True, "BLOCK_N": 16, "BLOCK_K": 512, "num_warps": 4}
+TENSOR_CORE_CONFIGS: dict[int, list[dict[str, Any]]] = {  # the Triton kernels alone, at every batch size
     4: [{"max_rows": 1, "BLOCK_M": 1, "BLOCK_N": 4, "BLOCK_K": 4096, "num_warps": 4, "num_stages": 3},
         {"max_rows": 16, "BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 1, "num_warps": 4, "num_stages": 3},
         {"max_rows": 64, "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 4, "num_stages": 3},
@@ -212,10 +273,41 @@ DEFAULT_CONFIGS: dict[int, list[dict[str, Any]]] = {
 }
 
 
+def dequantize_from(configs: list[dict[str, Any]], min_rows: int) -> list[dict[str, Any]]:
+    """``configs`` (the Triton kernels' buckets) up to ``min_rows`` - 1 rows, dequantize-then-cuBLAS from
+    ``min_rows`` rows on."""
+    below = [c for c in configs if c["max_rows"] < min_rows - 1]
+    last = next((c for c in configs if c["max_rows"] >= min_rows - 1), configs[-1])
+    return below + [{**last, "max_rows": min_rows - 1}, {"max_rows": 1 << 30, **DEQUANTIZE_CONFIG}]
+
+
+DEFAULT_CONFIGS = {bits: dequantize_from(TENSOR_CORE_CONFIGS[bits], DEQUANT_MIN_ROWS[bits]) for bits in (4, 8)}
+
+
 def launch_config(configs: list[dict[str, Any]] | None, num_rows: int, bits: int) -> dict[str, Any]:
     """The config for a batch of ``num_rows``: the smallest bucket that holds it, else the largest."""
     configs = configs or DEFAULT_CONFIGS[bits]
     return next((c for c in configs if c["max_rows"] >= num_rows), configs[-1])
+
+
+def dequantize_min_rows(configs: list[dict[str, Any]] | None, bits: int) -> int | None:
+    """The fewest rows for which ``configs`` dequantize-then-cuBLAS, or None if no batch does."""
+    first_row = 1
+    for config in configs or DEFAULT_CONFIGS[bits]:
+        if config.get("dequantize"):
+            return first_row
+        first_row = config["max_rows"] + 1
+    return None
+
+
+def dequantize_workspace_bytes(bits: int, out_features: int, in_features: int, dtype: torch.dtype, max_rows: int,
+                               has_input_order: bool = False, configs: list[dict[str, Any]] | None = None) -> int:
+    """Bytes the matmul allocates besides its output for batches of up to ``max_rows`` rows: where one of
+    them takes dequantize-then-cuBLAS, the dequantized weight and (act order) x gathered; else 0."""
+    min_rows = dequantize_min_rows(configs, bits)
+    if min_rows is None or max_rows < min_rows:
+        return 0
+    return (out_features + (max_rows if has_input_order else 0)) * in_features * dtype.itemsize
 
 
 def _run_tiling(bits: int, block_k: int, group_size: int | None, uses_dot: bool) -> tuple[int, int]:
@@ -234,12 +326,10 @@ def _run_tiling(bits: int, block_k: int, group_size: int | None, uses_dot: bool)
     return (1 if uses_dot else max(1, block_k // run_k)), run_k
 
 
-def _weight_only_matmul(x: torch.Tensor, bits: int, qweight: torch.Tensor, scales: torch.Tensor,
-                        zeros: torch.Tensor | None, group_size: int | None, input_order: torch.Tensor | None,
-                        configs: list[dict[str, Any]] | None) -> torch.Tensor:
-    num_inputs = x.shape[-1]
-    rows = x.reshape(-1, num_inputs)
-    num_rows, num_cols = rows.shape[0], qweight.shape[0]
+def _check_layout(bits: int, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                  group_size: int | None, num_inputs: int) -> None:
+    """Refuses tensors that are not kiln's INT4 / INT8 layout for ``num_inputs`` inputs."""
+    num_cols = qweight.shape[0]
     if bits == 4:
         words = padded_in_features(num_inputs, group_size) // 8
         if qweight.dtype != torch.int32 or qweight.shape[1] != words:
@@ -257,13 +347,60 @@ def _weight_only_matmul(x: torch.Tensor, bits: int, qweight: torch.Tensor, scale
                          f"weight of {num_cols} output channels and {num_inputs} inputs")
     if zeros is not None and (zeros.shape != scales.shape or not is_grouped):
         raise ValueError(f"zero points {list(zeros.shape)} need a group size and the scales' shape")
-    assert rows.stride(-1) == 1 and qweight.is_contiguous() and scales.is_contiguous()
+    assert qweight.is_contiguous() and scales.is_contiguous()
     assert zeros is None or zeros.is_contiguous()
+
+
+def _dequantize_weight(bits: int, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                       group_size: int | None, num_inputs: int, dtype: torch.dtype,
+                       config: dict[str, Any]) -> torch.Tensor:
+    num_cols = qweight.shape[0]
+    tile_runs, run_k = _run_tiling(bits, config["BLOCK_K"], group_size, uses_dot=False)
+    tile_inputs = tile_runs * (INT4_BLOCK if bits == 4 else run_k)
+    out = torch.empty(num_cols, num_inputs, dtype=dtype, device=qweight.device)
+    if out.numel():
+        grid = (-(-num_cols // config["BLOCK_N"]), -(-num_inputs // tile_inputs))
+        _dequantize_weight_kernel[grid](
+            qweight, qweight.stride(0), scales, scales.stride(0) if group_size is not None else 0,
+            zeros if zeros is not None else scales, out, out.stride(0), num_cols, num_inputs,
+            BITS=bits, GROUP_SIZE=group_size or 0, HAS_ZEROS=zeros is not None, BLOCK_N=config["BLOCK_N"],
+            TILE_RUNS=tile_runs, RUN_K=run_k, num_warps=config["num_warps"])
+    return out
+
+
+def dequantize_weight_triton(bits: int, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                             group_size: int | None, in_features: int, dtype: torch.dtype,
+                             config: dict[str, Any] | None = None) -> torch.Tensor:
+    """dequant(W) [N, in_features] in ``dtype`` from kiln's INT4 (``bits`` 4) or INT8 layout, input rows
+    in their stored order: equal to ``dequantize_int4`` / ``dequantize_int8`` without ``input_order``,
+    cast to ``dtype``. ``config``: the tile (DEQUANTIZE_CONFIG's fields)."""
+    _check_layout(bits, qweight, scales, zeros, group_size, in_features)
+    return _dequantize_weight(bits, qweight, scales, zeros, group_size, in_features, dtype,
+                              config or DEQUANTIZE_CONFIG)
+
+
+def _weight_only_matmul(x: torch.Tensor, bits: int, qweight: torch.Tensor, scales: torch.Tensor,
+                        zeros: torch.Tensor | None, group_size: int | None, input_order: torch.Tensor | None,
+                        configs: list[dict[str, Any]] | None) -> torch.Tensor:
+    num_inputs = x.shape[-1]
+    rows = x.reshape(-1, num_inputs)
+    num_rows, num_cols = rows.shape[0], qweight.shape[0]
+    _check_layout(bits, qweight, scales, zeros, group_size, num_inputs)
+    assert rows.stride(-1) == 1
     config = launch_config(configs, num_rows, bits)
+    if config.get("dequantize"):
+        weight = _dequantize_weight(bits, qweight, scales, zeros, group_size, num_inputs, x.dtype, config)
+        if input_order is not None:
+            # The weight stays in its stored input order and x's columns are gathered to match, once: rows x K
+            # elements, at most the weight's N x K while rows <= N, all read and written coalesced. Writing the
+            # weight in the original order instead would scatter each of its N x K 2-byte stores.
+            rows = rows.index_select(1, input_order)
+        return F.linear(rows, weight).view(*x.shape[:-1], num_cols)
     uses_dot = config["BLOCK_M"] >= 16
     if not uses_dot and config["BLOCK_M"] != 1:
         raise ValueError(f"BLOCK_M must be 1 (GEMV) or at least 16 (tensor cores), got {config['BLOCK_M']}")
     tile_runs, run_k = _run_tiling(bits, config["BLOCK_K"], group_size, uses_dot)
+    is_grouped = group_size is not None
     out = torch.empty(num_rows, num_cols, dtype=x.dtype, device=x.device)
     args = (rows, rows.stride(0), input_order if input_order is not None else rows, qweight, qweight.stride(0),
             scales, scales.stride(0) if is_grouped else 0, zeros if zeros is not None else scales,
