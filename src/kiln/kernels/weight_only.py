@@ -433,31 +433,66 @@ def w4a16_matmul_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
     return _weight_only_matmul(x, 4, qweight, scales, zeros, group_size, input_order, configs)
 
 
-def measure_weight_bandwidth(num_rows: int, out_features: int, in_features: int, bits: int, group_size: int = 128,
-                             dtype: torch.dtype = torch.bfloat16, configs: list[dict[str, Any]] | None = None,
-                             device: str = "cuda", compare_dense: bool = True) -> dict[str, float]:
-    """Times the Triton matmul on a random weight of that shape (median of triton.testing.do_bench,
-    which flushes L2 before each run, so the weights come from HBM) and reports the weight bandwidth it
-    achieved: bytes of packed weights, scales and zeros over time; with ``compare_dense``, also the
-    dense matmul of the same shape in ``dtype``. Not a test: GPU scripts and the build's tuner call it."""
-    import triton.testing
-
+def _random_weight_only(out_features: int, in_features: int, bits: int, group_size: int, device: str
+                        ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None], int | None]:
+    """(a random float weight of that shape, its kiln layout: qweight, scales, zeros, its group size)."""
     from kiln.quantization.weight_only import quantize_int4, quantize_int8
 
     weight = torch.randn(out_features, in_features, device=device) / in_features ** 0.5
-    x = torch.randn(num_rows, in_features, device=device, dtype=dtype)
     if bits == 4:
-        tensors = quantize_int4(weight, group_size)
-        run = functools.partial(w4a16_matmul_triton, x, *tensors, group_size, configs=configs)
-    else:
-        tensors = quantize_int8(weight)
-        run = functools.partial(w8a16_matmul_triton, x, *tensors, configs=configs)
-    weight_bytes = sum(t.numel() * t.element_size() for t in tensors)
-    seconds = triton.testing.do_bench(run, return_mode="median") / 1e3
-    report = {"seconds": seconds, "weight_bytes": weight_bytes, "weight_bandwidth_GBps": weight_bytes / seconds / 1e9,
-              "tflops": 2 * num_rows * out_features * in_features / seconds / 1e12}
+        return weight, quantize_int4(weight, group_size), group_size
+    return weight, (*quantize_int8(weight), None), None
+
+
+def _layout_bytes(tensors: tuple[torch.Tensor | None, ...]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def measure_weight_bandwidth(num_rows: int, out_features: int, in_features: int, bits: int, group_size: int = 128,
+                             dtype: torch.dtype = torch.bfloat16, configs: list[dict[str, Any]] | None = None,
+                             device: str = "cuda", compare_dense: bool = True,
+                             dequantize_config: dict[str, Any] | None = None) -> dict[str, float]:
+    """Times the matmul on a random weight of that shape (median of triton.testing.do_bench, which
+    flushes L2 before each run, so the weights come from HBM) and reports the weight bandwidth it
+    achieved: bytes of packed weights, scales and zeros over time. ``configs`` picks the path as in the
+    runtime (DEFAULT_CONFIGS: dequantize-then-cuBLAS from DEQUANT_MIN_ROWS rows; TENSOR_CORE_CONFIGS: the
+    Triton kernels at every size). With ``compare_dense``, also the dense matmul of the same shape in
+    ``dtype``; with ``dequantize_config`` (DEQUANTIZE_CONFIG, or another tile), also dequantize-then-cuBLAS
+    at this row count whatever ``configs`` choose (``dequantize_seconds``). Not a test: GPU scripts and
+    the build's tuner call it."""
+    import triton.testing
+
+    weight, tensors, group = _random_weight_only(out_features, in_features, bits, group_size, device)
+    x = torch.randn(num_rows, in_features, device=device, dtype=dtype)
+
+    def seconds(configs: list[dict[str, Any]] | None) -> float:
+        run = functools.partial(_weight_only_matmul, x, bits, *tensors, group, None, configs)
+        return triton.testing.do_bench(run, return_mode="median") / 1e3
+
+    weight_bytes = _layout_bytes(tensors)
+    matmul_seconds = seconds(configs)
+    report = {"seconds": matmul_seconds, "weight_bytes": weight_bytes,
+              "weight_bandwidth_GBps": weight_bytes / matmul_seconds / 1e9,
+              "tflops": 2 * num_rows * out_features * in_features / matmul_seconds / 1e12}
+    if dequantize_config is not None:
+        report["dequantize_seconds"] = seconds([{**dequantize_config, "max_rows": 1 << 30, "dequantize": True}])
     if compare_dense:
         dense = weight.to(dtype)
         dense_seconds = triton.testing.do_bench(lambda: x @ dense.T, return_mode="median") / 1e3
-        report.update(dense_seconds=dense_seconds, speedup_vs_dense=dense_seconds / seconds)
+        report.update(dense_seconds=dense_seconds, speedup_vs_dense=dense_seconds / matmul_seconds)
     return report
+
+
+def measure_dequantize(out_features: int, in_features: int, bits: int, group_size: int = 128,
+                       dtype: torch.dtype = torch.bfloat16, config: dict[str, Any] | None = None,
+                       device: str = "cuda") -> dict[str, float]:
+    """Times ``dequantize_weight_triton`` alone on a random weight of that shape (median, L2 flushed) with
+    the tile ``config`` (DEQUANTIZE_CONFIG's fields), and the bandwidth it achieved: the packed weight,
+    scales and zeros read plus the [N, K] weight written in ``dtype``, over time."""
+    import triton.testing
+
+    _, tensors, group = _random_weight_only(out_features, in_features, bits, group_size, device)
+    run = functools.partial(dequantize_weight_triton, bits, *tensors, group, in_features, dtype, config)
+    seconds = triton.testing.do_bench(run, return_mode="median") / 1e3
+    moved = _layout_bytes(tensors) + out_features * in_features * dtype.itemsize
+    return {"seconds": seconds, "bytes_moved": moved, "bandwidth_GBps": moved / seconds / 1e9}
