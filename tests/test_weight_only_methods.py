@@ -66,7 +66,9 @@ def dequantized(method: LinearMethod, layer: FakeLinear, in_features: int) -> to
 
 
 @pytest.mark.parametrize("method", list(METHODS.values()), ids=list(METHODS))
-@pytest.mark.parametrize("out_features,in_features,num_rows", [(251, 172, 1), (71, 172, 5), (33, 300, 17)])
+# 130 rows: above DEQUANT_MIN_ROWS, where CUDA tensors take dequantize-then-cuBLAS; the CPU keeps the reference.
+@pytest.mark.parametrize("out_features,in_features,num_rows", [(251, 172, 1), (71, 172, 5), (33, 300, 17),
+                                                               (33, 300, 130)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 @pytest.mark.parametrize("has_bias", [False, True], ids=["", "bias"])
 def test_apply_matches_dequantize_then_linear(method, out_features, in_features, num_rows, dtype, has_bias):
