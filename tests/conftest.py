@@ -179,6 +179,28 @@ def rounding_fp8_casts(monkeypatch):
     monkeypatch.setattr(interpreter, "_convert_float", convert)
 
 
+@pytest.fixture
+def rounding_bf16_casts(monkeypatch):
+    """Triton 3.9's interpreter truncates float32 -> bfloat16 (``x.to(tl.bfloat16)`` casts with no
+    rounding mode), where the GPU rounds to nearest even, as torch does. On the CPU, those casts go
+    through torch's, so kernels that round to bfloat16 can be held to exact equality there too."""
+    if torch.cuda.is_available():
+        return
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    convert_float = interpreter._convert_float
+
+    def convert(input, input_dtype, output_dtype, rounding_mode):
+        if output_dtype == tl.bfloat16 and input_dtype == tl.float32:
+            values = torch.from_numpy(np.ascontiguousarray(input, dtype=np.float32))
+            return values.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16).reshape(np.shape(input))
+        return convert_float(input, input_dtype, output_dtype, rounding_mode)
+
+    monkeypatch.setattr(interpreter, "_convert_float", convert)
+
+
 # ---- servers and ports ----------------------------------------------------------------------------------
 
 STARTUP_SECONDS = 120

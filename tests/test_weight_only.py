@@ -3,7 +3,8 @@ W8A16 / W4A16 Triton matmuls against their plain-PyTorch references.
 
 On a CPU-only machine the kernels run in Triton's interpreter (conftest.py sets TRITON_INTERPRET=1) at
 small, awkward shapes: K = 172 (stories260K's down projection, padded to whole groups), odd N, every
-launch path (1 row, a few rows on CUDA cores, 16 rows through tl.dot, a tiled GEMM). The ``gpu`` cases
+launch path (1 row, a few rows on CUDA cores, 16 rows through tl.dot, a tiled GEMM, and from
+DEQUANT_MIN_ROWS rows the weight dequantized whole, then multiplied by torch). The ``gpu`` cases
 run the same checks compiled at Llama-3-8B sizes (``python -m pytest tests/test_weight_only.py -m gpu``);
 ``kiln.kernels.weight_only.measure_weight_bandwidth`` times them.
 """
@@ -13,8 +14,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kiln.kernels.weight_only import (DEFAULT_CONFIGS, launch_config, w4a16_matmul_ref, w4a16_matmul_triton,
-                                      w8a16_matmul_ref, w8a16_matmul_triton)
+import kiln.kernels.weight_only as weight_only
+from kiln.kernels.weight_only import (DEFAULT_CONFIGS, DEQUANT_MIN_ROWS, DEQUANTIZE_CONFIG, TENSOR_CORE_CONFIGS,
+                                      dequantize_from, dequantize_min_rows, dequantize_weight_triton,
+                                      dequantize_workspace_bytes, launch_config, w4a16_matmul_ref,
+                                      w4a16_matmul_triton, w8a16_matmul_ref, w8a16_matmul_triton)
 from kiln.quantization.weight_only import (QuantizedWeight, awq_clip, awq_scales, clip_groups, dequantize_int4,
                                            dequantize_int8, pack_int4, padded_in_features, quantize_int4,
                                            quantize_int8, unpack_int4)
@@ -194,6 +198,11 @@ def config(block_m: int, block_n: int, block_k: int, group_m: int = 1) -> list[d
              "num_warps": 4, "num_stages": 2}]
 
 
+def dequantize_config(block_n: int = 16, block_k: int = 512) -> list[dict]:
+    """Dequantize-then-matmul for every batch size, the dequantization in BLOCK_N x BLOCK_K tiles."""
+    return [{"max_rows": 1 << 30, **DEQUANTIZE_CONFIG, "BLOCK_N": block_n, "BLOCK_K": block_k}]
+
+
 # name -> (rows M, out features N, in features K, group size, launch config: None for the defaults).
 # The interpreter's tl.dot multiplies bfloat16 as raw integers (see test_kernels.py), so bfloat16 runs
 # the tl.dot paths (BLOCK_M >= 16) on the GPU only.
@@ -208,12 +217,15 @@ MATMUL_CASES = {
     "gemm_20_rows_k300_g64_n47": (20, 47, 300, 64, config(16, 16, 32)),
     "gemv_1_row_whole_tiles_g128": (1, 64, 512, 128, config(1, 16, 256)),  # the INT4 GEMV without masks
     "gemv_2_rows_whole_tiles_g32": (2, 48, 256, 32, config(1, 16, 256)),
+    "dequantize_3_rows_k172_g64_n97": (3, 97, 172, 64, dequantize_config()),
+    "dequantize_9_rows_k300_g32_n47": (9, 47, 300, 32, dequantize_config(8, 128)),
+    "defaults_at_dequant_min_rows_k172_g128_n97": (max(DEQUANT_MIN_ROWS.values()), 97, 172, 128, None),
 }
 MATMUL_DTYPES = [torch.float16, torch.bfloat16]
 
 
 def uses_dot(rows: int, configs: list[dict] | None, bits: int) -> bool:
-    return launch_config(configs, rows, bits)["BLOCK_M"] >= 16
+    return launch_config(configs, rows, bits).get("BLOCK_M", 0) >= 16
 
 
 def matmul_input(rows: int, in_features: int, dtype: torch.dtype) -> torch.Tensor:
@@ -245,22 +257,27 @@ def test_w8a16_matmul(case, dtype):
     assert_close(w8a16_matmul_triton(x, qweight, scales, configs=configs), w8a16_matmul_ref(x, qweight, scales))
 
 
-@pytest.mark.parametrize("block_m", [1, 16])
-def test_w4a16_matmul_reads_inputs_through_the_act_order_permutation(block_m):
-    """GPTQ desc_act: stored input row k is original row input_order[k]; the kernel gathers x to match."""
+# One launch config of each path, for every batch size.
+PATHS = {"gemv": config(1, 16, 128), "dot": config(16, 16, 128), "dequantize": dequantize_config(16, 128)}
+
+
+@pytest.mark.parametrize("configs", list(PATHS.values()), ids=list(PATHS))
+def test_w4a16_matmul_reads_inputs_through_the_act_order_permutation(configs):
+    """GPTQ desc_act: stored input row k is original row input_order[k]; the kernels gather x to match
+    (dequantize-then-matmul gathers x's columns once)."""
     rows, out_features, in_features, group_size = 5, 40, 172, 32
     qweight, scales, zeros = quantize_int4(random_weight(out_features, in_features), group_size)
     input_order = torch.randperm(in_features, generator=torch.Generator().manual_seed(5)).to(torch.int32).to(DEVICE)
     x = matmul_input(rows, in_features, torch.float16)
     expected = w4a16_matmul_ref(x, qweight, scales, zeros, group_size, input_order)
     assert_close(expected, w4a16_matmul_ref(x[:, input_order.long()], qweight, scales, zeros, group_size))
-    actual = w4a16_matmul_triton(x, qweight, scales, zeros, group_size, input_order, configs=config(block_m, 16, 128))
+    actual = w4a16_matmul_triton(x, qweight, scales, zeros, group_size, input_order, configs=configs)
     assert_close(actual, expected)
 
 
 @pytest.mark.parametrize("group_size", [32, 64])
-@pytest.mark.parametrize("block_m", [1, 16])
-def test_w8a16_matmul_grouped_with_zero_points(block_m, group_size):
+@pytest.mark.parametrize("configs", list(PATHS.values()), ids=list(PATHS))
+def test_w8a16_matmul_grouped_with_zero_points(configs, group_size):
     """INT8 with a scale and a zero point per group of input rows, as GPTQ 8-bit checkpoints have them."""
     gen = torch.Generator().manual_seed(6)
     rows, out_features, in_features = 3, 24, 172
@@ -271,7 +288,7 @@ def test_w8a16_matmul_grouped_with_zero_points(block_m, group_size):
     qweight, zeros, scales = qweight.to(DEVICE), zeros.to(DEVICE), scales.to(DEVICE)
     x = matmul_input(rows, in_features, torch.float16)
     expected = w8a16_matmul_ref(x, qweight, scales, zeros, group_size)
-    actual = w8a16_matmul_triton(x, qweight, scales, zeros, group_size, configs=config(block_m, 16, 128))
+    actual = w8a16_matmul_triton(x, qweight, scales, zeros, group_size, configs=configs)
     assert_close(actual, expected)
 
 
@@ -281,8 +298,25 @@ def test_default_configs_cover_every_batch_size():
         assert buckets == sorted(buckets) and configs[0]["max_rows"] == 1
         assert launch_config(None, 1, bits)["BLOCK_M"] == 1  # batch-1 decode: the CUDA-core GEMV
         assert launch_config(None, 10 ** 6, bits) is configs[-1]
-        assert all(c["BLOCK_M"] == 1 or c["BLOCK_M"] >= 16 for c in configs)
+        tiles = [c for c in configs if not c.get("dequantize")]
+        assert all(c["BLOCK_M"] == 1 or c["BLOCK_M"] >= 16 for c in tiles)
         assert all(c["BLOCK_K"] % (128 if bits == 4 else 16) == 0 for c in configs)
+        # The Triton kernels below DEQUANT_MIN_ROWS rows, as TENSOR_CORE_CONFIGS has them; dequantize from there.
+        min_rows = DEQUANT_MIN_ROWS[bits]
+        assert dequantize_min_rows(None, bits) == min_rows
+        assert dequantize_min_rows(TENSOR_CORE_CONFIGS[bits], bits) is None
+        for rows in (1, 2, 16, 17, 64, 65, min_rows - 1):
+            assert launch_config(None, rows, bits) == {**launch_config(TENSOR_CORE_CONFIGS[bits], rows, bits),
+                                                      "max_rows": launch_config(None, rows, bits)["max_rows"]}
+        assert launch_config(None, min_rows - 1, bits)["BLOCK_M"] >= 16
+        assert all(launch_config(None, rows, bits).get("dequantize") for rows in (min_rows, 2048, 10 ** 6))
+
+
+def test_dequantize_from_moves_the_threshold():
+    for min_rows, buckets in [(17, [1, 16, 1 << 30]), (64, [1, 16, 63, 1 << 30]), (300, [1, 16, 64, 299, 1 << 30])]:
+        configs = dequantize_from(TENSOR_CORE_CONFIGS[4], min_rows)
+        assert [c["max_rows"] for c in configs] == buckets and dequantize_min_rows(configs, 4) == min_rows
+        assert launch_config(configs, min_rows - 1, 4)["BLOCK_M"] >= 16
 
 
 def test_matmuls_refuse_mismatched_tensors():
@@ -292,6 +326,99 @@ def test_matmuls_refuse_mismatched_tensors():
         w4a16_matmul_triton(x, qweight, scales, zeros, 32)
     with pytest.raises(ValueError, match="INT8 qweight"):
         w8a16_matmul_triton(x, qweight, scales)
+
+
+# ---- dequantize-then-matmul ------------------------------------------------------------------------
+# name -> (bits, out features N, in features K, group size, zero points, act order). Odd N, K padded
+# (172 -> 256 for INT4), every group size; INT8 per channel or grouped with zero points (GPTQ 8-bit).
+DEQUANTIZE_CASES = {
+    "int4_n97_k172_g32": (4, 97, 172, 32, True, False),
+    "int4_n97_k172_g64_act_order": (4, 97, 172, 64, True, True),
+    "int4_n33_k300_g128": (4, 33, 300, 128, True, False),
+    "int8_n97_k172_per_channel": (8, 97, 172, None, False, False),
+    "int8_n97_k172_g32_zeros": (8, 97, 172, 32, True, False),
+    "int8_n33_k300_g64_zeros_act_order": (8, 33, 300, 64, True, True),
+}
+DEQUANTIZE_TILES = {"default": None, "tile_8x128": {"BLOCK_N": 8, "BLOCK_K": 128, "num_warps": 2}}
+
+
+def quantized_case(bits: int, out_features: int, in_features: int, group_size: int | None, has_zeros: bool,
+                   is_act_order: bool) -> QuantizedWeight:
+    """A weight in kiln's layout; INT8 with groups gets random zero points and float16 scales (GPTQ's)."""
+    gen = torch.Generator().manual_seed(out_features + in_features)
+    if bits == 4:
+        tensors = quantize_int4(random_weight(out_features, in_features), group_size)
+    elif group_size is None:
+        tensors = (*quantize_int8(random_weight(out_features, in_features)), None)
+    else:
+        num_groups = -(-in_features // group_size)
+        tensors = (torch.randint(-128, 128, (out_features, in_features), generator=gen, dtype=torch.int8),
+                   (torch.rand(out_features, num_groups, generator=gen) / 400).to(torch.float16),
+                   torch.randint(-20, 20, (out_features, num_groups), generator=gen, dtype=torch.int8))
+    input_order = torch.randperm(in_features, generator=gen).to(torch.int32) if is_act_order else None
+    return QuantizedWeight(bits, *(t if t is None else t.to(DEVICE) for t in tensors), group_size, in_features,
+                           None if input_order is None else input_order.to(DEVICE))
+
+
+@pytest.mark.parametrize("tile", list(DEQUANTIZE_TILES.values()), ids=list(DEQUANTIZE_TILES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=DTYPE_ID)
+@pytest.mark.parametrize("case", list(DEQUANTIZE_CASES.values()), ids=list(DEQUANTIZE_CASES))
+def test_dequantize_weight_is_the_reference_rounded_once(case, dtype, tile, rounding_bf16_casts):
+    """Exactly dequantize_int4 / dequantize_int8 cast to the dtype: (q - z) * s is exact in float32 and
+    rounded once. The weight stays in its stored input order; scattering its columns through
+    input_order gives the reference's original order."""
+    weight = quantized_case(*case)
+    config = None if tile is None else {**DEQUANTIZE_CONFIG, **tile}
+    actual = dequantize_weight_triton(weight.bits, weight.qweight, weight.scales, weight.zeros, weight.group_size,
+                                      weight.in_features, dtype, config)
+    stored_order = QuantizedWeight(weight.bits, weight.qweight, weight.scales, weight.zeros, weight.group_size,
+                                   weight.in_features)
+    assert actual.shape == (weight.out_features, weight.in_features) and actual.dtype == dtype
+    assert torch.equal(actual, stored_order.dequantize().to(dtype))
+    if weight.input_order is not None:
+        original_order = torch.empty_like(actual)
+        original_order[:, weight.input_order.long()] = actual
+        assert torch.equal(original_order, weight.dequantize().to(dtype))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_matmul_dequantizes_from_dequant_min_rows(bits, monkeypatch):
+    """With the default configs, one row below DEQUANT_MIN_ROWS runs the tensor-core kernel and
+    DEQUANT_MIN_ROWS rows the dequantization kernel and a torch matmul; both match the reference."""
+    launched = []
+
+    class Recorded:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            launched.append(self.kernel.fn.__name__)
+            return self.kernel[grid]
+
+    for name in ("_int4_gemv_kernel", "_int8_gemv_kernel", "_weight_only_gemm_kernel", "_dequantize_weight_kernel"):
+        monkeypatch.setattr(weight_only, name, Recorded(getattr(weight_only, name)))
+    min_rows = DEQUANT_MIN_ROWS[bits]
+    w = random_weight(33, 172)
+    for rows, kernel in [(min_rows - 1, "_weight_only_gemm_kernel"), (min_rows, "_dequantize_weight_kernel")]:
+        launched.clear()
+        x = matmul_input(rows, 172, torch.float16)
+        if bits == 4:
+            tensors = quantize_int4(w, 64)
+            actual, expected = w4a16_matmul_triton(x, *tensors, 64), w4a16_matmul_ref(x, *tensors, 64)
+        else:
+            tensors = quantize_int8(w)
+            actual, expected = w8a16_matmul_triton(x, *tensors), w8a16_matmul_ref(x, *tensors)
+        assert launched == [kernel]
+        assert_close(actual, expected)
+
+
+def test_dequantize_workspace_is_the_weight_where_a_batch_dequantizes():
+    min_rows = DEQUANT_MIN_ROWS[4]
+    assert dequantize_workspace_bytes(4, 97, 172, torch.bfloat16, min_rows - 1) == 0
+    assert dequantize_workspace_bytes(4, 97, 172, torch.bfloat16, min_rows) == 97 * 172 * 2
+    assert dequantize_workspace_bytes(8, 97, 172, torch.float32, 4096) == 97 * 172 * 4
+    assert dequantize_workspace_bytes(4, 97, 172, torch.float16, 4096, has_input_order=True) == (97 + 4096) * 172 * 2
+    assert dequantize_workspace_bytes(4, 97, 172, torch.float16, 4096, configs=TENSOR_CORE_CONFIGS[4]) == 0
 
 
 # ---- the matmuls at Llama-3-8B sizes, compiled ---------------------------------------------------
@@ -328,3 +455,53 @@ def test_gpu_weight_only_matmul_in_a_cuda_graph():
         x.copy_(torch.randn(4, 4096, generator=torch.Generator().manual_seed(seed)).to(DEVICE, torch.bfloat16))
         graph.replay()
         assert_close(out, w4a16_matmul_ref(x, qweight, scales, zeros, 128))
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=DTYPE_ID)
+@pytest.mark.parametrize("rows", [16, 128, 2048])
+@pytest.mark.parametrize("out_features,in_features", LLAMA_SHAPES)
+@pytest.mark.parametrize("bits", [4, 8])
+def test_gpu_dequantize_then_cublas_at_llama_sizes(bits, out_features, in_features, rows, dtype):
+    """The dequantize-then-cuBLAS path at any row count (forced), against the float32 reference."""
+    w = random_weight(out_features, in_features)
+    x = torch.randn(rows, in_features, device=DEVICE, dtype=dtype)
+    if bits == 4:
+        tensors = quantize_int4(w, 128)
+        actual = w4a16_matmul_triton(x, *tensors, 128, configs=dequantize_config())
+        expected = w4a16_matmul_ref(x, *tensors, 128)
+    else:
+        tensors = quantize_int8(w)
+        actual, expected = w8a16_matmul_triton(x, *tensors, configs=dequantize_config()), w8a16_matmul_ref(x, *tensors)
+    assert_close(actual, expected)
+
+
+@gpu
+@pytest.mark.parametrize("case", [(4, 28672, 4096, 128, True, False), (4, 4096, 14336, 64, True, True),
+                                  (8, 28672, 4096, None, False, False), (8, 4096, 14336, 128, True, True)],
+                         ids=["int4_gate_up_g128", "int4_down_g64_act_order", "int8_gate_up", "int8_down_g128_zeros"])
+def test_gpu_dequantize_weight_is_exact_at_llama_sizes(case):
+    weight = quantized_case(*case)
+    actual = dequantize_weight_triton(weight.bits, weight.qweight, weight.scales, weight.zeros, weight.group_size,
+                                      weight.in_features, torch.bfloat16)
+    stored_order = QuantizedWeight(weight.bits, weight.qweight, weight.scales, weight.zeros, weight.group_size,
+                                   weight.in_features)
+    assert torch.equal(actual, stored_order.dequantize().to(torch.bfloat16))
+
+
+@gpu
+def test_gpu_dequantize_then_cublas_in_a_cuda_graph():
+    """DEQUANT_MIN_ROWS rows and more take the dequantization path by default; its scratch weight comes from
+    the graph's pool at capture, and replays reuse it."""
+    rows = max(DEQUANT_MIN_ROWS.values())
+    qweight, scales, zeros = quantize_int4(random_weight(4096, 4096), 128)
+    input_order = torch.randperm(4096, generator=torch.Generator().manual_seed(9)).to(DEVICE, torch.int32)
+    x = torch.randn(rows, 4096, device=DEVICE, dtype=torch.bfloat16)
+    w4a16_matmul_triton(x, qweight, scales, zeros, 128, input_order)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = w4a16_matmul_triton(x, qweight, scales, zeros, 128, input_order)
+    for seed in range(2):
+        x.copy_(torch.randn(rows, 4096, generator=torch.Generator().manual_seed(seed)).to(DEVICE, torch.bfloat16))
+        graph.replay()
+        assert_close(out, w4a16_matmul_ref(x, qweight, scales, zeros, 128, input_order))

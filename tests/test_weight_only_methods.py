@@ -3,24 +3,27 @@ float weight at awkward shapes, and the accuracy of stories260K engines built wi
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from conftest import STORIES_DIR
-from kiln import BuildConfig, Builder
+from kiln import BuildConfig, Builder, KvCacheConfig
 from kiln.convert import AutoModelForCausalLM
 from kiln.cli import main
 from kiln.convert.calibration import DEFAULT_CALIBRATION_TEXT
 from kiln.engine import EngineManifest
 from kiln.engine.tokenizer import Tokenizer
 from kiln.errors import ConfigError
+from kiln.kernels.weight_only import DEQUANT_MIN_ROWS
 from kiln.layers import LinearMethod
 from kiln.layers.weight_only import (Int4AwqMethod, Int4GptqMethod, Int4WeightOnlyMethod, Int8GptqMethod,
                                      Int8WeightOnlyMethod)
 from kiln.quantization.weight_only import ActivationScaledWeight, dequantize_int4, dequantize_int8
 from kiln.runtime.llm import LLM, SamplingParams
-from kiln.runtime.loader import load_engine
+from kiln.runtime.loader import load_engine, num_kv_blocks
 from test_models_vs_hf import kiln_logits
 
 BUILD = dict(max_batch_size=4, max_input_len=64, max_seq_len=320, max_num_tokens=256, dtype="float32", target="cpu")
@@ -63,7 +66,9 @@ def dequantized(method: LinearMethod, layer: FakeLinear, in_features: int) -> to
 
 
 @pytest.mark.parametrize("method", list(METHODS.values()), ids=list(METHODS))
-@pytest.mark.parametrize("out_features,in_features,num_rows", [(251, 172, 1), (71, 172, 5), (33, 300, 17)])
+# 130 rows: above DEQUANT_MIN_ROWS, where CUDA tensors take dequantize-then-cuBLAS; the CPU keeps the reference.
+@pytest.mark.parametrize("out_features,in_features,num_rows", [(251, 172, 1), (71, 172, 5), (33, 300, 17),
+                                                               (33, 300, 130)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 @pytest.mark.parametrize("has_bias", [False, True], ids=["", "bias"])
 def test_apply_matches_dequantize_then_linear(method, out_features, in_features, num_rows, dtype, has_bias):
@@ -88,7 +93,8 @@ def test_apply_matches_dequantize_then_linear(method, out_features, in_features,
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("method", list(METHODS.values()), ids=list(METHODS))
-@pytest.mark.parametrize("num_rows", [1, 5, 300])  # the GEMV, a few rows on tensor cores, tiled GEMM
+# The GEMV, a few rows on tensor cores, the tiled GEMM, and (from DEQUANT_MIN_ROWS) dequantize-then-cuBLAS.
+@pytest.mark.parametrize("num_rows", [1, 5, 100, 300])
 def test_apply_on_cuda_runs_the_triton_kernels_as_the_cpu_reference(method, num_rows):
     gen = torch.Generator().manual_seed(num_rows)
     weight = torch.randn(251, 172, generator=gen) / 172 ** 0.5
@@ -252,6 +258,33 @@ def test_sm80_weight_only_engine_builds_and_inspect_shows_packed_sizes_and_kv_po
     out = capsys.readouterr().out
     assert f"bytes per weight           {bytes_per_weight} in the linear layers as stored ({quantization}" in out
     assert "KV pool on NVIDIA A100-SXM4-80GB ~" in out and "KV pool on NVIDIA H100" not in out
+    # From DEQUANT_MIN_ROWS rows the weight is dequantized: the largest (gate_up, 344 x 64) in bfloat16.
+    assert "linear_workspace_bytes     43.0 KiB" in out
+    assert f"linear layers W{quantization[3]}A16 Triton: GEMV for 1 row, tensor-core tiles up to 127 rows; " in out
+
+
+@pytest.mark.parametrize("quantization,max_num_tokens,workspace", [
+    ("none", 256, 0),
+    ("int8_wo", 256, 344 * 64 * 4),  # gate_up's dequantized weight, float32
+    ("int4_wo", 256, 344 * 64 * 4),
+    ("int4_wo", DEQUANT_MIN_ROWS[4] - 1, 0),  # no batch dequantizes
+    ("int4_gptq", 256, (64 + 256) * 172 * 4),  # down's weight and x gathered through input_order
+])
+def test_memory_plan_and_kv_pool_leave_room_for_the_dequantized_weight(quantization, max_num_tokens, workspace,
+                                                                        monkeypatch):
+    """The builder's memory plan holds the largest Linear's workspace for max_num_tokens rows, and the
+    runtime sizes the KV pool from the memory left after it (on a GPU: CUDA's free memory, faked here)."""
+    source = AutoModelForCausalLM.from_hugging_face(STORIES_DIR)
+    build = {**BUILD, "max_num_tokens": max_num_tokens, "max_input_len": min(64, max_num_tokens)}
+    manifest = Builder().build(source, BuildConfig(**build, quantization=quantization)).manifest
+    plan = manifest.memory_plan
+    assert plan["linear_workspace_bytes"] == workspace
+    blocks = plan["kv_blocks_for_full_batch"]
+    free = plan["activation_bytes"] + workspace + blocks * plan["kv_bytes_per_block"]
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, 2 * free))
+    on_gpu = SimpleNamespace(manifest=manifest, device=torch.device("cuda"))
+    assert num_kv_blocks(on_gpu, KvCacheConfig(free_gpu_memory_fraction=1.0)) == blocks
+    assert workspace == 0 or workspace > plan["kv_bytes_per_block"]  # so leaving it out would give more blocks
 
 
 def test_llm_engine_cache_rebuilds_int4_awq_when_its_calibration_file_changes(tmp_path, monkeypatch):

@@ -280,7 +280,7 @@ def cmd_inspect(args) -> int:
               f"{groups}; scales and zero points included)")
     for gpu, tokens in kv_pools.items():
         print(f"  {'KV pool on ' + gpu:<26} ~{tokens:,} tokens in what the weights leave ({KV_FRACTION:.0%} of the "
-              "memory after weights and activations)")
+              "memory after weights, activations and workspace)")
     print("kernel plan" if m.is_kernel_plan_tuned else
           f"kernel plan   not made yet: built without a {m.target} GPU, the first load on one tunes it (and saves it "
           "here when the folder is writable)")
@@ -296,12 +296,13 @@ def cmd_inspect(args) -> int:
 def _kv_pools(m) -> dict[str, int]:
     """Tokens the KV pool would hold on each GPU of kiln plan's table that the engine's target is (an sm80
     engine: the A100s), at the default free_gpu_memory_fraction; none for CPU engines."""
+    from kiln.builder.plan import reserved_bytes
     from kiln.plan.planner import load_gpus
 
     if m.target == "cpu" or "linear_weights" not in m.memory_plan:
         return {}
     plan = m.memory_plan
-    used = plan["weight_bytes"] + plan["activation_bytes"] + plan["logits_bytes"]
+    used = plan["weight_bytes"] + reserved_bytes(plan) + plan["logits_bytes"]
     return {gpu.name: max(0, int((gpu.memory_gib * 2**30 - used) * KV_FRACTION) // plan["kv_bytes_per_token"])
             for gpu in load_gpus().values() if f"sm{gpu.sm}" == m.target}
 

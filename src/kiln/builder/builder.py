@@ -13,7 +13,8 @@ from typing import Any
 
 import torch
 
-from kiln.builder.plan import kernel_plan, linear_weights, memory_plan, rank_config, sharding_table, tensor_table
+from kiln.builder.plan import (kernel_plan, linear_weights, linear_workspace_bytes, memory_plan, rank_config,
+                               sharding_table, tensor_table)
 from kiln.config import BUILD_DEFAULTS, BuildConfig
 from kiln.convert import AutoModelForCausalLM, ModelSource, check_source
 from kiln.convert.checkpoint import CheckpointReader
@@ -236,7 +237,8 @@ class Builder:
             target_device_name=target_device_name,
             kernel_plan=plan,
             memory_plan=memory_plan(per_rank, resolved, skeletons[0].kv_cache_dtype, dtype, tensors,
-                                    linear_weights(skeletons[0])),
+                                    linear_weights(skeletons[0]),
+                                    linear_workspace_bytes(skeletons[0], resolved.max_num_tokens, dtype)),
             tensors=tensors,
             has_tokenizer=False,
             is_kernel_plan_tuned=is_tuned,

@@ -55,13 +55,23 @@ def linear_weights(model: CausalLM) -> dict[str, int]:
             if isinstance(module, Linear)}
 
 
+def linear_workspace_bytes(model: CausalLM, max_rows: int, dtype: torch.dtype) -> int:
+    """The most any one Linear's matmul allocates besides its output for up to ``max_rows`` rows (a
+    weight-only engine's dequantized weight, from DEQUANT_MIN_ROWS rows): the layers run one at a time,
+    and the caching allocator (or a CUDA graph's pool) hands the next one the memory the last freed."""
+    return max((module.method.workspace_bytes(module.out_features, module.in_features, dtype, max_rows)
+                for module in model.modules() if isinstance(module, Linear)), default=0)
+
+
 def memory_plan(config: ModelConfig, build: BuildConfig, kv_cache_dtype: torch.dtype, dtype: torch.dtype,
-                tensors: dict[str, dict[str, Any]], linears: dict[str, int]) -> dict[str, int]:
+                tensors: dict[str, dict[str, Any]], linears: dict[str, int], linear_workspace: int) -> dict[str, int]:
     """Bytes the engine needs at its limits, so users can see what fits before loading: the KV cache's by
     its element size (an FP8 cache holds twice the tokens of a 16-bit one in the same bytes); ``linears``
     (from ``linear_weights``) tells how many bytes the linear layers' weights take as stored (packed INT4 /
-    INT8 with their scales) for how many weights. Per rank: ``config`` is the rank's shapes, ``tensors``
-    and ``linears`` one rank's."""
+    INT8 with their scales) for how many weights; ``linear_workspace`` (from ``linear_workspace_bytes``)
+    the scratch of the largest Linear's matmul, which the runtime keeps free beside the activations
+    (``reserved_bytes``). Per rank: ``config`` is the rank's shapes, ``tensors`` and ``linears`` one
+    rank's."""
     sizes = {name: math.prod(t["shape"]) * ST_TO_DTYPE[t["dtype"]].itemsize for name, t in tensors.items()}
     weights = sum(sizes.values())
     linear_bytes = sum(size for name, size in sizes.items()
@@ -80,8 +90,15 @@ def memory_plan(config: ModelConfig, build: BuildConfig, kv_cache_dtype: torch.d
         "kv_blocks_for_full_batch": build.max_batch_size * blocks_per_seq,
         "kv_bytes_for_full_batch": build.max_batch_size * blocks_per_seq * build.tokens_per_block * per_token,
         "activation_bytes": activations,
+        "linear_workspace_bytes": linear_workspace,
         "logits_bytes": logits,
     }
+
+
+def reserved_bytes(plan: dict[str, int]) -> int:
+    """What the runtime keeps out of the KV pool for one iteration: activations and the largest Linear's
+    workspace (absent from plans made before it was counted)."""
+    return plan["activation_bytes"] + plan.get("linear_workspace_bytes", 0)
 
 
 def kernel_plan(target: str, config: ModelConfig, build: BuildConfig, dtype: torch.dtype,

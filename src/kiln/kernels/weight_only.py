@@ -21,6 +21,13 @@ q). The INT4 GEMV, bound by integer instructions, goes further: q shifted into t
 mantissa is the float 1 + q / 16 (a shift and one mask-and-OR per weight), multiplied into the sum
 as it is, and the group's scale, zero point and the sum of its inputs correct the sum once per group.
 
+Above a row count (the launch config's ``dequantize`` bucket: DEQUANT_MIN_ROWS rows by default) a
+batch is compute-bound and the tensor-core kernel, which dequantizes every weight tile once per row
+tile, falls far behind cuBLAS: on the H200 at 256 rows, gate_up (28672 x 4096) took 315 us (INT4) and
+168 us (INT8) against dense bf16's 101 us. There the weight is dequantized once, whole, into a scratch
+[N, K] in x's dtype (``dequantize_weight_triton``: reading the packed bytes and writing 2 bytes per
+weight, ~75 us for INT4 gate_up at 4 TB/s) and multiplied by cuBLAS at the dense rate (``F.linear``).
+
 ``*_ref``: dequantize in float32, matmul in float32, round to x's dtype: the CPU path and the oracle.
 """
 
@@ -30,6 +37,7 @@ import functools
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from kiln.kernels.triton_jit import jit, tl
 from kiln.quantization.weight_only import dequantize_int4, dequantize_int8, padded_in_features
@@ -229,10 +237,53 @@ def _weight_only_gemm_kernel(
              mask=col_mask[:, None] & row_mask[None, :])
 
 
+@jit
+def _dequantize_weight_kernel(
+        w_ptr, w_row_stride, scales_ptr, scales_row_stride, zeros_ptr, out_ptr, out_row_stride, num_cols, num_inputs,
+        BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr,
+        BLOCK_N: tl.constexpr, TILE_RUNS: tl.constexpr, RUN_K: tl.constexpr):
+    """Program (tile of BLOCK_N output channels, tile of inputs): dequant(W) into out [N, K] in out's
+    dtype, input rows in their stored order. INT4: TILE_RUNS blocks of 128 inputs, written one nibble
+    at a time (each block's 16-input run, 32 contiguous bytes of a 16-bit out row); INT8: TILE_RUNS
+    runs of RUN_K inputs. The same float32 arithmetic as the matmuls and the references, rounded once."""
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < num_cols
+    cols_64 = cols.to(tl.int64)
+    w_rows = w_ptr + cols_64[:, None, None] * w_row_stride
+    out_rows = out_ptr + cols_64[:, None, None] * out_row_stride
+    meta_offsets = cols_64[:, None] * scales_row_stride
+    runs = tl.arange(0, TILE_RUNS)
+    lanes = tl.arange(0, RUN_K)
+    if BITS == 4:
+        k_start = tl.program_id(1) * (TILE_RUNS * INT4_BLOCK)
+        words = k_start // 8 + runs[:, None] * INT4_RUN + lanes[None, :]  # [blocks, 16]
+        block_mask = (k_start + runs * INT4_BLOCK < num_inputs)[None, :, None]
+        packed = tl.load(w_rows + words[None, :, :], mask=col_mask[:, None, None] & block_mask, other=0)
+        for nibble in tl.static_range(8):
+            run_starts = k_start + runs * INT4_BLOCK + nibble * INT4_RUN
+            ks = run_starts[:, None] + lanes[None, :]
+            w_bits = ((packed >> (4 * nibble)) & 0xF) | MAGIC_2_POW_23
+            w = _dequantize(w_bits, 8388608.0, run_starts, meta_offsets, col_mask, num_inputs, scales_ptr, zeros_ptr,
+                            GROUP_SIZE, HAS_ZEROS)
+            tl.store(out_rows + ks[None, :, :], w.to(out_ptr.dtype.element_ty),
+                     mask=col_mask[:, None, None] & (ks < num_inputs)[None, :, :])
+    else:
+        run_starts = tl.program_id(1) * (TILE_RUNS * RUN_K) + runs * RUN_K
+        ks = run_starts[:, None] + lanes[None, :]
+        mask = col_mask[:, None, None] & (ks < num_inputs)[None, :, :]
+        q = tl.load(w_rows + ks[None, :, :], mask=mask, other=0)
+        w = _dequantize(q.to(tl.int32) + MAGIC_2_POW_23_PLUS_128, 8388736.0, run_starts, meta_offsets, col_mask,
+                        num_inputs, scales_ptr, zeros_ptr, GROUP_SIZE, HAS_ZEROS)
+        if GROUP_SIZE == 0:
+            w *= tl.load(scales_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[:, None, None]
+        tl.store(out_rows + ks[None, :, :], w.to(out_ptr.dtype.element_ty), mask=mask)
+
+
 # Launch configs before tuning, per bucket of rows: the first entry whose max_rows holds the batch is
-# used (else the last). BLOCK_M 1 runs the CUDA-core GEMVs, BLOCK_M >= 16 the tensor-core kernel.
-# BLOCK_K: inputs per loop step (INT4: whole blocks of 128 in the GEMV, one block per step on tensor
-# cores; INT8: runs of at most the group size).
+# used (else the last). BLOCK_M 1 runs the CUDA-core GEMVs, BLOCK_M >= 16 the tensor-core kernel, and
+# a bucket with "dequantize" dequantize-then-cuBLAS (its BLOCK_N / BLOCK_K / num_warps tile the
+# dequantization kernel). BLOCK_K: inputs per loop step (INT4: whole blocks of 128 in the GEMV, one
+# block per step on tensor cores; INT8: runs of at most the group size).
 # 1 row: the best uniform config of scripts/sweep_gemv.py on an H200 (Triton 3.6, bf16 x, INT4 group
 # 128, each kernel replayed from a CUDA graph over >= 400 MB of weight copies, 2026-12-02), at the
 # Llama-3-8B shapes qkv / o / gate_up / down (N x K = 6144 x 4096, 4096 x 4096, 28672 x 4096,
@@ -247,7 +298,16 @@ def _weight_only_gemm_kernel(
 #   INT4  4 rows: 39.1 / - / 92.9;  INT8 4 rows: 26.7 / - / 67.8  (dense ~19 / - / 70)
 #   INT4 256 rows: 61.2 / - / 315;  INT8 256 rows: 44.5 / - / 168  (dense 24 / - / 101)
 # The 64-row bucket was not swept (its configs follow the 256-row ones).
-DEFAULT_CONFIGS: dict[int, list[dict[str, Any]]] = {
+#
+# DEQUANT_MIN_ROWS: from this many rows, dequantize-then-cuBLAS. Not measured yet: 128 is a first
+# guess from the 256-row figures above and ~4 TB/s for the dequantization (packed bytes read, 2 bytes
+# per weight written). For gate_up that predicts ~75 + 101 us against 315 us for INT4, but ~90 + 101
+# against 168 us for INT8, whose crossover may lie higher; scripts/sweep_weight_only_prefill.py
+# measures both paths at 16-2048 rows. DEQUANTIZE_CONFIG's tile is not swept either (the script
+# times a few).
+DEQUANT_MIN_ROWS = {4: 128, 8: 128}
+DEQUANTIZE_CONFIG: dict[str, Any] = {"dequantize": True, "BLOCK_N": 16, "BLOCK_K": 512, "num_warps": 4}
+TENSOR_CORE_CONFIGS: dict[int, list[dict[str, Any]]] = {  # the Triton kernels alone, at every batch size
     4: [{"max_rows": 1, "BLOCK_M": 1, "BLOCK_N": 8, "BLOCK_K": 2048, "num_warps": 4, "num_stages": 1},
         {"max_rows": 16, "BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 1, "num_warps": 4, "num_stages": 3},
         {"max_rows": 64, "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 4, "num_stages": 3},
@@ -261,20 +321,51 @@ DEFAULT_CONFIGS: dict[int, list[dict[str, Any]]] = {
 }
 
 
+def dequantize_from(configs: list[dict[str, Any]], min_rows: int) -> list[dict[str, Any]]:
+    """``configs`` (the Triton kernels' buckets) up to ``min_rows`` - 1 rows, dequantize-then-cuBLAS from
+    ``min_rows`` rows on."""
+    below = [c for c in configs if c["max_rows"] < min_rows - 1]
+    last = next((c for c in configs if c["max_rows"] >= min_rows - 1), configs[-1])
+    return below + [{**last, "max_rows": min_rows - 1}, {"max_rows": 1 << 30, **DEQUANTIZE_CONFIG}]
+
+
+DEFAULT_CONFIGS = {bits: dequantize_from(TENSOR_CORE_CONFIGS[bits], DEQUANT_MIN_ROWS[bits]) for bits in (4, 8)}
+
+
 def launch_config(configs: list[dict[str, Any]] | None, num_rows: int, bits: int) -> dict[str, Any]:
     """The config for a batch of ``num_rows``: the smallest bucket that holds it, else the largest."""
     configs = configs or DEFAULT_CONFIGS[bits]
     return next((c for c in configs if c["max_rows"] >= num_rows), configs[-1])
 
 
+def dequantize_min_rows(configs: list[dict[str, Any]] | None, bits: int) -> int | None:
+    """The fewest rows for which ``configs`` dequantize-then-cuBLAS, or None if no batch does."""
+    first_row = 1
+    for config in configs or DEFAULT_CONFIGS[bits]:
+        if config.get("dequantize"):
+            return first_row
+        first_row = config["max_rows"] + 1
+    return None
+
+
+def dequantize_workspace_bytes(bits: int, out_features: int, in_features: int, dtype: torch.dtype, max_rows: int,
+                               has_input_order: bool = False, configs: list[dict[str, Any]] | None = None) -> int:
+    """Bytes the matmul allocates besides its output for batches of up to ``max_rows`` rows: where one of
+    them takes dequantize-then-cuBLAS, the dequantized weight and (act order) x gathered; else 0."""
+    min_rows = dequantize_min_rows(configs, bits)
+    if min_rows is None or max_rows < min_rows:
+        return 0
+    return (out_features + (max_rows if has_input_order else 0)) * in_features * dtype.itemsize
+
+
 def _run_tiling(bits: int, block_k: int, group_size: int | None, uses_dot: bool) -> tuple[int, int]:
-    """(TILE_RUNS, RUN_K) for a K step of BLOCK_K inputs. INT4: runs of 16 (the INT4 GEMV takes BLOCK_K
-    // 128 whole blocks per step itself). INT8: runs of RUN_K inputs inside one group (the largest power
-    of two dividing the group size, at most BLOCK_K); tensor cores take one run per step."""
+    """(TILE_RUNS, RUN_K) for a K step of BLOCK_K inputs. INT4: blocks of 128 per step (one on tensor
+    cores), runs of 16. INT8: runs of RUN_K inputs inside one group (the largest power of two dividing
+    the group size, at most BLOCK_K); tensor cores take one run per step."""
     if bits == 4:
-        if 128 % group_size:
+        if 128 % group_size:  # the INT4 GEMV corrects whole groups inside a block
             raise ValueError(f"INT4 group size must divide 128 (16, 32, 64 or 128), got {group_size}")
-        return 1, 16
+        return (1 if uses_dot else max(1, block_k // 128)), 16
     if group_size is None:
         return 1, block_k
     run_k = min(block_k, group_size & -group_size)  # largest power of two dividing the group size
@@ -283,12 +374,10 @@ def _run_tiling(bits: int, block_k: int, group_size: int | None, uses_dot: bool)
     return (1 if uses_dot else max(1, block_k // run_k)), run_k
 
 
-def _weight_only_matmul(x: torch.Tensor, bits: int, qweight: torch.Tensor, scales: torch.Tensor,
-                        zeros: torch.Tensor | None, group_size: int | None, input_order: torch.Tensor | None,
-                        configs: list[dict[str, Any]] | None) -> torch.Tensor:
-    num_inputs = x.shape[-1]
-    rows = x.reshape(-1, num_inputs)
-    num_rows, num_cols = rows.shape[0], qweight.shape[0]
+def _check_layout(bits: int, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                  group_size: int | None, num_inputs: int) -> None:
+    """Refuses tensors that are not kiln's INT4 / INT8 layout for ``num_inputs`` inputs."""
+    num_cols = qweight.shape[0]
     if bits == 4:
         words = padded_in_features(num_inputs, group_size) // 8
         if qweight.dtype != torch.int32 or qweight.shape[1] != words:
@@ -306,13 +395,60 @@ def _weight_only_matmul(x: torch.Tensor, bits: int, qweight: torch.Tensor, scale
                          f"weight of {num_cols} output channels and {num_inputs} inputs")
     if zeros is not None and (zeros.shape != scales.shape or not is_grouped):
         raise ValueError(f"zero points {list(zeros.shape)} need a group size and the scales' shape")
-    assert rows.stride(-1) == 1 and qweight.is_contiguous() and scales.is_contiguous()
+    assert qweight.is_contiguous() and scales.is_contiguous()
     assert zeros is None or zeros.is_contiguous()
+
+
+def _dequantize_weight(bits: int, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                       group_size: int | None, num_inputs: int, dtype: torch.dtype,
+                       config: dict[str, Any]) -> torch.Tensor:
+    num_cols = qweight.shape[0]
+    tile_runs, run_k = _run_tiling(bits, config["BLOCK_K"], group_size, uses_dot=False)
+    tile_inputs = tile_runs * (INT4_BLOCK if bits == 4 else run_k)
+    out = torch.empty(num_cols, num_inputs, dtype=dtype, device=qweight.device)
+    if out.numel():
+        grid = (-(-num_cols // config["BLOCK_N"]), -(-num_inputs // tile_inputs))
+        _dequantize_weight_kernel[grid](
+            qweight, qweight.stride(0), scales, scales.stride(0) if group_size is not None else 0,
+            zeros if zeros is not None else scales, out, out.stride(0), num_cols, num_inputs,
+            BITS=bits, GROUP_SIZE=group_size or 0, HAS_ZEROS=zeros is not None, BLOCK_N=config["BLOCK_N"],
+            TILE_RUNS=tile_runs, RUN_K=run_k, num_warps=config["num_warps"])
+    return out
+
+
+def dequantize_weight_triton(bits: int, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                             group_size: int | None, in_features: int, dtype: torch.dtype,
+                             config: dict[str, Any] | None = None) -> torch.Tensor:
+    """dequant(W) [N, in_features] in ``dtype`` from kiln's INT4 (``bits`` 4) or INT8 layout, input rows
+    in their stored order: equal to ``dequantize_int4`` / ``dequantize_int8`` without ``input_order``,
+    cast to ``dtype``. ``config``: the tile (DEQUANTIZE_CONFIG's fields)."""
+    _check_layout(bits, qweight, scales, zeros, group_size, in_features)
+    return _dequantize_weight(bits, qweight, scales, zeros, group_size, in_features, dtype,
+                              config or DEQUANTIZE_CONFIG)
+
+
+def _weight_only_matmul(x: torch.Tensor, bits: int, qweight: torch.Tensor, scales: torch.Tensor,
+                        zeros: torch.Tensor | None, group_size: int | None, input_order: torch.Tensor | None,
+                        configs: list[dict[str, Any]] | None) -> torch.Tensor:
+    num_inputs = x.shape[-1]
+    rows = x.reshape(-1, num_inputs)
+    num_rows, num_cols = rows.shape[0], qweight.shape[0]
+    _check_layout(bits, qweight, scales, zeros, group_size, num_inputs)
+    assert rows.stride(-1) == 1
     config = launch_config(configs, num_rows, bits)
+    if config.get("dequantize"):
+        weight = _dequantize_weight(bits, qweight, scales, zeros, group_size, num_inputs, x.dtype, config)
+        if input_order is not None:
+            # The weight stays in its stored input order and x's columns are gathered to match, once: rows x K
+            # elements, at most the weight's N x K while rows <= N, all read and written coalesced. Writing the
+            # weight in the original order instead would scatter each of its N x K 2-byte stores.
+            rows = rows.index_select(1, input_order)
+        return F.linear(rows, weight).view(*x.shape[:-1], num_cols)
     uses_dot = config["BLOCK_M"] >= 16
     if not uses_dot and config["BLOCK_M"] != 1:
         raise ValueError(f"BLOCK_M must be 1 (GEMV) or at least 16 (tensor cores), got {config['BLOCK_M']}")
     tile_runs, run_k = _run_tiling(bits, config["BLOCK_K"], group_size, uses_dot)
+    is_grouped = group_size is not None
     out = torch.empty(num_rows, num_cols, dtype=x.dtype, device=x.device)
     args = (rows, rows.stride(0), input_order if input_order is not None else rows, qweight, qweight.stride(0),
             scales, scales.stride(0) if is_grouped else 0, zeros if zeros is not None else scales,
@@ -327,11 +463,10 @@ def _weight_only_matmul(x: torch.Tensor, bits: int, qweight: torch.Tensor, scale
             DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32")
     elif num_rows and bits == 4:
         num_blocks = qweight.shape[1] // INT4_RUN
-        blocks = max(1, config["BLOCK_K"] // 128)
-        even = num_cols % config["BLOCK_N"] == 0 and num_blocks % blocks == 0 and num_inputs == 128 * num_blocks
+        even = num_cols % config["BLOCK_N"] == 0 and num_blocks % tile_runs == 0 and num_inputs == 128 * num_blocks
         _int4_gemv_kernel[(num_tiles_n, num_rows)](
             *args, num_blocks, GROUP_SIZE=group_size, HAS_INPUT_ORDER=input_order is not None,
-            BLOCK_N=config["BLOCK_N"], BLOCKS=blocks, EVEN=even, num_warps=config["num_warps"],
+            BLOCK_N=config["BLOCK_N"], BLOCKS=tile_runs, EVEN=even, num_warps=config["num_warps"],
             num_stages=config["num_stages"])
     elif num_rows:
         _int8_gemv_kernel[(num_tiles_n, num_rows)](*args, **meta, TILE_RUNS=tile_runs)
@@ -353,31 +488,66 @@ def w4a16_matmul_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
     return _weight_only_matmul(x, 4, qweight, scales, zeros, group_size, input_order, configs)
 
 
-def measure_weight_bandwidth(num_rows: int, out_features: int, in_features: int, bits: int, group_size: int = 128,
-                             dtype: torch.dtype = torch.bfloat16, configs: list[dict[str, Any]] | None = None,
-                             device: str = "cuda", compare_dense: bool = True) -> dict[str, float]:
-    """Times the Triton matmul on a random weight of that shape (median of triton.testing.do_bench,
-    which flushes L2 before each run, so the weights come from HBM) and reports the weight bandwidth it
-    achieved: bytes of packed weights, scales and zeros over time; with ``compare_dense``, also the
-    dense matmul of the same shape in ``dtype``. Not a test: GPU scripts and the build's tuner call it."""
-    import triton.testing
-
+def _random_weight_only(out_features: int, in_features: int, bits: int, group_size: int, device: str
+                        ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None], int | None]:
+    """(a random float weight of that shape, its kiln layout: qweight, scales, zeros, its group size)."""
     from kiln.quantization.weight_only import quantize_int4, quantize_int8
 
     weight = torch.randn(out_features, in_features, device=device) / in_features ** 0.5
-    x = torch.randn(num_rows, in_features, device=device, dtype=dtype)
     if bits == 4:
-        tensors = quantize_int4(weight, group_size)
-        run = functools.partial(w4a16_matmul_triton, x, *tensors, group_size, configs=configs)
-    else:
-        tensors = quantize_int8(weight)
-        run = functools.partial(w8a16_matmul_triton, x, *tensors, configs=configs)
-    weight_bytes = sum(t.numel() * t.element_size() for t in tensors)
-    seconds = triton.testing.do_bench(run, return_mode="median") / 1e3
-    report = {"seconds": seconds, "weight_bytes": weight_bytes, "weight_bandwidth_GBps": weight_bytes / seconds / 1e9,
-              "tflops": 2 * num_rows * out_features * in_features / seconds / 1e12}
+        return weight, quantize_int4(weight, group_size), group_size
+    return weight, (*quantize_int8(weight), None), None
+
+
+def _layout_bytes(tensors: tuple[torch.Tensor | None, ...]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def measure_weight_bandwidth(num_rows: int, out_features: int, in_features: int, bits: int, group_size: int = 128,
+                             dtype: torch.dtype = torch.bfloat16, configs: list[dict[str, Any]] | None = None,
+                             device: str = "cuda", compare_dense: bool = True,
+                             dequantize_config: dict[str, Any] | None = None) -> dict[str, float]:
+    """Times the matmul on a random weight of that shape (median of triton.testing.do_bench, which
+    flushes L2 before each run, so the weights come from HBM) and reports the weight bandwidth it
+    achieved: bytes of packed weights, scales and zeros over time. ``configs`` picks the path as in the
+    runtime (DEFAULT_CONFIGS: dequantize-then-cuBLAS from DEQUANT_MIN_ROWS rows; TENSOR_CORE_CONFIGS: the
+    Triton kernels at every size). With ``compare_dense``, also the dense matmul of the same shape in
+    ``dtype``; with ``dequantize_config`` (DEQUANTIZE_CONFIG, or another tile), also dequantize-then-cuBLAS
+    at this row count whatever ``configs`` choose (``dequantize_seconds``). Not a test: GPU scripts and
+    the build's tuner call it."""
+    import triton.testing
+
+    weight, tensors, group = _random_weight_only(out_features, in_features, bits, group_size, device)
+    x = torch.randn(num_rows, in_features, device=device, dtype=dtype)
+
+    def seconds(configs: list[dict[str, Any]] | None) -> float:
+        run = functools.partial(_weight_only_matmul, x, bits, *tensors, group, None, configs)
+        return triton.testing.do_bench(run, return_mode="median") / 1e3
+
+    weight_bytes = _layout_bytes(tensors)
+    matmul_seconds = seconds(configs)
+    report = {"seconds": matmul_seconds, "weight_bytes": weight_bytes,
+              "weight_bandwidth_GBps": weight_bytes / matmul_seconds / 1e9,
+              "tflops": 2 * num_rows * out_features * in_features / matmul_seconds / 1e12}
+    if dequantize_config is not None:
+        report["dequantize_seconds"] = seconds([{**dequantize_config, "max_rows": 1 << 30, "dequantize": True}])
     if compare_dense:
         dense = weight.to(dtype)
         dense_seconds = triton.testing.do_bench(lambda: x @ dense.T, return_mode="median") / 1e3
-        report.update(dense_seconds=dense_seconds, speedup_vs_dense=dense_seconds / seconds)
+        report.update(dense_seconds=dense_seconds, speedup_vs_dense=dense_seconds / matmul_seconds)
     return report
+
+
+def measure_dequantize(out_features: int, in_features: int, bits: int, group_size: int = 128,
+                       dtype: torch.dtype = torch.bfloat16, config: dict[str, Any] | None = None,
+                       device: str = "cuda") -> dict[str, float]:
+    """Times ``dequantize_weight_triton`` alone on a random weight of that shape (median, L2 flushed) with
+    the tile ``config`` (DEQUANTIZE_CONFIG's fields), and the bandwidth it achieved: the packed weight,
+    scales and zeros read plus the [N, K] weight written in ``dtype``, over time."""
+    import triton.testing
+
+    _, tensors, group = _random_weight_only(out_features, in_features, bits, group_size, device)
+    run = functools.partial(dequantize_weight_triton, bits, *tensors, group, in_features, dtype, config)
+    seconds = triton.testing.do_bench(run, return_mode="median") / 1e3
+    moved = _layout_bytes(tensors) + out_features * in_features * dtype.itemsize
+    return {"seconds": seconds, "bytes_moved": moved, "bandwidth_GBps": moved / seconds / 1e9}

@@ -77,6 +77,12 @@ class LinearMethod(ABC):
         prints it), or None."""
         return None
 
+    def workspace_bytes(self, out_features: int, in_features: int, dtype: torch.dtype, max_rows: int) -> int:
+        """Bytes its matmul allocates on a GPU besides its output (a scratch the weight is dequantized into)
+        for batches of up to ``max_rows`` rows of ``dtype``: the memory plan keeps the largest Linear's out
+        of the KV pool."""
+        return 0
+
 
 class DenseLinearMethod(LinearMethod):
     """The weight as it is, in the engine dtype (float32, float16 or bfloat16)."""

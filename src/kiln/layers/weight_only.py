@@ -14,8 +14,9 @@
 AutoAWQ and GPTQ checkpoints (``kiln.convert.int_checkpoints``) come as an ``UnpackedWeight``, repacked
 without loss (``takes_int_weights``); float checkpoints are quantized by rounding to nearest. The
 matmul: on CUDA tensors the Triton kernels of ``kiln.kernels.weight_only`` (which pick the GEMV or the
-tiled path from the number of rows); elsewhere their plain-PyTorch references (dequantize to float32,
-matmul in float32, round to x's dtype), which are also the tests' oracle.
+tiled path from the number of rows, and from DEQUANT_MIN_ROWS rows dequantize the weight into a scratch
+that cuBLAS multiplies: ``workspace_bytes`` tells the memory plan its size); elsewhere their plain-PyTorch
+references (dequantize to float32, matmul in float32, round to x's dtype), which are also the tests' oracle.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ import torch
 
 from kiln.config import GROUP_SIZES
 from kiln.errors import CheckpointError
-from kiln.kernels.weight_only import w4a16_matmul_ref, w4a16_matmul_triton, w8a16_matmul_ref, w8a16_matmul_triton
+from kiln.kernels.weight_only import (dequantize_min_rows, dequantize_workspace_bytes, w4a16_matmul_ref,
+                                      w4a16_matmul_triton, w8a16_matmul_ref, w8a16_matmul_triton)
 from kiln.layers.linear import LinearMethod
 from kiln.quantization.weight_only import (INT4_PER_WORD, ActivationScaledWeight, UnpackedWeight, clip_groups,
                                            padded_in_features, quantize_int4, quantize_int8)
@@ -38,6 +40,15 @@ def _with_bias(out: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
 
 def _identity_order(in_features: int, device: torch.device) -> torch.Tensor:
     return torch.arange(in_features, dtype=torch.int32, device=device)
+
+
+def _kernels(bits: int, target: str) -> str | None:
+    """What the matmuls of kiln.kernels.weight_only run on a GPU, by batch size."""
+    if target == "cpu":
+        return None
+    min_rows = dequantize_min_rows(None, bits)
+    return (f"W{bits}A16 Triton: GEMV for 1 row, tensor-core tiles up to {min_rows - 1} rows; from {min_rows} rows "
+            "the weight dequantized into a scratch, then cuBLAS")
 
 
 class Int8WeightOnlyMethod(LinearMethod):
@@ -54,6 +65,12 @@ class Int8WeightOnlyMethod(LinearMethod):
             return {"qweight": quantized.qweight, "scales": quantized.scales}
         qweight, scales = quantize_int8(weight, torch.float32)
         return {"qweight": qweight, "scales": scales}
+
+    def kernels(self, target, dtype):
+        return _kernels(8, target)
+
+    def workspace_bytes(self, out_features, in_features, dtype, max_rows):
+        return dequantize_workspace_bytes(8, out_features, in_features, dtype, max_rows)
 
     def apply(self, layer, x):
         matmul = w8a16_matmul_triton if x.is_cuda else w8a16_matmul_ref
@@ -91,6 +108,12 @@ class Int8GptqMethod(LinearMethod):
             input_order = _identity_order(qweight.shape[1], qweight.device)
         return {"qweight": qweight, "scales": scales, "zeros": zeros, "input_order": input_order}
 
+    def kernels(self, target, dtype):
+        return _kernels(8, target)
+
+    def workspace_bytes(self, out_features, in_features, dtype, max_rows):
+        return dequantize_workspace_bytes(8, out_features, in_features, dtype, max_rows, has_input_order=True)
+
     def apply(self, layer, x):
         matmul = w8a16_matmul_triton if x.is_cuda else w8a16_matmul_ref
         out = matmul(x.contiguous(), layer.qweight, layer.scales, layer.zeros, self.group_size, layer.input_order)
@@ -123,6 +146,12 @@ class Int4WeightOnlyMethod(LinearMethod):
         qweight, scales, zeros = quantize_int4(weight, self.group_size, torch.float16)
         return {"qweight": qweight, "scales": scales, "zeros": zeros}
 
+    def kernels(self, target, dtype):
+        return _kernels(4, target)
+
+    def workspace_bytes(self, out_features, in_features, dtype, max_rows):
+        return dequantize_workspace_bytes(4, out_features, in_features, dtype, max_rows)
+
     def apply(self, layer, x):
         return self._matmul(layer, x.contiguous(), None)
 
@@ -150,6 +179,9 @@ class Int4GptqMethod(Int4WeightOnlyMethod):
             input_order = _identity_order(weight.in_features if isinstance(weight, UnpackedWeight)
                                           else weight.shape[1], stored["qweight"].device)
         return {**stored, "input_order": input_order}
+
+    def workspace_bytes(self, out_features, in_features, dtype, max_rows):
+        return dequantize_workspace_bytes(4, out_features, in_features, dtype, max_rows, has_input_order=True)
 
     def apply(self, layer, x):
         return self._matmul(layer, x.contiguous(), layer.input_order)

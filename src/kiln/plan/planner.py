@@ -14,6 +14,7 @@ from typing import Any
 from kiln.config import BuildConfig
 from kiln.errors import ConfigError, KilnError
 from kiln.kernels.attention import fp8_kv_cache_refusal
+from kiln.kernels.weight_only import DEQUANT_MIN_ROWS
 from kiln.layers import LINEAR_METHODS
 from kiln.models import ModelConfig, num_params
 from kiln.plan.roofline import GIB, GPU, Calibration, EngineShape, ModelShape, Precision
@@ -27,9 +28,11 @@ INT4_GROUP_SIZE = 128  # one fp16 scale and one zero point per group of 128 weig
 PRECISIONS = {
     "bf16": Precision("bf16", 2.0, "bf16", 80, 1.0),
     "fp8": Precision("fp8", 1.0, "fp8", 89, 1.0),
-    "int8_wo": Precision("int8_wo", 1.0, "bf16", 80, WEIGHT_ONLY_COMPUTE_FACTOR),
-    "int4_wo": Precision("int4_wo", 0.5 + 4 / INT4_GROUP_SIZE, "bf16", 80, WEIGHT_ONLY_COMPUTE_FACTOR),
-    "int4_awq": Precision("int4_awq", 0.5 + 4 / INT4_GROUP_SIZE, "bf16", 80, WEIGHT_ONLY_COMPUTE_FACTOR),
+    "int8_wo": Precision("int8_wo", 1.0, "bf16", 80, WEIGHT_ONLY_COMPUTE_FACTOR, DEQUANT_MIN_ROWS[8]),
+    "int4_wo": Precision("int4_wo", 0.5 + 4 / INT4_GROUP_SIZE, "bf16", 80, WEIGHT_ONLY_COMPUTE_FACTOR,
+                         DEQUANT_MIN_ROWS[4]),
+    "int4_awq": Precision("int4_awq", 0.5 + 4 / INT4_GROUP_SIZE, "bf16", 80, WEIGHT_ONLY_COMPUTE_FACTOR,
+                          DEQUANT_MIN_ROWS[4]),
 }
 KV_DTYPES = {"bf16": 2, "fp8": 1}
 # Decode batches tried when looking for the largest useful max_batch_size.

@@ -62,6 +62,7 @@ class Precision:
     compute: str             # "bf16" or "fp8": the peak the matmuls of large batches run at
     min_sm: int
     compute_factor: float    # large-batch matmul rate relative to that peak (dequantization costs)
+    dequantize_min_rows: int | None = None  # weight-only: from this many rows, each weight dequantized to a scratch
 
 
 @dataclass(frozen=True)
@@ -134,10 +135,14 @@ class EngineShape:
 
     @property
     def activation_bytes(self) -> float:
-        """As the builder's memory plan reserves them: one full iteration's widest activations and logits."""
+        """As the builder's memory plan reserves them: one full iteration's widest activations and logits,
+        and a weight-only engine's largest dequantized weight (the widest layer, gate_up or fused QKV)."""
         m = self.model
+        min_rows = self.precision.dequantize_min_rows
+        scratch = m.widest_activation * m.hidden_size * 2 / self.tp_size
         return (self.max_num_tokens * (m.widest_activation + 3 * m.hidden_size) * 2
-                + self.max_batch_size * m.vocab_size * 4)
+                + self.max_batch_size * m.vocab_size * 4
+                + (scratch if min_rows is not None and self.max_num_tokens >= min_rows else 0))
 
     def kv_tokens(self, cal: Calibration) -> int:
         """KV pool size as the runtime sizes it: a fraction of what weights and activations leave free."""

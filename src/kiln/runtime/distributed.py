@@ -375,7 +375,7 @@ def run_worker(store: dist.Store | None = None) -> int:
         _use_device(device)
         engine = load_engine(engine_dir, device, progress=False, tp=tp, kernel_plan=args["kernel_plan"])
         kv = KvCacheConfig(**args["kv_cache"])
-        blocks = channel.min(num_kv_blocks(engine, kv, engine.manifest.memory_plan["activation_bytes"]))
+        blocks = channel.min(num_kv_blocks(engine, kv))
         runner = make_runner(engine, blocks, args["max_batch_size"], args["max_num_tokens"],
                              args["enable_cuda_graphs"])
 

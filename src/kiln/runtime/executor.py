@@ -111,8 +111,7 @@ class Executor:
         build = self.engine.build_config
         self.max_batch_size, self.max_num_tokens = config.resolve(build)
         self.config = config
-        num_blocks = num_kv_blocks(self.engine, config.kv_cache_config,
-                                   activation_bytes=self.engine.manifest.memory_plan["activation_bytes"])
+        num_blocks = num_kv_blocks(self.engine, config.kv_cache_config)
         if self.ranks is not None:  # every rank's pool has the same blocks: the fewest any can hold
             num_blocks = self.ranks.min(num_blocks)
         self.pool = BlockPool(num_blocks, build.tokens_per_block, config.kv_cache_config.enable_block_reuse)

@@ -14,7 +14,7 @@ import torch
 from kiln.engine import EngineManifest, engine_device, load_weights
 from kiln.engine.manifest import COMPILE_CACHE_DIR, TOKENIZER_DIR
 from kiln.config import KvCacheConfig
-from kiln.builder.plan import rank_config
+from kiln.builder.plan import rank_config, reserved_bytes
 from kiln.errors import ConfigError, EngineError
 from kiln.kernels import KernelOps
 from kiln.kernels.triton_jit import compile_cache, use_compile_cache
@@ -100,9 +100,11 @@ def tune_at_first_load(engine_dir: Path, manifest: EngineManifest, device: torch
     return tuned
 
 
-def num_kv_blocks(engine: LoadedEngine, kv: KvCacheConfig, activation_bytes: int = 0) -> int:
+def num_kv_blocks(engine: LoadedEngine, kv: KvCacheConfig) -> int:
     """Blocks for the pool: ``max_tokens`` if given, and on a GPU at most ``free_gpu_memory_fraction`` of
-    the memory free after weights and activations; on the CPU, enough for a full batch at max_seq_len.
+    the memory free after weights, activations and the largest Linear's workspace (the memory plan's
+    ``reserved_bytes``: a weight-only engine's dequantized weight); on the CPU, enough for a full batch at
+    max_seq_len.
     Never more than MAX_POOL_FULL_BATCHES full batches at max_seq_len: beyond that, extra blocks only
     keep more cached prefixes, while a small model would otherwise take the whole GPU."""
     m = engine.manifest
@@ -113,7 +115,7 @@ def num_kv_blocks(engine: LoadedEngine, kv: KvCacheConfig, activation_bytes: int
         limits.append(-(-kv.max_tokens // block_size))
     if engine.device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(engine.device)
-        limits.append(int((free - activation_bytes) * kv.free_gpu_memory_fraction) // block_bytes)
+        limits.append(int((free - reserved_bytes(m.memory_plan)) * kv.free_gpu_memory_fraction) // block_bytes)
     elif kv.max_tokens is None:
         limits.append(m.memory_plan["kv_blocks_for_full_batch"])
     blocks = min(limits + [MAX_POOL_FULL_BATCHES * m.memory_plan["kv_blocks_for_full_batch"]])
