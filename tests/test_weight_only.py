@@ -305,7 +305,7 @@ def test_default_configs_cover_every_batch_size():
         min_rows = DEQUANT_MIN_ROWS[bits]
         assert dequantize_min_rows(None, bits) == min_rows
         assert dequantize_min_rows(TENSOR_CORE_CONFIGS[bits], bits) is None
-        for rows in (1, 2, 16, 17, 64, 65, min_rows - 1):
+        for rows in [r for r in (1, 2, 16, 17, 64, 65) if r < min_rows] + [min_rows - 1]:
             assert launch_config(None, rows, bits) == {**launch_config(TENSOR_CORE_CONFIGS[bits], rows, bits),
                                                       "max_rows": launch_config(None, rows, bits)["max_rows"]}
         assert launch_config(None, min_rows - 1, bits)["BLOCK_M"] >= 16

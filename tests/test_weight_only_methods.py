@@ -260,7 +260,9 @@ def test_sm80_weight_only_engine_builds_and_inspect_shows_packed_sizes_and_kv_po
     assert "KV pool on NVIDIA A100-SXM4-80GB ~" in out and "KV pool on NVIDIA H100" not in out
     # From DEQUANT_MIN_ROWS rows the weight is dequantized: the largest (gate_up, 344 x 64) in bfloat16.
     assert "linear_workspace_bytes     43.0 KiB" in out
-    assert f"linear layers W{quantization[3]}A16 Triton: GEMV for 1 row, tensor-core tiles up to 127 rows; " in out
+    last_tile_rows = DEQUANT_MIN_ROWS[int(quantization[3])] - 1
+    assert (f"linear layers W{quantization[3]}A16 Triton: GEMV for 1 row, tensor-core tiles up to {last_tile_rows} rows; "
+            in out)
 
 
 @pytest.mark.parametrize("quantization,max_num_tokens,workspace", [

@@ -299,14 +299,15 @@ def _dequantize_weight_kernel(
 #   INT4 256 rows: 61.2 / - / 315;  INT8 256 rows: 44.5 / - / 168  (dense 24 / - / 101)
 # The 64-row bucket was not swept (its configs follow the 256-row ones).
 #
-# DEQUANT_MIN_ROWS: from this many rows, dequantize-then-cuBLAS. Not measured yet: 128 is a first
-# guess from the 256-row figures above and ~4 TB/s for the dequantization (packed bytes read, 2 bytes
-# per weight written). For gate_up that predicts ~75 + 101 us against 315 us for INT4, but ~90 + 101
-# against 168 us for INT8, whose crossover may lie higher; scripts/sweep_weight_only_prefill.py
-# measures both paths at 16-2048 rows. DEQUANTIZE_CONFIG's tile is not swept either (the script
-# times a few).
-DEQUANT_MIN_ROWS = {4: 128, 8: 128}
-DEQUANTIZE_CONFIG: dict[str, Any] = {"dequantize": True, "BLOCK_N": 16, "BLOCK_K": 512, "num_warps": 4}
+# DEQUANT_MIN_ROWS: from this many rows, dequantize-then-cuBLAS. scripts/sweep_weight_only_prefill.py on
+# an H200 (2026-12-02), the four Llama-3-8B shapes of one layer summed, Triton kernel vs dequantize +
+# cuBLAS (dense bf16), in microseconds:
+#   INT4: 32 rows 387 vs 401 (155); 64 rows 419 vs 355 (157); 128 rows 504 vs 366; 2048 rows 4371 vs 1413 (1287)
+#   INT8: 64 rows 281 vs 327 (157); 128 rows 349 vs 340 (161); 256 rows 410 vs 374; 2048 rows 2452 vs 1431
+# The dequantization tile: BLOCK_N 8, BLOCK_K 1024 was the fastest of four at every shape within a few
+# percent (gate_up: INT4 105 us, 2.8 TB/s of packed reads and bf16 writes; INT8 96 us, 3.7 TB/s).
+DEQUANT_MIN_ROWS = {4: 64, 8: 128}
+DEQUANTIZE_CONFIG: dict[str, Any] = {"dequantize": True, "BLOCK_N": 8, "BLOCK_K": 1024, "num_warps": 4}
 TENSOR_CORE_CONFIGS: dict[int, list[dict[str, Any]]] = {  # the Triton kernels alone, at every batch size
     4: [{"max_rows": 1, "BLOCK_M": 1, "BLOCK_N": 8, "BLOCK_K": 2048, "num_warps": 4, "num_stages": 1},
         {"max_rows": 16, "BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 1, "num_warps": 4, "num_stages": 3},
