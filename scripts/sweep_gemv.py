@@ -32,6 +32,13 @@ CANDIDATES = {
     "int8": [cfg(n, k, w, st) for n, k, w, st in itertools.product((4, 8), (512, 1024), (4,), (1, 2, 3, 4))],
     "int4": [cfg(n, k, w, st) for n, k, w, st in itertools.product((8, 16), (1024, 2048), (2, 4), (1, 2, 3))],
 }
+# More than one row (--rows): the tensor-core tiles (BLOCK_M 16) of the weight-only kernels.
+TILE_CANDIDATES = {
+    "bf16": [None],
+    "fp8": [None],  # fp8_gemv's own default for the row count
+    "int8": [cfg(n, 64, w, st, BLOCK_M=16, GROUP_M=1) for n, w, st in itertools.product((32, 64), (4,), (3, 4))],
+    "int4": [cfg(n, 128, w, st, BLOCK_M=16, GROUP_M=1) for n, w, st in itertools.product((32, 64, 128), (4, 8), (2, 3))],
+}
 
 
 def copy_bandwidth() -> float:
@@ -71,7 +78,7 @@ def runner(fmt: str, config):
     if fmt == "bf16":
         return lambda x, t: x @ t[0].T
     if fmt == "fp8":
-        return lambda x, t: fp8_gemv(x, t[0], t[1], BLOCK_M=1, **config)
+        return lambda x, t: fp8_gemv(x, t[0], t[1], **(config or {"BLOCK_M": 1}))
     configs = [{"max_rows": 1 << 30, "BLOCK_M": 1, **config}]
     if fmt == "int8":
         return lambda x, t: w8a16_matmul_triton(x, *t, configs=configs)
@@ -130,7 +137,7 @@ def main() -> None:
             del one
             x = torch.randn(args.rows, k, device="cuda", dtype=torch.bfloat16)
             expected = reference(fmt, x, weights[0])
-            for config in CANDIDATES[fmt]:
+            for config in (CANDIDATES if args.rows == 1 else TILE_CANDIDATES)[fmt]:
                 if time.time() > deadline:
                     break
                 fn = runner(fmt, config)

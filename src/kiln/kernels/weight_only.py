@@ -115,6 +115,17 @@ def _int8_gemv_kernel(
     tl.store(out_ptr + row * out_row_stride + cols, out.to(out_ptr.dtype.element_ty), mask=col_mask)
 
 
+@jit
+def _nibble_as_float(words, NIBBLE: tl.constexpr):
+    """Nibble NIBBLE of each word as the float 1 + q / 16, exactly: q shifted into bits 19-22 (the top of
+    1.0's mantissa) by one shift and one mask-and-OR."""
+    if NIBBLE < 5:
+        bits = words << (19 - 4 * NIBBLE)
+    else:
+        bits = words >> (4 * NIBBLE - 19)
+    return ((bits & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)
+
+
 @jit(do_not_specialize=["num_rows"])
 def _int4_gemv_kernel(
         x_ptr, x_row_stride, input_order_ptr, w_ptr, w_row_stride, scales_ptr, scales_row_stride, zeros_ptr,
@@ -154,11 +165,7 @@ def _int4_gemv_kernel(
                     x = tl.load(x_row + ks).to(tl.float32)
                 else:
                     x = _load_inputs(x_row, True, input_order_ptr, ks, num_inputs, HAS_INPUT_ORDER).to(tl.float32)
-                if j < 5:
-                    bits = words << (19 - 4 * j)
-                else:
-                    bits = words >> (4 * j - 19)
-                acc += x[None, :, :] * ((bits & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)
+                acc += x[None, :, :] * _nibble_as_float(words, j)
                 x_sum += x
             meta = meta_offsets + block0 * GROUPS_PER_BLOCK + g
             if EVEN:
@@ -190,9 +197,11 @@ def _weight_only_gemm_kernel(
         BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_INPUT_ORDER: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RUN_K: tl.constexpr, GROUP_M: tl.constexpr,
         DOT_PRECISION: tl.constexpr):
-    """Program: a BLOCK_N x BLOCK_M tile of out.T = dequant(W) @ x.T, in GROUP_M-grouped order. Each run
-    (INT4: 16 inputs, one nibble of a block's 16 words; INT8: RUN_K inputs) is dequantized to x's dtype
-    and multiplied into the float32 accumulator by tl.dot."""
+    """Program: a BLOCK_N x BLOCK_M tile of out.T = dequant(W) @ x.T, in GROUP_M-grouped order. INT8: each
+    run of RUN_K inputs is dequantized to x's dtype and multiplied into the float32 accumulator by
+    tl.dot. INT4: each run (16 inputs, one nibble of a block's 16 words) enters tl.dot as 1 + q / 16
+    (exact in any float dtype), and each group's product is corrected once, as in the INT4 GEMV:
+    s (16 W'x - (16 + z) sum x)."""
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(num_rows, BLOCK_M)
     pids_per_group = GROUP_M * tl.cdiv(num_cols, BLOCK_N)
@@ -215,14 +224,21 @@ def _weight_only_gemm_kernel(
     for k_start in range(0, num_inputs, step):
         if BITS == 4:
             packed = tl.load(w_rows + (k_start // 8 + lanes)[None, None, :], mask=col_mask[:, None, None], other=0)
-            for nibble in tl.static_range(8):
-                run_start = k_start + nibble * INT4_RUN
-                w_bits = ((packed >> (4 * nibble)) & 0xF) | MAGIC_2_POW_23
-                w = _dequantize(w_bits, 8388608.0, tl.full([1], run_start, tl.int32), meta_offsets, col_mask,
-                                num_inputs, scales_ptr, zeros_ptr, GROUP_SIZE, HAS_ZEROS)
-                x_t = _load_inputs(x_rows, row_mask[None, :], input_order_ptr, (run_start + lanes)[:, None],
-                                   num_inputs, HAS_INPUT_ORDER)
-                acc = tl.dot(tl.reshape(w, [BLOCK_N, RUN_K]).to(x_t.dtype), x_t, acc, input_precision=DOT_PRECISION)
+            packed = tl.reshape(packed, [BLOCK_N, INT4_RUN])
+            for g in tl.static_range(INT4_BLOCK // GROUP_SIZE):
+                group_acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+                x_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+                for r in tl.static_range(GROUP_SIZE // INT4_RUN):
+                    run_start = k_start + (g * (GROUP_SIZE // INT4_RUN) + r) * INT4_RUN
+                    x_t = _load_inputs(x_rows, row_mask[None, :], input_order_ptr, (run_start + lanes)[:, None],
+                                       num_inputs, HAS_INPUT_ORDER)
+                    w = _nibble_as_float(packed, g * (GROUP_SIZE // INT4_RUN) + r).to(x_t.dtype)
+                    group_acc = tl.dot(w, x_t, group_acc, input_precision=DOT_PRECISION)
+                    x_sum += tl.sum(x_t.to(tl.float32), axis=0)
+                meta = cols_64 * scales_row_stride + (k_start // GROUP_SIZE + g)
+                scale = tl.load(scales_ptr + meta, mask=col_mask, other=0.0).to(tl.float32)
+                zero = tl.load(zeros_ptr + meta, mask=col_mask, other=0).to(tl.float32)
+                acc += scale[:, None] * (16.0 * group_acc - (16.0 + zero)[:, None] * x_sum[None, :])
         else:
             ks = k_start + lanes
             q = tl.load(w_rows + ks[None, None, :], mask=col_mask[:, None, None] & (ks < num_inputs)[None, None, :],
