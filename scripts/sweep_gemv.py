@@ -35,7 +35,7 @@ CANDIDATES = {
 # More than one row (--rows): the tensor-core tiles (BLOCK_M 16) of the weight-only kernels.
 TILE_CANDIDATES = {
     "bf16": [None],
-    "fp8": [None],  # fp8_gemv's own default for the row count
+    "fp8": [None, "scaled_mm"],  # fp8_gemv's own default for the row count; per-token quantization + _scaled_mm
     "int8": [cfg(n, 64, w, st, BLOCK_M=16, GROUP_M=1) for n, w, st in itertools.product((32, 64), (4,), (3, 4))],
     "int4": [cfg(n, 128, w, st, BLOCK_M=16, GROUP_M=1) for n, w, st in itertools.product((32, 64, 128), (4, 8), (2, 3))],
 }
@@ -77,6 +77,9 @@ def runner(fmt: str, config):
     from kiln.kernels.weight_only import w4a16_matmul_triton, w8a16_matmul_triton
     if fmt == "bf16":
         return lambda x, t: x @ t[0].T
+    if config == "scaled_mm":
+        from kiln.kernels.fp8 import fp8_linear_gpu
+        return lambda x, t: fp8_linear_gpu(x, t[0], t[1])
     if fmt == "fp8":
         return lambda x, t: fp8_gemv(x, t[0], t[1], **(config or {"BLOCK_M": 1}))
     configs = [{"max_rows": 1 << 30, "BLOCK_M": 1, **config}]
