@@ -188,19 +188,32 @@ def test_overlapped_crowded_runs_give_the_reference_tokens(engine):
                                                        max_num_tokens=16) == 0  # no graphs on the CPU
 
 
-@pytest.fixture(scope="module", params=["stories260K", "llama-3.2-1b"])
-def gpu_engine(request, tmp_path_factory):
+def float32_engine(model: str, tmp_path_factory):
     """float32, so that the reference and the fast path (other batch shapes: graphs pad the batch) differ by
-    summation order only, far below a greedy choice's margin; the 1B preset with dummy weights."""
+    summation order only, far below a greedy choice's margin; blocks of 16, a batch of up to 16."""
     from kiln import BuildConfig, Builder
     from kiln.convert import AutoModelForCausalLM
 
-    source = (AutoModelForCausalLM.from_hugging_face(STORIES_DIR) if request.param == "stories260K"
-              else AutoModelForCausalLM.from_preset(request.param))
+    source = (AutoModelForCausalLM.from_hugging_face(STORIES_DIR) if model == "stories260K"
+              else AutoModelForCausalLM.from_preset(model))
     build = BuildConfig(max_batch_size=16, max_input_len=64, max_seq_len=MAX_SEQ_LEN, max_num_tokens=128,
                         tokens_per_block=16, dtype="float32")
-    path = Builder().build(source, build).save(tmp_path_factory.mktemp(f"gpu_{request.param}"), progress=False)
+    path = Builder().build(source, build).save(tmp_path_factory.mktemp(f"float32_{model}"), progress=False)
     return load_engine(path, progress=False)
+
+
+def test_overlapped_crowded_runs_with_n_samples_forked_from_preempted_parents(tmp_path_factory):
+    # This schedule preempts parents of n = 2 requests between the step that samples their first token and
+    # the one that forks it (the fork failed the request until the scheduler learned to recompute it).
+    assert assert_fast_path_gives_the_reference_tokens(float32_engine("stories260K", tmp_path_factory),
+                                                       mixed_requests(3, 24), kv_tokens=4 * MAX_SEQ_LEN,
+                                                       max_num_tokens=32) == 0  # no graphs on the CPU
+
+
+@pytest.fixture(scope="module", params=["stories260K", "llama-3.2-1b"])
+def gpu_engine(request, tmp_path_factory):
+    """The float32 engines of the bundled model and the 1B preset (dummy weights)."""
+    return float32_engine(request.param, tmp_path_factory)
 
 
 @pytest.mark.gpu

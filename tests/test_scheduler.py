@@ -410,6 +410,30 @@ def test_a_fork_without_a_free_block_waits_and_recomputes_from_the_cache():
     assert child.block_table[:2] == parent.block_table[:2] and not plan.block_copies
 
 
+def test_a_fork_of_a_parent_preempted_since_its_first_token_recomputes():
+    # With the overlap, a parent's first token reaches the host after the next step was planned, and that
+    # plan may have preempted the parent (its blocks freed): the child must not take blocks the parent no
+    # longer holds (it indexed past the parent's empty block table, failing the request, on the H200).
+    pool = BlockPool(8, 4)
+    scheduler = Scheduler(pool, max_batch_size=4, max_num_tokens=32, max_seq_len=MAX_SEQ_LEN,
+                          policy="max_utilization")
+    for prompt_len in (10, 8):  # a partial last block to copy, and whole blocks only
+        parent = Sequence(scheduler.new_seq_id(), prompt_len, list(range(1, prompt_len + 1)), prompt_len,
+                          SamplingParams(max_tokens=2, n=2), seed=0)
+        scheduler.add(parent)
+        update(scheduler, scheduler.schedule(), {parent.seq_id: 5})
+        scheduler._preempt(parent, SchedulerOutput())
+        assert parent.block_table == [] and parent.status is SequenceStatus.WAITING
+        child = scheduler.fork(parent, 9, 1, seed=1)
+        assert child.status is SequenceStatus.WAITING and child.block_table == [] and child.num_computed_tokens == 0
+        assert child.token_ids == list(range(1, prompt_len + 1)) + [9]
+        plan = scheduler.schedule()
+        assert {s.seq for s in plan.scheduled} == {parent, child} and not plan.block_copies
+        for seq in (parent, child):
+            scheduler.finish(seq, "cancelled")
+    assert pool.num_free_blocks == 8
+
+
 def test_a_sequence_finished_during_its_step_is_not_updated():
     # The Executor fails a request whose forward raised after the plan was made; update must skip it
     # (it used to index the freed block table).

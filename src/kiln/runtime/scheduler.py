@@ -220,8 +220,10 @@ class Scheduler:
         # sees no further back.
         released = parent.num_released_blocks
         needs_copy = num_prompt % self.block_size != 0
-        if needs_copy and self.pool.num_free_blocks == 0:
-            # No block to copy into (max_utilization only): the child recomputes, reusing cached blocks.
+        # No block to copy into, or a parent preempted since its first token was sampled (with the overlap,
+        # the step that sampled it may have been planned before the preemption): the child recomputes,
+        # reusing cached blocks. Both happen under max_utilization only.
+        if (needs_copy and self.pool.num_free_blocks == 0) or len(parent.block_table) < full + needs_copy:
             self._enqueue_waiting(child)
             return child
         shared = parent.block_table[:full]
