@@ -40,12 +40,10 @@ def kiln(capsys, *args: str) -> tuple[int, str, str]:
 DOCUMENTED_MISSES = {
     # bf16's fit makes batch-512 decode host-bound; fp8's faster GPU shows the host is quicker than that
     "h200 llama-3-8b fp8: 128/128 output tok/s (2048 req)": 0.16,
-    # weight-only prefill re-dequantizes per row tile: neither factor follows its growth with the prompt
-    "h200 llama-3-8b int8_wo: TTFT ms, 128-token prompt": 0.38,
-    "h200 llama-3-8b int8_wo: TTFT ms, 2048-token prompt": 0.33,
-    "h200 llama-3-8b int8_wo: 128/128 output tok/s (2048 req)": 0.19,
-    "h200 llama-3-8b int4_wo: TTFT ms, 128-token prompt": 0.27,
-    "h200 llama-3-8b int4_wo: TTFT ms, 2048-token prompt": 0.36,
+    # a short weight-only prompt dequantizes every weight to bf16 and reads it again in cuBLAS: 4 bytes per
+    # weight the roofline does not count
+    "h200 llama-3-8b int8_wo: TTFT ms, 128-token prompt": 0.49,
+    "h200 llama-3-8b int4_wo: TTFT ms, 128-token prompt": 0.52,
 }
 
 
