@@ -17,6 +17,7 @@ from kiln.models import num_params
 from kiln.plan import Workload, gpu_named, make_plan
 from kiln.plan import calibration as calib
 from kiln.errors import ConfigError
+from kiln.kernels.weight_only import DEQUANT_MIN_ROWS
 from kiln.plan.planner import KV_DTYPES, PRECISIONS, model_shape
 from kiln.plan.roofline import EngineShape, PrecisionFactors
 
@@ -40,10 +41,6 @@ def kiln(capsys, *args: str) -> tuple[int, str, str]:
 DOCUMENTED_MISSES = {
     # bf16's fit makes batch-512 decode host-bound; fp8's faster GPU shows the host is quicker than that
     "h200 llama-3-8b fp8: 128/128 output tok/s (2048 req)": 0.16,
-    # a short weight-only prompt dequantizes every weight to bf16 and reads it again in cuBLAS: 4 bytes per
-    # weight the roofline does not count
-    "h200 llama-3-8b int8_wo: TTFT ms, 128-token prompt": 0.49,
-    "h200 llama-3-8b int4_wo: TTFT ms, 128-token prompt": 0.52,
 }
 
 
@@ -83,6 +80,27 @@ def test_weight_bytes_per_precision():
     assert engine(tp=2).weight_bytes_per_gpu == e["bf16"].weight_bytes_per_gpu / 2
     # 8 KV heads over tp 16 are replicated: each rank holds one head, not half of one.
     assert engine(tp=16).kv_bytes_per_token == engine(tp=8).kv_bytes_per_token
+
+
+@pytest.mark.parametrize("precision, bits", [("int8_wo", 8), ("int4_wo", 4), ("int4_awq", 4)])
+def test_the_dequantize_round_trip_is_counted_from_the_kernels_threshold(precision, bits):
+    """From the kernels' DEQUANT_MIN_ROWS rows a weight-only matmul dequantizes each weight into a bf16
+    scratch that cuBLAS reads: 4 bytes per linear weight more, once per iteration whatever its rows. One row
+    fewer runs the Triton kernels on the packed weight alone."""
+    cal, _ = calib.load_stored()
+    gpu_only = dataclasses.replace(cal, context_step_ms=0.0, host_us_per_sequence=0.0)
+    e = engine(gpu="h200", precision=precision)
+    rows = DEQUANT_MIN_ROWS[bits]
+    assert e.precision.dequantize_min_rows == rows  # the kernels' constant, not a copy
+    assert e.dequantize_bytes(rows - 1) == 0
+    assert e.dequantize_bytes(rows) == e.dequantize_bytes(8 * rows) == 4 * e.linear_params
+    assert engine(gpu="h200", precision="fp8").dequantize_bytes(4096) == engine(gpu="h200").dequantize_bytes(4096) == 0
+
+    def decode_ms(batch: int) -> float:
+        return e.iteration_ms(gpu_only, batch, batch, batch, batch * 192, batch * 192, is_context=False)
+
+    rate = e.gpu.bandwidth_tbps * 1e12 * cal.bandwidth_efficiency
+    assert decode_ms(rows) - decode_ms(rows - 1) == pytest.approx(e.dequantize_bytes(rows) / rate * 1e3, rel=0.05)
 
 
 def test_offline_simulation_bounds():

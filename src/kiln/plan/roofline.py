@@ -5,6 +5,9 @@ and does two FLOPs per weight per token (plus attention). Its time is the larger
 GPU's rates, each scaled by an efficiency fitted on kiln's own measurements (``calibration.json``; a
 quantization kiln has measured scales bf16's by factors of its own, since its kernels stream weights and
 run large matmuls at rates of their own), plus a fixed cost: decode-only iterations replay a CUDA graph.
+A weight-only engine's iteration of ``dequantize_min_rows`` rows or more runs two kernels per matmul in
+turn: one reads the packed weight and writes it as bf16, then cuBLAS reads that (the roofline above, with
+2-byte weights); the first pass adds its time.
 The host works beside the GPU (the executor plans and launches step N+1 while step N runs), so an
 iteration lasts the longer of the GPU's time and the host's: launching an eager iteration with prompt
 tokens, and handling each sequence. A workload (ISL/OSL, request count) is played through kiln's
@@ -19,6 +22,7 @@ from collections import deque
 from dataclasses import dataclass
 
 GIB = 1 << 30
+BF16_BYTES = 2
 
 
 @dataclass(frozen=True)
@@ -144,6 +148,17 @@ class EngineShape:
                 + self.max_batch_size * m.vocab_size * 4
                 + (scratch if min_rows is not None and self.max_num_tokens >= min_rows else 0))
 
+    def dequantize_bytes(self, num_rows: int) -> float:
+        """The dequantize round trip of a weight-only iteration of ``num_rows`` rows: from
+        ``dequantize_min_rows`` rows each linear weight is dequantized into a bf16 scratch (2 bytes written)
+        that cuBLAS then reads (2 bytes), once per layer per iteration whatever the rows, since one
+        dequantized weight serves them all; nothing below that, nor for other precisions. The packed read
+        that feeds it is ``linear_bytes_read``, which every iteration counts."""
+        min_rows = self.precision.dequantize_min_rows
+        if min_rows is None or num_rows < min_rows:
+            return 0.0
+        return 2 * BF16_BYTES * self.linear_params / self.tp_size
+
     def kv_tokens(self, cal: Calibration) -> int:
         """KV pool size as the runtime sizes it: a fraction of what weights and activations leave free."""
         free = (self.gpu.memory_gib * GIB - self.weight_bytes_per_gpu - self.activation_bytes
@@ -164,11 +179,18 @@ class EngineShape:
         peak = self.gpu.fp8_tflops if self.precision.compute == "fp8" else self.gpu.bf16_tflops
         matmul_rate = peak * self.precision.compute_factor * factors.compute
         compute_s = (matmul_flops / matmul_rate + other_flops / self.gpu.bf16_tflops) / (cal.compute_efficiency * 1e12)
-        # Bytes as bf16's kernels would stream them: the LM head and the KV cache are read as in a bf16 engine.
-        bytes_read = (self.linear_bytes_read / factors.bandwidth + self.weight_bytes_read - self.linear_bytes_read
-                      + kv_tokens_read * self.kv_bytes_per_token)
-        memory_s = bytes_read / (self.gpu.bandwidth_tbps * 1e12 * cal.bandwidth_efficiency)
-        gpu_ms = 1e3 * max(compute_s, memory_s) + self.all_reduce_ms(cal, num_tokens)
+        # Bytes at bf16's streaming rate; the linear layers' packed weights slowed by the precision's factor
+        # (its kernels unpack them); the LM head and the KV cache are read as in a bf16 engine.
+        rate = self.gpu.bandwidth_tbps * 1e12 * cal.bandwidth_efficiency
+        packed_s = self.linear_bytes_read / factors.bandwidth / rate
+        other_bytes = self.weight_bytes_read - self.linear_bytes_read + kv_tokens_read * self.kv_bytes_per_token
+        scratch_bytes = self.dequantize_bytes(num_tokens) / 2
+        if scratch_bytes:
+            # Two kernels in turn: the dequantization (packed read, bf16 write), then cuBLAS over the scratch.
+            dequantize_s, memory_s = packed_s + scratch_bytes / rate, (scratch_bytes + other_bytes) / rate
+        else:
+            dequantize_s, memory_s = 0.0, packed_s + other_bytes / rate
+        gpu_ms = 1e3 * (dequantize_s + max(compute_s, memory_s)) + self.all_reduce_ms(cal, num_tokens)
         if not is_context:
             gpu_ms += cal.decode_step_ms
         host_ms = (cal.context_step_ms if is_context else 0.0) + cal.host_us_per_sequence * num_sequences / 1e3
