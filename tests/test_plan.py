@@ -175,6 +175,23 @@ def test_recommendations_are_buildable_here():
     assert bounded.recommended()["throughput"].max_batch_size < rec["throughput"].max_batch_size
 
 
+def test_weight_only_throughput_batch_is_not_one_just_under_the_dequantize_threshold():
+    """Decode speed alone has a cliff at DEQUANT_MIN_ROWS (the first batch to pay the round trip pays it for
+    few rows), so the batch just under it looks best; the max batch is chosen on the whole run instead
+    (prefill and decode), where the round trip is spread over every row of a large batch."""
+    cal, _ = calib.load_stored()
+    plan = make_plan("llama-3-8b", LLAMA3_8B, gpu_named("h200"), cal, Workload(128, 128, 3000), kv_dtypes=("bf16",),
+                     measured=MEASURED)
+    rows = {r.quantization: r for r in plan.rows}
+    for precision, bits in (("int8_wo", 8), ("int4_wo", 4)):
+        under = DEQUANT_MIN_ROWS[bits] // 2  # the largest power of two below the threshold
+        e = engine(gpu="h200", precision=precision, batch=under)
+        assert e.decode_tok_s(cal, 2 * under, 192) < e.decode_tok_s(cal, under, 192)  # the cliff
+        chosen = rows[precision]
+        assert chosen.max_batch_size >= 2 * DEQUANT_MIN_ROWS[bits]
+        assert chosen.throughput_tok_s > 1.2 * 3000 * 128 / e.offline_ms(cal, 128, 128, 3000) * 1e3
+
+
 def test_cli_answers_the_a100_exercise(capsys):
     code, out, err = kiln(capsys, "plan", "llama-2-7b", "--gpu", "a100-80gb")
     assert code == 0, err

@@ -15,9 +15,9 @@ DESCRIPTION = """\
 Predicts, for a model on a GPU you name, every engine kiln could build: precision (bf16, fp8, int8 /
 int4 weight-only), KV cache dtype and tensor parallelism. For each: whether it fits (weights and KV
 cache per GPU) or why not, the KV capacity in tokens and in concurrent requests of the workload, the
-largest useful max_batch_size, and predicted batch-1 decode speed, offline throughput and TTFT. Rows
-a GPU cannot run (FP8 on an A100) or this kiln cannot build yet say so. It recommends one engine for
-throughput and one for latency, as the exact kiln build command and runtime flags.
+max_batch_size that serves the workload fastest, and predicted batch-1 decode speed, offline throughput
+and TTFT. Rows a GPU cannot run (FP8 on an A100) or this kiln cannot build yet say so. It recommends one
+engine for throughput and one for latency, as the exact kiln build command and runtime flags.
 
 Predictions come from a roofline (bytes and FLOPs per iteration over the GPU's datasheet rates) with
 efficiencies fitted on kiln's own measurements (docs/plan.md shows predicted against measured): bf16's

@@ -35,9 +35,10 @@ PRECISIONS = {
                           DEQUANT_MIN_ROWS[4]),
 }
 KV_DTYPES = {"bf16": 2, "fp8": 1}
-# Decode batches tried when looking for the largest useful max_batch_size.
+# max_batch_size values tried for the throughput engine.
 BATCH_SIZES = tuple(1 << i for i in range(12))
-# A batch is "useful" while doubling it still adds this much decode throughput.
+# The throughput engine's max batch: the smallest of BATCH_SIZES whose predicted throughput for the whole
+# workload is within this factor of the best one's (a larger batch for less gain only lengthens requests).
 USEFUL_BATCH_GAIN = 1.05
 MAX_NUM_TOKENS = 8192  # TensorRT-LLM's default tokens per iteration; large enough for full-speed prefill
 
@@ -164,57 +165,59 @@ def plan_row(shape: ModelShape, gpu: GPU, cal: Calibration, workload: Workload, 
         return row
     seq_len = workload.isl + workload.osl
     max_num_tokens = max(MAX_NUM_TOKENS, 1 << math.ceil(math.log2(workload.isl)))
-    useful = _useful_batch(probe, cal, seq_len)
-    engine = dataclasses.replace(probe, max_batch_size=useful, max_num_tokens=max_num_tokens)
-    kv_tokens = engine.kv_tokens(cal)
-    if kv_tokens < seq_len:
+    probe = dataclasses.replace(probe, max_num_tokens=max_num_tokens)
+    runs = _offline_runs(probe, cal, workload)
+    if not runs:
+        kv_tokens = probe.kv_tokens(cal)
         row.reason = (f"weights take {weights_gib:.1f} GiB of {gpu.memory_gib:.0f} GiB per GPU, leaving KV room for "
                       f"{kv_tokens} tokens (< {seq_len} for one request): use a larger tp or a smaller precision")
         return row
+    best = max(throughput for _, throughput in runs)
+    engine, throughput = next((e, t) for e, t in runs if t * USEFUL_BATCH_GAIN >= best)
+    kv_tokens = engine.kv_tokens(cal)
     # Requests the KV pool holds at once, each reserving its worst case (guaranteed_no_evict).
     concurrency = kv_tokens // engine.tokens_per_block // math.ceil(seq_len / engine.tokens_per_block)
-    batch = _fit_latency(engine, cal, workload, min(useful, _pow2_floor(concurrency)))
-    engine = dataclasses.replace(engine, max_batch_size=batch)
-    offline_ms = engine.offline_ms(cal, workload.isl, workload.osl, workload.num_requests)
     bs1 = engine.decode_tok_s(cal, 1, workload.isl + workload.osl // 2)
     ttft = engine.ttft_ms(cal, workload.isl)
-    throughput = workload.num_requests * workload.osl / offline_ms * 1e3 if offline_ms else None
     row.fits = True
     row.reason = kiln_refusal(gpu, precision, kv_dtype, tp_size)
     row.kv_tokens, row.kv_gib = kv_tokens, kv_tokens * engine.kv_bytes_per_token / GIB
     row.concurrent_requests = concurrency
-    row.max_batch_size, row.max_num_tokens = batch, max_num_tokens
+    row.max_batch_size, row.max_num_tokens = engine.max_batch_size, max_num_tokens
     row.bs1_tok_s, row.ttft_ms = bs1, ttft
     row.request_latency_ms = ttft + (workload.osl - 1) / bs1 * 1e3
     row.throughput_tok_s = throughput
-    row.throughput_per_gpu_tok_s = throughput / tp_size if throughput else None
+    row.throughput_per_gpu_tok_s = throughput / tp_size
     return row
 
 
-def _useful_batch(engine: EngineShape, cal: Calibration, context_len: int) -> int:
-    """The smallest power-of-two batch past which doubling adds less than USEFUL_BATCH_GAIN of decode rate."""
-    rates = [engine.decode_tok_s(cal, b, context_len) for b in BATCH_SIZES]
-    for b, rate, doubled in zip(BATCH_SIZES, rates, rates[1:]):
-        if doubled < USEFUL_BATCH_GAIN * rate:
-            return b
-    return BATCH_SIZES[-1]
-
-
-def _fit_latency(engine: EngineShape, cal: Calibration, workload: Workload, batch: int) -> int:
-    """The largest power-of-two batch <= ``batch`` whose steady-state request latency meets the bound."""
-    if workload.max_latency_ms is None:
-        return max(1, batch)
-    context = workload.isl + workload.osl // 2
-    while batch > 1:
-        step_ms = batch / engine.decode_tok_s(cal, batch, context) * 1e3
-        if engine.ttft_ms(cal, workload.isl) + workload.osl * step_ms <= workload.max_latency_ms:
+def _offline_runs(engine: EngineShape, cal: Calibration, workload: Workload) -> list[tuple[EngineShape, float]]:
+    """The workload's offline run (prefill and decode, every request) predicted for each max_batch_size of
+    BATCH_SIZES, smallest first, as (engine, output tok/s): up to the first batch the KV pool cannot fill
+    (past it the pool, not the batch, bounds the requests in flight), and only batches whose steady-state
+    request latency meets the workload's bound (batch 1 if none does). Empty: one request does not fit."""
+    runs = []
+    for batch in BATCH_SIZES:
+        sized = dataclasses.replace(engine, max_batch_size=batch)
+        concurrency = sized.max_concurrency(cal, workload.isl, workload.osl)
+        if concurrency < 1:
             break
-        batch //= 2
-    return max(1, batch)
+        if batch == 1 or _meets_latency(sized, cal, workload):
+            offline_ms = sized.offline_ms(cal, workload.isl, workload.osl, workload.num_requests)
+            runs.append((sized, workload.num_requests * workload.osl / offline_ms * 1e3))
+        if concurrency < batch:
+            break
+    return runs
 
 
-def _pow2_floor(n: int) -> int:
-    return 1 << (max(1, n).bit_length() - 1)
+def _meets_latency(engine: EngineShape, cal: Calibration, workload: Workload) -> bool:
+    """A request's latency at a full batch (its TTFT, then its tokens at the batch's decode step) is
+    within the workload's bound, if it has one."""
+    if workload.max_latency_ms is None:
+        return True
+    batch = engine.max_batch_size
+    step_ms = batch / engine.decode_tok_s(cal, batch, workload.isl + workload.osl // 2) * 1e3
+    return engine.ttft_ms(cal, workload.isl) + workload.osl * step_ms <= workload.max_latency_ms
 
 
 @dataclass
