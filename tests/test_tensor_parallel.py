@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+import weakref
 from dataclasses import replace
 from pathlib import Path
 
@@ -234,9 +235,14 @@ def test_a_rank_killed_mid_generation_ends_the_run(stories):
 
 def test_shutdown_ends_every_rank(stories):
     with LLM(stories[1], progress=False) as llm:
-        worker = llm.executor.ranks.workers[0]
+        ranks = llm.executor.ranks
+        worker = ranks.workers[0]
+        groups = [weakref.ref(ranks.tp.group), weakref.ref(ranks.channel.group)]
         llm.generate(PROMPTS[:1], SamplingParams(max_tokens=2), use_tqdm=False)
     assert worker.poll() == 0
+    # The process groups are freed by the shutdown, the engine still held: freed at interpreter exit, a
+    # gloo thread finishing a collective aborted the process (test_a_script_under_torchrun_runs_on_rank_0_only).
+    assert [group() for group in groups] == [None, None]
 
 
 def test_ranks_end_when_rank_0_is_killed(stories):

@@ -169,6 +169,18 @@ def _init_groups(env: LaunchEnv, store: dist.Store | None) -> tuple[TensorParall
     return TensorParallel(env.rank, env.world_size, dist.group.WORLD), _Channel(control)
 
 
+def _destroy_groups(tp: TensorParallel, channel: _Channel) -> None:
+    """Destroys the process groups and drops kiln's references to them (``tp`` is the engine's too: every
+    layer holds it), so that they are freed here, while the interpreter is whole. ``destroy_process_group``
+    leaves gloo's worker threads running; a ProcessGroupGloo joins them when freed, and one still finishing
+    a collective then frees that collective's tensors, which takes the GIL. Freed at interpreter exit instead
+    (a script's engine in a global), such a thread was ended by pthread_exit inside that destructor and
+    rank 0 aborted ("terminate called without an active exception") in 1 of 40 torchrun-style script runs
+    on 2 busy cores. The engine's collectives fail from here on (no group) instead of reaching a dead one."""
+    dist.destroy_process_group()
+    tp.group = channel.group = None
+
+
 def _use_device(device: str | None) -> None:
     if device is not None and device.startswith("cuda"):
         torch.cuda.set_device(device)  # NCCL's communicators are made on the current device
@@ -291,7 +303,7 @@ class Ranks:
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
-        dist.destroy_process_group()  # so that another engine may start its ranks in this process
+        _destroy_groups(self.tp, self.channel)  # also so that another engine may start its ranks in this process
 
     def _end_workers(self) -> None:
         """At exit, with the executor's loop perhaps still inside a step: no message, the ranks kiln started
@@ -409,5 +421,5 @@ def run_worker(store: dist.Store | None = None) -> int:
             except RuntimeError:
                 pass  # rank 0 (which holds the store) is gone
         return 1
-    dist.destroy_process_group()
+    _destroy_groups(tp, channel)
     return 0
