@@ -183,7 +183,10 @@ def test_echo_with_max_tokens_0_scores_the_prompt(client, server, tokenizer):
             "temperature": 0, "seed": 1234}
     batch = httpx.post(server.url + COMPLETIONS, json=body, timeout=60).json()
     assert [c["index"] for c in batch["choices"]] == [0, 1] and batch["usage"]["completion_tokens"] == 0
-    assert batch["choices"][0]["logprobs"]["token_logprobs"] == lp.token_logprobs
+    # Batched with a second prompt, the step's matmuls have more rows, and MKL's sgemm adds a row's products in
+    # another order for some shapes (the MLP's down projection, K=172): measured |diff| 9e-8 at one position
+    # on an AVX-512 Xeon (torch 2.13 CPU), none elsewhere.
+    assert batch["choices"][0]["logprobs"]["token_logprobs"] == pytest.approx(lp.token_logprobs, abs=1e-6)
     assert [len(c["logprobs"]["tokens"]) for c in batch["choices"]] == [len(i) for i in ids]
     assert all(c["finish_reason"] == "length" for c in batch["choices"])
 
