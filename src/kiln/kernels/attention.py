@@ -197,9 +197,18 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Te
     """Softmax attention in float32. q: [N, Q, Hq, D]; k, v: [N, L, Hkv, D]; visible: [N, Q, L], which
     keys each query sees (None: all, or with is_causal and Q == L, query i sees keys 0..i). Query head h
     reads KV head h // (Hq // Hkv) (GQA / MQA). Returns [N, Q, Hq, D] float32."""
-    out = F.scaled_dot_product_attention(
-        q.float().transpose(1, 2), k.float().transpose(1, 2), v.float().transpose(1, 2),
-        attn_mask=None if visible is None else visible[:, None], scale=scale, is_causal=is_causal, enable_gqa=True)
+    num_seqs, num_q, num_heads, head_dim = q.shape
+    k, v = k.float().transpose(1, 2), v.float().transpose(1, 2)
+    mask = None if visible is None else visible[:, None]
+    if num_q == 1:
+        # Decode: a KV head's query heads are its query rows, [N, Hkv, group, D], a view. SDPA's CPU kernel
+        # takes that in about half the time of enable_gqa's one row per head (stories260K's decode at batch
+        # 64, 200 keys: 0.20 vs 0.40 ms on 2 threads, 0.40 vs 0.68 on 1).
+        out = F.scaled_dot_product_attention(q.float().reshape(num_seqs, k.shape[1], -1, head_dim), k, v,
+                                             attn_mask=mask, scale=scale)
+        return out.view(num_seqs, 1, num_heads, head_dim)
+    out = F.scaled_dot_product_attention(q.float().transpose(1, 2), k, v, attn_mask=mask, scale=scale,
+                                         is_causal=is_causal, enable_gqa=True)
     return out.transpose(1, 2)
 
 
