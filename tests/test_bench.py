@@ -125,7 +125,7 @@ def test_a_sampled_run_counts_every_token_and_says_how_it_sampled(engine, datase
 def test_bench_sampling_seeds_each_request_and_checks_its_values():
     sampling = BenchSampling(0.8, 0.95, seed=7)
     assert sampling.params(3, 10) == SamplingParams(max_tokens=10, temperature=0.8, top_p=0.95, seed=10,
-                                                    ignore_eos=True)
+                                                    ignore_eos=True, detokenize=False)  # token ids only, as hf
     assert not sampling.is_greedy and BenchSampling().is_greedy and BenchSampling().describe() == "greedy"
     with pytest.raises(ConfigError, match=r"top_p must be in \(0, 1\] \(--temperature 0.8, --top-p 1.5\)"):
         BenchSampling(0.8, 1.5)
