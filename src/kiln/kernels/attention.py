@@ -118,7 +118,7 @@ class _ReferenceBatch:
     token_rows: torch.Tensor | None  # [N, Q] their queries' rows in the packed batch; None: all rows, in order
     blocks: torch.Tensor             # [N * blocks] their tables' blocks (freed slots read block 0), in order
     num_keys: int                    # L: keys per sequence, padded to the longest
-    visible: torch.Tensor | None = None   # [N, Q, L] the keys each query sees; None: all (or causal)
+    mask: torch.Tensor | None = None      # [N, Q, L] float32: 0 where a query sees a key, else -inf; None: all
     is_causal: bool = False               # whole prompts: query i sees keys 0..i, no mask built
     stale: torch.Tensor | None = None     # [N, L, 1, 1] keys before the first query's window: never read
     has_keys: torch.Tensor | None = None  # [N, 1, 1, 1] where some sequence has none (a padded row): which do
@@ -154,15 +154,17 @@ def _reference_batches(meta: AttentionMetadata, block_size: int, device: torch.d
         kv_lens = torch.tensor(lens, device=device)
         q_pos = kv_lens[:, None] - num_q + torch.arange(num_q, device=device)  # [N, Q]
         k_pos = torch.arange(num_keys, device=device)
-        batch.visible = k_pos <= q_pos[..., None]  # [N, Q, L]
+        visible = k_pos <= q_pos[..., None]  # [N, Q, L]
         if window is not None:
-            batch.visible &= k_pos > q_pos[..., None] - window
+            visible &= k_pos > q_pos[..., None] - window
             # Keys before the first query's window are never read (as the Triton kernel's kv_begin skips their
             # blocks): the pool may have freed and reused those blocks, and even masked, a reused block's
             # values (inf, NaN) would poison P @ V.
             batch.stale = (k_pos < (q_pos[:, :1] - window + 1))[..., None, None]
         if min(lens) == 0:
             batch.has_keys = (kv_lens > 0)[:, None, None, None]
+        # Additive, as SDPA turns a boolean mask into one on every call (2 ops a layer).
+        batch.mask = torch.zeros(visible.shape, device=device).masked_fill_(~visible, float("-inf"))
         batches.append(batch)
     return batches
 
@@ -175,7 +177,7 @@ def _attend_batch(q: torch.Tensor, batch: _ReferenceBatch, k_cache: torch.Tensor
     values = _gather_one(v_cache, batch.blocks, batch.num_seqs, batch.num_keys)
     if batch.stale is not None:
         keys, values = keys.masked_fill(batch.stale, 0.0), values.masked_fill(batch.stale, 0.0)
-    out = attend(q, keys, values, batch.visible, scale, is_causal=batch.is_causal)
+    out = attend(q, keys, values, batch.mask, scale, is_causal=batch.is_causal)
     # A padded row (no keys, as CUDA-graph batches have) sees nothing: zeros, not softmax's NaN.
     return out if batch.has_keys is None else torch.where(batch.has_keys, out, 0.0)
 
@@ -192,14 +194,14 @@ def _gather_one(cache: torch.Tensor | _Fp8Cache, blocks: torch.Tensor, num_seqs:
     return gathered if fp8_scale is None else dequantize_fp8(gathered.view(FP8_DTYPE), fp8_scale)
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor | None, scale: float,
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
             is_causal: bool = False) -> torch.Tensor:
-    """Softmax attention in float32. q: [N, Q, Hq, D]; k, v: [N, L, Hkv, D]; visible: [N, Q, L], which
-    keys each query sees (None: all, or with is_causal and Q == L, query i sees keys 0..i). Query head h
+    """Softmax attention in float32. q: [N, Q, Hq, D]; k, v: [N, L, Hkv, D]; mask: [N, Q, L], 0 where a query
+    sees a key and -inf elsewhere (None: all, or with is_causal and Q == L, query i sees keys 0..i). Query head h
     reads KV head h // (Hq // Hkv) (GQA / MQA). Returns [N, Q, Hq, D] float32."""
     num_seqs, num_q, num_heads, head_dim = q.shape
     k, v = k.float().transpose(1, 2), v.float().transpose(1, 2)
-    mask = None if visible is None else visible[:, None]
+    mask = None if mask is None else mask[:, None]
     if num_q == 1:
         # Decode: a KV head's query heads are its query rows, [N, Hkv, group, D], a view. SDPA's CPU kernel
         # takes that in about half the time of enable_gqa's one row per head (stories260K's decode at batch
@@ -212,7 +214,7 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Te
     return out.transpose(1, 2)
 
 
-def _attend_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor | None, scale: float,
+def _attend_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
                 is_causal: bool = False) -> torch.Tensor:
     """As _attend, with FP8 context attention's roundings: each query row (token, head) to e4m3 with its
     own scale, the softmax probabilities to e4m3 as P * 448 (K and V come dequantized from the FP8 cache);
@@ -223,9 +225,9 @@ def _attend_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torc
     k, v = k.float().repeat_interleave(group, dim=2), v.float().repeat_interleave(group, dim=2)
     scores = torch.einsum("nqhd,nkhd->nhqk", q, k) * scale
     if is_causal:
-        visible = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).tril()[None]
-    if visible is not None:
-        scores = scores.masked_fill(~visible[:, None], float("-inf"))
+        mask = torch.full(scores.shape[-2:], float("-inf"), device=q.device).triu(1)[None]
+    if mask is not None:
+        scores = scores + mask[:, None]
     row_max = scores.amax(-1, keepdim=True)
     p = torch.exp(scores - torch.where(row_max == float("-inf"), 0.0, row_max))  # rows that see no key: zeros
     p_rounded = (p * FP8_MAX).to(FP8_DTYPE).float() * FP8_MAX_INV
