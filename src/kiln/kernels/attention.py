@@ -189,7 +189,7 @@ def _gather_one(cache: torch.Tensor | _Fp8Cache, blocks: torch.Tensor, num_seqs:
     fp8_scale = cache.scale if isinstance(cache, _Fp8Cache) else None
     if fp8_scale is not None:  # gathered as bytes: index_select has no float8 kernels
         cache = cache.cache.view(torch.uint8)
-    _, block_size, num_kv_heads, head_dim = cache.shape
+    num_kv_heads, head_dim = cache.shape[2:]
     gathered = cache.index_select(0, blocks).view(num_seqs, -1, num_kv_heads, head_dim)[:, :num_keys]
     return gathered if fp8_scale is None else dequantize_fp8(gathered.view(FP8_DTYPE), fp8_scale)
 
