@@ -121,3 +121,16 @@ def test_rows_without_keys_are_zeros():
     out = paged_attention_ref(q, k_cache, v_cache, meta, scale)
     assert torch.equal(out[[0, 2]], torch.zeros_like(out[[0, 2]]))
     assert out[1].abs().sum() > 0
+
+
+def test_layers_of_one_step_share_the_gathers_and_masks():
+    """Every layer of a step reads the same metadata: the batches (gather indices, masks) are made by the
+    first and reused by the others, each still attending over its own cache."""
+    q, k_cache, v_cache, meta, scale = random_case([1, 1, 4, 1], [30, 7, 12, 1], 8, 2, 8, 4, torch.float32, 9, 3)
+    paged_attention_ref(q, k_cache, v_cache, meta, scale)
+    batches = meta.reference_batches
+    assert batches is not None
+    other_q, other_k, other_v = torch.randn_like(q), torch.randn_like(k_cache), torch.randn_like(v_cache)
+    out = paged_attention_ref(other_q, other_k, other_v, meta, scale)
+    assert meta.reference_batches is batches
+    torch.testing.assert_close(out, loop_attention(other_q, other_k, other_v, meta, scale), rtol=1e-5, atol=1e-5)

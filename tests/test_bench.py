@@ -125,7 +125,7 @@ def test_a_sampled_run_counts_every_token_and_says_how_it_sampled(engine, datase
 def test_bench_sampling_seeds_each_request_and_checks_its_values():
     sampling = BenchSampling(0.8, 0.95, seed=7)
     assert sampling.params(3, 10) == SamplingParams(max_tokens=10, temperature=0.8, top_p=0.95, seed=10,
-                                                    ignore_eos=True)
+                                                    ignore_eos=True, detokenize=False)  # token ids only, as hf
     assert not sampling.is_greedy and BenchSampling().is_greedy and BenchSampling().describe() == "greedy"
     with pytest.raises(ConfigError, match=r"top_p must be in \(0, 1\] \(--temperature 0.8, --top-p 1.5\)"):
         BenchSampling(0.8, 1.5)
@@ -201,8 +201,19 @@ def test_sweep_plot_with_both_backends(engine, dataset_file, tmp_path, capsys):
     runs = json.loads(report_file.read_text())["runs"]
     assert [(r["engine"]["backend"], r["request_info"]["max_concurrency"], r["request_info"]["num_requests"])
             for r in runs] == [("kiln", 1, 2), ("kiln", 2, 4), ("hf", 1, 2), ("hf", 2, 4)]
-    printed = capsys.readouterr().out
-    assert "kiln / hf output throughput at concurrency 2" in printed
+    out, err = capsys.readouterr()
+    assert "kiln / hf output throughput at concurrency 2" in out
+    assert "sequences a step" not in err  # the engine runs both concurrencies in one step
+
+
+def test_concurrency_above_the_batch_limit_is_named(engine, dataset_file, capsys):
+    """kiln runs at most max_batch_size sequences a step; a concurrency above it queues the rest, which a
+    comparison with hf's one batch per concurrency would count against kiln: the bench says so."""
+    assert main(["bench", "throughput", "--engine", str(engine), "--dataset", str(dataset_file), "--backend", "kiln",
+                 "--concurrency", "3", "--max-batch-size", "2", "--num-requests", "3", "--warmup", "0"]) == 0
+    err = capsys.readouterr().err
+    assert ("note: kiln runs at most 2 sequences a step (max_batch_size); at concurrency 3 the other requests wait; "
+            "raise --max-batch-size to 3 to run them together") in err
 
 
 def test_options_without_effect_are_named(engine, dataset_file, capsys):

@@ -20,6 +20,7 @@ from transformers import (MinPLogitsWarper, RepetitionPenaltyLogitsProcessor, Te
 from conftest import STORIES_DIR
 from kiln import Executor, Request, RuntimeConfig
 from kiln.config import SamplingParams
+from kiln.errors import RequestError
 from kiln.runtime.model_runner import derive_seed
 from kiln.runtime.sampler import (SamplingRow, apply_penalties, build_sampling_tensors, top_k_top_p_min_p,
                                   top_logprobs, uniform_noise)
@@ -323,6 +324,16 @@ def test_a_stop_string_before_min_tokens_does_not_count(executor, baseline):
     stop = next(text[i:i + 3] for i in range(early - 3) if text.count(text[i:i + 3]) == 1)
     result = run_requests(executor, [Request(prompt_ids, sampling_params=GREEDY.replace(stop=(stop,), min_tokens=6))])
     assert result[0].result.finish_reasons == ["length"] and result[0].result.text == [text]
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["whole", "streamed"])
+def test_detokenize_false_gives_the_same_tokens_and_no_text(executor, baseline, streaming):
+    prompt_ids, tokens, _ = baseline
+    params = GREEDY.replace(detokenize=False)
+    request_id = executor.enqueue_request(Request(prompt_ids, sampling_params=params, streaming=streaming))
+    assert joined(collect(executor, [request_id])[request_id]) == ([tokens], [""])
+    with pytest.raises(RequestError, match="stop strings .* need detokenize=True"):
+        GREEDY.replace(stop=("the",), detokenize=False)
 
 
 def test_stop_token_ids_end_id_and_ignore_eos(executor, baseline):

@@ -183,10 +183,11 @@ def test_echo_with_max_tokens_0_scores_the_prompt(client, server, tokenizer):
             "temperature": 0, "seed": 1234}
     batch = httpx.post(server.url + COMPLETIONS, json=body, timeout=60).json()
     assert [c["index"] for c in batch["choices"]] == [0, 1] and batch["usage"]["completion_tokens"] == 0
-    # Batched with a second prompt, the step's matmuls have more rows, and MKL's sgemm adds a row's products in
-    # another order for some shapes (the MLP's down projection, K=172): measured |diff| 9e-8 at one position
-    # on an AVX-512 Xeon (torch 2.13 CPU), none elsewhere.
-    assert batch["choices"][0]["logprobs"]["token_logprobs"] == pytest.approx(lp.token_logprobs, abs=1e-6)
+    # Beside another prompt, the first one's matmuls run over more rows: MKL's small-row kernels (fewer than 8
+    # rows) round differently from its larger ones in the last bits, so the same prompt scores alike, not
+    # bit for bit, in a different batch (stories260K's MLP down projection: 5 rows vs 11, 6 float32 ulps).
+    assert batch["choices"][0]["logprobs"]["token_logprobs"][0] is None
+    assert batch["choices"][0]["logprobs"]["token_logprobs"][1:] == pytest.approx(lp.token_logprobs[1:], rel=1e-5)
     assert [len(c["logprobs"]["tokens"]) for c in batch["choices"]] == [len(i) for i in ids]
     assert all(c["finish_reason"] == "length" for c in batch["choices"])
 

@@ -215,6 +215,9 @@ class SamplingParams:
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     include_stop_str_in_output: bool = False
+    # Turn the output tokens into text (Result.text); False leaves the text empty and spares the tokenizer's
+    # work on every token (TensorRT-LLM's and vLLM's name; a benchmark reads the token ids alone).
+    detokenize: bool = True
 
     def __post_init__(self):
         # Accept lists and a bare string where a tuple is meant, as users write them.
@@ -240,6 +243,7 @@ class SamplingParams:
              "prompt_logprobs must be an integer in [0, 20]"),
             (self.seed is None or isinstance(self.seed, int), "seed must be an integer"),
             (all(isinstance(s, str) and s for s in self.stop), "stop must be non-empty strings"),
+            (self.detokenize or not self.stop, "stop strings are found in the text: they need detokenize=True"),
         ]
         for ok, message in checks:
             if not ok:

@@ -154,6 +154,21 @@ def _note_no_effect(args, options, why: str) -> None:
               file=sys.stderr)
 
 
+def _note_batch_limit(max_batch_size: int, engine_max_batch_size: int, concurrencies: list[int | None],
+                      with_hf: bool) -> None:
+    """Says so on stderr when kiln cannot run a concurrency in one step: the requests beyond its
+    max_batch_size wait, which a comparison with the hf backend (one batch of the whole concurrency)
+    would count against kiln."""
+    above = [c for c in concurrencies if c is not None and c > max_batch_size]
+    if not above:
+        return
+    hf = ", while the hf backend runs each as one batch" if with_hf else ""
+    fix = (f"raise --max-batch-size to {max(above)}" if max(above) <= engine_max_batch_size
+           else f"build the engine with --max-batch-size {max(above)}")
+    print(f"kiln bench: note: kiln runs at most {max_batch_size} sequences a step (max_batch_size); at concurrency "
+          f"{', '.join(map(str, above))} the other requests wait{hf}; {fix} to run them together", file=sys.stderr)
+
+
 def _load_requests(args):
     from kiln.bench.dataset import TokenSpace, check_fits_engine, read_dataset
     from kiln.engine.manifest import EngineManifest
@@ -216,7 +231,7 @@ def cmd_throughput(args) -> int:
     _check_writable(args.report_json, args.plot)
     config = runtime_config_from_args(args)
     manifest, requests = _load_requests(args)
-    config.resolve(manifest.build_config)  # runtime limits above the engine's fail here, before loading
+    max_batch_size, _ = config.resolve(manifest.build_config)  # limits above the engine's fail here
     if "kiln" not in backends:
         _note_no_effect(args, [rf.dest for rf in runtime_flags() if rf.dest != "max_batch_size"],
                         "the hf backend runs static batches without kiln's scheduler or KV cache")
@@ -225,6 +240,8 @@ def cmd_throughput(args) -> int:
         concurrencies, waves = args.sweep or _powers_of_two_up_to(top), args.sweep_waves
     else:
         concurrencies, waves = [args.concurrency], None
+    if "kiln" in backends:
+        _note_batch_limit(max_batch_size, manifest.build_config.max_batch_size, concurrencies, "hf" in backends)
     reports = run_throughput(args.engine, requests, backends=backends, config=config, concurrencies=concurrencies,
                              waves=waves, streaming=args.streaming, warmup=args.warmup, hf_model=args.hf_model,
                              dataset_path=args.dataset, progress=True, sampling=sampling)

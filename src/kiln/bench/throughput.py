@@ -1,9 +1,10 @@
 """Offline throughput: a dataset through a backend, all requests at once or under a concurrency cap.
 
 kiln's backend drives the Executor: every request asks for exactly its ``output_tokens`` (EOS ignored;
-greedy unless a ``BenchSampling`` says otherwise) and its responses come back through a callback; under
-a cap, the next request is enqueued when one finishes. ``run_throughput`` runs one or more backends at
-one or more concurrencies (a sweep, for the latency-throughput curve), loading each backend once.
+greedy unless a ``BenchSampling`` says otherwise; token ids only, no text, as the hf backend) and its
+responses come back through a callback; under a cap, the next request is enqueued when one finishes.
+``run_throughput`` runs one or more backends at one or more concurrencies (a sweep, for the
+latency-throughput curve), loading each backend once.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ class BenchSampling:
 
     def params(self, task_id: int, max_tokens: int) -> SamplingParams:
         return SamplingParams(max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
-                              seed=self.seed + task_id, ignore_eos=True)
+                              seed=self.seed + task_id, ignore_eos=True, detokenize=False)
 
     @property
     def is_greedy(self) -> bool:

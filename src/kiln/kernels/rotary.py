@@ -57,6 +57,8 @@ def apply_rope_ref(x: torch.Tensor, cos_sin: torch.Tensor, is_interleaved: bool 
     x1, x2 = (x_rot[..., 0::2], x_rot[..., 1::2]) if is_interleaved else (x_rot[..., :half], x_rot[..., half:])
     out1, out2 = x1 * cos - x2 * sin, x2 * cos + x1 * sin
     rotated = torch.stack([out1, out2], dim=-1).flatten(-2) if is_interleaved else torch.cat([out1, out2], dim=-1)
+    if rotary_dim == x.shape[-1]:
+        return rotated.to(x.dtype)
     return torch.cat([rotated.to(x.dtype), x[..., rotary_dim:]], dim=-1)
 
 
@@ -72,9 +74,9 @@ def rotary_kv_write_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, posit
     is_interleaved rotates adjacent pairs (GPT-J) instead of the two halves of the rotated dims. An FP8
     cache (float8_e4m3fn) takes k and v quantized with ``kv_scale`` [2] (k_scale, v_scale).
     """
-    cos_sin = cos_sin_cache[positions]
-    q_rot = apply_rope_ref(q, cos_sin, is_interleaved)
-    k_rot = apply_rope_ref(k, cos_sin, is_interleaved)
+    # q and k rotated as one tensor of Hq + Hkv heads: one pass of the rotation's dozen ops, not two.
+    qk_rot = apply_rope_ref(torch.cat([q, k], dim=1), cos_sin_cache[positions], is_interleaved)
+    q_rot, k_rot = qk_rot[:, :q.shape[1]], qk_rot[:, q.shape[1]:]
     valid = slot_mapping >= 0
     if not valid.all():  # padding rows (CUDA-graph batches only): one test, not three boolean indexings
         slot_mapping, k_rot, v = slot_mapping[valid], k_rot[valid], v[valid]

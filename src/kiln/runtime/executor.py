@@ -434,7 +434,8 @@ class Executor:
         return tuple(dict.fromkeys((*eos, *params.stop_token_ids)))
 
     def _register(self, state: _RequestState, seq: Sequence) -> None:
-        detok = IncrementalDetokenizer(self.tokenizer, state.prompt_ids) if self.tokenizer else None
+        detok = (IncrementalDetokenizer(self.tokenizer, state.prompt_ids) if self.tokenizer and state.params.detokenize
+                 else None)
         state.samples.append(_Sample(seq, detok))
         self._seq_to_request[seq.seq_id] = state
 
