@@ -156,12 +156,10 @@ def stories_engine(tmp_path_factory) -> Path:
                         max_input_len=128, max_seq_len=512, max_num_tokens=512, tokens_per_block=16)
 
 
-@pytest.fixture
-def rounding_fp8_casts(monkeypatch):
-    """Triton 3.9's interpreter rounds float32 -> float8e4nv wrongly: a mantissa that rounds up past
-    1.111b loses the carry into the exponent when the exponent is odd (126.0 becomes 64.0, not 128.0),
-    and ties round away from zero. On the CPU, those casts go through torch's instead, which rounds to
-    nearest even as the GPU's cvt.rn.satfinite does; every value the kernels cast is clamped to ±448."""
+def _route_float32_casts_through_torch(monkeypatch, triton_dtype_name: str, torch_dtype: torch.dtype,
+                                       bits_dtype) -> None:
+    """Under the interpreter (no GPU), float32 -> ``triton_dtype_name`` casts go through torch's cast, which
+    rounds to nearest even as the GPU does; the result is handed back as raw bits of ``bits_dtype``."""
     if torch.cuda.is_available():
         return
     import numpy as np
@@ -169,14 +167,24 @@ def rounding_fp8_casts(monkeypatch):
     from triton.runtime import interpreter
 
     convert_float = interpreter._convert_float
+    triton_dtype = getattr(tl, triton_dtype_name)
 
     def convert(input, input_dtype, output_dtype, rounding_mode):
-        if output_dtype == tl.float8e4nv and input_dtype == tl.float32:
-            values = torch.from_numpy(np.ascontiguousarray(input, dtype=np.float32))
-            return values.to(torch.float8_e4m3fn).view(torch.uint8).numpy().reshape(input.shape)
+        if output_dtype == triton_dtype and input_dtype == tl.float32:
+            values = torch.from_numpy(np.ascontiguousarray(input, dtype=np.float32)).to(torch_dtype)
+            return values.view(bits_dtype).numpy().view(f"u{bits_dtype.itemsize}").reshape(np.shape(input))
         return convert_float(input, input_dtype, output_dtype, rounding_mode)
 
     monkeypatch.setattr(interpreter, "_convert_float", convert)
+
+
+@pytest.fixture
+def rounding_fp8_casts(monkeypatch):
+    """Triton 3.9's interpreter rounds float32 -> float8e4nv wrongly: a mantissa that rounds up past
+    1.111b loses the carry into the exponent when the exponent is odd (126.0 becomes 64.0, not 128.0),
+    and ties round away from zero. On the CPU, those casts go through torch's instead, which rounds to
+    nearest even as the GPU's cvt.rn.satfinite does; every value the kernels cast is clamped to ±448."""
+    _route_float32_casts_through_torch(monkeypatch, "float8e4nv", torch.float8_e4m3fn, torch.uint8)
 
 
 @pytest.fixture
@@ -184,21 +192,7 @@ def rounding_bf16_casts(monkeypatch):
     """Triton 3.9's interpreter truncates float32 -> bfloat16 (``x.to(tl.bfloat16)`` casts with no
     rounding mode), where the GPU rounds to nearest even, as torch does. On the CPU, those casts go
     through torch's, so kernels that round to bfloat16 can be held to exact equality there too."""
-    if torch.cuda.is_available():
-        return
-    import numpy as np
-    import triton.language as tl
-    from triton.runtime import interpreter
-
-    convert_float = interpreter._convert_float
-
-    def convert(input, input_dtype, output_dtype, rounding_mode):
-        if output_dtype == tl.bfloat16 and input_dtype == tl.float32:
-            values = torch.from_numpy(np.ascontiguousarray(input, dtype=np.float32))
-            return values.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16).reshape(np.shape(input))
-        return convert_float(input, input_dtype, output_dtype, rounding_mode)
-
-    monkeypatch.setattr(interpreter, "_convert_float", convert)
+    _route_float32_casts_through_torch(monkeypatch, "bfloat16", torch.bfloat16, torch.int16)
 
 
 # ---- servers and ports ----------------------------------------------------------------------------------

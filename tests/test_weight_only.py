@@ -425,21 +425,25 @@ def test_dequantize_workspace_is_the_weight_where_a_batch_dequantizes():
 LLAMA_SHAPES = [(4096, 4096), (14336, 4096), (28672, 4096), (4096, 14336)]  # (N, K): o, (gate|up), gate_up, down
 
 
+def _gpu_matmul_and_reference(bits, out_features, in_features, rows, dtype, configs=None):
+    """(the Triton matmul, its float32 reference) of a random weight quantized to ``bits`` and ``rows`` random
+    rows on the GPU; ``configs`` as the matmuls take them (None: the defaults)."""
+    w = random_weight(out_features, in_features)
+    x = torch.randn(rows, in_features, device=DEVICE, dtype=dtype)
+    if bits == 4:
+        tensors = quantize_int4(w, 128)
+        return w4a16_matmul_triton(x, *tensors, 128, configs=configs), w4a16_matmul_ref(x, *tensors, 128)
+    tensors = quantize_int8(w)
+    return w8a16_matmul_triton(x, *tensors, configs=configs), w8a16_matmul_ref(x, *tensors)
+
+
 @gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=DTYPE_ID)
 @pytest.mark.parametrize("rows", [1, 2, 7, 16, 64, 256])
 @pytest.mark.parametrize("out_features,in_features", LLAMA_SHAPES)
 @pytest.mark.parametrize("bits", [4, 8])
 def test_gpu_weight_only_matmul_at_llama_sizes(bits, out_features, in_features, rows, dtype):
-    w = random_weight(out_features, in_features)
-    x = torch.randn(rows, in_features, device=DEVICE, dtype=dtype)
-    if bits == 4:
-        tensors = quantize_int4(w, 128)
-        actual, expected = w4a16_matmul_triton(x, *tensors, 128), w4a16_matmul_ref(x, *tensors, 128)
-    else:
-        tensors = quantize_int8(w)
-        actual, expected = w8a16_matmul_triton(x, *tensors), w8a16_matmul_ref(x, *tensors)
-    assert_close(actual, expected)
+    assert_close(*_gpu_matmul_and_reference(bits, out_features, in_features, rows, dtype))
 
 
 @gpu
@@ -464,16 +468,7 @@ def test_gpu_weight_only_matmul_in_a_cuda_graph():
 @pytest.mark.parametrize("bits", [4, 8])
 def test_gpu_dequantize_then_cublas_at_llama_sizes(bits, out_features, in_features, rows, dtype):
     """The dequantize-then-cuBLAS path at any row count (forced), against the float32 reference."""
-    w = random_weight(out_features, in_features)
-    x = torch.randn(rows, in_features, device=DEVICE, dtype=dtype)
-    if bits == 4:
-        tensors = quantize_int4(w, 128)
-        actual = w4a16_matmul_triton(x, *tensors, 128, configs=dequantize_config())
-        expected = w4a16_matmul_ref(x, *tensors, 128)
-    else:
-        tensors = quantize_int8(w)
-        actual, expected = w8a16_matmul_triton(x, *tensors, configs=dequantize_config()), w8a16_matmul_ref(x, *tensors)
-    assert_close(actual, expected)
+    assert_close(*_gpu_matmul_and_reference(bits, out_features, in_features, rows, dtype, dequantize_config()))
 
 
 @gpu
