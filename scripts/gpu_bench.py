@@ -77,10 +77,10 @@ def measure_ceilings() -> None:
 def run_gpu_pytest(targets: list[str], log: Path, key: str) -> None:
     """``pytest -m gpu`` over ``targets`` (files and options); its log at ``log``, its summary line and
     whether it passed in RESULTS under ``key`` and ``key``_ok."""
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", *targets],
-                          capture_output=True, text=True)
-    log.write_text(proc.stdout + proc.stderr)
-    tail = [line for line in proc.stdout.strip().splitlines() if line.strip()]
+    with log.open("w") as f:  # written as it runs: a call cut off by its time limit still brings back the log
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
+                               "--durations", "15", *targets], stdout=f, stderr=subprocess.STDOUT, text=True)
+    tail = [line for line in log.read_text().strip().splitlines() if line.strip()]
     RESULTS[key] = tail[-1] if tail else f"exit {proc.returncode}"
     RESULTS[f"{key}_ok"] = proc.returncode == 0
 
@@ -153,9 +153,17 @@ def _reference_copy(model: CausalLM, dtype: torch.dtype, max_len: int) -> Causal
 
 
 # ---- 3./4. kiln ----------------------------------------------------------------------------------
-def run_requests(ex: Executor, prompts: list[list[int]], max_tokens: int) -> list:
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-    ids = [ex.enqueue_request(Request(p, sampling_params=params)) for p in prompts]
+# Issue 16 part 4's sampled run: temperature 0.8, top-p 0.95, one seed per request.
+SAMPLED = {"temperature": 0.8, "top_p": 0.95}
+
+
+def run_requests(ex: Executor, prompts: list[list[int]], max_tokens: int, sampled: bool = False) -> list:
+    """Greedy, or (sampled) SAMPLED seeded per request, ignoring EOS; the final results in prompt order."""
+    def params(i: int) -> SamplingParams:
+        if sampled:
+            return SamplingParams(max_tokens=max_tokens, ignore_eos=True, seed=i, **SAMPLED)
+        return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    ids = [ex.enqueue_request(Request(p, sampling_params=params(i))) for i, p in enumerate(prompts)]
     done = {}
     while len(done) < len(ids):
         for r in ex.await_responses(timeout=5.0):

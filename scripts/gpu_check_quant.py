@@ -13,7 +13,9 @@ Phases:
            a llama-3-8b dummy engine of that quantization (max batch 512, 8192 tokens per iteration):
            batch-1 decode (against the floor: weight bytes read per token / copy bandwidth), the batch-1
            graph replay, batch-16 decode, TTFT at 128 and 2048 tokens, offline 128/128 (2048 requests);
-           2048/128 (256 requests) and a batch-1 profile by kernel; ``fp8:ttft+128_128`` picks figures.
+           the same sampled (temperature 0.8, top-p 0.95, seeded: 128_128_sampled), 2048/128 (256
+           requests), a batch-1 and a batch-16 profile by kernel (profile, profile16);
+           ``fp8:ttft+128_128`` picks figures.
 OUT/gpu_check_quant.json holds every figure; a short table is printed last.
 """
 
@@ -113,7 +115,7 @@ def gemv_bandwidth() -> None:
     torch.cuda.empty_cache()
 
 
-FIGURES = ("b1", "b16", "ttft", "128_128", "2048_128", "profile")
+FIGURES = ("b1", "b16", "ttft", "128_128", "128_128_sampled", "2048_128", "profile", "profile16")
 
 
 def engine_phase(quant: str, tmp: Path, out: Path, figures: set[str]) -> None:
@@ -149,17 +151,19 @@ def engine_phase(quant: str, tmp: Path, out: Path, figures: set[str]) -> None:
             RESULTS[f"{quant}_ttft128_ms"] = gpu_bench.ttft(ex, 128, vocab)
             RESULTS[f"{quant}_ttft2048_ms"] = gpu_bench.ttft(ex, 2048, vocab)
         gpu_bench.write_results(out / "gpu_check_quant.json")
-        for isl, osl, count in ((128, 128, 2048), (2048, 128, 256)):
-            if f"{isl}_{osl}" not in figures:
+        for isl, osl, count, sampled in ((128, 128, 2048, False), (128, 128, 2048, True), (2048, 128, 256, False)):
+            figure = f"{isl}_{osl}" + ("_sampled" if sampled else "")
+            if figure not in figures:
                 continue
             prompts = torch.randint(0, vocab, (count, isl)).tolist()
             t0 = time.perf_counter()
-            gpu_bench.run_requests(ex, prompts, osl)
-            RESULTS[f"{quant}_{isl}_{osl}_tok_s"] = count * osl / (time.perf_counter() - t0)
+            gpu_bench.run_requests(ex, prompts, osl, sampled)
+            RESULTS[f"{quant}_{figure}_tok_s"] = count * osl / (time.perf_counter() - t0)
             gpu_bench.write_results(out / "gpu_check_quant.json")
-        if "profile" in figures:
-            gpu_bench.profile_decode(ex, vocab, out, 1)
-            os.replace(out / "profile_decode_b1.txt", out / f"profile_b1_{quant}.txt")
+        for batch in (1, 16):
+            if ("profile" if batch == 1 else f"profile{batch}") in figures:
+                gpu_bench.profile_decode(ex, vocab, out, batch)
+                os.replace(out / f"profile_decode_b{batch}.txt", out / f"profile_b{batch}_{quant}.txt")
     finally:
         ex.shutdown()
         del ex, engine
