@@ -26,6 +26,7 @@ import gc
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -118,6 +119,26 @@ def gemv_bandwidth() -> None:
 FIGURES = ("b1", "b16", "ttft", "128_128", "128_128_sampled", "2048_128", "profile", "profile16")
 
 
+def timeline(stats: list, wall_s: float, path: Path) -> None:
+    """Where an offline run's time went: steps with prompt tokens (context, maybe with decodes beside them)
+    against decode-only steps, their counts, tokens and summed times, and the wall time no step covered;
+    every step's (time ms, context tokens, decode tokens, batch) in ``path``."""
+    context = [s for s in stats if s.num_context_tokens]
+    decode = [s for s in stats if not s.num_context_tokens]
+
+    def summary(steps: list) -> dict:
+        ms = sum(s.iteration_time_ms for s in steps)
+        return {"steps": len(steps), "ms": ms, "context_tokens": sum(s.num_context_tokens for s in steps),
+                "decode_tokens": sum(s.num_decode_tokens for s in steps),
+                "median_batch": statistics.median(s.batch_size for s in steps) if steps else 0}
+
+    doc = {"wall_ms": wall_s * 1e3, "context_steps": summary(context), "decode_steps": summary(decode),
+           "uncovered_ms": wall_s * 1e3 - sum(s.iteration_time_ms for s in stats),
+           "steps": [(round(s.iteration_time_ms, 3), s.num_context_tokens, s.num_decode_tokens, s.batch_size)
+                     for s in stats]}
+    path.write_text(json.dumps(doc))
+
+
 def engine_phase(quant: str, tmp: Path, out: Path, figures: set[str]) -> None:
     engine_dir = tmp / f"engine_{quant}"
     shutil.rmtree(engine_dir, ignore_errors=True)
@@ -156,9 +177,12 @@ def engine_phase(quant: str, tmp: Path, out: Path, figures: set[str]) -> None:
             if figure not in figures:
                 continue
             prompts = torch.randint(0, vocab, (count, isl)).tolist()
+            ex.get_latest_iteration_stats()
             t0 = time.perf_counter()
             gpu_bench.run_requests(ex, prompts, osl, sampled)
-            RESULTS[f"{quant}_{figure}_tok_s"] = count * osl / (time.perf_counter() - t0)
+            wall = time.perf_counter() - t0
+            RESULTS[f"{quant}_{figure}_tok_s"] = count * osl / wall
+            timeline(ex.get_latest_iteration_stats(), wall, out / f"timeline_{quant}_{figure}.json")
             gpu_bench.write_results(out / "gpu_check_quant.json")
         for batch in (1, 16):
             if ("profile" if batch == 1 else f"profile{batch}") in figures:
