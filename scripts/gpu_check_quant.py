@@ -15,7 +15,7 @@ Phases:
            graph replay, batch-16 decode, TTFT at 128 and 2048 tokens, offline 128/128 (2048 requests);
            the same sampled (temperature 0.8, top-p 0.95, seeded: 128_128_sampled), 2048/128 (256
            requests), a batch-1 and a batch-16 profile by kernel (profile, profile16);
-           ``fp8:ttft+128_128`` picks figures.
+           ``fp8:ttft+128_128`` picks figures; ``none@1024:128_128`` builds for max batch 1024 (not 512).
 OUT/gpu_check_quant.json holds every figure; a short table is printed last.
 """
 
@@ -139,12 +139,14 @@ def timeline(stats: list, wall_s: float, path: Path) -> None:
     path.write_text(json.dumps(doc))
 
 
-def engine_phase(quant: str, tmp: Path, out: Path, figures: set[str]) -> None:
+def engine_phase(quant: str, tmp: Path, out: Path, figures: set[str], max_batch_size: int = 512) -> None:
     engine_dir = tmp / f"engine_{quant}"
     shutil.rmtree(engine_dir, ignore_errors=True)
     t0 = time.perf_counter()
-    cfg = BuildConfig(max_batch_size=512, max_input_len=2048, max_seq_len=4096, max_num_tokens=8192,
+    cfg = BuildConfig(max_batch_size=max_batch_size, max_input_len=2048, max_seq_len=4096, max_num_tokens=8192,
                       dtype="bfloat16", quantization=quant)
+    if max_batch_size != 512:  # figures of another engine shape are keyed apart
+        quant = f"{quant}_mb{max_batch_size}"
     Builder().build(AutoModelForCausalLM.from_preset(PRESET), cfg).save(engine_dir, progress=False)
     RESULTS[f"{quant}_build_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -216,8 +218,10 @@ def main() -> None:
             if phase in phases:
                 phases[phase]()
             else:
-                quant, _, figures = phase.partition(":")
-                engine_phase(quant, tmp, out, set(figures.split("+")) if figures else set(FIGURES))
+                engine, _, figures = phase.partition(":")
+                quant, _, max_batch = engine.partition("@")
+                engine_phase(quant, tmp, out, set(figures.split("+")) if figures else set(FIGURES),
+                             int(max_batch or 512))
         except Exception as e:  # one phase's failure is recorded; the next still runs
             RESULTS[f"{phase}_error"] = f"{type(e).__name__}: {e}"[:300]
         gpu_bench.write_results(out / "gpu_check_quant.json")
