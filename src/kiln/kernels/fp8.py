@@ -1,16 +1,21 @@
 """FP8 (e4m3) linear layers on the GPU, beside their references in kiln.quantization.fp8.
 
+- ``fp8_row_scales`` / ``to_fp8``: the per-token scale and the e4m3 conversion as ``@jit`` helpers, the
+  one copy of that arithmetic every kernel that quantizes uses (this file's, the ``*_fp8`` RMSNorm and
+  SiLU·up of norm.py / activation.py that quantize in their epilogue, FP8 context attention's queries).
 - ``quantize_fp8_per_token_triton`` / ``quantize_fp8_static_triton``: activations to e4m3, one row per
   program (reference: quantize_fp8_per_token / quantize_fp8_static).
-- ``fp8_linear_gpu``: W8A8, the activations quantized per token (or with the checkpoint's static scale)
-  and multiplied by ``torch._scaled_mm`` on the tensor cores (reference: fp8_linear_ref).
+- ``fp8_linear_gpu``: W8A8, the activations quantized per token (or with the checkpoint's static scale),
+  or handed over quantized already (an Fp8Activation from a ``*_fp8`` kernel), and multiplied by
+  ``torch._scaled_mm`` on the tensor cores (reference: fp8_linear_ref / fp8_matmul_ref).
 - ``fp8_gemv``: W8A16 for a few rows (batch-1 decode): the fp8 weights are read once with wide loads and
   converted in registers, the activations stay in their 16-bit dtype (reference: fp8_w8a16_linear_ref).
   At M = 1 ``_scaled_mm`` streams the weights at half the copy bandwidth (TARGETS.md); the GEMV also
   skips the activation-quantization launch and its rounding, so it is both faster and more accurate
   there. Its grid also covers more rows, one BLOCK_M slice per program, for the shapes ``_scaled_mm``
   refuses.
-- ``fp8_linear``: the choice between the two by row count and shape.
+- ``fp8_linear``: the choice between the two by row count and shape (``uses_scaled_mm``, which the fp8
+  linear method also asks to know when its input should come quantized).
 
 Weight scales are [N, 1] (per output channel, or per row of a fused weight) or 0-d (per tensor);
 activation scales [M, 1] (per token) or 0-d (static): see kiln.quantization.fp8.
