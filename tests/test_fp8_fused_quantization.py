@@ -33,7 +33,7 @@ from kiln.layers import DenseLinearMethod, LayerContext, kernel_ops_of, linear_m
 from kiln.layers.fp8 import Fp8LinearMethod
 from kiln.models import create_model, model_skeleton
 from kiln.models.config import ModelConfig
-from kiln.quantization.fp8 import FP8_DTYPE, Fp8Activation, fp8_matmul_ref, quantize_fp8_per_token
+from kiln.quantization.fp8 import FP8_DTYPE, Fp8Activation, quantize_fp8_per_token
 from test_fp8 import compile_for
 
 pytest.importorskip("triton")
