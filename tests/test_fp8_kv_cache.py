@@ -180,7 +180,8 @@ def compile_fp8_attention_kernels(capability: int) -> dict[str, str]:
     NVIDIA GPU of this compute capability, bfloat16, head_dim 128; or the compile error's text."""
     from test_fp8 import compile_for
 
-    from kiln.kernels.attention import DEFAULT_CONTEXT_CONFIG, FP8_MAX_INV, MIN_AMAX, _paged_attention_kernel
+    from kiln.kernels.attention import DEFAULT_CONTEXT_CONFIG, _paged_attention_kernel
+    from kiln.kernels.fp8 import FP8_CONSTEXPRS
     from kiln.kernels.rotary import _rotary_kv_write_kernel
 
     results = {}
@@ -193,8 +194,8 @@ def compile_fp8_attention_kernels(capability: int) -> dict[str, str]:
                            seq_lens_ptr="*i32", query_start_loc_ptr="*i32", out_ptr="*bf16", partial_out_ptr="*fp32",
                            partial_lse_ptr="*fp32", kv_scale_ptr="*fp32", scale_log2="fp32")
     attention_constants = dict(GROUP=4, HEAD_DIM=128, KV_BLOCK_SIZE=32, BLOCK_Q=16, BLOCK_G=4, BLOCK_D=128,
-                               IS_SPLIT=False, IS_FP8_KV=True, DOT_PRECISION="tf32", FP8_MAX=FP8_MAX,
-                               FP8_MAX_INV=FP8_MAX_INV, MIN_AMAX=MIN_AMAX, BLOCK_N=DEFAULT_CONTEXT_CONFIG["BLOCK_N"])
+                               IS_SPLIT=False, IS_FP8_KV=True, DOT_PRECISION="tf32", **FP8_CONSTEXPRS,
+                               BLOCK_N=DEFAULT_CONTEXT_CONFIG["BLOCK_N"])
     kernels = {
         "kv_write": (_rotary_kv_write_kernel, rotary_types, dict(
             NUM_Q_HEADS=32, NUM_KV_HEADS=8, HEAD_DIM=128, ROTARY_DIM=128, IS_INTERLEAVED=False, IS_FP8=True,

@@ -4,7 +4,8 @@ build time.
 Tuning times a few candidate configs per op with ``triton.testing.do_bench`` (median, L2 flushed
 before each run) on random inputs of this engine's shapes and stores the winners in the plan, so the
 runtime never tunes. Each op is timed at the sizes the runtime will see: decode batches (one token per
-sequence, batch buckets 1, 2, 4, ... up to max_batch_size) and context batches (up to max_num_tokens).
+sequence, batch buckets 1, 2, 4, ... up to max_batch_size) and context batches (up to max_num_tokens);
+the ops that quantize for an FP8 Linear (``*_fp8``) only where they run, above MAX_GEMV_ROWS rows.
 """
 
 from __future__ import annotations
@@ -21,11 +22,13 @@ import torch
 from kiln.engine.target import compute_capability
 from kiln.config import BuildConfig
 from kiln.kernels import LLAMA_OPS, OPS, check_ops, reference_plan
-from kiln.kernels.activation import DEFAULT_GELU_CONFIG, DEFAULT_SILU_MUL_CONFIG, gelu_triton, silu_mul_triton
+from kiln.kernels.activation import (DEFAULT_GELU_CONFIG, DEFAULT_SILU_MUL_CONFIG, gelu_triton, silu_mul_fp8_triton,
+                                     silu_mul_triton)
 from kiln.kernels.attention import (DEFAULT_CONTEXT_CONFIG, AttentionMetadata, default_decode_config,
                                     paged_attention_triton)
-from kiln.kernels.norm import (add_layer_norm_triton, add_rms_norm_triton, default_norm_warps, layer_norm_triton,
-                               rms_norm_triton)
+from kiln.kernels.fp8 import MAX_GEMV_ROWS
+from kiln.kernels.norm import (add_layer_norm_triton, add_rms_norm_fp8_triton, add_rms_norm_triton, default_norm_warps,
+                               layer_norm_triton, rms_norm_fp8_triton, rms_norm_triton)
 from kiln.kernels.rotary import DEFAULT_ROTARY_CONFIG, rope_cos_sin, rotary_kv_write_triton
 from kiln.models.config import ModelConfig
 from kiln.quantization.fp8 import FP8_DTYPE
@@ -47,6 +50,7 @@ REP_MS = 8
 NORM_CANDIDATES = [{"num_warps": w} for w in (4, 8, 16)]
 SILU_MUL_CANDIDATES = [{"BLOCK": b, "num_warps": w} for b, w in ((1024, 4), (2048, 4), (2048, 8), (4096, 8))]
 GELU_CANDIDATES = SILU_MUL_CANDIDATES  # the same elementwise shape: one row's columns in blocks
+SILU_MUL_FP8_CANDIDATES = NORM_CANDIDATES  # a whole row per program, as a norm's: only the warps vary
 ROTARY_CANDIDATES = [{"num_warps": w} for w in (1, 2, 4, 8)]
 CONTEXT_CANDIDATES = [{"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": s}
                       for m, n, w, s in ((64, 64, 4, 2), (64, 32, 4, 3), (128, 64, 8, 2), (128, 32, 4, 3))]
@@ -99,8 +103,10 @@ def _default_configs(config: ModelConfig, build: BuildConfig, num_sms: int, ops:
     norm = {"num_warps": default_norm_warps(config.hidden_size)}
     decode = [{"max_batch_size": b, **default_decode_config(b, config.num_kv_heads, num_sms)}
               for b in decode_batch_buckets(build.max_batch_size)]
-    defaults = {"rms_norm": norm, "add_rms_norm": norm, "layer_norm": norm, "add_layer_norm": norm,
-                "silu_mul": DEFAULT_SILU_MUL_CONFIG, "gelu": DEFAULT_GELU_CONFIG,
+    defaults = {"rms_norm": norm, "add_rms_norm": norm, "rms_norm_fp8": norm, "add_rms_norm_fp8": norm,
+                "layer_norm": norm, "add_layer_norm": norm, "silu_mul": DEFAULT_SILU_MUL_CONFIG,
+                "silu_mul_fp8": {"num_warps": default_norm_warps(config.intermediate_size)},
+                "gelu": DEFAULT_GELU_CONFIG,
                 "rotary_kv_write": DEFAULT_ROTARY_CONFIG, "attention": {"context": DEFAULT_CONTEXT_CONFIG, "decode": decode}}
     return {op: defaults[op] for op in OPS if op in ops}
 
@@ -146,6 +152,9 @@ class TuningRun:
         self.kv_options = ({"kv_scale": torch.ones(2, device=device)} if self.is_fp8_kv else {})
         # Token counts of a batch-1 and a full-batch decode iteration, and of a full context iteration.
         self.token_counts = sorted({1, min(build.max_batch_size, build.max_num_tokens), build.max_num_tokens})
+        # The *_fp8 ops run for FP8 Linears that take _scaled_mm: above MAX_GEMV_ROWS rows (the largest
+        # count where an engine has none: the op then never runs, and any config does).
+        self.fp8_token_counts = [t for t in self.token_counts if t > MAX_GEMV_ROWS] or self.token_counts[-1:]
 
     def randn(self, *shape: int) -> torch.Tensor:
         return torch.randn(*shape, dtype=self.dtype, device=self.device)
@@ -163,8 +172,16 @@ class TuningRun:
             "add_layer_norm": lambda: _fastest(
                 NORM_CANDIDATES, self.norm_runs(add_layer_norm_triton, is_residual_add=True, has_bias=True),
                 "add_layer_norm"),
+            "rms_norm_fp8": lambda: _fastest(NORM_CANDIDATES, self.norm_runs(rms_norm_fp8_triton, is_fp8=True),
+                                             "rms_norm_fp8"),
+            "add_rms_norm_fp8": lambda: _fastest(
+                NORM_CANDIDATES, self.norm_runs(add_rms_norm_fp8_triton, is_residual_add=True, is_fp8=True),
+                "add_rms_norm_fp8"),
             "silu_mul": lambda: _fastest(SILU_MUL_CANDIDATES, [
                 partial(silu_mul_triton, self.randn(t, 2 * cfg.intermediate_size)) for t in counts], "silu_mul"),
+            "silu_mul_fp8": lambda: _fastest(SILU_MUL_FP8_CANDIDATES, [
+                partial(silu_mul_fp8_triton, self.randn(t, 2 * cfg.intermediate_size)) for t in self.fp8_token_counts],
+                "silu_mul_fp8"),
             "gelu": lambda: _fastest(GELU_CANDIDATES, [
                 partial(gelu_triton, self.randn(t, cfg.intermediate_size), TUNING_GELU_APPROXIMATION)
                 for t in counts], "gelu"),
@@ -174,14 +191,15 @@ class TuningRun:
         }
         return {op: tuners[op]() for op in OPS if op in ops}
 
-    def norm_runs(self, norm: Callable[..., Any], is_residual_add: bool = False, has_bias: bool = False
-                  ) -> list[Callable[..., Any]]:
-        """One run of an RMSNorm / LayerNorm op (with the residual add or not) per token count."""
+    def norm_runs(self, norm: Callable[..., Any], is_residual_add: bool = False, has_bias: bool = False,
+                  is_fp8: bool = False) -> list[Callable[..., Any]]:
+        """One run of an RMSNorm / LayerNorm op (with the residual add or not, quantizing or not) per token
+        count."""
         hidden_size = self.config.hidden_size
         weight = self.randn(hidden_size)
         params = (weight, weight) if has_bias else (weight,)
         return [partial(norm, *[self.randn(t, hidden_size) for _ in range(1 + is_residual_add)], *params, TUNING_EPS)
-                for t in self.token_counts]
+                for t in (self.fp8_token_counts if is_fp8 else self.token_counts)]
 
     def kv_cache(self, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One layer's K and V caches with room for num_tokens tokens."""

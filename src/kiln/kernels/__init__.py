@@ -2,6 +2,8 @@
 
 Every op has a plain-PyTorch reference (``*_ref``), which is the CPU path and the test oracle, and may
 have Triton implementations registered beside it. The plan maps op name -> {"impl": name, "config": {...}}.
+The ``*_fp8`` ops are their plain op with its output quantized per token to e4m3 (an Fp8Activation), for
+the FP8 Linear it feeds: blocks call them only where that Linear's method wants its input so.
 """
 
 from __future__ import annotations
@@ -12,13 +14,14 @@ from collections.abc import Callable, Collection
 from typing import Any
 
 from kiln.errors import EngineError
-from kiln.kernels.activation import gelu_ref, silu_mul_ref
+from kiln.kernels.activation import gelu_ref, silu_mul_fp8_ref, silu_mul_ref
 from kiln.kernels.attention import AttentionMetadata, paged_attention_ref
-from kiln.kernels.norm import add_layer_norm_ref, add_rms_norm_ref, layer_norm_ref, rms_norm_ref
+from kiln.kernels.norm import (add_layer_norm_ref, add_rms_norm_fp8_ref, add_rms_norm_ref, layer_norm_ref,
+                               rms_norm_fp8_ref, rms_norm_ref)
 from kiln.kernels.rotary import rotary_kv_write_ref
 
-OPS = ("rms_norm", "add_rms_norm", "layer_norm", "add_layer_norm", "silu_mul", "gelu", "rotary_kv_write",
-       "attention")
+OPS = ("rms_norm", "add_rms_norm", "rms_norm_fp8", "add_rms_norm_fp8", "layer_norm", "add_layer_norm", "silu_mul",
+       "silu_mul_fp8", "gelu", "rotary_kv_write", "attention")
 
 # The ops of the Llama-family decoder (Llama, Mistral, Qwen2): what a plan covers unless told the ops
 # its model calls (GPT-J: layer_norm, add_layer_norm, gelu, rotary_kv_write, attention).
@@ -27,9 +30,12 @@ LLAMA_OPS = ("rms_norm", "add_rms_norm", "silu_mul", "rotary_kv_write", "attenti
 _REFERENCE: dict[str, Callable] = {
     "rms_norm": rms_norm_ref,
     "add_rms_norm": add_rms_norm_ref,
+    "rms_norm_fp8": rms_norm_fp8_ref,
+    "add_rms_norm_fp8": add_rms_norm_fp8_ref,
     "layer_norm": layer_norm_ref,
     "add_layer_norm": add_layer_norm_ref,
     "silu_mul": silu_mul_ref,
+    "silu_mul_fp8": silu_mul_fp8_ref,
     "gelu": gelu_ref,
     "rotary_kv_write": rotary_kv_write_ref,
     "attention": paged_attention_ref,

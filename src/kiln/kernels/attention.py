@@ -32,8 +32,9 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 
+from kiln.kernels.fp8 import FP8_CONSTEXPRS, fp8_row_scales, to_fp8
 from kiln.kernels.triton_jit import jit, next_power_of_2, tl
-from kiln.quantization.fp8 import FP8_DTYPE, FP8_MAX, FP8_MAX_INV, MIN_AMAX, dequantize_fp8, quantize_fp8_per_token
+from kiln.quantization.fp8 import FP8_DTYPE, FP8_MAX, FP8_MAX_INV, dequantize_fp8, quantize_fp8_per_token
 
 # Triton converts float8e4nv (e4m3, what float8_e4m3fn tensors are to it) only on sm89+: on an sm80 / sm86
 # GPU a kernel that loads or stores one does not compile ("type fp8e4nv not supported in this
@@ -285,9 +286,8 @@ def _paged_attention_kernel(
     row_scale = tl.full([BLOCK_Q * BLOCK_G], 1.0, tl.float32)
     if IS_FP8_DOT:  # each query row to e4m3 with its own scale, as quantize_fp8_per_token
         q_f32 = q.to(tl.float32)
-        q_scale = tl.maximum(tl.max(tl.abs(q_f32), 1), MIN_AMAX) * FP8_MAX_INV
-        q = tl.minimum(tl.maximum(tl.div_rn(q_f32, q_scale[:, None]), -FP8_MAX), FP8_MAX).to(
-            tl.float8e4nv, fp_downcast_rounding="rtne")
+        q_scale = fp8_row_scales(q_f32, FP8_MAX_INV, MIN_AMAX)
+        q = to_fp8(q_f32, q_scale[:, None], FP8_MAX)
         row_scale = q_scale
         out_scale = out_scale * FP8_MAX_INV  # P entered the dot as P * FP8_MAX
     row_scale = row_scale * qk_scale
@@ -453,8 +453,8 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         BLOCK_N=max(MIN_FP8_DOT_K, config["BLOCK_N"]) if is_fp8_dot else config["BLOCK_N"],
         BLOCK_D=max(MIN_FP8_DOT_K if is_fp8_dot else 16, next_power_of_2(head_dim)),
         IS_SPLIT=is_split, IS_FP8_KV=is_fp8_kv, IS_FP8_DOT=is_fp8_dot,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", FP8_MAX=FP8_MAX, FP8_MAX_INV=FP8_MAX_INV,
-        MIN_AMAX=MIN_AMAX, num_warps=config["num_warps"], num_stages=config["num_stages"])
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", **FP8_CONSTEXPRS,
+        num_warps=config["num_warps"], num_stages=config["num_stages"])
     if is_split:
         _split_reduce_kernel[(num_heads, num_seqs)](
             partial_out, partial_lse, meta.query_start_loc, out, out.stride(0), out.stride(1), num_splits,

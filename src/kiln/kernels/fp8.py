@@ -1,16 +1,21 @@
 """FP8 (e4m3) linear layers on the GPU, beside their references in kiln.quantization.fp8.
 
+- ``fp8_row_scales`` / ``to_fp8``: the per-token scale and the e4m3 conversion as ``@jit`` helpers, the
+  one copy of that arithmetic every kernel that quantizes uses (this file's, the ``*_fp8`` RMSNorm and
+  SiLU·up of norm.py / activation.py that quantize in their epilogue, FP8 context attention's queries).
 - ``quantize_fp8_per_token_triton`` / ``quantize_fp8_static_triton``: activations to e4m3, one row per
   program (reference: quantize_fp8_per_token / quantize_fp8_static).
-- ``fp8_linear_gpu``: W8A8, the activations quantized per token (or with the checkpoint's static scale)
-  and multiplied by ``torch._scaled_mm`` on the tensor cores (reference: fp8_linear_ref).
+- ``fp8_linear_gpu``: W8A8, the activations quantized per token (or with the checkpoint's static scale),
+  or handed over quantized already (an Fp8Activation from a ``*_fp8`` kernel), and multiplied by
+  ``torch._scaled_mm`` on the tensor cores (reference: fp8_linear_ref / fp8_matmul_ref).
 - ``fp8_gemv``: W8A16 for a few rows (batch-1 decode): the fp8 weights are read once with wide loads and
   converted in registers, the activations stay in their 16-bit dtype (reference: fp8_w8a16_linear_ref).
   At M = 1 ``_scaled_mm`` streams the weights at half the copy bandwidth (TARGETS.md); the GEMV also
   skips the activation-quantization launch and its rounding, so it is both faster and more accurate
   there. Its grid also covers more rows, one BLOCK_M slice per program, for the shapes ``_scaled_mm``
   refuses.
-- ``fp8_linear``: the choice between the two by row count and shape.
+- ``fp8_linear``: the choice between the two by row count and shape (``uses_scaled_mm``, which the fp8
+  linear method also asks to know when its input should come quantized).
 
 Weight scales are [N, 1] (per output channel, or per row of a fused weight) or 0-d (per tensor);
 activation scales [M, 1] (per token) or 0-d (static): see kiln.quantization.fp8.
@@ -25,36 +30,51 @@ import torch
 
 from kiln.errors import ConfigError
 from kiln.kernels.triton_jit import jit, next_power_of_2, tl
-from kiln.quantization.fp8 import FP8_DTYPE, FP8_MAX, FP8_MAX_INV, MIN_AMAX
+from kiln.quantization.fp8 import FP8_DTYPE, FP8_MAX, FP8_MAX_INV, MIN_AMAX, Fp8Activation
 
 # ---- activation quantization ---------------------------------------------------------------------
+
+# The constants every kernel that quantizes to e4m3 takes (constexpr arguments: a kernel may read only
+# tl.constexpr globals, which this module cannot make without Triton installed).
+FP8_CONSTEXPRS = {"FP8_MAX": FP8_MAX, "FP8_MAX_INV": FP8_MAX_INV, "MIN_AMAX": MIN_AMAX}
+
+
+@jit
+def fp8_row_scales(x, FP8_MAX_INV: tl.constexpr, MIN_AMAX: tl.constexpr):
+    """Per-token scales of a float32 tile x [ROWS, COLS] whose padding is 0: max(amax, MIN_AMAX) *
+    fl(1 / 448) per row, [ROWS] float32, as quantize_fp8_per_token computes them."""
+    return tl.maximum(tl.max(tl.abs(x), axis=1), MIN_AMAX) * FP8_MAX_INV
+
+
+@jit
+def to_fp8(x, scale, FP8_MAX: tl.constexpr):
+    """x / scale in IEEE division (as torch divides by a tensor; Triton's ``/`` is approximate), clamped to
+    ±448 and rounded to nearest-even e4m3: bit for bit quantize_fp8_static's arithmetic. The one home
+    of e4m3 quantization in kiln's kernels: the quantization kernel below, the norm and SiLU·up kernels
+    that quantize in their epilogue, FP8 context attention's query rows."""
+    return tl.minimum(tl.maximum(tl.div_rn(x, scale), -FP8_MAX), FP8_MAX).to(tl.float8e4nv,
+                                                                             fp_downcast_rounding="rtne")
 
 
 @jit
 def _quantize_fp8_kernel(x_ptr, x_row_stride, scale_ptr, out_ptr, out_row_stride, num_cols,
                          IS_DYNAMIC: tl.constexpr, FP8_MAX: tl.constexpr, FP8_MAX_INV: tl.constexpr,
                          MIN_AMAX: tl.constexpr, BLOCK: tl.constexpr):
-    """One row per program. IS_DYNAMIC: the row's scale is max(amax, MIN_AMAX) * fl(1 / 448), written to
-    scale_ptr[row]; otherwise the one static scale is read from scale_ptr. The row is divided by it
-    (IEEE division, as torch divides by a tensor; Triton's ``/`` is approximate), clamped to ±448 and
-    rounded to nearest e4m3: bit for bit the reference's arithmetic."""
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK)
+    """One row per program, a [1, BLOCK] tile. IS_DYNAMIC: the row's scale (fp8_row_scales) is written to
+    scale_ptr[row]; otherwise the one static scale is read from scale_ptr."""
+    row = tl.program_id(0).to(tl.int64) + tl.arange(0, 1)[:, None]
+    cols = tl.arange(0, BLOCK)[None, :]
     mask = cols < num_cols
     x = tl.load(x_ptr + row * x_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
     if IS_DYNAMIC:
-        amax = tl.max(tl.abs(x), axis=0)
-        scale = tl.maximum(amax, MIN_AMAX) * FP8_MAX_INV
+        scale = fp8_row_scales(x, FP8_MAX_INV, MIN_AMAX)[:, None]
         tl.store(scale_ptr + row, scale)
     else:
         scale = tl.load(scale_ptr)
-    q = tl.minimum(tl.maximum(tl.div_rn(x, scale), -FP8_MAX), FP8_MAX)
-    tl.store(out_ptr + row * out_row_stride + cols, q.to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne"),
-             mask=mask)
+    tl.store(out_ptr + row * out_row_stride + cols, to_fp8(x, scale, FP8_MAX), mask=mask)
 
 
-def _quantize_fp8(x: torch.Tensor, scale: torch.Tensor | None, num_warps: int | None
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+def _quantize_fp8(x: torch.Tensor, scale: torch.Tensor | None, num_warps: int | None) -> Fp8Activation:
     num_cols = x.shape[-1]
     rows = x.reshape(-1, num_cols)
     assert rows.stride(-1) == 1
@@ -69,14 +89,12 @@ def _quantize_fp8(x: torch.Tensor, scale: torch.Tensor | None, num_warps: int | 
         # 16 bytes of the input per thread and load where the row allows it, at least 1 warp, at most 16.
         num_warps = num_warps or min(max(num_cols * x.element_size() // (16 * 32), 1), 16)
         _quantize_fp8_kernel[(rows.shape[0],)](
-            rows, rows.stride(0), scale, out, num_cols, num_cols, IS_DYNAMIC=is_dynamic, FP8_MAX=FP8_MAX,
-            FP8_MAX_INV=FP8_MAX_INV, MIN_AMAX=MIN_AMAX, BLOCK=next_power_of_2(num_cols),
-            num_warps=next_power_of_2(num_warps))
-    return out, scale
+            rows, rows.stride(0), scale, out, num_cols, num_cols, IS_DYNAMIC=is_dynamic, **FP8_CONSTEXPRS,
+            BLOCK=next_power_of_2(num_cols), num_warps=next_power_of_2(num_warps))
+    return Fp8Activation(out, scale)
 
 
-def quantize_fp8_per_token_triton(x: torch.Tensor, num_warps: int | None = None
-                                  ) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_fp8_per_token_triton(x: torch.Tensor, num_warps: int | None = None) -> Fp8Activation:
     """As quantize_fp8_per_token: x [..., K] -> (x_fp8 [..., K], scale [..., 1] float32)."""
     return _quantize_fp8(x, None, num_warps)
 
@@ -126,36 +144,43 @@ def scaled_mm_refusal(n: int, k: int, x_dtype: torch.dtype, is_rowwise: bool,
     return None
 
 
-def fp8_linear_gpu(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor, x_scale: torch.Tensor | None = None,
-                   bias: torch.Tensor | None = None, use_fast_accum: bool = False) -> torch.Tensor:
+def fp8_linear_gpu(x: torch.Tensor | Fp8Activation, w_fp8: torch.Tensor, w_scale: torch.Tensor,
+                   x_scale: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+                   use_fast_accum: bool = False, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """As fp8_linear_ref: x [..., K] quantized per token (``x_scale`` None) or with the static 0-d
-    ``x_scale``, times w_fp8 [N, K] with ``w_scale`` [N, 1] or 0-d, in ``torch._scaled_mm``.
+    ``x_scale``, times w_fp8 [N, K] with ``w_scale`` [N, 1] or 0-d, in ``torch._scaled_mm``. x may come
+    quantized per token already (an Fp8Activation, from the epilogue of the kernel before: see
+    kiln.kernels.norm / activation), with the ``out_dtype`` the layer writes; otherwise out_dtype is x's.
 
     Per-tensor weight and static activation scales take the tensor-wise kernel (Ada and Hopper); any
     other combination the row-wise one (Hopper), each scale broadcast to its [M, 1] / [1, N] vector.
     Raises ConfigError where ``_scaled_mm`` cannot run the shape (see scaled_mm_refusal: fp8_linear
     then takes the GEMV). ``use_fast_accum`` sums in the tensor cores' reduced precision: faster at
     large M, less accurate."""
-    num_cols, n = x.shape[-1], w_fp8.shape[0]
+    is_quantized = isinstance(x, Fp8Activation)
+    out_dtype = out_dtype if is_quantized else x.dtype
+    shape = x.data.shape if is_quantized else x.shape
+    num_cols, n = shape[-1], w_fp8.shape[0]
     is_rowwise = x_scale is None or w_scale.dim() > 0
-    capability = _capability(x.device)
-    refusal = scaled_mm_refusal(n, num_cols, x.dtype, is_rowwise, capability)
+    capability = _capability(x.data.device if is_quantized else x.device)
+    refusal = scaled_mm_refusal(n, num_cols, out_dtype, is_rowwise, capability)
     if refusal:
         raise ConfigError(f"FP8 linear {num_cols} -> {n}: {refusal}")
-    rows = x.reshape(-1, num_cols)
-    if x_scale is None:
-        x_fp8, scale_a = quantize_fp8_per_token_triton(rows)
+    if is_quantized:
+        x_fp8, scale_a = x.data.reshape(-1, num_cols), x.scale.reshape(-1, 1)
+    elif x_scale is None:
+        x_fp8, scale_a = quantize_fp8_per_token_triton(x.reshape(-1, num_cols))
     else:
-        x_fp8 = quantize_fp8_static_triton(rows, x_scale)
-        scale_a = x_scale.expand(rows.shape[0], 1).contiguous() if is_rowwise else x_scale
+        x_fp8 = quantize_fp8_static_triton(x.reshape(-1, num_cols), x_scale)
+        scale_a = x_scale.expand(x_fp8.shape[0], 1).contiguous() if is_rowwise else x_scale
     scale_b = w_scale.reshape(1, -1).expand(1, n).contiguous() if is_rowwise else w_scale
     # Row-wise kernels want a bias in the output dtype; added here after the product otherwise.
-    fused_bias = bias if bias is not None and bias.dtype == x.dtype else None
-    out = torch._scaled_mm(x_fp8, w_fp8.t(), scale_a=scale_a, scale_b=scale_b, bias=fused_bias, out_dtype=x.dtype,
+    fused_bias = bias if bias is not None and bias.dtype == out_dtype else None
+    out = torch._scaled_mm(x_fp8, w_fp8.t(), scale_a=scale_a, scale_b=scale_b, bias=fused_bias, out_dtype=out_dtype,
                            use_fast_accum=use_fast_accum)
     if bias is not None and fused_bias is None:
-        out = (out.float() + bias.float()).to(x.dtype)
-    return out.view(*x.shape[:-1], n)
+        out = (out.float() + bias.float()).to(out_dtype)
+    return out.view(*shape[:-1], n)
 
 
 # ---- W8A16 GEMV ----------------------------------------------------------------------------------
@@ -300,19 +325,25 @@ def fp8_gemv(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor, bias: 
 MAX_GEMV_ROWS = 16
 
 
+def uses_scaled_mm(num_rows: int, n: int, k: int, dtype: torch.dtype, device: torch.device,
+                   is_rowwise: bool = True, max_gemv_rows: int = MAX_GEMV_ROWS) -> bool:
+    """Whether fp8_linear multiplies ``num_rows`` rows of ``dtype`` on ``device`` by an [n, k] weight with
+    ``_scaled_mm`` (quantizing them first) rather than the GEMV. A function of shapes alone, so a CUDA
+    graph replays the choice it captured."""
+    return num_rows > max_gemv_rows and scaled_mm_refusal(n, k, dtype, is_rowwise, _capability(device)) is None
+
+
 def fp8_linear(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor, x_scale: torch.Tensor | None = None,
                bias: torch.Tensor | None = None, max_gemv_rows: int = MAX_GEMV_ROWS,
                gemv: dict[str, Any] | None = None) -> torch.Tensor:
     """The FP8 linear layer on the GPU: the W8A16 GEMV up to ``max_gemv_rows`` rows, W8A8 ``_scaled_mm``
-    beyond; the GEMV at any row count where ``_scaled_mm`` refuses the shape (a builder should say so:
-    check scaled_mm_refusal up front). ``x_scale`` (static) is used by _scaled_mm only: the GEMV does
-    not quantize activations."""
-    num_rows = x.numel() // x.shape[-1]
-    if num_rows > max_gemv_rows:
-        is_rowwise = x_scale is None or w_scale.dim() > 0
-        capability = _capability(x.device)
-        if scaled_mm_refusal(w_fp8.shape[0], x.shape[-1], x.dtype, is_rowwise, capability) is None:
-            return fp8_linear_gpu(x, w_fp8, w_scale, x_scale, bias)
+    beyond (uses_scaled_mm); the GEMV at any row count where ``_scaled_mm`` refuses the shape (a builder
+    should say so: check scaled_mm_refusal up front). ``x_scale`` (static) is used by _scaled_mm only:
+    the GEMV does not quantize activations."""
+    is_rowwise = x_scale is None or w_scale.dim() > 0
+    if uses_scaled_mm(x.numel() // x.shape[-1], w_fp8.shape[0], x.shape[-1], x.dtype, x.device, is_rowwise,
+                      max_gemv_rows):
+        return fp8_linear_gpu(x, w_fp8, w_scale, x_scale, bias)
     return fp8_gemv(x, w_fp8, w_scale, bias, **(gemv or {}))
 
 

@@ -1,11 +1,20 @@
-"""RMSNorm and LayerNorm, each optionally fused with the residual add that precedes it."""
+"""RMSNorm and LayerNorm, each optionally fused with the residual add that precedes it.
+
+RMSNorm (with the add or not) also comes quantized to e4m3 per token (``rms_norm_fp8``,
+``add_rms_norm_fp8``) for an FP8 Linear that would quantize the norm's output itself: the kernel rounds
+the normalized row to the input dtype as the plain norm writes it, then quantizes it in its epilogue
+(kiln.kernels.fp8's ``fp8_row_scales`` / ``to_fp8``), so the bytes and scales are those of the plain
+norm followed by quantize_fp8_per_token, and no quantization kernel runs after it.
+"""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from kiln.kernels.fp8 import FP8_CONSTEXPRS, fp8_row_scales, to_fp8
 from kiln.kernels.triton_jit import jit, next_power_of_2, tl
+from kiln.quantization.fp8 import FP8_DTYPE, Fp8Activation, quantize_fp8_per_token
 
 
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -19,6 +28,18 @@ def add_rms_norm_ref(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tens
     """Returns (rms_norm(x + residual), x + residual): the normalized input and the new residual."""
     new_residual = x + residual
     return rms_norm_ref(new_residual, weight, eps), new_residual
+
+
+def rms_norm_fp8_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> Fp8Activation:
+    """rms_norm_ref's output quantized per token: what an FP8 Linear after the norm would quantize."""
+    return quantize_fp8_per_token(rms_norm_ref(x, weight, eps))
+
+
+def add_rms_norm_fp8_ref(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+                         ) -> tuple[Fp8Activation, torch.Tensor]:
+    """add_rms_norm_ref with the normalized output quantized per token."""
+    normed, new_residual = add_rms_norm_ref(x, residual, weight, eps)
+    return quantize_fp8_per_token(normed), new_residual
 
 
 def layer_norm_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
@@ -36,11 +57,13 @@ def add_layer_norm_ref(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
 
 @jit
 def _rms_norm_kernel(x_ptr, x_row_stride, x_head_stride, residual_ptr, residual_row_stride, weight_ptr, out_ptr,
-                     num_rows, num_heads, num_cols, eps, HAS_RESIDUAL: tl.constexpr, BLOCK_ROWS: tl.constexpr,
-                     BLOCK: tl.constexpr):
+                     scale_ptr, num_rows, num_heads, num_cols, eps, HAS_RESIDUAL: tl.constexpr,
+                     IS_FP8_OUT: tl.constexpr, FP8_MAX: tl.constexpr, FP8_MAX_INV: tl.constexpr,
+                     MIN_AMAX: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK: tl.constexpr):
     """BLOCK_ROWS rows per program; row r of x is head r % num_heads of token r // num_heads (num_heads
     is 1 but for a head-strided [T, heads, D] view). With HAS_RESIDUAL, x + residual is written back to
-    residual and normalized."""
+    residual and normalized. IS_FP8_OUT: the output, rounded to x's dtype as it would be stored, is
+    quantized per row to e4m3 in out_ptr, its scales in scale_ptr."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)[:, None]
     cols = tl.arange(0, BLOCK)[None, :]
     mask = (rows < num_rows) & (cols < num_cols)
@@ -56,7 +79,14 @@ def _rms_norm_kernel(x_ptr, x_row_stride, x_head_stride, residual_ptr, residual_
     # Rounded to the input dtype before the weight product, as the reference does.
     normed = (xf * rstd).to(x.dtype).to(tl.float32)
     weight = tl.load(weight_ptr + cols, mask=cols < num_cols, other=0.0).to(tl.float32)
-    tl.store(out_ptr + rows * num_cols + cols, (normed * weight).to(out_ptr.dtype.element_ty), mask=mask)
+    out_ptrs = out_ptr + rows * num_cols + cols
+    if IS_FP8_OUT:
+        out = (normed * weight).to(x.dtype).to(tl.float32)  # the plain norm's stored value (its padding 0)
+        scale = fp8_row_scales(out, FP8_MAX_INV, MIN_AMAX)[:, None]
+        tl.store(scale_ptr + rows, scale, mask=rows < num_rows)
+        tl.store(out_ptrs, to_fp8(out, scale, FP8_MAX), mask=mask)
+    else:
+        tl.store(out_ptrs, (normed * weight).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @jit
@@ -104,7 +134,7 @@ def norm_rows_per_program(num_rows: int, num_cols: int, num_warps: int) -> int:
 
 
 def _rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
-              num_warps: int | None) -> torch.Tensor:
+              num_warps: int | None, is_fp8_out: bool = False) -> torch.Tensor | Fp8Activation:
     num_cols = x.shape[-1]
     if x.dim() == 3 and residual is None:  # [T, heads, D], read in place even when head-strided
         rows, (row_stride, head_stride, _), num_heads = x, x.stride(), x.shape[1]
@@ -112,16 +142,23 @@ def _rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tens
         rows = x.reshape(-1, num_cols)
         row_stride, head_stride, num_heads = rows.stride(0), 0, 1
     num_rows = x.numel() // num_cols
-    out = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+    if is_fp8_out:
+        # The value quantized is the plain norm's output, of x's dtype (rounded to it in the kernel).
+        assert weight.dtype == x.dtype and (residual is None or residual.dtype == x.dtype)
+        out = torch.empty(x.shape, dtype=FP8_DTYPE, device=x.device)
+        scale = torch.empty(*x.shape[:-1], 1, dtype=torch.float32, device=x.device)
+    else:
+        out = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+        scale = out  # not read
     residual_rows = rows if residual is None else residual.view(-1, num_cols)
     assert rows.stride(-1) == 1 and residual_rows.stride(-1) == 1 and weight.is_contiguous()
     num_warps = num_warps or default_norm_warps(num_cols)
     block_rows = norm_rows_per_program(num_rows, num_cols, num_warps)
     _rms_norm_kernel[(-(-num_rows // block_rows),)](
-        rows, row_stride, head_stride, residual_rows, residual_rows.stride(0), weight, out, num_rows, num_heads,
-        num_cols, eps, HAS_RESIDUAL=residual is not None, BLOCK_ROWS=block_rows, BLOCK=next_power_of_2(num_cols),
-        num_warps=num_warps)
-    return out
+        rows, row_stride, head_stride, residual_rows, residual_rows.stride(0), weight, out, scale, num_rows,
+        num_heads, num_cols, eps, HAS_RESIDUAL=residual is not None, IS_FP8_OUT=is_fp8_out, **FP8_CONSTEXPRS,
+        BLOCK_ROWS=block_rows, BLOCK=next_power_of_2(num_cols), num_warps=num_warps)
+    return Fp8Activation(out, scale) if is_fp8_out else out
 
 
 def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, num_warps: int | None = None
@@ -135,6 +172,19 @@ def add_rms_norm_triton(x: torch.Tensor, residual: torch.Tensor, weight: torch.T
                         num_warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """As add_rms_norm_ref in one pass; the new residual is written in place of ``residual``."""
     return _rms_norm(x, residual, weight, eps, num_warps), residual
+
+
+def rms_norm_fp8_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, num_warps: int | None = None
+                        ) -> Fp8Activation:
+    """As rms_norm_fp8_ref over [T, H] (x, weight of one dtype): rms_norm_triton and quantize_fp8_per_token
+    in one pass."""
+    return _rms_norm(x, None, weight, eps, num_warps, is_fp8_out=True)
+
+
+def add_rms_norm_fp8_triton(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                            num_warps: int | None = None) -> tuple[Fp8Activation, torch.Tensor]:
+    """As add_rms_norm_fp8_ref in one pass; the new residual is written in place of ``residual``."""
+    return _rms_norm(x, residual, weight, eps, num_warps, is_fp8_out=True), residual
 
 
 def _layer_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor,

@@ -12,6 +12,7 @@ from kiln.layers.context import LayerContext
 from kiln.layers.linear import Linear
 from kiln.layers.norm import RMSNorm
 from kiln.layers.rotary import Rotary
+from kiln.quantization.fp8 import Fp8Activation
 
 
 class KvCacheScales(Layer):
@@ -53,10 +54,11 @@ class Attention(nn.Module):
         self.scale = head_dim ** -0.5
         self.use_fp8_context_fmha = ctx.use_fp8_context_fmha
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
-                attn: AttentionMetadata) -> torch.Tensor:
-        """x [T, hidden]; kv_cache [2, blocks, block_size, Hkv, D], this layer's keys and values."""
-        num_tokens = x.shape[0]
+    def forward(self, x: torch.Tensor | Fp8Activation, positions: torch.Tensor, kv_cache: torch.Tensor,
+                slot_mapping: torch.Tensor, attn: AttentionMetadata) -> torch.Tensor:
+        """x [T, hidden] (an Fp8Activation where the norm before quantized it for an FP8 qkv); kv_cache [2,
+        blocks, block_size, Hkv, D], this layer's keys and values."""
+        num_tokens = positions.shape[0]
         q, k, v = self.qkv(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)

@@ -8,8 +8,10 @@ Build time: each float checkpoint weight [N, K] becomes ``weight`` (float8_e4m3f
 fusing costs nothing per channel; per tensor, the fused weight shares one scale. Run time: on CUDA
 ``fp8_linear`` (the W8A16 GEMV up to 16 rows, row-wise ``torch._scaled_mm`` above where the target
 allows: see ``large_batch_kernel``); on the CPU ``fp8_linear_ref`` (the W8A8 arithmetic in float32),
-which is how CI runs every FP8 engine. The embedding and the LM head are not ``Linear``s: they stay in
-the engine dtype.
+which is how CI runs every FP8 engine. Where ``_scaled_mm`` runs, the input comes quantized already
+(``wants_fp8_input``): the RMSNorm or SiLU·up kernel before the Linear writes it in e4m3 with its scales
+(an Fp8Activation), and ``apply`` multiplies it as it is. The embedding and the LM head are not
+``Linear``s: they stay in the engine dtype.
 """
 
 from __future__ import annotations
@@ -17,10 +19,10 @@ from __future__ import annotations
 import torch
 
 from kiln.config import BuildConfig
-from kiln.kernels.fp8 import MAX_GEMV_ROWS, fp8_linear, scaled_mm_refusal
+from kiln.kernels.fp8 import MAX_GEMV_ROWS, fp8_linear, fp8_linear_gpu, scaled_mm_refusal, uses_scaled_mm
 from kiln.layers.linear import Linear, LinearMethod
-from kiln.quantization.fp8 import (FP8_DTYPE, Fp8Linear, fp8_linear_ref, quantize_fp8_weight,
-                                   requantize_fp8_per_tensor)
+from kiln.quantization.fp8 import (FP8_DTYPE, Fp8Activation, Fp8Linear, fp8_linear_ref, fp8_matmul_ref,
+                                   quantize_fp8_weight, requantize_fp8_per_tensor)
 
 # FP8 tensor cores: Ada (sm89) and Hopper (sm90+). Below, no FP8 matmul and no e4m3 conversion in hardware.
 MIN_FP8_CAPABILITY = 89
@@ -37,6 +39,7 @@ class Fp8LinearMethod(LinearMethod):
     activations are always quantized per token (finer)."""
 
     takes_fp8_weights = True  # convert accepts an Fp8Linear as well as a float weight
+    takes_fp8_input = True  # apply accepts an Fp8Activation where wants_fp8_input says so
 
     def __init__(self, scaling: str = "channel"):
         self.scaling = scaling  # one of BuildConfig's FP8_SCALINGS
@@ -79,7 +82,16 @@ class Fp8LinearMethod(LinearMethod):
     def kernels(self, target, dtype):
         return large_batch_kernel(target, dtype, self.scaling)
 
-    def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+    def wants_fp8_input(self, layer, num_rows, device):
+        """Where apply's fp8_linear would quantize the rows itself: on CUDA, for _scaled_mm."""
+        return device.type == "cuda" and uses_scaled_mm(num_rows, layer.out_features, layer.in_features,
+                                                        layer.dtype, device)
+
+    def apply(self, layer: Linear, x: torch.Tensor | Fp8Activation) -> torch.Tensor:
+        if isinstance(x, Fp8Activation):  # quantized by the kernel before (wants_fp8_input)
+            if x.data.is_cuda:
+                return fp8_linear_gpu(x, layer.weight, layer.weight_scale, bias=layer.bias, out_dtype=layer.dtype)
+            return fp8_matmul_ref(x, layer.weight, layer.weight_scale, layer.bias, layer.dtype)
         if x.is_cuda:
             return fp8_linear(x, layer.weight, layer.weight_scale, bias=layer.bias)
         return fp8_linear_ref(x, layer.weight, layer.weight_scale, bias=layer.bias)

@@ -4,6 +4,10 @@ A ``LinearMethod`` says (a) which tensors it stores for an [out, in] weight in a
 (b) how the builder makes them from the checkpoint's float weight, (c) the matmul at run time. The engine's
 build config names the method (``BuildConfig.quantization``, kept in the manifest); model files never do,
 so FP8 or INT4 weight-only is one new method class and one line in ``LINEAR_METHODS``.
+
+A method that quantizes its input to e4m3 per token itself may say so (``wants_fp8_input``): the block
+before the Linear (an RMSNorm that ``feeds`` it, GatedMLP's SiLU·up before ``down``) then hands it the
+input already quantized, an Fp8Activation, from the epilogue of its own kernel.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from kiln.config import BuildConfig
 from kiln.errors import ConfigError
 from kiln.layers.base import SMALL_STD, CheckpointTensor, Layer, empty_parameter
 from kiln.layers.parallel import Shard
+from kiln.quantization.fp8 import Fp8Activation
 
 
 class LinearMethod(ABC):
@@ -27,6 +32,9 @@ class LinearMethod(ABC):
     group_sizes: tuple[int, ...] = ()
     default_group_size: int | None = None
     group_size: int | None = None  # this method's, where it has groups
+    # apply also takes x as an Fp8Activation wherever wants_fp8_input says so; blocks then declare the
+    # *_fp8 kernel ops that make one (so the build tunes them).
+    takes_fp8_input = False
 
     @classmethod
     def from_build(cls, build: BuildConfig) -> LinearMethod:
@@ -59,8 +67,16 @@ class LinearMethod(ABC):
         """Build time: the stored tensors (as ``tensors`` lists them) from the float checkpoint weight."""
 
     @abstractmethod
-    def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
-        """x [T, in_features] -> [T, out_features], with the layer's bias (None or [out_features])."""
+    def apply(self, layer: Linear, x: torch.Tensor | Fp8Activation) -> torch.Tensor:
+        """x [T, in_features] -> [T, out_features], with the layer's bias (None or [out_features]); x is an
+        Fp8Activation only where ``wants_fp8_input`` said so."""
+
+    def wants_fp8_input(self, layer: Linear, num_rows: int, device: torch.device) -> bool:
+        """Whether ``apply``, given ``num_rows`` rows on ``device``, would first quantize them to e4m3 per
+        token itself, so that the kernel before it had better write them so (an Fp8Activation, which
+        apply then takes as it is). A function of shapes alone: a CUDA graph replays the answer it
+        captured. Only for a method that ``takes_fp8_input``."""
+        return False
 
     def shard(self, weight, shard: Shard):
         """Build time, tensor parallelism: a rank's part of what ``convert`` takes (the float weight; a
@@ -169,6 +185,11 @@ class Linear(Layer):
             stored["bias"] = torch.zeros_like(bias) if self.is_row_parallel and self.tp.rank else bias
         return stored
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def wants_fp8_input(self, rows: torch.Tensor) -> bool:
+        """Whether the method wants this Linear's input of as many rows as ``rows`` has (on its device) as
+        an Fp8Activation: asked by the block that makes the input, before it makes it."""
+        return self.method.wants_fp8_input(self, rows.shape[0], rows.device)
+
+    def forward(self, x: torch.Tensor | Fp8Activation) -> torch.Tensor:
         y = self.method.apply(self, x)
         return self.tp.all_reduce(y) if self.is_row_parallel else y

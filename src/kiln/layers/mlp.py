@@ -7,12 +7,12 @@ from torch import nn
 
 from kiln.layers.context import LayerContext
 from kiln.layers.linear import Linear
+from kiln.quantization.fp8 import Fp8Activation
 
 
 class GatedMLP(nn.Module):
-    """down(SiLU(gate(x)) * up(x)), gate and up in one fused projection."""
-
-    kernel_ops = ("silu_mul",)
+    """down(SiLU(gate(x)) * up(x)), gate and up in one fused projection. Where down's method wants its
+    input quantized to e4m3 (``Linear.wants_fp8_input``), SiLU·up's kernel writes it so."""
 
     def __init__(self, hidden_size: int, intermediate_size: int, ctx: LayerContext):
         super().__init__()
@@ -22,8 +22,15 @@ class GatedMLP(nn.Module):
         self.down = Linear(intermediate_size, hidden_size, ctx, shard_dim=1)
         self.ops = ctx.ops
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(self.ops.silu_mul(self.gate_up(x)))
+    @property
+    def kernel_ops(self) -> tuple[str, ...]:
+        return ("silu_mul", "silu_mul_fp8") if self.down.method.takes_fp8_input else ("silu_mul",)
+
+    def forward(self, x: torch.Tensor | Fp8Activation) -> torch.Tensor:
+        gate_up = self.gate_up(x)
+        if self.down.wants_fp8_input(gate_up):
+            return self.down(self.ops.silu_mul_fp8(gate_up))
+        return self.down(self.ops.silu_mul(gate_up))
 
 
 class MLP(nn.Module):

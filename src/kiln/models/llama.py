@@ -63,6 +63,9 @@ class LlamaLayer(nn.Module):
                               qkv_bias=config.qkv_bias, o_bias=config.o_bias, qk_norm_eps=eps if qk_norm else None)
         self.mlp_norm = RMSNorm(h, eps, ctx)
         self.mlp = GatedMLP(h, config.intermediate_size, ctx)
+        # Each norm's output goes to one projection alone: an FP8 one may take it quantized by the norm.
+        self.attn_norm.feeds(self.attn.qkv)
+        self.mlp_norm.feeds(self.mlp.gate_up)
 
     def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
                 kv_cache: torch.Tensor, slot_mapping: torch.Tensor, attn: AttentionMetadata

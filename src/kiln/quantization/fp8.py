@@ -6,7 +6,8 @@ Convention, for weights and activations alike: a scale is float32, it multiplies
 - per tensor: a 0-d tensor;
 - per output channel of a weight [N, K]: [N, 1] (also what a fused QKV / gate-up weight with a
   different scale per part carries, one row per output channel);
-- per token of activations [T, K]: [T, 1].
+- per token of activations [T, K]: [T, 1] (an ``Fp8Activation``: what a kernel before an FP8 matmul writes
+  when it quantizes in its epilogue, kiln.kernels.norm / activation).
 
 A scale is amax / 448 (448 is e4m3's largest finite value), so the largest magnitude maps to ±448;
 an amax of 0 (an all-zero row) is raised to MIN_AMAX first.
@@ -39,6 +40,13 @@ class Fp8Linear(NamedTuple):
     input_scale: torch.Tensor | None  # float32 0-d (static activation scale), None: quantized per token at run time
 
 
+class Fp8Activation(NamedTuple):
+    """Activations quantized per token: ``quantize_fp8_per_token``'s result, and what the norm or SiLU·up
+    before an FP8 Linear hands it where that Linear's method wants its input so (``wants_fp8_input``)."""
+    data: torch.Tensor  # float8_e4m3fn [..., K]
+    scale: torch.Tensor  # float32 [..., 1], one per token (0-d for a static scale)
+
+
 # Scales are computed as amax * fl(1 / 448): torch divides by a Python number as a multiplication by its
 # reciprocal on the GPU but not on the CPU, so "amax / 448" would round differently across devices and
 # against the Triton kernel. Multiplying by this float32 constant is one rounding, the same everywhere.
@@ -69,10 +77,10 @@ def quantize_fp8_weight(w: torch.Tensor, scaling: str = "channel") -> tuple[torc
     return quantize_fp8_static(w, scale), scale
 
 
-def quantize_fp8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_fp8_per_token(x: torch.Tensor) -> Fp8Activation:
     """Dynamic activation quantization: x [..., K] -> (x_fp8 [..., K], scale [..., 1]), one scale per token."""
     scale = _scale_from_amax(x.abs().amax(dim=-1, keepdim=True))
-    return quantize_fp8_static(x, scale), scale
+    return Fp8Activation(quantize_fp8_static(x, scale), scale)
 
 
 def _row_scale(w_scale: torch.Tensor) -> torch.Tensor:
@@ -85,11 +93,18 @@ def fp8_linear_ref(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor, 
     """W8A8: y = x @ w.T + bias, with x quantized to e4m3 per token (``x_scale`` None, dynamic) or with the
     checkpoint's static per-tensor ``x_scale``; the fp8 products are summed in float32 and scaled after,
     as ``torch._scaled_mm`` does. x: [..., K], w_fp8: [N, K]; returns [..., N] in x's dtype."""
-    x_fp8, x_scale = quantize_fp8_per_token(x) if x_scale is None else (quantize_fp8_static(x, x_scale), x_scale)
-    y = (x_fp8.float() @ w_fp8.float().t()) * x_scale * _row_scale(w_scale)
+    x_fp8 = quantize_fp8_per_token(x) if x_scale is None else Fp8Activation(quantize_fp8_static(x, x_scale), x_scale)
+    return fp8_matmul_ref(x_fp8, w_fp8, w_scale, bias, x.dtype)
+
+
+def fp8_matmul_ref(x: Fp8Activation, w_fp8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
+                   out_dtype: torch.dtype) -> torch.Tensor:
+    """fp8_linear_ref's product of activations already quantized: [..., K] e4m3 with their scales, times
+    w_fp8 [N, K]; returns [..., N] in ``out_dtype``."""
+    y = (x.data.float() @ w_fp8.float().t()) * x.scale * _row_scale(w_scale)
     if bias is not None:
         y = y + bias.float()
-    return y.to(x.dtype)
+    return y.to(out_dtype)
 
 
 def fp8_w8a16_linear_ref(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor,
