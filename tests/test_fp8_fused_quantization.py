@@ -299,6 +299,21 @@ def test_fp8_model_forward_with_the_fusion_equals_the_forward_without(family, dt
         ({"layer_norm": 1, "add_layer_norm": 2} if family == "gptj" else {"add_rms_norm": 1})
 
 
+@pytest.mark.skipif(ON_GPU, reason="the CPU's path (the fused path forced)")
+def test_an_engine_whose_plan_predates_the_fused_ops_keeps_the_unfused_path(monkeypatch):
+    """An fp8 engine built before the *_fp8 ops existed has no plan entry for them: its blocks take the plain
+    ops (whose plan entries were tuned) and the Linear quantizes, rather than the fused ops' references."""
+    config = CONFIGS["llama"]
+    ops = KernelOps({op: entry for op, entry in reference_plan(OPS).items() if op not in FUSED_OPS})
+    model = fp8_model(config, ops, torch.float32)
+    always_fp8_input(monkeypatch)
+    calls = Counter()
+    counting_calls(monkeypatch, ops, calls)
+    forward(model, config, [20, 13])
+    assert not any(calls[op] for op in FUSED_OPS)
+    assert calls["quantized by the Linear"] == 4 * config.num_layers
+
+
 @pytest.mark.skipif(ON_GPU, reason="the interpreter's; the gpu test below runs the kernels compiled")
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
 def test_fp8_model_forward_with_the_fused_kernels_equals_the_forward_without(family, monkeypatch, rounding_casts):

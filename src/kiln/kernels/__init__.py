@@ -84,6 +84,11 @@ class KernelOps:
             config = entry.get("config") or {}
             setattr(self, op, functools.partial(fn, **config) if config else fn)
 
+    def planned(self, op: str) -> bool:
+        """Whether the plan names ``op``: an engine built before an op existed binds it to the reference, so
+        a block with a choice (the ``*_fp8`` ops) keeps to the ops the plan names instead."""
+        return op in self.plan
+
     @property
     def uses_triton(self) -> bool:
         return any(self.plan.get(op, {}).get("impl") == "triton" for op in OPS)

@@ -28,7 +28,7 @@ class GatedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor | Fp8Activation) -> torch.Tensor:
         gate_up = self.gate_up(x)
-        if self.down.wants_fp8_input(gate_up):
+        if self.ops.planned("silu_mul_fp8") and self.down.wants_fp8_input(gate_up):
             return self.down(self.ops.silu_mul_fp8(gate_up))
         return self.down(self.ops.silu_mul(gate_up))
 

@@ -46,7 +46,7 @@ class RMSNorm(_Norm):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None
                 ) -> tuple[torch.Tensor | Fp8Activation, torch.Tensor]:
-        if self.consumer and self.consumer[0].wants_fp8_input(x):
+        if self.consumer and self.ops.planned("add_rms_norm_fp8") and self.consumer[0].wants_fp8_input(x):
             if residual is None:
                 return self.ops.rms_norm_fp8(x, self.weight, self.eps), x
             return self.ops.add_rms_norm_fp8(x, residual, self.weight, self.eps)
