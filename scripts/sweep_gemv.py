@@ -33,21 +33,13 @@ CANDIDATES = {
     "int8": [cfg(n, k, w, st) for n, k, w, st in itertools.product((4, 8), (512, 1024), (4,), (1, 2, 3, 4))],
     "int4": [cfg(n, k, w, st) for n, k, w, st in itertools.product((8, 16), (1024, 2048), (2, 4), (1, 2, 3))],
 }
-# The 1-row GEMVs' launch options (kiln.kernels.fp8 / weight_only GEMV_OPTIONS, unmeasured before this
-# sweep): PREFETCH loads the next K step before this step's arithmetic; REDUCE_EACH_STEP (FP8, INT8) sums
-# along K every step, which frees the accumulator's registers for BLOCK_K 2048 / 4096 (a whole row of K
-# 4096 per step). FP8 / INT8: the default's BLOCK_N 4 at BLOCK_K 1024 (the default's), 2048 and 4096;
-# INT4: BLOCK_N 8 / 16 at BLOCK_K 1024 / 2048 (8 / 16 blocks a step), 4 warps.
-PREFETCH, REDUCE = {"PREFETCH": True}, {"REDUCE_EACH_STEP": True}
-ROW_OPTION_CANDIDATES = [cfg(4, k, w, **options) for k, w, options in (
-    (1024, 4, PREFETCH), (1024, 4, REDUCE), (1024, 4, PREFETCH | REDUCE), (2048, 4, REDUCE),
-    (2048, 4, PREFETCH | REDUCE), (4096, 4, REDUCE), (4096, 8, REDUCE), (4096, 8, PREFETCH | REDUCE))]
-OPTION_CANDIDATES = {
-    "bf16": [],
-    "fp8": ROW_OPTION_CANDIDATES,
-    "int8": ROW_OPTION_CANDIDATES,
-    "int4": [cfg(n, k, 4, **PREFETCH) for n, k in itertools.product((8, 16), (1024, 2048))],
-}
+# The 1-row GEMVs' launch options (kiln.kernels.fp8 / weight_only GEMV_OPTIONS): REDUCE_EACH_STEP (FP8,
+# INT8) sums along K every step, which frees the accumulator's registers for BLOCK_K 2048 / 4096 (a whole
+# row of K 4096 per step): the default's BLOCK_N 4 at BLOCK_K 1024 (the default's), 2048 and 4096.
+# (PREFETCH, timed here on the H200 2026-12-03, lost everywhere and is gone: docs/benchmarks.md.)
+ROW_OPTION_CANDIDATES = [cfg(4, k, w, REDUCE_EACH_STEP=True)
+                         for k, w in ((1024, 4), (2048, 4), (4096, 4), (4096, 8))]
+OPTION_CANDIDATES = {"bf16": [], "fp8": ROW_OPTION_CANDIDATES, "int8": ROW_OPTION_CANDIDATES, "int4": []}
 # More than one row (--rows): the tensor-core tiles (BLOCK_M 16) of the weight-only kernels.
 TILE_CANDIDATES = {
     "bf16": [None],

@@ -242,7 +242,7 @@ ONE_ROW_CASES = [
     (1, 40, 100, {"BLOCK_M": 1, "BLOCK_N": 16, "BLOCK_K": 128, "num_warps": 4, "num_stages": 1}),  # K < a step
     (1, 24, 256, {"BLOCK_M": 1, "BLOCK_N": 8, "BLOCK_K": 256, "num_warps": 4, "num_stages": 1}),  # one whole step
 ]
-OPTION_SETS = [{}, {"PREFETCH": True}, {"REDUCE_EACH_STEP": True}, {"PREFETCH": True, "REDUCE_EACH_STEP": True}]
+OPTION_SETS = [{}, {"REDUCE_EACH_STEP": True}]
 GEMV_CASES = [(*case[:3], {**case[3], **options}) for case in ONE_ROW_CASES for options in OPTION_SETS] + [
     (3, 72, 100, {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "num_warps": 2, "num_stages": 1}),
     (21, 200, 1000, {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2}),

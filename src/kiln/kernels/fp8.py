@@ -160,25 +160,18 @@ def fp8_linear_gpu(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor, 
 
 # ---- W8A16 GEMV ----------------------------------------------------------------------------------
 
-@jit
-def _fp8_gemv_tile(w_ptrs, x_ptrs, col_mask, k_mask):
-    """One K step of the 1-row GEMV: w [BLOCK_N, BLOCK_K] e4m3 and x [BLOCK_K], 0 past K."""
-    return (tl.load(w_ptrs, mask=col_mask[:, None] & k_mask[None, :], other=0.0),
-            tl.load(x_ptrs, mask=k_mask, other=0.0))
-
-
 @jit(do_not_specialize=["num_rows"])
 def _fp8_gemv_kernel(x_ptr, x_row_stride, w_ptr, w_row_stride, w_scale_ptr, w_scale_stride, bias_ptr, out_ptr,
                      out_row_stride, num_rows, N, K, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                     PREFETCH: tl.constexpr, REDUCE_EACH_STEP: tl.constexpr):
+                     REDUCE_EACH_STEP: tl.constexpr):
     """Program (column block, row block): out[rows, cols] = x[rows] @ (w[cols] * w_scale[cols]).T + bias,
     summed in float32 over all of K by this program alone (no split-K, no second kernel). Weights are
     read [BLOCK_N, BLOCK_K] at a time along their contiguous K, converted from e4m3 to the activations'
     dtype (exact: e4m3 fits in bfloat16 / float16) and scaled once per column in the epilogue.
     BLOCK_M == 1: products on the CUDA cores, in a [BLOCK_N, BLOCK_K] float32 tile summed along K at the
-    end, or (REDUCE_EACH_STEP) summed along K every step into one float per column; PREFETCH issues the
-    next step's loads before this step's arithmetic (GEMV_OPTIONS). BLOCK_M >= 16: tl.dot."""
+    end, or (REDUCE_EACH_STEP, GEMV_OPTIONS) summed along K every step into one float per column.
+    BLOCK_M >= 16: tl.dot."""
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < N
     row0 = tl.program_id(1) * BLOCK_M
@@ -190,20 +183,15 @@ def _fp8_gemv_kernel(x_ptr, x_row_stride, w_ptr, w_row_stride, w_scale_ptr, w_sc
             acc = tl.zeros([BLOCK_N], tl.float32)
         else:
             acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-        if PREFETCH:
-            w, x = _fp8_gemv_tile(w_ptrs, x_ptrs, col_mask, ks < K)
         for k0 in range(0, K, BLOCK_K):
-            if PREFETCH:  # the next step's tile, all masked off after the last step
-                w_next, x_next = _fp8_gemv_tile(w_ptrs + BLOCK_K, x_ptrs + BLOCK_K, col_mask, ks < K - k0 - BLOCK_K)
-            else:
-                w, x = _fp8_gemv_tile(w_ptrs, x_ptrs, col_mask, ks < K - k0)
+            k_mask = ks < K - k0
+            w = tl.load(w_ptrs, mask=col_mask[:, None] & k_mask[None, :], other=0.0)
+            x = tl.load(x_ptrs, mask=k_mask, other=0.0)
             products = w.to(tl.float32) * x.to(tl.float32)[None, :]
             if REDUCE_EACH_STEP:
                 acc += tl.sum(products, axis=1)
             else:
                 acc += products
-            if PREFETCH:
-                w, x = w_next, x_next
             w_ptrs += BLOCK_K
             x_ptrs += BLOCK_K
         if REDUCE_EACH_STEP:
@@ -239,15 +227,14 @@ def _fp8_gemv_kernel(x_ptr, x_row_stride, w_ptr, w_row_stride, w_scale_ptr, w_sc
 # four, now 68.4). ncu at gate_up: DRAM 70%, issue slots 55%, half the stalls wait on loads (46%
 # occupancy); num_stages changes nothing (Triton pipelines only loads that feed a tl.dot). BLOCK_M 16,
 # a [16, 512] tile pipelined 3 deep through shared memory (48 KB, 80 registers), is not measured yet.
-# GEMV_OPTIONS: two BLOCK_M 1 options, off by default, that aim at that load latency by keeping more
-# bytes in flight per thread; unmeasured until scripts/sweep_gemv.py --only-options runs on a GPU.
-# PREFETCH loads the next K step's tile before this step's arithmetic, which Triton does not do by itself.
-# REDUCE_EACH_STEP sums the products along K every step into a [BLOCK_N] accumulator instead of keeping a
-# [BLOCK_N, BLOCK_K] float32 tile, so BLOCK_K 2048 / 4096 (a whole 4096-input row per step) need not cost
-# occupancy. Registers per thread (ptxas for sm90a, Triton 3.9, bfloat16 x, 4 warps; not timed): BLOCK_N 4,
-# BLOCK_K 1024 72 (the default), 48 REDUCE_EACH_STEP, 97 PREFETCH, 63 both; BLOCK_K 4096 219 as today,
-# 114 REDUCE_EACH_STEP.
-GEMV_OPTIONS = ("PREFETCH", "REDUCE_EACH_STEP")
+# GEMV_OPTIONS: REDUCE_EACH_STEP, a BLOCK_M 1 option, off by default, sums the products along K every
+# step into a [BLOCK_N] accumulator instead of keeping a [BLOCK_N, BLOCK_K] float32 tile, so BLOCK_K
+# 2048 / 4096 (a whole 4096-input row per step) need not cost occupancy. Registers per thread (ptxas for
+# sm90a, Triton 3.9, bfloat16 x, 4 warps): BLOCK_N 4, BLOCK_K 1024 72 (the default), 48 REDUCE_EACH_STEP;
+# BLOCK_K 4096 219, 114 REDUCE_EACH_STEP. (PREFETCH, the next step's tile loaded by hand before this
+# step's arithmetic, 97 registers, made every config it was tried with slower on the H200, 26-80% per
+# layer: docs/benchmarks.md, 2026-12-03.)
+GEMV_OPTIONS = ("REDUCE_EACH_STEP",)
 DEFAULT_GEMV_CONFIGS: dict[int, dict[str, int]] = {
     1: {"BLOCK_N": 4, "BLOCK_K": 1024, "num_warps": 4, "num_stages": 1},
     16: {"BLOCK_N": 16, "BLOCK_K": 512, "num_warps": 4, "num_stages": 3},
@@ -268,8 +255,7 @@ def fp8_gemv(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor, bias: 
              **config: Any) -> torch.Tensor:
     """As fp8_w8a16_linear_ref: x [..., K] (16- or 32-bit) times w_fp8 [N, K] with ``w_scale`` [N, 1] or
     0-d. ``config``: BLOCK_M (1, or a power of two >= 16), BLOCK_N, BLOCK_K, num_warps, num_stages, and
-    at BLOCK_M 1 PREFETCH, REDUCE_EACH_STEP (False if not given); default_gemv_config(rows) for what is
-    not given."""
+    at BLOCK_M 1 REDUCE_EACH_STEP (False if not given); default_gemv_config(rows) for what is not given."""
     num_cols, n = x.shape[-1], w_fp8.shape[0]
     rows = x.reshape(-1, num_cols)
     assert rows.stride(-1) == 1 and w_fp8.stride(-1) == 1 and w_fp8.shape[1] == num_cols
