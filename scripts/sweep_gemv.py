@@ -3,10 +3,9 @@ from one CUDA graph over as many distinct weight copies as make >= 400 MB (so ev
 HBM, as in a decode step), time per call = graph time / calls. Every format and launch config against
 dense bf16 (cuBLAS) and the copy bandwidth measured in the same run.
 
-    PYTHONPATH=src python3 scripts/sweep_gemv.py --out $OUT [--rows 1] [--formats bf16,fp8,int8,int4] [--only-options]
+    PYTHONPATH=src python3 scripts/sweep_gemv.py --out $OUT [--rows 1] [--formats bf16,fp8,int8,int4]
 
-Prints each (format, shape)'s best config last; every measurement in OUT/sweep_gemv.json. --only-options
-(1 row): each kernel's default launch config against OPTION_CANDIDATES alone.
+Prints each (format, shape)'s best config last; every measurement in OUT/sweep_gemv.json.
 """
 
 from __future__ import annotations
@@ -27,26 +26,14 @@ def cfg(n, k, w, s=1, **extra):
     return {"BLOCK_N": n, "BLOCK_K": k, "num_warps": w, "num_stages": s, **extra}
 
 
+# 1 row. FP8 / INT8 sum along K every step, so BLOCK_K up to a whole row of K 4096 costs few registers;
+# num_stages is 1 (it changed nothing: docs/results/h200/sweep_gemv_stages.json).
+ROW_CANDIDATES = [cfg(n, k, w) for n, k, w in itertools.product((4, 8), (1024, 2048, 4096), (4, 8))]
 CANDIDATES = {
     "bf16": [None],
-    "fp8": [cfg(n, k, w, st) for n, k, w, st in itertools.product((4, 8), (512, 1024), (4,), (1, 2, 3, 4))],
-    "int8": [cfg(n, k, w, st) for n, k, w, st in itertools.product((4, 8), (512, 1024), (4,), (1, 2, 3, 4))],
+    "fp8": ROW_CANDIDATES,
+    "int8": ROW_CANDIDATES,
     "int4": [cfg(n, k, w, st) for n, k, w, st in itertools.product((8, 16), (1024, 2048), (2, 4), (1, 2, 3))],
-}
-# The 1-row GEMVs' launch options (kiln.kernels.fp8 / weight_only GEMV_OPTIONS, unmeasured before this
-# sweep): PREFETCH loads the next K step before this step's arithmetic; REDUCE_EACH_STEP (FP8, INT8) sums
-# along K every step, which frees the accumulator's registers for BLOCK_K 2048 / 4096 (a whole row of K
-# 4096 per step). FP8 / INT8: the default's BLOCK_N 4 at BLOCK_K 1024 (the default's), 2048 and 4096;
-# INT4: BLOCK_N 8 / 16 at BLOCK_K 1024 / 2048 (8 / 16 blocks a step), 4 warps.
-PREFETCH, REDUCE = {"PREFETCH": True}, {"REDUCE_EACH_STEP": True}
-ROW_OPTION_CANDIDATES = [cfg(4, k, w, **options) for k, w, options in (
-    (1024, 4, PREFETCH), (1024, 4, REDUCE), (1024, 4, PREFETCH | REDUCE), (2048, 4, REDUCE),
-    (2048, 4, PREFETCH | REDUCE), (4096, 4, REDUCE), (4096, 8, REDUCE), (4096, 8, PREFETCH | REDUCE))]
-OPTION_CANDIDATES = {
-    "bf16": [],
-    "fp8": ROW_OPTION_CANDIDATES,
-    "int8": ROW_OPTION_CANDIDATES,
-    "int4": [cfg(n, k, 4, **PREFETCH) for n, k in itertools.product((8, 16), (1024, 2048))],
 }
 # More than one row (--rows): the tensor-core tiles (BLOCK_M 16) of the weight-only kernels.
 TILE_CANDIDATES = {
@@ -136,23 +123,12 @@ def time_graph(fn, x, weights, reps=20) -> float:
     return start.elapsed_time(end) * 1e-3 / (reps * len(weights))
 
 
-def candidates(fmt: str, rows: int, only_options: bool) -> list:
-    """The launch configs to time (None: the kernel's default; bf16: cuBLAS)."""
-    if rows > 1:
-        return TILE_CANDIDATES[fmt]
-    if only_options:
-        return [None, *OPTION_CANDIDATES[fmt]]
-    return CANDIDATES[fmt] + OPTION_CANDIDATES[fmt]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("."))
     parser.add_argument("--rows", type=int, default=1)
     parser.add_argument("--formats", default="bf16,fp8,int8,int4")
     parser.add_argument("--budget-s", type=float, default=400)
-    parser.add_argument("--only-options", action="store_true",
-                        help="1 row: each kernel's default config and OPTION_CANDIDATES only")
     args = parser.parse_args()
     deadline = time.time() + args.budget_s
     print(torch.__version__, __import__("triton").__version__, torch.cuda.get_device_name(), flush=True)
@@ -167,7 +143,7 @@ def main() -> None:
             del one
             x = torch.randn(args.rows, k, device="cuda", dtype=torch.bfloat16)
             expected = reference(fmt, x, weights[0])
-            for config in candidates(fmt, args.rows, args.only_options):
+            for config in (CANDIDATES if args.rows == 1 else TILE_CANDIDATES)[fmt]:
                 if time.time() > deadline:
                     break
                 fn = runner(fmt, config)

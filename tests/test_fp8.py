@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from kiln.errors import ConfigError
-from kiln.kernels.fp8 import (GEMV_OPTIONS, fp8_gemv, fp8_linear, fp8_linear_gpu, quantize_fp8_per_token_triton,
+from kiln.kernels.fp8 import (fp8_gemv, fp8_linear, fp8_linear_gpu, quantize_fp8_per_token_triton,
                               quantize_fp8_static_triton, scaled_mm_refusal)
 from kiln.quantization.fp8 import (FP8_DTYPE, FP8_MAX, Fp8Linear, dequantize_fp8, fp8_linear_ref,
                                    fp8_w8a16_linear_ref, fuse_fp8_linears, quantize_fp8_per_token,
@@ -233,27 +233,21 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
     torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol)
 
 
-# (rows, N, K, config): BLOCK_M 1 is the CUDA-core path, each case with each set of its GEMV_OPTIONS; 16
-# tl.dot (the interpreter multiplies bfloat16 dot operands as raw integers, see test_kernels.py, so tl.dot
-# runs float32 / float16 there).
-ONE_ROW_CASES = [
+# (rows, N, K, config): BLOCK_M 1 is the CUDA-core path, 16 tl.dot (the interpreter multiplies bfloat16 dot
+# operands as raw integers, see test_kernels.py, so tl.dot runs float32 / float16 there).
+GEMV_CASES = [
     (1, 72, 100, {"BLOCK_M": 1, "BLOCK_N": 16, "BLOCK_K": 32, "num_warps": 2, "num_stages": 1}),
     (1, 200, 1000, {"BLOCK_M": 1, "BLOCK_N": 64, "BLOCK_K": 256, "num_warps": 4, "num_stages": 2}),
     (1, 40, 100, {"BLOCK_M": 1, "BLOCK_N": 16, "BLOCK_K": 128, "num_warps": 4, "num_stages": 1}),  # K < a step
     (1, 24, 256, {"BLOCK_M": 1, "BLOCK_N": 8, "BLOCK_K": 256, "num_warps": 4, "num_stages": 1}),  # one whole step
-]
-OPTION_SETS = [{}, {"PREFETCH": True}, {"REDUCE_EACH_STEP": True}, {"PREFETCH": True, "REDUCE_EACH_STEP": True}]
-GEMV_CASES = [(*case[:3], {**case[3], **options}) for case in ONE_ROW_CASES for options in OPTION_SETS] + [
     (3, 72, 100, {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "num_warps": 2, "num_stages": 1}),
     (21, 200, 1000, {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2}),
 ]
-GEMV_CASE_IDS = ["-".join([f"m{m}_n{n}_k{k}_block_k{c['BLOCK_K']}", *(o.lower() for o in GEMV_OPTIONS if c.get(o))])
-                 for m, n, k, c in GEMV_CASES]
 
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=DTYPE_ID)
 @pytest.mark.parametrize("scaling,has_bias", [("channel", True), ("tensor", False)])
-@pytest.mark.parametrize("num_rows,n,k,config", GEMV_CASES, ids=GEMV_CASE_IDS)
+@pytest.mark.parametrize("num_rows,n,k,config", GEMV_CASES)
 def test_gemv_matches_w8a16_reference(num_rows, n, k, config, scaling, has_bias, dtype):
     if dtype == torch.bfloat16 and config["BLOCK_M"] > 1 and not ON_GPU:
         pytest.skip("the interpreter's tl.dot mishandles bfloat16")
@@ -325,8 +319,7 @@ def compile_for(kernel, capability: int, signature: dict[str, str], constexprs: 
 
 
 def compile_kernels_for_ada_and_hopper() -> dict[str, str]:
-    """PTX of the quantization kernel (sm90) and of the GEMV's default configs (sm89, sm90), the 1-row one
-    also with all its GEMV_OPTIONS, bfloat16."""
+    """PTX of the quantization kernel (sm90) and of the GEMV's default configs (sm89, sm90), bfloat16."""
     from kiln.kernels.fp8 import DEFAULT_GEMV_CONFIGS, FP8_MAX_INV, MIN_AMAX, _fp8_gemv_kernel, _quantize_fp8_kernel
 
     ptx = {"quantize": compile_for(
@@ -337,27 +330,22 @@ def compile_kernels_for_ada_and_hopper() -> dict[str, str]:
     gemv_signature = {"x_ptr": "*bf16", "x_row_stride": "i32", "w_ptr": "*fp8e4nv", "w_row_stride": "i32",
                       "w_scale_ptr": "*fp32", "w_scale_stride": "i32", "bias_ptr": "*bf16", "out_ptr": "*bf16",
                       "out_row_stride": "i32", "num_rows": "i32", "N": "i32", "K": "i32"}
-    no_options = {name: False for name in GEMV_OPTIONS}
-    variants = [(block_m, config, no_options, "") for block_m, config in DEFAULT_GEMV_CONFIGS.items()]
-    variants.append((1, DEFAULT_GEMV_CONFIGS[1], {name: True for name in GEMV_OPTIONS}, "_with_options"))
     for capability in (89, 90):
-        for block_m, config, options, suffix in variants:
-            ptx[f"gemv_block_m{block_m}_sm{capability}{suffix}"] = compile_for(
+        for block_m, config in DEFAULT_GEMV_CONFIGS.items():
+            ptx[f"gemv_block_m{block_m}_sm{capability}"] = compile_for(
                 _fp8_gemv_kernel, capability, gemv_signature,
                 {"HAS_BIAS": True, "BLOCK_M": block_m, "DOT_PRECISION": "tf32", "BLOCK_N": config["BLOCK_N"],
-                 "BLOCK_K": config["BLOCK_K"], **options}, num_warps=config["num_warps"],
-                num_stages=config["num_stages"])
+                 "BLOCK_K": config["BLOCK_K"]}, num_warps=config["num_warps"], num_stages=config["num_stages"])
     return ptx
 
 
 @pytest.mark.skipif(ON_GPU, reason="the GPU tests run the kernels themselves")
 def test_kernels_compile_for_ada_and_hopper_with_the_instructions_they_rely_on(tmp_path):
     """What the interpreter cannot show: the kernels pass Triton's and ptxas's pipeline for sm89 and sm90
-    with the default configs (the 1-row GEMV also with its GEMV_OPTIONS); the quantization divides with
-    IEEE division and casts with round-to-nearest-even saturation (what makes it bit-identical to torch);
-    the weights are read 16 bytes per load; the multi-row GEMV runs on tensor cores fed by cp.async.
-    Compiled in a process of its own: with TRITON_INTERPRET=1 (set for this one) tl.max and friends are
-    interpreter functions."""
+    with the default configs; the quantization divides with IEEE division and casts with round-to-nearest-
+    even saturation (what makes it bit-identical to torch); the weights are read 16 bytes per load; the
+    multi-row GEMV runs on tensor cores fed by cp.async. Compiled in a process of its own: with
+    TRITON_INTERPRET=1 (set for this one) tl.max and friends are interpreter functions."""
     import json
     import os
     import subprocess

@@ -11,16 +11,14 @@ run the same checks compiled at Llama-3-8B sizes (``python -m pytest tests/test_
 
 from __future__ import annotations
 
-import itertools
-
 import pytest
 import torch
 
 import kiln.kernels.weight_only as weight_only
-from kiln.kernels.weight_only import (DEFAULT_CONFIGS, DEQUANT_MIN_ROWS, DEQUANTIZE_CONFIG, GEMV_OPTIONS,
-                                      TENSOR_CORE_CONFIGS, dequantize_from, dequantize_min_rows,
-                                      dequantize_weight_triton, dequantize_workspace_bytes, launch_config,
-                                      w4a16_matmul_ref, w4a16_matmul_triton, w8a16_matmul_ref, w8a16_matmul_triton)
+from kiln.kernels.weight_only import (DEFAULT_CONFIGS, DEQUANT_MIN_ROWS, DEQUANTIZE_CONFIG, TENSOR_CORE_CONFIGS,
+                                      dequantize_from, dequantize_min_rows, dequantize_weight_triton,
+                                      dequantize_workspace_bytes, launch_config, w4a16_matmul_ref,
+                                      w4a16_matmul_triton, w8a16_matmul_ref, w8a16_matmul_triton)
 from kiln.quantization.weight_only import (QuantizedWeight, awq_clip, awq_scales, clip_groups, dequantize_int4,
                                            dequantize_int8, pack_int4, padded_in_features, quantize_int4,
                                            quantize_int8, unpack_int4)
@@ -226,23 +224,6 @@ MATMUL_CASES = {
 MATMUL_DTYPES = [torch.float16, torch.bfloat16]
 
 
-def with_gemv_options(cases: dict[str, tuple], bits: int) -> dict[str, tuple]:
-    """``cases`` and, for each one of a 1-row GEMV (BLOCK_M 1) among them, one more per non-empty set of
-    that GEMV's GEMV_OPTIONS."""
-    option_sets = [names for count in range(1, len(GEMV_OPTIONS[bits]) + 1)
-                   for names in itertools.combinations(GEMV_OPTIONS[bits], count)]
-    extended = dict(cases)
-    for name, (*shape, configs) in cases.items():
-        if configs is not None and configs[0].get("BLOCK_M") == 1:
-            for names in option_sets:
-                extended["-".join([name, *(n.lower() for n in names)])] = (
-                    *shape, [{**configs[0], **dict.fromkeys(names, True)}])
-    return extended
-
-
-INT4_CASES, INT8_CASES = with_gemv_options(MATMUL_CASES, 4), with_gemv_options(MATMUL_CASES, 8)
-
-
 def uses_dot(rows: int, configs: list[dict] | None, bits: int) -> bool:
     return launch_config(configs, rows, bits).get("BLOCK_M", 0) >= 16
 
@@ -254,7 +235,7 @@ def matmul_input(rows: int, in_features: int, dtype: torch.dtype) -> torch.Tenso
 
 
 @pytest.mark.parametrize("dtype", MATMUL_DTYPES, ids=DTYPE_ID)
-@pytest.mark.parametrize("case", list(INT4_CASES.values()), ids=list(INT4_CASES))
+@pytest.mark.parametrize("case", list(MATMUL_CASES.values()), ids=list(MATMUL_CASES))
 def test_w4a16_matmul(case, dtype):
     rows, out_features, in_features, group_size, configs = case
     if dtype == torch.bfloat16 and not ON_GPU and uses_dot(rows, configs, 4):
@@ -266,7 +247,7 @@ def test_w4a16_matmul(case, dtype):
 
 
 @pytest.mark.parametrize("dtype", MATMUL_DTYPES, ids=DTYPE_ID)
-@pytest.mark.parametrize("case", list(INT8_CASES.values()), ids=list(INT8_CASES))
+@pytest.mark.parametrize("case", list(MATMUL_CASES.values()), ids=list(MATMUL_CASES))
 def test_w8a16_matmul(case, dtype):
     rows, out_features, in_features, _, configs = case
     if dtype == torch.bfloat16 and not ON_GPU and uses_dot(rows, configs, 8):
@@ -276,14 +257,11 @@ def test_w8a16_matmul(case, dtype):
     assert_close(w8a16_matmul_triton(x, qweight, scales, configs=configs), w8a16_matmul_ref(x, qweight, scales))
 
 
-# One launch config of each path, for every batch size; the GEMV also with all its GEMV_OPTIONS.
+# One launch config of each path, for every batch size.
 PATHS = {"gemv": config(1, 16, 128), "dot": config(16, 16, 128), "dequantize": dequantize_config(16, 128)}
-INT4_PATHS, INT8_PATHS = (
-    {**PATHS, "gemv_with_options": [{**PATHS["gemv"][0], **dict.fromkeys(GEMV_OPTIONS[bits], True)}]}
-    for bits in (4, 8))
 
 
-@pytest.mark.parametrize("configs", list(INT4_PATHS.values()), ids=list(INT4_PATHS))
+@pytest.mark.parametrize("configs", list(PATHS.values()), ids=list(PATHS))
 def test_w4a16_matmul_reads_inputs_through_the_act_order_permutation(configs):
     """GPTQ desc_act: stored input row k is original row input_order[k]; the kernels gather x to match
     (dequantize-then-matmul gathers x's columns once)."""
@@ -298,7 +276,7 @@ def test_w4a16_matmul_reads_inputs_through_the_act_order_permutation(configs):
 
 
 @pytest.mark.parametrize("group_size", [32, 64])
-@pytest.mark.parametrize("configs", list(INT8_PATHS.values()), ids=list(INT8_PATHS))
+@pytest.mark.parametrize("configs", list(PATHS.values()), ids=list(PATHS))
 def test_w8a16_matmul_grouped_with_zero_points(configs, group_size):
     """INT8 with a scale and a zero point per group of input rows, as GPTQ 8-bit checkpoints have them."""
     gen = torch.Generator().manual_seed(6)
@@ -348,17 +326,6 @@ def test_matmuls_refuse_mismatched_tensors():
         w4a16_matmul_triton(x, qweight, scales, zeros, 32)
     with pytest.raises(ValueError, match="INT8 qweight"):
         w8a16_matmul_triton(x, qweight, scales)
-
-
-def test_gemv_options_are_refused_by_kernels_without_them():
-    qweight, scales, zeros = quantize_int4(random_weight(16, 64), 32)
-    x = torch.randn(2, 64, device=DEVICE, dtype=torch.float16)
-    reduce_each_step = [{**config(1, 16, 128)[0], "REDUCE_EACH_STEP": True}]
-    with pytest.raises(ValueError, match=r"REDUCE_EACH_STEP: not options of the INT4 GEMV, which takes \['PREFETCH'\]"):
-        w4a16_matmul_triton(x, qweight, scales, zeros, 32, configs=reduce_each_step)
-    prefetch_on_tensor_cores = [{**config(16, 16, 64)[0], "PREFETCH": True}]
-    with pytest.raises(ValueError, match="PREFETCH: not options of the tensor-core kernel"):
-        w8a16_matmul_triton(x, *quantize_int8(random_weight(16, 64)), configs=prefetch_on_tensor_cores)
 
 
 # ---- dequantize-then-matmul ------------------------------------------------------------------------

@@ -185,25 +185,16 @@ def fp8_linear_gpu(x: torch.Tensor | Fp8Activation, w_fp8: torch.Tensor, w_scale
 
 # ---- W8A16 GEMV ----------------------------------------------------------------------------------
 
-@jit
-def _fp8_gemv_tile(w_ptrs, x_ptrs, col_mask, k_mask):
-    """One K step of the 1-row GEMV: w [BLOCK_N, BLOCK_K] e4m3 and x [BLOCK_K], 0 past K."""
-    return (tl.load(w_ptrs, mask=col_mask[:, None] & k_mask[None, :], other=0.0),
-            tl.load(x_ptrs, mask=k_mask, other=0.0))
-
-
 @jit(do_not_specialize=["num_rows"])
 def _fp8_gemv_kernel(x_ptr, x_row_stride, w_ptr, w_row_stride, w_scale_ptr, w_scale_stride, bias_ptr, out_ptr,
                      out_row_stride, num_rows, N, K, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                     PREFETCH: tl.constexpr, REDUCE_EACH_STEP: tl.constexpr):
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Program (column block, row block): out[rows, cols] = x[rows] @ (w[cols] * w_scale[cols]).T + bias,
     summed in float32 over all of K by this program alone (no split-K, no second kernel). Weights are
     read [BLOCK_N, BLOCK_K] at a time along their contiguous K, converted from e4m3 to the activations'
     dtype (exact: e4m3 fits in bfloat16 / float16) and scaled once per column in the epilogue.
-    BLOCK_M == 1: products on the CUDA cores, in a [BLOCK_N, BLOCK_K] float32 tile summed along K at the
-    end, or (REDUCE_EACH_STEP) summed along K every step into one float per column; PREFETCH issues the
-    next step's loads before this step's arithmetic (GEMV_OPTIONS). BLOCK_M >= 16: tl.dot."""
+    BLOCK_M == 1: products on the CUDA cores, summed along K every step into one float per column;
+    BLOCK_M >= 16: tl.dot."""
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < N
     row0 = tl.program_id(1) * BLOCK_M
@@ -211,30 +202,15 @@ def _fp8_gemv_kernel(x_ptr, x_row_stride, w_ptr, w_row_stride, w_scale_ptr, w_sc
     w_ptrs = w_ptr + cols.to(tl.int64)[:, None] * w_row_stride + ks[None, :]
     if BLOCK_M == 1:
         x_ptrs = x_ptr + row0.to(tl.int64) * x_row_stride + ks
-        if REDUCE_EACH_STEP:
-            acc = tl.zeros([BLOCK_N], tl.float32)
-        else:
-            acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-        if PREFETCH:
-            w, x = _fp8_gemv_tile(w_ptrs, x_ptrs, col_mask, ks < K)
+        acc = tl.zeros([BLOCK_N], tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            if PREFETCH:  # the next step's tile, all masked off after the last step
-                w_next, x_next = _fp8_gemv_tile(w_ptrs + BLOCK_K, x_ptrs + BLOCK_K, col_mask, ks < K - k0 - BLOCK_K)
-            else:
-                w, x = _fp8_gemv_tile(w_ptrs, x_ptrs, col_mask, ks < K - k0)
-            products = w.to(tl.float32) * x.to(tl.float32)[None, :]
-            if REDUCE_EACH_STEP:
-                acc += tl.sum(products, axis=1)
-            else:
-                acc += products
-            if PREFETCH:
-                w, x = w_next, x_next
+            k_mask = ks < K - k0
+            w = tl.load(w_ptrs, mask=col_mask[:, None] & k_mask[None, :], other=0.0)
+            x = tl.load(x_ptrs, mask=k_mask, other=0.0)
+            acc += tl.sum(w.to(tl.float32) * x.to(tl.float32)[None, :], axis=1)
             w_ptrs += BLOCK_K
             x_ptrs += BLOCK_K
-        if REDUCE_EACH_STEP:
-            out = acc[None, :]
-        else:
-            out = tl.sum(acc, axis=1)[None, :]
+        out = acc[None, :]
     else:
         rows = row0 + tl.arange(0, BLOCK_M)
         row_mask = rows < num_rows
@@ -257,29 +233,28 @@ def _fp8_gemv_kernel(x_ptr, x_row_stride, w_ptr, w_row_stride, w_scale_ptr, w_sc
              out.to(out_ptr.dtype.element_ty), mask=(out_rows < num_rows)[:, None] & col_mask[None, :])
 
 
-# Launch configs before tuning, by BLOCK_M. BLOCK_M 1: the best uniform config of
-# scripts/sweep_gemv.py on an H200 (Triton 3.6, each kernel replayed from a CUDA graph over >= 400 MB of
-# weight copies, 2026-12-02): at the Llama-3-8B shapes qkv / o / gate_up / down 10.0 / 6.9 / 34.3 /
-# 17.2 us (2.53 / 2.42 / 3.43 / 3.41 TB/s of fp8 weights, copy 4.25; BLOCK_N 8 before: 72.0 us for the
-# four, now 68.4). ncu at gate_up: DRAM 70%, issue slots 55%, half the stalls wait on loads (46%
-# occupancy); num_stages changes nothing (Triton pipelines only loads that feed a tl.dot). BLOCK_M 16,
-# a [16, 512] tile pipelined 3 deep through shared memory (48 KB, 80 registers), is not measured yet.
-# GEMV_OPTIONS: two BLOCK_M 1 options, off by default, that aim at that load latency by keeping more
-# bytes in flight per thread; unmeasured until scripts/sweep_gemv.py --only-options runs on a GPU.
-# PREFETCH loads the next K step's tile before this step's arithmetic, which Triton does not do by itself.
-# REDUCE_EACH_STEP sums the products along K every step into a [BLOCK_N] accumulator instead of keeping a
-# [BLOCK_N, BLOCK_K] float32 tile, so BLOCK_K 2048 / 4096 (a whole 4096-input row per step) need not cost
-# occupancy. Registers per thread (ptxas for sm90a, Triton 3.9, bfloat16 x, 4 warps; not timed): BLOCK_N 4,
-# BLOCK_K 1024 72 (the default), 48 REDUCE_EACH_STEP, 97 PREFETCH, 63 both; BLOCK_K 4096 219 as today,
-# 114 REDUCE_EACH_STEP.
-GEMV_OPTIONS = ("PREFETCH", "REDUCE_EACH_STEP")
+# Launch configs before tuning, by BLOCK_M. BLOCK_M 1: the best of scripts/sweep_gemv.py (H200,
+# 2026-12-03, --only-options as of fa771fc; Triton 3.6, torch 2.11, bfloat16 x, each kernel replayed
+# from a CUDA graph over >= 400 MB of weight copies; docs/results/h200/sweep_gemv_options.json), at the
+# Llama-3-8B shapes qkv / o / gate_up / down, us: BLOCK_N 4, BLOCK_K 2048, 4 warps 9.6 / 6.8 / 30.7 /
+# 17.3, 64.4 for the four (copy 4.27 TB/s; dense bf16 through cuBLAS 123.0), against 68.7 for the
+# default before (BLOCK_K 1024: 10.0 / 6.9 / 34.4 / 17.3); BLOCK_K 4096 67.3, with 8 warps 71.9. Each
+# step's products are summed along K into one float per column: 61 registers per thread at BLOCK_K
+# 2048 (ptxas of Triton 3.9 for sm90a, bfloat16 x, 4 warps), where the [BLOCK_N, BLOCK_K] float32 tile
+# the kernel kept before, summed once at the end, took 115 and 77.5 us for the four (2026-12-02). That
+# tile was 1.6% faster only at BLOCK_K 1024 (68.7 against 69.8; 73 registers against 48), so it is gone.
+# Loading the next step's tile by hand before this step's arithmetic was 26-80% slower per layer
+# wherever tried (docs/benchmarks.md, "H200: 2026-12-03"). ncu at gate_up with the BLOCK_K 1024 tile
+# (2026-12-02): DRAM 70%, issue slots 55%, half the stalls wait on loads (46% occupancy); num_stages
+# changes nothing (Triton pipelines only loads that feed a tl.dot). BLOCK_M 16, a [16, 512] tile
+# pipelined 3 deep through shared memory (48 KB, 80 registers), is not measured yet.
 DEFAULT_GEMV_CONFIGS: dict[int, dict[str, int]] = {
-    1: {"BLOCK_N": 4, "BLOCK_K": 1024, "num_warps": 4, "num_stages": 1},
+    1: {"BLOCK_N": 4, "BLOCK_K": 2048, "num_warps": 4, "num_stages": 1},
     16: {"BLOCK_N": 16, "BLOCK_K": 512, "num_warps": 4, "num_stages": 3},
 }
 GEMV_CANDIDATES: list[dict[str, int]] = (
     [{"BLOCK_M": 1, "BLOCK_N": n, "BLOCK_K": k, "num_warps": w, "num_stages": 1}
-     for n, k, w in ((4, 1024, 4), (8, 512, 4), (8, 1024, 4), (8, 2048, 8), (16, 512, 4), (16, 1024, 8))]
+     for n, k, w in ((4, 1024, 4), (4, 2048, 4), (4, 4096, 4), (8, 1024, 4), (8, 2048, 8), (16, 1024, 8))]
     + [{"BLOCK_M": 16, "BLOCK_N": n, "BLOCK_K": k, "num_warps": w, "num_stages": st}
        for n, k, w, st in ((16, 256, 4, 4), (16, 512, 4, 3), (32, 256, 4, 3), (32, 512, 8, 3), (64, 256, 4, 3))])
 
@@ -292,9 +267,8 @@ def default_gemv_config(num_rows: int) -> dict[str, int]:
 def fp8_gemv(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None,
              **config: Any) -> torch.Tensor:
     """As fp8_w8a16_linear_ref: x [..., K] (16- or 32-bit) times w_fp8 [N, K] with ``w_scale`` [N, 1] or
-    0-d. ``config``: BLOCK_M (1, or a power of two >= 16), BLOCK_N, BLOCK_K, num_warps, num_stages, and
-    at BLOCK_M 1 PREFETCH, REDUCE_EACH_STEP (False if not given); default_gemv_config(rows) for what is
-    not given."""
+    0-d. ``config``: BLOCK_M (1, or a power of two >= 16), BLOCK_N, BLOCK_K, num_warps, num_stages;
+    default_gemv_config(rows) for what is not given."""
     num_cols, n = x.shape[-1], w_fp8.shape[0]
     rows = x.reshape(-1, num_cols)
     assert rows.stride(-1) == 1 and w_fp8.stride(-1) == 1 and w_fp8.shape[1] == num_cols
@@ -302,8 +276,6 @@ def fp8_gemv(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor, bias: 
     config = {**default_gemv_config(rows.shape[0]), **config}
     block_m, block_n = config.pop("BLOCK_M"), config["BLOCK_N"]
     assert block_m == 1 or block_m >= 16, "tl.dot needs BLOCK_M >= 16"
-    options = {name: bool(config.pop(name, False)) for name in GEMV_OPTIONS}
-    assert block_m == 1 or not any(options.values()), f"{', '.join(GEMV_OPTIONS)} are options of BLOCK_M 1 only"
     out = torch.empty(*x.shape[:-1], n, dtype=x.dtype, device=x.device)
     if rows.shape[0] == 0:
         return out
@@ -312,7 +284,7 @@ def fp8_gemv(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor, bias: 
         rows, rows.stride(0), w_fp8, w_fp8.stride(0), w_scale, 0 if w_scale.numel() == 1 else 1,
         bias if bias is not None else w_scale, out.view(-1, n), n, rows.shape[0], n, num_cols,
         HAS_BIAS=bias is not None, BLOCK_M=block_m, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        **options, **config)
+        **config)
     return out
 
 

@@ -83,61 +83,32 @@ def _dequantize(w_bits, offset, run_starts, meta_offsets, col_mask, num_inputs, 
     return w_bits.to(tl.float32, bitcast=True) - offset
 
 
-@jit
-def _int8_gemv_tile(w_rows, x_row, input_order_ptr, col_mask, ks, num_inputs, HAS_INPUT_ORDER: tl.constexpr):
-    """One K step of the INT8 GEMV at inputs ``ks`` [TILE_RUNS, RUN_K]: q [BLOCK_N, TILE_RUNS, RUN_K] and
-    x [TILE_RUNS, RUN_K], 0 past K."""
-    q = tl.load(w_rows + ks[None, :, :], mask=col_mask[:, None, None] & (ks < num_inputs)[None, :, :], other=0)
-    return q, _load_inputs(x_row, True, input_order_ptr, ks, num_inputs, HAS_INPUT_ORDER)
-
-
 @jit(do_not_specialize=["num_rows"])
 def _int8_gemv_kernel(
         x_ptr, x_row_stride, input_order_ptr, w_ptr, w_row_stride, scales_ptr, scales_row_stride, zeros_ptr,
         out_ptr, out_row_stride, num_rows, num_cols, num_inputs,
         GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_INPUT_ORDER: tl.constexpr,
-        BLOCK_N: tl.constexpr, TILE_RUNS: tl.constexpr, RUN_K: tl.constexpr, PREFETCH: tl.constexpr,
-        REDUCE_EACH_STEP: tl.constexpr):
+        BLOCK_N: tl.constexpr, TILE_RUNS: tl.constexpr, RUN_K: tl.constexpr):
     """Program (output channel tile, row of x): one row against BLOCK_N channels over all of K, in steps
-    of TILE_RUNS runs of RUN_K inputs; products accumulate per lane on CUDA cores and are summed once at
-    the end, or (REDUCE_EACH_STEP) summed along K every step into one float per channel. PREFETCH: the
-    next step's weights and inputs are loaded before this step's arithmetic (GEMV_OPTIONS)."""
+    of TILE_RUNS runs of RUN_K inputs; products on CUDA cores, summed along K every step into one float
+    per channel."""
     row = tl.program_id(1).to(tl.int64)
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < num_cols
     cols_64 = cols.to(tl.int64)
     w_rows = w_ptr + cols_64[:, None, None] * w_row_stride
-    x_row = x_ptr + row * x_row_stride
     meta_offsets = cols_64[:, None] * scales_row_stride
     runs = tl.arange(0, TILE_RUNS)
-    tile_ks = runs[:, None] * RUN_K + tl.arange(0, RUN_K)[None, :]
-    STEP: tl.constexpr = TILE_RUNS * RUN_K
-    if REDUCE_EACH_STEP:
-        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    else:
-        acc = tl.zeros([BLOCK_N, TILE_RUNS, RUN_K], dtype=tl.float32)
-    if PREFETCH:
-        q, x = _int8_gemv_tile(w_rows, x_row, input_order_ptr, col_mask, tile_ks, num_inputs, HAS_INPUT_ORDER)
-    for k_start in range(0, num_inputs, STEP):
-        if PREFETCH:  # the next step's tile, all masked off after the last step
-            q_next, x_next = _int8_gemv_tile(w_rows, x_row, input_order_ptr, col_mask, k_start + STEP + tile_ks,
-                                             num_inputs, HAS_INPUT_ORDER)
-        else:
-            q, x = _int8_gemv_tile(w_rows, x_row, input_order_ptr, col_mask, k_start + tile_ks, num_inputs,
-                                   HAS_INPUT_ORDER)
-        w = _dequantize(q.to(tl.int32) + MAGIC_2_POW_23_PLUS_128, 8388736.0, k_start + runs * RUN_K, meta_offsets,
-                        col_mask, num_inputs, scales_ptr, zeros_ptr, GROUP_SIZE, HAS_ZEROS)
-        products = x.to(tl.float32)[None, :, :] * w
-        if REDUCE_EACH_STEP:
-            acc += tl.sum(tl.sum(products, axis=2), axis=1)
-        else:
-            acc += products
-        if PREFETCH:
-            q, x = q_next, x_next
-    if REDUCE_EACH_STEP:
-        out = acc
-    else:
-        out = tl.sum(tl.sum(acc, axis=2), axis=1)
+    lanes = tl.arange(0, RUN_K)
+    out = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for k_start in range(0, num_inputs, TILE_RUNS * RUN_K):
+        run_starts = k_start + runs * RUN_K
+        ks = run_starts[:, None] + lanes[None, :]
+        q = tl.load(w_rows + ks[None, :, :], mask=col_mask[:, None, None] & (ks < num_inputs)[None, :, :], other=0)
+        w = _dequantize(q.to(tl.int32) + MAGIC_2_POW_23_PLUS_128, 8388736.0, run_starts, meta_offsets, col_mask,
+                        num_inputs, scales_ptr, zeros_ptr, GROUP_SIZE, HAS_ZEROS)
+        x = _load_inputs(x_ptr + row * x_row_stride, True, input_order_ptr, ks, num_inputs, HAS_INPUT_ORDER)
+        out += tl.sum(tl.sum(x.to(tl.float32)[None, :, :] * w, axis=2), axis=1)
     if GROUP_SIZE == 0:
         out *= tl.load(scales_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + row * out_row_stride + cols, out.to(out_ptr.dtype.element_ty), mask=col_mask)
@@ -154,25 +125,17 @@ def _nibble_as_float(words, NIBBLE: tl.constexpr):
     return ((bits & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)
 
 
-@jit
-def _int4_words(w_ptrs, col_mask, block_ids, num_blocks):
-    """The packed words [BLOCK_N, BLOCKS, 16] of blocks ``block_ids``; 0 past the last block or channel."""
-    return tl.load(w_ptrs, mask=col_mask[:, None, None] & (block_ids < num_blocks)[None, :, None], other=0)
-
-
 @jit(do_not_specialize=["num_rows"])
 def _int4_gemv_kernel(
         x_ptr, x_row_stride, input_order_ptr, w_ptr, w_row_stride, scales_ptr, scales_row_stride, zeros_ptr,
         out_ptr, out_row_stride, num_rows, num_cols, num_inputs, num_blocks,
         GROUP_SIZE: tl.constexpr, HAS_INPUT_ORDER: tl.constexpr, BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr,
-        EVEN: tl.constexpr, PREFETCH: tl.constexpr):
+        EVEN: tl.constexpr):
     """Program (output channel tile, row of x): one row against BLOCK_N channels over all of K, BLOCKS
     blocks of 128 inputs per step. Each nibble becomes the float 1 + q / 16 with a shift and one mask-and-
     OR (q into bits 19-22 of 1.0's mantissa), so a weight costs two integer operations and one FMA:
     sum x (q - z) s = s (16 sum x (1 + q / 16) - (16 + z) sum x), the sums per group, corrected once
-    per group and channel. EVEN: whole tiles of channels and blocks, no masks but PREFETCH's (which turn
-    off its load past the last step).
-    PREFETCH: the next step's packed words are loaded before this step's arithmetic (GEMV_OPTIONS)."""
+    per group and channel. EVEN: whole tiles of channels and blocks, no masks."""
     row = tl.program_id(1).to(tl.int64)
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < num_cols
@@ -185,16 +148,12 @@ def _int4_gemv_kernel(
     meta_offsets = cols_64[:, None] * scales_row_stride + blocks[None, :] * GROUPS_PER_BLOCK
     x_row = x_ptr + row * x_row_stride
     out = tl.zeros([BLOCK_N, BLOCKS], dtype=tl.float32)
-    if PREFETCH:
-        words = _int4_words(w_ptrs, col_mask, blocks, num_blocks)
     for block0 in range(0, num_blocks, BLOCKS):
         block_mask = block0 + blocks < num_blocks
-        if PREFETCH:  # the next step's words, all masked off after the last step
-            next_words = _int4_words(w_ptrs + BLOCKS * INT4_RUN, col_mask, block0 + BLOCKS + blocks, num_blocks)
-        elif EVEN:
+        if EVEN:
             words = tl.load(w_ptrs)
         else:
-            words = _int4_words(w_ptrs, col_mask, block0 + blocks, num_blocks)
+            words = tl.load(w_ptrs, mask=col_mask[:, None, None] & block_mask[None, :, None], other=0)
         for g in tl.static_range(GROUPS_PER_BLOCK):
             acc = tl.zeros([BLOCK_N, BLOCKS, INT4_RUN], dtype=tl.float32)
             x_sum = tl.zeros([BLOCKS, INT4_RUN], dtype=tl.float32)
@@ -216,8 +175,6 @@ def _int4_gemv_kernel(
                 scale = tl.load(scales_ptr + meta, mask=meta_mask, other=0.0).to(tl.float32)
                 zero = tl.load(zeros_ptr + meta, mask=meta_mask, other=0).to(tl.float32)
             out += scale * (16.0 * tl.sum(acc, axis=2) - (16.0 + zero) * tl.sum(x_sum, axis=1)[None, :])
-        if PREFETCH:
-            words = next_words
         w_ptrs += BLOCKS * INT4_RUN
     tl.store(out_ptr + row * out_row_stride + cols, tl.sum(out, axis=1).to(out_ptr.dtype.element_ty), mask=col_mask)
 
@@ -343,27 +300,30 @@ def _dequantize_weight_kernel(
 # dequantization kernel). BLOCK_K: inputs per loop step (INT4: whole blocks of 128 in the GEMV, one
 # block per step on tensor cores; INT8: runs of at most the group size).
 # 1 row: the best uniform config of scripts/sweep_gemv.py on an H200 (Triton 3.6, bf16 x, INT4 group
-# 128, each kernel replayed from a CUDA graph over >= 400 MB of weight copies, 2026-12-02), at the
-# Llama-3-8B shapes qkv / o / gate_up / down (N x K = 6144 x 4096, 4096 x 4096, 28672 x 4096,
-# 4096 x 14336), in microseconds, against the copy bandwidth (4.25 TB/s):
-#   INT4: 10.3 / 8.1 / 34.6 / 21.5 (1.28 / 1.08 / 1.80 / 1.43 TB/s); the GEMV before: 15.2 / 13.0 / 55.0 / 41.9
-#   INT8: 10.8 / 7.4 / 37.2 / 18.7 (2.38 / 2.27 / 3.16 / 3.14 TB/s); BLOCK_N 2, BLOCK_K 2048 before: 84.6 in all
-#   dense bf16 (cuBLAS): 15.1 / 12.7 / 60.1 / 30.7
+# 128, each kernel replayed from a CUDA graph over >= 400 MB of weight copies), at the Llama-3-8B shapes
+# qkv / o / gate_up / down (N x K = 6144 x 4096, 4096 x 4096, 28672 x 4096, 4096 x 14336), in
+# microseconds, against the copy bandwidth:
+#   INT4 (2026-12-02, copy 4.25 TB/s): 10.3 / 8.1 / 34.6 / 21.5 (1.28 / 1.08 / 1.80 / 1.43 TB/s); the GEMV
+#     before: 15.2 / 13.0 / 55.0 / 41.9. Timed again 2026-12-03: 11.2 / 8.4 / 36.6 / 20.9
+#   INT8 (H200, 2026-12-03, sweep_gemv.py --only-options as of fa771fc, torch 2.11, copy 4.27 TB/s,
+#     docs/results/h200/sweep_gemv_options.json): BLOCK_N 4, BLOCK_K 2048, 4 warps 10.2 / 7.6 / 33.7 /
+#     19.5, 71.0 in all; BLOCK_K 1024 (the default before) 10.8 / 7.4 / 37.3 / 18.8, 74.3; BLOCK_K 4096
+#     74.5, with 8 warps 82.9
+#   dense bf16 (cuBLAS, 2026-12-03): 16.1 / 12.6 / 62.9 / 31.4
+# The INT8 GEMV sums each step's products along K into one float per channel: 48 registers per thread
+# at BLOCK_K 2048 (ptxas of Triton 3.9 for sm90a, 4 warps), where the [BLOCK_N, BLOCK_K] float32 tile it
+# kept before, summed once at the end, took 118 and 84.5 us in all (2026-12-02). That tile was 3% faster
+# only at BLOCK_K 1024 (74.3 against 76.6; 71 registers against 47), so it is gone. Loading the next
+# step's weights by hand before this step's arithmetic cost INT8 18-67% and INT4 9% per layer where
+# tried (docs/benchmarks.md, "H200: 2026-12-03").
 # The INT4 GEMV is bound by integer instructions (ncu: ALU pipe 59%, issue slots 67%, DRAM 35%), not
-# by memory; INT8's by latency (ncu: half the stalls wait on loads at 44% occupancy). num_stages changes
-# nothing for either (the loads feed no tl.dot, so Triton does not pipeline them).
+# by memory; INT8's, with the BLOCK_K 1024 tile, by latency (ncu: half the stalls wait on loads at 44%
+# occupancy). num_stages changes nothing for either (the loads feed no tl.dot, so Triton does not
+# pipeline them).
 # More rows (measured 2026-12-02 with L2 flushed by the older timing, in microseconds, o / down / gate_up):
 #   INT4  4 rows: 39.1 / - / 92.9;  INT8 4 rows: 26.7 / - / 67.8  (dense ~19 / - / 70)
 #   INT4 256 rows: 61.2 / - / 315;  INT8 256 rows: 44.5 / - / 168  (dense 24 / - / 101)
 # The 64-row bucket was not swept (its configs follow the 256-row ones).
-# GEMV_OPTIONS: launch options of the 1-row GEMVs, off unless a config sets them, that aim at INT8's
-# load latency by keeping more bytes in flight per thread; unmeasured until scripts/sweep_gemv.py
-# --only-options runs on a GPU. PREFETCH loads the next K step's weights (INT8: and inputs) before this
-# step's arithmetic, which Triton does not do by itself. REDUCE_EACH_STEP (INT8) sums each step's
-# products along K into one float per channel instead of keeping a [BLOCK_N, BLOCK_K] float32 tile, so
-# BLOCK_K 2048 / 4096 need not cost occupancy. Registers per thread (ptxas for sm90a, Triton 3.9, 4
-# warps; not timed): INT8 BLOCK_N 4, BLOCK_K 1024 71 (the default), 47 REDUCE_EACH_STEP, 89 PREFETCH, 61
-# both; BLOCK_K 4096 240, 95 REDUCE_EACH_STEP. INT4 BLOCK_N 8, BLOCK_K 2048 71 (the default), 96 PREFETCH.
 #
 # DEQUANT_MIN_ROWS: from this many rows, dequantize-then-cuBLAS. scripts/sweep_weight_only_prefill.py on
 # an H200 (2026-12-02), the four Llama-3-8B shapes of one layer summed, Triton kernel vs dequantize +
@@ -374,14 +334,13 @@ def _dequantize_weight_kernel(
 # percent (gate_up: INT4 105 us, 2.8 TB/s of packed reads and bf16 writes; INT8 96 us, 3.7 TB/s).
 DEQUANT_MIN_ROWS = {4: 64, 8: 128}
 DEQUANTIZE_CONFIG: dict[str, Any] = {"dequantize": True, "BLOCK_N": 8, "BLOCK_K": 1024, "num_warps": 4}
-GEMV_OPTIONS = {8: ("PREFETCH", "REDUCE_EACH_STEP"), 4: ("PREFETCH",)}
 TENSOR_CORE_CONFIGS: dict[int, list[dict[str, Any]]] = {  # the Triton kernels alone, at every batch size
     4: [{"max_rows": 1, "BLOCK_M": 1, "BLOCK_N": 8, "BLOCK_K": 2048, "num_warps": 4, "num_stages": 1},
         {"max_rows": 16, "BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 1, "num_warps": 4, "num_stages": 3},
         {"max_rows": 64, "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 4, "num_stages": 3},
         {"max_rows": 1 << 30, "BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 4,
          "num_stages": 3}],
-    8: [{"max_rows": 1, "BLOCK_M": 1, "BLOCK_N": 4, "BLOCK_K": 1024, "num_warps": 4, "num_stages": 1},
+    8: [{"max_rows": 1, "BLOCK_M": 1, "BLOCK_N": 4, "BLOCK_K": 2048, "num_warps": 4, "num_stages": 1},
         {"max_rows": 16, "BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "GROUP_M": 1, "num_warps": 4, "num_stages": 4},
         {"max_rows": 64, "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4, "num_stages": 3},
         {"max_rows": 1 << 30, "BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4,
@@ -440,16 +399,6 @@ def _run_tiling(bits: int, block_k: int, group_size: int | None, uses_dot: bool)
     if run_k < 16:
         raise ValueError(f"INT8 group size {group_size} cannot be tiled: its power-of-two part must be >= 16")
     return (1 if uses_dot else max(1, block_k // run_k)), run_k
-
-
-def _gemv_options(config: dict[str, Any], bits: int, uses_dot: bool) -> dict[str, bool]:
-    """The kernel's GEMV_OPTIONS from ``config``, False where not set; refuses those it does not take."""
-    supported = () if uses_dot else GEMV_OPTIONS[bits]
-    refused = sorted(set().union(*GEMV_OPTIONS.values()) & config.keys() - {*supported})
-    if refused:
-        kernel = "the tensor-core kernel (BLOCK_M >= 16)" if uses_dot else f"the INT{bits} GEMV"
-        raise ValueError(f"{', '.join(refused)}: not options of {kernel}, which takes {list(supported) or 'none'}")
-    return {name: bool(config.get(name, False)) for name in supported}
 
 
 def _check_layout(bits: int, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
@@ -526,7 +475,6 @@ def _weight_only_matmul(x: torch.Tensor, bits: int, qweight: torch.Tensor, scale
     if not uses_dot and config["BLOCK_M"] != 1:
         raise ValueError(f"BLOCK_M must be 1 (GEMV) or at least 16 (tensor cores), got {config['BLOCK_M']}")
     tile_runs, run_k = _run_tiling(bits, config["BLOCK_K"], group_size, uses_dot)
-    options = _gemv_options(config, bits, uses_dot)
     is_grouped = group_size is not None
     out = torch.empty(num_rows, num_cols, dtype=x.dtype, device=x.device)
     args = (rows, rows.stride(0), input_order if input_order is not None else rows, qweight, qweight.stride(0),
@@ -545,10 +493,10 @@ def _weight_only_matmul(x: torch.Tensor, bits: int, qweight: torch.Tensor, scale
         even = num_cols % config["BLOCK_N"] == 0 and num_blocks % tile_runs == 0 and num_inputs == 128 * num_blocks
         _int4_gemv_kernel[(num_tiles_n, num_rows)](
             *args, num_blocks, GROUP_SIZE=group_size, HAS_INPUT_ORDER=input_order is not None,
-            BLOCK_N=config["BLOCK_N"], BLOCKS=tile_runs, EVEN=even, **options, num_warps=config["num_warps"],
+            BLOCK_N=config["BLOCK_N"], BLOCKS=tile_runs, EVEN=even, num_warps=config["num_warps"],
             num_stages=config["num_stages"])
     elif num_rows:
-        _int8_gemv_kernel[(num_tiles_n, num_rows)](*args, **meta, TILE_RUNS=tile_runs, **options)
+        _int8_gemv_kernel[(num_tiles_n, num_rows)](*args, **meta, TILE_RUNS=tile_runs)
     return out.view(*x.shape[:-1], num_cols)
 
 
