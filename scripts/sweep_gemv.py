@@ -84,7 +84,7 @@ def runner(fmt: str, config):
         from kiln.kernels.fp8 import fp8_linear_gpu
         return lambda x, t: fp8_linear_gpu(x, t[0], t[1])
     if fmt == "fp8":
-        return lambda x, t: fp8_gemv(x, t[0], t[1], **(config or {"BLOCK_M": 1}))
+        return lambda x, t: fp8_gemv(x, t[0], t[1], **(config or {}))  # None: its default for the row count
     configs = config and [{"max_rows": 1 << 30, "BLOCK_M": 1, **config}]  # None: the kernels' defaults
     if fmt == "int8":
         return lambda x, t: w8a16_matmul_triton(x, *t, configs=configs)
