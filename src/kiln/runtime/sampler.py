@@ -167,6 +167,13 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow], staging: HostStaging) 
     return torch.where(t.is_greedy, greedy_tokens, race(scaled, t.seeds, t.steps))
 
 
+def compile_race(logits: torch.Tensor) -> None:
+    """Runs the race kernel on a row of ``logits`` (a CUDA graph's output): it compiles for their vocabulary
+    at load, not at the first sampled step (batch sizes and splits change nothing it is specialized on)."""
+    zeros = torch.zeros(1, dtype=torch.int64, device=logits.device)
+    exponential_race_triton(logits[:1], zeros, zeros)
+
+
 def top_logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Log-probabilities of the model's distribution (before sampling adjustments): of each chosen
     token [N], and the top k per row ([N, k] values and ids)."""
