@@ -22,8 +22,8 @@ from kiln import Executor, Request, RuntimeConfig
 from kiln.config import SamplingParams
 from kiln.errors import RequestError
 from kiln.runtime.model_runner import derive_seed
-from kiln.runtime.sampler import (SamplingRow, apply_penalties, build_sampling_tensors, top_k_top_p_min_p,
-                                  top_logprobs, uniform_noise)
+from kiln.kernels.sampling import uniform_noise
+from kiln.runtime.sampler import SamplingRow, apply_penalties, build_sampling_tensors, top_k_top_p_min_p, top_logprobs
 from kiln.runtime.sampler import sample as sample_staged
 from kiln.runtime.sequence import Sequence
 from kiln.runtime.staging import HostStaging

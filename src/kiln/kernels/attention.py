@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from kiln.kernels.fp8 import FP8_CONSTEXPRS, fp8_row_scales, to_fp8
-from kiln.kernels.triton_jit import jit, next_power_of_2, tl
+from kiln.kernels.triton_jit import count_sms, jit, next_power_of_2, tl
 from kiln.quantization.fp8 import FP8_DTYPE, FP8_MAX, FP8_MAX_INV, dequantize_fp8, quantize_fp8_per_token
 
 # Triton converts float8e4nv (e4m3, what float8_e4m3fn tensors are to it) only on sm89+: on an sm80 / sm86
@@ -396,16 +396,11 @@ def default_decode_config(batch_size: int, num_kv_heads: int, num_sms: int) -> d
     return {"num_splits": num_splits, **DEFAULT_DECODE_KERNEL}
 
 
-@functools.cache
-def _num_sms(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-
-
 def decode_config(decode: list[dict[str, Any]] | None, batch_size: int, num_kv_heads: int,
                   device: torch.device) -> dict[str, Any]:
     """The decode entry tuned for the smallest batch bucket that holds ``batch_size`` (else the largest)."""
     if not decode:
-        return default_decode_config(batch_size, num_kv_heads, _num_sms(device))
+        return default_decode_config(batch_size, num_kv_heads, count_sms(device))
     return next((c for c in decode if c["max_batch_size"] >= batch_size), decode[-1])
 
 

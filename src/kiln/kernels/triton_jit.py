@@ -9,12 +9,15 @@ kernels compile or run in its interpreter (TRITON_INTERPRET=1, set by the tests 
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import logging
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+import torch
 
 try:
     import triton
@@ -37,6 +40,12 @@ def jit(fn: Callable | None = None, **options: Any):
 
 def next_power_of_2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
+
+
+@functools.cache
+def count_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (1 elsewhere): what split counts fill."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
 def use_compile_cache(directory: Path) -> None:

@@ -15,7 +15,7 @@ import torch
 
 from kiln.kernels import AttentionMetadata
 from kiln.models import CausalLM
-from kiln.runtime.sampler import SamplingRow, sample, top_logprobs
+from kiln.runtime.sampler import SamplingRow, compile_race, sample, top_logprobs
 from kiln.runtime.scheduler import SchedulerOutput
 from kiln.runtime.sequence import Sequence
 from kiln.runtime.staging import HostStaging
@@ -318,6 +318,7 @@ class ModelRunner:
             with torch.cuda.graph(graph, pool=pool, stream=stream):
                 logits = self.model.forward(*args)
             self.add_graph(key, graph, logits)
+        compile_race(logits)  # the sampler's kernel, also before the first step that needs it
         torch.cuda.synchronize(self.device)
         self.graph_capture_seconds = time.perf_counter() - t0
 

@@ -2,8 +2,11 @@
 
 Random rows draw from a counter-based hash of (seed, step, token id) rather than a shared generator,
 so a seeded request gives the same tokens whatever else is in the batch, on CPU and GPU alike.
-Sampling is done by the exponential race: argmax(p / E) with E ~ Exp(1) picks token i with
-probability p_i.
+Sampling is done by the exponential race in its Gumbel form, argmax(logit - log E) with E ~ Exp(1),
+which picks token i with probability softmax(logit)_i (``kiln.kernels.sampling``: one fused Triton pass
+on CUDA, its plain-PyTorch reference elsewhere). That form replaced argmax(softmax / E) together with
+the kernel: the same distribution from the same noise, but seeded requests draw other tokens than they
+did before it.
 
 The per-row parameters and index lists go to the device through the runner's pinned staging buffers
 (``HostStaging``), so a sampled step queues its copies without waiting for the forward before it.
@@ -16,38 +19,9 @@ from dataclasses import dataclass
 import torch
 
 from kiln.config import SamplingParams
+from kiln.kernels.sampling import exponential_race_ref, exponential_race_triton, wrap_int64
 from kiln.runtime.sequence import Sequence
 from kiln.runtime.staging import HostStaging
-
-_MASK64 = (1 << 64) - 1
-
-
-def _signed(x: int) -> int:
-    x &= _MASK64
-    return x - (1 << 64) if x >= 1 << 63 else x
-
-
-_C_SEED, _C_STEP, _C_TOKEN = _signed(0x9E3779B97F4A7C15), _signed(0xC2B2AE3D27D4EB4F), _signed(0x165667B19E3779F9)
-_M1, _M2 = _signed(0xBF58476D1CE4E5B9), _signed(0x94D049BB133111EB)
-
-
-def _shr(x: torch.Tensor, s: int) -> torch.Tensor:
-    """Logical right shift of int64 (torch's >> is arithmetic)."""
-    return (x >> s) & ((1 << (64 - s)) - 1)
-
-
-def uniform_noise(seeds: torch.Tensor, steps: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """[N, V] floats in (0, 1) from splitmix64 of (seed, step, token); int64 arithmetic wraps.
-    The top 23 bits, so that k + 0.5 is exact in float32 and u < 1: with 24 bits the largest value
-    rounded to 1.0, whose exponential (0) made that token win the race whatever its probability."""
-    token = torch.arange(vocab_size, device=seeds.device, dtype=torch.int64)
-    x = seeds[:, None] * _C_SEED + steps[:, None] * _C_STEP + token[None, :] * _C_TOKEN
-    x = x ^ _shr(x, 30)
-    x = x * _M1
-    x = x ^ _shr(x, 27)
-    x = x * _M2
-    x = x ^ _shr(x, 31)
-    return (_shr(x, 41).float() + 0.5) * (1.0 / (1 << 23))
 
 
 @dataclass(slots=True)
@@ -95,7 +69,7 @@ def build_sampling_tensors(rows: list[SamplingRow], vocab_size: int, staging: Ho
         [p.min_p for p in ps])
     top_k, seeds, steps = staging.tensors(
         torch.int64, [p.top_k if 0 < p.top_k < vocab_size else vocab_size for p in ps],
-        [_signed(r.seed) for r in rows], [r.num_output_tokens for r in rows])
+        [wrap_int64(r.seed) for r in rows], [r.num_output_tokens for r in rows])
     (is_greedy,) = staging.tensors(torch.bool, greedy)
     return SamplingTensors(
         temperature=temperature, is_greedy=is_greedy, top_k=top_k, top_p=top_p, min_p=min_p, seeds=seeds,
@@ -189,9 +163,15 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow], staging: HostStaging) 
     if not t.any_random:
         return greedy_tokens
     scaled = top_k_top_p_min_p(logits / t.temperature[:, None], t)
-    probs = scaled.softmax(dim=-1)
-    race = probs / -torch.log(uniform_noise(t.seeds, t.steps, logits.shape[-1]))
-    return torch.where(t.is_greedy, greedy_tokens, race.argmax(dim=-1))
+    race = exponential_race_triton if logits.is_cuda else exponential_race_ref
+    return torch.where(t.is_greedy, greedy_tokens, race(scaled, t.seeds, t.steps))
+
+
+def compile_race(logits: torch.Tensor) -> None:
+    """Runs the race kernel on a row of ``logits`` (a CUDA graph's output): it compiles for their vocabulary
+    at load, not at the first sampled step (batch sizes and splits change nothing it is specialized on)."""
+    zeros = torch.zeros(1, dtype=torch.int64, device=logits.device)
+    exponential_race_triton(logits[:1], zeros, zeros)
 
 
 def top_logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

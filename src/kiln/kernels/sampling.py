@@ -1,0 +1,166 @@
+"""The exponential race that draws a sampled token, fused: noise, keys and argmax in one pass over the
+logits.
+
+Token i of a row wins with probability p_i = softmax(l)_i when the row takes argmax_i p_i / E_i with
+E_i ~ Exp(1) independent. In the Gumbel form, argmax_i (l_i - log E_i), that needs no softmax (p_i =
+exp(l_i - log Z), and log Z is the same for every token) and a masked logit (-inf) never wins. E_i =
+-log u_i, u_i from splitmix64 of (seed, step, token): a counter-based hash, so a seeded row draws the
+same noise whatever else is in the batch, on any device.
+
+``exponential_race_ref`` is the plain-PyTorch path (the CPU's, and the oracle); ``exponential_race_triton``
+computes the same u bit for bit inside the kernel (nothing [rows, vocab] but the logits is read or
+written) and the same keys up to the rounding of its logarithms, so the two agree but at near-ties. On
+equal keys both take the lowest token id, as torch.argmax does.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kiln.kernels.triton_jit import count_sms, jit, next_power_of_2, tl
+
+# splitmix64 (Steele, Lea, Flood 2014): the increments that spread seed, step and token over 64 bits, then
+# the finalizer's multipliers and shifts.
+SPLITMIX64_SEED, SPLITMIX64_STEP, SPLITMIX64_TOKEN = 0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9
+SPLITMIX64_MULTIPLIERS = (0xBF58476D1CE4E5B9, 0x94D049BB133111EB)
+SPLITMIX64_SHIFTS = (30, 27, 31)
+# u = (the top 23 bits + 0.5) / 2**23: k + 0.5 is exact in float32 and u < 1. With 24 bits the largest
+# value rounded to 1.0, whose exponential (0) made that token win the race whatever its probability.
+NOISE_BITS = 23
+
+
+def wrap_int64(x: int) -> int:
+    """x modulo 2**64 as the int64 of those bits: a seed of any size, an unsigned constant (torch has no
+    uint64 arithmetic)."""
+    x &= (1 << 64) - 1
+    return x - (1 << 64) if x >= 1 << 63 else x
+
+
+def _xor_shift_right_(x: torch.Tensor, shift: int) -> None:
+    """x ^= x >>> shift in place, the shift logical (torch's >> of int64 is arithmetic: the sign bits masked off)."""
+    shifted = x >> shift
+    shifted &= (1 << (64 - shift)) - 1
+    x ^= shifted
+
+
+def uniform_noise(seeds: torch.Tensor, steps: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """[N, V] float32 u in (0, 1) of splitmix64(seed * SEED + step * STEP + token * TOKEN) for seeds and steps
+    [N] int64 (the bits of their uint64 values); int64 arithmetic wraps as uint64's does. In place after
+    the first product: on the CPU the passes over [N, V] int64 are the sampler's largest cost."""
+    token = torch.arange(vocab_size, device=seeds.device, dtype=torch.int64)
+    x = (seeds[:, None] * wrap_int64(SPLITMIX64_SEED) + steps[:, None] * wrap_int64(SPLITMIX64_STEP)) \
+        + token[None, :] * wrap_int64(SPLITMIX64_TOKEN)
+    first, second, last = SPLITMIX64_SHIFTS
+    _xor_shift_right_(x, first)
+    x *= wrap_int64(SPLITMIX64_MULTIPLIERS[0])
+    _xor_shift_right_(x, second)
+    x *= wrap_int64(SPLITMIX64_MULTIPLIERS[1])
+    _xor_shift_right_(x, last)
+    x >>= 64 - NOISE_BITS
+    x &= (1 << NOISE_BITS) - 1
+    u = x.float()
+    u += 0.5
+    u *= 1.0 / (1 << NOISE_BITS)
+    return u
+
+
+def exponential_race_ref(logits: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    """logits [N, V] float32 (temperature applied, masked tokens -inf), seeds and steps [N] int64 -> [N]
+    int64: argmax_i (l_i - log(-log u_i)), a draw from softmax(l) per row."""
+    log_e = uniform_noise(seeds, steps, logits.shape[-1])
+    log_e.log_().neg_().log_()  # log E = log(-log u), in place
+    return (logits - log_e).argmax(dim=-1)
+
+
+# The constants as Triton sees them: plain ints inside a kernel must be constexpr globals. Literals of
+# 2**63 and above are uint64 there, so the products wrap as splitmix64's do.
+if tl is not None:
+    _SEED, _STEP, _TOKEN = (tl.constexpr(c) for c in (SPLITMIX64_SEED, SPLITMIX64_STEP, SPLITMIX64_TOKEN))
+    _MULTIPLIER_1, _MULTIPLIER_2 = (tl.constexpr(c) for c in SPLITMIX64_MULTIPLIERS)
+    _SHIFT_1, _SHIFT_2, _SHIFT_3 = (tl.constexpr(s) for s in SPLITMIX64_SHIFTS)
+    _NOISE_SHIFT, _NOISE_SCALE = tl.constexpr(64 - NOISE_BITS), tl.constexpr(1.0 / (1 << NOISE_BITS))
+
+
+@jit
+def _uniform_noise(seed, step, token):
+    """uniform_noise's u for scalars seed, step (int64) and a block of token ids, in uint64 (whose >> is
+    logical and whose products wrap)."""
+    x = seed.to(tl.uint64, bitcast=True) * _SEED + step.to(tl.uint64, bitcast=True) * _STEP \
+        + token.to(tl.uint64) * _TOKEN
+    x = x ^ (x >> _SHIFT_1)
+    x = x * _MULTIPLIER_1
+    x = x ^ (x >> _SHIFT_2)
+    x = x * _MULTIPLIER_2
+    x = x ^ (x >> _SHIFT_3)
+    return ((x >> _NOISE_SHIFT).to(tl.float32) + 0.5) * _NOISE_SCALE
+
+
+@jit
+def _exponential_race_kernel(logits_ptr, logits_row_stride, seeds_ptr, steps_ptr, keys_ptr, tokens_ptr, vocab_size,
+                             tokens_per_split, BLOCK: tl.constexpr):
+    """Program (row, split): the largest key l_i - log(-log u_i) over the split's tokens [split *
+    tokens_per_split, + tokens_per_split) and its token (the lowest of equal keys), into keys / tokens
+    [rows, splits]. Each lane keeps its own best through the loop (a later token only replaces an earlier
+    one with a larger key); one reduction at the end."""
+    row = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
+    num_splits = tl.num_programs(1)
+    seed = tl.load(seeds_ptr + row)
+    step = tl.load(steps_ptr + row)
+    start = split * tokens_per_split
+    end = tl.minimum(start + tokens_per_split, vocab_size)
+    lanes = tl.arange(0, BLOCK)
+    best_key = tl.full([BLOCK], float("-inf"), tl.float32)
+    best_token = start + lanes  # what a split whose keys are all -inf reports: its first token
+    for block_start in range(start, end, BLOCK):
+        token = block_start + lanes
+        logit = tl.load(logits_ptr + row * logits_row_stride + token, mask=token < end, other=float("-inf"))
+        key = logit - tl.log(-tl.log(_uniform_noise(seed, step, token)))
+        is_better = key > best_key
+        best_key = tl.where(is_better, key, best_key)
+        best_token = tl.where(is_better, token, best_token)
+    top = tl.max(best_key, axis=0)
+    tl.store(keys_ptr + row * num_splits + split, top)
+    tl.store(tokens_ptr + row * num_splits + split, tl.min(tl.where(best_key == top, best_token, end), axis=0))
+
+
+# Tokens per loop step and warps, before any tuning: 2048 float32 logits over 8 warps is 8 per thread
+# (two 16-byte loads); with the 64-bit hash it compiles for sm90 in 58 registers per thread without
+# spills (ptxas -v, Triton 3.9), so 4 programs fit an SM. Splits: as many as fill two waves of the
+# SMs. A decode batch of 512 rows is 512 programs already: one split each. One row of Llama-3's 128256
+# logits in one program would be 63 blocks of 8 KB read one after another (an estimated 20-40 us); split,
+# it is 63 programs of one block, then a torch argmax over 63 keys. Chosen by that arithmetic, not
+# timed: a GPU run should sweep BLOCK, num_warps and the splits at batch 1 and 512.
+DEFAULT_RACE_CONFIG = {"BLOCK": 2048, "num_warps": 8}
+
+
+def race_splits(num_rows: int, vocab_size: int, block: int, num_sms: int) -> int:
+    """Splits per row: until the programs fill two waves of the SMs, at most one per BLOCK of tokens."""
+    wanted = -(-2 * num_sms // num_rows)
+    return max(1, min(wanted, -(-vocab_size // block)))
+
+
+def exponential_race_triton(logits: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor,
+                            BLOCK: int = DEFAULT_RACE_CONFIG["BLOCK"],
+                            num_warps: int = DEFAULT_RACE_CONFIG["num_warps"],
+                            num_splits: int | None = None) -> torch.Tensor:
+    """As exponential_race_ref. ``num_splits`` (default: ``race_splits``) programs per row, each over a
+    contiguous run of tokens; above one, a torch argmax over the splits' best keys picks the row's (the first
+    of equal keys: the lowest token)."""
+    num_rows, vocab_size = logits.shape
+    assert logits.dtype == torch.float32 and logits.stride(-1) == 1
+    assert seeds.dtype == steps.dtype == torch.int64
+    block = min(BLOCK, next_power_of_2(vocab_size))
+    if num_splits is None:
+        num_splits = race_splits(num_rows, vocab_size, block, count_sms(logits.device))
+    num_blocks = -(-vocab_size // block)
+    blocks_per_split = -(-num_blocks // num_splits)
+    num_splits = -(-num_blocks // blocks_per_split)  # none empty
+    keys = torch.empty(num_rows, num_splits, dtype=torch.float32, device=logits.device)
+    tokens = torch.empty(num_rows, num_splits, dtype=torch.int64, device=logits.device)
+    _exponential_race_kernel[(num_rows, num_splits)](
+        logits, logits.stride(0), seeds, steps, keys, tokens, vocab_size, blocks_per_split * block, BLOCK=block,
+        num_warps=num_warps)
+    if num_splits == 1:
+        return tokens[:, 0]
+    return tokens.gather(1, keys.argmax(dim=1, keepdim=True))[:, 0]

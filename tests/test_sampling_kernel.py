@@ -1,0 +1,180 @@
+"""The fused exponential race (kiln.kernels.sampling) against its plain-PyTorch reference.
+
+On a CPU-only machine the kernel runs in Triton's interpreter (conftest.py sets TRITON_INTERPRET=1) at
+awkward sizes, and is compiled for Hopper without running; the ``gpu`` cases run it on CUDA at
+Llama-3's vocabulary against the reference on the same device. The noise must match bit for bit; the
+tokens must be the reference's: the logarithms may round otherwise (numpy's in the interpreter,
+libdevice's on the GPU), which could flip only a near-tie within an ulp, and none of these seeded rows
+has one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from kiln.config import SamplingParams
+from kiln.kernels.sampling import (_exponential_race_kernel, _uniform_noise, exponential_race_ref,
+                                   exponential_race_triton, race_splits, uniform_noise)
+from kiln.kernels.triton_jit import jit, tl
+from kiln.runtime import sampler
+from kiln.runtime.staging import HostStaging
+from test_sampling import make_row
+
+pytest.importorskip("triton")
+
+ON_GPU = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if ON_GPU else "cpu")
+gpu = pytest.mark.gpu
+
+# Seeds at the ends of int64 and either side of 0; steps up to past 32 bits.
+SEEDS = [0, 1, -1, 2**63 - 1, -(2**63), 2**62 + 12345, -987654321987, 31337]
+STEPS = [0, 1, 17, 2**40 + 3, 5, 0, 1000, 2**31]
+
+
+@jit
+def _noise_probe_kernel(seeds_ptr, steps_ptr, out_ptr, vocab_size, BLOCK: tl.constexpr):
+    """The race kernel's u, written out: row r's (seed, step) over every token."""
+    row = tl.program_id(0)
+    seed = tl.load(seeds_ptr + row)
+    step = tl.load(steps_ptr + row)
+    for start in range(0, vocab_size, BLOCK):
+        token = start + tl.arange(0, BLOCK)
+        tl.store(out_ptr + row * vocab_size + token, _uniform_noise(seed, step, token), mask=token < vocab_size)
+
+
+def race_case(num_rows: int, vocab_size: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Scaled logits as the sampler passes them (bfloat16 values, so equal logits abound; about a third
+    masked to -inf, as top-k / top-p / min-p leave them), seeds and steps."""
+    gen = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(num_rows, vocab_size, generator=gen) * 3).bfloat16().float()
+    logits[torch.rand(num_rows, vocab_size, generator=gen) < 0.3] = float("-inf")
+    seeds = torch.tensor([SEEDS[i % len(SEEDS)] + i // len(SEEDS) for i in range(num_rows)])
+    steps = torch.tensor([STEPS[i % len(STEPS)] for i in range(num_rows)])
+    return logits.to(DEVICE), seeds.to(DEVICE), steps.to(DEVICE)
+
+
+def test_kernel_noise_is_bit_identical_to_uniform_noise():
+    vocab = 1031
+    seeds, steps = torch.tensor(SEEDS, device=DEVICE), torch.tensor(STEPS, device=DEVICE)
+    out = torch.full((len(SEEDS), vocab), float("nan"), device=DEVICE)
+    _noise_probe_kernel[(len(SEEDS),)](seeds, steps, out, vocab, BLOCK=256)
+    assert torch.equal(out.view(torch.int32), uniform_noise(seeds, steps, vocab).view(torch.int32))
+
+
+# (BLOCK, num_splits): the default; one program per row looping over several blocks; splits over a
+# vocabulary they do not divide; as many splits as race_splits picks for this machine; one block each.
+RACE_CONFIGS = [{}, {"BLOCK": 128, "num_splits": 1}, {"BLOCK": 128, "num_splits": 3}, {"BLOCK": 64},
+                {"BLOCK": 64, "num_splits": 17}]
+
+
+@pytest.mark.parametrize("config", RACE_CONFIGS, ids=["default", "one_split", "three_splits", "block64", "block_per_split"])
+@pytest.mark.parametrize("num_rows,vocab_size", [(1, 1000), (3, 1031), (5, 1000), (5, 1031)])
+def test_exponential_race_matches_the_reference(num_rows, vocab_size, config):
+    logits, seeds, steps = race_case(num_rows, vocab_size)
+    assert torch.equal(exponential_race_triton(logits, seeds, steps, **config),
+                       exponential_race_ref(logits, seeds, steps))
+
+
+def test_masked_tokens_never_win_and_equal_keys_take_the_lowest_token():
+    """Rows with a single finite logit, anywhere in any split, take it; rows of nothing but -inf (every
+    key equal) take token 0, as torch.argmax does, through the splits' reduction too."""
+    vocab = 1031
+    logits, seeds, steps = race_case(6, vocab)
+    logits[:4] = float("-inf")
+    for row, token in enumerate((0, 129, 500, 1030)):
+        logits[row, token] = -50.0
+    for config in RACE_CONFIGS:
+        tokens = exponential_race_triton(logits, seeds, steps, **config)
+        assert tokens[:4].tolist() == [0, 129, 500, 1030]
+    logits[4:] = float("-inf")
+    for config in RACE_CONFIGS:
+        assert exponential_race_triton(logits, seeds, steps, **config)[4:].tolist() == [0, 0]
+    assert exponential_race_ref(logits, seeds, steps)[4:].tolist() == [0, 0]
+
+
+def test_splits_fill_two_waves_of_sms_within_the_blocks_of_a_row():
+    assert race_splits(512, 128256, 2048, 132) == 1
+    assert race_splits(64, 128256, 2048, 132) == 5
+    assert race_splits(1, 128256, 2048, 132) == 63   # one per block of the row
+    assert race_splits(1, 1000, 1024, 132) == 1
+
+
+def sampled_rows(num_rows: int) -> list[sampler.SamplingRow]:
+    """A mixed batch: greedy rows (one with a min_tokens mask), temperature alone, top-k / top-p / min-p,
+    a penalty."""
+    params = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.8, top_p=0.95),
+              SamplingParams(temperature=1.3, top_k=50, min_p=0.05), SamplingParams(temperature=0.0, min_tokens=9),
+              SamplingParams(temperature=0.7), SamplingParams(temperature=1.0, top_k=7, top_p=0.6),
+              SamplingParams(temperature=0.9, repetition_penalty=1.2)]
+    return [make_row(params[i % len(params)], token_ids=(1, 2, 3, 4 + i), num_prompt_tokens=3, seed=SEEDS[i % 8] + i,
+                     stop_ids=(2,)) for i in range(num_rows)]
+
+
+def sample_both_ways(logits: torch.Tensor, rows: list[sampler.SamplingRow], monkeypatch
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """sample() with the kernel, then with the reference, for the race on the logits' device."""
+    with monkeypatch.context() as patch:
+        patch.setattr(sampler, "exponential_race_ref", exponential_race_triton)
+        with_kernel = sampler.sample(logits, rows, HostStaging(logits.device))
+    with monkeypatch.context() as patch:
+        patch.setattr(sampler, "exponential_race_triton", exponential_race_ref)
+        with_reference = sampler.sample(logits, rows, HostStaging(logits.device))
+    return with_kernel, with_reference
+
+
+@pytest.mark.parametrize("num_rows,vocab_size", [(3, 1031), (7, 1000)])
+def test_sample_with_the_kernel_matches_the_reference_greedy_rows_mixed_in(num_rows, vocab_size, monkeypatch):
+    logits, _, _ = race_case(num_rows, vocab_size)
+    logits = logits.nan_to_num(neginf=-30.0)  # model logits are finite
+    rows = sampled_rows(num_rows)
+    with_kernel, with_reference = sample_both_ways(logits, rows, monkeypatch)
+    assert torch.equal(with_kernel, with_reference)
+    greedy = [i for i, r in enumerate(rows) if r.params.is_greedy]
+    assert with_kernel[greedy[0]] == logits[greedy[0]].argmax()
+
+
+# ---- compiled for the GPU, without one -----------------------------------------------------------
+def compile_race_kernel_for_hopper() -> str:
+    from test_fp8 import compile_for
+
+    return compile_for(_exponential_race_kernel, 90, {
+        "logits_ptr": "*fp32", "logits_row_stride": "i32", "seeds_ptr": "*i64", "steps_ptr": "*i64",
+        "keys_ptr": "*fp32", "tokens_ptr": "*i64", "vocab_size": "i32", "tokens_per_split": "i32"},
+        {"BLOCK": 2048}, num_warps=8, num_stages=1)
+
+
+@pytest.mark.skipif(ON_GPU, reason="the GPU tests run the kernel itself")
+def test_race_kernel_compiles_for_hopper_with_wide_loads_and_libdevice_logarithms(tmp_path):
+    """What the interpreter cannot show: the uint64 hash passes Triton's and ptxas's pipeline for sm90,
+    the logits are read 16 bytes per load, and tl.log is libdevice's logf (torch's CUDA log calls logf),
+    not the hardware's lg2.approx. In a process of its own, without TRITON_INTERPRET."""
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    env.update(TRITON_CACHE_DIR=str(tmp_path), TRITON_DEFAULT_FP_FUSION="1",
+               PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), *sys.path]))
+    result = subprocess.run([sys.executable, "-c", "import json, test_sampling_kernel; "
+                             "print(json.dumps(test_sampling_kernel.compile_race_kernel_for_hopper()))"],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ptx = json.loads(result.stdout.splitlines()[-1])
+    assert "ld.global.v4" in ptx and "__nv_logf" in ptx and "lg2.approx" not in ptx and ".local" not in ptx
+
+
+# ---- GPU, at Llama-3's vocabulary ----------------------------------------------------------------
+@gpu
+@pytest.mark.parametrize("num_rows", [1, 7, 64, 512])
+def test_gpu_exponential_race_matches_the_reference_on_the_device(num_rows):
+    logits, seeds, steps = race_case(num_rows, 128256)
+    assert torch.equal(exponential_race_triton(logits, seeds, steps), exponential_race_ref(logits, seeds, steps))
+
+
+@gpu
+def test_gpu_sample_with_the_kernel_matches_the_reference_greedy_rows_mixed_in(monkeypatch):
+    logits, _, _ = race_case(64, 128256)
+    with_kernel, with_reference = sample_both_ways(logits.nan_to_num(neginf=-30.0), sampled_rows(64), monkeypatch)
+    assert torch.equal(with_kernel, with_reference)
