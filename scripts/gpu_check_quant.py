@@ -7,6 +7,7 @@ Phases:
   tests    pytest -m gpu over the whole suite (every GPU-marked test: kernels, executor, engines);
   tuning   an engine built for sm90 with the GPU hidden (kernel plan untuned) tunes at its first load on
            the GPU, saves the plan, and the second load does nothing (issue 15 part 4);
+  sampler  a step's sampling over Llama-3's vocabulary at 1 and 512 rows, by part (sampler_costs);
   gemv     weight bandwidth of the batch-1 matmuls (W4A16, W8A16, FP8 W8A16 GEMV, dense bf16) at
            Llama-3-8B shapes against the copy bandwidth measured in the same run;
   none / fp8 / int8_wo / int4_wo
@@ -22,6 +23,7 @@ OUT/gpu_check_quant.json holds every figure; a short table is printed last.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import os
@@ -119,6 +121,51 @@ def gemv_bandwidth() -> None:
 FIGURES = ("b1", "b16", "ttft", "128_128", "128_128_sampled", "2048_128", "profile", "profile16")
 
 
+def sampler_costs() -> None:
+    """GPU time (CUDA events, median of 20 after warm-up) of a step's sampling over [rows, 128256] float32
+    logits (N(0, 2), so top-p 0.95 keeps a large share, as on dummy weights): greedy argmax, the race in
+    torch (noise passes, then argmax) and in the Triton kernel, top-p's sort and masks alone, and sample()
+    whole at temperature 0.8 with and without top-p 0.95 (seeded rows)."""
+    from kiln.config import SamplingParams
+    from kiln.kernels.sampling import exponential_race_ref, exponential_race_triton
+    from kiln.runtime.sampler import SamplingRow, build_sampling_tensors, sample, top_k_top_p_min_p
+    from kiln.runtime.staging import HostStaging
+
+    def timed(fn) -> float:
+        for _ in range(3):
+            fn()
+        times = []
+        for _ in range(20):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        return statistics.median(times)
+
+    vocab = 128256
+    staging = HostStaging(torch.device("cuda"), capacity=1 << 16)
+    for rows in (1, 512):
+        logits = torch.randn(rows, vocab, device="cuda") * 2
+        seeds = torch.arange(rows, device="cuda", dtype=torch.int64)
+        steps = torch.full((rows,), 7, device="cuda", dtype=torch.int64)
+        figures = {"argmax": lambda: logits.argmax(dim=-1),
+                   "race_torch": lambda: exponential_race_ref(logits, seeds, steps),
+                   "race_triton": lambda: exponential_race_triton(logits, seeds, steps)}
+        for top_p in (1.0, 0.95):
+            params = SamplingParams(temperature=0.8, top_p=top_p, seed=0)
+            batch = [SamplingRow(params, i, (), [1] * 128, 128, 5) for i in range(rows)]
+            name = "top_p" if top_p < 1 else "temperature"
+            figures[f"sample_{name}"] = lambda batch=batch: (staging.next_step(), sample(logits, batch, staging))
+            if top_p < 1:
+                t = build_sampling_tensors(batch, vocab, staging)  # cloned: the staging buffers are reused
+                t = dataclasses.replace(t, top_k=t.top_k.clone(), top_p=t.top_p.clone(), min_p=t.min_p.clone())
+                figures["top_p_masks"] = lambda t=t: top_k_top_p_min_p(logits, t)
+        for name, fn in figures.items():
+            RESULTS[f"sampler_b{rows}_{name}_ms"] = timed(fn)
+
+
 def timeline(stats: list, wall_s: float, path: Path) -> None:
     """Where an offline run's time went: steps with prompt tokens (context, maybe with decodes beside them)
     against decode-only steps, their counts, tokens and summed times, and the wall time no step covered;
@@ -211,7 +258,8 @@ def main() -> None:
     RESULTS["device"] = torch.cuda.get_device_name()
     RESULTS["torch"] = torch.__version__
     gpu_bench.measure_ceilings()
-    phases = {"tests": lambda: run_tests(out), "tuning": lambda: first_load_tuning(tmp), "gemv": gemv_bandwidth}
+    phases = {"tests": lambda: run_tests(out), "tuning": lambda: first_load_tuning(tmp), "gemv": gemv_bandwidth,
+              "sampler": sampler_costs}
     for phase in args.phases.split(","):
         log(phase)
         try:
