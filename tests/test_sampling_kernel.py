@@ -20,7 +20,7 @@ import torch
 
 from kiln.config import SamplingParams
 from kiln.kernels.sampling import (_exponential_race_kernel, _uniform_noise, exponential_race_ref,
-                                   exponential_race_triton, race_splits, uniform_noise)
+                                   exponential_race_triton, race_splits, uniform_noise, wrap_int64)
 from kiln.kernels.triton_jit import jit, tl
 from kiln.runtime import sampler
 from kiln.runtime.staging import HostStaging
@@ -54,7 +54,7 @@ def race_case(num_rows: int, vocab_size: int, seed: int = 0) -> tuple[torch.Tens
     gen = torch.Generator().manual_seed(seed)
     logits = (torch.randn(num_rows, vocab_size, generator=gen) * 3).bfloat16().float()
     logits[torch.rand(num_rows, vocab_size, generator=gen) < 0.3] = float("-inf")
-    seeds = torch.tensor([SEEDS[i % len(SEEDS)] + i // len(SEEDS) for i in range(num_rows)])
+    seeds = torch.tensor([wrap_int64(SEEDS[i % len(SEEDS)] + i // len(SEEDS)) for i in range(num_rows)])
     steps = torch.tensor([STEPS[i % len(STEPS)] for i in range(num_rows)])
     return logits.to(DEVICE), seeds.to(DEVICE), steps.to(DEVICE)
 
