@@ -92,8 +92,8 @@ def assert_same_fp8_where_plain_matches_reference(actual: Fp8Activation, plain: 
     them to a tolerance.)"""
     rows = (plain == reference).all(dim=-1)
     expected = quantize_fp8_per_token(reference)
-    assert torch.equal(actual.data[rows].view(torch.uint8), expected.data[rows].view(torch.uint8))
-    assert torch.equal(actual.scale[rows], expected.scale[rows])
+    assert_same_fp8(Fp8Activation(actual.data[rows], actual.scale[rows]),
+                    Fp8Activation(expected.data[rows], expected.scale[rows]))
 
 
 # ---- the kernels ---------------------------------------------------------------------------------
