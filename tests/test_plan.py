@@ -41,6 +41,7 @@ def kiln(capsys, *args: str) -> tuple[int, str, str]:
 DOCUMENTED_MISSES = {
     # bf16's fit makes batch-512 decode host-bound; fp8's faster GPU shows the host is quicker than that
     "h200 llama-3-8b fp8: 128/128 output tok/s (2048 req)": 0.16,
+    "h200 llama-3-8b fp8: TTFT ms, 128-token prompt": 0.17,  # the same host time, at a prompt's step
 }
 
 
