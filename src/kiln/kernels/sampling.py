@@ -178,8 +178,8 @@ NUCLEUS_MAX_RACES = 64
 def nucleus_accepts(winner_logit, floor, tail_mass, total_mass, top_p):
     """Whether a race's winner lies in the row's nucleus: its logit at least min-p's floor (l_max +
     log min_p), and, for top_p < 1, the mass of the tokens not more likely than it (logit <= the winner's)
-    above 1 - top_p of the row's, i.e. the mass strictly more likely below top_p. Torch tensors or Triton
-    scalars alike: the same float32 operations in both."""
+    above 1 - top_p of the row's, i.e. the mass strictly more likely below top_p. Torch tensors; the kernel's
+    ``_nucleus_accepts`` does the same float32 operations."""
     return (winner_logit >= floor) & ((top_p >= 1.0) | (tail_mass > (1.0 - top_p) * total_mass))
 
 
@@ -212,6 +212,12 @@ def nucleus_race_ref(logits: torch.Tensor, top_p: torch.Tensor, log_min_p: torch
         token = torch.where(done, token, keys.masked_fill(outside, float("-inf")).argmax(dim=-1))
         races += (~done).int()
     return torch.where(done, token, top_token), races
+
+
+@jit
+def _nucleus_accepts(winner_logit, floor, tail_mass, total_mass, top_p):
+    """nucleus_accepts on the kernel's scalars (Triton calls only jit functions)."""
+    return (winner_logit >= floor) & ((top_p >= 1.0) | (tail_mass > (1.0 - top_p) * total_mass))
 
 
 @jit
@@ -266,8 +272,8 @@ def _nucleus_race_kernel(logits_ptr, logits_row_stride, seeds_ptr, steps_ptr, to
         token = block_start + lanes
         logit = tl.load(row_ptr + token, mask=token < vocab_size, other=float("-inf"))
         new_max = tl.maximum(lane_max, logit)
-        finite = new_max > float("-inf")
-        lane_mass = tl.where(finite, lane_mass * tl.exp(lane_max - new_max) + tl.exp(logit - new_max), 0.0)
+        shift = tl.where(new_max > float("-inf"), new_max, 0.0)  # a lane of -inf alone: exp(-inf) = 0, no NaN
+        lane_mass = lane_mass * tl.exp(lane_max - shift) + tl.exp(logit - shift)
         lane_argmax = tl.where(logit > lane_max, token, lane_argmax)
         lane_max = new_max
         key = logit - tl.log(-tl.log(_uniform_noise(seed, step, token)))
@@ -276,7 +282,7 @@ def _nucleus_race_kernel(logits_ptr, logits_row_stride, seeds_ptr, steps_ptr, to
         best_token = tl.where(is_better, token, best_token)
     top_logit = tl.max(lane_max, axis=0)
     top_token = tl.min(tl.where(lane_max == top_logit, lane_argmax, vocab_size), axis=0)
-    total_mass = tl.sum(tl.where(lane_max > float("-inf"), lane_mass * tl.exp(lane_max - top_logit), 0.0), axis=0)
+    total_mass = tl.sum(lane_mass * tl.exp(lane_max - tl.where(top_logit > float("-inf"), top_logit, 0.0)), axis=0)
     floor = top_logit + tl.load(log_min_p_ptr + row)
     top_key = tl.max(best_key, axis=0)
     token = tl.min(tl.where(best_key == top_key, best_token, vocab_size), axis=0)
@@ -284,16 +290,16 @@ def _nucleus_race_kernel(logits_ptr, logits_row_stride, seeds_ptr, steps_ptr, to
     done = top_logit == float("-inf")
     winner_logit = tl.load(row_ptr + token)
     tail_mass = total_mass
-    if top_p < 1.0:
+    if (top_p < 1.0) and (not done):
         tail_mass = _tail_mass(row_ptr, vocab_size, winner_logit, top_logit, BLOCK)
-    done = done | nucleus_accepts(winner_logit, floor, tail_mass, total_mass, top_p)
+    done = done | _nucleus_accepts(winner_logit, floor, tail_mass, total_mass, top_p)
     while (not done) and races < MAX_RACES:
         token = _race_pass(row_ptr, seed, step, vocab_size, winner_logit, floor, BLOCK)
         races += 1
         winner_logit = tl.load(row_ptr + token)
         if top_p < 1.0:
             tail_mass = _tail_mass(row_ptr, vocab_size, winner_logit, top_logit, BLOCK)
-        done = nucleus_accepts(winner_logit, floor, tail_mass, total_mass, top_p)
+        done = _nucleus_accepts(winner_logit, floor, tail_mass, total_mass, top_p)
     tl.store(tokens_ptr + row, tl.where(done, token, top_token).to(tl.int64))
     tl.store(races_ptr + row, races)
 
