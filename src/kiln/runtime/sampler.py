@@ -145,14 +145,13 @@ def top_k_top_p_min_p(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
         sorted_logits = sorted_logits.masked_fill(ranks >= t.top_k[:, None], float("-inf"))
         probs = sorted_logits.softmax(dim=-1)
         # Mass of each token and all less likely ones, summed from the tail so that top_p = 1 drops
-        # nothing by rounding, taken at the first of each run of equal logits: the mass of the tokens not
-        # more likely than it, so ties go together. The most likely token always stays.
+        # nothing by rounding. It falls along the sort, so the kept positions are a prefix (the most likely
+        # token always in it); the tokens tied with its last one are kept with it: at the first of a run
+        # of equal logits that mass is the mass of the tokens not more likely than them all.
         mass_from_here = probs.flip(-1).cumsum(dim=-1).flip(-1)
-        run_start = torch.where(sorted_logits[:, 1:] != sorted_logits[:, :-1], ranks[:, 1:], 0)
-        run_start = torch.cat([ranks[:, :1].expand(len(logits), 1), run_start], dim=-1).cummax(dim=-1).values
-        drop = mass_from_here.gather(-1, run_start) <= 1.0 - t.top_p[:, None]
-        drop[:, 0] = False
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        num_kept = (mass_from_here > 1.0 - t.top_p[:, None]).sum(dim=-1, keepdim=True).clamp_(min=1)
+        sorted_logits = sorted_logits.masked_fill(sorted_logits < sorted_logits.gather(-1, num_kept - 1),
+                                                  float("-inf"))
         logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
     if t.any_min_p:
         floor = logits.max(dim=-1, keepdim=True).values + t.min_p.log()[:, None]
