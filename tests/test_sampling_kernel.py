@@ -156,13 +156,18 @@ def nucleus_case(num_rows: int, vocab_size: int, seed: int = 0):
     return logits.bfloat16().float(), seeds, steps
 
 
+def nucleus_params(num_rows: int, top_p: float, min_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every row's top-p and log min-p, as the sampler passes them."""
+    return torch.full((num_rows,), top_p, device=DEVICE), torch.full((num_rows,), min_p, device=DEVICE).log()
+
+
 @pytest.mark.parametrize("block", [2048, 128], ids=["one_block", "blocks"])
 @pytest.mark.parametrize("min_p", [0.0, 0.05])
 @pytest.mark.parametrize("top_p", [0.5, 0.9, 0.95, 1.0])
 @pytest.mark.parametrize("num_rows,vocab_size", [(1, 1000), (3, 1031), (5, 1000)])
 def test_nucleus_race_matches_the_reference(num_rows, vocab_size, top_p, min_p, block):
     logits, seeds, steps = nucleus_case(num_rows, vocab_size, seed=num_rows)
-    top_p, log_min_p = torch.full((num_rows,), top_p, device=DEVICE), torch.full((num_rows,), min_p, device=DEVICE).log()
+    top_p, log_min_p = nucleus_params(num_rows, top_p, min_p)
     tokens, races = nucleus_race_triton(logits, top_p, log_min_p, seeds, steps, BLOCK=block)
     ref_tokens, ref_races = nucleus_race_ref(logits, top_p, log_min_p, seeds, steps)
     assert torch.equal(tokens, ref_tokens) and torch.equal(races, ref_races)
@@ -183,6 +188,19 @@ def test_nucleus_race_loops_and_falls_back_at_its_cap_as_the_reference():
     uncapped, uncapped_races = nucleus_race_ref(logits, top_p, log_min_p, seeds, steps)
     assert uncapped_races.max() > 2
     assert torch.equal(tokens, torch.where(uncapped_races <= 2, uncapped, logits.argmax(-1)))
+
+
+def test_a_top_p_below_rounding_keeps_the_tokens_tied_for_most_likely():
+    """1 - 1e-9 is 1 in float32: no mass is above it, yet the most likely tokens (here two, tied) stay, and
+    only they: both are drawn, by the first race or by the second, over the tokens above its winner."""
+    logits = torch.full((64, 1000), -2.0, device=DEVICE)
+    logits[:, 10] = logits[:, 700] = 3.0
+    seeds, steps = torch.arange(64, device=DEVICE), torch.zeros(64, dtype=torch.int64, device=DEVICE)
+    top_p, log_min_p = nucleus_params(64, 1e-9, 0.0)
+    tokens, races = nucleus_race_triton(logits, top_p, log_min_p, seeds, steps)
+    assert set(tokens.tolist()) == {10, 700} and races.max() == 2
+    ref_tokens, ref_races = nucleus_race_ref(logits, top_p, log_min_p, seeds, steps)
+    assert torch.equal(tokens, ref_tokens) and torch.equal(races, ref_races)
 
 
 # ---- compiled for the GPU, without one -----------------------------------------------------------
@@ -242,7 +260,7 @@ def test_gpu_sample_with_the_kernel_matches_the_reference_greedy_rows_mixed_in(r
 @pytest.mark.parametrize("num_rows", [1, 7, 512])
 def test_gpu_nucleus_race_matches_the_reference_on_the_device(num_rows, top_p, min_p):
     logits, seeds, steps = nucleus_case(num_rows, 128256)
-    top_p, log_min_p = torch.full((num_rows,), top_p, device=DEVICE), torch.full((num_rows,), min_p, device=DEVICE).log()
+    top_p, log_min_p = nucleus_params(num_rows, top_p, min_p)
     tokens, races = nucleus_race_triton(logits, top_p, log_min_p, seeds, steps)
     ref_tokens, ref_races = nucleus_race_ref(logits, top_p, log_min_p, seeds, steps)
     assert torch.equal(tokens, ref_tokens) and torch.equal(races, ref_races)

@@ -175,12 +175,14 @@ def exponential_race_triton(logits: torch.Tensor, seeds: torch.Tensor, steps: to
 NUCLEUS_MAX_RACES = 64
 
 
-def nucleus_accepts(winner_logit, floor, tail_mass, total_mass, top_p):
+def nucleus_accepts(winner_logit, top_logit, floor, tail_mass, total_mass, top_p):
     """Whether a race's winner lies in the row's nucleus: its logit at least min-p's floor (l_max +
     log min_p), and, for top_p < 1, the mass of the tokens not more likely than it (logit <= the winner's)
-    above 1 - top_p of the row's, i.e. the mass strictly more likely below top_p. Torch tensors; the kernel's
-    ``_nucleus_accepts`` does the same float32 operations."""
-    return (winner_logit >= floor) & ((top_p >= 1.0) | (tail_mass > (1.0 - top_p) * total_mass))
+    above 1 - top_p of the row's, i.e. the mass strictly more likely below top_p. A most likely token always
+    is (whatever the sums' rounding: so a later race, over the tokens above a rejected winner, is never
+    empty). Torch tensors; the kernel's ``_nucleus_accepts`` does the same float32 operations."""
+    return (winner_logit >= floor) & ((top_p >= 1.0) | (winner_logit == top_logit)
+                                      | (tail_mass > (1.0 - top_p) * total_mass))
 
 
 def nucleus_race_ref(logits: torch.Tensor, top_p: torch.Tensor, log_min_p: torch.Tensor, seeds: torch.Tensor,
@@ -212,7 +214,7 @@ def nucleus_race_ref(logits: torch.Tensor, top_p: torch.Tensor, log_min_p: torch
         winner_logit = row_logits.gather(-1, row_token[:, None])
         row_total = total_mass[rows]
         tail_mass = row_weights.masked_fill(row_logits > winner_logit, 0.0).sum(dim=-1) if any_top_p else row_total
-        accepted = nucleus_accepts(winner_logit[:, 0], floor[rows], tail_mass, row_total, top_p[rows])
+        accepted = nucleus_accepts(winner_logit[:, 0], top_logit[rows], floor[rows], tail_mass, row_total, top_p[rows])
         token[rows], done[rows] = row_token, accepted
         outside = ~accepted
         rows, row_logits, row_token, winner_logit = rows[outside], row_logits[outside], row_token[outside], \
@@ -227,9 +229,10 @@ def nucleus_race_ref(logits: torch.Tensor, top_p: torch.Tensor, log_min_p: torch
 
 
 @jit
-def _nucleus_accepts(winner_logit, floor, tail_mass, total_mass, top_p):
+def _nucleus_accepts(winner_logit, top_logit, floor, tail_mass, total_mass, top_p):
     """nucleus_accepts on the kernel's scalars (Triton calls only jit functions)."""
-    return (winner_logit >= floor) & ((top_p >= 1.0) | (tail_mass > (1.0 - top_p) * total_mass))
+    return (winner_logit >= floor) & ((top_p >= 1.0) | (winner_logit == top_logit)
+                                      | (tail_mass > (1.0 - top_p) * total_mass))
 
 
 @jit
@@ -304,14 +307,14 @@ def _nucleus_race_kernel(logits_ptr, logits_row_stride, seeds_ptr, steps_ptr, to
     tail_mass = total_mass
     if (top_p < 1.0) and (not done):
         tail_mass = _tail_mass(row_ptr, vocab_size, winner_logit, top_logit, BLOCK)
-    done = done | _nucleus_accepts(winner_logit, floor, tail_mass, total_mass, top_p)
+    done = done | _nucleus_accepts(winner_logit, top_logit, floor, tail_mass, total_mass, top_p)
     while (not done) and races < MAX_RACES:
         token = _race_pass(row_ptr, seed, step, vocab_size, winner_logit, floor, BLOCK)
         races += 1
         winner_logit = tl.load(row_ptr + token)
         if top_p < 1.0:
             tail_mass = _tail_mass(row_ptr, vocab_size, winner_logit, top_logit, BLOCK)
-        done = _nucleus_accepts(winner_logit, floor, tail_mass, total_mass, top_p)
+        done = _nucleus_accepts(winner_logit, top_logit, floor, tail_mass, total_mass, top_p)
     tl.store(tokens_ptr + row, tl.where(done, token, top_token).to(tl.int64))
     tl.store(races_ptr + row, races)
 
