@@ -167,11 +167,13 @@ def exponential_race_triton(logits: torch.Tensor, seeds: torch.Tensor, steps: to
 
 
 # ---- top-p and min-p by rejection, without a sort ---------------------------------------------------
-# Races a row may run before it gives up and takes its most likely token. The winners' chain is at most
-# the prefix maxima of the keys scanned from the most likely token down, which for a flat row (the
-# slowest: any other makes the likelier tokens win more often) number H_V on average, 12.3 at Llama-3's
-# 128256 tokens; 64 of them has a probability under 1e-23 (Chernoff), so the fallback is there to bound
-# the loop, not to be taken.
+# Races a row may run before it gives up and takes its most likely token (in the nucleus, but not the
+# exact draw). Each winner has a larger key than every token more likely than it (they all ran in its
+# race), so the winners are among the prefix maxima of the keys scanned from the most likely token
+# down. For a flat row (the slowest: falling logits make later maxima rarer) those number H_V on average,
+# 12.3 at Llama-3's 128256 tokens, and 64 or more has a probability under 1e-23 (Chernoff): the cap
+# bounds the loop, it is not meant to be reached. The first winner is outside the nucleus with about the
+# mass outside (1 - top_p): most rows take one race.
 NUCLEUS_MAX_RACES = 64
 
 
@@ -197,7 +199,8 @@ def nucleus_race_ref(logits: torch.Tensor, top_p: torch.Tensor, log_min_p: torch
     log_e = uniform_noise(seeds, steps, logits.shape[-1])
     log_e.log_().neg_().log_()
     keys = logits - log_e
-    top_logit, top_token = logits.max(dim=-1)
+    top_token = logits.argmax(dim=-1)  # the lowest of tied ones, as the kernel's
+    top_logit = logits.gather(-1, top_token[:, None])[:, 0]
     any_top_p = bool((top_p < 1.0).any())  # else no mass is looked at: min-p alone, the floor decides
     weights = (logits - top_logit[:, None]).exp_() if any_top_p else None
     total_mass = weights.sum(dim=-1) if any_top_p else top_p
