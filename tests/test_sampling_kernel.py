@@ -1,11 +1,13 @@
-"""The fused exponential race (kiln.kernels.sampling) against its plain-PyTorch reference.
+"""The fused exponential race and the nucleus race (kiln.kernels.sampling) against their plain-PyTorch
+references.
 
-On a CPU-only machine the kernel runs in Triton's interpreter (conftest.py sets TRITON_INTERPRET=1) at
-awkward sizes, and is compiled for Hopper without running; the ``gpu`` cases run it on CUDA at
+On a CPU-only machine the kernels run in Triton's interpreter (conftest.py sets TRITON_INTERPRET=1) at
+awkward sizes, and are compiled for Hopper without running; the ``gpu`` cases run them on CUDA at
 Llama-3's vocabulary against the reference on the same device. The noise must match bit for bit; the
 tokens must be the reference's: the logarithms may round otherwise (numpy's in the interpreter,
 libdevice's on the GPU), which could flip only a near-tie within an ulp, and none of these seeded rows
-has one.
+has one; the nucleus race's races per row must be the reference's too (its sums could round a winner
+across the cut-off only from within rounding of it, and none is there).
 """
 
 from __future__ import annotations

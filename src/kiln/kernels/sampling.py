@@ -11,6 +11,12 @@ same noise whatever else is in the batch, on any device.
 computes the same u bit for bit inside the kernel (nothing [rows, vocab] but the logits is read or
 written) and the same keys up to the rounding of its logarithms, so the two agree but at near-ties. On
 equal keys both take the lowest token id, as torch.argmax does.
+
+``nucleus_race_triton`` / ``nucleus_race_ref`` draw from a top-p nucleus and min-p floor without sorting:
+with the same keys, a winner outside is rejected and the race run again over the tokens more likely than it,
+until a winner is inside -- the largest key inside, the draw of masking then racing. Their acceptance sums
+(the row's mass, the mass not above the winner) round differently on the two sides, so they agree but for a
+winner whose mass lies within rounding of the cut-off.
 """
 
 from __future__ import annotations
