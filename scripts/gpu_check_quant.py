@@ -124,10 +124,12 @@ FIGURES = ("b1", "b16", "ttft", "128_128", "128_128_sampled", "2048_128", "profi
 def sampler_costs() -> None:
     """GPU time (CUDA events, median of 20 after warm-up) of a step's sampling over [rows, 128256] float32
     logits (N(0, 2), so top-p 0.95 keeps a large share, as on dummy weights): greedy argmax, the race in
-    torch (noise passes, then argmax) and in the Triton kernel, top-p's sort and masks alone, and sample()
-    whole at temperature 0.8 with and without top-p 0.95 (seeded rows)."""
+    torch (noise passes, then argmax) and in the Triton kernel, the nucleus race kernel at top-p 0.95 (and
+    its mean races per row), the sort and masks alone (now top-k's path only), and sample() whole at
+    temperature 0.8 with and without top-p 0.95 and with top-k 50 + top-p 0.95 (the sort's path; seeded
+    rows)."""
     from kiln.config import SamplingParams
-    from kiln.kernels.sampling import exponential_race_ref, exponential_race_triton
+    from kiln.kernels.sampling import exponential_race_ref, exponential_race_triton, nucleus_race_triton
     from kiln.runtime.sampler import SamplingRow, build_sampling_tensors, sample, top_k_top_p_min_p
     from kiln.runtime.staging import HostStaging
 
@@ -153,15 +155,19 @@ def sampler_costs() -> None:
         figures = {"argmax": lambda: logits.argmax(dim=-1),
                    "race_torch": lambda: exponential_race_ref(logits, seeds, steps),
                    "race_triton": lambda: exponential_race_triton(logits, seeds, steps)}
-        for top_p in (1.0, 0.95):
-            params = SamplingParams(temperature=0.8, top_p=top_p, seed=0)
+        nucleus = (logits, torch.full((rows,), 0.95, device="cuda"), torch.full((rows,), float("-inf"), device="cuda"),
+                   seeds, steps)
+        figures["nucleus_triton"] = lambda nucleus=nucleus: nucleus_race_triton(*nucleus)
+        RESULTS[f"sampler_b{rows}_nucleus_races_mean"] = nucleus_race_triton(*nucleus)[1].float().mean().item()
+        for top_k, top_p in ((0, 1.0), (0, 0.95), (50, 0.95)):
+            params = SamplingParams(temperature=0.8, top_k=top_k, top_p=top_p, seed=0)
             batch = [SamplingRow(params, i, (), [1] * 128, 128, 5) for i in range(rows)]
-            name = "top_p" if top_p < 1 else "temperature"
+            name = "top_k_top_p" if top_k else "top_p" if top_p < 1 else "temperature"
             figures[f"sample_{name}"] = lambda batch=batch: (staging.next_step(), sample(logits, batch, staging))
-            if top_p < 1:
+            if top_k:
                 t = build_sampling_tensors(batch, vocab, staging)  # cloned: the staging buffers are reused
                 t = dataclasses.replace(t, top_k=t.top_k.clone(), top_p=t.top_p.clone(), min_p=t.min_p.clone())
-                figures["top_p_masks"] = lambda t=t: top_k_top_p_min_p(logits, t)
+                figures["top_k_top_p_masks"] = lambda t=t: top_k_top_p_min_p(logits, t)
         for name, fn in figures.items():
             RESULTS[f"sampler_b{rows}_{name}_ms"] = timed(fn)
 

@@ -22,7 +22,7 @@ from kiln import Executor, Request, RuntimeConfig
 from kiln.config import SamplingParams
 from kiln.errors import RequestError
 from kiln.runtime.model_runner import derive_seed
-from kiln.kernels.sampling import uniform_noise
+from kiln.kernels.sampling import exponential_race_ref, nucleus_race_ref, uniform_noise
 from kiln.runtime.sampler import SamplingRow, apply_penalties, build_sampling_tensors, top_k_top_p_min_p, top_logprobs
 from kiln.runtime.sampler import sample as sample_staged
 from kiln.runtime.sequence import Sequence
@@ -164,6 +164,77 @@ def test_sampled_tokens_stay_inside_the_masks():
     tokens = sample(logits.repeat(2000, 1), [make_row(p, seed=s) for s in range(2000)])
     assert allowed[tokens].all()
     assert len(set(tokens.tolist())) == int(allowed.sum())  # and every kept token is reachable
+
+
+def test_sampled_tokens_stay_inside_the_masks_without_a_sort():
+    """Top-p and min-p without top-k: the nucleus race, not the sort, draws them."""
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(1, 64, generator=gen) * 2
+    for p in (SamplingParams(temperature=1.3, top_p=0.7, min_p=0.1), SamplingParams(temperature=0.8, top_p=0.3),
+              SamplingParams(temperature=1.0, min_p=0.2)):
+        allowed = ~hf_mask(logits[0], p)
+        tokens = sample(logits.repeat(2000, 1), [make_row(p, seed=s) for s in range(2000)])
+        assert allowed[tokens].all()
+        assert len(set(tokens.tolist())) == int(allowed.sum())
+
+
+def tie_rule_mask(logits: torch.Tensor, top_p: float, min_p: float) -> torch.Tensor:
+    """The module docstring's rule written out, token by token: j is dropped unless the mass of the tokens
+    with a logit strictly greater than l_j is below top_p, and l_j >= l_max + log(min_p)."""
+    probs = logits.double().softmax(-1)
+    above = torch.stack([probs[logits > l].sum() for l in logits])
+    keep = (above < top_p) | (top_p >= 1.0)
+    keep &= logits >= logits.max() + torch.tensor(min_p).log()
+    return ~keep | (logits == float("-inf"))
+
+
+def tied_logits(num_rows: int, vocab: int, seed: int) -> torch.Tensor:
+    """bfloat16 values, so equal logits abound; half the rows flat (a wide nucleus, several races), half
+    peaked."""
+    gen = torch.Generator().manual_seed(seed)
+    scale = torch.where(torch.arange(num_rows) % 2 == 0, 0.5, 4.0)[:, None]
+    return (torch.randn(num_rows, vocab, generator=gen) * scale).bfloat16().float()
+
+
+def test_top_p_keeps_tokens_tied_at_the_cut_off_together():
+    # Four tokens of 0.229 each: the first two make 0.458 < 0.5, so all four are in (Hugging Face's sort
+    # keeps three of them, whichever it puts first); the last, 0.084, is out.
+    logits = torch.tensor([1.0, 1.0, 1.0, 1.0, 0.0])
+    p = SamplingParams(temperature=1.0, top_p=0.5)
+    tensors = build_sampling_tensors([make_row(p)], 5, HostStaging(logits.device))
+    assert torch.isinf(top_k_top_p_min_p(logits[None], tensors))[0].tolist() == [False] * 4 + [True]
+    tokens = sample(logits.repeat(400, 1), [make_row(p, seed=s) for s in range(400)])
+    assert set(tokens.tolist()) == {0, 1, 2, 3}
+    assert int(hf_mask(logits, p).sum()) == 2  # the warper splits the tie
+
+
+@pytest.mark.parametrize("top_p", [0.3, 0.9, 0.95, 1.0])
+@pytest.mark.parametrize("min_p", [0.0, 0.05])
+def test_the_sort_and_the_nucleus_race_follow_the_tie_rule(top_p, min_p):
+    """top_k_top_p_min_p (the sort path) masks by the rule on tied logits, and the nucleus race draws what
+    racing that mask draws, token for token."""
+    vocab = 300
+    logits = tied_logits(16, vocab, seed=int(top_p * 100 + min_p * 1000))
+    logits[3, ::3] = float("-inf")
+    rows = [make_row(SamplingParams(temperature=1.0, top_p=top_p, min_p=min_p), seed=i) for i in range(16)]
+    tensors = build_sampling_tensors(rows, vocab, HostStaging(logits.device))
+    masked = top_k_top_p_min_p(logits, tensors)
+    for i in range(16):
+        assert torch.equal(torch.isinf(masked[i]), tie_rule_mask(logits[i], top_p, min_p)), i
+    tokens, races = nucleus_race_ref(logits, tensors.top_p, tensors.min_p.log(), tensors.seeds, tensors.steps)
+    assert torch.equal(tokens, exponential_race_ref(masked, tensors.seeds, tensors.steps))
+    if top_p < 0.5:
+        assert races.max() > 1  # the loop ran (a first winner is outside with about the mass outside, 1 - top_p)
+
+
+def test_a_row_still_outside_after_the_last_race_takes_its_most_likely_token():
+    logits = tied_logits(4, 1000, seed=5)
+    top_p, log_min_p = torch.full((4,), 0.01), torch.full((4,), float("-inf"))
+    seeds, steps = torch.arange(4), torch.zeros(4, dtype=torch.int64)
+    tokens, races = nucleus_race_ref(logits, top_p, log_min_p, seeds, steps)
+    capped, capped_races = nucleus_race_ref(logits, top_p, log_min_p, seeds, steps, max_races=1)
+    assert (races > 1).any() and (capped_races == 1).all()
+    assert torch.equal(capped, torch.where(races == 1, tokens, logits.argmax(-1)))
 
 
 # ---- penalties and min_tokens -----------------------------------------------------------------------------

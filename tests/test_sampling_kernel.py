@@ -1,11 +1,13 @@
-"""The fused exponential race (kiln.kernels.sampling) against its plain-PyTorch reference.
+"""The fused exponential race and the nucleus race (kiln.kernels.sampling) against their plain-PyTorch
+references.
 
-On a CPU-only machine the kernel runs in Triton's interpreter (conftest.py sets TRITON_INTERPRET=1) at
-awkward sizes, and is compiled for Hopper without running; the ``gpu`` cases run it on CUDA at
+On a CPU-only machine the kernels run in Triton's interpreter (conftest.py sets TRITON_INTERPRET=1) at
+awkward sizes, and are compiled for Hopper without running; the ``gpu`` cases run them on CUDA at
 Llama-3's vocabulary against the reference on the same device. The noise must match bit for bit; the
 tokens must be the reference's: the logarithms may round otherwise (numpy's in the interpreter,
 libdevice's on the GPU), which could flip only a near-tie within an ulp, and none of these seeded rows
-has one.
+has one; the nucleus race's races per row must be the reference's too (its sums could round a winner
+across the cut-off only from within rounding of it, and none is there).
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ import pytest
 import torch
 
 from kiln.config import SamplingParams
-from kiln.kernels.sampling import (_exponential_race_kernel, _uniform_noise, exponential_race_ref,
-                                   exponential_race_triton, race_splits, uniform_noise, wrap_int64)
+from kiln.kernels.sampling import (_exponential_race_kernel, _nucleus_race_kernel, _uniform_noise, exponential_race_ref,
+                                   exponential_race_triton, nucleus_race_ref, nucleus_race_triton, race_splits,
+                                   uniform_noise, wrap_int64)
 from kiln.kernels.triton_jit import jit, tl
 from kiln.runtime import sampler
 from kiln.runtime.staging import HostStaging
@@ -118,25 +121,88 @@ def sampled_rows(num_rows: int) -> list[sampler.SamplingRow]:
 
 def sample_both_ways(logits: torch.Tensor, rows: list[sampler.SamplingRow], monkeypatch
                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """sample() with the kernel, then with the reference, for the race on the logits' device."""
+    """sample() with the kernels, then with the references, for the races on the logits' device."""
     with monkeypatch.context() as patch:
         patch.setattr(sampler, "exponential_race_ref", exponential_race_triton)
+        patch.setattr(sampler, "nucleus_race_ref", nucleus_race_triton)
         with_kernel = sampler.sample(logits, rows, HostStaging(logits.device))
     with monkeypatch.context() as patch:
         patch.setattr(sampler, "exponential_race_triton", exponential_race_ref)
+        patch.setattr(sampler, "nucleus_race_triton", nucleus_race_ref)
         with_reference = sampler.sample(logits, rows, HostStaging(logits.device))
     return with_kernel, with_reference
 
 
+def nucleus_rows(num_rows: int) -> list[sampler.SamplingRow]:
+    """A batch without top-k, so the nucleus race draws it: greedy, temperature alone, top-p, min-p."""
+    return [row for row in sampled_rows(num_rows) if row.params.top_k == 0]
+
+
+@pytest.mark.parametrize("rows", [sampled_rows, nucleus_rows], ids=["with_top_k", "without_top_k"])
 @pytest.mark.parametrize("num_rows,vocab_size", [(3, 1031), (7, 1000)])
-def test_sample_with_the_kernel_matches_the_reference_greedy_rows_mixed_in(num_rows, vocab_size, monkeypatch):
-    logits, _, _ = race_case(num_rows, vocab_size)
+def test_sample_with_the_kernel_matches_the_reference_greedy_rows_mixed_in(num_rows, vocab_size, rows, monkeypatch):
+    rows = rows(num_rows)
+    logits, _, _ = race_case(len(rows), vocab_size)
     logits = logits.nan_to_num(neginf=-30.0)  # model logits are finite
-    rows = sampled_rows(num_rows)
     with_kernel, with_reference = sample_both_ways(logits, rows, monkeypatch)
     assert torch.equal(with_kernel, with_reference)
     greedy = [i for i, r in enumerate(rows) if r.params.is_greedy]
     assert with_kernel[greedy[0]] == logits[greedy[0]].argmax()
+
+
+def nucleus_case(num_rows: int, vocab_size: int, seed: int = 0):
+    """race_case's logits (bfloat16 values, a third -inf), alternately flat (a wide nucleus: first winners
+    outside it often, several races) and peaked, with each row's top-p and log min-p."""
+    logits, seeds, steps = race_case(num_rows, vocab_size, seed)
+    logits = logits * torch.where(torch.arange(num_rows, device=DEVICE) % 2 == 0, 0.1, 1.5)[:, None]
+    return logits.bfloat16().float(), seeds, steps
+
+
+def nucleus_params(num_rows: int, top_p: float, min_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every row's top-p and log min-p, as the sampler passes them."""
+    return torch.full((num_rows,), top_p, device=DEVICE), torch.full((num_rows,), min_p, device=DEVICE).log()
+
+
+@pytest.mark.parametrize("block", [2048, 128], ids=["one_block", "blocks"])
+@pytest.mark.parametrize("min_p", [0.0, 0.05])
+@pytest.mark.parametrize("top_p", [0.5, 0.9, 0.95, 1.0])
+@pytest.mark.parametrize("num_rows,vocab_size", [(1, 1000), (3, 1031), (5, 1000)])
+def test_nucleus_race_matches_the_reference(num_rows, vocab_size, top_p, min_p, block):
+    logits, seeds, steps = nucleus_case(num_rows, vocab_size, seed=num_rows)
+    top_p, log_min_p = nucleus_params(num_rows, top_p, min_p)
+    tokens, races = nucleus_race_triton(logits, top_p, log_min_p, seeds, steps, BLOCK=block)
+    ref_tokens, ref_races = nucleus_race_ref(logits, top_p, log_min_p, seeds, steps)
+    assert torch.equal(tokens, ref_tokens) and torch.equal(races, ref_races)
+
+
+def test_nucleus_race_loops_and_falls_back_at_its_cap_as_the_reference():
+    """Rows whose first winners are outside (top-p 0.2 over flat rows) run several races, as many as the
+    reference's; capped at 2, the rows still outside take their most likely token, in both; rows of -inf
+    alone take token 0."""
+    logits, seeds, steps = nucleus_case(5, 1031, seed=7)
+    logits[4] = float("-inf")
+    top_p, log_min_p = torch.full((5,), 0.2, device=DEVICE), torch.full((5,), 0.01, device=DEVICE).log()
+    for max_races in (64, 2):
+        tokens, races = nucleus_race_triton(logits, top_p, log_min_p, seeds, steps, max_races=max_races, BLOCK=256)
+        ref_tokens, ref_races = nucleus_race_ref(logits, top_p, log_min_p, seeds, steps, max_races=max_races)
+        assert torch.equal(tokens, ref_tokens) and torch.equal(races, ref_races)
+        assert tokens[4] == 0 and races[4] == 1
+    uncapped, uncapped_races = nucleus_race_ref(logits, top_p, log_min_p, seeds, steps)
+    assert uncapped_races.max() > 2
+    assert torch.equal(tokens, torch.where(uncapped_races <= 2, uncapped, logits.argmax(-1)))
+
+
+def test_a_top_p_below_rounding_keeps_the_tokens_tied_for_most_likely():
+    """1 - 1e-9 is 1 in float32: no mass is above it, yet the most likely tokens (here two, tied) stay, and
+    only they: both are drawn, by the first race or by the second, over the tokens above its winner."""
+    logits = torch.full((64, 1000), -2.0, device=DEVICE)
+    logits[:, 10] = logits[:, 700] = 3.0
+    seeds, steps = torch.arange(64, device=DEVICE), torch.zeros(64, dtype=torch.int64, device=DEVICE)
+    top_p, log_min_p = nucleus_params(64, 1e-9, 0.0)
+    tokens, races = nucleus_race_triton(logits, top_p, log_min_p, seeds, steps)
+    assert set(tokens.tolist()) == {10, 700} and races.max() == 2
+    ref_tokens, ref_races = nucleus_race_ref(logits, top_p, log_min_p, seeds, steps)
+    assert torch.equal(tokens, ref_tokens) and torch.equal(races, ref_races)
 
 
 # ---- compiled for the GPU, without one -----------------------------------------------------------
@@ -149,6 +215,15 @@ def compile_race_kernel_for_hopper() -> str:
         {"BLOCK": 2048}, num_warps=8, num_stages=1)
 
 
+def compile_nucleus_race_kernel_for_hopper() -> str:
+    from test_fp8 import compile_for
+
+    return compile_for(_nucleus_race_kernel, 90, {
+        "logits_ptr": "*fp32", "logits_row_stride": "i32", "seeds_ptr": "*i64", "steps_ptr": "*i64",
+        "top_p_ptr": "*fp32", "log_min_p_ptr": "*fp32", "tokens_ptr": "*i64", "races_ptr": "*i32",
+        "vocab_size": "i32"}, {"BLOCK": 2048, "MAX_RACES": 64}, num_warps=8, num_stages=1)
+
+
 @pytest.mark.skipif(ON_GPU, reason="the GPU tests run the kernel itself")
 def test_race_kernel_compiles_for_hopper_with_wide_loads_and_libdevice_logarithms(tmp_path):
     """What the interpreter cannot show: the uint64 hash passes Triton's and ptxas's pipeline for sm90,
@@ -157,12 +232,12 @@ def test_race_kernel_compiles_for_hopper_with_wide_loads_and_libdevice_logarithm
     env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
     env.update(TRITON_CACHE_DIR=str(tmp_path), TRITON_DEFAULT_FP_FUSION="1",
                PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), *sys.path]))
-    result = subprocess.run([sys.executable, "-c", "import json, test_sampling_kernel; "
-                             "print(json.dumps(test_sampling_kernel.compile_race_kernel_for_hopper()))"],
+    result = subprocess.run([sys.executable, "-c", "import json, test_sampling_kernel as t; print(json.dumps("
+                             "[t.compile_race_kernel_for_hopper(), t.compile_nucleus_race_kernel_for_hopper()]))"],
                             env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    ptx = json.loads(result.stdout.splitlines()[-1])
-    assert "ld.global.v4" in ptx and "__nv_logf" in ptx and "lg2.approx" not in ptx and ".local" not in ptx
+    for ptx in json.loads(result.stdout.splitlines()[-1]):  # the nucleus race's loop on the GPU compiles too
+        assert "ld.global.v4" in ptx and "__nv_logf" in ptx and "lg2.approx" not in ptx and ".local" not in ptx
 
 
 # ---- GPU, at Llama-3's vocabulary ----------------------------------------------------------------
@@ -174,7 +249,20 @@ def test_gpu_exponential_race_matches_the_reference_on_the_device(num_rows):
 
 
 @gpu
-def test_gpu_sample_with_the_kernel_matches_the_reference_greedy_rows_mixed_in(monkeypatch):
-    logits, _, _ = race_case(64, 128256)
-    with_kernel, with_reference = sample_both_ways(logits.nan_to_num(neginf=-30.0), sampled_rows(64), monkeypatch)
+@pytest.mark.parametrize("rows", [sampled_rows, nucleus_rows], ids=["with_top_k", "without_top_k"])
+def test_gpu_sample_with_the_kernel_matches_the_reference_greedy_rows_mixed_in(rows, monkeypatch):
+    rows = rows(64)
+    logits, _, _ = race_case(len(rows), 128256)
+    with_kernel, with_reference = sample_both_ways(logits.nan_to_num(neginf=-30.0), rows, monkeypatch)
     assert torch.equal(with_kernel, with_reference)
+
+
+@gpu
+@pytest.mark.parametrize("top_p,min_p", [(0.95, 0.0), (0.5, 0.05), (1.0, 0.05)])
+@pytest.mark.parametrize("num_rows", [1, 7, 512])
+def test_gpu_nucleus_race_matches_the_reference_on_the_device(num_rows, top_p, min_p):
+    logits, seeds, steps = nucleus_case(num_rows, 128256)
+    top_p, log_min_p = nucleus_params(num_rows, top_p, min_p)
+    tokens, races = nucleus_race_triton(logits, top_p, log_min_p, seeds, steps)
+    ref_tokens, ref_races = nucleus_race_ref(logits, top_p, log_min_p, seeds, steps)
+    assert torch.equal(tokens, ref_tokens) and torch.equal(races, ref_races)

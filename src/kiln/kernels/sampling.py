@@ -11,6 +11,12 @@ same noise whatever else is in the batch, on any device.
 computes the same u bit for bit inside the kernel (nothing [rows, vocab] but the logits is read or
 written) and the same keys up to the rounding of its logarithms, so the two agree but at near-ties. On
 equal keys both take the lowest token id, as torch.argmax does.
+
+``nucleus_race_triton`` / ``nucleus_race_ref`` draw from a top-p nucleus and min-p floor without sorting:
+with the same keys, a winner outside is rejected and the race run again over the tokens more likely than it,
+until a winner is inside -- the largest key inside, the draw of masking then racing. Their acceptance sums
+(the row's mass, the mass not above the winner) round differently on the two sides, so they agree but for a
+winner whose mass lies within rounding of the cut-off.
 """
 
 from __future__ import annotations
@@ -164,3 +170,181 @@ def exponential_race_triton(logits: torch.Tensor, seeds: torch.Tensor, steps: to
     if num_splits == 1:
         return tokens[:, 0]
     return tokens.gather(1, keys.argmax(dim=1, keepdim=True))[:, 0]
+
+
+# ---- top-p and min-p by rejection, without a sort ---------------------------------------------------
+# Races a row may run before it gives up and takes its most likely token (in the nucleus, but not the
+# exact draw). Each winner has a larger key than every token more likely than it (they all ran in its
+# race), so the winners are among the prefix maxima of the keys scanned from the most likely token
+# down. For a flat row (the slowest: falling logits make later maxima rarer) those number H_V on average,
+# 12.3 at Llama-3's 128256 tokens, and 64 or more has a probability under 1e-23 (Chernoff): the cap
+# bounds the loop, it is not meant to be reached. The first winner is outside the nucleus with about the
+# mass outside (1 - top_p): most rows take one race.
+NUCLEUS_MAX_RACES = 64
+
+
+def nucleus_accepts(winner_logit, top_logit, floor, tail_mass, total_mass, top_p):
+    """Whether a race's winner lies in the row's nucleus: its logit at least min-p's floor (l_max +
+    log min_p), and, for top_p < 1, the mass of the tokens not more likely than it (logit <= the winner's)
+    above 1 - top_p of the row's, i.e. the mass strictly more likely below top_p. A most likely token always
+    is (whatever the sums' rounding: so a later race, over the tokens above a rejected winner, is never
+    empty). Torch tensors; the kernel's ``_nucleus_accepts`` does the same float32 operations."""
+    return (winner_logit >= floor) & ((top_p >= 1.0) | (winner_logit == top_logit)
+                                      | (tail_mass > (1.0 - top_p) * total_mass))
+
+
+def nucleus_race_ref(logits: torch.Tensor, top_p: torch.Tensor, log_min_p: torch.Tensor, seeds: torch.Tensor,
+                     steps: torch.Tensor, max_races: int = NUCLEUS_MAX_RACES) -> tuple[torch.Tensor, torch.Tensor]:
+    """The race restricted to each row's top-p nucleus and min-p floor, by rejection: the winner over all
+    tokens is the answer if it is inside; if not, the race runs again, with the same keys, over the tokens
+    more likely than the winner, and so on. The keys being fixed per token, the last winner is the largest
+    key inside, the token that masking the row and then racing it would draw. logits [N, V] float32
+    (temperature applied), top_p and log_min_p [N] float32, seeds and steps [N] int64 -> tokens [N] int64
+    and races run per row [N] int32 (a row still outside after ``max_races`` takes its most likely token).
+    The CPU's path and the oracle of ``nucleus_race_triton``."""
+    log_e = uniform_noise(seeds, steps, logits.shape[-1])
+    log_e.log_().neg_().log_()
+    keys = logits - log_e
+    # max(dim) for argmax: the first of tied maxima too (as documented, and as the kernel takes), and on the
+    # CPU a third of argmax's time.
+    top_logit, top_token = logits.max(dim=-1)
+    floor = top_logit + log_min_p
+    token = keys.max(dim=-1).indices
+    if not bool((top_p < 1.0).any()):
+        # Min-p alone: the floor is the nucleus, so a first winner below it is followed by the race over
+        # the tokens at or above it (all above the winner), the last.
+        below_floor = logits.gather(-1, token[:, None])[:, 0] < floor
+        return keys.masked_fill_(logits < floor[:, None], float("-inf")).max(dim=-1).indices, 1 + below_floor.int()
+    weights = (logits - top_logit[:, None]).exp_()
+    total_mass = weights.sum(dim=-1)
+    races = torch.ones(logits.shape[0], dtype=torch.int32, device=logits.device)
+    done = top_logit == float("-inf")  # nothing but -inf: token 0, as the plain race
+    # Each race after the first runs over the rows still outside only (gathered: few, mostly).
+    rows = (~done).nonzero()[:, 0]
+    row_logits, row_weights, row_token = logits, weights, token.clone()
+    if len(rows) < len(logits):
+        row_logits, row_weights, row_token = logits[rows], weights[rows], token[rows]
+    for race in range(max_races):
+        winner_logit = row_logits.gather(-1, row_token[:, None])
+        tail_mass = row_weights.masked_fill(row_logits > winner_logit, 0.0).sum(dim=-1)
+        accepted = nucleus_accepts(winner_logit[:, 0], top_logit[rows], floor[rows], tail_mass, total_mass[rows],
+                                   top_p[rows])
+        token[rows], done[rows] = row_token, accepted
+        outside = ~accepted
+        rows, row_token, winner_logit = rows[outside], row_token[outside], winner_logit[outside]
+        if not len(rows) or race == max_races - 1:
+            break
+        row_logits, row_weights = row_logits[outside], row_weights[outside]
+        below = (row_logits <= winner_logit) | (row_logits < floor[rows, None])
+        row_token = keys[rows].masked_fill_(below, float("-inf")).max(dim=-1).indices
+        races[rows] += 1
+    return torch.where(done, token, top_token), races
+
+
+@jit
+def _nucleus_accepts(winner_logit, top_logit, floor, tail_mass, total_mass, top_p):
+    """nucleus_accepts on the kernel's scalars (Triton calls only jit functions)."""
+    return (winner_logit >= floor) & ((top_p >= 1.0) | (winner_logit == top_logit)
+                                      | (tail_mass > (1.0 - top_p) * total_mass))
+
+
+@jit
+def _race_pass(row_ptr, seed, step, vocab_size, threshold, floor, BLOCK: tl.constexpr):
+    """The largest key over the row's tokens with a logit above ``threshold`` and at least ``floor``, and
+    its token (the lowest of equal keys)."""
+    lanes = tl.arange(0, BLOCK)
+    best_key = tl.full([BLOCK], float("-inf"), tl.float32)
+    best_token = lanes
+    for block_start in range(0, vocab_size, BLOCK):
+        token = block_start + lanes
+        logit = tl.load(row_ptr + token, mask=token < vocab_size, other=float("-inf"))
+        key = tl.where((logit > threshold) & (logit >= floor),
+                       logit - tl.log(-tl.log(_uniform_noise(seed, step, token))), float("-inf"))
+        is_better = key > best_key
+        best_key = tl.where(is_better, key, best_key)
+        best_token = tl.where(is_better, token, best_token)
+    top = tl.max(best_key, axis=0)
+    return tl.min(tl.where(best_key == top, best_token, vocab_size), axis=0)
+
+
+@jit
+def _tail_mass(row_ptr, vocab_size, winner_logit, top_logit, BLOCK: tl.constexpr):
+    """Sum of exp(l - top_logit) over the row's tokens with l <= winner_logit."""
+    lanes = tl.arange(0, BLOCK)
+    mass = tl.zeros([BLOCK], tl.float32)
+    for block_start in range(0, vocab_size, BLOCK):
+        token = block_start + lanes
+        logit = tl.load(row_ptr + token, mask=token < vocab_size, other=float("-inf"))
+        mass += tl.where(logit <= winner_logit, tl.exp(logit - top_logit), 0.0)
+    return tl.sum(mass, axis=0)
+
+
+@jit
+def _nucleus_race_kernel(logits_ptr, logits_row_stride, seeds_ptr, steps_ptr, top_p_ptr, log_min_p_ptr, tokens_ptr,
+                         races_ptr, vocab_size, MAX_RACES: tl.constexpr, BLOCK: tl.constexpr):
+    """Program row: nucleus_race_ref's loop, on the GPU without a host round trip. The first pass races over
+    every token and takes the row's max and sum of exp (online, per lane) with it; each rejected winner costs
+    a pass for its tail mass (skipped when top_p is 1) and a race above it."""
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = logits_ptr + row * logits_row_stride
+    seed = tl.load(seeds_ptr + row)
+    step = tl.load(steps_ptr + row)
+    top_p = tl.load(top_p_ptr + row)
+    lanes = tl.arange(0, BLOCK)
+    lane_max = tl.full([BLOCK], float("-inf"), tl.float32)
+    lane_argmax = lanes
+    lane_mass = tl.zeros([BLOCK], tl.float32)
+    best_key = tl.full([BLOCK], float("-inf"), tl.float32)
+    best_token = lanes
+    for block_start in range(0, vocab_size, BLOCK):
+        token = block_start + lanes
+        logit = tl.load(row_ptr + token, mask=token < vocab_size, other=float("-inf"))
+        new_max = tl.maximum(lane_max, logit)
+        shift = tl.where(new_max > float("-inf"), new_max, 0.0)  # a lane of -inf alone: exp(-inf) = 0, no NaN
+        lane_mass = lane_mass * tl.exp(lane_max - shift) + tl.exp(logit - shift)
+        lane_argmax = tl.where(logit > lane_max, token, lane_argmax)
+        lane_max = new_max
+        key = logit - tl.log(-tl.log(_uniform_noise(seed, step, token)))
+        is_better = key > best_key
+        best_key = tl.where(is_better, key, best_key)
+        best_token = tl.where(is_better, token, best_token)
+    top_logit = tl.max(lane_max, axis=0)
+    top_token = tl.min(tl.where(lane_max == top_logit, lane_argmax, vocab_size), axis=0)
+    total_mass = tl.sum(lane_mass * tl.exp(lane_max - tl.where(top_logit > float("-inf"), top_logit, 0.0)), axis=0)
+    floor = top_logit + tl.load(log_min_p_ptr + row)
+    top_key = tl.max(best_key, axis=0)
+    token = tl.min(tl.where(best_key == top_key, best_token, vocab_size), axis=0)
+    races = 1
+    done = top_logit == float("-inf")
+    winner_logit = tl.load(row_ptr + token)
+    tail_mass = total_mass
+    if (top_p < 1.0) and (not done):
+        tail_mass = _tail_mass(row_ptr, vocab_size, winner_logit, top_logit, BLOCK)
+    done = done | _nucleus_accepts(winner_logit, top_logit, floor, tail_mass, total_mass, top_p)
+    while (not done) and races < MAX_RACES:
+        token = _race_pass(row_ptr, seed, step, vocab_size, winner_logit, floor, BLOCK)
+        races += 1
+        winner_logit = tl.load(row_ptr + token)
+        if top_p < 1.0:
+            tail_mass = _tail_mass(row_ptr, vocab_size, winner_logit, top_logit, BLOCK)
+        done = _nucleus_accepts(winner_logit, top_logit, floor, tail_mass, total_mass, top_p)
+    tl.store(tokens_ptr + row, tl.where(done, token, top_token).to(tl.int64))
+    tl.store(races_ptr + row, races)
+
+
+def nucleus_race_triton(logits: torch.Tensor, top_p: torch.Tensor, log_min_p: torch.Tensor, seeds: torch.Tensor,
+                        steps: torch.Tensor, max_races: int = NUCLEUS_MAX_RACES,
+                        BLOCK: int = DEFAULT_RACE_CONFIG["BLOCK"],
+                        num_warps: int = DEFAULT_RACE_CONFIG["num_warps"]) -> tuple[torch.Tensor, torch.Tensor]:
+    """As nucleus_race_ref, one program per row. At batch 1 that is one SM walking Llama-3's 128256 logits
+    twice (63 blocks of 8 KB one after another per pass, an estimated 20-40 us each, as the unsplit race) and
+    twice more per rejected winner; a decode batch of hundreds of rows fills the GPU."""
+    num_rows, vocab_size = logits.shape
+    assert logits.dtype == top_p.dtype == log_min_p.dtype == torch.float32 and logits.stride(-1) == 1
+    assert seeds.dtype == steps.dtype == torch.int64
+    tokens = torch.empty(num_rows, dtype=torch.int64, device=logits.device)
+    races = torch.empty(num_rows, dtype=torch.int32, device=logits.device)
+    _nucleus_race_kernel[(num_rows,)](
+        logits, logits.stride(0), seeds, steps, top_p, log_min_p, tokens, races, vocab_size, MAX_RACES=max_races,
+        BLOCK=min(BLOCK, next_power_of_2(vocab_size)), num_warps=num_warps)
+    return tokens, races

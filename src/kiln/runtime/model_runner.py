@@ -318,7 +318,7 @@ class ModelRunner:
             with torch.cuda.graph(graph, pool=pool, stream=stream):
                 logits = self.model.forward(*args)
             self.add_graph(key, graph, logits)
-        compile_race(logits)  # the sampler's kernel, also before the first step that needs it
+        compile_race(logits)  # the sampler's kernels, also before the first step that needs it
         torch.cuda.synchronize(self.device)
         self.graph_capture_seconds = time.perf_counter() - t0
 

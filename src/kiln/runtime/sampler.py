@@ -8,6 +8,16 @@ on CUDA, its plain-PyTorch reference elsewhere). That form replaced argmax(softm
 the kernel: the same distribution from the same noise, but seeded requests draw other tokens than they
 did before it.
 
+Top-k, top-p and min-p apply in Hugging Face's order: top-k, then top-p over what top-k kept
+(renormalized), then min-p. Ties at top-p's cut-off: tokens of equal logits are kept or dropped together
+-- token j is in the nucleus iff the probability mass of the tokens with a logit strictly greater than
+l_j is below top_p (the most likely tokens always are). Hugging Face's sort instead splits a tie at the
+cut-off by the sort's order; without ties (float32 logits of a model, mostly) the two agree. Min-p keeps
+j iff l_j >= l_max + log(min_p), i.e. p_j >= min_p * p_max. A batch without top-k draws from the nucleus
+without sorting (``nucleus_race_triton`` / ``nucleus_race_ref``: the race, rejected and run again above
+its winner while the winner is outside); a batch with top-k in any row masks every row through a sort
+(``top_k_top_p_min_p``), then races.
+
 The per-row parameters and index lists go to the device through the runner's pinned staging buffers
 (``HostStaging``), so a sampled step queues its copies without waiting for the forward before it.
 """
@@ -19,7 +29,8 @@ from dataclasses import dataclass
 import torch
 
 from kiln.config import SamplingParams
-from kiln.kernels.sampling import exponential_race_ref, exponential_race_triton, wrap_int64
+from kiln.kernels.sampling import (exponential_race_ref, exponential_race_triton, nucleus_race_ref,
+                                   nucleus_race_triton, wrap_int64)
 from kiln.runtime.sequence import Sequence
 from kiln.runtime.staging import HostStaging
 
@@ -55,7 +66,8 @@ class SamplingTensors:
     seeds: torch.Tensor
     steps: torch.Tensor
     any_random: bool
-    any_top_k_or_p: bool
+    any_top_k: bool
+    any_top_p: bool
     any_min_p: bool
     any_penalty: bool
     any_min_tokens: bool
@@ -64,9 +76,10 @@ class SamplingTensors:
 def build_sampling_tensors(rows: list[SamplingRow], vocab_size: int, staging: HostStaging) -> SamplingTensors:
     ps = [r.params for r in rows]
     greedy = [p.is_greedy for p in ps]
+    # Greedy rows race too (torch.where drops their draws): without top-p or min-p, their races end at once.
     temperature, top_p, min_p = staging.tensors(
-        torch.float32, [1.0 if g else p.temperature for p, g in zip(ps, greedy)], [p.top_p for p in ps],
-        [p.min_p for p in ps])
+        torch.float32, [1.0 if g else p.temperature for p, g in zip(ps, greedy)],
+        [1.0 if g else p.top_p for p, g in zip(ps, greedy)], [0.0 if g else p.min_p for p, g in zip(ps, greedy)])
     top_k, seeds, steps = staging.tensors(
         torch.int64, [p.top_k if 0 < p.top_k < vocab_size else vocab_size for p in ps],
         [wrap_int64(r.seed) for r in rows], [r.num_output_tokens for r in rows])
@@ -75,7 +88,8 @@ def build_sampling_tensors(rows: list[SamplingRow], vocab_size: int, staging: Ho
         temperature=temperature, is_greedy=is_greedy, top_k=top_k, top_p=top_p, min_p=min_p, seeds=seeds,
         steps=steps,
         any_random=not all(greedy),
-        any_top_k_or_p=any(not g and (0 < p.top_k < vocab_size or p.top_p < 1.0) for p, g in zip(ps, greedy)),
+        any_top_k=any(not g and 0 < p.top_k < vocab_size for p, g in zip(ps, greedy)),
+        any_top_p=any(not g and p.top_p < 1.0 for p, g in zip(ps, greedy)),
         any_min_p=any(not g and p.min_p > 0 for p, g in zip(ps, greedy)),
         any_penalty=any(p.has_penalties for p in ps),
         any_min_tokens=any(r.num_output_tokens < p.min_tokens for r, p in zip(rows, ps)),
@@ -122,24 +136,26 @@ def mask_stop_tokens(logits: torch.Tensor, rows: list[SamplingRow], staging: Hos
 
 def top_k_top_p_min_p(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
     """Masks (to -inf) tokens outside each row's top-k, then nucleus top-p of what top-k kept, then
-    min-p of what is left: the order and tie rules of Hugging Face's logits warpers."""
+    min-p of what is left: Hugging Face's order, and the module docstring's tie rule at top-p's cut-off.
+    Through a full sort: sample() takes this path only for batches with top-k in a row."""
     vocab = logits.shape[-1]
-    if t.any_top_k_or_p:
+    if t.any_top_k or t.any_top_p:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         ranks = torch.arange(vocab, device=logits.device)[None, :]
         sorted_logits = sorted_logits.masked_fill(ranks >= t.top_k[:, None], float("-inf"))
         probs = sorted_logits.softmax(dim=-1)
         # Mass of each token and all less likely ones, summed from the tail so that top_p = 1 drops
-        # nothing by rounding; the most likely token always stays.
+        # nothing by rounding. It falls along the sort, so the kept positions are a prefix (the most likely
+        # token always in it); the tokens tied with its last one are kept with it: at the first of a run
+        # of equal logits that mass is the mass of the tokens not more likely than them all.
         mass_from_here = probs.flip(-1).cumsum(dim=-1).flip(-1)
-        drop = mass_from_here <= 1.0 - t.top_p[:, None]
-        drop[:, 0] = False
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        num_kept = (mass_from_here > 1.0 - t.top_p[:, None]).sum(dim=-1, keepdim=True).clamp_(min=1)
+        sorted_logits = sorted_logits.masked_fill(sorted_logits < sorted_logits.gather(-1, num_kept - 1),
+                                                  float("-inf"))
         logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
     if t.any_min_p:
-        probs = logits.softmax(dim=-1)
-        logits = logits.masked_fill(probs < t.min_p[:, None] * probs.max(dim=-1, keepdim=True).values,
-                                    float("-inf"))
+        floor = logits.max(dim=-1, keepdim=True).values + t.min_p.log()[:, None]
+        logits = logits.masked_fill(logits < floor, float("-inf"))
     return logits
 
 
@@ -162,16 +178,25 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow], staging: HostStaging) 
     greedy_tokens = logits.argmax(dim=-1)
     if not t.any_random:
         return greedy_tokens
-    scaled = top_k_top_p_min_p(logits / t.temperature[:, None], t)
+    scaled = logits / t.temperature[:, None]
+    if t.any_top_k:
+        scaled = top_k_top_p_min_p(scaled, t)
+    elif t.any_top_p or t.any_min_p:
+        nucleus_race = nucleus_race_triton if logits.is_cuda else nucleus_race_ref
+        tokens, _ = nucleus_race(scaled, t.top_p, t.min_p.log(), t.seeds, t.steps)
+        return torch.where(t.is_greedy, greedy_tokens, tokens)
     race = exponential_race_triton if logits.is_cuda else exponential_race_ref
     return torch.where(t.is_greedy, greedy_tokens, race(scaled, t.seeds, t.steps))
 
 
 def compile_race(logits: torch.Tensor) -> None:
-    """Runs the race kernel on a row of ``logits`` (a CUDA graph's output): it compiles for their vocabulary
-    at load, not at the first sampled step (batch sizes and splits change nothing it is specialized on)."""
+    """Runs the race kernels (plain and nucleus) on a row of ``logits`` (a CUDA graph's output): they compile
+    for their vocabulary at load, not at the first sampled step (batch sizes and splits change nothing they
+    are specialized on)."""
     zeros = torch.zeros(1, dtype=torch.int64, device=logits.device)
     exponential_race_triton(logits[:1], zeros, zeros)
+    ones = torch.ones(1, dtype=torch.float32, device=logits.device)
+    nucleus_race_triton(logits[:1], ones, ones.log(), zeros, zeros)
 
 
 def top_logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
