@@ -70,12 +70,17 @@ def uniform_noise(seeds: torch.Tensor, steps: torch.Tensor, vocab_size: int) -> 
     return u
 
 
+def race_keys(logits: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    """[N, V] the race's keys l_i - log(-log u_i) (``_race_key`` in the kernels)."""
+    log_e = uniform_noise(seeds, steps, logits.shape[-1])
+    log_e.log_().neg_().log_()  # log E = log(-log u), in place
+    return logits - log_e
+
+
 def exponential_race_ref(logits: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
     """logits [N, V] float32 (temperature applied, masked tokens -inf), seeds and steps [N] int64 -> [N]
     int64: argmax_i (l_i - log(-log u_i)), a draw from softmax(l) per row."""
-    log_e = uniform_noise(seeds, steps, logits.shape[-1])
-    log_e.log_().neg_().log_()  # log E = log(-log u), in place
-    return (logits - log_e).argmax(dim=-1)
+    return race_keys(logits, seeds, steps).argmax(dim=-1)
 
 
 # The constants as Triton sees them: plain ints inside a kernel must be constexpr globals. Literals of
@@ -102,32 +107,46 @@ def _uniform_noise(seed, step, token):
 
 
 @jit
-def _exponential_race_kernel(logits_ptr, logits_row_stride, seeds_ptr, steps_ptr, keys_ptr, tokens_ptr, vocab_size,
-                             tokens_per_split, BLOCK: tl.constexpr):
-    """Program (row, split): the largest key l_i - log(-log u_i) over the split's tokens [split *
-    tokens_per_split, + tokens_per_split) and its token (the lowest of equal keys), into keys / tokens
-    [rows, splits]. Each lane keeps its own best through the loop (a later token only replaces an earlier
+def _race_key(logit, seed, step, token):
+    """race_keys' key of a block of tokens: l - log(-log u)."""
+    return logit - tl.log(-tl.log(_uniform_noise(seed, step, token)))
+
+
+@jit
+def _race_pass(row_ptr, seed, step, start, end, threshold, floor, BLOCK: tl.constexpr):
+    """The largest key over the row's tokens [start, end) with a logit above ``threshold`` and at least
+    ``floor`` (-inf and -inf: every token), and its token (the lowest of equal keys; ``start`` where every
+    key is -inf). Each lane keeps its own best through the loop (a later token only replaces an earlier
     one with a larger key); one reduction at the end."""
-    row = tl.program_id(0).to(tl.int64)
-    split = tl.program_id(1)
-    num_splits = tl.num_programs(1)
-    seed = tl.load(seeds_ptr + row)
-    step = tl.load(steps_ptr + row)
-    start = split * tokens_per_split
-    end = tl.minimum(start + tokens_per_split, vocab_size)
     lanes = tl.arange(0, BLOCK)
     best_key = tl.full([BLOCK], float("-inf"), tl.float32)
-    best_token = start + lanes  # what a split whose keys are all -inf reports: its first token
+    best_token = start + lanes
     for block_start in range(start, end, BLOCK):
         token = block_start + lanes
-        logit = tl.load(logits_ptr + row * logits_row_stride + token, mask=token < end, other=float("-inf"))
-        key = logit - tl.log(-tl.log(_uniform_noise(seed, step, token)))
+        logit = tl.load(row_ptr + token, mask=token < end, other=float("-inf"))
+        key = tl.where((logit > threshold) & (logit >= floor), _race_key(logit, seed, step, token), float("-inf"))
         is_better = key > best_key
         best_key = tl.where(is_better, key, best_key)
         best_token = tl.where(is_better, token, best_token)
     top = tl.max(best_key, axis=0)
+    return top, tl.min(tl.where(best_key == top, best_token, end), axis=0)
+
+
+@jit
+def _exponential_race_kernel(logits_ptr, logits_row_stride, seeds_ptr, steps_ptr, keys_ptr, tokens_ptr, vocab_size,
+                             tokens_per_split, BLOCK: tl.constexpr):
+    """Program (row, split): the largest key l_i - log(-log u_i) over the split's tokens [split *
+    tokens_per_split, + tokens_per_split) and its token (the lowest of equal keys), into keys / tokens
+    [rows, splits]."""
+    row = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
+    num_splits = tl.num_programs(1)
+    start = split * tokens_per_split
+    top, token = _race_pass(logits_ptr + row * logits_row_stride, tl.load(seeds_ptr + row), tl.load(steps_ptr + row),
+                            start, tl.minimum(start + tokens_per_split, vocab_size), float("-inf"), float("-inf"),
+                            BLOCK)
     tl.store(keys_ptr + row * num_splits + split, top)
-    tl.store(tokens_ptr + row * num_splits + split, tl.min(tl.where(best_key == top, best_token, end), axis=0))
+    tl.store(tokens_ptr + row * num_splits + split, token)
 
 
 # Tokens per loop step and warps, before any tuning: 2048 float32 logits over 8 warps is 8 per thread
@@ -188,7 +207,7 @@ def nucleus_accepts(winner_logit, top_logit, floor, tail_mass, total_mass, top_p
     log min_p), and, for top_p < 1, the mass of the tokens not more likely than it (logit <= the winner's)
     above 1 - top_p of the row's, i.e. the mass strictly more likely below top_p. A most likely token always
     is (whatever the sums' rounding: so a later race, over the tokens above a rejected winner, is never
-    empty). Torch tensors; the kernel's ``_nucleus_accepts`` does the same float32 operations."""
+    empty). Torch tensors, or a kernel's scalars as ``_nucleus_accepts``."""
     return (winner_logit >= floor) & ((top_p >= 1.0) | (winner_logit == top_logit)
                                       | (tail_mass > (1.0 - top_p) * total_mass))
 
@@ -202,9 +221,7 @@ def nucleus_race_ref(logits: torch.Tensor, top_p: torch.Tensor, log_min_p: torch
     (temperature applied), top_p and log_min_p [N] float32, seeds and steps [N] int64 -> tokens [N] int64
     and races run per row [N] int32 (a row still outside after ``max_races`` takes its most likely token).
     The CPU's path and the oracle of ``nucleus_race_triton``."""
-    log_e = uniform_noise(seeds, steps, logits.shape[-1])
-    log_e.log_().neg_().log_()
-    keys = logits - log_e
+    keys = race_keys(logits, seeds, steps)
     # max(dim) for argmax: the first of tied maxima too (as documented, and as the kernel takes), and on the
     # CPU a third of argmax's time.
     top_logit, top_token = logits.max(dim=-1)
@@ -241,30 +258,8 @@ def nucleus_race_ref(logits: torch.Tensor, top_p: torch.Tensor, log_min_p: torch
     return torch.where(done, token, top_token), races
 
 
-@jit
-def _nucleus_accepts(winner_logit, top_logit, floor, tail_mass, total_mass, top_p):
-    """nucleus_accepts on the kernel's scalars (Triton calls only jit functions)."""
-    return (winner_logit >= floor) & ((top_p >= 1.0) | (winner_logit == top_logit)
-                                      | (tail_mass > (1.0 - top_p) * total_mass))
-
-
-@jit
-def _race_pass(row_ptr, seed, step, vocab_size, threshold, floor, BLOCK: tl.constexpr):
-    """The largest key over the row's tokens with a logit above ``threshold`` and at least ``floor``, and
-    its token (the lowest of equal keys)."""
-    lanes = tl.arange(0, BLOCK)
-    best_key = tl.full([BLOCK], float("-inf"), tl.float32)
-    best_token = lanes
-    for block_start in range(0, vocab_size, BLOCK):
-        token = block_start + lanes
-        logit = tl.load(row_ptr + token, mask=token < vocab_size, other=float("-inf"))
-        key = tl.where((logit > threshold) & (logit >= floor),
-                       logit - tl.log(-tl.log(_uniform_noise(seed, step, token))), float("-inf"))
-        is_better = key > best_key
-        best_key = tl.where(is_better, key, best_key)
-        best_token = tl.where(is_better, token, best_token)
-    top = tl.max(best_key, axis=0)
-    return tl.min(tl.where(best_key == top, best_token, vocab_size), axis=0)
+# The same function for the kernel (Triton calls only jit functions): one expression, on tensors or scalars.
+_nucleus_accepts = jit(nucleus_accepts)
 
 
 @jit
@@ -304,7 +299,7 @@ def _nucleus_race_kernel(logits_ptr, logits_row_stride, seeds_ptr, steps_ptr, to
         lane_mass = lane_mass * tl.exp(lane_max - shift) + tl.exp(logit - shift)
         lane_argmax = tl.where(logit > lane_max, token, lane_argmax)
         lane_max = new_max
-        key = logit - tl.log(-tl.log(_uniform_noise(seed, step, token)))
+        key = _race_key(logit, seed, step, token)
         is_better = key > best_key
         best_key = tl.where(is_better, key, best_key)
         best_token = tl.where(is_better, token, best_token)
@@ -322,7 +317,7 @@ def _nucleus_race_kernel(logits_ptr, logits_row_stride, seeds_ptr, steps_ptr, to
         tail_mass = _tail_mass(row_ptr, vocab_size, winner_logit, top_logit, BLOCK)
     done = done | _nucleus_accepts(winner_logit, top_logit, floor, tail_mass, total_mass, top_p)
     while (not done) and races < MAX_RACES:
-        token = _race_pass(row_ptr, seed, step, vocab_size, winner_logit, floor, BLOCK)
+        _, token = _race_pass(row_ptr, seed, step, 0, vocab_size, winner_logit, floor, BLOCK)
         races += 1
         winner_logit = tl.load(row_ptr + token)
         if top_p < 1.0:
