@@ -26,7 +26,7 @@ from kiln.config import BuildConfig
 from kiln.convert.converter import dummy_weights
 from kiln.kernels import OPS, AttentionMetadata, KernelOps, reference_plan
 from kiln.kernels.activation import silu_mul_fp8_ref, silu_mul_fp8_triton, silu_mul_ref, silu_mul_triton
-from kiln.kernels.fp8 import MAX_GEMV_ROWS, fp8_linear, fp8_linear_gpu, quantize_fp8_per_token_triton
+from kiln.kernels.fp8 import MAX_GEMV_ROWS, fp8_linear, fp8_matmul_gpu, quantize_fp8_per_token_triton
 from kiln.kernels.norm import (add_rms_norm_fp8_ref, add_rms_norm_fp8_triton, add_rms_norm_ref, add_rms_norm_triton,
                                rms_norm_fp8_ref, rms_norm_fp8_triton, rms_norm_ref, rms_norm_triton)
 from kiln.layers import DenseLinearMethod, LayerContext, kernel_ops_of, linear_method, load_parameters
@@ -405,7 +405,7 @@ def test_gpu_fused_kernels_feed_scaled_mm_what_the_unfused_linear_quantizes_at_l
     plain, plain_residual = add_rms_norm_triton(x, residual.clone(), weight, EPS)
     assert torch.equal(fused_residual, plain_residual)
     assert_same_fp8(fused, quantize_fp8_per_token_triton(plain))
-    assert_same_product(fp8_linear_gpu(fused, *qkv, out_dtype=torch.bfloat16), fp8_linear(plain, *qkv))
+    assert_same_product(fp8_matmul_gpu(fused, *qkv, None, torch.bfloat16), fp8_linear(plain, *qkv))
     first = rms_norm_fp8_triton(x, weight, EPS)  # the first layer's: no residual yet
     assert_same_fp8(first, quantize_fp8_per_token_triton(rms_norm_triton(x, weight, EPS)))
 
@@ -413,7 +413,7 @@ def test_gpu_fused_kernels_feed_scaled_mm_what_the_unfused_linear_quantizes_at_l
     down = quantize_fp8_weight(torch.randn(hidden, intermediate, device=DEVICE) / intermediate ** 0.5)
     fused, plain = silu_mul_fp8_triton(gate_up), silu_mul_triton(gate_up)
     assert_same_fp8(fused, quantize_fp8_per_token_triton(plain))
-    assert_same_product(fp8_linear_gpu(fused, *down, out_dtype=torch.bfloat16), fp8_linear(plain, *down))
+    assert_same_product(fp8_matmul_gpu(fused, *down, None, torch.bfloat16), fp8_linear(plain, *down))
 
 
 @gpu

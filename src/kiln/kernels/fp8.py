@@ -6,8 +6,9 @@
 - ``quantize_fp8_per_token_triton`` / ``quantize_fp8_static_triton``: activations to e4m3, one row per
   program (reference: quantize_fp8_per_token / quantize_fp8_static).
 - ``fp8_linear_gpu``: W8A8, the activations quantized per token (or with the checkpoint's static scale),
-  or handed over quantized already (an Fp8Activation from a ``*_fp8`` kernel), and multiplied by
-  ``torch._scaled_mm`` on the tensor cores (reference: fp8_linear_ref / fp8_matmul_ref).
+  then ``fp8_matmul_gpu``: activations quantized already (an Fp8Activation, from fp8_linear_gpu or a
+  ``*_fp8`` kernel) times the weight in ``torch._scaled_mm`` on the tensor cores (references:
+  fp8_linear_ref / fp8_matmul_ref).
 - ``fp8_gemv``: W8A16 for a few rows (batch-1 decode): the fp8 weights are read once with wide loads and
   converted in registers, the activations stay in their 16-bit dtype (reference: fp8_w8a16_linear_ref).
   At M = 1 ``_scaled_mm`` streams the weights at half the copy bandwidth (TARGETS.md); the GEMV also
@@ -144,35 +145,37 @@ def scaled_mm_refusal(n: int, k: int, x_dtype: torch.dtype, is_rowwise: bool,
     return None
 
 
-def fp8_linear_gpu(x: torch.Tensor | Fp8Activation, w_fp8: torch.Tensor, w_scale: torch.Tensor,
-                   x_scale: torch.Tensor | None = None, bias: torch.Tensor | None = None,
-                   use_fast_accum: bool = False, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+def fp8_linear_gpu(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor, x_scale: torch.Tensor | None = None,
+                   bias: torch.Tensor | None = None, use_fast_accum: bool = False) -> torch.Tensor:
     """As fp8_linear_ref: x [..., K] quantized per token (``x_scale`` None) or with the static 0-d
-    ``x_scale``, times w_fp8 [N, K] with ``w_scale`` [N, 1] or 0-d, in ``torch._scaled_mm``. x may come
-    quantized per token already (an Fp8Activation, from the epilogue of the kernel before: see
-    kiln.kernels.norm / activation), with the ``out_dtype`` the layer writes; otherwise out_dtype is x's.
+    ``x_scale``, then fp8_matmul_gpu, which raises ConfigError where ``_scaled_mm`` cannot run the shape
+    (see scaled_mm_refusal: fp8_linear then takes the GEMV)."""
+    rows = x.reshape(-1, x.shape[-1])
+    x_fp8 = (quantize_fp8_per_token_triton(rows) if x_scale is None
+             else Fp8Activation(quantize_fp8_static_triton(rows, x_scale), x_scale))
+    return fp8_matmul_gpu(x_fp8, w_fp8, w_scale, bias, x.dtype, use_fast_accum).view(*x.shape[:-1], -1)
+
+
+def fp8_matmul_gpu(x: Fp8Activation, w_fp8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
+                   out_dtype: torch.dtype, use_fast_accum: bool = False) -> torch.Tensor:
+    """As fp8_matmul_ref, in ``torch._scaled_mm``: activations quantized already ([..., K] e4m3, scales [..., 1]
+    per token or 0-d static; from fp8_linear_gpu, or from the epilogue of the kernel before the Linear: see
+    kiln.kernels.norm / activation) times w_fp8 [N, K] with ``w_scale`` [N, 1] or 0-d -> [..., N] in
+    ``out_dtype``.
 
     Per-tensor weight and static activation scales take the tensor-wise kernel (Ada and Hopper); any
     other combination the row-wise one (Hopper), each scale broadcast to its [M, 1] / [1, N] vector.
-    Raises ConfigError where ``_scaled_mm`` cannot run the shape (see scaled_mm_refusal: fp8_linear
-    then takes the GEMV). ``use_fast_accum`` sums in the tensor cores' reduced precision: faster at
-    large M, less accurate."""
-    is_quantized = isinstance(x, Fp8Activation)
-    out_dtype = out_dtype if is_quantized else x.dtype
-    shape = x.data.shape if is_quantized else x.shape
-    num_cols, n = shape[-1], w_fp8.shape[0]
-    is_rowwise = x_scale is None or w_scale.dim() > 0
-    capability = _capability(x.data.device if is_quantized else x.device)
-    refusal = scaled_mm_refusal(n, num_cols, out_dtype, is_rowwise, capability)
+    ``use_fast_accum`` sums in the tensor cores' reduced precision: faster at large M, less accurate."""
+    num_cols, n = x.data.shape[-1], w_fp8.shape[0]
+    is_rowwise = x.scale.dim() > 0 or w_scale.dim() > 0
+    refusal = scaled_mm_refusal(n, num_cols, out_dtype, is_rowwise, _capability(x.data.device))
     if refusal:
         raise ConfigError(f"FP8 linear {num_cols} -> {n}: {refusal}")
-    if is_quantized:
-        x_fp8, scale_a = x.data.reshape(-1, num_cols), x.scale.reshape(-1, 1)
-    elif x_scale is None:
-        x_fp8, scale_a = quantize_fp8_per_token_triton(x.reshape(-1, num_cols))
+    x_fp8 = x.data.reshape(-1, num_cols)
+    if x.scale.dim():
+        scale_a = x.scale.reshape(-1, 1)
     else:
-        x_fp8 = quantize_fp8_static_triton(x.reshape(-1, num_cols), x_scale)
-        scale_a = x_scale.expand(x_fp8.shape[0], 1).contiguous() if is_rowwise else x_scale
+        scale_a = x.scale.expand(x_fp8.shape[0], 1).contiguous() if is_rowwise else x.scale
     scale_b = w_scale.reshape(1, -1).expand(1, n).contiguous() if is_rowwise else w_scale
     # Row-wise kernels want a bias in the output dtype; added here after the product otherwise.
     fused_bias = bias if bias is not None and bias.dtype == out_dtype else None
@@ -180,7 +183,7 @@ def fp8_linear_gpu(x: torch.Tensor | Fp8Activation, w_fp8: torch.Tensor, w_scale
                            use_fast_accum=use_fast_accum)
     if bias is not None and fused_bias is None:
         out = (out.float() + bias.float()).to(out_dtype)
-    return out.view(*shape[:-1], n)
+    return out.view(*x.data.shape[:-1], n)
 
 
 # ---- W8A16 GEMV ----------------------------------------------------------------------------------

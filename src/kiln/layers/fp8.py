@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from kiln.config import BuildConfig
-from kiln.kernels.fp8 import MAX_GEMV_ROWS, fp8_linear, fp8_linear_gpu, scaled_mm_refusal, uses_scaled_mm
+from kiln.kernels.fp8 import MAX_GEMV_ROWS, fp8_linear, fp8_matmul_gpu, scaled_mm_refusal, uses_scaled_mm
 from kiln.layers.linear import Linear, LinearMethod
 from kiln.quantization.fp8 import (FP8_DTYPE, Fp8Activation, Fp8Linear, fp8_linear_ref, fp8_matmul_ref,
                                    quantize_fp8_weight, requantize_fp8_per_tensor)
@@ -90,7 +90,7 @@ class Fp8LinearMethod(LinearMethod):
     def apply(self, layer: Linear, x: torch.Tensor | Fp8Activation) -> torch.Tensor:
         if isinstance(x, Fp8Activation):  # quantized by the kernel before (wants_fp8_input)
             if x.data.is_cuda:
-                return fp8_linear_gpu(x, layer.weight, layer.weight_scale, bias=layer.bias, out_dtype=layer.dtype)
+                return fp8_matmul_gpu(x, layer.weight, layer.weight_scale, layer.bias, layer.dtype)
             return fp8_matmul_ref(x, layer.weight, layer.weight_scale, layer.bias, layer.dtype)
         if x.is_cuda:
             return fp8_linear(x, layer.weight, layer.weight_scale, bias=layer.bias)
