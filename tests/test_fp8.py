@@ -342,13 +342,9 @@ def compile_kernels_for_ada_and_hopper() -> dict[str, str]:
     return ptx
 
 
-@pytest.mark.skipif(ON_GPU, reason="the GPU tests run the kernels themselves")
-def test_kernels_compile_for_ada_and_hopper_with_the_instructions_they_rely_on(tmp_path):
-    """What the interpreter cannot show: the kernels pass Triton's and ptxas's pipeline for sm89 and sm90
-    with the default configs; the quantization divides with IEEE division and casts with round-to-nearest-
-    even saturation (what makes it bit-identical to torch); the weights are read 16 bytes per load; the
-    multi-row GEMV runs on tensor cores fed by cp.async. Compiled in a process of its own: with
-    TRITON_INTERPRET=1 (set for this one) tl.max and friends are interpreter functions."""
+def compiled_apart(tmp_path, module: str, call: str):
+    """What ``module.call`` returns (JSON: the PTX of kernels it compiles), run in a Python process of its own
+    without TRITON_INTERPRET, so that Triton compiles rather than interprets; its cache in tmp_path."""
     import json
     import os
     import subprocess
@@ -357,11 +353,20 @@ def test_kernels_compile_for_ada_and_hopper_with_the_instructions_they_rely_on(t
     env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
     env.update(TRITON_CACHE_DIR=str(tmp_path), TRITON_DEFAULT_FP_FUSION="1",
                PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), *sys.path]))
-    result = subprocess.run([sys.executable, "-c", "import json, test_fp8; "
-                             "print(json.dumps(test_fp8.compile_kernels_for_ada_and_hopper()))"],
+    result = subprocess.run([sys.executable, "-c", f"import json, {module}; print(json.dumps({module}.{call}))"],
                             env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    ptx = json.loads(result.stdout.splitlines()[-1])
+    return json.loads(result.stdout.splitlines()[-1])
+
+
+@pytest.mark.skipif(ON_GPU, reason="the GPU tests run the kernels themselves")
+def test_kernels_compile_for_ada_and_hopper_with_the_instructions_they_rely_on(tmp_path):
+    """What the interpreter cannot show: the kernels pass Triton's and ptxas's pipeline for sm89 and sm90
+    with the default configs; the quantization divides with IEEE division and casts with round-to-nearest-
+    even saturation (what makes it bit-identical to torch); the weights are read 16 bytes per load; the
+    multi-row GEMV runs on tensor cores fed by cp.async. Compiled in a process of its own: with
+    TRITON_INTERPRET=1 (set for this one) tl.max and friends are interpreter functions."""
+    ptx = compiled_apart(tmp_path, "test_fp8", "compile_kernels_for_ada_and_hopper()")
     quantize = ptx.pop("quantize")
     assert "div.rn.f32" in quantize and "cvt.rn.satfinite.e4m3x2.f32" in quantize and "ld.global.v4.b32" in quantize
     for name, code in ptx.items():

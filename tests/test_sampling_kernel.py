@@ -12,11 +12,6 @@ across the cut-off only from within rounding of it, and none is there).
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
@@ -27,6 +22,7 @@ from kiln.kernels.sampling import (_exponential_race_kernel, _nucleus_race_kerne
 from kiln.kernels.triton_jit import jit, tl
 from kiln.runtime import sampler
 from kiln.runtime.staging import HostStaging
+from test_fp8 import compile_for, compiled_apart
 from test_sampling import make_row
 
 pytest.importorskip("triton")
@@ -206,22 +202,17 @@ def test_a_top_p_below_rounding_keeps_the_tokens_tied_for_most_likely():
 
 
 # ---- compiled for the GPU, without one -----------------------------------------------------------
-def compile_race_kernel_for_hopper() -> str:
-    from test_fp8 import compile_for
-
-    return compile_for(_exponential_race_kernel, 90, {
-        "logits_ptr": "*fp32", "logits_row_stride": "i32", "seeds_ptr": "*i64", "steps_ptr": "*i64",
-        "keys_ptr": "*fp32", "tokens_ptr": "*i64", "vocab_size": "i32", "tokens_per_split": "i32"},
-        {"BLOCK": 2048}, num_warps=8, num_stages=1)
-
-
-def compile_nucleus_race_kernel_for_hopper() -> str:
-    from test_fp8 import compile_for
-
-    return compile_for(_nucleus_race_kernel, 90, {
-        "logits_ptr": "*fp32", "logits_row_stride": "i32", "seeds_ptr": "*i64", "steps_ptr": "*i64",
-        "top_p_ptr": "*fp32", "log_min_p_ptr": "*fp32", "tokens_ptr": "*i64", "races_ptr": "*i32",
-        "vocab_size": "i32"}, {"BLOCK": 2048, "MAX_RACES": 64}, num_warps=8, num_stages=1)
+def compile_race_kernels_for_hopper() -> list[str]:
+    """The PTX of the plain and the nucleus race kernels for sm90 at their default launch config."""
+    return [
+        compile_for(_exponential_race_kernel, 90, {
+            "logits_ptr": "*fp32", "logits_row_stride": "i32", "seeds_ptr": "*i64", "steps_ptr": "*i64",
+            "keys_ptr": "*fp32", "tokens_ptr": "*i64", "vocab_size": "i32", "tokens_per_split": "i32"},
+            {"BLOCK": 2048}, num_warps=8, num_stages=1),
+        compile_for(_nucleus_race_kernel, 90, {
+            "logits_ptr": "*fp32", "logits_row_stride": "i32", "seeds_ptr": "*i64", "steps_ptr": "*i64",
+            "top_p_ptr": "*fp32", "log_min_p_ptr": "*fp32", "tokens_ptr": "*i64", "races_ptr": "*i32",
+            "vocab_size": "i32"}, {"BLOCK": 2048, "MAX_RACES": 64}, num_warps=8, num_stages=1)]
 
 
 @pytest.mark.skipif(ON_GPU, reason="the GPU tests run the kernel itself")
@@ -229,14 +220,8 @@ def test_race_kernel_compiles_for_hopper_with_wide_loads_and_libdevice_logarithm
     """What the interpreter cannot show: the uint64 hash passes Triton's and ptxas's pipeline for sm90,
     the logits are read 16 bytes per load, and tl.log is libdevice's logf (torch's CUDA log calls logf),
     not the hardware's lg2.approx. In a process of its own, without TRITON_INTERPRET."""
-    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
-    env.update(TRITON_CACHE_DIR=str(tmp_path), TRITON_DEFAULT_FP_FUSION="1",
-               PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), *sys.path]))
-    result = subprocess.run([sys.executable, "-c", "import json, test_sampling_kernel as t; print(json.dumps("
-                             "[t.compile_race_kernel_for_hopper(), t.compile_nucleus_race_kernel_for_hopper()]))"],
-                            env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    for ptx in json.loads(result.stdout.splitlines()[-1]):  # the nucleus race's loop on the GPU compiles too
+    kernels = compiled_apart(tmp_path, "test_sampling_kernel", "compile_race_kernels_for_hopper()")
+    for ptx in kernels:  # the nucleus race's loop on the GPU compiles too
         assert "ld.global.v4" in ptx and "__nv_logf" in ptx and "lg2.approx" not in ptx and ".local" not in ptx
 
 
