@@ -97,7 +97,9 @@ def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     batches = meta.reference_batches
     if len(batches) == 1 and batches[0].token_rows is None:  # every sequence alike: no gather of queries
         batch = batches[0]
-        return attend(q.view(batch.num_seqs, -1, *q.shape[1:]), batch).view(q.shape).to(q.dtype)
+        # Contiguous, as the Triton op writes it, whatever layout SDPA returned (CUDA's may leave the heads
+        # strided; the CPU's does not).
+        return attend(q.view(batch.num_seqs, -1, *q.shape[1:]), batch).reshape(q.shape).to(q.dtype).contiguous()
     out = torch.empty_like(q)
     for batch in batches:
         out[batch.token_rows] = attend(q[batch.token_rows], batch).to(q.dtype)

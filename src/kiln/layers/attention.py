@@ -69,4 +69,4 @@ class Attention(nn.Module):
         q = self.rotary(q, k, v, positions, kv_cache, slot_mapping, kv_scale)
         out = self.ops.attention(q, kv_cache[0], kv_cache[1], attn, self.scale, kv_scale=kv_scale,
                                  fp8_context=self.use_fp8_context_fmha)
-        return self.o(out.reshape(num_tokens, self.q_size))
+        return self.o(out.view(num_tokens, self.q_size))
