@@ -194,18 +194,17 @@ def timeline(stats: list, wall_s: float, path: Path) -> None:
 
 def engine_phase(quant: str, tmp: Path, out: Path, figures: set[str], max_batch_size: int = 512) -> None:
     engine_dir = tmp / f"engine_{quant}"
+    key = quant if max_batch_size == 512 else f"{quant}_mb{max_batch_size}"  # another engine shape: apart
     shutil.rmtree(engine_dir, ignore_errors=True)
     t0 = time.perf_counter()
     cfg = BuildConfig(max_batch_size=max_batch_size, max_input_len=2048, max_seq_len=4096, max_num_tokens=8192,
                       dtype="bfloat16", quantization=quant)
-    if max_batch_size != 512:  # figures of another engine shape are keyed apart
-        quant = f"{quant}_mb{max_batch_size}"
     Builder().build(AutoModelForCausalLM.from_preset(PRESET), cfg).save(engine_dir, progress=False)
-    RESULTS[f"{quant}_build_s"] = time.perf_counter() - t0
+    RESULTS[f"{key}_build_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     engine = load_engine(engine_dir, verify=False, progress=False)
     ex = Executor(engine, RuntimeConfig(kv_cache_config=KvCacheConfig(free_gpu_memory_fraction=0.9)))
-    RESULTS[f"{quant}_load_s"] = time.perf_counter() - t0
+    RESULTS[f"{key}_load_s"] = time.perf_counter() - t0
     mcfg = engine.model_config
     vocab = mcfg.vocab_size
     try:
@@ -215,17 +214,17 @@ def engine_phase(quant: str, tmp: Path, out: Path, figures: set[str], max_batch_
             for _ in range(3):
                 (res,) = gpu_bench.run_requests(ex, [torch.randint(0, vocab, (128,)).tolist()], 256)
                 rates.append(255 / (res.finish_time - res.first_token_time))
-            RESULTS[f"{quant}_b1_tok_s"] = sorted(rates)[1]
-            RESULTS[f"{quant}_b1_replay_ms"] = gpu_bench.graph_replay_ms(ex, 1)
+            RESULTS[f"{key}_b1_tok_s"] = sorted(rates)[1]
+            RESULTS[f"{key}_b1_replay_ms"] = gpu_bench.graph_replay_ms(ex, 1)
             embedding = vocab * mcfg.hidden_size * 2
             read = engine.manifest.memory_plan["weight_bytes"] - (0 if mcfg.tie_word_embeddings else embedding)
-            RESULTS[f"{quant}_floor_tok_s"] = RESULTS["copy_bandwidth_TBps"] * 1e12 / read
-            RESULTS[f"{quant}_b1_pct_floor"] = 100 * RESULTS[f"{quant}_b1_tok_s"] / RESULTS[f"{quant}_floor_tok_s"]
+            RESULTS[f"{key}_floor_tok_s"] = RESULTS["copy_bandwidth_TBps"] * 1e12 / read
+            RESULTS[f"{key}_b1_pct_floor"] = 100 * RESULTS[f"{key}_b1_tok_s"] / RESULTS[f"{key}_floor_tok_s"]
         if "b16" in figures:
-            RESULTS[f"{quant}_b16_tok_s"] = gpu_bench.decode_throughput(ex, 16, vocab)
+            RESULTS[f"{key}_b16_tok_s"] = gpu_bench.decode_throughput(ex, 16, vocab)
         if "ttft" in figures:
-            RESULTS[f"{quant}_ttft128_ms"] = gpu_bench.ttft(ex, 128, vocab)
-            RESULTS[f"{quant}_ttft2048_ms"] = gpu_bench.ttft(ex, 2048, vocab)
+            RESULTS[f"{key}_ttft128_ms"] = gpu_bench.ttft(ex, 128, vocab)
+            RESULTS[f"{key}_ttft2048_ms"] = gpu_bench.ttft(ex, 2048, vocab)
         gpu_bench.write_results(out / "gpu_check_quant.json")
         for isl, osl, count, sampled in ((128, 128, 2048, False), (128, 128, 2048, True), (2048, 128, 256, False)):
             figure = f"{isl}_{osl}" + ("_sampled" if sampled else "")
@@ -236,13 +235,13 @@ def engine_phase(quant: str, tmp: Path, out: Path, figures: set[str], max_batch_
             t0 = time.perf_counter()
             gpu_bench.run_requests(ex, prompts, osl, sampled)
             wall = time.perf_counter() - t0
-            RESULTS[f"{quant}_{figure}_tok_s"] = count * osl / wall
-            timeline(ex.get_latest_iteration_stats(), wall, out / f"timeline_{quant}_{figure}.json")
+            RESULTS[f"{key}_{figure}_tok_s"] = count * osl / wall
+            timeline(ex.get_latest_iteration_stats(), wall, out / f"timeline_{key}_{figure}.json")
             gpu_bench.write_results(out / "gpu_check_quant.json")
         for batch in (1, 16):
             if ("profile" if batch == 1 else f"profile{batch}") in figures:
                 gpu_bench.profile_decode(ex, vocab, out, batch)
-                os.replace(out / f"profile_decode_b{batch}.txt", out / f"profile_b{batch}_{quant}.txt")
+                os.replace(out / f"profile_decode_b{batch}.txt", out / f"profile_b{batch}_{key}.txt")
     finally:
         ex.shutdown()
         del ex, engine
