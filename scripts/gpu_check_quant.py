@@ -13,7 +13,7 @@ Phases:
   none / fp8 / int8_wo / int4_wo
            a llama-3-8b dummy engine of that quantization (max batch 512, 8192 tokens per iteration):
            batch-1 decode (against the floor: weight bytes read per token / copy bandwidth), the batch-1
-           graph replay, batch-16 decode, TTFT at 128 and 2048 tokens, offline 128/128 (2048 requests);
+           graph replay, the same two with the kernels launched without PDL (b1_nopdl), batch-16 decode, TTFT at 128 and 2048 tokens, offline 128/128 (2048 requests);
            the same sampled (temperature 0.8, top-p 0.95, seeded: 128_128_sampled), 2048/128 (256
            requests), a batch-1 and a batch-16 profile by kernel (profile, profile16);
            ``fp8:ttft+128_128`` picks figures; ``none@1024:128_128`` builds for max batch 1024 (not 512).
@@ -42,6 +42,7 @@ from gpu_bench import RESULTS, log  # noqa: E402
 
 from kiln import Builder, BuildConfig, Executor, KvCacheConfig, RuntimeConfig  # noqa: E402
 from kiln.convert import AutoModelForCausalLM  # noqa: E402
+from kiln.kernels.triton_jit import pdl_disabled  # noqa: E402
 from kiln.runtime.llm import DEFAULT_MODEL_DIR  # noqa: E402
 from kiln.runtime.loader import load_engine  # noqa: E402
 
@@ -118,7 +119,7 @@ def gemv_bandwidth() -> None:
     torch.cuda.empty_cache()
 
 
-FIGURES = ("b1", "b16", "ttft", "128_128", "128_128_sampled", "2048_128", "profile", "profile16")
+FIGURES = ("b1_nopdl", "b1", "b16", "ttft", "128_128", "128_128_sampled", "2048_128", "profile", "profile16")
 
 
 def sampler_costs() -> None:
@@ -192,6 +193,18 @@ def timeline(stats: list, wall_s: float, path: Path) -> None:
     path.write_text(json.dumps(doc))
 
 
+def batch1_decode(ex: Executor, key: str) -> None:
+    """Batch-1 decode rate (median of 3 requests of 256 tokens after a 128-token prompt, first token
+    excluded) and the batch-1 graph replay's time."""
+    vocab = ex.engine.model_config.vocab_size
+    rates = []
+    for _ in range(3):
+        (res,) = gpu_bench.run_requests(ex, [torch.randint(0, vocab, (128,)).tolist()], 256)
+        rates.append(255 / (res.finish_time - res.first_token_time))
+    RESULTS[f"{key}_b1_tok_s"] = sorted(rates)[1]
+    RESULTS[f"{key}_b1_replay_ms"] = gpu_bench.graph_replay_ms(ex, 1)
+
+
 def engine_phase(quant: str, tmp: Path, out: Path, figures: set[str], max_batch_size: int = 512) -> None:
     engine_dir = tmp / f"engine_{quant}"
     key = quant if max_batch_size == 512 else f"{quant}_mb{max_batch_size}"  # another engine shape: apart
@@ -203,19 +216,28 @@ def engine_phase(quant: str, tmp: Path, out: Path, figures: set[str], max_batch_
     RESULTS[f"{key}_build_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     engine = load_engine(engine_dir, verify=False, progress=False)
-    ex = Executor(engine, RuntimeConfig(kv_cache_config=KvCacheConfig(free_gpu_memory_fraction=0.9)))
-    RESULTS[f"{key}_load_s"] = time.perf_counter() - t0
+
+    def executor() -> Executor:
+        ex = Executor(engine, RuntimeConfig(kv_cache_config=KvCacheConfig(free_gpu_memory_fraction=0.9)))
+        gpu_bench.run_requests(ex, torch.randint(0, vocab, (4, 128)).tolist(), 8)  # warm-up
+        return ex
+
     mcfg = engine.model_config
     vocab = mcfg.vocab_size
+    if "b1_nopdl" in figures:  # its own executor (graphs captured without PDL) first, then the usual one
+        with pdl_disabled():
+            ex = executor()
+            try:
+                batch1_decode(ex, f"{key}_nopdl")
+            finally:
+                ex.shutdown()
+                del ex
+                gc.collect()
+    ex = executor()
+    RESULTS[f"{key}_load_s"] = time.perf_counter() - t0
     try:
-        gpu_bench.run_requests(ex, torch.randint(0, vocab, (4, 128)).tolist(), 8)  # warm-up
         if "b1" in figures:
-            rates = []
-            for _ in range(3):
-                (res,) = gpu_bench.run_requests(ex, [torch.randint(0, vocab, (128,)).tolist()], 256)
-                rates.append(255 / (res.finish_time - res.first_token_time))
-            RESULTS[f"{key}_b1_tok_s"] = sorted(rates)[1]
-            RESULTS[f"{key}_b1_replay_ms"] = gpu_bench.graph_replay_ms(ex, 1)
+            batch1_decode(ex, key)
             embedding = vocab * mcfg.hidden_size * 2
             read = engine.manifest.memory_plan["weight_bytes"] - (0 if mcfg.tie_word_embeddings else embedding)
             RESULTS[f"{key}_floor_tok_s"] = RESULTS["copy_bandwidth_TBps"] * 1e12 / read

@@ -303,11 +303,15 @@ def compile_for(kernel, capability: int, signature: dict[str, str], constexprs: 
                 num_stages: int) -> str:
     """PTX of a kernel compiled ahead of time for an NVIDIA GPU of this compute capability (ptxas runs too,
     so code it rejects fails here), with every pointer and integer argument but ``num_rows`` marked
-    16-divisible, as Triton's launcher marks such values at run time (then loads widen to 16 bytes)."""
+    16-divisible, as Triton's launcher marks such values at run time (then loads widen to 16 bytes). A
+    kernel's ``PDL`` is what kiln launches it with on that GPU (programmatic dependent launch from sm90)
+    unless given."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    if "PDL" in kernel.arg_names:
+        constexprs = {"PDL": capability >= 90, **constexprs}
     types, constants, attrs = {}, {}, {}
     for i, name in enumerate(kernel.arg_names):
         if name in constexprs:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from kiln.kernels.fp8 import FP8_CONSTEXPRS, fp8_row_scales, to_fp8
 from kiln.kernels.norm import default_norm_warps
-from kiln.kernels.triton_jit import jit, next_power_of_2, tl
+from kiln.kernels.triton_jit import jit, next_power_of_2, pdl_launch, tl, wait_for_producer
 from kiln.quantization.fp8 import FP8_DTYPE, Fp8Activation, quantize_fp8_per_token
 
 
@@ -54,8 +54,9 @@ def _silu_mul(gate_ptrs, mask, num_cols):
 
 
 @jit
-def _silu_mul_kernel(gate_up_ptr, gate_up_row_stride, out_ptr, num_cols, BLOCK: tl.constexpr):
+def _silu_mul_kernel(gate_up_ptr, gate_up_row_stride, out_ptr, num_cols, BLOCK: tl.constexpr, PDL: tl.constexpr):
     """Program (row, column block): out[row, cols] = silu(gate[row, cols]) * up[row, cols]."""
+    wait_for_producer(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < num_cols
@@ -65,7 +66,8 @@ def _silu_mul_kernel(gate_up_ptr, gate_up_row_stride, out_ptr, num_cols, BLOCK: 
 
 @jit
 def _silu_mul_fp8_kernel(gate_up_ptr, gate_up_row_stride, out_ptr, scale_ptr, num_cols, FP8_MAX: tl.constexpr,
-                         FP8_MAX_INV: tl.constexpr, MIN_AMAX: tl.constexpr, BLOCK: tl.constexpr):
+                         FP8_MAX_INV: tl.constexpr, MIN_AMAX: tl.constexpr, BLOCK: tl.constexpr,
+                         PDL: tl.constexpr):
     """One whole row per program, a [1, BLOCK] tile (BLOCK >= num_cols): out[row] = e4m3 of silu(gate) *
     up with the row's scale (fp8_row_scales) in scale_ptr[row].
 
@@ -76,6 +78,7 @@ def _silu_mul_fp8_kernel(gate_up_ptr, gate_up_row_stride, out_ptr, scale_ptr, nu
     best. Holding it costs no spills at Llama-3-8B's I = 14336 (BLOCK 16384): compiled for sm90 (Triton
     3.9, ptxas -v) a thread takes 54 registers at 16 warps (the default), 99 at 8, 174 at 4. Not timed
     yet; the build's tuning picks the warps."""
+    wait_for_producer(PDL)
     row = tl.program_id(0).to(tl.int64) + tl.arange(0, 1)[:, None]
     cols = tl.arange(0, BLOCK)[None, :]
     mask = cols < num_cols
@@ -97,7 +100,7 @@ def silu_mul_triton(gate_up: torch.Tensor, BLOCK: int = DEFAULT_SILU_MUL_CONFIG[
     assert rows.stride(-1) == 1
     out = torch.empty(*gate_up.shape[:-1], num_cols, dtype=gate_up.dtype, device=gate_up.device)
     _silu_mul_kernel[(rows.shape[0], -(-num_cols // BLOCK))](rows, rows.stride(0), out, num_cols, BLOCK=BLOCK,
-                                                            num_warps=num_warps)
+                                                            num_warps=num_warps, **pdl_launch(gate_up.device))
     return out
 
 
@@ -111,13 +114,16 @@ def silu_mul_fp8_triton(gate_up: torch.Tensor, num_warps: int | None = None) -> 
     scale = torch.empty(*gate_up.shape[:-1], 1, dtype=torch.float32, device=gate_up.device)
     _silu_mul_fp8_kernel[(rows.shape[0],)](rows, rows.stride(0), out, scale, num_cols, **FP8_CONSTEXPRS,
                                            BLOCK=next_power_of_2(num_cols),
-                                           num_warps=num_warps or default_norm_warps(num_cols))
+                                           num_warps=num_warps or default_norm_warps(num_cols),
+                                           **pdl_launch(gate_up.device))
     return Fp8Activation(out, scale)
 
 
 @jit
-def _gelu_kernel(x_ptr, x_row_stride, out_ptr, num_cols, IS_TANH: tl.constexpr, BLOCK: tl.constexpr):
+def _gelu_kernel(x_ptr, x_row_stride, out_ptr, num_cols, IS_TANH: tl.constexpr, BLOCK: tl.constexpr,
+                 PDL: tl.constexpr):
     """Program (row, column block): out[row, cols] = gelu(x[row, cols]) in float32, rounded once."""
+    wait_for_producer(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < num_cols
@@ -144,5 +150,5 @@ def gelu_triton(x: torch.Tensor, approximate: str, BLOCK: int = DEFAULT_GELU_CON
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     _gelu_kernel[(rows.shape[0], -(-num_cols // BLOCK))](rows, rows.stride(0), out, num_cols,
                                                         IS_TANH=approximate == "tanh", BLOCK=BLOCK,
-                                                        num_warps=num_warps)
+                                                        num_warps=num_warps, **pdl_launch(x.device))
     return out

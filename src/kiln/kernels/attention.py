@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from kiln.kernels.fp8 import FP8_CONSTEXPRS, fp8_row_scales, to_fp8
-from kiln.kernels.triton_jit import count_sms, jit, next_power_of_2, tl
+from kiln.kernels.triton_jit import count_sms, jit, next_power_of_2, pdl_launch, tl, wait_for_producer
 from kiln.quantization.fp8 import FP8_DTYPE, FP8_MAX, FP8_MAX_INV, dequantize_fp8, quantize_fp8_per_token
 
 # Triton converts float8e4nv (e4m3, what float8_e4m3fn tensors are to it) only on sm89+: on an sm80 / sm86
@@ -251,12 +251,13 @@ def _paged_attention_kernel(
         sliding_window, num_splits, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, KV_BLOCK_SIZE: tl.constexpr,
         BLOCK_Q: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         IS_SPLIT: tl.constexpr, IS_FP8_KV: tl.constexpr, IS_FP8_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-        FP8_MAX: tl.constexpr, FP8_MAX_INV: tl.constexpr, MIN_AMAX: tl.constexpr):
+        FP8_MAX: tl.constexpr, FP8_MAX_INV: tl.constexpr, MIN_AMAX: tl.constexpr, PDL: tl.constexpr):
     """Program (query tile, KV head, sequence * num_splits + split): BLOCK_Q query tokens x BLOCK_G heads
     of the group against the split's share of the keys the tile can see. Without IS_SPLIT the result is
     written to out; with it, normalized partial outputs and their log2-sum-exp go to the partial buffers.
     IS_FP8_KV: the caches are e4m3, scaled by kv_scale_ptr's (k_scale, v_scale); IS_FP8_DOT: the two
     products are e4m3 dots (query rows quantized here, P as P * FP8_MAX)."""
+    wait_for_producer(PDL)
     q_tile = tl.num_programs(0) - 1 - tl.program_id(0)  # the longest causal ranges start first
     kv_head = tl.program_id(1)
     seq = tl.program_id(2) // num_splits
@@ -353,8 +354,9 @@ def _paged_attention_kernel(
 @jit(do_not_specialize=["num_splits"], do_not_specialize_on_alignment=["query_start_loc_ptr", "num_splits"])
 def _split_reduce_kernel(partial_out_ptr, partial_lse_ptr, query_start_loc_ptr, out_ptr, out_row_stride,
                          out_head_stride, num_splits, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr,
-                         BLOCK_D: tl.constexpr):
+                         BLOCK_D: tl.constexpr, PDL: tl.constexpr):
     """Program (head, sequence): merges the sequence's split results weighted by their sum-exp."""
+    wait_for_producer(PDL)
     head = tl.program_id(0)
     seq = tl.program_id(1)
     q_start = tl.load(query_start_loc_ptr + seq)
@@ -451,9 +453,10 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         BLOCK_D=max(MIN_FP8_DOT_K if is_fp8_dot else 16, next_power_of_2(head_dim)),
         IS_SPLIT=is_split, IS_FP8_KV=is_fp8_kv, IS_FP8_DOT=is_fp8_dot,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", **FP8_CONSTEXPRS,
-        num_warps=config["num_warps"], num_stages=config["num_stages"])
+        num_warps=config["num_warps"], num_stages=config["num_stages"], **pdl_launch(q.device))
     if is_split:
         _split_reduce_kernel[(num_heads, num_seqs)](
             partial_out, partial_lse, meta.query_start_loc, out, out.stride(0), out.stride(1), num_splits,
-            HEAD_DIM=head_dim, BLOCK_S=next_power_of_2(num_splits), BLOCK_D=next_power_of_2(head_dim))
+            HEAD_DIM=head_dim, BLOCK_S=next_power_of_2(num_splits), BLOCK_D=next_power_of_2(head_dim),
+            **pdl_launch(q.device))
     return out

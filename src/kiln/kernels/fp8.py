@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from kiln.errors import ConfigError
-from kiln.kernels.triton_jit import jit, next_power_of_2, tl
+from kiln.kernels.triton_jit import jit, next_power_of_2, pdl_launch, tl, wait_for_producer
 from kiln.quantization.fp8 import FP8_DTYPE, FP8_MAX, FP8_MAX_INV, MIN_AMAX, Fp8Activation
 
 # ---- activation quantization ---------------------------------------------------------------------
@@ -60,9 +60,10 @@ def to_fp8(x, scale, FP8_MAX: tl.constexpr):
 @jit
 def _quantize_fp8_kernel(x_ptr, x_row_stride, scale_ptr, out_ptr, out_row_stride, num_cols,
                          IS_DYNAMIC: tl.constexpr, FP8_MAX: tl.constexpr, FP8_MAX_INV: tl.constexpr,
-                         MIN_AMAX: tl.constexpr, BLOCK: tl.constexpr):
+                         MIN_AMAX: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
     """One row per program, a [1, BLOCK] tile. IS_DYNAMIC: the row's scale (fp8_row_scales) is written to
     scale_ptr[row]; otherwise the one static scale is read from scale_ptr."""
+    wait_for_producer(PDL)
     row = tl.program_id(0).to(tl.int64) + tl.arange(0, 1)[:, None]
     cols = tl.arange(0, BLOCK)[None, :]
     mask = cols < num_cols
@@ -91,7 +92,7 @@ def _quantize_fp8(x: torch.Tensor, scale: torch.Tensor | None, num_warps: int | 
         num_warps = num_warps or min(max(num_cols * x.element_size() // (16 * 32), 1), 16)
         _quantize_fp8_kernel[(rows.shape[0],)](
             rows, rows.stride(0), scale, out, num_cols, num_cols, IS_DYNAMIC=is_dynamic, **FP8_CONSTEXPRS,
-            BLOCK=next_power_of_2(num_cols), num_warps=next_power_of_2(num_warps))
+            BLOCK=next_power_of_2(num_cols), num_warps=next_power_of_2(num_warps), **pdl_launch(x.device))
     return Fp8Activation(out, scale)
 
 
@@ -188,16 +189,24 @@ def fp8_matmul_gpu(x: Fp8Activation, w_fp8: torch.Tensor, w_scale: torch.Tensor,
 
 # ---- W8A16 GEMV ----------------------------------------------------------------------------------
 
+@jit
+def _gemv_step(w, x_ptrs, k_mask):
+    """A [BLOCK_N, BLOCK_K] weight tile times x's BLOCK_K inputs at x_ptrs, summed along K per column."""
+    x = tl.load(x_ptrs, mask=k_mask, other=0.0)
+    return tl.sum(w.to(tl.float32) * x.to(tl.float32)[None, :], axis=1)
+
+
 @jit(do_not_specialize=["num_rows"])
 def _fp8_gemv_kernel(x_ptr, x_row_stride, w_ptr, w_row_stride, w_scale_ptr, w_scale_stride, bias_ptr, out_ptr,
                      out_row_stride, num_rows, N, K, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr):
     """Program (column block, row block): out[rows, cols] = x[rows] @ (w[cols] * w_scale[cols]).T + bias,
     summed in float32 over all of K by this program alone (no split-K, no second kernel). Weights are
     read [BLOCK_N, BLOCK_K] at a time along their contiguous K, converted from e4m3 to the activations'
     dtype (exact: e4m3 fits in bfloat16 / float16) and scaled once per column in the epilogue.
     BLOCK_M == 1: products on the CUDA cores, summed along K every step into one float per column;
-    BLOCK_M >= 16: tl.dot."""
+    BLOCK_M >= 16: tl.dot. With PDL (wait_for_producer) BLOCK_M == 1 reads its first weight tile before
+    waiting for the kernel that writes x: those bytes stream in while that kernel ends."""
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < N
     row0 = tl.program_id(1) * BLOCK_M
@@ -205,16 +214,16 @@ def _fp8_gemv_kernel(x_ptr, x_row_stride, w_ptr, w_row_stride, w_scale_ptr, w_sc
     w_ptrs = w_ptr + cols.to(tl.int64)[:, None] * w_row_stride + ks[None, :]
     if BLOCK_M == 1:
         x_ptrs = x_ptr + row0.to(tl.int64) * x_row_stride + ks
-        acc = tl.zeros([BLOCK_N], tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        w = tl.load(w_ptrs, mask=col_mask[:, None] & (ks < K)[None, :], other=0.0)
+        wait_for_producer(PDL)
+        acc = _gemv_step(w, x_ptrs, ks < K)
+        for k0 in range(BLOCK_K, K, BLOCK_K):
             k_mask = ks < K - k0
-            w = tl.load(w_ptrs, mask=col_mask[:, None] & k_mask[None, :], other=0.0)
-            x = tl.load(x_ptrs, mask=k_mask, other=0.0)
-            acc += tl.sum(w.to(tl.float32) * x.to(tl.float32)[None, :], axis=1)
-            w_ptrs += BLOCK_K
-            x_ptrs += BLOCK_K
+            w = tl.load(w_ptrs + k0, mask=col_mask[:, None] & k_mask[None, :], other=0.0)
+            acc += _gemv_step(w, x_ptrs + k0, k_mask)
         out = acc[None, :]
     else:
+        wait_for_producer(PDL)
         rows = row0 + tl.arange(0, BLOCK_M)
         row_mask = rows < num_rows
         x_ptrs = x_ptr + rows.to(tl.int64)[:, None] * x_row_stride + ks[None, :]
@@ -287,7 +296,7 @@ def fp8_gemv(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor, bias: 
         rows, rows.stride(0), w_fp8, w_fp8.stride(0), w_scale, 0 if w_scale.numel() == 1 else 1,
         bias if bias is not None else w_scale, out.view(-1, n), n, rows.shape[0], n, num_cols,
         HAS_BIAS=bias is not None, BLOCK_M=block_m, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        **config)
+        **config, **pdl_launch(x.device))
     return out
 
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from kiln.kernels.fp8 import FP8_CONSTEXPRS, fp8_row_scales, to_fp8
-from kiln.kernels.triton_jit import jit, next_power_of_2, tl
+from kiln.kernels.triton_jit import jit, next_power_of_2, pdl_launch, tl, wait_for_producer
 from kiln.quantization.fp8 import FP8_DTYPE, Fp8Activation, quantize_fp8_per_token
 
 
@@ -59,11 +59,12 @@ def add_layer_norm_ref(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
 def _rms_norm_kernel(x_ptr, x_row_stride, x_head_stride, residual_ptr, residual_row_stride, weight_ptr, out_ptr,
                      scale_ptr, num_rows, num_heads, num_cols, eps, HAS_RESIDUAL: tl.constexpr,
                      IS_FP8_OUT: tl.constexpr, FP8_MAX: tl.constexpr, FP8_MAX_INV: tl.constexpr,
-                     MIN_AMAX: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK: tl.constexpr):
+                     MIN_AMAX: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
     """BLOCK_ROWS rows per program; row r of x is head r % num_heads of token r // num_heads (num_heads
     is 1 but for a head-strided [T, heads, D] view). With HAS_RESIDUAL, x + residual is written back to
     residual and normalized. IS_FP8_OUT: the output, rounded to x's dtype as it would be stored, is
     quantized per row to e4m3 in out_ptr, its scales in scale_ptr."""
+    wait_for_producer(PDL)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)[:, None]
     cols = tl.arange(0, BLOCK)[None, :]
     mask = (rows < num_rows) & (cols < num_cols)
@@ -92,9 +93,10 @@ def _rms_norm_kernel(x_ptr, x_row_stride, x_head_stride, residual_ptr, residual_
 @jit
 def _layer_norm_kernel(x_ptr, x_row_stride, residual_ptr, residual_row_stride, weight_ptr, bias_ptr, out_ptr,
                        num_rows, num_cols, eps, HAS_RESIDUAL: tl.constexpr, BLOCK_ROWS: tl.constexpr,
-                       BLOCK: tl.constexpr):
+                       BLOCK: tl.constexpr, PDL: tl.constexpr):
     """BLOCK_ROWS rows per program, in float32 and rounded once, as layer_norm_ref. With HAS_RESIDUAL,
     x + residual is written back to residual and normalized."""
+    wait_for_producer(PDL)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)[:, None]
     cols = tl.arange(0, BLOCK)[None, :]
     mask = (rows < num_rows) & (cols < num_cols)
@@ -157,7 +159,7 @@ def _rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tens
     _rms_norm_kernel[(-(-num_rows // block_rows),)](
         rows, row_stride, head_stride, residual_rows, residual_rows.stride(0), weight, out, scale, num_rows,
         num_heads, num_cols, eps, HAS_RESIDUAL=residual is not None, IS_FP8_OUT=is_fp8_out, **FP8_CONSTEXPRS,
-        BLOCK_ROWS=block_rows, BLOCK=next_power_of_2(num_cols), num_warps=num_warps)
+        BLOCK_ROWS=block_rows, BLOCK=next_power_of_2(num_cols), num_warps=num_warps, **pdl_launch(x.device))
     return Fp8Activation(out, scale) if is_fp8_out else out
 
 
@@ -199,7 +201,7 @@ def _layer_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Te
     _layer_norm_kernel[(-(-rows.shape[0] // block_rows),)](
         rows, rows.stride(0), residual_rows, residual_rows.stride(0), weight, bias, out, rows.shape[0], num_cols,
         eps, HAS_RESIDUAL=residual is not None, BLOCK_ROWS=block_rows, BLOCK=next_power_of_2(num_cols),
-        num_warps=num_warps)
+        num_warps=num_warps, **pdl_launch(x.device))
     return out
 
 

@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from kiln.kernels.triton_jit import jit, next_power_of_2, tl
+from kiln.kernels.triton_jit import jit, next_power_of_2, pdl_launch, tl, wait_for_producer
 from kiln.config import RopeConfig
 from kiln.quantization.fp8 import FP8_DTYPE, FP8_MAX, quantize_fp8_static
 
@@ -128,11 +128,13 @@ def _rotary_kv_write_kernel(
         k_cache_ptr, v_cache_ptr, cache_block_stride, cache_slot_stride, cache_head_stride, kv_block_size,
         kv_scale_ptr, q_out_ptr, NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
         ROTARY_DIM: tl.constexpr, IS_INTERLEAVED: tl.constexpr, IS_FP8: tl.constexpr, FP8_MAX: tl.constexpr,
-        BLOCK_H: tl.constexpr, BLOCK_PAIRS: tl.constexpr, BLOCK_PASS: tl.constexpr, BLOCK_D: tl.constexpr):
+        BLOCK_H: tl.constexpr, BLOCK_PAIRS: tl.constexpr, BLOCK_PASS: tl.constexpr, BLOCK_D: tl.constexpr,
+        PDL: tl.constexpr):
     """Program (token, 0) rotates the token's query heads into q_out; program (token, 1) rotates its key
     heads and copies its value heads into the cache slot (quantized with kv_scale for an FP8 cache),
     unless the slot is negative (padding). Pair j (dims j and j + ROTARY_DIM / 2, or 2j and 2j + 1
     interleaved) turns by frequency j; dims from ROTARY_DIM to HEAD_DIM are copied unrotated."""
+    wait_for_producer(PDL)
     token = tl.program_id(0).to(tl.int64)
     heads = tl.arange(0, BLOCK_H)[:, None]
     pairs = tl.arange(0, BLOCK_PAIRS)[None, :]
@@ -199,5 +201,5 @@ def rotary_kv_write_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, po
         IS_INTERLEAVED=is_interleaved, IS_FP8=is_fp8, FP8_MAX=FP8_MAX,
         BLOCK_H=next_power_of_2(max(num_q_heads, num_kv_heads)),
         BLOCK_PAIRS=next_power_of_2(rotary_dim // 2), BLOCK_PASS=next_power_of_2(max(head_dim - rotary_dim, 1)),
-        BLOCK_D=next_power_of_2(head_dim), num_warps=num_warps, enable_fp_fusion=False)
+        BLOCK_D=next_power_of_2(head_dim), num_warps=num_warps, enable_fp_fusion=False, **pdl_launch(q.device))
     return q_out

@@ -38,6 +38,54 @@ def jit(fn: Callable | None = None, **options: Any):
     return triton.jit(fn, **options) if fn is not None else triton.jit(**options)
 
 
+def pdl_launch(device: torch.device) -> dict[str, bool]:
+    """The arguments that launch a kernel taking ``PDL: tl.constexpr`` (and calling ``wait_for_producer``)
+    with programmatic dependent launch where the device has it: ``PDL`` and Triton's ``launch_pdl``, so
+    that the kernel's programs may start while the kernel before it on the stream ends (its tail, the
+    gap between the two) and stop at ``wait_for_producer`` until it has. Inside a CUDA graph the edge
+    keeps that property. Off in the interpreter, below sm90, with a Triton that lacks it, and with
+    KILN_PDL=0 (read once per process)."""
+    return {"PDL": True, "launch_pdl": True} if device.type == "cuda" and _has_pdl(device.index) else {"PDL": False}
+
+
+@functools.cache
+def _has_pdl(index: int | None) -> bool:
+    if triton is None or os.environ.get("TRITON_INTERPRET") == "1" or os.environ.get("KILN_PDL", "1") == "0":
+        return False
+    from triton.backends.nvidia.compiler import CUDAOptions
+
+    return (torch.cuda.get_device_capability(index)[0] >= 9 and "launch_pdl" in CUDAOptions.__dataclass_fields__
+            and hasattr(tl.extra.cuda, "gdc_wait"))
+
+
+@contextlib.contextmanager
+def pdl_disabled() -> Iterator[None]:
+    """Kernels launched (and CUDA graphs captured) inside run without PDL, as with KILN_PDL=0: what a
+    timing compares PDL against, and the eager reference a graph test replays against."""
+    previous = os.environ.get("KILN_PDL")
+    os.environ["KILN_PDL"] = "0"
+    _has_pdl.cache_clear()
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("KILN_PDL")
+        else:
+            os.environ["KILN_PDL"] = previous
+        _has_pdl.cache_clear()
+
+
+@jit
+def wait_for_producer(PDL: tl.constexpr):
+    """With PDL: waits until the kernel before this one on the stream has ended and its writes are visible
+    (every kernel before it has then ended too: each waited for its own predecessor), then lets the
+    kernel after this one start its programs. A kernel may read before this call only what no kernel
+    writes while the model runs (its weights), and may write nothing before it. Without PDL, nothing."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+
+
 def next_power_of_2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 

@@ -39,7 +39,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from kiln.kernels.triton_jit import jit, tl
+from kiln.kernels.triton_jit import jit, pdl_launch, tl, wait_for_producer
 from kiln.quantization.weight_only import dequantize_int4, dequantize_int8, padded_in_features
 
 
@@ -83,15 +83,30 @@ def _dequantize(w_bits, offset, run_starts, meta_offsets, col_mask, num_inputs, 
     return w_bits.to(tl.float32, bitcast=True) - offset
 
 
+@jit
+def _int8_step(q, x_row, input_order_ptr, k_start, runs, lanes, meta_offsets, col_mask, num_inputs, scales_ptr,
+               zeros_ptr, GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_INPUT_ORDER: tl.constexpr,
+               RUN_K: tl.constexpr):
+    """One step of _int8_gemv_kernel: the int8 tile q [BLOCK_N, TILE_RUNS, RUN_K] from input k_start on,
+    dequantized, times x, summed per channel."""
+    run_starts = k_start + runs * RUN_K
+    ks = run_starts[:, None] + lanes[None, :]
+    w = _dequantize(q.to(tl.int32) + MAGIC_2_POW_23_PLUS_128, 8388736.0, run_starts, meta_offsets, col_mask,
+                    num_inputs, scales_ptr, zeros_ptr, GROUP_SIZE, HAS_ZEROS)
+    x = _load_inputs(x_row, True, input_order_ptr, ks, num_inputs, HAS_INPUT_ORDER)
+    return tl.sum(tl.sum(x.to(tl.float32)[None, :, :] * w, axis=2), axis=1)
+
+
 @jit(do_not_specialize=["num_rows"])
 def _int8_gemv_kernel(
         x_ptr, x_row_stride, input_order_ptr, w_ptr, w_row_stride, scales_ptr, scales_row_stride, zeros_ptr,
         out_ptr, out_row_stride, num_rows, num_cols, num_inputs,
         GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_INPUT_ORDER: tl.constexpr,
-        BLOCK_N: tl.constexpr, TILE_RUNS: tl.constexpr, RUN_K: tl.constexpr):
+        BLOCK_N: tl.constexpr, TILE_RUNS: tl.constexpr, RUN_K: tl.constexpr, PDL: tl.constexpr):
     """Program (output channel tile, row of x): one row against BLOCK_N channels over all of K, in steps
     of TILE_RUNS runs of RUN_K inputs; products on CUDA cores, summed along K every step into one float
-    per channel."""
+    per channel. With PDL (wait_for_producer) the first step's weights are read before waiting for the
+    kernel that writes x."""
     row = tl.program_id(1).to(tl.int64)
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < num_cols
@@ -100,15 +115,17 @@ def _int8_gemv_kernel(
     meta_offsets = cols_64[:, None] * scales_row_stride
     runs = tl.arange(0, TILE_RUNS)
     lanes = tl.arange(0, RUN_K)
-    out = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for k_start in range(0, num_inputs, TILE_RUNS * RUN_K):
-        run_starts = k_start + runs * RUN_K
-        ks = run_starts[:, None] + lanes[None, :]
+    x_row = x_ptr + row * x_row_stride
+    ks = runs[:, None] * RUN_K + lanes[None, :]
+    q = tl.load(w_rows + ks[None, :, :], mask=col_mask[:, None, None] & (ks < num_inputs)[None, :, :], other=0)
+    wait_for_producer(PDL)
+    out = _int8_step(q, x_row, input_order_ptr, 0, runs, lanes, meta_offsets, col_mask, num_inputs, scales_ptr,
+                     zeros_ptr, GROUP_SIZE, HAS_ZEROS, HAS_INPUT_ORDER, RUN_K)
+    for k_start in range(TILE_RUNS * RUN_K, num_inputs, TILE_RUNS * RUN_K):
+        ks = k_start + runs[:, None] * RUN_K + lanes[None, :]
         q = tl.load(w_rows + ks[None, :, :], mask=col_mask[:, None, None] & (ks < num_inputs)[None, :, :], other=0)
-        w = _dequantize(q.to(tl.int32) + MAGIC_2_POW_23_PLUS_128, 8388736.0, run_starts, meta_offsets, col_mask,
-                        num_inputs, scales_ptr, zeros_ptr, GROUP_SIZE, HAS_ZEROS)
-        x = _load_inputs(x_ptr + row * x_row_stride, True, input_order_ptr, ks, num_inputs, HAS_INPUT_ORDER)
-        out += tl.sum(tl.sum(x.to(tl.float32)[None, :, :] * w, axis=2), axis=1)
+        out += _int8_step(q, x_row, input_order_ptr, k_start, runs, lanes, meta_offsets, col_mask, num_inputs,
+                          scales_ptr, zeros_ptr, GROUP_SIZE, HAS_ZEROS, HAS_INPUT_ORDER, RUN_K)
     if GROUP_SIZE == 0:
         out *= tl.load(scales_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + row * out_row_stride + cols, out.to(out_ptr.dtype.element_ty), mask=col_mask)
@@ -130,12 +147,13 @@ def _int4_gemv_kernel(
         x_ptr, x_row_stride, input_order_ptr, w_ptr, w_row_stride, scales_ptr, scales_row_stride, zeros_ptr,
         out_ptr, out_row_stride, num_rows, num_cols, num_inputs, num_blocks,
         GROUP_SIZE: tl.constexpr, HAS_INPUT_ORDER: tl.constexpr, BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr,
-        EVEN: tl.constexpr):
+        EVEN: tl.constexpr, PDL: tl.constexpr):
     """Program (output channel tile, row of x): one row against BLOCK_N channels over all of K, BLOCKS
     blocks of 128 inputs per step. Each nibble becomes the float 1 + q / 16 with a shift and one mask-and-
     OR (q into bits 19-22 of 1.0's mantissa), so a weight costs two integer operations and one FMA:
     sum x (q - z) s = s (16 sum x (1 + q / 16) - (16 + z) sum x), the sums per group, corrected once
-    per group and channel. EVEN: whole tiles of channels and blocks, no masks."""
+    per group and channel. EVEN: whole tiles of channels and blocks, no masks. With PDL
+    (wait_for_producer) the first step's words are read before waiting for the kernel that writes x."""
     row = tl.program_id(1).to(tl.int64)
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < num_cols
@@ -143,40 +161,62 @@ def _int4_gemv_kernel(
     blocks = tl.arange(0, BLOCKS)
     lanes = tl.arange(0, INT4_RUN)
     GROUPS_PER_BLOCK: tl.constexpr = INT4_BLOCK // GROUP_SIZE
-    RUNS_PER_GROUP: tl.constexpr = GROUP_SIZE // INT4_RUN
     w_ptrs = w_ptr + cols_64[:, None, None] * w_row_stride + (blocks[:, None] * INT4_RUN + lanes[None, :])[None, :, :]
     meta_offsets = cols_64[:, None] * scales_row_stride + blocks[None, :] * GROUPS_PER_BLOCK
     x_row = x_ptr + row * x_row_stride
-    out = tl.zeros([BLOCK_N, BLOCKS], dtype=tl.float32)
-    for block0 in range(0, num_blocks, BLOCKS):
-        block_mask = block0 + blocks < num_blocks
-        if EVEN:
-            words = tl.load(w_ptrs)
-        else:
-            words = tl.load(w_ptrs, mask=col_mask[:, None, None] & block_mask[None, :, None], other=0)
-        for g in tl.static_range(GROUPS_PER_BLOCK):
-            acc = tl.zeros([BLOCK_N, BLOCKS, INT4_RUN], dtype=tl.float32)
-            x_sum = tl.zeros([BLOCKS, INT4_RUN], dtype=tl.float32)
-            for r in tl.static_range(RUNS_PER_GROUP):
-                j = g * RUNS_PER_GROUP + r
-                ks = (block0 + blocks)[:, None] * INT4_BLOCK + j * INT4_RUN + lanes[None, :]
-                if EVEN and not HAS_INPUT_ORDER:
-                    x = tl.load(x_row + ks).to(tl.float32)
-                else:
-                    x = _load_inputs(x_row, True, input_order_ptr, ks, num_inputs, HAS_INPUT_ORDER).to(tl.float32)
-                acc += x[None, :, :] * _nibble_as_float(words, j)
-                x_sum += x
-            meta = meta_offsets + block0 * GROUPS_PER_BLOCK + g
-            if EVEN:
-                scale = tl.load(scales_ptr + meta).to(tl.float32)
-                zero = tl.load(zeros_ptr + meta).to(tl.float32)
-            else:
-                meta_mask = col_mask[:, None] & block_mask[None, :]
-                scale = tl.load(scales_ptr + meta, mask=meta_mask, other=0.0).to(tl.float32)
-                zero = tl.load(zeros_ptr + meta, mask=meta_mask, other=0).to(tl.float32)
-            out += scale * (16.0 * tl.sum(acc, axis=2) - (16.0 + zero) * tl.sum(x_sum, axis=1)[None, :])
-        w_ptrs += BLOCKS * INT4_RUN
+    words = _int4_words(w_ptrs, col_mask, blocks < num_blocks, EVEN)
+    wait_for_producer(PDL)
+    out = _int4_step(words, x_row, input_order_ptr, 0, blocks, lanes, meta_offsets, col_mask, num_blocks,
+                     num_inputs, scales_ptr, zeros_ptr, GROUP_SIZE, HAS_INPUT_ORDER, BLOCKS, EVEN)
+    for block0 in range(BLOCKS, num_blocks, BLOCKS):
+        words = _int4_words(w_ptrs + block0 * INT4_RUN, col_mask, block0 + blocks < num_blocks, EVEN)
+        out += _int4_step(words, x_row, input_order_ptr, block0, blocks, lanes, meta_offsets, col_mask, num_blocks,
+                          num_inputs, scales_ptr, zeros_ptr, GROUP_SIZE, HAS_INPUT_ORDER, BLOCKS, EVEN)
     tl.store(out_ptr + row * out_row_stride + cols, tl.sum(out, axis=1).to(out_ptr.dtype.element_ty), mask=col_mask)
+
+
+@jit
+def _int4_words(w_ptrs, col_mask, block_mask, EVEN: tl.constexpr):
+    """A step's packed words [BLOCK_N, BLOCKS, INT4_RUN] at w_ptrs (masked unless EVEN)."""
+    if EVEN:
+        words = tl.load(w_ptrs)
+    else:
+        words = tl.load(w_ptrs, mask=col_mask[:, None, None] & block_mask[None, :, None], other=0)
+    return words
+
+
+@jit
+def _int4_step(words, x_row, input_order_ptr, block0, blocks, lanes, meta_offsets, col_mask, num_blocks, num_inputs,
+               scales_ptr, zeros_ptr, GROUP_SIZE: tl.constexpr, HAS_INPUT_ORDER: tl.constexpr, BLOCKS: tl.constexpr,
+               EVEN: tl.constexpr):
+    """One step of _int4_gemv_kernel: BLOCKS blocks of packed words from block block0 on, times x,
+    corrected per group: [BLOCK_N, BLOCKS] sums."""
+    GROUPS_PER_BLOCK: tl.constexpr = INT4_BLOCK // GROUP_SIZE
+    RUNS_PER_GROUP: tl.constexpr = GROUP_SIZE // INT4_RUN
+    block_mask = block0 + blocks < num_blocks
+    out = tl.zeros([words.shape[0], BLOCKS], dtype=tl.float32)
+    for g in tl.static_range(GROUPS_PER_BLOCK):
+        acc = tl.zeros([words.shape[0], BLOCKS, INT4_RUN], dtype=tl.float32)
+        x_sum = tl.zeros([BLOCKS, INT4_RUN], dtype=tl.float32)
+        for r in tl.static_range(RUNS_PER_GROUP):
+            j = g * RUNS_PER_GROUP + r
+            ks = (block0 + blocks)[:, None] * INT4_BLOCK + j * INT4_RUN + lanes[None, :]
+            if EVEN and not HAS_INPUT_ORDER:
+                x = tl.load(x_row + ks).to(tl.float32)
+            else:
+                x = _load_inputs(x_row, True, input_order_ptr, ks, num_inputs, HAS_INPUT_ORDER).to(tl.float32)
+            acc += x[None, :, :] * _nibble_as_float(words, j)
+            x_sum += x
+        meta = meta_offsets + block0 * GROUPS_PER_BLOCK + g
+        if EVEN:
+            scale = tl.load(scales_ptr + meta).to(tl.float32)
+            zero = tl.load(zeros_ptr + meta).to(tl.float32)
+        else:
+            meta_mask = col_mask[:, None] & block_mask[None, :]
+            scale = tl.load(scales_ptr + meta, mask=meta_mask, other=0.0).to(tl.float32)
+            zero = tl.load(zeros_ptr + meta, mask=meta_mask, other=0).to(tl.float32)
+        out += scale * (16.0 * tl.sum(acc, axis=2) - (16.0 + zero) * tl.sum(x_sum, axis=1)[None, :])
+    return out
 
 
 @jit
@@ -195,12 +235,13 @@ def _weight_only_gemm_kernel(
         out_ptr, out_row_stride, num_rows, num_cols, num_inputs,
         BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_INPUT_ORDER: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RUN_K: tl.constexpr, GROUP_M: tl.constexpr,
-        DOT_PRECISION: tl.constexpr):
+        DOT_PRECISION: tl.constexpr, PDL: tl.constexpr):
     """Program: a BLOCK_N x BLOCK_M tile of out.T = dequant(W) @ x.T, in GROUP_M-grouped order. INT8: each
     run of RUN_K inputs is dequantized to x's dtype and multiplied into the float32 accumulator by
     tl.dot. INT4: each run (16 inputs, one nibble of a block's 16 words) enters tl.dot as 1 + q / 16
     (exact in any float dtype), and each group's product is corrected once, as in the INT4 GEMV:
     s (16 W'x - (16 + z) sum x)."""
+    wait_for_producer(PDL)
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(num_rows, BLOCK_M)
     pids_per_group = GROUP_M * tl.cdiv(num_cols, BLOCK_N)
@@ -487,16 +528,16 @@ def _weight_only_matmul(x: torch.Tensor, bits: int, qweight: torch.Tensor, scale
     if uses_dot and num_rows:
         _weight_only_gemm_kernel[(-(-num_rows // config["BLOCK_M"]) * num_tiles_n,)](
             *args, **meta, BITS=bits, BLOCK_M=config["BLOCK_M"], GROUP_M=config["GROUP_M"],
-            DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32")
+            DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", **pdl_launch(x.device))
     elif num_rows and bits == 4:
         num_blocks = qweight.shape[1] // INT4_RUN
         even = num_cols % config["BLOCK_N"] == 0 and num_blocks % tile_runs == 0 and num_inputs == 128 * num_blocks
         _int4_gemv_kernel[(num_tiles_n, num_rows)](
             *args, num_blocks, GROUP_SIZE=group_size, HAS_INPUT_ORDER=input_order is not None,
             BLOCK_N=config["BLOCK_N"], BLOCKS=tile_runs, EVEN=even, num_warps=config["num_warps"],
-            num_stages=config["num_stages"])
+            num_stages=config["num_stages"], **pdl_launch(x.device))
     elif num_rows:
-        _int8_gemv_kernel[(num_tiles_n, num_rows)](*args, **meta, TILE_RUNS=tile_runs)
+        _int8_gemv_kernel[(num_tiles_n, num_rows)](*args, **meta, TILE_RUNS=tile_runs, **pdl_launch(x.device))
     return out.view(*x.shape[:-1], num_cols)
 
 
