@@ -251,3 +251,26 @@ def test_gpu_nucleus_race_matches_the_reference_on_the_device(num_rows, top_p, m
     tokens, races = nucleus_race_triton(logits, top_p, log_min_p, seeds, steps)
     ref_tokens, ref_races = nucleus_race_ref(logits, top_p, log_min_p, seeds, steps)
     assert torch.equal(tokens, ref_tokens) and torch.equal(races, ref_races)
+
+
+@gpu
+def test_gpu_race_kernels_compiled_at_load_serve_staged_rows_of_any_batch_without_compiling():
+    """compile_race at load covers the sampled steps after it: the per-row parameters come from the staging
+    buffer at offsets of any alignment, and batch sizes change the grid and the splits, none of which the
+    kernels are specialized on (a first sampled step used to compile both again: ~0.85 s of a 128/128 run)."""
+    logits = torch.randn(512, 128256, device=DEVICE)
+    sampler.compile_race(logits)
+
+    def compiled() -> int:
+        device = torch.cuda.current_device()
+        return sum(len(kernel.device_caches[device][0]) for kernel in (_exponential_race_kernel, _nucleus_race_kernel))
+
+    before = compiled()
+    staging = HostStaging(DEVICE, capacity=1 << 16)
+    for num_rows in (1, 3, 64, 511):
+        staging.next_step()
+        _, seeds, steps = staging.tensors(torch.int64, [0], list(range(num_rows)), [5] * num_rows)  # odd offsets
+        _, top_p, log_min_p = staging.tensors(torch.float32, [0.0], [0.9] * num_rows, [-5.0] * num_rows)
+        exponential_race_triton(logits[:num_rows], seeds, steps)
+        nucleus_race_triton(logits[:num_rows], top_p, log_min_p, seeds, steps)
+    assert compiled() == before

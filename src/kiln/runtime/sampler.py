@@ -191,8 +191,8 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow], staging: HostStaging) 
 
 def compile_race(logits: torch.Tensor) -> None:
     """Runs the race kernels (plain and nucleus) on a row of ``logits`` (a CUDA graph's output): they compile
-    for their vocabulary at load, not at the first sampled step (batch sizes and splits change nothing they
-    are specialized on)."""
+    for their vocabulary at load, not at the first sampled step (batch sizes, splits and where the per-row
+    parameters sit in the staging buffer change nothing they are specialized on)."""
     zeros = torch.zeros(1, dtype=torch.int64, device=logits.device)
     exponential_race_triton(logits[:1], zeros, zeros)
     ones = torch.ones(1, dtype=torch.float32, device=logits.device)
