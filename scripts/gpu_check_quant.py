@@ -216,6 +216,9 @@ def engine_phase(quant: str, tmp: Path, out: Path, figures: set[str], max_batch_
     RESULTS[f"{key}_build_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     engine = load_engine(engine_dir, verify=False, progress=False)
+    # The 16-bit weight shapes (and row buckets) whose build timing chose the GEMV over cuBLAS.
+    dense = engine.manifest.kernel_plan.get("dense_linear", {}).get("config", {}).get("shapes", {})
+    RESULTS[f"{key}_dense_gemv"] = ", ".join(f"{shape}:{'+'.join(dense[shape])}" for shape in sorted(dense)) or "cuBLAS"
 
     def executor() -> Executor:
         ex = Executor(engine, RuntimeConfig(kv_cache_config=KvCacheConfig(free_gpu_memory_fraction=0.9)))

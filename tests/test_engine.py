@@ -261,16 +261,20 @@ def test_the_first_load_on_the_gpu_tunes_and_keeps_the_plan(tiny_llama, tmp_path
 
     source = AutoModelForCausalLM.from_hugging_face(tiny_llama.path)
     engine_dir = Builder().build(source, BuildConfig(**{**TINY_BUILD, "target": OTHER_GPU})).save(tmp_path / "e")
-    tuned_for = []
+    tuned_for, shapes = [], []
 
-    def fake_gpu_kernel_plan(config, build, dtype, tune, ops):  # what the GPU's tuning returns, recorded
+    def fake_gpu_kernel_plan(config, build, dtype, tune, ops, dense_shapes):  # what the GPU's tuning returns
         tuned_for.append((build.target, tune, tuple(ops)))
+        shapes.extend(dense_shapes)
         return reference_plan(ops)
 
     monkeypatch.setattr(tuning, "gpu_kernel_plan", fake_gpu_kernel_plan)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU")
     tuned = tune_at_first_load(engine_dir, EngineManifest.read(engine_dir), torch.device("cpu"))
-    assert tuned_for == [(OTHER_GPU, True, ("add_rms_norm", "attention", "rms_norm", "rotary_kv_write", "silu_mul"))]
+    assert tuned_for == [(OTHER_GPU, True, ("add_rms_norm", "attention", "dense_linear", "rms_norm", "rotary_kv_write",
+                                            "silu_mul"))]
+    config = source.config  # every Linear is 16-bit here, and the LM head: the shapes dense_linear is timed at
+    assert (config.vocab_size, config.hidden_size) in shapes and (config.hidden_size, config.intermediate_size) in shapes
     assert "tuning the kernels" in capsys.readouterr().err
     saved = EngineManifest.read(engine_dir)
     assert saved == tuned and saved.is_kernel_plan_tuned and saved.target_device_name == "Fake GPU"

@@ -327,7 +327,8 @@ def compile_for(kernel, capability: int, signature: dict[str, str], constexprs: 
 
 def compile_kernels_for_ada_and_hopper() -> dict[str, str]:
     """PTX of the quantization kernel (sm90) and of the GEMV's default configs (sm89, sm90), bfloat16."""
-    from kiln.kernels.fp8 import DEFAULT_GEMV_CONFIGS, FP8_MAX_INV, MIN_AMAX, _fp8_gemv_kernel, _quantize_fp8_kernel
+    from kiln.kernels.fp8 import FP8_MAX_INV, MIN_AMAX, _quantize_fp8_kernel
+    from kiln.kernels.gemv import DEFAULT_GEMV_CONFIGS, _gemv_kernel
 
     ptx = {"quantize": compile_for(
         _quantize_fp8_kernel, 90, {"x_ptr": "*bf16", "x_row_stride": "i32", "scale_ptr": "*fp32",
@@ -340,8 +341,8 @@ def compile_kernels_for_ada_and_hopper() -> dict[str, str]:
     for capability in (89, 90):
         for block_m, config in DEFAULT_GEMV_CONFIGS.items():
             ptx[f"gemv_block_m{block_m}_sm{capability}"] = compile_for(
-                _fp8_gemv_kernel, capability, gemv_signature,
-                {"HAS_BIAS": True, "BLOCK_M": block_m, "DOT_PRECISION": "tf32", "BLOCK_N": config["BLOCK_N"],
+                _gemv_kernel, capability, gemv_signature,
+                {"HAS_SCALE": True, "HAS_BIAS": True, "BLOCK_M": block_m, "DOT_PRECISION": "tf32", "BLOCK_N": config["BLOCK_N"],
                  "BLOCK_K": config["BLOCK_K"]}, num_warps=config["num_warps"], num_stages=config["num_stages"])
     return ptx
 

@@ -58,7 +58,8 @@ def compile_decode_kernels(capability: int) -> dict[str, str]:
     Llama-3-8B's widths, with the PDL kiln launches them with there (on from sm90)."""
     from kiln.kernels.activation import _silu_mul_kernel
     from kiln.kernels.attention import _paged_attention_kernel, _split_reduce_kernel
-    from kiln.kernels.fp8 import FP8_CONSTEXPRS, FP8_MAX, _fp8_gemv_kernel
+    from kiln.kernels.fp8 import FP8_CONSTEXPRS, FP8_MAX
+    from kiln.kernels.gemv import _gemv_kernel
     from kiln.kernels.norm import _rms_norm_kernel
     from kiln.kernels.rotary import _rotary_kv_write_kernel
     from kiln.kernels.weight_only import TENSOR_CORE_CONFIGS, _int4_gemv_kernel, _int8_gemv_kernel
@@ -68,9 +69,18 @@ def compile_decode_kernels(capability: int) -> dict[str, str]:
 
     int4, int8 = TENSOR_CORE_CONFIGS[4][0], TENSOR_CORE_CONFIGS[8][0]
     kernels = {
-        "fp8_gemv": (_fp8_gemv_kernel, ints(_fp8_gemv_kernel, x_ptr="*bf16", w_ptr="*fp8e4nv", w_scale_ptr="*fp32",
-                                            bias_ptr="*bf16", out_ptr="*bf16"),
-                     dict(HAS_BIAS=False, BLOCK_M=1, BLOCK_N=4, BLOCK_K=2048, DOT_PRECISION="tf32"), 4, 1),
+        "fp8_gemv": (_gemv_kernel, ints(_gemv_kernel, x_ptr="*bf16", w_ptr="*fp8e4nv", w_scale_ptr="*fp32",
+                                        bias_ptr="*bf16", out_ptr="*bf16"),
+                     dict(HAS_SCALE=True, HAS_BIAS=False, BLOCK_M=1, BLOCK_N=4, BLOCK_K=2048, DOT_PRECISION="tf32"),
+                     4, 1),
+        "dense_gemv": (_gemv_kernel, ints(_gemv_kernel, x_ptr="*bf16", w_ptr="*bf16", w_scale_ptr="*bf16",
+                                          bias_ptr="*bf16", out_ptr="*bf16"),
+                       dict(HAS_SCALE=False, HAS_BIAS=True, BLOCK_M=1, BLOCK_N=4, BLOCK_K=1024, DOT_PRECISION="tf32"),
+                       4, 1),
+        "dense_gemv_16_rows": (_gemv_kernel, ints(_gemv_kernel, x_ptr="*bf16", w_ptr="*bf16", w_scale_ptr="*bf16",
+                                                  bias_ptr="*bf16", out_ptr="*bf16"),
+                               dict(HAS_SCALE=False, HAS_BIAS=True, BLOCK_M=16, BLOCK_N=16, BLOCK_K=512,
+                                    DOT_PRECISION="tf32"), 4, 3),
         "int4_gemv": (_int4_gemv_kernel, ints(_int4_gemv_kernel, x_ptr="*bf16", input_order_ptr="*i32", w_ptr="*i32",
                                               scales_ptr="*fp16", zeros_ptr="*u8", out_ptr="*bf16"),
                       dict(GROUP_SIZE=128, HAS_INPUT_ORDER=False, BLOCK_N=int4["BLOCK_N"],
@@ -112,8 +122,9 @@ def compile_for_ada_and_hopper() -> dict[str, dict[str, str]]:
 @pytest.mark.skipif(ON_GPU, reason="the GPU tests run the kernels themselves")
 def test_decode_kernels_wait_for_their_producer_on_hopper_and_the_gemvs_read_weights_first(tmp_path):
     """For sm90 each kernel waits (griddepcontrol.wait) before it lets the next kernel launch; the
-    GEMVs issue global loads (their first weight tile) before the wait, the other kernels none: what they
-    read is written by the kernel before them. For sm89 (no PDL) neither instruction is there."""
+    one-row GEMVs issue global loads (their first weight tile) before the wait, the other kernels none
+    (the 16-row GEMV included): what they read is written by the kernel before them. For sm89 (no PDL)
+    neither instruction is there."""
     ptx = compiled_apart(tmp_path, "test_pdl", "compile_for_ada_and_hopper()")
     for name, code in ptx["89"].items():
         assert "griddepcontrol" not in code, name

@@ -5,7 +5,9 @@ Tuning times a few candidate configs per op with ``triton.testing.do_bench`` (me
 before each run) on random inputs of this engine's shapes and stores the winners in the plan, so the
 runtime never tunes. Each op is timed at the sizes the runtime will see: decode batches (one token per
 sequence, batch buckets 1, 2, 4, ... up to max_batch_size) and context batches (up to max_num_tokens);
-the ops that quantize for an FP8 Linear (``*_fp8``) only where they run, above MAX_GEMV_ROWS rows.
+the ops that quantize for an FP8 Linear (``*_fp8``) only where they run, above MAX_GEMV_ROWS rows;
+``dense_linear`` at each 16-bit weight shape of the model and row bucket of the GEMV (1, and 2-16 rows),
+where cuBLAS competes with the GEMV's candidates and keeps the shape unless one is faster.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from functools import partial
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from kiln.engine.target import compute_capability
 from kiln.config import BuildConfig
@@ -27,6 +30,7 @@ from kiln.kernels.activation import (DEFAULT_GELU_CONFIG, DEFAULT_SILU_MUL_CONFI
 from kiln.kernels.attention import (DEFAULT_CONTEXT_CONFIG, AttentionMetadata, default_decode_config,
                                     paged_attention_triton)
 from kiln.kernels.fp8 import MAX_GEMV_ROWS
+from kiln.kernels.gemv import GEMV_CANDIDATES, MAX_DENSE_GEMV_ROWS, gemv, shape_key
 from kiln.kernels.norm import (add_layer_norm_triton, add_rms_norm_fp8_triton, add_rms_norm_triton, default_norm_warps,
                                layer_norm_triton, rms_norm_fp8_triton, rms_norm_triton)
 from kiln.kernels.rotary import DEFAULT_ROTARY_CONFIG, rope_cos_sin, rotary_kv_write_triton
@@ -68,9 +72,10 @@ TUNING_GELU_APPROXIMATION = "tanh"
 
 
 def gpu_kernel_plan(config: ModelConfig, build: BuildConfig, dtype: torch.dtype, tune: bool,
-                    ops: Collection[str] = LLAMA_OPS) -> dict[str, dict[str, Any]]:
+                    ops: Collection[str] = LLAMA_OPS, dense_shapes: Collection[tuple[int, int]] = ()
+                    ) -> dict[str, dict[str, Any]]:
     """Triton for each of ``ops`` (the ops the model calls) on sm80+ (reference ops below), with configs
-    tuned here when ``tune``."""
+    tuned here when ``tune``; ``dense_shapes``: the [out, in] weights the ``dense_linear`` op multiplies."""
     check_ops(ops)
     if compute_capability(build.target) < MIN_TRITON_CAPABILITY:
         logger.warning("target %s is older than sm%d: the engine runs the reference (PyTorch) ops",
@@ -81,7 +86,7 @@ def gpu_kernel_plan(config: ModelConfig, build: BuildConfig, dtype: torch.dtype,
     if not tune:
         return _plan(_default_configs(config, build, num_sms, ops))
     t0 = time.perf_counter()
-    configs = TuningRun(config, build, dtype, num_sms, device).tune(ops)
+    configs = TuningRun(config, build, dtype, num_sms, device).tune(ops, dense_shapes)
     torch.cuda.empty_cache()  # the tuning inputs' memory goes back to the GPU, for a KV pool sized later
     logger.info("kernel tuning took %.1f s", time.perf_counter() - t0)
     return _plan(configs)
@@ -107,7 +112,8 @@ def _default_configs(config: ModelConfig, build: BuildConfig, num_sms: int, ops:
                 "layer_norm": norm, "add_layer_norm": norm, "silu_mul": DEFAULT_SILU_MUL_CONFIG,
                 "silu_mul_fp8": {"num_warps": default_norm_warps(config.intermediate_size)},
                 "gelu": DEFAULT_GELU_CONFIG,
-                "rotary_kv_write": DEFAULT_ROTARY_CONFIG, "attention": {"context": DEFAULT_CONTEXT_CONFIG, "decode": decode}}
+                "rotary_kv_write": DEFAULT_ROTARY_CONFIG, "attention": {"context": DEFAULT_CONTEXT_CONFIG, "decode": decode},
+                "dense_linear": {}}  # cuBLAS at every shape until timed
     return {op: defaults[op] for op in OPS if op in ops}
 
 
@@ -141,6 +147,22 @@ def _fastest(candidates: list[dict[str, Any]], runs: list[Callable[..., Any]], o
     return candidates[winner]
 
 
+def _dense_matmul(x: torch.Tensor, weight: torch.Tensor, **config: Any) -> torch.Tensor:
+    """A dense_linear candidate: the GEMV with ``config``, cuBLAS with none."""
+    return gemv(x, weight, **config) if config else F.linear(x, weight)
+
+
+# How far the GEMV may be from cuBLAS (relative, of the largest output) before the tuner distrusts it: both
+# sum exact products in float32 in different orders and round once to the dtype.
+DENSE_AGREEMENT = {torch.float32: 1e-4, torch.float16: 2.0 ** -8, torch.bfloat16: 2.0 ** -6}
+
+
+def _matches_cublas(x: torch.Tensor, weight: torch.Tensor, config: dict[str, Any]) -> bool:
+    expected = F.linear(x, weight).float()
+    tolerance = DENSE_AGREEMENT[x.dtype] * expected.abs().max().item()
+    return bool(((gemv(x, weight, **config).float() - expected).abs() <= tolerance).all())
+
+
 class TuningRun:
     """Random inputs of one engine's shapes on ``device``, and the timing of each op on them."""
 
@@ -159,8 +181,10 @@ class TuningRun:
     def randn(self, *shape: int) -> torch.Tensor:
         return torch.randn(*shape, dtype=self.dtype, device=self.device)
 
-    def tune(self, ops: Collection[str] = LLAMA_OPS) -> dict[str, Any]:
-        """The fastest config of each of ``ops``; inputs are made only for the ops tuned."""
+    def tune(self, ops: Collection[str] = LLAMA_OPS, dense_shapes: Collection[tuple[int, int]] = ()
+             ) -> dict[str, Any]:
+        """The fastest config of each of ``ops``; inputs are made only for the ops tuned. ``dense_shapes``:
+        the weights ``dense_linear`` is timed at."""
         check_ops(ops)
         cfg, counts = self.config, self.token_counts
         tuners = {
@@ -188,8 +212,31 @@ class TuningRun:
             "rotary_kv_write": lambda: _fastest(ROTARY_CANDIDATES, [self.rotary_run(t) for t in counts],
                                                 "rotary_kv_write"),
             "attention": lambda: {"context": self.tune_context(), "decode": self.tune_decode()},
+            "dense_linear": lambda: self.tune_dense_linear(dense_shapes),
         }
         return {op: tuners[op]() for op in OPS if op in ops}
+
+    def tune_dense_linear(self, shapes: Collection[tuple[int, int]]) -> dict[str, Any]:
+        """Per weight shape and row bucket ("1": one row; "16": 2 to 16, timed at 2 and 16), the fastest of
+        cuBLAS and the GEMV's candidates for that bucket (cuBLAS on a tie); a GEMV whose product is not
+        cuBLAS's within the dtype's rounding is not kept. The plan config lists the GEMV's shapes only."""
+        bucket_rows = {"1": [1], "16": [r for r in (2, MAX_DENSE_GEMV_ROWS) if r <= self.build.max_batch_size]}
+        chosen: dict[str, dict[str, dict[str, int]]] = {}
+        for n, k in shapes:
+            weight = self.randn(n, k) * k ** -0.5
+            for bucket, rows in bucket_rows.items():
+                if not rows:
+                    continue
+                xs = [self.randn(r, k) for r in rows]
+                candidates = [{}] + [c for c in GEMV_CANDIDATES if (c["BLOCK_M"] == 1) == (bucket == "1")]
+                best = _fastest(candidates, [partial(_dense_matmul, x, weight) for x in xs],
+                                f"dense_linear {n}x{k}, {bucket} row(s)")
+                if best and all(_matches_cublas(x, weight, best) for x in xs):
+                    chosen.setdefault(shape_key(n, k), {})[bucket] = best
+                elif best:
+                    logger.warning("dense_linear %dx%d: the GEMV (%s) disagrees with cuBLAS; cuBLAS kept", n, k, best)
+            del weight
+        return {"shapes": chosen} if chosen else {}
 
     def norm_runs(self, norm: Callable[..., Any], is_residual_add: bool = False, has_bias: bool = False,
                   is_fp8: bool = False) -> list[Callable[..., Any]]:

@@ -4,6 +4,8 @@ Every op has a plain-PyTorch reference (``*_ref``), which is the CPU path and th
 have Triton implementations registered beside it. The plan maps op name -> {"impl": name, "config": {...}}.
 The ``*_fp8`` ops are their plain op with its output quantized per token to e4m3 (an Fp8Activation), for
 the FP8 Linear it feeds: blocks call them only where that Linear's method wants its input so.
+``dense_linear`` is the matmul of a 16-bit (unquantized) weight: cuBLAS, or the GEMV for the shapes and row
+counts the build timed it faster at (its config lists them).
 """
 
 from __future__ import annotations
@@ -16,16 +18,17 @@ from typing import Any
 from kiln.errors import EngineError
 from kiln.kernels.activation import gelu_ref, silu_mul_fp8_ref, silu_mul_ref
 from kiln.kernels.attention import AttentionMetadata, paged_attention_ref
+from kiln.kernels.gemv import dense_linear_ref
 from kiln.kernels.norm import (add_layer_norm_ref, add_rms_norm_fp8_ref, add_rms_norm_ref, layer_norm_ref,
                                rms_norm_fp8_ref, rms_norm_ref)
 from kiln.kernels.rotary import rotary_kv_write_ref
 
 OPS = ("rms_norm", "add_rms_norm", "rms_norm_fp8", "add_rms_norm_fp8", "layer_norm", "add_layer_norm", "silu_mul",
-       "silu_mul_fp8", "gelu", "rotary_kv_write", "attention")
+       "silu_mul_fp8", "gelu", "rotary_kv_write", "attention", "dense_linear")
 
 # The ops of the Llama-family decoder (Llama, Mistral, Qwen2): what a plan covers unless told the ops
-# its model calls (GPT-J: layer_norm, add_layer_norm, gelu, rotary_kv_write, attention).
-LLAMA_OPS = ("rms_norm", "add_rms_norm", "silu_mul", "rotary_kv_write", "attention")
+# its model calls (GPT-J: layer_norm, add_layer_norm, gelu, rotary_kv_write, attention, dense_linear).
+LLAMA_OPS = ("rms_norm", "add_rms_norm", "silu_mul", "rotary_kv_write", "attention", "dense_linear")
 
 _REFERENCE: dict[str, Callable] = {
     "rms_norm": rms_norm_ref,
@@ -39,6 +42,7 @@ _REFERENCE: dict[str, Callable] = {
     "gelu": gelu_ref,
     "rotary_kv_write": rotary_kv_write_ref,
     "attention": paged_attention_ref,
+    "dense_linear": dense_linear_ref,
 }
 
 

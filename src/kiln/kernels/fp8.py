@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from kiln.errors import ConfigError
+from kiln.kernels.gemv import default_gemv_config, gemv
 from kiln.kernels.triton_jit import jit, next_power_of_2, pdl_launch, tl, wait_for_producer
 from kiln.quantization.fp8 import FP8_DTYPE, FP8_MAX, FP8_MAX_INV, MIN_AMAX, Fp8Activation
 
@@ -189,115 +190,13 @@ def fp8_matmul_gpu(x: Fp8Activation, w_fp8: torch.Tensor, w_scale: torch.Tensor,
 
 # ---- W8A16 GEMV ----------------------------------------------------------------------------------
 
-@jit
-def _gemv_step(w, x_ptrs, k_mask):
-    """A [BLOCK_N, BLOCK_K] weight tile times x's BLOCK_K inputs at x_ptrs, summed along K per column."""
-    x = tl.load(x_ptrs, mask=k_mask, other=0.0)
-    return tl.sum(w.to(tl.float32) * x.to(tl.float32)[None, :], axis=1)
-
-
-@jit(do_not_specialize=["num_rows"])
-def _fp8_gemv_kernel(x_ptr, x_row_stride, w_ptr, w_row_stride, w_scale_ptr, w_scale_stride, bias_ptr, out_ptr,
-                     out_row_stride, num_rows, N, K, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr):
-    """Program (column block, row block): out[rows, cols] = x[rows] @ (w[cols] * w_scale[cols]).T + bias,
-    summed in float32 over all of K by this program alone (no split-K, no second kernel). Weights are
-    read [BLOCK_N, BLOCK_K] at a time along their contiguous K, converted from e4m3 to the activations'
-    dtype (exact: e4m3 fits in bfloat16 / float16) and scaled once per column in the epilogue.
-    BLOCK_M == 1: products on the CUDA cores, summed along K every step into one float per column;
-    BLOCK_M >= 16: tl.dot. With PDL (wait_for_producer) BLOCK_M == 1 reads its first weight tile before
-    waiting for the kernel that writes x: those bytes stream in while that kernel ends."""
-    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_mask = cols < N
-    row0 = tl.program_id(1) * BLOCK_M
-    ks = tl.arange(0, BLOCK_K)
-    w_ptrs = w_ptr + cols.to(tl.int64)[:, None] * w_row_stride + ks[None, :]
-    if BLOCK_M == 1:
-        x_ptrs = x_ptr + row0.to(tl.int64) * x_row_stride + ks
-        w = tl.load(w_ptrs, mask=col_mask[:, None] & (ks < K)[None, :], other=0.0)
-        wait_for_producer(PDL)
-        acc = _gemv_step(w, x_ptrs, ks < K)
-        for k0 in range(BLOCK_K, K, BLOCK_K):
-            k_mask = ks < K - k0
-            w = tl.load(w_ptrs + k0, mask=col_mask[:, None] & k_mask[None, :], other=0.0)
-            acc += _gemv_step(w, x_ptrs + k0, k_mask)
-        out = acc[None, :]
-    else:
-        wait_for_producer(PDL)
-        rows = row0 + tl.arange(0, BLOCK_M)
-        row_mask = rows < num_rows
-        x_ptrs = x_ptr + rows.to(tl.int64)[:, None] * x_row_stride + ks[None, :]
-        out = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            k_mask = ks < K - k0
-            w = tl.load(w_ptrs, mask=col_mask[:, None] & k_mask[None, :], other=0.0)
-            x = tl.load(x_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-            # e4m3 -> float32 -> x's dtype: Triton 3.6 converts e4m3 -> bfloat16 through a float16 ->
-            # bfloat16 cvt that only sm90 has (ptxas refuses it for Ada); the detour is exact too.
-            out = tl.dot(x, tl.trans(w.to(tl.float32).to(x.dtype)), out, input_precision=DOT_PRECISION)
-            w_ptrs += BLOCK_K
-            x_ptrs += BLOCK_K
-    out = out * tl.load(w_scale_ptr + cols * w_scale_stride, mask=col_mask, other=0.0)[None, :]
-    if HAS_BIAS:
-        out += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-    out_rows = row0 + tl.arange(0, BLOCK_M)
-    tl.store(out_ptr + out_rows.to(tl.int64)[:, None] * out_row_stride + cols[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=(out_rows < num_rows)[:, None] & col_mask[None, :])
-
-
-# Launch configs before tuning, by BLOCK_M. BLOCK_M 1: the best of scripts/sweep_gemv.py (H200,
-# 2026-12-03, --only-options as of fa771fc; Triton 3.6, torch 2.11, bfloat16 x, each kernel replayed
-# from a CUDA graph over >= 400 MB of weight copies; docs/results/h200/sweep_gemv_options.json), at the
-# Llama-3-8B shapes qkv / o / gate_up / down, us: BLOCK_N 4, BLOCK_K 2048, 4 warps 9.6 / 6.8 / 30.7 /
-# 17.3, 64.4 for the four (copy 4.27 TB/s; dense bf16 through cuBLAS 123.0), against 68.7 for the
-# default before (BLOCK_K 1024: 10.0 / 6.9 / 34.4 / 17.3); BLOCK_K 4096 67.3, with 8 warps 71.9. Each
-# step's products are summed along K into one float per column: 61 registers per thread at BLOCK_K
-# 2048 (ptxas of Triton 3.9 for sm90a, bfloat16 x, 4 warps), where the [BLOCK_N, BLOCK_K] float32 tile
-# the kernel kept before, summed once at the end, took 115 and 77.5 us for the four (2026-12-02). That
-# tile was 1.6% faster only at BLOCK_K 1024 (68.7 against 69.8; 73 registers against 48), so it is gone.
-# Loading the next step's tile by hand before this step's arithmetic was 26-80% slower per layer
-# wherever tried (docs/benchmarks.md, "H200: 2026-12-03"). ncu at gate_up with the BLOCK_K 1024 tile
-# (2026-12-02): DRAM 70%, issue slots 55%, half the stalls wait on loads (46% occupancy); num_stages
-# changes nothing (Triton pipelines only loads that feed a tl.dot). BLOCK_M 16, a [16, 512] tile
-# pipelined 3 deep through shared memory (48 KB, 80 registers), is not measured yet.
-DEFAULT_GEMV_CONFIGS: dict[int, dict[str, int]] = {
-    1: {"BLOCK_N": 4, "BLOCK_K": 2048, "num_warps": 4, "num_stages": 1},
-    16: {"BLOCK_N": 16, "BLOCK_K": 512, "num_warps": 4, "num_stages": 3},
-}
-GEMV_CANDIDATES: list[dict[str, int]] = (
-    [{"BLOCK_M": 1, "BLOCK_N": n, "BLOCK_K": k, "num_warps": w, "num_stages": 1}
-     for n, k, w in ((4, 1024, 4), (4, 2048, 4), (4, 4096, 4), (8, 1024, 4), (8, 2048, 8), (16, 1024, 8))]
-    + [{"BLOCK_M": 16, "BLOCK_N": n, "BLOCK_K": k, "num_warps": w, "num_stages": st}
-       for n, k, w, st in ((16, 256, 4, 4), (16, 512, 4, 3), (32, 256, 4, 3), (32, 512, 8, 3), (64, 256, 4, 3))])
-
-
-def default_gemv_config(num_rows: int) -> dict[str, int]:
-    block_m = 1 if num_rows == 1 else 16
-    return {"BLOCK_M": block_m, **DEFAULT_GEMV_CONFIGS[block_m]}
-
-
 def fp8_gemv(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None,
              **config: Any) -> torch.Tensor:
     """As fp8_w8a16_linear_ref: x [..., K] (16- or 32-bit) times w_fp8 [N, K] with ``w_scale`` [N, 1] or
-    0-d. ``config``: BLOCK_M (1, or a power of two >= 16), BLOCK_N, BLOCK_K, num_warps, num_stages;
-    default_gemv_config(rows) for what is not given."""
-    num_cols, n = x.shape[-1], w_fp8.shape[0]
-    rows = x.reshape(-1, num_cols)
-    assert rows.stride(-1) == 1 and w_fp8.stride(-1) == 1 and w_fp8.shape[1] == num_cols
-    assert w_scale.dtype == torch.float32 and w_scale.is_contiguous() and w_scale.numel() in (1, n)
-    config = {**default_gemv_config(rows.shape[0]), **config}
-    block_m, block_n = config.pop("BLOCK_M"), config["BLOCK_N"]
-    assert block_m == 1 or block_m >= 16, "tl.dot needs BLOCK_M >= 16"
-    out = torch.empty(*x.shape[:-1], n, dtype=x.dtype, device=x.device)
-    if rows.shape[0] == 0:
-        return out
-    grid = (-(-n // block_n), -(-rows.shape[0] // block_m))
-    _fp8_gemv_kernel[grid](
-        rows, rows.stride(0), w_fp8, w_fp8.stride(0), w_scale, 0 if w_scale.numel() == 1 else 1,
-        bias if bias is not None else w_scale, out.view(-1, n), n, rows.shape[0], n, num_cols,
-        HAS_BIAS=bias is not None, BLOCK_M=block_m, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        **config, **pdl_launch(x.device))
-    return out
+    0-d, through kiln.kernels.gemv (``config``: its launch options, default_gemv_config(rows) for what is
+    not given)."""
+    assert w_scale.dtype == torch.float32 and w_scale.is_contiguous() and w_scale.numel() in (1, w_fp8.shape[0])
+    return gemv(x, w_fp8, w_scale, bias, **config)
 
 
 # ---- the choice ----------------------------------------------------------------------------------
@@ -305,7 +204,7 @@ def fp8_gemv(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor, bias: 
 # Rows up to which the GEMV runs instead of _scaled_mm. TARGETS.md: _scaled_mm at N = 28672, K = 4096 on
 # the H200 takes 53 us at M = 1 and 60 us at M = 256, weight-bound throughout at ~2.2 TB/s; the GEMV's
 # tl.dot path reads the weights once for up to 16 rows, so it wins there if it streams them faster. Its
-# own speed is not measured yet: see DEFAULT_GEMV_CONFIGS.
+# own speed is not measured yet: see kiln.kernels.gemv's DEFAULT_GEMV_CONFIGS.
 MAX_GEMV_ROWS = 16
 
 

@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 from kiln.kernels.activation import gelu_triton, silu_mul_fp8_triton, silu_mul_triton
 from kiln.kernels.attention import paged_attention_triton
+from kiln.kernels.gemv import dense_linear_triton
 from kiln.kernels.norm import (add_layer_norm_triton, add_rms_norm_fp8_triton, add_rms_norm_triton, layer_norm_triton,
                                rms_norm_fp8_triton, rms_norm_triton)
 from kiln.kernels.rotary import rotary_kv_write_triton
@@ -27,4 +28,5 @@ IMPLS: dict[str, Callable] = {
     "gelu": gelu_triton,
     "rotary_kv_write": rotary_kv_write_triton,
     "attention": paged_attention_triton,
+    "dense_linear": dense_linear_triton,
 }

@@ -17,7 +17,14 @@ def kernel_ops_of(model) -> tuple[str, ...]:
     return tuple(sorted({op for module in model.modules() for op in getattr(module, "kernel_ops", ())}))
 
 
+def dense_linear_shapes(model) -> tuple[tuple[int, int], ...]:
+    """[out, in] of each weight a model multiplies through the ``dense_linear`` op (its Linears of a dense
+    method, its LM head): the shapes the build times that op at."""
+    return tuple(sorted({tuple(module.dense_weight.shape) for module in model.modules()
+                         if getattr(module, "dense_weight", None) is not None}))
+
+
 __all__ = ["Attention", "DenseLinearMethod", "Embedding", "GatedMLP", "KvCacheScales", "LINEAR_METHODS", "LMHead",
            "Layer", "LayerContext", "LayerNorm", "Linear", "LinearMethod", "MLP", "RMSNorm", "Rotary", "SINGLE",
-           "Shard", "TensorParallel", "checkpoint_layers", "kernel_ops_of", "layer_context", "linear_method",
+           "Shard", "TensorParallel", "checkpoint_layers", "dense_linear_shapes", "kernel_ops_of", "layer_context", "linear_method",
            "load_parameters"]

@@ -43,12 +43,15 @@ class Embedding(Layer):
 
 
 class LMHead(Layer):
-    """Logits x E^T (+ b). Tied to an embedding, it declares no weight and reads the embedding's."""
+    """Logits x E^T (+ b) through the ``dense_linear`` op (16-bit in every engine). Tied to an embedding, it
+    declares no weight and reads the embedding's."""
+
+    kernel_ops = ("dense_linear",)
 
     def __init__(self, vocab_size: int, hidden_size: int, ctx: LayerContext, bias: bool = False,
                  tied: Embedding | None = None):
         super().__init__()
-        self.vocab_size, self.tied, self.tp = vocab_size, tied, ctx.tp
+        self.vocab_size, self.tied, self.tp, self.ops = vocab_size, tied, ctx.tp, ctx.ops
         shard = vocab_shard(vocab_size, ctx.tp)
         if tied is None:
             self.declare("weight", (vocab_size, hidden_size), SMALL_STD, ctx.dtype, shard=shard)
@@ -57,8 +60,12 @@ class LMHead(Layer):
         else:
             self.register_parameter("bias", None)
 
+    @property
+    def dense_weight(self) -> torch.Tensor:
+        return self.weight if self.tied is None else self.tied.weight
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(x, self.weight if self.tied is None else self.tied.weight, self.bias)
+        logits = self.ops.dense_linear(x, self.dense_weight, self.bias)
         if self.tp.size == 1:
             return logits
         return self.tp.all_gather(logits)[:, :self.vocab_size]

@@ -16,7 +16,6 @@ import importlib
 from abc import ABC, abstractmethod
 
 import torch
-import torch.nn.functional as F
 
 from kiln.config import BuildConfig
 from kiln.errors import ConfigError
@@ -35,6 +34,8 @@ class LinearMethod(ABC):
     # apply also takes x as an Fp8Activation wherever wants_fp8_input says so; blocks then declare the
     # *_fp8 kernel ops that make one (so the build tunes them).
     takes_fp8_input = False
+    # The kernel ops apply calls (layer.ops), which a Linear declares: the build tunes them at its shape.
+    kernel_ops: tuple[str, ...] = ()
 
     @classmethod
     def from_build(cls, build: BuildConfig) -> LinearMethod:
@@ -101,7 +102,10 @@ class LinearMethod(ABC):
 
 
 class DenseLinearMethod(LinearMethod):
-    """The weight as it is, in the engine dtype (float32, float16 or bfloat16)."""
+    """The weight as it is, in the engine dtype (float32, float16 or bfloat16), multiplied by the kernel op
+    ``dense_linear``: cuBLAS, or the GEMV at the shapes and row counts the build timed it faster at."""
+
+    kernel_ops = ("dense_linear",)
 
     def tensors(self, out_features, in_features, dtype):
         return {"weight": ((out_features, in_features), dtype)}
@@ -110,7 +114,7 @@ class DenseLinearMethod(LinearMethod):
         return {"weight": weight.to(dtype)}
 
     def apply(self, layer, x):
-        return F.linear(x, layer.weight, layer.bias)
+        return layer.ops.dense_linear(x, layer.weight, layer.bias)
 
 
 # BuildConfig.quantization -> method: its class, or "module:Class" for one in its own file (imported when
@@ -155,7 +159,8 @@ class Linear(Layer):
                  shard_ranges: tuple[tuple[int, int], ...] | None = None):
         super().__init__()
         self.shard_dim, self.tp = shard_dim, ctx.tp
-        self.method, self.dtype = ctx.linear, ctx.dtype
+        self.method, self.dtype, self.ops = ctx.linear, ctx.dtype, ctx.ops
+        self.kernel_ops = self.method.kernel_ops
         self.checkpoint_tensors["weight"] = CheckpointTensor((out_features, in_features), in_features ** -0.5)
         if ctx.tp.size > 1 and shard_dim is not None:
             full = (out_features, in_features)[shard_dim]
@@ -184,6 +189,11 @@ class Linear(Layer):
             bias = self.shard("bias", tensors["bias"]).to(self.dtype)
             stored["bias"] = torch.zeros_like(bias) if self.is_row_parallel and self.tp.rank else bias
         return stored
+
+    @property
+    def dense_weight(self) -> torch.Tensor | None:
+        """The [out, in] weight the ``dense_linear`` op multiplies, where the method calls it."""
+        return self.weight if "dense_linear" in self.kernel_ops else None
 
     def wants_fp8_input(self, rows: torch.Tensor) -> bool:
         """Whether the method wants this Linear's input of as many rows as ``rows`` has (on its device) as

@@ -1,0 +1,162 @@
+"""The GEMV: a few rows (batch-1 and small-batch decode) times a weight read once, with wide loads, its
+values converted in registers, the sums in float32 by one program per column block (no split-K
+reduction kernel). The FP8 linear layer runs it for its e4m3 weights up to MAX_GEMV_ROWS rows
+(``kiln.kernels.fp8.fp8_gemv``). Dense 16-bit weights run it where the build timed it faster than
+cuBLAS for that shape (``dense_linear_triton``, the kernel op ``dense_linear``, whose plan config
+lists the shapes); elsewhere they stay in cuBLAS (``dense_linear_ref``: F.linear).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from kiln.kernels.triton_jit import jit, pdl_launch, tl, wait_for_producer
+
+
+@jit
+def _gemv_step(w, x_ptrs, k_mask):
+    """A [BLOCK_N, BLOCK_K] weight tile times x's BLOCK_K inputs at x_ptrs, summed along K per column."""
+    x = tl.load(x_ptrs, mask=k_mask, other=0.0)
+    return tl.sum(w.to(tl.float32) * x.to(tl.float32)[None, :], axis=1)
+
+
+@jit(do_not_specialize=["num_rows"])
+def _gemv_kernel(x_ptr, x_row_stride, w_ptr, w_row_stride, w_scale_ptr, w_scale_stride, bias_ptr, out_ptr,
+                 out_row_stride, num_rows, N, K, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                 PDL: tl.constexpr):
+    """Program (column block, row block): out[rows, cols] = x[rows] @ (w[cols] * w_scale[cols]).T + bias
+    (no scale without HAS_SCALE), summed in float32 over all of K by this program alone (no split-K, no
+    second kernel). Weights are read [BLOCK_N, BLOCK_K] at a time along their contiguous K, converted
+    from their dtype (e4m3, or the activations' own) to the activations' dtype (exact: e4m3 fits in
+    bfloat16 / float16) and scaled once per column in the epilogue.
+    BLOCK_M == 1: products on the CUDA cores, summed along K every step into one float per column;
+    BLOCK_M >= 16: tl.dot. With PDL (wait_for_producer) BLOCK_M == 1 reads its first weight tile before
+    waiting for the kernel that writes x: those bytes stream in while that kernel ends."""
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < N
+    row0 = tl.program_id(1) * BLOCK_M
+    ks = tl.arange(0, BLOCK_K)
+    w_ptrs = w_ptr + cols.to(tl.int64)[:, None] * w_row_stride + ks[None, :]
+    if BLOCK_M == 1:
+        x_ptrs = x_ptr + row0.to(tl.int64) * x_row_stride + ks
+        w = tl.load(w_ptrs, mask=col_mask[:, None] & (ks < K)[None, :], other=0.0)
+        wait_for_producer(PDL)
+        acc = _gemv_step(w, x_ptrs, ks < K)
+        for k0 in range(BLOCK_K, K, BLOCK_K):
+            k_mask = ks < K - k0
+            w = tl.load(w_ptrs + k0, mask=col_mask[:, None] & k_mask[None, :], other=0.0)
+            acc += _gemv_step(w, x_ptrs + k0, k_mask)
+        out = acc[None, :]
+    else:
+        wait_for_producer(PDL)
+        rows = row0 + tl.arange(0, BLOCK_M)
+        row_mask = rows < num_rows
+        x_ptrs = x_ptr + rows.to(tl.int64)[:, None] * x_row_stride + ks[None, :]
+        out = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k_mask = ks < K - k0
+            w = tl.load(w_ptrs, mask=col_mask[:, None] & k_mask[None, :], other=0.0)
+            x = tl.load(x_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+            # e4m3 -> float32 -> x's dtype: Triton 3.6 converts e4m3 -> bfloat16 through a float16 ->
+            # bfloat16 cvt that only sm90 has (ptxas refuses it for Ada); the detour is exact too.
+            out = tl.dot(x, tl.trans(w.to(tl.float32).to(x.dtype)), out, input_precision=DOT_PRECISION)
+            w_ptrs += BLOCK_K
+            x_ptrs += BLOCK_K
+    if HAS_SCALE:
+        out = out * tl.load(w_scale_ptr + cols * w_scale_stride, mask=col_mask, other=0.0)[None, :]
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    out_rows = row0 + tl.arange(0, BLOCK_M)
+    tl.store(out_ptr + out_rows.to(tl.int64)[:, None] * out_row_stride + cols[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=(out_rows < num_rows)[:, None] & col_mask[None, :])
+
+
+# Launch configs before tuning, by BLOCK_M, measured with e4m3 weights (a dense weight takes the GEMV only
+# with a config the build timed for its shape: dense_linear_triton). BLOCK_M 1: the best of
+# scripts/sweep_gemv.py (H200,
+# 2026-12-03, --only-options as of fa771fc; Triton 3.6, torch 2.11, bfloat16 x, each kernel replayed
+# from a CUDA graph over >= 400 MB of weight copies; docs/results/h200/sweep_gemv_options.json), at the
+# Llama-3-8B shapes qkv / o / gate_up / down, us: BLOCK_N 4, BLOCK_K 2048, 4 warps 9.6 / 6.8 / 30.7 /
+# 17.3, 64.4 for the four (copy 4.27 TB/s; dense bf16 through cuBLAS 123.0), against 68.7 for the
+# default before (BLOCK_K 1024: 10.0 / 6.9 / 34.4 / 17.3); BLOCK_K 4096 67.3, with 8 warps 71.9. Each
+# step's products are summed along K into one float per column: 61 registers per thread at BLOCK_K
+# 2048 (ptxas of Triton 3.9 for sm90a, bfloat16 x, 4 warps), where the [BLOCK_N, BLOCK_K] float32 tile
+# the kernel kept before, summed once at the end, took 115 and 77.5 us for the four (2026-12-02). That
+# tile was 1.6% faster only at BLOCK_K 1024 (68.7 against 69.8; 73 registers against 48), so it is gone.
+# Loading the next step's tile by hand before this step's arithmetic was 26-80% slower per layer
+# wherever tried (docs/benchmarks.md, "H200: 2026-12-03"). ncu at gate_up with the BLOCK_K 1024 tile
+# (2026-12-02): DRAM 70%, issue slots 55%, half the stalls wait on loads (46% occupancy); num_stages
+# changes nothing (Triton pipelines only loads that feed a tl.dot). BLOCK_M 16, a [16, 512] tile
+# pipelined 3 deep through shared memory (48 KB, 80 registers), is not measured yet.
+DEFAULT_GEMV_CONFIGS: dict[int, dict[str, int]] = {
+    1: {"BLOCK_N": 4, "BLOCK_K": 2048, "num_warps": 4, "num_stages": 1},
+    16: {"BLOCK_N": 16, "BLOCK_K": 512, "num_warps": 4, "num_stages": 3},
+}
+GEMV_CANDIDATES: list[dict[str, int]] = (
+    [{"BLOCK_M": 1, "BLOCK_N": n, "BLOCK_K": k, "num_warps": w, "num_stages": 1}
+     for n, k, w in ((4, 1024, 4), (4, 2048, 4), (4, 4096, 4), (8, 1024, 4), (8, 2048, 8), (16, 1024, 8))]
+    + [{"BLOCK_M": 16, "BLOCK_N": n, "BLOCK_K": k, "num_warps": w, "num_stages": st}
+       for n, k, w, st in ((16, 256, 4, 4), (16, 512, 4, 3), (32, 256, 4, 3), (32, 512, 8, 3), (64, 256, 4, 3))])
+
+
+def default_gemv_config(num_rows: int) -> dict[str, int]:
+    block_m = 1 if num_rows == 1 else 16
+    return {"BLOCK_M": block_m, **DEFAULT_GEMV_CONFIGS[block_m]}
+
+
+def gemv(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+         **config: Any) -> torch.Tensor:
+    """x [..., K] (16- or 32-bit) times w [N, K] (e4m3, or x's dtype), times ``w_scale`` ([N, 1] or 0-d
+    float32; None: none), plus ``bias``. ``config``: BLOCK_M (1, or a power of two >= 16), BLOCK_N, BLOCK_K,
+    num_warps, num_stages; default_gemv_config(rows) for what is not given."""
+    num_cols, n = x.shape[-1], w.shape[0]
+    rows = x.reshape(-1, num_cols)
+    assert rows.stride(-1) == 1 and w.stride(-1) == 1 and w.shape[1] == num_cols
+    config = {**default_gemv_config(rows.shape[0]), **config}
+    block_m, block_n = config.pop("BLOCK_M"), config["BLOCK_N"]
+    assert block_m == 1 or block_m >= 16, "tl.dot needs BLOCK_M >= 16"
+    out = torch.empty(*x.shape[:-1], n, dtype=x.dtype, device=x.device)
+    if rows.shape[0] == 0:
+        return out
+    grid = (-(-n // block_n), -(-rows.shape[0] // block_m))
+    _gemv_kernel[grid](
+        rows, rows.stride(0), w, w.stride(0), w_scale if w_scale is not None else w,
+        0 if w_scale is None or w_scale.numel() == 1 else 1, bias if bias is not None else w, out.view(-1, n), n,
+        rows.shape[0], n, num_cols, HAS_SCALE=w_scale is not None, HAS_BIAS=bias is not None, BLOCK_M=block_m,
+        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", **config, **pdl_launch(x.device))
+    return out
+
+
+# Rows up to which a dense Linear may take the GEMV (BLOCK_M 16 covers 2-16 rows in one row block).
+MAX_DENSE_GEMV_ROWS = 16
+
+
+def gemv_bucket(num_rows: int) -> str:
+    """The plan's key for a row count the GEMV may take: "1" (BLOCK_M 1), "16" (2-16 rows)."""
+    return "1" if num_rows == 1 else "16"
+
+
+def shape_key(out_features: int, in_features: int) -> str:
+    return f"{out_features}x{in_features}"
+
+
+def dense_linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """A dense Linear's matmul: F.linear (cuBLAS on the GPU)."""
+    return F.linear(x, weight, bias)
+
+
+def dense_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                        shapes: dict[str, dict[str, dict[str, int]]] | None = None) -> torch.Tensor:
+    """As dense_linear_ref; the GEMV for up to MAX_DENSE_GEMV_ROWS rows where ``shapes`` (the kernel plan's,
+    made by the build's timing) holds a config for this weight's shape and the rows' bucket (gemv_bucket),
+    cuBLAS elsewhere. A function of shapes alone: a CUDA graph replays the choice it captured."""
+    num_rows = x.numel() // x.shape[-1]
+    if shapes and 0 < num_rows <= MAX_DENSE_GEMV_ROWS:
+        config = shapes.get(shape_key(*weight.shape), {}).get(gemv_bucket(num_rows))
+        if config is not None:
+            return gemv(x, weight, None, bias, **config)
+    return F.linear(x, weight, bias)

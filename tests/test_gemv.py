@@ -1,0 +1,143 @@
+"""The GEMV for dense (16-bit) weights and the ``dense_linear`` op: the kernel against F.linear in the
+interpreter, the op's choice between it and cuBLAS by the plan's shapes, the blocks that call it, and the
+build's timing that fills the plan. The kernel's FP8 use is test_fp8.py's."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kiln.config import BuildConfig
+from kiln.convert import AutoModelForCausalLM
+from kiln.kernels import KernelOps, reference_plan
+from kiln.kernels import gemv as gemv_module
+from kiln.kernels.gemv import GEMV_CANDIDATES, dense_linear_ref, dense_linear_triton, gemv
+from kiln.layers import dense_linear_shapes, kernel_ops_of
+from kiln.models import model_skeleton
+
+pytest.importorskip("triton")
+
+ON_GPU = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if ON_GPU else "cpu")
+gpu = pytest.mark.gpu
+# (rtol, atol as a share of the largest output): a float32 sum in another order, rounded once to the dtype.
+TOLERANCES = {torch.float32: (1e-5, 1e-5), torch.float16: (2.0 ** -9, 2.0 ** -10), torch.bfloat16: (2.0 ** -7, 2.0 ** -8)}
+
+
+def assert_matmul_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    rtol, atol = TOLERANCES[expected.dtype]
+    torch.testing.assert_close(actual.float(), expected.float(), rtol=rtol, atol=atol * expected.float().abs().max().item())
+
+
+def dense_case(num_rows: int, n: int, k: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    x = torch.randn(num_rows, k, device=DEVICE).to(dtype)
+    weight = (torch.randn(n, k, device=DEVICE) * k ** -0.5).to(dtype)
+    bias = torch.randn(n, device=DEVICE).to(dtype)
+    return x, weight, bias
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("num_rows,config", [
+    (1, {"BLOCK_M": 1, "BLOCK_N": 4, "BLOCK_K": 128, "num_warps": 4, "num_stages": 1}),
+    (1, {"BLOCK_M": 1, "BLOCK_N": 8, "BLOCK_K": 64, "num_warps": 2, "num_stages": 1}),
+    (3, {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2}),
+    (16, {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "num_warps": 4, "num_stages": 1}),
+])
+@pytest.mark.parametrize("has_bias", [False, True], ids=["no_bias", "bias"])
+def test_gemv_of_a_dense_weight_is_f_linear(num_rows, config, dtype, has_bias):
+    """Odd N (37: a partial column block) and K (300: a partial K step), no scale, bias or none."""
+    if dtype == torch.bfloat16 and config["BLOCK_M"] > 1 and not ON_GPU:
+        pytest.skip("the interpreter's tl.dot mishandles bfloat16")
+    x, weight, bias = dense_case(num_rows, 37, 300, dtype)
+    bias = bias if has_bias else None
+    assert_matmul_close(gemv(x, weight, None, bias, **config), F.linear(x.float(), weight.float(),
+                                                                      None if bias is None else bias.float()).to(dtype))
+
+
+def test_dense_linear_takes_the_gemv_only_for_the_shapes_and_rows_the_plan_lists(monkeypatch):
+    calls = []
+    monkeypatch.setattr(gemv_module, "gemv", lambda x, w, scale, bias, **config: calls.append((x.shape[0], config))
+                        or F.linear(x, w, bias))
+    one_row = {"BLOCK_M": 1, "BLOCK_N": 4, "BLOCK_K": 128, "num_warps": 4, "num_stages": 1}
+    shapes = {"37x300": {"1": one_row}}
+    x, weight, bias = dense_case(16, 37, 300, torch.float32)
+    for rows in (1, 2, 16):
+        assert torch.equal(dense_linear_triton(x[:rows], weight, bias, shapes=shapes), F.linear(x[:rows], weight, bias))
+    assert calls == [(1, one_row)]  # 2 and 16 rows: no "16" entry for this shape
+    calls.clear()
+    other = torch.randn(40, 300, device=DEVICE)
+    dense_linear_triton(x[:1], other, None, shapes=shapes)  # a shape the plan does not list
+    dense_linear_triton(x[:1], weight, bias)  # an untuned plan: no shapes
+    shapes["37x300"]["16"] = {**one_row, "BLOCK_M": 16}
+    dense_linear_triton(x, weight, bias, shapes=shapes)
+    dense_linear_triton(torch.randn(17, 300, device=DEVICE), weight, bias, shapes=shapes)  # above 16 rows
+    assert calls == [(16, {**one_row, "BLOCK_M": 16})]
+    assert dense_linear_ref(x, weight, bias).equal(F.linear(x, weight, bias))
+
+
+def test_the_blocks_that_multiply_16_bit_weights_declare_dense_linear_at_their_shapes():
+    """An unquantized Llama multiplies every Linear and its LM head through dense_linear; a quantized one
+    only its LM head (the Linears run their method's kernels); the CPU's reference plan binds F.linear."""
+    config = AutoModelForCausalLM.from_preset("llama-3-8b").config
+    hidden, inter, vocab = config.hidden_size, config.intermediate_size, config.vocab_size
+    qkv = (config.num_heads + 2 * config.num_kv_heads) * config.head_dim
+    none = model_skeleton(config, BuildConfig(quantization="none"), torch.bfloat16)
+    assert "dense_linear" in kernel_ops_of(none)
+    assert dense_linear_shapes(none) == tuple(sorted({(qkv, hidden), (hidden, hidden), (2 * inter, hidden),
+                                                      (hidden, inter), (vocab, hidden)}))
+    for quantization in ("fp8", "int8_wo", "int4_wo"):
+        quantized = model_skeleton(config, BuildConfig(quantization=quantization), torch.bfloat16)
+        assert "dense_linear" in kernel_ops_of(quantized) and dense_linear_shapes(quantized) == ((vocab, hidden),)
+    assert KernelOps(reference_plan()).dense_linear is dense_linear_ref
+
+
+def test_tuning_keeps_cublas_unless_a_gemv_candidate_is_faster_and_agrees(monkeypatch, caplog):
+    """Fake times: cuBLAS 10 everywhere; a one-row GEMV candidate 20 - BLOCK_N (BLOCK_N 16 wins at 4), the
+    2-16-row ones 50 (cuBLAS wins). The plan then lists the shape's one-row winner only; a GEMV whose
+    product is wrong is dropped with a warning, and cuBLAS stays."""
+    from kiln.builder import tuning
+
+    timed = []
+
+    def fake_median_ms(fn):
+        config = fn.keywords
+        timed.append((fn.args[0].shape[0], config.get("BLOCK_M")))
+        if not config:
+            return 10.0
+        return 20.0 - config["BLOCK_N"] if config["BLOCK_M"] == 1 else 50.0
+
+    monkeypatch.setattr(tuning, "_median_ms", fake_median_ms)
+    config = AutoModelForCausalLM.from_preset("llama-3-8b").config
+    build = BuildConfig(max_batch_size=16, max_input_len=16, max_seq_len=32, max_num_tokens=32)
+    run = tuning.TuningRun(config, build, torch.float32, num_sms=1, device=DEVICE)
+    plan = run.tune_dense_linear([(48, 64)])
+    winner = next(c for c in GEMV_CANDIDATES if c["BLOCK_M"] == 1 and c["BLOCK_N"] == 16)
+    assert plan == {"shapes": {"48x64": {"1": winner}}}
+    one_row = [c for c in GEMV_CANDIDATES if c["BLOCK_M"] == 1]
+    many_rows = [c for c in GEMV_CANDIDATES if c["BLOCK_M"] == 16]
+    # cuBLAS and every candidate at 1 row; at 2 and 16 rows, cuBLAS and the BLOCK_M 16 candidates
+    assert sorted(timed, key=str) == sorted([(1, None)] + [(1, 1)] * len(one_row)
+                                            + [(r, None) for r in (2, 16)] + [(r, 16) for r in (2, 16)] * len(many_rows),
+                                            key=str)
+    assert tuning.TuningRun(config, BuildConfig(max_batch_size=1, max_input_len=16, max_seq_len=32, max_num_tokens=32),
+                            torch.float32, num_sms=1, device=DEVICE).tune_dense_linear([(48, 64)]) == plan
+
+    monkeypatch.setattr(tuning, "gemv", lambda x, w, **config: F.linear(x, w) + 1.0)  # a GEMV that is wrong
+    with caplog.at_level(logging.WARNING):
+        assert run.tune_dense_linear([(48, 64)]) == {}
+    assert "disagrees with cuBLAS" in caplog.text
+
+
+@gpu
+@pytest.mark.parametrize("n,k", [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (128256, 4096)])
+@pytest.mark.parametrize("num_rows", [1, 2, 16])
+def test_gpu_dense_gemv_at_llama3_8b_shapes(num_rows, n, k):
+    """Every GEMV candidate for the row count, bfloat16, against cuBLAS."""
+    x, weight, _ = dense_case(num_rows, n, k, torch.bfloat16)
+    expected = F.linear(x, weight)
+    for config in GEMV_CANDIDATES:
+        if (config["BLOCK_M"] == 1) == (num_rows == 1):
+            assert_matmul_close(gemv(x, weight, **config), expected)
