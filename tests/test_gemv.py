@@ -96,8 +96,9 @@ def test_the_blocks_that_multiply_16_bit_weights_declare_dense_linear_at_their_s
 
 def test_tuning_keeps_cublas_unless_a_gemv_candidate_is_faster_and_agrees(monkeypatch, caplog):
     """Fake times: cuBLAS 10 everywhere; a one-row GEMV candidate 20 - BLOCK_N (BLOCK_N 16 wins at 4), the
-    2-16-row ones 50 (cuBLAS wins). The plan then lists the shape's one-row winner only; a GEMV whose
-    product is wrong is dropped with a warning, and cuBLAS stays."""
+    2-16-row ones 50 (cuBLAS wins). The plan then lists the shape's one-row winner only; a weight below
+    MIN_TUNED_DENSE_BYTES is not timed; a GEMV whose product is wrong is dropped with a warning, and
+    cuBLAS stays."""
     from kiln.builder import tuning
 
     timed = []
@@ -110,6 +111,7 @@ def test_tuning_keeps_cublas_unless_a_gemv_candidate_is_faster_and_agrees(monkey
         return 20.0 - config["BLOCK_N"] if config["BLOCK_M"] == 1 else 50.0
 
     monkeypatch.setattr(tuning, "_median_ms", fake_median_ms)
+    monkeypatch.setattr(tuning, "MIN_TUNED_DENSE_BYTES", 48 * 64 * 4)  # this small weight is timed
     config = AutoModelForCausalLM.from_preset("llama-3-8b").config
     build = BuildConfig(max_batch_size=16, max_input_len=16, max_seq_len=32, max_num_tokens=32)
     run = tuning.TuningRun(config, build, torch.float32, num_sms=1, device=DEVICE)
@@ -124,6 +126,9 @@ def test_tuning_keeps_cublas_unless_a_gemv_candidate_is_faster_and_agrees(monkey
                                             key=str)
     assert tuning.TuningRun(config, BuildConfig(max_batch_size=1, max_input_len=16, max_seq_len=32, max_num_tokens=32),
                             torch.float32, num_sms=1, device=DEVICE).tune_dense_linear([(48, 64)]) == plan
+
+    timed.clear()
+    assert run.tune_dense_linear([(48, 32)]) == {} and not timed  # below MIN_TUNED_DENSE_BYTES: cuBLAS, untimed
 
     monkeypatch.setattr(tuning, "gemv", lambda x, w, **config: F.linear(x, w) + 1.0)  # a GEMV that is wrong
     with caplog.at_level(logging.WARNING):
@@ -141,3 +146,24 @@ def test_gpu_dense_gemv_at_llama3_8b_shapes(num_rows, n, k):
     for config in GEMV_CANDIDATES:
         if (config["BLOCK_M"] == 1) == (num_rows == 1):
             assert_matmul_close(gemv(x, weight, **config), expected)
+
+
+def test_tuning_passes_over_configs_the_gpu_cannot_launch(monkeypatch):
+    """A candidate whose launch Triton refuses for want of shared memory is timed as infinity; if none
+    launches, the build fails saying which op."""
+    from triton.runtime.errors import OutOfResources
+
+    from kiln.builder import tuning
+    from kiln.errors import EngineError
+
+    def fake_median_ms(fn):
+        if fn.keywords.get("num_stages", 0) >= 3:
+            raise OutOfResources(147456, 101376, "shared memory")
+        return 10.0 - fn.keywords.get("BLOCK_N", 0) / 100
+
+    monkeypatch.setattr(tuning, "_median_ms", fake_median_ms)
+    candidates = [{"BLOCK_N": 64, "num_stages": 3}, {"BLOCK_N": 32, "num_stages": 2}, {"BLOCK_N": 16, "num_stages": 2}]
+    run = lambda **config: None  # noqa: E731
+    assert tuning._fastest(candidates, [run, run], "op") == {"BLOCK_N": 32, "num_stages": 2}
+    with pytest.raises(EngineError, match="tuning op: none of its 1 candidate configs launches"):
+        tuning._fastest(candidates[:1], [run], "op")

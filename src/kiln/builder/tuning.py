@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import time
 from collections.abc import Callable, Collection
 from functools import partial
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 
 from kiln.engine.target import compute_capability
 from kiln.config import BuildConfig
+from kiln.errors import EngineError
 from kiln.kernels import LLAMA_OPS, OPS, check_ops, reference_plan
 from kiln.kernels.activation import (DEFAULT_GELU_CONFIG, DEFAULT_SILU_MUL_CONFIG, gelu_triton, silu_mul_fp8_triton,
                                      silu_mul_triton)
@@ -137,9 +139,12 @@ def _median_ms(fn: Callable[[], Any]) -> float:
 
 def _fastest(candidates: list[dict[str, Any]], runs: list[Callable[..., Any]], op: str) -> dict[str, Any]:
     """The candidate whose times, each relative to the best candidate at that shape, sum lowest.
-    ``runs``: one callable per input shape, taking the candidate's config as keyword arguments."""
-    times = [[_median_ms(partial(run, **candidate)) for run in runs] for candidate in candidates]
+    ``runs``: one callable per input shape, taking the candidate's config as keyword arguments. A candidate
+    this GPU cannot launch (more shared memory or registers than it has) is passed over."""
+    times = [[_launchable_ms(partial(run, **candidate), op) for run in runs] for candidate in candidates]
     best = [min(column) for column in zip(*times)]
+    if any(math.isinf(b) for b in best):
+        raise EngineError(f"tuning {op}: none of its {len(candidates)} candidate configs launches on this GPU")
     scores = [sum(t / b for t, b in zip(row, best)) for row in times]
     winner = min(range(len(candidates)), key=scores.__getitem__)
     logger.info("tuned %s: %s (%s ms; candidates %s)", op, candidates[winner],
@@ -147,10 +152,26 @@ def _fastest(candidates: list[dict[str, Any]], runs: list[Callable[..., Any]], o
     return candidates[winner]
 
 
+def _launchable_ms(fn: Callable[[], Any], op: str) -> float:
+    """_median_ms, or infinity for a config the GPU's resources refuse."""
+    from triton.runtime.errors import OutOfResources
+
+    try:
+        return _median_ms(fn)
+    except OutOfResources as e:
+        logger.info("%s: %s does not launch here (%s)", op, fn.keywords, e)
+        return math.inf
+
+
 def _dense_matmul(x: torch.Tensor, weight: torch.Tensor, **config: Any) -> torch.Tensor:
     """A dense_linear candidate: the GEMV with ``config``, cuBLAS with none."""
     return gemv(x, weight, **config) if config else F.linear(x, weight)
 
+
+# Weights smaller than this stay in cuBLAS untimed: read in about a microsecond at the bandwidths kiln
+# targets, so the two differ there by their launches alone, and timing them would compile every GEMV
+# candidate into the build of a small model (stories260K's weights are all below it).
+MIN_TUNED_DENSE_BYTES = 1 << 20
 
 # How far the GEMV may be from cuBLAS (relative, of the largest output) before the tuner distrusts it: both
 # sum exact products in float32 in different orders and round once to the dtype.
@@ -217,12 +238,15 @@ class TuningRun:
         return {op: tuners[op]() for op in OPS if op in ops}
 
     def tune_dense_linear(self, shapes: Collection[tuple[int, int]]) -> dict[str, Any]:
-        """Per weight shape and row bucket ("1": one row; "16": 2 to 16, timed at 2 and 16), the fastest of
-        cuBLAS and the GEMV's candidates for that bucket (cuBLAS on a tie); a GEMV whose product is not
-        cuBLAS's within the dtype's rounding is not kept. The plan config lists the GEMV's shapes only."""
+        """Per weight shape (of MIN_TUNED_DENSE_BYTES or more) and row bucket ("1": one row; "16": 2 to 16,
+        timed at 2 and 16), the fastest of cuBLAS and the GEMV's candidates for that bucket (cuBLAS on a
+        tie); a GEMV whose product is not cuBLAS's within the dtype's rounding is not kept. The plan config
+        lists the GEMV's shapes only."""
         bucket_rows = {"1": [1], "16": [r for r in (2, MAX_DENSE_GEMV_ROWS) if r <= self.build.max_batch_size]}
         chosen: dict[str, dict[str, dict[str, int]]] = {}
         for n, k in shapes:
+            if n * k * self.dtype.itemsize < MIN_TUNED_DENSE_BYTES:
+                continue
             weight = self.randn(n, k) * k ** -0.5
             for bucket, rows in bucket_rows.items():
                 if not rows:
