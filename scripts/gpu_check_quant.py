@@ -216,9 +216,13 @@ def engine_phase(quant: str, tmp: Path, out: Path, figures: set[str], max_batch_
     RESULTS[f"{key}_build_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     engine = load_engine(engine_dir, verify=False, progress=False)
-    # The 16-bit weight shapes (and row buckets) whose build timing chose the GEMV over cuBLAS.
-    dense = engine.manifest.kernel_plan.get("dense_linear", {}).get("config", {}).get("shapes", {})
-    RESULTS[f"{key}_dense_gemv"] = ", ".join(f"{shape}:{'+'.join(dense[shape])}" for shape in sorted(dense)) or "cuBLAS"
+    # The weight shapes whose build timing moved them off their default kernel: the GEMV instead of cuBLAS
+    # for a 16-bit weight (with its row buckets), other tiles for a weight-only one.
+    for op in ("dense_linear", "weight_only_linear"):
+        tuned = engine.manifest.kernel_plan.get(op, {}).get("config", {}).get("shapes", {})
+        if op in engine.manifest.kernel_plan:
+            RESULTS[f"{key}_{op}_tuned"] = ", ".join(
+                shape + (":" + "+".join(tuned[shape]) if op == "dense_linear" else "") for shape in sorted(tuned)) or "none"
 
     def executor() -> Executor:
         ex = Executor(engine, RuntimeConfig(kv_cache_config=KvCacheConfig(free_gpu_memory_fraction=0.9)))

@@ -261,11 +261,11 @@ def test_the_first_load_on_the_gpu_tunes_and_keeps_the_plan(tiny_llama, tmp_path
 
     source = AutoModelForCausalLM.from_hugging_face(tiny_llama.path)
     engine_dir = Builder().build(source, BuildConfig(**{**TINY_BUILD, "target": OTHER_GPU})).save(tmp_path / "e")
-    tuned_for, shapes = [], []
+    tuned_for, dense_shapes = [], []
 
-    def fake_gpu_kernel_plan(config, build, dtype, tune, ops, dense_shapes):  # what the GPU's tuning returns
+    def fake_gpu_kernel_plan(config, build, dtype, tune, ops, shapes):  # what the GPU's tuning returns
         tuned_for.append((build.target, tune, tuple(ops)))
-        shapes.extend(dense_shapes)
+        dense_shapes.extend(shapes["dense_linear"])
         return reference_plan(ops)
 
     monkeypatch.setattr(tuning, "gpu_kernel_plan", fake_gpu_kernel_plan)
@@ -274,7 +274,7 @@ def test_the_first_load_on_the_gpu_tunes_and_keeps_the_plan(tiny_llama, tmp_path
     assert tuned_for == [(OTHER_GPU, True, ("add_rms_norm", "attention", "dense_linear", "rms_norm", "rotary_kv_write",
                                             "silu_mul"))]
     config = source.config  # every Linear is 16-bit here, and the LM head: the shapes dense_linear is timed at
-    assert (config.vocab_size, config.hidden_size) in shapes and (config.hidden_size, config.intermediate_size) in shapes
+    assert {(config.vocab_size, config.hidden_size), (config.hidden_size, config.intermediate_size)} <= set(dense_shapes)
     assert "tuning the kernels" in capsys.readouterr().err
     saved = EngineManifest.read(engine_dir)
     assert saved == tuned and saved.is_kernel_plan_tuned and saved.target_device_name == "Fake GPU"

@@ -15,7 +15,7 @@ from kiln.convert import AutoModelForCausalLM
 from kiln.kernels import KernelOps, reference_plan
 from kiln.kernels import gemv as gemv_module
 from kiln.kernels.gemv import GEMV_CANDIDATES, dense_linear_ref, dense_linear_triton, gemv
-from kiln.layers import dense_linear_shapes, kernel_ops_of
+from kiln.layers import kernel_ops_of, matmul_shapes
 from kiln.models import model_skeleton
 
 pytest.importorskip("triton")
@@ -80,24 +80,28 @@ def test_dense_linear_takes_the_gemv_only_for_the_shapes_and_rows_the_plan_lists
 
 def test_the_blocks_that_multiply_16_bit_weights_declare_dense_linear_at_their_shapes():
     """An unquantized Llama multiplies every Linear and its LM head through dense_linear; a quantized one
-    only its LM head (the Linears run their method's kernels); the CPU's reference plan binds F.linear."""
+    only its LM head (a weight-only one its Linears through weight_only_linear, an FP8 one through its
+    method's kernels); the CPU's reference plan binds F.linear."""
     config = AutoModelForCausalLM.from_preset("llama-3-8b").config
     hidden, inter, vocab = config.hidden_size, config.intermediate_size, config.vocab_size
     qkv = (config.num_heads + 2 * config.num_kv_heads) * config.head_dim
     none = model_skeleton(config, BuildConfig(quantization="none"), torch.bfloat16)
     assert "dense_linear" in kernel_ops_of(none)
-    assert dense_linear_shapes(none) == tuple(sorted({(qkv, hidden), (hidden, hidden), (2 * inter, hidden),
-                                                      (hidden, inter), (vocab, hidden)}))
+    assert matmul_shapes(none) == {"dense_linear": tuple(sorted({(qkv, hidden), (hidden, hidden), (2 * inter, hidden),
+                                                                 (hidden, inter), (vocab, hidden)}))}
+    linears = tuple(sorted({(qkv, hidden), (hidden, hidden), (2 * inter, hidden), (hidden, inter)}))
     for quantization in ("fp8", "int8_wo", "int4_wo"):
         quantized = model_skeleton(config, BuildConfig(quantization=quantization), torch.bfloat16)
-        assert "dense_linear" in kernel_ops_of(quantized) and dense_linear_shapes(quantized) == ((vocab, hidden),)
+        assert "dense_linear" in kernel_ops_of(quantized)
+        assert matmul_shapes(quantized) == ({"dense_linear": ((vocab, hidden),)} if quantization == "fp8" else
+                                            {"dense_linear": ((vocab, hidden),), "weight_only_linear": linears})
     assert KernelOps(reference_plan()).dense_linear is dense_linear_ref
 
 
 def test_tuning_keeps_cublas_unless_a_gemv_candidate_is_faster_and_agrees(monkeypatch, caplog):
     """Fake times: cuBLAS 10 everywhere; a one-row GEMV candidate 20 - BLOCK_N (BLOCK_N 16 wins at 4), the
     2-16-row ones 50 (cuBLAS wins). The plan then lists the shape's one-row winner only; a weight below
-    MIN_TUNED_DENSE_BYTES is not timed; a GEMV whose product is wrong is dropped with a warning, and
+    MIN_TUNED_MATMUL_BYTES is not timed; a GEMV whose product is wrong is dropped with a warning, and
     cuBLAS stays."""
     from kiln.builder import tuning
 
@@ -111,7 +115,7 @@ def test_tuning_keeps_cublas_unless_a_gemv_candidate_is_faster_and_agrees(monkey
         return 20.0 - config["BLOCK_N"] if config["BLOCK_M"] == 1 else 50.0
 
     monkeypatch.setattr(tuning, "_median_ms", fake_median_ms)
-    monkeypatch.setattr(tuning, "MIN_TUNED_DENSE_BYTES", 48 * 64 * 4)  # this small weight is timed
+    monkeypatch.setattr(tuning, "MIN_TUNED_MATMUL_BYTES", 48 * 64 * 4)  # this small weight is timed
     config = AutoModelForCausalLM.from_preset("llama-3-8b").config
     build = BuildConfig(max_batch_size=16, max_input_len=16, max_seq_len=32, max_num_tokens=32)
     run = tuning.TuningRun(config, build, torch.float32, num_sms=1, device=DEVICE)
@@ -128,7 +132,7 @@ def test_tuning_keeps_cublas_unless_a_gemv_candidate_is_faster_and_agrees(monkey
                             torch.float32, num_sms=1, device=DEVICE).tune_dense_linear([(48, 64)]) == plan
 
     timed.clear()
-    assert run.tune_dense_linear([(48, 32)]) == {} and not timed  # below MIN_TUNED_DENSE_BYTES: cuBLAS, untimed
+    assert run.tune_dense_linear([(48, 32)]) == {} and not timed  # below MIN_TUNED_MATMUL_BYTES: cuBLAS, untimed
 
     monkeypatch.setattr(tuning, "gemv", lambda x, w, **config: F.linear(x, w) + 1.0)  # a GEMV that is wrong
     with caplog.at_level(logging.WARNING):

@@ -500,3 +500,44 @@ def test_gpu_dequantize_then_cublas_in_a_cuda_graph():
         x.copy_(torch.randn(rows, 4096, generator=torch.Generator().manual_seed(seed)).to(DEVICE, torch.bfloat16))
         graph.replay()
         assert_close(out, w4a16_matmul_ref(x, qweight, scales, zeros, 128, input_order))
+
+
+# ---- the kernel op and the build's timing of it ----------------------------------------------------------
+
+@pytest.mark.parametrize("quantization,bits", [("int4_wo", 4), ("int8_wo", 8)])
+def test_tuning_picks_weight_only_configs_per_shape_and_keeps_the_defaults_elsewhere(quantization, bits,
+                                                                                       monkeypatch):
+    """Fake times: each bucket's default 10; the GEMV variant with BLOCK_N 16 and the tensor-core variant
+    with BLOCK_N 32 5, the rest 20. The winners replace their buckets for the timed shape, each run on
+    the kernels (interpreter) and matching the default's product; the dequantize bucket is kept; a shape
+    below MIN_TUNED_MATMUL_BYTES is not timed; buckets the engine never runs keep their defaults."""
+    from kiln.builder import tuning
+    from kiln.config import BuildConfig
+    from kiln.convert import AutoModelForCausalLM
+
+    timed = []
+
+    def fake_median_ms(fn):
+        config = fn.keywords
+        timed.append((fn.args[0].shape[0], config["BLOCK_M"], config["BLOCK_N"]))
+        if config in (default for default in DEFAULT_CONFIGS[bits]):
+            return 10.0
+        return 5.0 if config["BLOCK_N"] == (16 if config["BLOCK_M"] == 1 else 32) else 20.0
+
+    monkeypatch.setattr(tuning, "_median_ms", fake_median_ms)
+    monkeypatch.setattr(tuning, "MIN_TUNED_MATMUL_BYTES", 48 * 256 * 4)
+    config = AutoModelForCausalLM.from_preset("llama-3-8b").config
+    build = BuildConfig(max_batch_size=16, max_input_len=16, max_seq_len=32, max_num_tokens=32,
+                        quantization=quantization)
+    plan = tuning.TuningRun(config, build, torch.float32, num_sms=1, device=DEVICE).tune_weight_only_linear(
+        [(48, 256), (48, 128)])
+    defaults = DEFAULT_CONFIGS[bits]
+    expected = [{**defaults[0], "BLOCK_N": 16}, {**defaults[1], "BLOCK_N": 32}, *defaults[2:]]
+    assert plan == {"shapes": {"48x256": expected}}
+    assert {rows for rows, _, _ in timed} == {1, 2, 16}  # the bucket above 16 rows never runs in this engine
+    x = torch.randn(5, 256, device=DEVICE)  # 5 rows: the tuned tensor-core bucket
+    shapes = plan["shapes"]
+    operands = ((4, *quantize_int4(random_weight(48, 256).to(DEVICE), 128), 128, None) if bits == 4
+                else (8, *quantize_int8(random_weight(48, 256).to(DEVICE)), None, None, None))
+    assert_close(weight_only.weight_only_linear_triton(x, *operands, shapes=shapes),
+                 weight_only.weight_only_linear_ref(x, *operands))

@@ -17,6 +17,7 @@ from kiln.convert.calibration import DEFAULT_CALIBRATION_TEXT
 from kiln.engine import EngineManifest
 from kiln.engine.tokenizer import Tokenizer
 from kiln.errors import ConfigError
+from kiln.kernels import KernelOps
 from kiln.kernels.weight_only import DEQUANT_MIN_ROWS
 from kiln.layers import LinearMethod
 from kiln.layers.weight_only import (Int4AwqMethod, Int4GptqMethod, Int4WeightOnlyMethod, Int8GptqMethod,
@@ -35,9 +36,10 @@ METHODS = {"int8_wo": Int8WeightOnlyMethod(), "int4_wo": Int4WeightOnlyMethod(),
 
 
 class FakeLinear:
-    """What a method's ``apply`` reads of its layer: the stored tensors and the bias. int4_awq gets AWQ
-    scales (random, in [0.71, 1.41]); the GPTQ methods an act-order permutation: the weight's inputs are
-    stored in a random order and ``input_order`` says which."""
+    """What a method's ``apply`` reads of its layer: the stored tensors, the bias and the kernel ops
+    (``weight_only_linear``: the Triton kernels for CUDA weights, the reference otherwise). int4_awq gets
+    AWQ scales (random, in [0.71, 1.41]); the GPTQ methods an act-order permutation: the weight's inputs
+    are stored in a random order and ``input_order`` says which."""
 
     def __init__(self, method: LinearMethod, weight: torch.Tensor, bias: torch.Tensor | None, dtype=torch.float32):
         gen = torch.Generator().manual_seed(7)
@@ -50,6 +52,8 @@ class FakeLinear:
             order = torch.randperm(in_features, generator=gen).to(weight.device)
             weight = weight[:, order]
         self.__dict__.update(method.convert(weight, dtype), bias=bias)
+        self.ops = KernelOps({"weight_only_linear": {"impl": "triton" if self.qweight.is_cuda else "reference",
+                                                      "config": {}}})
         if order is not None:
             self.input_order = order.to(torch.int32)
 

@@ -28,7 +28,7 @@ from kiln.engine.weights import DTYPE_NAMES
 from kiln.errors import ConfigError
 from kiln.kernels.attention import MIN_FP8_KV_CAPABILITY, fp8_kv_cache_refusal
 from kiln.kernels.triton_jit import compile_cache
-from kiln.layers import dense_linear_shapes, kernel_ops_of, linear_method
+from kiln.layers import kernel_ops_of, linear_method, matmul_shapes
 from kiln.layers import TensorParallel
 from kiln.models import CausalLM, family, model_skeleton
 from kiln.models.config import ModelConfig
@@ -228,7 +228,7 @@ class Builder:
             kernel_cache = tempfile.TemporaryDirectory(prefix="kiln-kernels-") if resolved.target != "cpu" else None
             with compile_cache(kernel_cache.name if kernel_cache else None):
                 plan = kernel_plan(resolved.target, per_rank, resolved, dtype, tune=tune,
-                                   ops=kernel_ops_of(skeletons[0]), dense_shapes=dense_linear_shapes(skeletons[0]))
+                                   ops=kernel_ops_of(skeletons[0]), shapes=matmul_shapes(skeletons[0]))
             is_tuned, target_device_name = True, device_name() if resolved.target != "cpu" else "cpu"
         tensors = tensor_table(skeletons[0])
         manifest = EngineManifest(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from typing import Any
 
 import torch
@@ -102,13 +102,13 @@ def reserved_bytes(plan: dict[str, int]) -> int:
 
 
 def kernel_plan(target: str, config: ModelConfig, build: BuildConfig, dtype: torch.dtype,
-                tune: bool, ops: Collection[str] = LLAMA_OPS, dense_shapes: Collection[tuple[int, int]] = ()
-                ) -> dict[str, dict[str, Any]]:
+                tune: bool, ops: Collection[str] = LLAMA_OPS,
+                shapes: Mapping[str, Collection[tuple[int, int]]] | None = None) -> dict[str, dict[str, Any]]:
     """Reference ops on the CPU; Triton ops (tuned for this engine's shapes when ``tune``) on GPUs; for
-    ``ops``, the ops the model calls; ``dense_shapes``, the weights its ``dense_linear`` op multiplies."""
+    ``ops``, the ops the model calls; ``shapes``, the weights its matmul ops multiply (matmul_shapes)."""
     if target == "cpu":
         return reference_plan(ops)
     from kiln.builder.tuning import gpu_kernel_plan  # needs triton
 
-    return gpu_kernel_plan(config, build, dtype, tune=tune, ops=ops, dense_shapes=dense_shapes)
+    return gpu_kernel_plan(config, build, dtype, tune=tune, ops=ops, shapes=shapes)
 

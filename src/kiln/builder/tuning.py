@@ -16,8 +16,9 @@ import itertools
 import logging
 import math
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from functools import partial
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -33,6 +34,8 @@ from kiln.kernels.attention import (DEFAULT_CONTEXT_CONFIG, AttentionMetadata, d
                                     paged_attention_triton)
 from kiln.kernels.fp8 import MAX_GEMV_ROWS
 from kiln.kernels.gemv import GEMV_CANDIDATES, MAX_DENSE_GEMV_ROWS, gemv, shape_key
+from kiln.kernels.weight_only import DEFAULT_CONFIGS, weight_only_linear_triton
+from kiln.layers.linear import linear_method
 from kiln.kernels.norm import (add_layer_norm_triton, add_rms_norm_fp8_triton, add_rms_norm_triton, default_norm_warps,
                                layer_norm_triton, rms_norm_fp8_triton, rms_norm_triton)
 from kiln.kernels.rotary import DEFAULT_ROTARY_CONFIG, rope_cos_sin, rotary_kv_write_triton
@@ -74,10 +77,10 @@ TUNING_GELU_APPROXIMATION = "tanh"
 
 
 def gpu_kernel_plan(config: ModelConfig, build: BuildConfig, dtype: torch.dtype, tune: bool,
-                    ops: Collection[str] = LLAMA_OPS, dense_shapes: Collection[tuple[int, int]] = ()
+                    ops: Collection[str] = LLAMA_OPS, shapes: Mapping[str, Collection[tuple[int, int]]] | None = None
                     ) -> dict[str, dict[str, Any]]:
     """Triton for each of ``ops`` (the ops the model calls) on sm80+ (reference ops below), with configs
-    tuned here when ``tune``; ``dense_shapes``: the [out, in] weights the ``dense_linear`` op multiplies."""
+    tuned here when ``tune``; ``shapes``: per matmul op, the [out, in] weights it multiplies (matmul_shapes)."""
     check_ops(ops)
     if compute_capability(build.target) < MIN_TRITON_CAPABILITY:
         logger.warning("target %s is older than sm%d: the engine runs the reference (PyTorch) ops",
@@ -88,7 +91,7 @@ def gpu_kernel_plan(config: ModelConfig, build: BuildConfig, dtype: torch.dtype,
     if not tune:
         return _plan(_default_configs(config, build, num_sms, ops))
     t0 = time.perf_counter()
-    configs = TuningRun(config, build, dtype, num_sms, device).tune(ops, dense_shapes)
+    configs = TuningRun(config, build, dtype, num_sms, device).tune(ops, shapes)
     torch.cuda.empty_cache()  # the tuning inputs' memory goes back to the GPU, for a KV pool sized later
     logger.info("kernel tuning took %.1f s", time.perf_counter() - t0)
     return _plan(configs)
@@ -168,20 +171,35 @@ def _dense_matmul(x: torch.Tensor, weight: torch.Tensor, **config: Any) -> torch
     return gemv(x, weight, **config) if config else F.linear(x, weight)
 
 
-# Weights smaller than this stay in cuBLAS untimed: read in about a microsecond at the bandwidths kiln
-# targets, so the two differ there by their launches alone, and timing them would compile every GEMV
-# candidate into the build of a small model (stories260K's weights are all below it).
-MIN_TUNED_DENSE_BYTES = 1 << 20
-
-# How far the GEMV may be from cuBLAS (relative, of the largest output) before the tuner distrusts it: both
-# sum exact products in float32 in different orders and round once to the dtype.
-DENSE_AGREEMENT = {torch.float32: 1e-4, torch.float16: 2.0 ** -8, torch.bfloat16: 2.0 ** -6}
+def _weight_only_matmul(x: torch.Tensor, operands: tuple, **config: Any) -> torch.Tensor:
+    """A weight_only_linear candidate: the Triton kernels with ``config`` for every row count."""
+    shapes = {shape_key(operands[1].shape[0], x.shape[-1]): [{**config, "max_rows": 1 << 30}]}
+    return weight_only_linear_triton(x, *operands, shapes=shapes)
 
 
-def _matches_cublas(x: torch.Tensor, weight: torch.Tensor, config: dict[str, Any]) -> bool:
-    expected = F.linear(x, weight).float()
-    tolerance = DENSE_AGREEMENT[x.dtype] * expected.abs().max().item()
-    return bool(((gemv(x, weight, **config).float() - expected).abs() <= tolerance).all())
+# Weights of fewer bytes (in the engine dtype) than this keep their default kernel untimed: read in about a
+# microsecond at the bandwidths kiln targets, so the candidates differ there by their launches alone, and
+# timing them would compile every candidate into the build of a small model (stories260K's are all below).
+MIN_TUNED_MATMUL_BYTES = 1 << 20
+
+# How far a candidate's product may be from the default's (relative, of the largest output) before the
+# tuner distrusts it: both sum exact products in float32 in different orders and round once to the dtype.
+MATMUL_AGREEMENT = {torch.float32: 1e-4, torch.float16: 2.0 ** -8, torch.bfloat16: 2.0 ** -6}
+
+
+def _agrees(actual: torch.Tensor, expected: torch.Tensor) -> bool:
+    expected = expected.float()
+    tolerance = MATMUL_AGREEMENT[actual.dtype] * expected.abs().max().item()
+    return bool(((actual.float() - expected).abs() <= tolerance).all())
+
+
+def _variants(config: dict[str, Any]) -> list[dict[str, Any]]:
+    """A weight-only bucket's config and its variants, one launch option changed at a time: BLOCK_N (more,
+    narrower programs where N is small) and, for the GEMV, BLOCK_K."""
+    options = {"BLOCK_N": (4, 8, 16), "BLOCK_K": (1024, 2048, 4096)} if config["BLOCK_M"] == 1 else {
+        "BLOCK_N": (16, 32, 64, 128)}
+    return [config] + [{**config, name: value} for name, values in options.items() for value in values
+                       if value != config[name]]
 
 
 class TuningRun:
@@ -202,10 +220,11 @@ class TuningRun:
     def randn(self, *shape: int) -> torch.Tensor:
         return torch.randn(*shape, dtype=self.dtype, device=self.device)
 
-    def tune(self, ops: Collection[str] = LLAMA_OPS, dense_shapes: Collection[tuple[int, int]] = ()
+    def tune(self, ops: Collection[str] = LLAMA_OPS, shapes: Mapping[str, Collection[tuple[int, int]]] | None = None
              ) -> dict[str, Any]:
-        """The fastest config of each of ``ops``; inputs are made only for the ops tuned. ``dense_shapes``:
-        the weights ``dense_linear`` is timed at."""
+        """The fastest config of each of ``ops``; inputs are made only for the ops tuned. ``shapes``: per
+        matmul op, the weights it is timed at."""
+        shapes = shapes or {}
         check_ops(ops)
         cfg, counts = self.config, self.token_counts
         tuners = {
@@ -233,19 +252,20 @@ class TuningRun:
             "rotary_kv_write": lambda: _fastest(ROTARY_CANDIDATES, [self.rotary_run(t) for t in counts],
                                                 "rotary_kv_write"),
             "attention": lambda: {"context": self.tune_context(), "decode": self.tune_decode()},
-            "dense_linear": lambda: self.tune_dense_linear(dense_shapes),
+            "dense_linear": lambda: self.tune_dense_linear(shapes.get("dense_linear", ())),
+            "weight_only_linear": lambda: self.tune_weight_only_linear(shapes.get("weight_only_linear", ())),
         }
         return {op: tuners[op]() for op in OPS if op in ops}
 
     def tune_dense_linear(self, shapes: Collection[tuple[int, int]]) -> dict[str, Any]:
-        """Per weight shape (of MIN_TUNED_DENSE_BYTES or more) and row bucket ("1": one row; "16": 2 to 16,
+        """Per weight shape (of MIN_TUNED_MATMUL_BYTES or more) and row bucket ("1": one row; "16": 2 to 16,
         timed at 2 and 16), the fastest of cuBLAS and the GEMV's candidates for that bucket (cuBLAS on a
         tie); a GEMV whose product is not cuBLAS's within the dtype's rounding is not kept. The plan config
         lists the GEMV's shapes only."""
         bucket_rows = {"1": [1], "16": [r for r in (2, MAX_DENSE_GEMV_ROWS) if r <= self.build.max_batch_size]}
         chosen: dict[str, dict[str, dict[str, int]]] = {}
         for n, k in shapes:
-            if n * k * self.dtype.itemsize < MIN_TUNED_DENSE_BYTES:
+            if n * k * self.dtype.itemsize < MIN_TUNED_MATMUL_BYTES:
                 continue
             weight = self.randn(n, k) * k ** -0.5
             for bucket, rows in bucket_rows.items():
@@ -255,11 +275,46 @@ class TuningRun:
                 candidates = [{}] + [c for c in GEMV_CANDIDATES if (c["BLOCK_M"] == 1) == (bucket == "1")]
                 best = _fastest(candidates, [partial(_dense_matmul, x, weight) for x in xs],
                                 f"dense_linear {n}x{k}, {bucket} row(s)")
-                if best and all(_matches_cublas(x, weight, best) for x in xs):
+                if best and all(_agrees(gemv(x, weight, **best), F.linear(x, weight)) for x in xs):
                     chosen.setdefault(shape_key(n, k), {})[bucket] = best
                 elif best:
                     logger.warning("dense_linear %dx%d: the GEMV (%s) disagrees with cuBLAS; cuBLAS kept", n, k, best)
             del weight
+        return {"shapes": chosen} if chosen else {}
+
+    def tune_weight_only_linear(self, shapes: Collection[tuple[int, int]]) -> dict[str, Any]:
+        """Per weight shape (of MIN_TUNED_MATMUL_BYTES or more) of the engine's weight-only method, each bucket
+        of rows its Triton kernels take (DEFAULT_CONFIGS: the GEMV's one row, the tensor-core tiles' buckets
+        below DEQUANT_MIN_ROWS), timed at the bucket's first and last row counts the engine runs: the
+        fastest of the bucket's default config and its _variants (the default on a tie), kept where its
+        product matches the default's. The plan config lists the shapes whose buckets changed."""
+        method = linear_method(self.build.quantization, self.build)
+        limit = min(self.build.max_batch_size, self.build.max_num_tokens)
+        chosen: dict[str, list[dict[str, Any]]] = {}
+        for n, k in shapes:
+            if n * k * self.dtype.itemsize < MIN_TUNED_MATMUL_BYTES:
+                continue
+            stored = method.convert(torch.randn(n, k, device=self.device) * k ** -0.5, self.dtype)
+            operands = method.operands(SimpleNamespace(**stored))
+            configs, first_row = [], 1
+            for default in DEFAULT_CONFIGS[operands[0]]:
+                lowest, highest = first_row, min(default["max_rows"], limit)
+                first_row = default["max_rows"] + 1
+                if default.get("dequantize") or lowest > highest:  # not this bucket's kernel, or no batch of it
+                    configs.append(default)
+                    continue
+                xs = [self.randn(r, k) for r in sorted({lowest, highest})]
+                best = _fastest(_variants(default), [partial(_weight_only_matmul, x, operands) for x in xs],
+                                f"weight_only_linear {n}x{k}, up to {default['max_rows']} rows")
+                if best is not default and not all(_agrees(_weight_only_matmul(x, operands, **best),
+                                                            _weight_only_matmul(x, operands, **default)) for x in xs):
+                    logger.warning("weight_only_linear %dx%d: %s disagrees with the default; kept the default", n, k,
+                                   best)
+                    best = default
+                configs.append(best)
+            if configs != DEFAULT_CONFIGS[operands[0]]:
+                chosen[shape_key(n, k)] = configs
+            del stored
         return {"shapes": chosen} if chosen else {}
 
     def norm_runs(self, norm: Callable[..., Any], is_residual_add: bool = False, has_bias: bool = False,

@@ -5,7 +5,8 @@ have Triton implementations registered beside it. The plan maps op name -> {"imp
 The ``*_fp8`` ops are their plain op with its output quantized per token to e4m3 (an Fp8Activation), for
 the FP8 Linear it feeds: blocks call them only where that Linear's method wants its input so.
 ``dense_linear`` is the matmul of a 16-bit (unquantized) weight: cuBLAS, or the GEMV for the shapes and row
-counts the build timed it faster at (its config lists them).
+counts the build timed it faster at (its config lists them); ``weight_only_linear`` an INT8 / INT4 one,
+with the launch configs the build timed per shape.
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ from kiln.kernels.gemv import dense_linear_ref
 from kiln.kernels.norm import (add_layer_norm_ref, add_rms_norm_fp8_ref, add_rms_norm_ref, layer_norm_ref,
                                rms_norm_fp8_ref, rms_norm_ref)
 from kiln.kernels.rotary import rotary_kv_write_ref
+from kiln.kernels.weight_only import weight_only_linear_ref
 
 OPS = ("rms_norm", "add_rms_norm", "rms_norm_fp8", "add_rms_norm_fp8", "layer_norm", "add_layer_norm", "silu_mul",
-       "silu_mul_fp8", "gelu", "rotary_kv_write", "attention", "dense_linear")
+       "silu_mul_fp8", "gelu", "rotary_kv_write", "attention", "dense_linear", "weight_only_linear")
 
 # The ops of the Llama-family decoder (Llama, Mistral, Qwen2): what a plan covers unless told the ops
 # its model calls (GPT-J: layer_norm, add_layer_norm, gelu, rotary_kv_write, attention, dense_linear).
@@ -43,6 +45,7 @@ _REFERENCE: dict[str, Callable] = {
     "rotary_kv_write": rotary_kv_write_ref,
     "attention": paged_attention_ref,
     "dense_linear": dense_linear_ref,
+    "weight_only_linear": weight_only_linear_ref,
 }
 
 

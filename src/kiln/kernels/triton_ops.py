@@ -15,6 +15,7 @@ from kiln.kernels.gemv import dense_linear_triton
 from kiln.kernels.norm import (add_layer_norm_triton, add_rms_norm_fp8_triton, add_rms_norm_triton, layer_norm_triton,
                                rms_norm_fp8_triton, rms_norm_triton)
 from kiln.kernels.rotary import rotary_kv_write_triton
+from kiln.kernels.weight_only import weight_only_linear_triton
 
 IMPLS: dict[str, Callable] = {
     "rms_norm": rms_norm_triton,
@@ -29,4 +30,5 @@ IMPLS: dict[str, Callable] = {
     "rotary_kv_write": rotary_kv_write_triton,
     "attention": paged_attention_triton,
     "dense_linear": dense_linear_triton,
+    "weight_only_linear": weight_only_linear_triton,
 }

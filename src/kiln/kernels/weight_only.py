@@ -39,6 +39,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from kiln.kernels.gemv import shape_key
 from kiln.kernels.triton_jit import jit, pdl_launch, tl, wait_for_producer
 from kiln.quantization.weight_only import dequantize_int4, dequantize_int8, padded_in_features
 
@@ -554,6 +555,26 @@ def w4a16_matmul_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
                         configs: list[dict[str, Any]] | None = None) -> torch.Tensor:
     """As w4a16_matmul_ref. ``configs``: launch configs per bucket of rows (see DEFAULT_CONFIGS)."""
     return _weight_only_matmul(x, 4, qweight, scales, zeros, group_size, input_order, configs)
+
+
+def weight_only_linear_ref(x: torch.Tensor, bits: int, qweight: torch.Tensor, scales: torch.Tensor,
+                           zeros: torch.Tensor | None, group_size: int | None,
+                           input_order: torch.Tensor | None) -> torch.Tensor:
+    """A weight-only Linear's matmul (the kernel op ``weight_only_linear``): w8a16_matmul_ref or
+    w4a16_matmul_ref by ``bits``, the CPU's path."""
+    if bits == 8:
+        return w8a16_matmul_ref(x, qweight, scales, zeros, group_size, input_order)
+    return w4a16_matmul_ref(x, qweight, scales, zeros, group_size, input_order)
+
+
+def weight_only_linear_triton(x: torch.Tensor, bits: int, qweight: torch.Tensor, scales: torch.Tensor,
+                              zeros: torch.Tensor | None, group_size: int | None, input_order: torch.Tensor | None,
+                              shapes: dict[str, list[dict[str, Any]]] | None = None) -> torch.Tensor:
+    """As weight_only_linear_ref on the Triton kernels, with the launch configs per bucket of rows that the
+    build timed for this weight's [out, in] (``shapes``, the plan's, keyed by kiln.kernels.gemv.shape_key),
+    DEFAULT_CONFIGS for a shape it does not list."""
+    configs = shapes.get(shape_key(qweight.shape[0], x.shape[-1])) if shapes else None
+    return _weight_only_matmul(x, bits, qweight, scales, zeros, group_size, input_order, configs)
 
 
 def _random_weight_only(out_features: int, in_features: int, bits: int, group_size: int, device: str

@@ -17,14 +17,19 @@ def kernel_ops_of(model) -> tuple[str, ...]:
     return tuple(sorted({op for module in model.modules() for op in getattr(module, "kernel_ops", ())}))
 
 
-def dense_linear_shapes(model) -> tuple[tuple[int, int], ...]:
-    """[out, in] of each weight a model multiplies through the ``dense_linear`` op (its Linears of a dense
-    method, its LM head): the shapes the build times that op at."""
-    return tuple(sorted({tuple(module.dense_weight.shape) for module in model.modules()
-                         if getattr(module, "dense_weight", None) is not None}))
+def matmul_shapes(model) -> dict[str, tuple[tuple[int, int], ...]]:
+    """Per kernel op that multiplies a weight (``dense_linear``, ``weight_only_linear``), the [out, in] of
+    each weight the model multiplies through it (its blocks' ``matmul_shape``): the shapes the build
+    times that op at."""
+    shapes: dict[str, set[tuple[int, int]]] = {}
+    for module in model.modules():
+        shape = getattr(module, "matmul_shape", None)
+        for op in getattr(module, "kernel_ops", ()) if shape is not None else ():
+            shapes.setdefault(op, set()).add(shape)
+    return {op: tuple(sorted(op_shapes)) for op, op_shapes in sorted(shapes.items())}
 
 
 __all__ = ["Attention", "DenseLinearMethod", "Embedding", "GatedMLP", "KvCacheScales", "LINEAR_METHODS", "LMHead",
            "Layer", "LayerContext", "LayerNorm", "Linear", "LinearMethod", "MLP", "RMSNorm", "Rotary", "SINGLE",
-           "Shard", "TensorParallel", "checkpoint_layers", "dense_linear_shapes", "kernel_ops_of", "layer_context", "linear_method",
+           "Shard", "TensorParallel", "checkpoint_layers", "kernel_ops_of", "layer_context", "linear_method", "matmul_shapes",
            "load_parameters"]

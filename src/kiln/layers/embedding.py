@@ -61,11 +61,16 @@ class LMHead(Layer):
             self.register_parameter("bias", None)
 
     @property
-    def dense_weight(self) -> torch.Tensor:
+    def matmul_shape(self) -> tuple[int, int]:
+        """[out, in] of the weight ``dense_linear`` multiplies (this rank's rows of the vocabulary)."""
+        return tuple(self._weight.shape)
+
+    @property
+    def _weight(self) -> torch.Tensor:
         return self.weight if self.tied is None else self.tied.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.ops.dense_linear(x, self.dense_weight, self.bias)
+        logits = self.ops.dense_linear(x, self._weight, self.bias)
         if self.tp.size == 1:
             return logits
         return self.tp.all_gather(logits)[:, :self.vocab_size]

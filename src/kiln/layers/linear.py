@@ -191,9 +191,9 @@ class Linear(Layer):
         return stored
 
     @property
-    def dense_weight(self) -> torch.Tensor | None:
-        """The [out, in] weight the ``dense_linear`` op multiplies, where the method calls it."""
-        return self.weight if "dense_linear" in self.kernel_ops else None
+    def matmul_shape(self) -> tuple[int, int] | None:
+        """[out, in] of the weight its method's kernel op multiplies (this rank's), where it calls one."""
+        return (self.out_features, self.in_features) if self.kernel_ops else None
 
     def wants_fp8_input(self, rows: torch.Tensor) -> bool:
         """Whether the method wants this Linear's input of as many rows as ``rows`` has (on its device) as

@@ -13,10 +13,11 @@
 
 AutoAWQ and GPTQ checkpoints (``kiln.convert.int_checkpoints``) come as an ``UnpackedWeight``, repacked
 without loss (``takes_int_weights``); float checkpoints are quantized by rounding to nearest. The
-matmul: on CUDA tensors the Triton kernels of ``kiln.kernels.weight_only`` (which pick the GEMV or the
-tiled path from the number of rows, and from DEQUANT_MIN_ROWS rows dequantize the weight into a scratch
-that cuBLAS multiplies: ``workspace_bytes`` tells the memory plan its size); elsewhere their plain-PyTorch
-references (dequantize to float32, matmul in float32, round to x's dtype), which are also the tests' oracle.
+matmul is the kernel op ``weight_only_linear``: on GPUs the Triton kernels of ``kiln.kernels.weight_only``
+(which pick the GEMV or the tiled path from the number of rows, with the launch configs the build timed
+for the weight's shape, and from DEQUANT_MIN_ROWS rows dequantize the weight into a scratch that cuBLAS
+multiplies: ``workspace_bytes`` tells the memory plan its size); on the CPU their plain-PyTorch references
+(dequantize to float32, matmul in float32, round to x's dtype), which are also the tests' oracle.
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ import torch
 
 from kiln.config import GROUP_SIZES
 from kiln.errors import CheckpointError
-from kiln.kernels.weight_only import (dequantize_min_rows, dequantize_workspace_bytes, w4a16_matmul_ref,
-                                      w4a16_matmul_triton, w8a16_matmul_ref, w8a16_matmul_triton)
+from kiln.kernels.weight_only import (dequantize_min_rows, dequantize_workspace_bytes, weight_only_linear_ref,
+                                      weight_only_linear_triton)
 from kiln.layers.linear import LinearMethod
 from kiln.quantization.weight_only import (INT4_PER_WORD, ActivationScaledWeight, UnpackedWeight, clip_groups,
                                            padded_in_features, quantize_int4, quantize_int8)
@@ -34,8 +35,30 @@ from kiln.quantization.weight_only import (INT4_PER_WORD, ActivationScaledWeight
 DEFAULT_GROUP_SIZE = 128  # what AutoAWQ and GPTQ checkpoints use by default
 
 
-def _with_bias(out: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return out if bias is None else out + bias
+def _matmul(layer, x: torch.Tensor, operands: tuple) -> torch.Tensor:
+    """x times the layer's weight through the kernel op ``weight_only_linear`` (``operands``: the method's),
+    plus its bias. An engine whose plan predates the op runs what it ran then: the Triton kernels' default
+    launch configs on a GPU, the reference elsewhere."""
+    if layer.ops.planned("weight_only_linear"):
+        out = layer.ops.weight_only_linear(x, *operands)
+    else:
+        out = (weight_only_linear_triton if x.is_cuda else weight_only_linear_ref)(x, *operands)
+    return out if layer.bias is None else out + layer.bias
+
+
+class WeightOnlyMethod(LinearMethod):
+    """What the INT8 / INT4 methods share: the matmul through ``weight_only_linear``, whose arguments after
+    x each method names (``operands``)."""
+
+    kernel_ops = ("weight_only_linear",)
+
+    def operands(self, tensors) -> tuple:
+        """weight_only_linear's arguments after x (bits, qweight, scales, zeros, group size, input order),
+        from the stored tensors: attributes of ``tensors`` (the layer, or the build's timing inputs)."""
+        raise NotImplementedError
+
+    def apply(self, layer, x):
+        return _matmul(layer, x.contiguous(), self.operands(layer))
 
 
 def _identity_order(in_features: int, device: torch.device) -> torch.Tensor:
@@ -51,7 +74,7 @@ def _kernels(bits: int, target: str) -> str | None:
             "the weight dequantized into a scratch, then cuBLAS")
 
 
-class Int8WeightOnlyMethod(LinearMethod):
+class Int8WeightOnlyMethod(WeightOnlyMethod):
     """qweight int8 [N, K], scales float32 [N]."""
 
     takes_int_weights = True  # a symmetric GPTQ 8-bit checkpoint with one group per channel, no act-order
@@ -72,12 +95,11 @@ class Int8WeightOnlyMethod(LinearMethod):
     def workspace_bytes(self, out_features, in_features, dtype, max_rows):
         return dequantize_workspace_bytes(8, out_features, in_features, dtype, max_rows)
 
-    def apply(self, layer, x):
-        matmul = w8a16_matmul_triton if x.is_cuda else w8a16_matmul_ref
-        return _with_bias(matmul(x.contiguous(), layer.qweight, layer.scales), layer.bias)
+    def operands(self, tensors) -> tuple:
+        return 8, tensors.qweight, tensors.scales, None, None, None
 
 
-class Int8GptqMethod(LinearMethod):
+class Int8GptqMethod(WeightOnlyMethod):
     """GPTQ 8-bit: qweight int8 [N, K] (q - 128), scales float16 and zeros int8 (z - 128) [N, ceil(K / g)],
     input_order int32 [K] (the identity without act-order). A float weight is quantized per channel
     (int8_wo's rounding), its scale repeated over the groups with zero points 0."""
@@ -114,13 +136,11 @@ class Int8GptqMethod(LinearMethod):
     def workspace_bytes(self, out_features, in_features, dtype, max_rows):
         return dequantize_workspace_bytes(8, out_features, in_features, dtype, max_rows, has_input_order=True)
 
-    def apply(self, layer, x):
-        matmul = w8a16_matmul_triton if x.is_cuda else w8a16_matmul_ref
-        out = matmul(x.contiguous(), layer.qweight, layer.scales, layer.zeros, self.group_size, layer.input_order)
-        return _with_bias(out, layer.bias)
+    def operands(self, tensors) -> tuple:
+        return 8, tensors.qweight, tensors.scales, tensors.zeros, self.group_size, tensors.input_order
 
 
-class Int4WeightOnlyMethod(LinearMethod):
+class Int4WeightOnlyMethod(WeightOnlyMethod):
     """qweight int32 [N, Kp / 8], scales float16 [N, Kp / g], zeros uint8 [N, Kp / g]."""
 
     takes_int_weights = True  # AutoAWQ GEMM and GPTQ 4-bit (without act-order) checkpoints
@@ -152,13 +172,8 @@ class Int4WeightOnlyMethod(LinearMethod):
     def workspace_bytes(self, out_features, in_features, dtype, max_rows):
         return dequantize_workspace_bytes(4, out_features, in_features, dtype, max_rows)
 
-    def apply(self, layer, x):
-        return self._matmul(layer, x.contiguous(), None)
-
-    def _matmul(self, layer, x: torch.Tensor, input_order: torch.Tensor | None) -> torch.Tensor:
-        matmul = w4a16_matmul_triton if x.is_cuda else w4a16_matmul_ref
-        out = matmul(x, layer.qweight, layer.scales, layer.zeros, self.group_size, input_order)
-        return _with_bias(out, layer.bias)
+    def operands(self, tensors) -> tuple:
+        return 4, tensors.qweight, tensors.scales, tensors.zeros, self.group_size, None
 
 
 class Int4GptqMethod(Int4WeightOnlyMethod):
@@ -183,8 +198,8 @@ class Int4GptqMethod(Int4WeightOnlyMethod):
     def workspace_bytes(self, out_features, in_features, dtype, max_rows):
         return dequantize_workspace_bytes(4, out_features, in_features, dtype, max_rows, has_input_order=True)
 
-    def apply(self, layer, x):
-        return self._matmul(layer, x.contiguous(), layer.input_order)
+    def operands(self, tensors) -> tuple:
+        return 4, tensors.qweight, tensors.scales, tensors.zeros, self.group_size, tensors.input_order
 
 
 class Int4AwqMethod(Int4WeightOnlyMethod):
@@ -208,4 +223,4 @@ class Int4AwqMethod(Int4WeightOnlyMethod):
         return {**stored, "pre_quant_scale": (1.0 / input_scales).to(dtype)}
 
     def apply(self, layer, x):
-        return self._matmul(layer, (x * layer.pre_quant_scale).contiguous(), None)
+        return _matmul(layer, (x * layer.pre_quant_scale).contiguous(), self.operands(layer))

@@ -18,7 +18,7 @@ from kiln.builder.plan import rank_config, reserved_bytes
 from kiln.errors import ConfigError, EngineError
 from kiln.kernels import KernelOps
 from kiln.kernels.triton_jit import compile_cache, use_compile_cache
-from kiln.layers import SINGLE, TensorParallel, dense_linear_shapes, kernel_ops_of, layer_context, load_parameters
+from kiln.layers import SINGLE, TensorParallel, kernel_ops_of, layer_context, load_parameters, matmul_shapes
 from kiln.models import CausalLM, create_model, model_skeleton
 from kiln.runtime.kv_cache import max_live_blocks
 from kiln.engine.tokenizer import Tokenizer
@@ -92,7 +92,7 @@ def tune_at_first_load(engine_dir: Path, manifest: EngineManifest, device: torch
     t0 = time.perf_counter()
     with compile_cache(str(engine_dir / COMPILE_CACHE_DIR) if is_writable else None):  # on the current GPU
         plan = gpu_kernel_plan(per_rank, build, manifest.dtype, tune=True, ops=ops,
-                               dense_shapes=dense_linear_shapes(skeleton))
+                               shapes=matmul_shapes(skeleton))
     tuned = replace(manifest, kernel_plan=plan, is_kernel_plan_tuned=True,
                     target_device_name=torch.cuda.get_device_name(device))
     if is_writable:
