@@ -33,8 +33,10 @@ def test_pdl_is_off_for_cpu_tensors_in_the_interpreter_and_when_disabled(monkeyp
     with pdl_disabled():
         assert pdl_launch(torch.device("cuda", 0)) == {"PDL": False}
     assert "KILN_PDL" not in os.environ
-    assert pdl_launch(torch.device("cuda", 0)) == {"PDL": True, "launch_pdl": True}
-    triton_jit._has_pdl.cache_clear()
+    try:
+        assert pdl_launch(torch.device("cuda", 0)) == {"PDL": True, "launch_pdl": True}
+    finally:
+        triton_jit._has_pdl.cache_clear()  # the tests after this one run in the interpreter
 
 
 @pytest.mark.parametrize("capability,setting,expected", [(9, None, True), (9, "0", False), (8, None, False)])
@@ -56,13 +58,14 @@ def test_pdl_needs_sm90_and_can_be_turned_off(monkeypatch, capability, setting, 
 def compile_decode_kernels(capability: int) -> dict[str, str]:
     """PTX of the kernels of a Llama decode step for a GPU of this compute capability, bfloat16 at
     Llama-3-8B's widths, with the PDL kiln launches them with there (on from sm90)."""
-    from kiln.kernels.activation import _silu_mul_kernel
+    from kiln.kernels.activation import _gelu_kernel, _silu_mul_fp8_kernel, _silu_mul_kernel
     from kiln.kernels.attention import _paged_attention_kernel, _split_reduce_kernel
-    from kiln.kernels.fp8 import FP8_CONSTEXPRS, FP8_MAX
+    from kiln.kernels.fp8 import FP8_CONSTEXPRS, FP8_MAX, _quantize_fp8_kernel
     from kiln.kernels.gemv import _gemv_kernel
-    from kiln.kernels.norm import _rms_norm_kernel
+    from kiln.kernels.norm import _layer_norm_kernel, _rms_norm_kernel
     from kiln.kernels.rotary import _rotary_kv_write_kernel
-    from kiln.kernels.weight_only import TENSOR_CORE_CONFIGS, _int4_gemv_kernel, _int8_gemv_kernel
+    from kiln.kernels.weight_only import (TENSOR_CORE_CONFIGS, _int4_gemv_kernel, _int8_gemv_kernel,
+                                         _weight_only_gemm_kernel)
 
     def ints(kernel, **pointers):
         return {**{name: "i32" for name in kernel.arg_names}, **pointers}
@@ -94,6 +97,20 @@ def compile_decode_kernels(capability: int) -> dict[str, str]:
                          dict(HAS_RESIDUAL=True, IS_FP8_OUT=False, **FP8_CONSTEXPRS, BLOCK_ROWS=1, BLOCK=4096), 8, 1),
         "silu_mul": (_silu_mul_kernel, ints(_silu_mul_kernel, gate_up_ptr="*bf16", out_ptr="*bf16"),
                      dict(BLOCK=1024), 4, 1),
+        "silu_mul_fp8": (_silu_mul_fp8_kernel, ints(_silu_mul_fp8_kernel, gate_up_ptr="*bf16", out_ptr="*fp8e4nv",
+                                                    scale_ptr="*fp32"), dict(**FP8_CONSTEXPRS, BLOCK=16384), 16, 1),
+        "gelu": (_gelu_kernel, ints(_gelu_kernel, x_ptr="*bf16", out_ptr="*bf16"), dict(IS_TANH=True, BLOCK=1024), 4, 1),
+        "add_layer_norm": (_layer_norm_kernel, ints(_layer_norm_kernel, x_ptr="*bf16", residual_ptr="*bf16",
+                                                    weight_ptr="*bf16", bias_ptr="*bf16", out_ptr="*bf16", eps="fp32"),
+                           dict(HAS_RESIDUAL=True, BLOCK_ROWS=1, BLOCK=4096), 8, 1),
+        "quantize_fp8": (_quantize_fp8_kernel, ints(_quantize_fp8_kernel, x_ptr="*bf16", scale_ptr="*fp32",
+                                                    out_ptr="*fp8e4nv"),
+                         dict(IS_DYNAMIC=True, **FP8_CONSTEXPRS, BLOCK=4096), 16, 1),
+        "int4_tiles": (_weight_only_gemm_kernel, ints(_weight_only_gemm_kernel, x_ptr="*bf16", input_order_ptr="*i32",
+                                                      w_ptr="*i32", scales_ptr="*fp16", zeros_ptr="*u8",
+                                                      out_ptr="*bf16"),
+                       dict(BITS=4, GROUP_SIZE=128, HAS_ZEROS=True, HAS_INPUT_ORDER=False, BLOCK_M=16, BLOCK_N=64,
+                            RUN_K=16, GROUP_M=1, DOT_PRECISION="tf32"), 4, 3),
         "rotary_kv_write": (_rotary_kv_write_kernel, ints(
             _rotary_kv_write_kernel, q_ptr="*bf16", k_ptr="*bf16", v_ptr="*bf16", q_out_ptr="*bf16",
             positions_ptr="*i64", cos_sin_ptr="*fp32", slot_mapping_ptr="*i64", k_cache_ptr="*bf16",
@@ -131,7 +148,9 @@ def test_decode_kernels_wait_for_their_producer_on_hopper_and_the_gemvs_read_wei
     for name, code in ptx["90"].items():
         wait, launch = code.find("griddepcontrol.wait"), code.find("griddepcontrol.launch_dependents")
         assert 0 <= wait < launch, name
-        loads_before = re.findall(r"ld\.global", code[:wait])
+        before = code[:wait]
+        assert not re.search(r"cp\.async|st\.global|atom\.|red\.", before), name  # no copy or write before it
+        loads_before = re.findall(r"ld\.global", before)
         assert bool(loads_before) == name.endswith("_gemv"), (name, len(loads_before))
 
 

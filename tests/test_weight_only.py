@@ -527,14 +527,14 @@ def test_tuning_picks_weight_only_configs_per_shape_and_keeps_the_defaults_elsew
     monkeypatch.setattr(tuning, "_median_ms", fake_median_ms)
     monkeypatch.setattr(tuning, "MIN_TUNED_MATMUL_BYTES", 48 * 256 * 4)
     config = AutoModelForCausalLM.from_preset("llama-3-8b").config
-    build = BuildConfig(max_batch_size=16, max_input_len=16, max_seq_len=32, max_num_tokens=32,
+    build = BuildConfig(max_batch_size=16, max_input_len=16, max_seq_len=32, max_num_tokens=16,
                         quantization=quantization)
     plan = tuning.TuningRun(config, build, torch.float32, num_sms=1, device=DEVICE).tune_weight_only_linear(
         [(48, 256), (48, 128)])
     defaults = DEFAULT_CONFIGS[bits]
     expected = [{**defaults[0], "BLOCK_N": 16}, {**defaults[1], "BLOCK_N": 32}, *defaults[2:]]
     assert plan == {"shapes": {"48x256": expected}}
-    assert {rows for rows, _, _ in timed} == {1, 2, 16}  # the bucket above 16 rows never runs in this engine
+    assert {rows for rows, _, _ in timed} == {1, 2, 16}  # no step has more than max_num_tokens = 16 rows
     x = torch.randn(5, 256, device=DEVICE)  # 5 rows: the tuned tensor-core bucket
     shapes = plan["shapes"]
     operands = ((4, *quantize_int4(random_weight(48, 256).to(DEVICE), 128), 128, None) if bits == 4

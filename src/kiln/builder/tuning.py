@@ -6,7 +6,7 @@ before each run) on random inputs of this engine's shapes and stores the winners
 runtime never tunes. Each op is timed at the sizes the runtime will see: decode batches (one token per
 sequence, batch buckets 1, 2, 4, ... up to max_batch_size) and context batches (up to max_num_tokens);
 the ops that quantize for an FP8 Linear (``*_fp8``) only where they run, above MAX_GEMV_ROWS rows;
-``dense_linear`` at each 16-bit weight shape of the model and row bucket of the GEMV (1, and 2-16 rows),
+``dense_linear`` at each unquantized weight shape of the model and row bucket of the GEMV (1, and 2-16 rows),
 where cuBLAS competes with the GEMV's candidates and keeps the shape unless one is faster.
 """
 
@@ -32,8 +32,7 @@ from kiln.kernels.activation import (DEFAULT_GELU_CONFIG, DEFAULT_SILU_MUL_CONFI
                                      silu_mul_triton)
 from kiln.kernels.attention import (DEFAULT_CONTEXT_CONFIG, AttentionMetadata, default_decode_config,
                                     paged_attention_triton)
-from kiln.kernels.fp8 import MAX_GEMV_ROWS
-from kiln.kernels.gemv import GEMV_CANDIDATES, MAX_DENSE_GEMV_ROWS, gemv, shape_key
+from kiln.kernels.gemv import GEMV_CANDIDATES, MAX_GEMV_ROWS, gemv, shape_key
 from kiln.kernels.weight_only import DEFAULT_CONFIGS, weight_only_linear_triton
 from kiln.layers.linear import linear_method
 from kiln.kernels.norm import (add_layer_norm_triton, add_rms_norm_fp8_triton, add_rms_norm_triton, default_norm_warps,
@@ -140,16 +139,23 @@ def _median_ms(fn: Callable[[], Any]) -> float:
         del graph
 
 
-def _fastest(candidates: list[dict[str, Any]], runs: list[Callable[..., Any]], op: str) -> dict[str, Any]:
-    """The candidate whose times, each relative to the best candidate at that shape, sum lowest.
-    ``runs``: one callable per input shape, taking the candidate's config as keyword arguments. A candidate
-    this GPU cannot launch (more shared memory or registers than it has) is passed over."""
+def _fastest(candidates: list[dict[str, Any]], runs: list[Callable[..., Any]], op: str,
+             accept: Callable[[dict[str, Any]], bool] | None = None) -> dict[str, Any]:
+    """The candidate whose times, each relative to the best candidate at that shape, sum lowest (the first
+    listed on a tie). ``runs``: one callable per input shape, taking the candidate's config as keyword
+    arguments. A candidate this GPU cannot launch (more shared memory or registers than it has) is passed
+    over, and so is one that ``accept`` (its check of the candidate's results) refuses."""
     times = [[_launchable_ms(partial(run, **candidate), op) for run in runs] for candidate in candidates]
     best = [min(column) for column in zip(*times)]
     if any(math.isinf(b) for b in best):
         raise EngineError(f"tuning {op}: none of its {len(candidates)} candidate configs launches on this GPU")
     scores = [sum(t / b for t, b in zip(row, best)) for row in times]
-    winner = min(range(len(candidates)), key=scores.__getitem__)
+    for winner in sorted(range(len(candidates)), key=scores.__getitem__):
+        if math.isinf(scores[winner]):
+            raise EngineError(f"tuning {op}: no candidate config that launches gives the expected results")
+        if accept is None or accept(candidates[winner]):
+            break
+        logger.warning("tuning %s: %s disagrees with the default's results; passed over", op, candidates[winner])
     logger.info("tuned %s: %s (%s ms; candidates %s)", op, candidates[winner],
                 ", ".join(f"{t:.4f}" for t in times[winner]), len(candidates))
     return candidates[winner]
@@ -260,9 +266,11 @@ class TuningRun:
     def tune_dense_linear(self, shapes: Collection[tuple[int, int]]) -> dict[str, Any]:
         """Per weight shape (of MIN_TUNED_MATMUL_BYTES or more) and row bucket ("1": one row; "16": 2 to 16,
         timed at 2 and 16), the fastest of cuBLAS and the GEMV's candidates for that bucket (cuBLAS on a
-        tie); a GEMV whose product is not cuBLAS's within the dtype's rounding is not kept. The plan config
+        tie); a GEMV whose product is not cuBLAS's within the dtype's rounding is passed over. The plan config
         lists the GEMV's shapes only."""
-        bucket_rows = {"1": [1], "16": [r for r in (2, MAX_DENSE_GEMV_ROWS) if r <= self.build.max_batch_size]}
+        # A step's rows are its tokens: decodes and prompts alike, up to max_num_tokens.
+        bucket_rows = {"1": [1], "16": sorted({2, min(MAX_GEMV_ROWS, self.build.max_num_tokens)})
+                       if self.build.max_num_tokens >= 2 else []}
         chosen: dict[str, dict[str, dict[str, int]]] = {}
         for n, k in shapes:
             if n * k * self.dtype.itemsize < MIN_TUNED_MATMUL_BYTES:
@@ -272,13 +280,13 @@ class TuningRun:
                 if not rows:
                     continue
                 xs = [self.randn(r, k) for r in rows]
-                candidates = [{}] + [c for c in GEMV_CANDIDATES if (c["BLOCK_M"] == 1) == (bucket == "1")]
+                candidates = [{}] + [c for c in GEMV_CANDIDATES if str(c["BLOCK_M"]) == bucket]
                 best = _fastest(candidates, [partial(_dense_matmul, x, weight) for x in xs],
-                                f"dense_linear {n}x{k}, {bucket} row(s)")
-                if best and all(_agrees(gemv(x, weight, **best), F.linear(x, weight)) for x in xs):
+                                f"dense_linear {n}x{k}, {bucket} row(s)",
+                                accept=lambda c: not c or all(_agrees(gemv(x, weight, **c), F.linear(x, weight))
+                                                              for x in xs))
+                if best:
                     chosen.setdefault(shape_key(n, k), {})[bucket] = best
-                elif best:
-                    logger.warning("dense_linear %dx%d: the GEMV (%s) disagrees with cuBLAS; cuBLAS kept", n, k, best)
             del weight
         return {"shapes": chosen} if chosen else {}
 
@@ -289,7 +297,7 @@ class TuningRun:
         fastest of the bucket's default config and its _variants (the default on a tie), kept where its
         product matches the default's. The plan config lists the shapes whose buckets changed."""
         method = linear_method(self.build.quantization, self.build)
-        limit = min(self.build.max_batch_size, self.build.max_num_tokens)
+        limit = self.build.max_num_tokens  # a step's rows are its tokens, decodes and prompts alike
         chosen: dict[str, list[dict[str, Any]]] = {}
         for n, k in shapes:
             if n * k * self.dtype.itemsize < MIN_TUNED_MATMUL_BYTES:
@@ -304,14 +312,12 @@ class TuningRun:
                     configs.append(default)
                     continue
                 xs = [self.randn(r, k) for r in sorted({lowest, highest})]
-                best = _fastest(_variants(default), [partial(_weight_only_matmul, x, operands) for x in xs],
-                                f"weight_only_linear {n}x{k}, up to {default['max_rows']} rows")
-                if best is not default and not all(_agrees(_weight_only_matmul(x, operands, **best),
-                                                            _weight_only_matmul(x, operands, **default)) for x in xs):
-                    logger.warning("weight_only_linear %dx%d: %s disagrees with the default; kept the default", n, k,
-                                   best)
-                    best = default
-                configs.append(best)
+                configs.append(_fastest(
+                    _variants(default), [partial(_weight_only_matmul, x, operands) for x in xs],
+                    f"weight_only_linear {n}x{k}, up to {default['max_rows']} rows",
+                    accept=lambda c: c is default or all(_agrees(_weight_only_matmul(x, operands, **c),
+                                                                 _weight_only_matmul(x, operands, **default))
+                                                         for x in xs)))
             if configs != DEFAULT_CONFIGS[operands[0]]:
                 chosen[shape_key(n, k)] = configs
             del stored

@@ -4,7 +4,7 @@ Every op has a plain-PyTorch reference (``*_ref``), which is the CPU path and th
 have Triton implementations registered beside it. The plan maps op name -> {"impl": name, "config": {...}}.
 The ``*_fp8`` ops are their plain op with its output quantized per token to e4m3 (an Fp8Activation), for
 the FP8 Linear it feeds: blocks call them only where that Linear's method wants its input so.
-``dense_linear`` is the matmul of a 16-bit (unquantized) weight: cuBLAS, or the GEMV for the shapes and row
+``dense_linear`` is the matmul of an unquantized weight (the engine dtype's): cuBLAS, or the GEMV for the shapes and row
 counts the build timed it faster at (its config lists them); ``weight_only_linear`` an INT8 / INT4 one,
 with the launch configs the build timed per shape.
 """

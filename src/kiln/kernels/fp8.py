@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from kiln.errors import ConfigError
-from kiln.kernels.gemv import default_gemv_config, gemv
+from kiln.kernels.gemv import MAX_GEMV_ROWS, default_gemv_config, gemv
 from kiln.kernels.triton_jit import jit, next_power_of_2, pdl_launch, tl, wait_for_producer
 from kiln.quantization.fp8 import FP8_DTYPE, FP8_MAX, FP8_MAX_INV, MIN_AMAX, Fp8Activation
 
@@ -201,11 +201,11 @@ def fp8_gemv(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor, bias: 
 
 # ---- the choice ----------------------------------------------------------------------------------
 
-# Rows up to which the GEMV runs instead of _scaled_mm. TARGETS.md: _scaled_mm at N = 28672, K = 4096 on
-# the H200 takes 53 us at M = 1 and 60 us at M = 256, weight-bound throughout at ~2.2 TB/s; the GEMV's
-# tl.dot path reads the weights once for up to 16 rows, so it wins there if it streams them faster. Its
-# own speed is not measured yet: see kiln.kernels.gemv's DEFAULT_GEMV_CONFIGS.
-MAX_GEMV_ROWS = 16
+# The GEMV runs instead of _scaled_mm up to MAX_GEMV_ROWS rows (kiln.kernels.gemv: one row block).
+# TARGETS.md: _scaled_mm at N = 28672, K = 4096 on the H200 takes 53 us at M = 1 and 60 us at M = 256,
+# weight-bound throughout at ~2.2 TB/s; the GEMV's tl.dot path reads the weights once for up to 16 rows,
+# so it wins there if it streams them faster (benchmarks.md "H200: 2026-12-03": at 16 rows the engine's
+# tile takes 134 us per layer against 128 for quantize + _scaled_mm, so the bound stays).
 
 
 def uses_scaled_mm(num_rows: int, n: int, k: int, dtype: torch.dtype, device: torch.device,

@@ -1,9 +1,9 @@
 """The GEMV: a few rows (batch-1 and small-batch decode) times a weight read once, with wide loads, its
 values converted in registers, the sums in float32 by one program per column block (no split-K
 reduction kernel). The FP8 linear layer runs it for its e4m3 weights up to MAX_GEMV_ROWS rows
-(``kiln.kernels.fp8.fp8_gemv``). Dense 16-bit weights run it where the build timed it faster than
-cuBLAS for that shape (``dense_linear_triton``, the kernel op ``dense_linear``, whose plan config
-lists the shapes); elsewhere they stay in cuBLAS (``dense_linear_ref``: F.linear).
+(``kiln.kernels.fp8.fp8_gemv``). Unquantized weights (the engine dtype's: 16- or 32-bit) run it where the
+build timed it faster than cuBLAS for that shape (``dense_linear_triton``, the kernel op ``dense_linear``,
+whose plan config lists the shapes); elsewhere they stay in cuBLAS (``dense_linear_ref``: F.linear).
 """
 
 from __future__ import annotations
@@ -103,8 +103,18 @@ GEMV_CANDIDATES: list[dict[str, int]] = (
        for n, k, w, st in ((16, 256, 4, 4), (16, 512, 4, 3), (32, 256, 4, 3), (32, 512, 8, 3), (64, 256, 4, 3))])
 
 
+# Rows the GEMV takes in one row block (BLOCK_M 16: tl.dot's smallest tile); more rows are more blocks,
+# each reading the whole weight again.
+MAX_GEMV_ROWS = 16
+
+
+def gemv_block_m(num_rows: int) -> int:
+    """The row block the GEMV takes ``num_rows`` rows in: 1 (CUDA cores) for one row, else MAX_GEMV_ROWS."""
+    return 1 if num_rows == 1 else MAX_GEMV_ROWS
+
+
 def default_gemv_config(num_rows: int) -> dict[str, int]:
-    block_m = 1 if num_rows == 1 else 16
+    block_m = gemv_block_m(num_rows)
     return {"BLOCK_M": block_m, **DEFAULT_GEMV_CONFIGS[block_m]}
 
 
@@ -131,13 +141,9 @@ def gemv(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None = None, 
     return out
 
 
-# Rows up to which a dense Linear may take the GEMV (BLOCK_M 16 covers 2-16 rows in one row block).
-MAX_DENSE_GEMV_ROWS = 16
-
-
 def gemv_bucket(num_rows: int) -> str:
-    """The plan's key for a row count the GEMV may take: "1" (BLOCK_M 1), "16" (2-16 rows)."""
-    return "1" if num_rows == 1 else "16"
+    """The plan's key for a row count the GEMV may take (up to MAX_GEMV_ROWS): its row block, "1" or "16"."""
+    return str(gemv_block_m(num_rows))
 
 
 def shape_key(out_features: int, in_features: int) -> str:
@@ -151,11 +157,11 @@ def dense_linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 
 def dense_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                         shapes: dict[str, dict[str, dict[str, int]]] | None = None) -> torch.Tensor:
-    """As dense_linear_ref; the GEMV for up to MAX_DENSE_GEMV_ROWS rows where ``shapes`` (the kernel plan's,
+    """As dense_linear_ref; the GEMV for up to MAX_GEMV_ROWS rows where ``shapes`` (the kernel plan's,
     made by the build's timing) holds a config for this weight's shape and the rows' bucket (gemv_bucket),
     cuBLAS elsewhere. A function of shapes alone: a CUDA graph replays the choice it captured."""
     num_rows = x.numel() // x.shape[-1]
-    if shapes and 0 < num_rows <= MAX_DENSE_GEMV_ROWS:
+    if shapes and 0 < num_rows <= MAX_GEMV_ROWS:
         config = shapes.get(shape_key(*weight.shape), {}).get(gemv_bucket(num_rows))
         if config is not None:
             return gemv(x, weight, None, bias, **config)

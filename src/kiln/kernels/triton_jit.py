@@ -44,7 +44,7 @@ def pdl_launch(device: torch.device) -> dict[str, bool]:
     that the kernel's programs may start while the kernel before it on the stream ends (its tail, the
     gap between the two) and stop at ``wait_for_producer`` until it has. Inside a CUDA graph the edge
     keeps that property. Off in the interpreter, below sm90, with a Triton that lacks it, and with
-    KILN_PDL=0 (read once per process)."""
+    KILN_PDL=0 (read at the first launch; ``pdl_disabled`` sets it and reads it again)."""
     return {"PDL": True, "launch_pdl": True} if device.type == "cuda" and _has_pdl(device.index) else {"PDL": False}
 
 

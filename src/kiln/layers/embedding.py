@@ -43,8 +43,8 @@ class Embedding(Layer):
 
 
 class LMHead(Layer):
-    """Logits x E^T (+ b) through the ``dense_linear`` op (16-bit in every engine). Tied to an embedding, it
-    declares no weight and reads the embedding's."""
+    """Logits x E^T (+ b) through the ``dense_linear`` op (in the engine dtype, quantized engines included).
+    Tied to an embedding, it declares no weight and reads the embedding's."""
 
     kernel_ops = ("dense_linear",)
 
