@@ -174,3 +174,23 @@ def test_tuning_passes_over_configs_the_gpu_cannot_launch(monkeypatch):
     assert tuning._fastest(candidates, [run, run], "op") == {"BLOCK_N": 32, "num_stages": 2}
     with pytest.raises(EngineError, match="tuning op: none of its 1 candidate configs launches"):
         tuning._fastest(candidates[:1], [run], "op")
+
+
+@gpu
+def test_gpu_tuning_times_dense_linear_at_llama3_8b_shapes_and_its_choice_runs():
+    """The build's timing on this GPU, for real, at two Llama-3-8B shapes (qkv, and the LM head, which
+    cuBLAS reads at copy bandwidth): it returns a plan the op takes, and whatever it chose matches cuBLAS."""
+    from kiln.builder import tuning
+
+    config = AutoModelForCausalLM.from_preset("llama-3-8b").config
+    build = BuildConfig(max_batch_size=64, max_input_len=128, max_seq_len=256, max_num_tokens=256)
+    run = tuning.TuningRun(config, build, torch.bfloat16, num_sms=torch.cuda.get_device_properties(0).multi_processor_count,
+                           device=DEVICE)
+    shapes = [(6144, 4096), (128256, 4096)]
+    plan = run.tune_dense_linear(shapes)
+    for key, buckets in plan.get("shapes", {}).items():
+        assert key in {"6144x4096", "128256x4096"} and set(buckets) <= {"1", "16"}
+    for n, k in shapes:
+        x, weight, _ = dense_case(16, n, k, torch.bfloat16)
+        for rows in (1, 7, 16):
+            assert_matmul_close(dense_linear_triton(x[:rows], weight, None, **plan), F.linear(x[:rows], weight))

@@ -541,3 +541,30 @@ def test_tuning_picks_weight_only_configs_per_shape_and_keeps_the_defaults_elsew
                 else (8, *quantize_int8(random_weight(48, 256).to(DEVICE)), None, None, None))
     assert_close(weight_only.weight_only_linear_triton(x, *operands, shapes=shapes),
                  weight_only.weight_only_linear_ref(x, *operands))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("quantization", ["int4_wo", "int8_wo"])
+def test_gpu_tuning_times_weight_only_linear_at_a_llama3_8b_shape_and_its_choice_runs(quantization):
+    """The build's timing on this GPU, for real, at Llama-3-8B's o projection (N = 4096, the shape whose
+    16-row tiles starve): a plan the op takes, whose configs match the reference at every bucket."""
+    from types import SimpleNamespace
+
+    from kiln.builder import tuning
+    from kiln.config import BuildConfig
+    from kiln.convert import AutoModelForCausalLM
+    from kiln.layers import linear_method
+
+    config = AutoModelForCausalLM.from_preset("llama-3-8b").config
+    build = BuildConfig(max_batch_size=64, max_input_len=128, max_seq_len=256, max_num_tokens=256,
+                        quantization=quantization)
+    run = tuning.TuningRun(config, build, torch.bfloat16, num_sms=torch.cuda.get_device_properties(0).multi_processor_count,
+                           device=DEVICE)
+    plan = run.tune_weight_only_linear([(4096, 4096)])
+    method = linear_method(quantization, build)
+    stored = method.convert(random_weight(4096, 4096).to(DEVICE), torch.bfloat16)
+    operands = method.operands(SimpleNamespace(**stored))
+    for rows in (1, 16, 40, 200):
+        x = torch.randn(rows, 4096, device=DEVICE, dtype=torch.bfloat16)
+        assert_close(weight_only.weight_only_linear_triton(x, *operands, **plan),
+                     weight_only.weight_only_linear_ref(x, *operands))
