@@ -33,11 +33,11 @@ from kiln.kernels.activation import (DEFAULT_GELU_CONFIG, DEFAULT_SILU_MUL_CONFI
 from kiln.kernels.attention import (DEFAULT_CONTEXT_CONFIG, AttentionMetadata, default_decode_config,
                                     paged_attention_triton)
 from kiln.kernels.gemv import GEMV_CANDIDATES, MAX_GEMV_ROWS, gemv, shape_key
-from kiln.kernels.weight_only import DEFAULT_CONFIGS, weight_only_linear_triton
-from kiln.layers.linear import linear_method
 from kiln.kernels.norm import (add_layer_norm_triton, add_rms_norm_fp8_triton, add_rms_norm_triton, default_norm_warps,
                                layer_norm_triton, rms_norm_fp8_triton, rms_norm_triton)
 from kiln.kernels.rotary import DEFAULT_ROTARY_CONFIG, rope_cos_sin, rotary_kv_write_triton
+from kiln.kernels.weight_only import DEFAULT_CONFIGS, weight_only_linear_triton
+from kiln.layers.linear import linear_method
 from kiln.models.config import ModelConfig
 from kiln.quantization.fp8 import FP8_DTYPE
 
@@ -150,12 +150,13 @@ def _fastest(candidates: list[dict[str, Any]], runs: list[Callable[..., Any]], o
     if any(math.isinf(b) for b in best):
         raise EngineError(f"tuning {op}: none of its {len(candidates)} candidate configs launches on this GPU")
     scores = [sum(t / b for t, b in zip(row, best)) for row in times]
-    for winner in sorted(range(len(candidates)), key=scores.__getitem__):
-        if math.isinf(scores[winner]):
-            raise EngineError(f"tuning {op}: no candidate config that launches gives the expected results")
+    launchable = [i for i in sorted(range(len(candidates)), key=scores.__getitem__) if not math.isinf(scores[i])]
+    for winner in launchable:
         if accept is None or accept(candidates[winner]):
             break
         logger.warning("tuning %s: %s disagrees with the default's results; passed over", op, candidates[winner])
+    else:
+        raise EngineError(f"tuning {op}: no candidate config that launches gives the expected results")
     logger.info("tuned %s: %s (%s ms; candidates %s)", op, candidates[winner],
                 ", ".join(f"{t:.4f}" for t in times[winner]), len(candidates))
     return candidates[winner]
@@ -172,12 +173,12 @@ def _launchable_ms(fn: Callable[[], Any], op: str) -> float:
         return math.inf
 
 
-def _dense_matmul(x: torch.Tensor, weight: torch.Tensor, **config: Any) -> torch.Tensor:
+def _dense_candidate(x: torch.Tensor, weight: torch.Tensor, **config: Any) -> torch.Tensor:
     """A dense_linear candidate: the GEMV with ``config``, cuBLAS with none."""
     return gemv(x, weight, **config) if config else F.linear(x, weight)
 
 
-def _weight_only_matmul(x: torch.Tensor, operands: tuple, **config: Any) -> torch.Tensor:
+def _weight_only_candidate(x: torch.Tensor, operands: tuple, **config: Any) -> torch.Tensor:
     """A weight_only_linear candidate: the Triton kernels with ``config`` for every row count."""
     shapes = {shape_key(operands[1].shape[0], x.shape[-1]): [{**config, "max_rows": 1 << 30}]}
     return weight_only_linear_triton(x, *operands, shapes=shapes)
@@ -281,7 +282,7 @@ class TuningRun:
                     continue
                 xs = [self.randn(r, k) for r in rows]
                 candidates = [{}] + [c for c in GEMV_CANDIDATES if str(c["BLOCK_M"]) == bucket]
-                best = _fastest(candidates, [partial(_dense_matmul, x, weight) for x in xs],
+                best = _fastest(candidates, [partial(_dense_candidate, x, weight) for x in xs],
                                 f"dense_linear {n}x{k}, {bucket} row(s)",
                                 accept=lambda c: not c or all(_agrees(gemv(x, weight, **c), F.linear(x, weight))
                                                               for x in xs))
@@ -313,10 +314,10 @@ class TuningRun:
                     continue
                 xs = [self.randn(r, k) for r in sorted({lowest, highest})]
                 configs.append(_fastest(
-                    _variants(default), [partial(_weight_only_matmul, x, operands) for x in xs],
+                    _variants(default), [partial(_weight_only_candidate, x, operands) for x in xs],
                     f"weight_only_linear {n}x{k}, up to {default['max_rows']} rows",
-                    accept=lambda c: c is default or all(_agrees(_weight_only_matmul(x, operands, **c),
-                                                                 _weight_only_matmul(x, operands, **default))
+                    accept=lambda c: c is default or all(_agrees(_weight_only_candidate(x, operands, **c),
+                                                                 _weight_only_candidate(x, operands, **default))
                                                          for x in xs)))
             if configs != DEFAULT_CONFIGS[operands[0]]:
                 chosen[shape_key(n, k)] = configs

@@ -160,7 +160,6 @@ class Linear(Layer):
         super().__init__()
         self.shard_dim, self.tp = shard_dim, ctx.tp
         self.method, self.dtype, self.ops = ctx.linear, ctx.dtype, ctx.ops
-        self.kernel_ops = self.method.kernel_ops
         self.checkpoint_tensors["weight"] = CheckpointTensor((out_features, in_features), in_features ** -0.5)
         if ctx.tp.size > 1 and shard_dim is not None:
             full = (out_features, in_features)[shard_dim]
@@ -189,6 +188,11 @@ class Linear(Layer):
             bias = self.shard("bias", tensors["bias"]).to(self.dtype)
             stored["bias"] = torch.zeros_like(bias) if self.is_row_parallel and self.tp.rank else bias
         return stored
+
+    @property
+    def kernel_ops(self) -> tuple[str, ...]:
+        """The kernel ops its method's matmul calls (so the build tunes them)."""
+        return self.method.kernel_ops
 
     @property
     def matmul_shape(self) -> tuple[int, int] | None:

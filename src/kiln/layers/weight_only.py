@@ -22,6 +22,8 @@ multiplies: ``workspace_bytes`` tells the memory plan its size); on the CPU thei
 
 from __future__ import annotations
 
+from abc import abstractmethod
+
 import torch
 
 from kiln.config import GROUP_SIZES
@@ -52,10 +54,10 @@ class WeightOnlyMethod(LinearMethod):
 
     kernel_ops = ("weight_only_linear",)
 
+    @abstractmethod
     def operands(self, tensors) -> tuple:
         """weight_only_linear's arguments after x (bits, qweight, scales, zeros, group size, input order),
         from the stored tensors: attributes of ``tensors`` (the layer, or the build's timing inputs)."""
-        raise NotImplementedError
 
     def apply(self, layer, x):
         return _matmul(layer, x.contiguous(), self.operands(layer))
