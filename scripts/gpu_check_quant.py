@@ -13,7 +13,8 @@ Phases:
   none / fp8 / int8_wo / int4_wo
            a llama-3-8b dummy engine of that quantization (max batch 512, 8192 tokens per iteration):
            batch-1 decode (against the floor: weight bytes read per token / copy bandwidth), the batch-1
-           graph replay, the same two with the kernels launched without PDL (b1_nopdl), batch-16 decode, TTFT at 128 and 2048 tokens, offline 128/128 (2048 requests);
+           graph replay, the same two with the kernels launched without PDL (b1_nopdl), batch-16 decode,
+           TTFT at 128 and 2048 tokens, offline 128/128 (2048 requests);
            the same sampled (temperature 0.8, top-p 0.95, seeded: 128_128_sampled), 2048/128 (256
            requests), a batch-1 and a batch-16 profile by kernel (profile, profile16);
            ``fp8:ttft+128_128`` picks figures; ``none@1024:128_128`` builds for max batch 1024 (not 512).
@@ -222,8 +223,8 @@ def engine_phase(quant: str, tmp: Path, out: Path, figures: set[str], max_batch_
     for op in ("dense_linear", "weight_only_linear"):
         tuned = engine.manifest.kernel_plan.get(op, {}).get("config", {}).get("shapes", {})
         if op in engine.manifest.kernel_plan:
-            RESULTS[f"{key}_{op}_tuned"] = ", ".join(
-                shape + (":" + "+".join(tuned[shape]) if op == "dense_linear" else "") for shape in sorted(tuned)) or "none"
+            buckets = {shape: ":" + "+".join(tuned[shape]) if op == "dense_linear" else "" for shape in tuned}
+            RESULTS[f"{key}_{op}_tuned"] = ", ".join(shape + buckets[shape] for shape in sorted(tuned)) or "none"
 
     def executor() -> tuple[Executor, float]:
         """An executor (KV pool, CUDA graphs), warmed up, and the seconds its making took (warm-up apart)."""

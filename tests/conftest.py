@@ -22,9 +22,14 @@ import httpx
 import pytest
 import torch
 
+# Where tests' tensors live: CUDA on a GPU machine (the ``gpu``-marked tests run there only), else the CPU.
+ON_GPU = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if ON_GPU else "cpu")
+gpu = pytest.mark.gpu
+
 # Triton fixes when it is imported whether kernels compile or run in its interpreter; without a GPU
 # only the interpreter can run them (tests/test_kernels.py), so choose it before kiln imports triton.
-if not torch.cuda.is_available():
+if not ON_GPU:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from kiln import BuildConfig, Builder
@@ -52,7 +57,7 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
+    if ON_GPU:
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
@@ -160,7 +165,7 @@ def _route_float32_casts_through_torch(monkeypatch, triton_dtype_name: str, torc
                                        bits_dtype) -> None:
     """Under the interpreter (no GPU), float32 -> ``triton_dtype_name`` casts go through torch's cast, which
     rounds to nearest even as the GPU does; the result is handed back as raw bits of ``bits_dtype``."""
-    if torch.cuda.is_available():
+    if ON_GPU:
         return
     import numpy as np
     import triton.language as tl

@@ -274,7 +274,8 @@ def test_the_first_load_on_the_gpu_tunes_and_keeps_the_plan(tiny_llama, tmp_path
     assert tuned_for == [(OTHER_GPU, True, ("add_rms_norm", "attention", "dense_linear", "rms_norm", "rotary_kv_write",
                                             "silu_mul"))]
     config = source.config  # every Linear is unquantized here, and the LM head: the shapes dense_linear is timed at
-    assert {(config.vocab_size, config.hidden_size), (config.hidden_size, config.intermediate_size)} <= set(dense_shapes)
+    lm_head, down = (config.vocab_size, config.hidden_size), (config.hidden_size, config.intermediate_size)
+    assert {lm_head, down} <= set(dense_shapes)
     assert "tuning the kernels" in capsys.readouterr().err
     saved = EngineManifest.read(engine_dir)
     assert saved == tuned and saved.is_kernel_plan_tuned and saved.target_device_name == "Fake GPU"

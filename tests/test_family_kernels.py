@@ -12,6 +12,7 @@ import json
 import pytest
 import torch
 
+from conftest import DEVICE, gpu
 from kiln.config import BuildConfig
 from kiln.errors import EngineError
 from kiln.kernels import LLAMA_OPS, OPS, KernelOps, reference_plan, triton_ops
@@ -20,8 +21,8 @@ from kiln.kernels.norm import (add_layer_norm_ref, add_layer_norm_triton, layer_
                                norm_rows_per_program, rms_norm_ref, rms_norm_triton)
 from kiln.kernels.rotary import rope_cos_sin, rotary_kv_write_ref, rotary_kv_write_triton
 from kiln.models.config import RopeConfig
-from test_kernels import (ALL_DTYPES, DEVICE, DTYPE_ID, INTERPRETED, ROPES, TINY_MODEL, assert_cache_writes_match,
-                          assert_close, fused_qkv_views, gpu, randn)
+from test_kernels import (ALL_DTYPES, DTYPE_ID, INTERPRETED, ROPES, TINY_MODEL, assert_cache_writes_match,
+                          assert_close, fused_qkv_views, randn)
 
 
 # ---- references against torch and transformers ---------------------------------------------------

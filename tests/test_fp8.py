@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import DEVICE, ON_GPU, gpu
 from kiln.errors import ConfigError
 from kiln.kernels.fp8 import (fp8_gemv, fp8_linear, fp8_linear_gpu, quantize_fp8_per_token_triton,
                               quantize_fp8_static_triton, scaled_mm_refusal)
@@ -17,9 +18,6 @@ from kiln.quantization.fp8 import (FP8_DTYPE, FP8_MAX, Fp8Linear, dequantize_fp8
                                    fp8_w8a16_linear_ref, fuse_fp8_linears, quantize_fp8_per_token,
                                    quantize_fp8_static, quantize_fp8_weight, requantize_fp8_per_tensor)
 
-ON_GPU = torch.cuda.is_available()
-DEVICE = torch.device("cuda" if ON_GPU else "cpu")
-gpu = pytest.mark.gpu
 ALL_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DTYPE_ID = lambda dtype: str(dtype).removeprefix("torch.")  # noqa: E731
 # (rtol, atol) of a kernel against its reference, as in test_kernels.py: float32 differs by summation
@@ -342,20 +340,22 @@ def compile_kernels_for_ada_and_hopper() -> dict[str, str]:
         for block_m, config in DEFAULT_GEMV_CONFIGS.items():
             ptx[f"gemv_block_m{block_m}_sm{capability}"] = compile_for(
                 _gemv_kernel, capability, gemv_signature,
-                {"HAS_SCALE": True, "HAS_BIAS": True, "BLOCK_M": block_m, "DOT_PRECISION": "tf32", "BLOCK_N": config["BLOCK_N"],
+                {"HAS_SCALE": True, "HAS_BIAS": True, "BLOCK_M": block_m, "DOT_PRECISION": "tf32",
+                 "BLOCK_N": config["BLOCK_N"],
                  "BLOCK_K": config["BLOCK_K"]}, num_warps=config["num_warps"], num_stages=config["num_stages"])
     return ptx
 
 
 def compiled_apart(tmp_path, module: str, call: str):
     """What ``module.call`` returns (JSON: the PTX of kernels it compiles), run in a Python process of its own
-    without TRITON_INTERPRET, so that Triton compiles rather than interprets; its cache in tmp_path."""
+    with TRITON_INTERPRET=0 (conftest, which test modules import, sets it to 1 only where it is unset), so
+    that Triton compiles rather than interprets; its cache in tmp_path."""
     import json
     import os
     import subprocess
     import sys
 
-    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    env = dict(os.environ, TRITON_INTERPRET="0")
     env.update(TRITON_CACHE_DIR=str(tmp_path), TRITON_DEFAULT_FP_FUSION="1",
                PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), *sys.path]))
     result = subprocess.run([sys.executable, "-c", f"import json, {module}; print(json.dumps({module}.{call}))"],

@@ -22,6 +22,7 @@ import torch
 
 import kiln.kernels.fp8
 import kiln.layers.fp8
+from conftest import DEVICE, ON_GPU, gpu
 from kiln.config import BuildConfig
 from kiln.convert.converter import dummy_weights
 from kiln.kernels import OPS, AttentionMetadata, KernelOps, reference_plan
@@ -34,13 +35,10 @@ from kiln.layers.fp8 import Fp8LinearMethod
 from kiln.models import create_model, model_skeleton
 from kiln.models.config import ModelConfig
 from kiln.quantization.fp8 import FP8_DTYPE, Fp8Activation, quantize_fp8_per_token
-from test_fp8 import compile_for
+from test_fp8 import compile_for, compiled_apart
 
 pytest.importorskip("triton")
 
-ON_GPU = torch.cuda.is_available()
-DEVICE = torch.device("cuda" if ON_GPU else "cpu")
-gpu = pytest.mark.gpu
 # Row-wise torch._scaled_mm, the only matmul that takes an FP8 Linear's input quantized, needs sm90.
 hopper = pytest.mark.skipif(not ON_GPU or torch.cuda.get_device_capability() < (9, 0),
                             reason="row-wise torch._scaled_mm needs Hopper (sm90+)")
@@ -181,18 +179,8 @@ def test_fused_kernels_compile_for_hopper_with_the_conversions_they_rely_on(tmp_
     to bfloat16 to nearest even before quantizing, divide with IEEE division and cast with round-to-
     nearest-even saturation, as the plain kernels and _quantize_fp8_kernel do. Compiled in a process of
     its own, without the interpreter."""
-    import json
-    import os
-    import subprocess
-    import sys
-
-    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
-    env.update(TRITON_CACHE_DIR=str(tmp_path), PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), *sys.path]))
-    result = subprocess.run([sys.executable, "-c", "import json, test_fp8_fused_quantization as t; "
-                             "print(json.dumps(t.compile_fused_kernels_for_hopper()))"],
-                            env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    for name, ptx in json.loads(result.stdout.splitlines()[-1]).items():
+    kernels = compiled_apart(tmp_path, "test_fp8_fused_quantization", "compile_fused_kernels_for_hopper()")
+    for name, ptx in kernels.items():
         assert "cvt.rn.bf16.f32" in ptx or "cvt.rn.bf16x2.f32" in ptx, name
         assert "div.rn.f32" in ptx and "cvt.rn.satfinite.e4m3x2.f32" in ptx, name
 

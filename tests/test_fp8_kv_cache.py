@@ -11,14 +11,13 @@ and stories260K's teacher-forced top-1 agreement with the unquantized engine.
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from conftest import STORIES_DIR, build_engine
+from conftest import DEVICE, ON_GPU, STORIES_DIR, build_engine, gpu
 from kiln import LLM, BuildConfig, Builder, SamplingParams
 from kiln.bench.report import engine_details
 from kiln.convert import AutoModelForCausalLM
@@ -28,16 +27,15 @@ from kiln.kernels.attention import fp8_kv_cache_refusal, paged_attention_ref, pa
 from kiln.kernels.rotary import rope_cos_sin, rotary_kv_write_ref, rotary_kv_write_triton
 from kiln.quantization.fp8 import FP8_DTYPE, FP8_MAX, dequantize_fp8
 from safetensors.torch import load_file
+from test_fp8 import compile_for, compiled_apart
 from test_fp8_prequantized import BUILD as PREQUANTIZED_BUILD
 from test_fp8_prequantized import NUM_LAYERS, write_checkpoint
 from test_fp8_linear_method import STORIES_BUILD, teacher_forced_top1_agreement
-from test_kernels import (ATTENTION_DTYPES, CONTEXT_CASES, DECODE_CASES, DEVICE, DTYPE_ID, ROPES, TOLERANCES,
+from test_kernels import (ATTENTION_DTYPES, CONTEXT_CASES, DECODE_CASES, DTYPE_ID, ROPES, TOLERANCES,
                           AttentionCase, fused_qkv_views)
 
 pytest.importorskip("triton")
 
-ON_GPU = torch.cuda.is_available()
-gpu = pytest.mark.gpu
 # k_scale, v_scale: awkward values, neither a power of two nor 1.0, so a scale applied twice or not at all shows.
 KV_SCALE = (0.037, 0.011)
 
@@ -180,8 +178,6 @@ def test_fp8_context_attention_refuses_a_16_bit_cache():
 def compile_fp8_attention_kernels(capability: int) -> dict[str, str]:
     """PTX of the KV write into an FP8 cache and of FP8-cache attention (16-bit dots, and FP8 dots) for an
     NVIDIA GPU of this compute capability, bfloat16, head_dim 128; or the compile error's text."""
-    from test_fp8 import compile_for
-
     from kiln.kernels.attention import DEFAULT_CONTEXT_CONFIG, _paged_attention_kernel
     from kiln.kernels.fp8 import FP8_CONSTEXPRS
     from kiln.kernels.rotary import _rotary_kv_write_kernel
@@ -214,22 +210,17 @@ def compile_fp8_attention_kernels(capability: int) -> dict[str, str]:
     return results
 
 
+def compile_fp8_attention_kernels_for_ampere_ada_hopper() -> dict[str, dict[str, str]]:
+    return {str(capability): compile_fp8_attention_kernels(capability) for capability in (80, 89, 90)}
+
+
 @pytest.mark.skipif(ON_GPU, reason="the GPU tests run the kernels themselves")
 def test_fp8_kernels_compile_for_ada_and_hopper_and_not_for_ampere(tmp_path):
     """What the interpreter cannot show, and why kiln refuses an FP8 KV cache below sm89: for sm89 and sm90
     the kernels pass Triton's and ptxas's pipeline, quantizing with IEEE division and round-to-nearest-even
     saturating casts, and the FP8 context attention multiplies e4m3 on the tensor cores; for sm80 Triton
-    refuses the e4m3 type itself. Compiled in a process of its own, with TRITON_INTERPRET=0 (this module
-    imports conftest, which would set it)."""
-    import os
-
-    env = dict(os.environ, TRITON_INTERPRET="0")
-    env.update(TRITON_CACHE_DIR=str(tmp_path), PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), *sys.path]))
-    code = ("import json, test_fp8_kv_cache as t; "
-            "print(json.dumps({c: t.compile_fp8_attention_kernels(c) for c in (80, 89, 90)}))")
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    ptx = json.loads(result.stdout.splitlines()[-1])
+    refuses the e4m3 type itself. Compiled in a process of its own, without the interpreter."""
+    ptx = compiled_apart(tmp_path, "test_fp8_kv_cache", "compile_fp8_attention_kernels_for_ampere_ada_hopper()")
     for name, code in ptx["80"].items():
         assert code.startswith("error:") and "fp8e4nv not supported in this architecture" in code, name
     for capability in ("89", "90"):

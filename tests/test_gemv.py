@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import DEVICE, gpu
 from kiln.config import BuildConfig
 from kiln.convert import AutoModelForCausalLM
 from kiln.kernels import KernelOps, reference_plan
@@ -20,16 +21,15 @@ from kiln.models import model_skeleton
 
 pytest.importorskip("triton")
 
-ON_GPU = torch.cuda.is_available()
-DEVICE = torch.device("cuda" if ON_GPU else "cpu")
-gpu = pytest.mark.gpu
 # (rtol, atol as a share of the largest output): a float32 sum in another order, rounded once to the dtype.
-TOLERANCES = {torch.float32: (1e-5, 1e-5), torch.float16: (2.0 ** -9, 2.0 ** -10), torch.bfloat16: (2.0 ** -7, 2.0 ** -8)}
+TOLERANCES = {torch.float32: (1e-5, 1e-5), torch.float16: (2.0 ** -9, 2.0 ** -10),
+              torch.bfloat16: (2.0 ** -7, 2.0 ** -8)}
 
 
 def assert_matmul_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
     rtol, atol = TOLERANCES[expected.dtype]
-    torch.testing.assert_close(actual.float(), expected.float(), rtol=rtol, atol=atol * expected.float().abs().max().item())
+    torch.testing.assert_close(actual.float(), expected.float(), rtol=rtol,
+                               atol=atol * expected.float().abs().max().item())
 
 
 def dense_case(num_rows: int, n: int, k: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -70,7 +70,8 @@ def test_dense_linear_takes_the_gemv_only_for_the_shapes_and_rows_the_plan_lists
     shapes = {"37x300": {"1": one_row}}
     x, weight, bias = dense_case(16, 37, 300, torch.float32)
     for rows in (1, 2, 16):
-        assert_matmul_close(dense_linear_triton(x[:rows], weight, bias, shapes=shapes), F.linear(x[:rows], weight, bias))
+        assert_matmul_close(dense_linear_triton(x[:rows], weight, bias, shapes=shapes),
+                            F.linear(x[:rows], weight, bias))
     assert calls == [(1, one_row)]  # 2 and 16 rows: no "16" entry for this shape
     calls.clear()
     other = torch.randn(40, 300, device=DEVICE)
@@ -129,9 +130,9 @@ def test_tuning_keeps_cublas_unless_a_gemv_candidate_is_faster_and_agrees(monkey
     one_row = [c for c in GEMV_CANDIDATES if c["BLOCK_M"] == 1]
     many_rows = [c for c in GEMV_CANDIDATES if c["BLOCK_M"] == 16]
     # cuBLAS and every candidate at 1 row; at 2 and 16 rows, cuBLAS and the BLOCK_M 16 candidates
-    assert sorted(timed, key=str) == sorted([(1, None)] + [(1, 1)] * len(one_row)
-                                            + [(r, None) for r in (2, 16)] + [(r, 16) for r in (2, 16)] * len(many_rows),
-                                            key=str)
+    expected = ([(1, None)] + [(1, 1)] * len(one_row) + [(r, None) for r in (2, 16)]
+                + [(r, 16) for r in (2, 16)] * len(many_rows))
+    assert sorted(timed, key=str) == sorted(expected, key=str)
     assert tuning.TuningRun(config, BuildConfig(max_batch_size=1, max_input_len=16, max_seq_len=32, max_num_tokens=32),
                             torch.float32, num_sms=1, device=DEVICE).tune_dense_linear([(48, 64)]) == plan
 
@@ -189,8 +190,8 @@ def test_gpu_tuning_times_dense_linear_at_llama3_8b_shapes_and_its_choice_runs()
 
     config = AutoModelForCausalLM.from_preset("llama-3-8b").config
     build = BuildConfig(max_batch_size=64, max_input_len=128, max_seq_len=256, max_num_tokens=256)
-    run = tuning.TuningRun(config, build, torch.bfloat16, num_sms=torch.cuda.get_device_properties(0).multi_processor_count,
-                           device=DEVICE)
+    num_sms = torch.cuda.get_device_properties(0).multi_processor_count
+    run = tuning.TuningRun(config, build, torch.bfloat16, num_sms=num_sms, device=DEVICE)
     shapes = [(6144, 4096), (128256, 4096)]
     plan = run.tune_dense_linear(shapes)
     for key, buckets in plan.get("shapes", {}).items():

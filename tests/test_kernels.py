@@ -15,6 +15,7 @@ import json
 import pytest
 import torch
 
+from conftest import DEVICE, ON_GPU, gpu
 from kiln.kernels import LLAMA_OPS, OPS, AttentionMetadata, KernelOps
 from kiln.kernels.activation import silu_mul_ref, silu_mul_triton
 from kiln.kernels.attention import paged_attention_ref, paged_attention_triton
@@ -24,10 +25,7 @@ from kiln.models.config import ModelConfig, RopeConfig
 
 pytest.importorskip("triton")
 
-ON_GPU = torch.cuda.is_available()
-DEVICE = torch.device("cuda" if ON_GPU else "cpu")
 INTERPRETED = not ON_GPU
-gpu = pytest.mark.gpu
 
 # (rtol, atol) for arithmetic ops: float32 differs by summation order only; float16 / bfloat16 by a
 # rounding or two of their own precision (2**-11 / 2**-8 relative), which Triton's interpreter

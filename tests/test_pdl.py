@@ -11,13 +11,11 @@ import re
 import pytest
 import torch
 
+from conftest import ON_GPU, gpu
 from test_fp8 import compile_for, compiled_apart
 
 from kiln.kernels import triton_jit
 from kiln.kernels.triton_jit import pdl_disabled, pdl_launch
-
-ON_GPU = torch.cuda.is_available()
-gpu = pytest.mark.gpu
 
 
 def test_pdl_is_off_for_cpu_tensors_in_the_interpreter_and_when_disabled(monkeypatch):
@@ -99,7 +97,8 @@ def compile_decode_kernels(capability: int) -> dict[str, str]:
                      dict(BLOCK=1024), 4, 1),
         "silu_mul_fp8": (_silu_mul_fp8_kernel, ints(_silu_mul_fp8_kernel, gate_up_ptr="*bf16", out_ptr="*fp8e4nv",
                                                     scale_ptr="*fp32"), dict(**FP8_CONSTEXPRS, BLOCK=16384), 16, 1),
-        "gelu": (_gelu_kernel, ints(_gelu_kernel, x_ptr="*bf16", out_ptr="*bf16"), dict(IS_TANH=True, BLOCK=1024), 4, 1),
+        "gelu": (_gelu_kernel, ints(_gelu_kernel, x_ptr="*bf16", out_ptr="*bf16"), dict(IS_TANH=True, BLOCK=1024),
+                 4, 1),
         "add_layer_norm": (_layer_norm_kernel, ints(_layer_norm_kernel, x_ptr="*bf16", residual_ptr="*bf16",
                                                     weight_ptr="*bf16", bias_ptr="*bf16", out_ptr="*bf16", eps="fp32"),
                            dict(HAS_RESIDUAL=True, BLOCK_ROWS=1, BLOCK=4096), 8, 1),

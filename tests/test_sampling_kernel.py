@@ -15,6 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import DEVICE, ON_GPU, gpu
 from kiln.config import SamplingParams
 from kiln.kernels.sampling import (_exponential_race_kernel, _nucleus_race_kernel, _uniform_noise, exponential_race_ref,
                                    exponential_race_triton, nucleus_race_ref, nucleus_race_triton, race_splits,
@@ -27,9 +28,6 @@ from test_sampling import make_row
 
 pytest.importorskip("triton")
 
-ON_GPU = torch.cuda.is_available()
-DEVICE = torch.device("cuda" if ON_GPU else "cpu")
-gpu = pytest.mark.gpu
 
 # Seeds at the ends of int64 and either side of 0; steps up to past 32 bits.
 SEEDS = [0, 1, -1, 2**63 - 1, -(2**63), 2**62 + 12345, -987654321987, 31337]
@@ -219,7 +217,7 @@ def compile_race_kernels_for_hopper() -> list[str]:
 def test_race_kernel_compiles_for_hopper_with_wide_loads_and_libdevice_logarithms(tmp_path):
     """What the interpreter cannot show: the uint64 hash passes Triton's and ptxas's pipeline for sm90,
     the logits are read 16 bytes per load, and tl.log is libdevice's logf (torch's CUDA log calls logf),
-    not the hardware's lg2.approx. In a process of its own, without TRITON_INTERPRET."""
+    not the hardware's lg2.approx. In a process of its own, without the interpreter."""
     kernels = compiled_apart(tmp_path, "test_sampling_kernel", "compile_race_kernels_for_hopper()")
     for ptx in kernels:  # the nucleus race's loop on the GPU compiles too
         assert "ld.global.v4" in ptx and "__nv_logf" in ptx and "lg2.approx" not in ptx and ".local" not in ptx

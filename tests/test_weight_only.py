@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import kiln.kernels.weight_only as weight_only
+from conftest import DEVICE, ON_GPU, gpu
 from kiln.kernels.weight_only import (DEFAULT_CONFIGS, DEQUANT_MIN_ROWS, DEQUANTIZE_CONFIG, TENSOR_CORE_CONFIGS,
                                       dequantize_from, dequantize_min_rows, dequantize_weight_triton,
                                       dequantize_workspace_bytes, launch_config, w4a16_matmul_ref,
@@ -25,9 +26,6 @@ from kiln.quantization.weight_only import (QuantizedWeight, awq_clip, awq_scales
 
 pytest.importorskip("triton")
 
-ON_GPU = torch.cuda.is_available()
-DEVICE = torch.device("cuda" if ON_GPU else "cpu")
-gpu = pytest.mark.gpu
 
 # (rtol, atol) on outputs of order 1 (weights ~ N(0, 1/K), x ~ N(0, 1)). The references multiply the
 # float32 dequantized weight in float32; the CUDA-core path sums float32 products too, so it differs by
@@ -558,8 +556,8 @@ def test_gpu_tuning_times_weight_only_linear_at_a_llama3_8b_shape_and_its_choice
     config = AutoModelForCausalLM.from_preset("llama-3-8b").config
     build = BuildConfig(max_batch_size=64, max_input_len=128, max_seq_len=256, max_num_tokens=256,
                         quantization=quantization)
-    run = tuning.TuningRun(config, build, torch.bfloat16, num_sms=torch.cuda.get_device_properties(0).multi_processor_count,
-                           device=DEVICE)
+    num_sms = torch.cuda.get_device_properties(0).multi_processor_count
+    run = tuning.TuningRun(config, build, torch.bfloat16, num_sms=num_sms, device=DEVICE)
     plan = run.tune_weight_only_linear([(4096, 4096)])
     method = linear_method(quantization, build)
     stored = method.convert(random_weight(4096, 4096).to(DEVICE), torch.bfloat16)

@@ -116,7 +116,8 @@ def _default_configs(config: ModelConfig, build: BuildConfig, num_sms: int, ops:
                 "layer_norm": norm, "add_layer_norm": norm, "silu_mul": DEFAULT_SILU_MUL_CONFIG,
                 "silu_mul_fp8": {"num_warps": default_norm_warps(config.intermediate_size)},
                 "gelu": DEFAULT_GELU_CONFIG,
-                "rotary_kv_write": DEFAULT_ROTARY_CONFIG, "attention": {"context": DEFAULT_CONTEXT_CONFIG, "decode": decode},
+                "rotary_kv_write": DEFAULT_ROTARY_CONFIG,
+                "attention": {"context": DEFAULT_CONTEXT_CONFIG, "decode": decode},
                 "dense_linear": {}}  # cuBLAS at every shape until timed
     return {op: defaults[op] for op in OPS if op in ops}
 

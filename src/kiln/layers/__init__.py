@@ -31,5 +31,5 @@ def matmul_shapes(model) -> dict[str, tuple[tuple[int, int], ...]]:
 
 __all__ = ["Attention", "DenseLinearMethod", "Embedding", "GatedMLP", "KvCacheScales", "LINEAR_METHODS", "LMHead",
            "Layer", "LayerContext", "LayerNorm", "Linear", "LinearMethod", "MLP", "RMSNorm", "Rotary", "SINGLE",
-           "Shard", "TensorParallel", "checkpoint_layers", "kernel_ops_of", "layer_context", "linear_method", "matmul_shapes",
-           "load_parameters"]
+           "Shard", "TensorParallel", "checkpoint_layers", "kernel_ops_of", "layer_context", "linear_method",
+           "load_parameters", "matmul_shapes"]
