@@ -219,8 +219,9 @@ def engine_phase(quant: str, tmp: Path, out: Path, figures: set[str], max_batch_
     engine = load_engine(engine_dir, verify=False, progress=False)
     engine_load_s = time.perf_counter() - t0
     # The weight shapes whose build timing moved them off their default kernel: the GEMV instead of cuBLAS
-    # for an unquantized weight (with its row buckets), other tiles for a weight-only one.
-    for op in ("dense_linear", "weight_only_linear"):
+    # for an unquantized weight (with its row buckets), other tiles for a weight-only one, the norm folded
+    # into the one-row GEMV.
+    for op in ("dense_linear", "weight_only_linear", "rms_norm_linear"):
         tuned = engine.manifest.kernel_plan.get(op, {}).get("config", {}).get("shapes", {})
         if op in engine.manifest.kernel_plan:
             buckets = {shape: ":" + "+".join(tuned[shape]) if op == "dense_linear" else "" for shape in tuned}
