@@ -8,8 +8,9 @@ sequence, batch buckets 1, 2, 4, ... up to max_batch_size) and context batches (
 the ops that quantize for an FP8 Linear (``*_fp8``) only where they run, above MAX_GEMV_ROWS rows;
 ``dense_linear`` at each unquantized weight shape of the model and row bucket of the GEMV (1, and 2-16 rows),
 where cuBLAS competes with the GEMV's candidates and keeps the shape unless one is faster;
-``rms_norm_linear`` at each unquantized weight an RMSNorm feeds, one row, where the norm's kernel followed by
-``dense_linear`` (as just tuned) competes with the GEMV with the norm folded in.
+``rms_norm_linear`` and ``silu_mul_linear`` at each unquantized weight an RMSNorm or SiLU·up feeds, one row,
+where that block's kernel followed by ``dense_linear`` (as just tuned) competes with the GEMV with the block
+folded in.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from kiln.config import BuildConfig
 from kiln.errors import EngineError
 from kiln.kernels import LLAMA_OPS, OPS, check_ops, reference_plan
 from kiln.kernels.activation import (DEFAULT_GELU_CONFIG, DEFAULT_SILU_MUL_CONFIG, gelu_triton, silu_mul_fp8_triton,
-                                     silu_mul_triton)
+                                     silu_mul_linear_ref, silu_mul_triton)
 from kiln.kernels.attention import (DEFAULT_CONTEXT_CONFIG, AttentionMetadata, default_decode_config,
                                     paged_attention_triton)
 from kiln.kernels.gemv import GEMV_CANDIDATES, MAX_GEMV_ROWS, dense_linear_triton, gemv, shape_key
@@ -121,7 +122,7 @@ def _default_configs(config: ModelConfig, build: BuildConfig, num_sms: int, ops:
                 "rotary_kv_write": DEFAULT_ROTARY_CONFIG,
                 "attention": {"context": DEFAULT_CONTEXT_CONFIG, "decode": decode},
                 "dense_linear": {},  # cuBLAS at every shape until timed
-                "rms_norm_linear": {}}  # no norm folded until timed
+                "rms_norm_linear": {}, "silu_mul_linear": {}}  # nothing folded until timed
     return {op: defaults[op] for op in OPS if op in ops}
 
 
@@ -182,14 +183,22 @@ def _dense_candidate(x: torch.Tensor, weight: torch.Tensor, **config: Any) -> to
     return gemv(x, weight, **config) if config else F.linear(x, weight)
 
 
-def _norm_linear_candidate(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, weight: torch.Tensor,
-                           dense: dict[str, Any], **config: Any) -> torch.Tensor:
-    """An rms_norm_linear candidate: the GEMV with the norm folded in with ``config``; with none, the norm's
-    kernel and then ``dense_linear`` with its plan config ``dense`` (the two ops the fold replaces)."""
-    if config:
-        return gemv(x, weight, norm=(residual, torch.empty_like(residual), norm_weight, TUNING_EPS), **config)
-    normed, _ = add_rms_norm_triton(x, residual, norm_weight, TUNING_EPS)
-    return dense_linear_triton(normed, weight, None, **dense)
+def _fold_candidate(op: str, inputs: tuple[torch.Tensor, ...], weight: torch.Tensor, dense: dict[str, Any],
+                    **config: Any) -> torch.Tensor:
+    """A candidate of a fold op (rms_norm_linear: ``inputs`` x, residual, norm weight; silu_mul_linear:
+    gate_up) at one row: the GEMV with the block folded in with ``config``; with none, the block's kernel
+    and then ``dense_linear`` with its plan config ``dense`` (the two ops the fold replaces)."""
+    if op == "rms_norm_linear":
+        x, residual, norm_weight = inputs
+        if config:
+            return gemv(x, weight, norm=(residual, torch.empty_like(residual), norm_weight, TUNING_EPS), **config)
+        x, _ = add_rms_norm_triton(x, residual, norm_weight, TUNING_EPS)
+    else:
+        (x,) = inputs
+        if config:
+            return gemv(x, weight, silu_mul=True, **config)
+        x = silu_mul_triton(x)
+    return dense_linear_triton(x, weight, None, **dense)
 
 
 def _weight_only_candidate(x: torch.Tensor, operands: tuple, **config: Any) -> torch.Tensor:
@@ -274,12 +283,14 @@ class TuningRun:
                                                 "rotary_kv_write"),
             "attention": lambda: {"context": self.tune_context(), "decode": self.tune_decode()},
             "dense_linear": lambda: self.tune_dense_linear(shapes.get("dense_linear", ())),
-            "rms_norm_linear": lambda: self.tune_rms_norm_linear(shapes.get("rms_norm_linear", ()),
-                                                                 configs.get("dense_linear", {})),
+            "rms_norm_linear": lambda: self.tune_fold("rms_norm_linear", shapes.get("rms_norm_linear", ()),
+                                                      configs.get("dense_linear", {})),
+            "silu_mul_linear": lambda: self.tune_fold("silu_mul_linear", shapes.get("silu_mul_linear", ()),
+                                                      configs.get("dense_linear", {})),
             "weight_only_linear": lambda: self.tune_weight_only_linear(shapes.get("weight_only_linear", ())),
         }
         configs: dict[str, Any] = {}
-        for op in OPS:  # in order: rms_norm_linear is timed against dense_linear's tuned config
+        for op in OPS:  # in order: the folds are timed against dense_linear's tuned config
             if op in ops:
                 configs[op] = tuners[op]()
         return configs
@@ -311,24 +322,29 @@ class TuningRun:
             del weight
         return {"shapes": chosen} if chosen else {}
 
-    def tune_rms_norm_linear(self, shapes: Collection[tuple[int, int]], dense: dict[str, Any]) -> dict[str, Any]:
-        """Per weight shape an RMSNorm feeds (of MIN_TUNED_MATMUL_BYTES or more), at one row: the norm folded
-        into the GEMV with each one-row candidate, against the norm's kernel and then dense_linear with its
-        plan config ``dense`` (kept on a tie); a fold whose product is not the reference's within the
-        dtype's rounding is passed over. The plan config lists the shapes that fold."""
+    def tune_fold(self, op: str, shapes: Collection[tuple[int, int]], dense: dict[str, Any]) -> dict[str, Any]:
+        """Per weight shape (of MIN_TUNED_MATMUL_BYTES or more) the block before a Linear feeds (``op``:
+        rms_norm_linear, an RMSNorm; silu_mul_linear, SiLU·up), at one row: the block folded into the GEMV
+        with each one-row candidate, against its kernel and then dense_linear with its plan config ``dense``
+        (kept on a tie); a fold whose product is not the reference's within the dtype's rounding is passed
+        over. The plan config lists the shapes that fold."""
         chosen: dict[str, dict[str, int]] = {}
         for n, k in shapes:
             if n * k * self.dtype.itemsize < MIN_TUNED_MATMUL_BYTES:
                 continue
-            weight, x, residual, norm_weight = self.randn(n, k) * k ** -0.5, self.randn(1, k), self.randn(1, k), \
-                self.randn(k)
-            expected = rms_norm_linear_ref(x, residual, torch.empty_like(residual), norm_weight, TUNING_EPS, weight,
-                                           None)
+            weight = self.randn(n, k) * k ** -0.5
+            if op == "rms_norm_linear":
+                inputs = (self.randn(1, k), self.randn(1, k), self.randn(k))
+                expected = rms_norm_linear_ref(inputs[0], inputs[1], torch.empty_like(inputs[1]), inputs[2],
+                                               TUNING_EPS, weight, None)
+                timed = (inputs[0], inputs[1].clone(), inputs[2])  # the norm's kernel adds to the residual in place
+            else:
+                inputs = timed = (self.randn(1, 2 * k),)
+                expected = silu_mul_linear_ref(inputs[0], weight, None)
             best = _fastest([{}] + [c for c in GEMV_CANDIDATES if c["BLOCK_M"] == 1],
-                            [partial(_norm_linear_candidate, x, residual.clone(), norm_weight, weight, dense)],
-                            f"rms_norm_linear {n}x{k}",
-                            accept=lambda c: not c or _agrees(_norm_linear_candidate(x, residual, norm_weight, weight,
-                                                                                     dense, **c), expected))
+                            [partial(_fold_candidate, op, timed, weight, dense)], f"{op} {n}x{k}",
+                            accept=lambda c: not c or _agrees(_fold_candidate(op, inputs, weight, dense, **c),
+                                                              expected))
             if best:
                 chosen[shape_key(n, k)] = best
             del weight

@@ -238,6 +238,6 @@ def rms_norm_linear_triton(x: torch.Tensor, residual: torch.Tensor | None, resid
                            shapes: dict[str, dict[str, int]] | None = None) -> torch.Tensor:
     """As rms_norm_linear_ref for one row, in one kernel: the GEMV with the norm folded in, at the launch
     config the plan lists for this weight's shape (``shapes``, made by the build's timing; a Linear folds
-    its norm only where it lists one: DenseLinearMethod.folds_norm)."""
+    its norm only where it lists one: DenseLinearMethod.folds)."""
     return gemv(x, weight, None, bias, norm=(residual, residual_out, norm_weight, eps),
                 **shapes[shape_key(*weight.shape)])

@@ -3,7 +3,7 @@
 An RMSNorm whose output goes to one Linear alone may be told so (``feeds``): where that Linear's method
 wants its input quantized to e4m3 (an FP8 Linear above 16 rows on a GPU), the norm's kernel writes it so,
 and no quantization kernel runs between them. Where that Linear folds the norm into its own kernel
-(``Linear.folds_norm``: an unquantized one at one row, at the shapes the build timed it faster at), the
+(``Linear.folds``: an unquantized one at one row, at the shapes the build timed it faster at), the
 norm runs no kernel and hands it a NormedInput.
 """
 
@@ -50,12 +50,12 @@ class RMSNorm(_Norm):
     @property
     def matmul_shape(self) -> tuple[int, int] | None:
         """[out, in] of the Linear it feeds where that Linear may fold it in (rms_norm_linear's shapes)."""
-        linear = next((linear for linear in self.consumer if linear.method.takes_normed_input), None)
+        linear = next((linear for linear in self.consumer if "rms_norm_linear" in linear.folding_ops), None)
         return linear.matmul_shape if linear is not None else None
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None
                 ) -> tuple[torch.Tensor | Fp8Activation | NormedInput, torch.Tensor]:
-        if self.consumer and self.consumer[0].folds_norm(x):
+        if self.consumer and self.consumer[0].folds("rms_norm_linear", x):
             if residual is None:
                 return NormedInput(x, None, None, self.weight, self.eps), x
             residual_out = torch.empty_like(residual)
