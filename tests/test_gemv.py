@@ -300,8 +300,8 @@ def test_a_one_row_step_folds_the_norms_and_silu_mul_into_the_gemvs_they_feed(fa
 
 @pytest.mark.parametrize("op,k", [("rms_norm_linear", 64), ("silu_mul_linear", 64)])
 def test_tuning_folds_where_the_fold_is_faster_and_agrees(op, k, monkeypatch, caplog):
-    """Fake times: the block's kernel and dense_linear apart 10; a fold 12 - BLOCK_N / 4 (BLOCK_N 16 wins at
-    8, BLOCK_N 4 loses at 11). A weight below MIN_TUNED_MATMUL_BYTES is not timed; a fold whose product is
+    """Fake times: the block's kernel and dense_linear apart 10; a fold 12 - BLOCK_N / 4 up to BLOCK_N 16 (wins
+    at 8; BLOCK_N 4 loses at 11), 20 above. A weight below MIN_TUNED_MATMUL_BYTES is not timed; a fold whose product is
     wrong is passed over with a warning; where apart is faster, nothing folds."""
     from kiln.builder import tuning
 
@@ -309,16 +309,18 @@ def test_tuning_folds_where_the_fold_is_faster_and_agrees(op, k, monkeypatch, ca
 
     def fake_median_ms(fn):
         timed.append(fn.keywords)
-        return 12.0 - fn.keywords["BLOCK_N"] / 4 if fn.keywords else 10.0
+        if not fn.keywords:
+            return 10.0
+        return 12.0 - fn.keywords["BLOCK_N"] / 4 if fn.keywords["BLOCK_N"] <= 16 else 20.0
 
     monkeypatch.setattr(tuning, "_median_ms", fake_median_ms)
     monkeypatch.setattr(tuning, "MIN_TUNED_MATMUL_BYTES", 48 * k * 4)
     config = AutoModelForCausalLM.from_preset("llama-3-8b").config
     build = BuildConfig(max_batch_size=16, max_input_len=16, max_seq_len=32, max_num_tokens=32)
     run = tuning.TuningRun(config, build, torch.float32, num_sms=1, device=DEVICE)
-    winner = next(c for c in GEMV_CANDIDATES if c["BLOCK_M"] == 1 and c["BLOCK_N"] == 16)
+    winner = next(c for c in tuning.FOLD_CANDIDATES if c["BLOCK_N"] == 16)
     assert run.tune_fold(op, [(48, k), (48, k // 2)], {}) == {"shapes": {f"48x{k}": winner}}
-    assert timed == [{}] + [c for c in GEMV_CANDIDATES if c["BLOCK_M"] == 1]  # 48 x k / 2: not timed
+    assert timed == [{}] + tuning.FOLD_CANDIDATES  # 48 x k / 2: not timed
     monkeypatch.setattr(tuning, "gemv", lambda x, w, **config: F.linear(x[..., :w.shape[1]], w))  # skips the block
     with caplog.at_level(logging.WARNING):
         assert run.tune_fold(op, [(48, k)], {}) == {}
@@ -330,8 +332,9 @@ def test_tuning_folds_where_the_fold_is_faster_and_agrees(op, k, monkeypatch, ca
 @gpu
 @pytest.mark.parametrize("n,k", [(6144, 4096), (28672, 4096)])
 def test_gpu_rms_norm_folded_into_the_gemv_at_llama3_8b_shapes(n, k):
-    """Compiled, bfloat16, every one-row GEMV candidate, qkv's and gate_up's shapes: the product against the
-    norm's kernel then cuBLAS, the new residual bit for bit."""
+    """Compiled, bfloat16, every fold candidate, qkv's and gate_up's shapes: the product against the norm's
+    kernel then cuBLAS, the new residual bit for bit."""
+    from kiln.builder.tuning import FOLD_CANDIDATES
     from kiln.kernels.norm import add_rms_norm_triton
 
     x, weight, _ = dense_case(1, n, k, torch.bfloat16)
@@ -340,24 +343,23 @@ def test_gpu_rms_norm_folded_into_the_gemv_at_llama3_8b_shapes(n, k):
     new_residual = residual.clone()
     normed, _ = add_rms_norm_triton(x, new_residual, norm_weight, 1e-5)
     expected = F.linear(normed, weight)
-    for config in GEMV_CANDIDATES:
-        if config["BLOCK_M"] == 1:
-            residual_out = torch.empty_like(residual)
-            out = rms_norm_linear_triton(x, residual, residual_out, norm_weight, 1e-5, weight, None,
-                                         shapes={f"{n}x{k}": config})
-            assert_matmul_close(out, expected)
-            assert torch.equal(residual_out, new_residual)
+    for config in FOLD_CANDIDATES:
+        residual_out = torch.empty_like(residual)
+        out = rms_norm_linear_triton(x, residual, residual_out, norm_weight, 1e-5, weight, None,
+                                     shapes={f"{n}x{k}": config})
+        assert_matmul_close(out, expected)
+        assert torch.equal(residual_out, new_residual)
 
 
 @gpu
 @pytest.mark.parametrize("n,k", [(4096, 14336)])
 def test_gpu_silu_mul_folded_into_the_gemv_at_llama3_8b_shapes(n, k):
-    """Compiled, bfloat16, every one-row GEMV candidate, down's shape: against SiLU·up's kernel then cuBLAS."""
+    """Compiled, bfloat16, every fold candidate, down's shape: against SiLU·up's kernel then cuBLAS."""
+    from kiln.builder.tuning import FOLD_CANDIDATES
     from kiln.kernels.activation import silu_mul_triton
 
     gate_up = torch.randn(1, 2 * k, device=DEVICE, dtype=torch.bfloat16)
     _, weight, _ = dense_case(1, n, k, torch.bfloat16)
     expected = F.linear(silu_mul_triton(gate_up), weight)
-    for config in GEMV_CANDIDATES:
-        if config["BLOCK_M"] == 1:
-            assert_matmul_close(silu_mul_linear_triton(gate_up, weight, None, shapes={f"{n}x{k}": config}), expected)
+    for config in FOLD_CANDIDATES:
+        assert_matmul_close(silu_mul_linear_triton(gate_up, weight, None, shapes={f"{n}x{k}": config}), expected)

@@ -67,6 +67,11 @@ CONTEXT_CANDIDATES = [{"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages":
                       for m, n, w, s in ((64, 64, 4, 2), (64, 32, 4, 3), (128, 64, 8, 2), (128, 32, 4, 3))]
 DECODE_KERNEL_CANDIDATES = [{"BLOCK_N": n, "num_warps": w, "num_stages": 2} for n, w in ((32, 4), (64, 4), (32, 2))]
 DECODE_SPLITS = (1, 2, 4, 8, 16, 32)
+# A fold (rms_norm_linear, silu_mul_linear): the one-row GEMV's candidates and wider column blocks, since
+# every program computes the block's values for the whole row again (fewer programs: less of that).
+FOLD_CANDIDATES = [c for c in GEMV_CANDIDATES if c["BLOCK_M"] == 1] + [
+    {"BLOCK_M": 1, "BLOCK_N": n, "BLOCK_K": k, "num_warps": w, "num_stages": 1}
+    for n, k, w in ((16, 2048, 8), (32, 1024, 8), (32, 512, 4))]
 # Splits beyond this many programs per SM only add reduction work: the batch already fills the GPU.
 MAX_DECODE_PROGRAMS_PER_SM = 8
 # Keys of one decode tuning batch at most (2 GiB of K and V for an 8B model's layer): the context length
@@ -325,7 +330,7 @@ class TuningRun:
     def tune_fold(self, op: str, shapes: Collection[tuple[int, int]], dense: dict[str, Any]) -> dict[str, Any]:
         """Per weight shape (of MIN_TUNED_MATMUL_BYTES or more) the block before a Linear feeds (``op``:
         rms_norm_linear, an RMSNorm; silu_mul_linear, SiLU·up), at one row: the block folded into the GEMV
-        with each one-row candidate, against its kernel and then dense_linear with its plan config ``dense``
+        with each of FOLD_CANDIDATES, against its kernel and then dense_linear with its plan config ``dense``
         (kept on a tie); a fold whose product is not the reference's within the dtype's rounding is passed
         over. The plan config lists the shapes that fold."""
         chosen: dict[str, dict[str, int]] = {}
@@ -341,7 +346,7 @@ class TuningRun:
             else:
                 inputs = timed = (self.randn(1, 2 * k),)
                 expected = silu_mul_linear_ref(inputs[0], weight, None)
-            best = _fastest([{}] + [c for c in GEMV_CANDIDATES if c["BLOCK_M"] == 1],
+            best = _fastest([{}] + FOLD_CANDIDATES,
                             [partial(_fold_candidate, op, timed, weight, dense)], f"{op} {n}x{k}",
                             accept=lambda c: not c or _agrees(_fold_candidate(op, inputs, weight, dense, **c),
                                                               expected))
