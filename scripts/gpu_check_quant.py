@@ -8,9 +8,6 @@ Phases:
   tuning   an engine built for sm90 with the GPU hidden (kernel plan untuned) tunes at its first load on
            the GPU, saves the plan, and the second load does nothing (issue 15 part 4);
   sampler  a step's sampling over Llama-3's vocabulary at 1 and 512 rows, by part (sampler_costs);
-  folds    at one row, the build's own timing (tuning._median_ms: a CUDA graph, L2 flushed) of the norm /
-           SiLU·up kernel and the GEMV apart against each candidate with the block folded into the GEMV,
-           at qkv and gate_up (RMSNorm) and down (SiLU·up);
   gemv     weight bandwidth of the batch-1 matmuls (W4A16, W8A16, FP8 W8A16 GEMV, dense bf16) at
            Llama-3-8B shapes against the copy bandwidth measured in the same run;
   none / fp8 / int8_wo / int4_wo
@@ -123,32 +120,6 @@ def gemv_bandwidth() -> None:
     torch.cuda.empty_cache()
 
 
-def fold_costs() -> None:
-    """us of each fold candidate and of the two kernels apart (the GEMV with its default one-row config)."""
-    from functools import partial
-
-    from kiln.builder import tuning
-    from kiln.kernels.gemv import DEFAULT_GEMV_CONFIGS
-
-    shapes = {"rms_norm_linear": {"qkv": SHAPES["qkv"], "gate_up": SHAPES["gate_up"]},
-              "silu_mul_linear": {"down": SHAPES["down"]}}
-    run = tuning.TuningRun(AutoModelForCausalLM.from_preset(PRESET).config, BuildConfig(), torch.bfloat16, 1,
-                           torch.device("cuda"))
-    for op, named in shapes.items():
-        for name, (n, k) in named.items():
-            weight = run.randn(n, k) * k ** -0.5
-            inputs = (run.randn(1, k), run.randn(1, k), run.randn(k)) if op == "rms_norm_linear" else \
-                (run.randn(1, 2 * k),)
-            dense = {"shapes": {f"{n}x{k}": {"1": {"BLOCK_M": 1, **DEFAULT_GEMV_CONFIGS[1]}}}}
-            times = {"apart": tuning._median_ms(partial(tuning._fold_candidate, op, inputs, weight, dense))}
-            for c in tuning.FOLD_CANDIDATES:
-                times[f"N{c['BLOCK_N']}K{c['BLOCK_K']}w{c['num_warps']}"] = tuning._median_ms(
-                    partial(tuning._fold_candidate, op, inputs, weight, dense, **c))
-            for config, ms in times.items():
-                RESULTS[f"fold_{name}_{config}_us"] = ms * 1e3
-            del weight
-
-
 FIGURES = ("b1_nopdl", "b1", "b16", "ttft", "128_128", "128_128_sampled", "2048_128", "profile", "profile16")
 
 
@@ -248,9 +219,8 @@ def engine_phase(quant: str, tmp: Path, out: Path, figures: set[str], max_batch_
     engine = load_engine(engine_dir, verify=False, progress=False)
     engine_load_s = time.perf_counter() - t0
     # The weight shapes whose build timing moved them off their default kernel: the GEMV instead of cuBLAS
-    # for an unquantized weight (with its row buckets), other tiles for a weight-only one, the norm or
-    # SiLU·up folded into the one-row GEMV.
-    for op in ("dense_linear", "weight_only_linear", "rms_norm_linear", "silu_mul_linear"):
+    # for an unquantized weight (with its row buckets), other tiles for a weight-only one.
+    for op in ("dense_linear", "weight_only_linear"):
         tuned = engine.manifest.kernel_plan.get(op, {}).get("config", {}).get("shapes", {})
         if op in engine.manifest.kernel_plan:
             buckets = {shape: ":" + "+".join(tuned[shape]) if op == "dense_linear" else "" for shape in tuned}
@@ -328,7 +298,7 @@ def main() -> None:
     RESULTS["torch"] = torch.__version__
     gpu_bench.measure_ceilings()
     phases = {"tests": lambda: run_tests(out), "tuning": lambda: first_load_tuning(tmp), "gemv": gemv_bandwidth,
-              "sampler": sampler_costs, "folds": fold_costs}
+              "sampler": sampler_costs}
     for phase in args.phases.split(","):
         log(phase)
         try:

@@ -1,12 +1,10 @@
 """The GEMV for dense (16-bit) weights and the ``dense_linear`` op: the kernel against F.linear in the
 interpreter, the op's choice between it and cuBLAS by the plan's shapes, the blocks that call it, and the
-build's timing that fills the plan; the same for ``rms_norm_linear`` and ``silu_mul_linear``, the one-row
-GEMV with the RMSNorm or SiLU·up before it folded in. The kernel's FP8 use is test_fp8.py's."""
+build's timing that fills the plan. The kernel's FP8 use is test_fp8.py's."""
 
 from __future__ import annotations
 
 import logging
-from collections import Counter
 
 import pytest
 import torch
@@ -15,15 +13,11 @@ import torch.nn.functional as F
 from conftest import DEVICE, gpu
 from kiln.config import BuildConfig
 from kiln.convert import AutoModelForCausalLM
-from kiln.convert.converter import dummy_weights
-from kiln.kernels import OPS, KernelOps, reference_plan
+from kiln.kernels import KernelOps, reference_plan
 from kiln.kernels import gemv as gemv_module
 from kiln.kernels.gemv import GEMV_CANDIDATES, dense_linear_ref, dense_linear_triton, gemv
-from kiln.kernels.activation import silu_mul_linear_ref, silu_mul_linear_triton
-from kiln.kernels.norm import rms_norm_linear_ref, rms_norm_linear_triton
-from kiln.layers import LayerContext, kernel_ops_of, linear_method, load_parameters, matmul_shapes
-from kiln.models import create_model, model_skeleton
-from test_fp8_fused_quantization import CONFIGS, counting_calls, forward
+from kiln.layers import kernel_ops_of, matmul_shapes
+from kiln.models import model_skeleton
 
 pytest.importorskip("triton")
 
@@ -97,16 +91,13 @@ def test_the_blocks_that_multiply_16_bit_weights_declare_dense_linear_at_their_s
     hidden, inter, vocab = config.hidden_size, config.intermediate_size, config.vocab_size
     qkv = (config.num_heads + 2 * config.num_kv_heads) * config.head_dim
     none = model_skeleton(config, BuildConfig(quantization="none"), torch.bfloat16)
-    assert {"dense_linear", "rms_norm_linear"} <= set(kernel_ops_of(none))
+    assert "dense_linear" in kernel_ops_of(none)
     assert matmul_shapes(none) == {"dense_linear": tuple(sorted({(qkv, hidden), (hidden, hidden), (2 * inter, hidden),
-                                                                 (hidden, inter), (vocab, hidden)})),
-                                   "rms_norm_linear": ((qkv, hidden), (2 * inter, hidden)),  # the norms feed these
-                                   "silu_mul_linear": ((hidden, inter),)}  # and SiLU·up down
+                                                                 (hidden, inter), (vocab, hidden)}))}
     linears = tuple(sorted({(qkv, hidden), (hidden, hidden), (2 * inter, hidden), (hidden, inter)}))
     for quantization in ("fp8", "int8_wo", "int4_wo"):
         quantized = model_skeleton(config, BuildConfig(quantization=quantization), torch.bfloat16)
         assert "dense_linear" in kernel_ops_of(quantized)
-        assert not {"rms_norm_linear", "silu_mul_linear"} & set(kernel_ops_of(quantized))
         assert matmul_shapes(quantized) == ({"dense_linear": ((vocab, hidden),)} if quantization == "fp8" else
                                             {"dense_linear": ((vocab, hidden),), "weight_only_linear": linears})
     assert KernelOps(reference_plan()).dense_linear is dense_linear_ref
@@ -209,157 +200,3 @@ def test_gpu_tuning_times_dense_linear_at_llama3_8b_shapes_and_its_choice_runs()
         x, weight, _ = dense_case(16, n, k, torch.bfloat16)
         for rows in (1, 7, 16):
             assert_matmul_close(dense_linear_triton(x[:rows], weight, None, **plan), F.linear(x[:rows], weight))
-
-
-# ---- the RMSNorm folded into the one-row GEMV ------------------------------------------------------------
-ONE_ROW_CONFIGS = [c for _, c in GEMV_CASES if c["BLOCK_M"] == 1]
-
-
-@pytest.mark.parametrize("config", ONE_ROW_CONFIGS, ids=["N4K128", "N8K64"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("has_residual", [False, True], ids=["first_layer", "residual"])
-def test_rms_norm_folded_into_the_gemv_is_the_norm_then_the_linear(config, dtype, has_residual,
-                                                                   rounding_bf16_casts):
-    """Odd N (37) and K (300: a partial K step in both of the kernel's passes), with a bias: the product
-    within the matmul's tolerance of add_rms_norm_ref then F.linear, and the new residual bit for bit
-    (the residual read is left as it was)."""
-    x, weight, bias = dense_case(1, 37, 300, dtype)
-    residual = torch.randn(1, 300, device=DEVICE).to(dtype) if has_residual else None
-    norm_weight = torch.empty(300, device=DEVICE).uniform_(0.5, 1.5).to(dtype)
-    expected_out = torch.empty_like(residual) if has_residual else None
-    expected = rms_norm_linear_ref(x, residual, expected_out, norm_weight, 1e-5, weight, bias)
-    before = residual.clone() if has_residual else None
-    residual_out = torch.full_like(residual, float("nan")) if has_residual else None
-    out = rms_norm_linear_triton(x, residual, residual_out, norm_weight, 1e-5, weight, bias,
-                                 shapes={"37x300": config})
-    assert_matmul_close(out, expected)
-    if has_residual:
-        assert torch.equal(residual_out, expected_out) and torch.equal(residual, before)
-
-
-def dense_model(config, ops: KernelOps, dtype: torch.dtype = torch.float32):
-    """The model unquantized with dummy weights (norm weights not all ones, so a weight applied wrongly shows)."""
-    build = BuildConfig(quantization="none")
-    weights = dict(dummy_weights(model_skeleton(config, build, dtype), DEVICE))
-    for name, tensor in weights.items():
-        if name.endswith("norm.weight"):
-            tensor.uniform_(0.5, 1.5)
-    model = create_model(config, LayerContext(ops, linear_method("none", build), dtype, DEVICE), max_positions=64)
-    load_parameters(model, weights)
-    return model
-
-
-def folding_plan(shapes: dict[str, list[tuple[int, int]]]) -> dict:
-    """The reference plan, but the fold ops in Triton, each listing its ``shapes`` with a one-row GEMV config."""
-    return {**reference_plan(OPS), **{op: {"impl": "triton", "config": {"shapes": {
-        f"{n}x{k}": ONE_ROW_CONFIGS[0] for n, k in op_shapes}}} for op, op_shapes in shapes.items()}}
-
-
-@pytest.mark.parametrize("config", ONE_ROW_CONFIGS, ids=["N4K128", "N8K64"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-def test_silu_mul_folded_into_the_gemv_is_silu_mul_then_the_linear(config, dtype, rounding_bf16_casts):
-    """gate_up [1, 2 * 300] into a [37, 300] weight with a bias: within the matmul's tolerance of
-    silu_mul_ref then F.linear."""
-    gate_up = torch.randn(1, 600, device=DEVICE).to(dtype)
-    _, weight, bias = dense_case(1, 37, 300, dtype)
-    assert_matmul_close(silu_mul_linear_triton(gate_up, weight, bias, shapes={"37x300": config}),
-                        silu_mul_linear_ref(gate_up, weight, bias))
-
-
-@pytest.mark.parametrize("family", ["llama", "qwen3"])
-def test_a_one_row_step_folds_the_norms_and_silu_mul_into_the_gemvs_they_feed(family, monkeypatch):
-    """A one-token forward with rms_norm_linear listing qkv's and gate_up's shapes and silu_mul_linear
-    down's: every layer's two norms fold into those GEMVs (the first attn_norm without a residual) and
-    SiLU·up into down's; only the final norm (the LM head's) runs its kernel; the logits are the reference
-    plan's. Two rows, or a plan that lists no shape or predates the ops, fold nothing."""
-    config = CONFIGS[family]
-    qkv = ((config.num_heads + 2 * config.num_kv_heads) * config.head_dim, config.hidden_size)
-    gate_up = (2 * config.intermediate_size, config.hidden_size)
-    down = (config.hidden_size, config.intermediate_size)
-    reference = dense_model(config, KernelOps(reference_plan(OPS)))
-    ops = KernelOps(folding_plan({"rms_norm_linear": [qkv, gate_up], "silu_mul_linear": [down]}))
-    model = dense_model(config, ops)
-    model.load_state_dict(reference.state_dict())
-    calls = Counter()
-    counting_calls(monkeypatch, ops, calls)
-    torch.testing.assert_close(forward(model, config, [1]), forward(reference, config, [1]), rtol=1e-5, atol=1e-5)
-    per_head_norms = 2 * config.num_layers if family == "qwen3" else 0  # q and k norms: not a Linear's input
-    assert calls["rms_norm_linear"] == 2 * config.num_layers and calls["add_rms_norm"] == 1
-    assert calls["silu_mul_linear"] == config.num_layers and calls["silu_mul"] == 0
-    assert calls["rms_norm"] == per_head_norms
-    calls.clear()
-    torch.testing.assert_close(forward(model, config, [2]), forward(reference, config, [2]), rtol=1e-5, atol=1e-5)
-    assert calls["rms_norm_linear"] == calls["silu_mul_linear"] == 0
-    assert calls["add_rms_norm"] == 2 * config.num_layers and calls["silu_mul"] == config.num_layers
-    no_fold_ops = [op for op in OPS if op not in ("rms_norm_linear", "silu_mul_linear")]
-    for plan in (folding_plan({"rms_norm_linear": [], "silu_mul_linear": []}), reference_plan(no_fold_ops)):
-        linears = [m for m in dense_model(config, KernelOps(plan)).modules() if hasattr(m, "folds")]
-        assert not any(linear.folds(op, torch.empty(1, 1)) for linear in linears
-                       for op in ("rms_norm_linear", "silu_mul_linear"))
-
-
-@pytest.mark.parametrize("op,k", [("rms_norm_linear", 64), ("silu_mul_linear", 64)])
-def test_tuning_folds_where_the_fold_is_faster_and_agrees(op, k, monkeypatch, caplog):
-    """Fake times: the block's kernel and dense_linear apart 10; a fold 12 - BLOCK_N / 4 up to BLOCK_N 16 (wins
-    at 8; BLOCK_N 4 loses at 11), 20 above. A weight below MIN_TUNED_MATMUL_BYTES is not timed; a fold whose product is
-    wrong is passed over with a warning; where apart is faster, nothing folds."""
-    from kiln.builder import tuning
-
-    timed = []
-
-    def fake_median_ms(fn):
-        timed.append(fn.keywords)
-        if not fn.keywords:
-            return 10.0
-        return 12.0 - fn.keywords["BLOCK_N"] / 4 if fn.keywords["BLOCK_N"] <= 16 else 20.0
-
-    monkeypatch.setattr(tuning, "_median_ms", fake_median_ms)
-    monkeypatch.setattr(tuning, "MIN_TUNED_MATMUL_BYTES", 48 * k * 4)
-    config = AutoModelForCausalLM.from_preset("llama-3-8b").config
-    build = BuildConfig(max_batch_size=16, max_input_len=16, max_seq_len=32, max_num_tokens=32)
-    run = tuning.TuningRun(config, build, torch.float32, num_sms=1, device=DEVICE)
-    winner = next(c for c in tuning.FOLD_CANDIDATES if c["BLOCK_N"] == 16)
-    assert run.tune_fold(op, [(48, k), (48, k // 2)], {}) == {"shapes": {f"48x{k}": winner}}
-    assert timed == [{}] + tuning.FOLD_CANDIDATES  # 48 x k / 2: not timed
-    monkeypatch.setattr(tuning, "gemv", lambda x, w, **config: F.linear(x[..., :w.shape[1]], w))  # skips the block
-    with caplog.at_level(logging.WARNING):
-        assert run.tune_fold(op, [(48, k)], {}) == {}
-    assert "disagrees with the default's results; passed over" in caplog.text
-    monkeypatch.setattr(tuning, "_median_ms", lambda fn: 20.0 if fn.keywords else 10.0)  # apart is faster
-    assert run.tune_fold(op, [(48, k)], {}) == {}
-
-
-@gpu
-@pytest.mark.parametrize("n,k", [(6144, 4096), (28672, 4096)])
-def test_gpu_rms_norm_folded_into_the_gemv_at_llama3_8b_shapes(n, k):
-    """Compiled, bfloat16, every fold candidate, qkv's and gate_up's shapes: the product against the norm's
-    kernel then cuBLAS, the new residual bit for bit."""
-    from kiln.builder.tuning import FOLD_CANDIDATES
-    from kiln.kernels.norm import add_rms_norm_triton
-
-    x, weight, _ = dense_case(1, n, k, torch.bfloat16)
-    residual = torch.randn(1, k, device=DEVICE, dtype=torch.bfloat16)
-    norm_weight = torch.empty(k, device=DEVICE).uniform_(0.5, 1.5).to(torch.bfloat16)
-    new_residual = residual.clone()
-    normed, _ = add_rms_norm_triton(x, new_residual, norm_weight, 1e-5)
-    expected = F.linear(normed, weight)
-    for config in FOLD_CANDIDATES:
-        residual_out = torch.empty_like(residual)
-        out = rms_norm_linear_triton(x, residual, residual_out, norm_weight, 1e-5, weight, None,
-                                     shapes={f"{n}x{k}": config})
-        assert_matmul_close(out, expected)
-        assert torch.equal(residual_out, new_residual)
-
-
-@gpu
-@pytest.mark.parametrize("n,k", [(4096, 14336)])
-def test_gpu_silu_mul_folded_into_the_gemv_at_llama3_8b_shapes(n, k):
-    """Compiled, bfloat16, every fold candidate, down's shape: against SiLU·up's kernel then cuBLAS."""
-    from kiln.builder.tuning import FOLD_CANDIDATES
-    from kiln.kernels.activation import silu_mul_triton
-
-    gate_up = torch.randn(1, 2 * k, device=DEVICE, dtype=torch.bfloat16)
-    _, weight, _ = dense_case(1, n, k, torch.bfloat16)
-    expected = F.linear(silu_mul_triton(gate_up), weight)
-    for config in FOLD_CANDIDATES:
-        assert_matmul_close(silu_mul_linear_triton(gate_up, weight, None, shapes={f"{n}x{k}": config}), expected)

@@ -68,25 +68,20 @@ def compile_decode_kernels(capability: int) -> dict[str, str]:
     def ints(kernel, **pointers):
         return {**{name: "i32" for name in kernel.arg_names}, **pointers}
 
-    def gemv_types(**pointers):
-        return ints(_gemv_kernel, **{**{name: "*bf16" for name in ("x_ptr", "w_ptr", "w_scale_ptr", "bias_ptr",
-                                                                    "out_ptr")}, **pointers})
-
-    def gemv_constants(**options):
-        return {"HAS_SCALE": False, "HAS_BIAS": False, "NORM": False, "HAS_RESIDUAL": False, "SILU_MUL": False,
-                "BLOCK_M": 1, "BLOCK_N": 4, "BLOCK_K": 2048, "DOT_PRECISION": "tf32", **options}
-
     int4, int8 = TENSOR_CORE_CONFIGS[4][0], TENSOR_CORE_CONFIGS[8][0]
     kernels = {
-        "fp8_gemv": (_gemv_kernel, gemv_types(w_ptr="*fp8e4nv", w_scale_ptr="*fp32"),
-                     gemv_constants(HAS_SCALE=True), 4, 1),
-        "dense_gemv": (_gemv_kernel, gemv_types(), gemv_constants(HAS_BIAS=True, BLOCK_K=1024), 4, 1),
-        "add_rms_norm_gemv": (_gemv_kernel, gemv_types(residual_ptr="*bf16", residual_out_ptr="*bf16",
-                                                       norm_w_ptr="*bf16", eps="fp32"),
-                              gemv_constants(NORM=True, HAS_RESIDUAL=True), 4, 1),
-        "silu_mul_gemv": (_gemv_kernel, gemv_types(), gemv_constants(SILU_MUL=True), 4, 1),
-        "dense_gemv_16_rows": (_gemv_kernel, gemv_types(),
-                               gemv_constants(HAS_BIAS=True, BLOCK_M=16, BLOCK_N=16, BLOCK_K=512), 4, 3),
+        "fp8_gemv": (_gemv_kernel, ints(_gemv_kernel, x_ptr="*bf16", w_ptr="*fp8e4nv", w_scale_ptr="*fp32",
+                                        bias_ptr="*bf16", out_ptr="*bf16"),
+                     dict(HAS_SCALE=True, HAS_BIAS=False, BLOCK_M=1, BLOCK_N=4, BLOCK_K=2048, DOT_PRECISION="tf32"),
+                     4, 1),
+        "dense_gemv": (_gemv_kernel, ints(_gemv_kernel, x_ptr="*bf16", w_ptr="*bf16", w_scale_ptr="*bf16",
+                                          bias_ptr="*bf16", out_ptr="*bf16"),
+                       dict(HAS_SCALE=False, HAS_BIAS=True, BLOCK_M=1, BLOCK_N=4, BLOCK_K=1024, DOT_PRECISION="tf32"),
+                       4, 1),
+        "dense_gemv_16_rows": (_gemv_kernel, ints(_gemv_kernel, x_ptr="*bf16", w_ptr="*bf16", w_scale_ptr="*bf16",
+                                                  bias_ptr="*bf16", out_ptr="*bf16"),
+                               dict(HAS_SCALE=False, HAS_BIAS=True, BLOCK_M=16, BLOCK_N=16, BLOCK_K=512,
+                                    DOT_PRECISION="tf32"), 4, 3),
         "int4_gemv": (_int4_gemv_kernel, ints(_int4_gemv_kernel, x_ptr="*bf16", input_order_ptr="*i32", w_ptr="*i32",
                                               scales_ptr="*fp16", zeros_ptr="*u8", out_ptr="*bf16"),
                       dict(GROUP_SIZE=128, HAS_INPUT_ORDER=False, BLOCK_N=int4["BLOCK_N"],

@@ -7,10 +7,7 @@ runtime never tunes. Each op is timed at the sizes the runtime will see: decode 
 sequence, batch buckets 1, 2, 4, ... up to max_batch_size) and context batches (up to max_num_tokens);
 the ops that quantize for an FP8 Linear (``*_fp8``) only where they run, above MAX_GEMV_ROWS rows;
 ``dense_linear`` at each unquantized weight shape of the model and row bucket of the GEMV (1, and 2-16 rows),
-where cuBLAS competes with the GEMV's candidates and keeps the shape unless one is faster;
-``rms_norm_linear`` and ``silu_mul_linear`` at each unquantized weight an RMSNorm or SiLU·up feeds, one row,
-where that block's kernel followed by ``dense_linear`` (as just tuned) competes with the GEMV with the block
-folded in.
+where cuBLAS competes with the GEMV's candidates and keeps the shape unless one is faster.
 """
 
 from __future__ import annotations
@@ -32,12 +29,12 @@ from kiln.config import BuildConfig
 from kiln.errors import EngineError
 from kiln.kernels import LLAMA_OPS, OPS, check_ops, reference_plan
 from kiln.kernels.activation import (DEFAULT_GELU_CONFIG, DEFAULT_SILU_MUL_CONFIG, gelu_triton, silu_mul_fp8_triton,
-                                     silu_mul_linear_ref, silu_mul_triton)
+                                     silu_mul_triton)
 from kiln.kernels.attention import (DEFAULT_CONTEXT_CONFIG, AttentionMetadata, default_decode_config,
                                     paged_attention_triton)
-from kiln.kernels.gemv import GEMV_CANDIDATES, MAX_GEMV_ROWS, dense_linear_triton, gemv, shape_key
+from kiln.kernels.gemv import GEMV_CANDIDATES, MAX_GEMV_ROWS, gemv, shape_key
 from kiln.kernels.norm import (add_layer_norm_triton, add_rms_norm_fp8_triton, add_rms_norm_triton, default_norm_warps,
-                               layer_norm_triton, rms_norm_fp8_triton, rms_norm_linear_ref, rms_norm_triton)
+                               layer_norm_triton, rms_norm_fp8_triton, rms_norm_triton)
 from kiln.kernels.rotary import DEFAULT_ROTARY_CONFIG, rope_cos_sin, rotary_kv_write_triton
 from kiln.kernels.weight_only import DEFAULT_CONFIGS, weight_only_linear_triton
 from kiln.layers.linear import linear_method
@@ -67,11 +64,6 @@ CONTEXT_CANDIDATES = [{"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages":
                       for m, n, w, s in ((64, 64, 4, 2), (64, 32, 4, 3), (128, 64, 8, 2), (128, 32, 4, 3))]
 DECODE_KERNEL_CANDIDATES = [{"BLOCK_N": n, "num_warps": w, "num_stages": 2} for n, w in ((32, 4), (64, 4), (32, 2))]
 DECODE_SPLITS = (1, 2, 4, 8, 16, 32)
-# A fold (rms_norm_linear, silu_mul_linear): the one-row GEMV's candidates and wider column blocks, since
-# every program computes the block's values for the whole row again (fewer programs: less of that).
-FOLD_CANDIDATES = [c for c in GEMV_CANDIDATES if c["BLOCK_M"] == 1] + [
-    {"BLOCK_M": 1, "BLOCK_N": n, "BLOCK_K": k, "num_warps": w, "num_stages": 1}
-    for n, k, w in ((16, 2048, 8), (32, 1024, 8), (32, 512, 4))]
 # Splits beyond this many programs per SM only add reduction work: the batch already fills the GPU.
 MAX_DECODE_PROGRAMS_PER_SM = 8
 # Keys of one decode tuning batch at most (2 GiB of K and V for an 8B model's layer): the context length
@@ -126,8 +118,7 @@ def _default_configs(config: ModelConfig, build: BuildConfig, num_sms: int, ops:
                 "gelu": DEFAULT_GELU_CONFIG,
                 "rotary_kv_write": DEFAULT_ROTARY_CONFIG,
                 "attention": {"context": DEFAULT_CONTEXT_CONFIG, "decode": decode},
-                "dense_linear": {},  # cuBLAS at every shape until timed
-                "rms_norm_linear": {}, "silu_mul_linear": {}}  # nothing folded until timed
+                "dense_linear": {}}  # cuBLAS at every shape until timed
     return {op: defaults[op] for op in OPS if op in ops}
 
 
@@ -186,24 +177,6 @@ def _launchable_ms(fn: Callable[[], Any], op: str) -> float:
 def _dense_candidate(x: torch.Tensor, weight: torch.Tensor, **config: Any) -> torch.Tensor:
     """A dense_linear candidate: the GEMV with ``config``, cuBLAS with none."""
     return gemv(x, weight, **config) if config else F.linear(x, weight)
-
-
-def _fold_candidate(op: str, inputs: tuple[torch.Tensor, ...], weight: torch.Tensor, dense: dict[str, Any],
-                    **config: Any) -> torch.Tensor:
-    """A candidate of a fold op (rms_norm_linear: ``inputs`` x, residual, norm weight; silu_mul_linear:
-    gate_up) at one row: the GEMV with the block folded in with ``config``; with none, the block's kernel
-    and then ``dense_linear`` with its plan config ``dense`` (the two ops the fold replaces)."""
-    if op == "rms_norm_linear":
-        x, residual, norm_weight = inputs
-        if config:
-            return gemv(x, weight, norm=(residual, torch.empty_like(residual), norm_weight, TUNING_EPS), **config)
-        x, _ = add_rms_norm_triton(x, residual, norm_weight, TUNING_EPS)
-    else:
-        (x,) = inputs
-        if config:
-            return gemv(x, weight, silu_mul=True, **config)
-        x = silu_mul_triton(x)
-    return dense_linear_triton(x, weight, None, **dense)
 
 
 def _weight_only_candidate(x: torch.Tensor, operands: tuple, **config: Any) -> torch.Tensor:
@@ -288,17 +261,9 @@ class TuningRun:
                                                 "rotary_kv_write"),
             "attention": lambda: {"context": self.tune_context(), "decode": self.tune_decode()},
             "dense_linear": lambda: self.tune_dense_linear(shapes.get("dense_linear", ())),
-            "rms_norm_linear": lambda: self.tune_fold("rms_norm_linear", shapes.get("rms_norm_linear", ()),
-                                                      configs.get("dense_linear", {})),
-            "silu_mul_linear": lambda: self.tune_fold("silu_mul_linear", shapes.get("silu_mul_linear", ()),
-                                                      configs.get("dense_linear", {})),
             "weight_only_linear": lambda: self.tune_weight_only_linear(shapes.get("weight_only_linear", ())),
         }
-        configs: dict[str, Any] = {}
-        for op in OPS:  # in order: the folds are timed against dense_linear's tuned config
-            if op in ops:
-                configs[op] = tuners[op]()
-        return configs
+        return {op: tuners[op]() for op in OPS if op in ops}
 
     def tune_dense_linear(self, shapes: Collection[tuple[int, int]]) -> dict[str, Any]:
         """Per weight shape (of MIN_TUNED_MATMUL_BYTES or more) and row bucket ("1": one row; "16": 2 to 16,
@@ -324,34 +289,6 @@ class TuningRun:
                                                               for x in xs))
                 if best:
                     chosen.setdefault(shape_key(n, k), {})[bucket] = best
-            del weight
-        return {"shapes": chosen} if chosen else {}
-
-    def tune_fold(self, op: str, shapes: Collection[tuple[int, int]], dense: dict[str, Any]) -> dict[str, Any]:
-        """Per weight shape (of MIN_TUNED_MATMUL_BYTES or more) the block before a Linear feeds (``op``:
-        rms_norm_linear, an RMSNorm; silu_mul_linear, SiLU·up), at one row: the block folded into the GEMV
-        with each of FOLD_CANDIDATES, against its kernel and then dense_linear with its plan config ``dense``
-        (kept on a tie); a fold whose product is not the reference's within the dtype's rounding is passed
-        over. The plan config lists the shapes that fold."""
-        chosen: dict[str, dict[str, int]] = {}
-        for n, k in shapes:
-            if n * k * self.dtype.itemsize < MIN_TUNED_MATMUL_BYTES:
-                continue
-            weight = self.randn(n, k) * k ** -0.5
-            if op == "rms_norm_linear":
-                inputs = (self.randn(1, k), self.randn(1, k), self.randn(k))
-                expected = rms_norm_linear_ref(inputs[0], inputs[1], torch.empty_like(inputs[1]), inputs[2],
-                                               TUNING_EPS, weight, None)
-                timed = (inputs[0], inputs[1].clone(), inputs[2])  # the norm's kernel adds to the residual in place
-            else:
-                inputs = timed = (self.randn(1, 2 * k),)
-                expected = silu_mul_linear_ref(inputs[0], weight, None)
-            best = _fastest([{}] + FOLD_CANDIDATES,
-                            [partial(_fold_candidate, op, timed, weight, dense)], f"{op} {n}x{k}",
-                            accept=lambda c: not c or _agrees(_fold_candidate(op, inputs, weight, dense, **c),
-                                                              expected))
-            if best:
-                chosen[shape_key(n, k)] = best
             del weight
         return {"shapes": chosen} if chosen else {}
 

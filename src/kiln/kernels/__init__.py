@@ -5,10 +5,8 @@ have Triton implementations registered beside it. The plan maps op name -> {"imp
 The ``*_fp8`` ops are their plain op with its output quantized per token to e4m3 (an Fp8Activation), for
 the FP8 Linear it feeds: blocks call them only where that Linear's method wants its input so.
 ``dense_linear`` is the matmul of an unquantized weight (the engine dtype's): cuBLAS, or the GEMV for the shapes and row
-counts the build timed it faster at (its config lists them); ``rms_norm_linear`` the same GEMV at one row
-with the RMSNorm before it folded in, ``silu_mul_linear`` with SiLU·up, each at the shapes where the build
-timed that faster than the two ops apart;
-``weight_only_linear`` an INT8 / INT4 one, with the launch configs the build timed per shape.
+counts the build timed it faster at (its config lists them); ``weight_only_linear`` an INT8 / INT4 one,
+with the launch configs the build timed per shape.
 """
 
 from __future__ import annotations
@@ -19,25 +17,20 @@ from collections.abc import Callable, Collection
 from typing import Any
 
 from kiln.errors import EngineError
-from kiln.kernels.activation import gelu_ref, silu_mul_fp8_ref, silu_mul_linear_ref, silu_mul_ref
+from kiln.kernels.activation import gelu_ref, silu_mul_fp8_ref, silu_mul_ref
 from kiln.kernels.attention import AttentionMetadata, paged_attention_ref
 from kiln.kernels.gemv import dense_linear_ref
 from kiln.kernels.norm import (add_layer_norm_ref, add_rms_norm_fp8_ref, add_rms_norm_ref, layer_norm_ref,
-                               rms_norm_fp8_ref, rms_norm_linear_ref, rms_norm_ref)
+                               rms_norm_fp8_ref, rms_norm_ref)
 from kiln.kernels.rotary import rotary_kv_write_ref
 from kiln.kernels.weight_only import weight_only_linear_ref
 
 OPS = ("rms_norm", "add_rms_norm", "rms_norm_fp8", "add_rms_norm_fp8", "layer_norm", "add_layer_norm", "silu_mul",
-       "silu_mul_fp8", "gelu", "rotary_kv_write", "attention", "dense_linear", "rms_norm_linear", "silu_mul_linear",
-       "weight_only_linear")
-
-# The ops that multiply a weight: the build times them at each weight shape the model multiplies through them.
-MATMUL_OPS = ("dense_linear", "rms_norm_linear", "silu_mul_linear", "weight_only_linear")
+       "silu_mul_fp8", "gelu", "rotary_kv_write", "attention", "dense_linear", "weight_only_linear")
 
 # The ops of the Llama-family decoder (Llama, Mistral, Qwen2): what a plan covers unless told the ops
 # its model calls (GPT-J: layer_norm, add_layer_norm, gelu, rotary_kv_write, attention, dense_linear).
-LLAMA_OPS = ("rms_norm", "add_rms_norm", "silu_mul", "rotary_kv_write", "attention", "dense_linear", "rms_norm_linear",
-             "silu_mul_linear")
+LLAMA_OPS = ("rms_norm", "add_rms_norm", "silu_mul", "rotary_kv_write", "attention", "dense_linear")
 
 _REFERENCE: dict[str, Callable] = {
     "rms_norm": rms_norm_ref,
@@ -52,8 +45,6 @@ _REFERENCE: dict[str, Callable] = {
     "rotary_kv_write": rotary_kv_write_ref,
     "attention": paged_attention_ref,
     "dense_linear": dense_linear_ref,
-    "rms_norm_linear": rms_norm_linear_ref,
-    "silu_mul_linear": silu_mul_linear_ref,
     "weight_only_linear": weight_only_linear_ref,
 }
 
@@ -105,13 +96,9 @@ class KernelOps:
         a block with a choice (the ``*_fp8`` ops) keeps to the ops the plan names instead."""
         return op in self.plan
 
-    def config(self, op: str) -> dict[str, Any]:
-        """The launch config the plan gives ``op`` (empty where it gives none)."""
-        return self.plan.get(op, {}).get("config") or {}
-
     @property
     def uses_triton(self) -> bool:
         return any(self.plan.get(op, {}).get("impl") == "triton" for op in OPS)
 
 
-__all__ = ["AttentionMetadata", "KernelOps", "LLAMA_OPS", "MATMUL_OPS", "OPS", "check_ops", "reference_plan"]
+__all__ = ["AttentionMetadata", "KernelOps", "LLAMA_OPS", "OPS", "check_ops", "reference_plan"]

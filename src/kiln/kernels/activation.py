@@ -4,9 +4,7 @@ first, then up), and GELU (exact or tanh-approximated) over an ungated projectio
 SiLU·up also comes quantized to e4m3 per token (``silu_mul_fp8``) for an FP8 down projection that would
 quantize its input itself: the product, rounded to the input dtype as ``silu_mul`` writes it, is
 quantized in the kernel's epilogue (kiln.kernels.fp8's ``fp8_row_scales`` / ``to_fp8``), bit for bit
-``silu_mul`` followed by quantize_fp8_per_token, with no quantization kernel after it. And it folds into
-the one-row GEMV of an unquantized down projection (``silu_mul_linear``): batch-1 decode then runs no
-SiLU·up kernel, the GEMV computing silu(gate) * up from the gate/up output as it reads it.
+``silu_mul`` followed by quantize_fp8_per_token, with no quantization kernel after it.
 """
 
 from __future__ import annotations
@@ -15,7 +13,6 @@ import torch
 import torch.nn.functional as F
 
 from kiln.kernels.fp8 import FP8_CONSTEXPRS, fp8_row_scales, to_fp8
-from kiln.kernels.gemv import dense_linear_ref, gemv, shape_key, silu_mul_tile
 from kiln.kernels.norm import default_norm_warps
 from kiln.kernels.triton_jit import jit, next_power_of_2, pdl_launch, tl, wait_for_producer
 from kiln.quantization.fp8 import FP8_DTYPE, Fp8Activation, quantize_fp8_per_token
@@ -24,11 +21,6 @@ from kiln.quantization.fp8 import FP8_DTYPE, Fp8Activation, quantize_fp8_per_tok
 def silu_mul_ref(gate_up: torch.Tensor) -> torch.Tensor:
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
-
-
-def silu_mul_linear_ref(gate_up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """dense_linear_ref of silu_mul_ref's output: SiLU·up and the Linear after it (down), as one op."""
-    return dense_linear_ref(silu_mul_ref(gate_up), weight, bias)
 
 
 def silu_mul_fp8_ref(gate_up: torch.Tensor) -> Fp8Activation:
@@ -52,13 +44,23 @@ def gelu_ref(x: torch.Tensor, approximate: str) -> torch.Tensor:
 
 
 @jit
+def _silu_mul(gate_ptrs, mask, num_cols):
+    """silu(gate) * up of the gate columns at gate_ptrs (up num_cols further), in the input dtype."""
+    gate = tl.load(gate_ptrs, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(gate_ptrs + num_cols, mask=mask, other=0.0)
+    # Rounded to the input dtype before the product, as F.silu(gate) * up does.
+    silu = (gate * tl.sigmoid(gate)).to(up.dtype).to(tl.float32)
+    return (silu * up.to(tl.float32)).to(up.dtype)
+
+
+@jit
 def _silu_mul_kernel(gate_up_ptr, gate_up_row_stride, out_ptr, num_cols, BLOCK: tl.constexpr, PDL: tl.constexpr):
     """Program (row, column block): out[row, cols] = silu(gate[row, cols]) * up[row, cols]."""
     wait_for_producer(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < num_cols
-    out = silu_mul_tile(gate_up_ptr + row * gate_up_row_stride + cols, mask, num_cols)
+    out = _silu_mul(gate_up_ptr + row * gate_up_row_stride + cols, mask, num_cols)
     tl.store(out_ptr + row * num_cols + cols, out, mask=mask)
 
 
@@ -80,7 +82,7 @@ def _silu_mul_fp8_kernel(gate_up_ptr, gate_up_row_stride, out_ptr, scale_ptr, nu
     row = tl.program_id(0).to(tl.int64) + tl.arange(0, 1)[:, None]
     cols = tl.arange(0, BLOCK)[None, :]
     mask = cols < num_cols
-    out = silu_mul_tile(gate_up_ptr + row * gate_up_row_stride + cols, mask, num_cols).to(tl.float32)
+    out = _silu_mul(gate_up_ptr + row * gate_up_row_stride + cols, mask, num_cols).to(tl.float32)
     scale = fp8_row_scales(out, FP8_MAX_INV, MIN_AMAX)[:, None]
     tl.store(scale_ptr + row, scale)
     tl.store(out_ptr + row * num_cols + cols, to_fp8(out, scale, FP8_MAX), mask=mask)
@@ -150,11 +152,3 @@ def gelu_triton(x: torch.Tensor, approximate: str, BLOCK: int = DEFAULT_GELU_CON
                                                         IS_TANH=approximate == "tanh", BLOCK=BLOCK,
                                                         num_warps=num_warps, **pdl_launch(x.device))
     return out
-
-
-def silu_mul_linear_triton(gate_up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                           shapes: dict[str, dict[str, int]] | None = None) -> torch.Tensor:
-    """As silu_mul_linear_ref for one row, in one kernel: the GEMV taking silu(gate) * up as its input, at
-    the launch config the plan lists for this weight's shape (``shapes``, made by the build's timing; a
-    Linear folds SiLU·up only where it lists one: DenseLinearMethod.folds)."""
-    return gemv(gate_up, weight, None, bias, silu_mul=True, **shapes[shape_key(*weight.shape)])

@@ -17,70 +17,17 @@ from kiln.kernels.triton_jit import jit, pdl_launch, tl, wait_for_producer
 
 
 @jit
-def _gemv_step(w, x_ptrs, k_mask, K, residual_ptrs, norm_w_ptrs, rstd, NORM: tl.constexpr,
-               HAS_RESIDUAL: tl.constexpr, SILU_MUL: tl.constexpr):
-    """A [BLOCK_N, BLOCK_K] weight tile times x's BLOCK_K inputs at x_ptrs (with NORM: the RMSNorm of x
-    plus the residual, _normed_inputs; with SILU_MUL: silu(gate) * up of the gate at x_ptrs, up K further),
-    summed along K per column."""
-    if NORM:
-        x = _normed_inputs(x_ptrs, k_mask, residual_ptrs, norm_w_ptrs, rstd, HAS_RESIDUAL)
-    elif SILU_MUL:
-        x = silu_mul_tile(x_ptrs, k_mask, K).to(tl.float32)
-    else:
-        x = tl.load(x_ptrs, mask=k_mask, other=0.0).to(tl.float32)
-    return tl.sum(w.to(tl.float32) * x[None, :], axis=1)
-
-
-@jit
-def silu_mul_tile(gate_ptrs, mask, num_cols):
-    """silu(gate) * up of the gate columns at gate_ptrs (up num_cols further), in the input dtype, rounded
-    as F.silu(gate) * up rounds: the SiLU·up kernels' values, and the down GEMV's with SILU_MUL."""
-    gate = tl.load(gate_ptrs, mask=mask, other=0.0).to(tl.float32)
-    up = tl.load(gate_ptrs + num_cols, mask=mask, other=0.0)
-    silu = (gate * tl.sigmoid(gate)).to(up.dtype).to(tl.float32)
-    return (silu * up.to(tl.float32)).to(up.dtype)
-
-
-@jit
-def _residual_sum(x_ptrs, k_mask, residual_ptrs, HAS_RESIDUAL: tl.constexpr):
-    """x + residual rounded to x's dtype, as add_rms_norm stores the new residual (x alone without one)."""
+def _gemv_step(w, x_ptrs, k_mask):
+    """A [BLOCK_N, BLOCK_K] weight tile times x's BLOCK_K inputs at x_ptrs, summed along K per column."""
     x = tl.load(x_ptrs, mask=k_mask, other=0.0)
-    if HAS_RESIDUAL:
-        x = (x.to(tl.float32) + tl.load(residual_ptrs, mask=k_mask, other=0.0).to(tl.float32)).to(x.dtype)
-    return x
-
-
-@jit
-def _normed_inputs(x_ptrs, k_mask, residual_ptrs, norm_w_ptrs, rstd, HAS_RESIDUAL: tl.constexpr):
-    """The RMSNorm's output at these inputs, in float32, rounded to x's dtype where the norm kernel
-    rounds (kiln.kernels.norm): (x + residual) * rstd, then times the norm's weight."""
-    h = _residual_sum(x_ptrs, k_mask, residual_ptrs, HAS_RESIDUAL)
-    normed = (h.to(tl.float32) * rstd).to(h.dtype).to(tl.float32)
-    norm_w = tl.load(norm_w_ptrs, mask=k_mask, other=0.0).to(tl.float32)
-    return (normed * norm_w).to(h.dtype).to(tl.float32)
-
-
-@jit
-def _rstd(x_ptr, residual_ptr, residual_out_ptr, K, eps, BLOCK_K: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
-    """1 / rms(x + residual) + eps over one row of K inputs, as the norm kernel computes it; program 0
-    of the row stores x + residual at residual_out_ptr (every program reads residual, so not in place)."""
-    ks = tl.arange(0, BLOCK_K)
-    sum_sq = tl.zeros([BLOCK_K], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k_mask = ks < K - k0
-        h = _residual_sum(x_ptr + k0 + ks, k_mask, residual_ptr + k0 + ks, HAS_RESIDUAL)
-        if HAS_RESIDUAL:
-            tl.store(residual_out_ptr + k0 + ks, h, mask=ks < tl.where(tl.program_id(0) == 0, K - k0, 0))
-        sum_sq += h.to(tl.float32) * h.to(tl.float32)
-    return tl.rsqrt(tl.sum(sum_sq, axis=0) / K + eps)
+    return tl.sum(w.to(tl.float32) * x.to(tl.float32)[None, :], axis=1)
 
 
 @jit(do_not_specialize=["num_rows"])
 def _gemv_kernel(x_ptr, x_row_stride, w_ptr, w_row_stride, w_scale_ptr, w_scale_stride, bias_ptr, out_ptr,
-                 out_row_stride, num_rows, N, K, residual_ptr, residual_out_ptr, norm_w_ptr, eps,
-                 HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-                 SILU_MUL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr, PDL: tl.constexpr):
+                 out_row_stride, num_rows, N, K, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                 PDL: tl.constexpr):
     """Program (column block, row block): out[rows, cols] = x[rows] @ (w[cols] * w_scale[cols]).T + bias
     (no scale without HAS_SCALE), summed in float32 over all of K by this program alone (no split-K, no
     second kernel). Weights are read [BLOCK_N, BLOCK_K] at a time along their contiguous K, converted
@@ -88,36 +35,23 @@ def _gemv_kernel(x_ptr, x_row_stride, w_ptr, w_row_stride, w_scale_ptr, w_scale_
     bfloat16 / float16) and scaled once per column in the epilogue.
     BLOCK_M == 1: products on the CUDA cores, summed along K every step into one float per column;
     BLOCK_M >= 16: tl.dot. With PDL (wait_for_producer) BLOCK_M == 1 reads its first weight tile before
-    waiting for the kernel that writes x: those bytes stream in while that kernel ends.
-    NORM (BLOCK_M == 1): x is first RMS-normalized (HAS_RESIDUAL: x + residual, which program 0 stores at
-    residual_out_ptr) with the weight at norm_w_ptr, as add_rms_norm / rms_norm would write it: each
-    program reads the row twice from L2 (the sum of squares, then the inputs), and no norm kernel runs.
-    SILU_MUL (BLOCK_M == 1): x is the gate/up projection's output [gate | up], 2K wide, and the inputs are
-    silu(gate) * up, as the SiLU·up kernel would write them: no SiLU·up kernel runs."""
+    waiting for the kernel that writes x: those bytes stream in while that kernel ends."""
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < N
     row0 = tl.program_id(1) * BLOCK_M
     ks = tl.arange(0, BLOCK_K)
     w_ptrs = w_ptr + cols.to(tl.int64)[:, None] * w_row_stride + ks[None, :]
     if BLOCK_M == 1:
-        x_row = x_ptr + row0.to(tl.int64) * x_row_stride
-        x_ptrs = x_row + ks
-        residual_row = residual_ptr + row0.to(tl.int64) * K  # NORM: the residual's rows are contiguous
-        residual_ptrs = residual_row + ks
+        x_ptrs = x_ptr + row0.to(tl.int64) * x_row_stride + ks
         w = tl.load(w_ptrs, mask=col_mask[:, None] & (ks < K)[None, :], other=0.0)
         wait_for_producer(PDL)
-        rstd = 0.0
-        if NORM:
-            rstd = _rstd(x_row, residual_row, residual_out_ptr + row0.to(tl.int64) * K, K, eps, BLOCK_K, HAS_RESIDUAL)
-        acc = _gemv_step(w, x_ptrs, ks < K, K, residual_ptrs, norm_w_ptr + ks, rstd, NORM, HAS_RESIDUAL, SILU_MUL)
+        acc = _gemv_step(w, x_ptrs, ks < K)
         for k0 in range(BLOCK_K, K, BLOCK_K):
             k_mask = ks < K - k0
             w = tl.load(w_ptrs + k0, mask=col_mask[:, None] & k_mask[None, :], other=0.0)
-            acc += _gemv_step(w, x_ptrs + k0, k_mask, K, residual_ptrs + k0, norm_w_ptr + k0 + ks, rstd, NORM,
-                              HAS_RESIDUAL, SILU_MUL)
+            acc += _gemv_step(w, x_ptrs + k0, k_mask)
         out = acc[None, :]
     else:
-        tl.static_assert(not NORM and not SILU_MUL, "the norm and SiLU·up fold into one-row GEMVs only")
         wait_for_producer(PDL)
         rows = row0 + tl.arange(0, BLOCK_M)
         row_mask = rows < num_rows
@@ -185,16 +119,12 @@ def default_gemv_config(num_rows: int) -> dict[str, int]:
 
 
 def gemv(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None = None, bias: torch.Tensor | None = None,
-         norm: tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor, float] | None = None,
-         silu_mul: bool = False, **config: Any) -> torch.Tensor:
+         **config: Any) -> torch.Tensor:
     """x [..., K] (16- or 32-bit) times w [N, K] (e4m3, or x's dtype), times ``w_scale`` ([N, 1] or 0-d
     float32; None: none), plus ``bias``. ``config``: BLOCK_M (1, or a power of two >= 16), BLOCK_N, BLOCK_K,
-    num_warps, num_stages; default_gemv_config(rows) for what is not given. ``norm`` (one row, BLOCK_M 1):
-    (residual or None, residual_out, norm weight, eps): x is first replaced by the RMSNorm of x + residual
-    (x alone without one), and x + residual is stored in residual_out (not with None). ``silu_mul`` (one
-    row, BLOCK_M 1): x is [..., 2K], gate then up, and the GEMV's input is silu(gate) * up."""
-    num_cols, n = x.shape[-1] // (2 if silu_mul else 1), w.shape[0]
-    rows = x.reshape(-1, x.shape[-1])
+    num_warps, num_stages; default_gemv_config(rows) for what is not given."""
+    num_cols, n = x.shape[-1], w.shape[0]
+    rows = x.reshape(-1, num_cols)
     assert rows.stride(-1) == 1 and w.stride(-1) == 1 and w.shape[1] == num_cols
     config = {**default_gemv_config(rows.shape[0]), **config}
     block_m, block_n = config.pop("BLOCK_M"), config["BLOCK_N"]
@@ -203,17 +133,10 @@ def gemv(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None = None, 
     if rows.shape[0] == 0:
         return out
     grid = (-(-n // block_n), -(-rows.shape[0] // block_m))
-    residual, residual_out, norm_weight, eps = norm or (None, None, None, 0.0)
-    if norm is not None or silu_mul:
-        assert block_m == 1 and (norm is None or not silu_mul)
-        assert norm is None or norm_weight.is_contiguous() and (residual is None or residual.is_contiguous())
     _gemv_kernel[grid](
         rows, rows.stride(0), w, w.stride(0), w_scale if w_scale is not None else w,
         0 if w_scale is None or w_scale.numel() == 1 else 1, bias if bias is not None else w, out.view(-1, n), n,
-        rows.shape[0], n, num_cols, residual if residual is not None else w,
-        residual_out if residual_out is not None else w, norm_weight if norm_weight is not None else w, eps,
-        HAS_SCALE=w_scale is not None, HAS_BIAS=bias is not None, NORM=norm is not None,
-        HAS_RESIDUAL=residual is not None, SILU_MUL=silu_mul, BLOCK_M=block_m,
+        rows.shape[0], n, num_cols, HAS_SCALE=w_scale is not None, HAS_BIAS=bias is not None, BLOCK_M=block_m,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", **config, **pdl_launch(x.device))
     return out
 

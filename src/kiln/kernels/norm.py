@@ -5,10 +5,6 @@ RMSNorm (with the add or not) also comes quantized to e4m3 per token (``rms_norm
 the normalized row to the input dtype as the plain norm writes it, then quantizes it in its epilogue
 (kiln.kernels.fp8's ``fp8_row_scales`` / ``to_fp8``), so the bytes and scales are those of the plain
 norm followed by quantize_fp8_per_token, and no quantization kernel runs after it.
-
-RMSNorm (with the add or not) also folds into the one-row GEMV of the unquantized Linear it feeds
-(``rms_norm_linear``): batch-1 decode then runs no norm kernel before qkv and gate_up, and the GEMV, which
-reads the whole row anyway, normalizes it as the norm kernel would have written it.
 """
 
 from __future__ import annotations
@@ -17,7 +13,6 @@ import torch
 import torch.nn.functional as F
 
 from kiln.kernels.fp8 import FP8_CONSTEXPRS, fp8_row_scales, to_fp8
-from kiln.kernels.gemv import dense_linear_ref, gemv, shape_key
 from kiln.kernels.triton_jit import jit, next_power_of_2, pdl_launch, tl, wait_for_producer
 from kiln.quantization.fp8 import FP8_DTYPE, Fp8Activation, quantize_fp8_per_token
 
@@ -45,18 +40,6 @@ def add_rms_norm_fp8_ref(x: torch.Tensor, residual: torch.Tensor, weight: torch.
     """add_rms_norm_ref with the normalized output quantized per token."""
     normed, new_residual = add_rms_norm_ref(x, residual, weight, eps)
     return quantize_fp8_per_token(normed), new_residual
-
-
-def rms_norm_linear_ref(x: torch.Tensor, residual: torch.Tensor | None, residual_out: torch.Tensor | None,
-                        norm_weight: torch.Tensor, eps: float, weight: torch.Tensor, bias: torch.Tensor | None
-                        ) -> torch.Tensor:
-    """dense_linear_ref of the RMSNorm of x + residual (of x where residual is None), x + residual stored
-    in ``residual_out``: add_rms_norm_ref (rms_norm_ref) and the Linear after it, as one op."""
-    if residual is None:
-        return dense_linear_ref(rms_norm_ref(x, norm_weight, eps), weight, bias)
-    normed, new_residual = add_rms_norm_ref(x, residual, norm_weight, eps)
-    residual_out.copy_(new_residual)
-    return dense_linear_ref(normed, weight, bias)
 
 
 def layer_norm_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
@@ -231,13 +214,3 @@ def add_layer_norm_triton(x: torch.Tensor, residual: torch.Tensor, weight: torch
                           eps: float, num_warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """As add_layer_norm_ref in one pass; the new residual is written in place of ``residual``."""
     return _layer_norm(x, residual, weight, bias, eps, num_warps), residual
-
-
-def rms_norm_linear_triton(x: torch.Tensor, residual: torch.Tensor | None, residual_out: torch.Tensor | None,
-                           norm_weight: torch.Tensor, eps: float, weight: torch.Tensor, bias: torch.Tensor | None,
-                           shapes: dict[str, dict[str, int]] | None = None) -> torch.Tensor:
-    """As rms_norm_linear_ref for one row, in one kernel: the GEMV with the norm folded in, at the launch
-    config the plan lists for this weight's shape (``shapes``, made by the build's timing; a Linear folds
-    its norm only where it lists one: DenseLinearMethod.folds)."""
-    return gemv(x, weight, None, bias, norm=(residual, residual_out, norm_weight, eps),
-                **shapes[shape_key(*weight.shape)])

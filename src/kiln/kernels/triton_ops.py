@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from kiln.kernels.activation import gelu_triton, silu_mul_fp8_triton, silu_mul_linear_triton, silu_mul_triton
+from kiln.kernels.activation import gelu_triton, silu_mul_fp8_triton, silu_mul_triton
 from kiln.kernels.attention import paged_attention_triton
 from kiln.kernels.gemv import dense_linear_triton
 from kiln.kernels.norm import (add_layer_norm_triton, add_rms_norm_fp8_triton, add_rms_norm_triton, layer_norm_triton,
-                               rms_norm_fp8_triton, rms_norm_linear_triton, rms_norm_triton)
+                               rms_norm_fp8_triton, rms_norm_triton)
 from kiln.kernels.rotary import rotary_kv_write_triton
 from kiln.kernels.weight_only import weight_only_linear_triton
 
@@ -30,7 +30,5 @@ IMPLS: dict[str, Callable] = {
     "rotary_kv_write": rotary_kv_write_triton,
     "attention": paged_attention_triton,
     "dense_linear": dense_linear_triton,
-    "rms_norm_linear": rms_norm_linear_triton,
-    "silu_mul_linear": silu_mul_linear_triton,
     "weight_only_linear": weight_only_linear_triton,
 }

@@ -7,45 +7,21 @@ so FP8 or INT4 weight-only is one new method class and one line in ``LINEAR_METH
 
 A method that quantizes its input to e4m3 per token itself may say so (``wants_fp8_input``): the block
 before the Linear (an RMSNorm that ``feeds`` it, GatedMLP's SiLU·up before ``down``) then hands it the
-input already quantized, an Fp8Activation, from the epilogue of its own kernel. One whose kernel can
-compute its input itself may say that instead (``folds``): the RMSNorm that feeds it then runs no kernel
-and hands it a NormedInput, and GatedMLP's SiLU·up before ``down`` a SiluMulInput.
+input already quantized, an Fp8Activation, from the epilogue of its own kernel.
 """
 
 from __future__ import annotations
 
 import importlib
 from abc import ABC, abstractmethod
-from typing import NamedTuple
 
 import torch
 
 from kiln.config import BuildConfig
 from kiln.errors import ConfigError
-from kiln.kernels.gemv import shape_key
 from kiln.layers.base import SMALL_STD, CheckpointTensor, Layer, empty_parameter
 from kiln.layers.parallel import Shard
 from kiln.quantization.fp8 import Fp8Activation
-
-
-class NormedInput(NamedTuple):
-    """An RMSNorm's input, left for the Linear it feeds to normalize in its own kernel (``folds``):
-    the input is the norm of x + residual (of x where residual is None) with the norm's weight and eps,
-    and the Linear's kernel stores x + residual in residual_out (the norm's residual output)."""
-    x: torch.Tensor
-    residual: torch.Tensor | None
-    residual_out: torch.Tensor | None
-    weight: torch.Tensor
-    eps: float
-
-
-class SiluMulInput(NamedTuple):
-    """GatedMLP's gate/up output [T, 2I], left for ``down`` to take silu(gate) * up of in its own kernel."""
-    gate_up: torch.Tensor
-
-
-# The kernel op that multiplies each kind of folded input (LinearMethod.folds).
-FOLDED_INPUT_OPS = {NormedInput: "rms_norm_linear", SiluMulInput: "silu_mul_linear"}
 
 
 class LinearMethod(ABC):
@@ -58,9 +34,6 @@ class LinearMethod(ABC):
     # apply also takes x as an Fp8Activation wherever wants_fp8_input says so; blocks then declare the
     # *_fp8 kernel ops that make one (so the build tunes them).
     takes_fp8_input = False
-    # apply also takes x as a NormedInput or SiluMulInput wherever folds says so; the blocks that make its
-    # input then declare the op that folds them (so the build times the fold).
-    takes_folded_input = False
     # The kernel ops apply calls (layer.ops), which a Linear declares: the build tunes them at its shape.
     kernel_ops: tuple[str, ...] = ()
 
@@ -95,23 +68,15 @@ class LinearMethod(ABC):
         """Build time: the stored tensors (as ``tensors`` lists them) from the float checkpoint weight."""
 
     @abstractmethod
-    def apply(self, layer: Linear, x: torch.Tensor | Fp8Activation | NormedInput | SiluMulInput) -> torch.Tensor:
+    def apply(self, layer: Linear, x: torch.Tensor | Fp8Activation) -> torch.Tensor:
         """x [T, in_features] -> [T, out_features], with the layer's bias (None or [out_features]); x is an
-        Fp8Activation only where ``wants_fp8_input`` said so, a NormedInput or SiluMulInput only where
-        ``folds`` did."""
+        Fp8Activation only where ``wants_fp8_input`` said so."""
 
     def wants_fp8_input(self, layer: Linear, num_rows: int, device: torch.device) -> bool:
         """Whether ``apply``, given ``num_rows`` rows on ``device``, would first quantize them to e4m3 per
         token itself, so that the kernel before it had better write them so (an Fp8Activation, which
         apply then takes as it is). A function of shapes alone: a CUDA graph replays the answer it
         captured. Only for a method that ``takes_fp8_input``."""
-        return False
-
-    def folds(self, layer: Linear, op: str, num_rows: int) -> bool:
-        """Whether ``apply``, given ``num_rows`` rows, takes them unmade, the block before it folded into its
-        own kernel by ``op`` (a value of FOLDED_INPUT_OPS: "rms_norm_linear" takes a NormedInput,
-        "silu_mul_linear" a SiluMulInput). A function of shapes and the plan alone (a CUDA graph replays
-        the answer it captured). Only for a method that ``takes_folded_input``."""
         return False
 
     def shard(self, weight, shard: Shard):
@@ -138,12 +103,9 @@ class LinearMethod(ABC):
 
 class DenseLinearMethod(LinearMethod):
     """The weight as it is, in the engine dtype (float32, float16 or bfloat16), multiplied by the kernel op
-    ``dense_linear``: cuBLAS, or the GEMV at the shapes and row counts the build timed it faster at. One
-    row of a NormedInput goes to ``rms_norm_linear`` (the GEMV with the norm folded in), of a SiluMulInput
-    to ``silu_mul_linear``, at the shapes the build timed the fold faster than the two kernels apart."""
+    ``dense_linear``: cuBLAS, or the GEMV at the shapes and row counts the build timed it faster at."""
 
     kernel_ops = ("dense_linear",)
-    takes_folded_input = True
 
     def tensors(self, out_features, in_features, dtype):
         return {"weight": ((out_features, in_features), dtype)}
@@ -151,13 +113,7 @@ class DenseLinearMethod(LinearMethod):
     def convert(self, weight, dtype):
         return {"weight": weight.to(dtype)}
 
-    def folds(self, layer, op, num_rows):
-        return num_rows == 1 and shape_key(layer.out_features, layer.in_features) in \
-            layer.ops.config(op).get("shapes", {})
-
     def apply(self, layer, x):
-        if isinstance(x, (NormedInput, SiluMulInput)):
-            return getattr(layer.ops, FOLDED_INPUT_OPS[type(x)])(*x, layer.weight, layer.bias)
         return layer.ops.dense_linear(x, layer.weight, layer.bias)
 
 
@@ -248,16 +204,6 @@ class Linear(Layer):
         an Fp8Activation: asked by the block that makes the input, before it makes it."""
         return self.method.wants_fp8_input(self, rows.shape[0], rows.device)
 
-    def folds(self, op: str, rows: torch.Tensor) -> bool:
-        """Whether the method takes this Linear's input of as many rows as ``rows`` has unmade, folded into
-        its kernel by ``op`` (LinearMethod.folds): asked by the block that makes the input, before it runs."""
-        return self.method.folds(self, op, rows.shape[0])
-
-    @property
-    def folding_ops(self) -> tuple[str, ...]:
-        """The ops its method may fold the block before it into (declared by that block, so the build times them)."""
-        return tuple(FOLDED_INPUT_OPS.values()) if self.method.takes_folded_input else ()
-
-    def forward(self, x: torch.Tensor | Fp8Activation | NormedInput | SiluMulInput) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | Fp8Activation) -> torch.Tensor:
         y = self.method.apply(self, x)
         return self.tp.all_reduce(y) if self.is_row_parallel else y

@@ -6,14 +6,13 @@ import torch
 from torch import nn
 
 from kiln.layers.context import LayerContext
-from kiln.layers.linear import Linear, SiluMulInput
+from kiln.layers.linear import Linear
 from kiln.quantization.fp8 import Fp8Activation
 
 
 class GatedMLP(nn.Module):
     """down(SiLU(gate(x)) * up(x)), gate and up in one fused projection. Where down's method wants its
-    input quantized to e4m3 (``Linear.wants_fp8_input``), SiLU·up's kernel writes it so; where it folds
-    SiLU·up into its own kernel (``Linear.folds``), no SiLU·up kernel runs and down takes a SiluMulInput."""
+    input quantized to e4m3 (``Linear.wants_fp8_input``), SiLU·up's kernel writes it so."""
 
     def __init__(self, hidden_size: int, intermediate_size: int, ctx: LayerContext):
         super().__init__()
@@ -25,18 +24,10 @@ class GatedMLP(nn.Module):
 
     @property
     def kernel_ops(self) -> tuple[str, ...]:
-        ops = ("silu_mul", "silu_mul_fp8") if self.down.method.takes_fp8_input else ("silu_mul",)
-        return ops + (("silu_mul_linear",) if self.matmul_shape else ())
-
-    @property
-    def matmul_shape(self) -> tuple[int, int] | None:
-        """[out, in] of down where it may fold SiLU·up in (silu_mul_linear's shapes)."""
-        return self.down.matmul_shape if "silu_mul_linear" in self.down.folding_ops else None
+        return ("silu_mul", "silu_mul_fp8") if self.down.method.takes_fp8_input else ("silu_mul",)
 
     def forward(self, x: torch.Tensor | Fp8Activation) -> torch.Tensor:
         gate_up = self.gate_up(x)
-        if self.down.folds("silu_mul_linear", gate_up):
-            return self.down(SiluMulInput(gate_up))
         if self.ops.planned("silu_mul_fp8") and self.down.wants_fp8_input(gate_up):
             return self.down(self.ops.silu_mul_fp8(gate_up))
         return self.down(self.ops.silu_mul(gate_up))

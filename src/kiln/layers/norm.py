@@ -2,9 +2,7 @@
 
 An RMSNorm whose output goes to one Linear alone may be told so (``feeds``): where that Linear's method
 wants its input quantized to e4m3 (an FP8 Linear above 16 rows on a GPU), the norm's kernel writes it so,
-and no quantization kernel runs between them. Where that Linear folds the norm into its own kernel
-(``Linear.folds``: an unquantized one at one row, at the shapes the build timed it faster at), the
-norm runs no kernel and hands it a NormedInput.
+and no quantization kernel runs between them.
 """
 
 from __future__ import annotations
@@ -13,7 +11,7 @@ import torch
 
 from kiln.layers.base import ONES, SMALL_STD, Layer
 from kiln.layers.context import LayerContext
-from kiln.layers.linear import Linear, NormedInput
+from kiln.layers.linear import Linear
 from kiln.quantization.fp8 import Fp8Activation
 
 
@@ -44,22 +42,10 @@ class RMSNorm(_Norm):
     @property
     def kernel_ops(self) -> tuple[str, ...]:
         is_fp8 = any(linear.method.takes_fp8_input for linear in self.consumer)
-        return (("rms_norm", "add_rms_norm") + (("rms_norm_fp8", "add_rms_norm_fp8") if is_fp8 else ())
-                + (("rms_norm_linear",) if self.matmul_shape else ()))
-
-    @property
-    def matmul_shape(self) -> tuple[int, int] | None:
-        """[out, in] of the Linear it feeds where that Linear may fold it in (rms_norm_linear's shapes)."""
-        linear = next((linear for linear in self.consumer if "rms_norm_linear" in linear.folding_ops), None)
-        return linear.matmul_shape if linear is not None else None
+        return ("rms_norm", "add_rms_norm") + (("rms_norm_fp8", "add_rms_norm_fp8") if is_fp8 else ())
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None
-                ) -> tuple[torch.Tensor | Fp8Activation | NormedInput, torch.Tensor]:
-        if self.consumer and self.consumer[0].folds("rms_norm_linear", x):
-            if residual is None:
-                return NormedInput(x, None, None, self.weight, self.eps), x
-            residual_out = torch.empty_like(residual)
-            return NormedInput(x, residual, residual_out, self.weight, self.eps), residual_out
+                ) -> tuple[torch.Tensor | Fp8Activation, torch.Tensor]:
         if self.consumer and self.ops.planned("add_rms_norm_fp8") and self.consumer[0].wants_fp8_input(x):
             if residual is None:
                 return self.ops.rms_norm_fp8(x, self.weight, self.eps), x
