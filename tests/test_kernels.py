@@ -322,6 +322,21 @@ TINY_MODEL = ModelConfig(architecture="LlamaForCausalLM", vocab_size=64, hidden_
                          num_layers=1, num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=64)
 
 
+def test_an_op_the_plan_leaves_out_binds_its_reference_but_weight_only_in_a_triton_plan():
+    """A plan made before an op existed: its ops bind their references, except weight_only_linear in a Triton
+    plan, which binds the Triton kernels at their default tiles (what such an engine ran); planned() still
+    says the plan does not name them."""
+    from kiln.kernels.gemv import dense_linear_ref
+    from kiln.kernels.weight_only import weight_only_linear_ref, weight_only_linear_triton
+
+    old_triton = KernelOps({"rms_norm": {"impl": "triton", "config": {}}})
+    assert old_triton.weight_only_linear is weight_only_linear_triton
+    assert old_triton.dense_linear is dense_linear_ref  # F.linear: cuBLAS on a GPU, as before the op
+    assert not old_triton.planned("weight_only_linear")
+    old_reference = KernelOps({"rms_norm": {"impl": "reference", "config": {}}})
+    assert old_reference.weight_only_linear is weight_only_linear_ref
+
+
 def test_decode_batch_buckets():
     from kiln.builder.tuning import decode_batch_buckets
 

@@ -76,13 +76,21 @@ def reference_plan(ops: Collection[str] = OPS) -> dict[str, dict[str, Any]]:
     return {op: {"impl": "reference", "config": {}} for op in OPS if op in ops}
 
 
+# Ops that a Triton plan made before they existed binds to their Triton implementation at its default config
+# (what such engines ran then: the weight-only Triton kernels' default tiles), not to the reference.
+TRITON_WHEN_UNPLANNED = ("weight_only_linear",)
+
+
 class KernelOps:
-    """The ops a model calls, bound once at load from the kernel plan (no per-call dispatch logic)."""
+    """The ops a model calls, bound once at load from the kernel plan (no per-call dispatch logic). An op the
+    plan does not name is bound to its reference (TRITON_WHEN_UNPLANNED's to Triton in a Triton plan)."""
 
     def __init__(self, plan: dict[str, dict[str, Any]]):
         self.plan = plan
+        unplanned_triton = "triton" if self.uses_triton else "reference"
         for op in OPS:
-            entry = plan.get(op, {"impl": "reference", "config": {}})
+            entry = plan.get(op, {"impl": unplanned_triton if op in TRITON_WHEN_UNPLANNED else "reference",
+                                  "config": {}})
             impl = entry["impl"]
             if impl not in IMPL_PROVIDERS:
                 raise EngineError(f"kernel plan names unknown implementation {impl!r} for {op}; "
@@ -92,8 +100,9 @@ class KernelOps:
             setattr(self, op, functools.partial(fn, **config) if config else fn)
 
     def planned(self, op: str) -> bool:
-        """Whether the plan names ``op``: an engine built before an op existed binds it to the reference, so
-        a block with a choice (the ``*_fp8`` ops) keeps to the ops the plan names instead."""
+        """Whether the plan names ``op``: an engine built before an op existed binds it to the reference (or,
+        TRITON_WHEN_UNPLANNED, to Triton's defaults), so a block with a choice (the ``*_fp8`` ops) keeps to
+        the ops the plan names instead."""
         return op in self.plan
 
     @property

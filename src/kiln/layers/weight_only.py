@@ -28,24 +28,12 @@ import torch
 
 from kiln.config import GROUP_SIZES
 from kiln.errors import CheckpointError
-from kiln.kernels.weight_only import (dequantize_min_rows, dequantize_workspace_bytes, weight_only_linear_ref,
-                                      weight_only_linear_triton)
+from kiln.kernels.weight_only import dequantize_min_rows, dequantize_workspace_bytes
 from kiln.layers.linear import LinearMethod
 from kiln.quantization.weight_only import (INT4_PER_WORD, ActivationScaledWeight, UnpackedWeight, clip_groups,
                                            padded_in_features, quantize_int4, quantize_int8)
 
 DEFAULT_GROUP_SIZE = 128  # what AutoAWQ and GPTQ checkpoints use by default
-
-
-def _matmul(layer, x: torch.Tensor, operands: tuple) -> torch.Tensor:
-    """x times the layer's weight through the kernel op ``weight_only_linear`` (``operands``: the method's),
-    plus its bias. An engine whose plan predates the op runs what it ran then: the Triton kernels' default
-    launch configs on a GPU, the reference elsewhere."""
-    if layer.ops.planned("weight_only_linear"):
-        out = layer.ops.weight_only_linear(x, *operands)
-    else:
-        out = (weight_only_linear_triton if x.is_cuda else weight_only_linear_ref)(x, *operands)
-    return out if layer.bias is None else out + layer.bias
 
 
 class WeightOnlyMethod(LinearMethod):
@@ -60,7 +48,8 @@ class WeightOnlyMethod(LinearMethod):
         from the stored tensors: attributes of ``tensors`` (the layer, or the build's timing inputs)."""
 
     def apply(self, layer, x):
-        return _matmul(layer, x.contiguous(), self.operands(layer))
+        out = layer.ops.weight_only_linear(x.contiguous(), *self.operands(layer))
+        return out if layer.bias is None else out + layer.bias
 
 
 def _identity_order(in_features: int, device: torch.device) -> torch.Tensor:
@@ -225,4 +214,4 @@ class Int4AwqMethod(Int4WeightOnlyMethod):
         return {**stored, "pre_quant_scale": (1.0 / input_scales).to(dtype)}
 
     def apply(self, layer, x):
-        return _matmul(layer, (x * layer.pre_quant_scale).contiguous(), self.operands(layer))
+        return super().apply(layer, x * layer.pre_quant_scale)
