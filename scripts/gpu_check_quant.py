@@ -120,7 +120,7 @@ def gemv_bandwidth() -> None:
     torch.cuda.empty_cache()
 
 
-FIGURES = ("b1_nopdl", "b1", "b16", "ttft", "128_128", "128_128_sampled", "2048_128", "profile", "profile16")
+FIGURES = ("b1_nopdl", "b1", "b16", "ttft", "128_128", "128_128_sampled", "2048_128", "profile", "profile16", "ablate")
 
 
 def sampler_costs() -> None:
@@ -206,6 +206,53 @@ def batch1_decode(ex: Executor, key: str) -> None:
     RESULTS[f"{key}_b1_replay_ms"] = gpu_bench.graph_replay_ms(ex, 1)
 
 
+def ablate_batch1(engine, key: str) -> None:
+    """What batch-1 decode would gain without kernels that a fold could remove: the batch-1 graph's replay
+    (after one request, so its context is 128 + 16 keys) with the RMSNorm kernels not launched (the Linear
+    takes the un-normalized rows), with attention's split reduction not launched (its output left
+    unwritten), and both. The outputs are wrong; only the time is read. An upper bound of each fold."""
+    import contextlib
+
+    import kiln.kernels.attention as attention
+
+    class _NoLaunch:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: None
+
+    ops = next(m.ops for m in engine.model.modules() if hasattr(m, "ops"))  # the one KernelOps of every layer
+    vocab = engine.model_config.vocab_size
+
+    @contextlib.contextmanager
+    def patched(no_norm: bool, no_reduce: bool):
+        saved = {name: getattr(ops, name) for name in ("rms_norm", "add_rms_norm")}
+        saved_reduce = attention._split_reduce_kernel
+        if no_norm:
+            ops.rms_norm = lambda x, weight, eps: x
+            ops.add_rms_norm = lambda x, residual, weight, eps: (x, residual)
+        if no_reduce:
+            attention._split_reduce_kernel = _NoLaunch()
+        try:
+            yield
+        finally:
+            for name, fn in saved.items():
+                setattr(ops, name, fn)
+            attention._split_reduce_kernel = saved_reduce
+
+    for name, no_norm, no_reduce in (("base", False, False), ("no_norm", True, False), ("no_reduce", False, True),
+                                     ("no_norm_no_reduce", True, True)):
+        with patched(no_norm, no_reduce):
+            ex = Executor(engine, RuntimeConfig(max_batch_size=1,
+                                                kv_cache_config=KvCacheConfig(free_gpu_memory_fraction=0.5)))
+            try:
+                gpu_bench.run_requests(ex, [torch.randint(0, vocab, (128,)).tolist()], 16)
+                RESULTS[f"{key}_ablate_{name}_replay_ms"] = gpu_bench.graph_replay_ms(ex, 1)
+            finally:
+                ex.shutdown()
+                del ex
+                gc.collect()
+                torch.cuda.empty_cache()
+
+
 def engine_phase(quant: str, tmp: Path, out: Path, figures: set[str], max_batch_size: int = 512) -> None:
     engine_dir = tmp / f"engine_{quant}"
     key = quant if max_batch_size == 512 else f"{quant}_mb{max_batch_size}"  # another engine shape: apart
@@ -245,6 +292,8 @@ def engine_phase(quant: str, tmp: Path, out: Path, figures: set[str], max_batch_
                 ex.shutdown()
                 del ex
                 gc.collect()
+    if "ablate" in figures:
+        ablate_batch1(engine, key)
     ex, made_s = executor()
     RESULTS[f"{key}_load_s"] = engine_load_s + made_s  # the engine and its executor, as in earlier results
     try:
