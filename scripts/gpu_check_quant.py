@@ -13,7 +13,8 @@ Phases:
   none / fp8 / int8_wo / int4_wo
            a llama-3-8b dummy engine of that quantization (max batch 512, 8192 tokens per iteration):
            batch-1 decode (against the floor: weight bytes read per token / copy bandwidth), the batch-1
-           graph replay, the same two with the kernels launched without PDL (b1_nopdl), batch-16 decode,
+           graph replay, the same two with the kernels launched without PDL (b1_nopdl) and with the plan
+           less its norm fold (b1_unfolded: the same engine, the norms' kernels between the GEMVs), batch-16 decode,
            TTFT at 128 and 2048 tokens, offline 128/128 (2048 requests);
            the same sampled (temperature 0.8, top-p 0.95, seeded: 128_128_sampled), 2048/128 (256
            requests), a batch-1 and a batch-16 profile by kernel (profile, profile16);
@@ -120,7 +121,7 @@ def gemv_bandwidth() -> None:
     torch.cuda.empty_cache()
 
 
-FIGURES = ("b1_nopdl", "b1", "b16", "ttft", "128_128", "128_128_sampled", "2048_128", "profile", "profile16", "ablate")
+FIGURES = ("b1_nopdl", "b1_unfolded", "b1", "b16", "ttft", "128_128", "128_128_sampled", "2048_128", "profile", "profile16")
 
 
 def sampler_costs() -> None:
@@ -206,53 +207,6 @@ def batch1_decode(ex: Executor, key: str) -> None:
     RESULTS[f"{key}_b1_replay_ms"] = gpu_bench.graph_replay_ms(ex, 1)
 
 
-def ablate_batch1(engine, key: str) -> None:
-    """What batch-1 decode would gain without kernels that a fold could remove: the batch-1 graph's replay
-    (after one request, so its context is 128 + 16 keys) with the RMSNorm kernels not launched (the Linear
-    takes the un-normalized rows), with attention's split reduction not launched (its output left
-    unwritten), and both. The outputs are wrong; only the time is read. An upper bound of each fold."""
-    import contextlib
-
-    import kiln.kernels.attention as attention
-
-    class _NoLaunch:
-        def __getitem__(self, grid):
-            return lambda *args, **kwargs: None
-
-    ops = next(m.ops for m in engine.model.modules() if hasattr(m, "ops"))  # the one KernelOps of every layer
-    vocab = engine.model_config.vocab_size
-
-    @contextlib.contextmanager
-    def patched(no_norm: bool, no_reduce: bool):
-        saved = {name: getattr(ops, name) for name in ("rms_norm", "add_rms_norm")}
-        saved_reduce = attention._split_reduce_kernel
-        if no_norm:
-            ops.rms_norm = lambda x, weight, eps: x
-            ops.add_rms_norm = lambda x, residual, weight, eps: (x, residual)
-        if no_reduce:
-            attention._split_reduce_kernel = _NoLaunch()
-        try:
-            yield
-        finally:
-            for name, fn in saved.items():
-                setattr(ops, name, fn)
-            attention._split_reduce_kernel = saved_reduce
-
-    for name, no_norm, no_reduce in (("base", False, False), ("no_norm", True, False), ("no_reduce", False, True),
-                                     ("no_norm_no_reduce", True, True)):
-        with patched(no_norm, no_reduce):
-            ex = Executor(engine, RuntimeConfig(max_batch_size=1,
-                                                kv_cache_config=KvCacheConfig(free_gpu_memory_fraction=0.5)))
-            try:
-                gpu_bench.run_requests(ex, [torch.randint(0, vocab, (128,)).tolist()], 16)
-                RESULTS[f"{key}_ablate_{name}_replay_ms"] = gpu_bench.graph_replay_ms(ex, 1)
-            finally:
-                ex.shutdown()
-                del ex
-                gc.collect()
-                torch.cuda.empty_cache()
-
-
 def engine_phase(quant: str, tmp: Path, out: Path, figures: set[str], max_batch_size: int = 512) -> None:
     engine_dir = tmp / f"engine_{quant}"
     key = quant if max_batch_size == 512 else f"{quant}_mb{max_batch_size}"  # another engine shape: apart
@@ -267,7 +221,7 @@ def engine_phase(quant: str, tmp: Path, out: Path, figures: set[str], max_batch_
     engine_load_s = time.perf_counter() - t0
     # The weight shapes whose build timing moved them off their default kernel: the GEMV instead of cuBLAS
     # for an unquantized weight (with its row buckets), other tiles for a weight-only one.
-    for op in ("dense_linear", "weight_only_linear"):
+    for op in ("dense_linear", "rms_norm_linear", "weight_only_linear"):
         tuned = engine.manifest.kernel_plan.get(op, {}).get("config", {}).get("shapes", {})
         if op in engine.manifest.kernel_plan:
             buckets = {shape: ":" + "+".join(tuned[shape]) if op == "dense_linear" else "" for shape in tuned}
@@ -283,6 +237,20 @@ def engine_phase(quant: str, tmp: Path, out: Path, figures: set[str], max_batch_
 
     mcfg = engine.model_config
     vocab = mcfg.vocab_size
+    if "b1_unfolded" in figures and "rms_norm_linear" in engine.manifest.kernel_plan:
+        # The same engine loaded with its plan less the norm fold (the norms' kernels run, the Linears keep
+        # their weights), apart from and before the usual one: batch 1 with and without the fold.
+        plan = {op: entry for op, entry in engine.manifest.kernel_plan.items() if op != "rms_norm_linear"}
+        unfolded = load_engine(engine_dir, verify=False, progress=False, kernel_plan=plan)
+        ex = Executor(unfolded, RuntimeConfig(kv_cache_config=KvCacheConfig(free_gpu_memory_fraction=0.5)))
+        try:
+            gpu_bench.run_requests(ex, torch.randint(0, vocab, (4, 128)).tolist(), 8)  # warm-up
+            batch1_decode(ex, f"{key}_unfolded")
+        finally:
+            ex.shutdown()
+            del ex, unfolded
+            gc.collect()
+            torch.cuda.empty_cache()
     if "b1_nopdl" in figures:  # its own executor (graphs captured without PDL) first, then the usual one
         with pdl_disabled():
             ex, _ = executor()
@@ -292,8 +260,6 @@ def engine_phase(quant: str, tmp: Path, out: Path, figures: set[str], max_batch_
                 ex.shutdown()
                 del ex
                 gc.collect()
-    if "ablate" in figures:
-        ablate_batch1(engine, key)
     ex, made_s = executor()
     RESULTS[f"{key}_load_s"] = engine_load_s + made_s  # the engine and its executor, as in earlier results
     try:

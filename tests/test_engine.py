@@ -271,8 +271,8 @@ def test_the_first_load_on_the_gpu_tunes_and_keeps_the_plan(tiny_llama, tmp_path
     monkeypatch.setattr(tuning, "gpu_kernel_plan", fake_gpu_kernel_plan)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU")
     tuned = tune_at_first_load(engine_dir, EngineManifest.read(engine_dir), torch.device("cpu"))
-    assert tuned_for == [(OTHER_GPU, True, ("add_rms_norm", "attention", "dense_linear", "rms_norm", "rotary_kv_write",
-                                            "silu_mul"))]
+    assert tuned_for == [(OTHER_GPU, True, ("add_rms_norm", "attention", "dense_linear", "rms_norm", "rms_norm_linear",
+                                            "rotary_kv_write", "silu_mul"))]
     config = source.config  # every Linear is unquantized here, and the LM head: the shapes dense_linear is timed at
     lm_head, down = (config.vocab_size, config.hidden_size), (config.hidden_size, config.intermediate_size)
     assert {lm_head, down} <= set(dense_shapes)

@@ -335,12 +335,13 @@ def compile_kernels_for_ada_and_hopper() -> dict[str, str]:
         num_warps=16, num_stages=1)}
     gemv_signature = {"x_ptr": "*bf16", "x_row_stride": "i32", "w_ptr": "*fp8e4nv", "w_row_stride": "i32",
                       "w_scale_ptr": "*fp32", "w_scale_stride": "i32", "bias_ptr": "*bf16", "out_ptr": "*bf16",
-                      "out_row_stride": "i32", "num_rows": "i32", "N": "i32", "K": "i32"}
+                      "out_row_stride": "i32", "num_rows": "i32", "N": "i32", "K": "i32", "eps": "fp32"}
     for capability in (89, 90):
         for block_m, config in DEFAULT_GEMV_CONFIGS.items():
             ptx[f"gemv_block_m{block_m}_sm{capability}"] = compile_for(
                 _gemv_kernel, capability, gemv_signature,
-                {"HAS_SCALE": True, "HAS_BIAS": True, "BLOCK_M": block_m, "DOT_PRECISION": "tf32",
+                {"HAS_SCALE": True, "HAS_BIAS": True, "NORM": False, "ADD_RESIDUAL": False, "BLOCK_M": block_m,
+                 "DOT_PRECISION": "tf32",
                  "BLOCK_N": config["BLOCK_N"],
                  "BLOCK_K": config["BLOCK_K"]}, num_warps=config["num_warps"], num_stages=config["num_stages"])
     return ptx

@@ -190,9 +190,9 @@ def compile_fp8_attention_kernels(capability: int) -> dict[str, str]:
     attention_types = {name: "i32" for name in _paged_attention_kernel.arg_names}
     attention_types.update(q_ptr="*bf16", k_cache_ptr="*fp8e4nv", v_cache_ptr="*fp8e4nv", block_tables_ptr="*i32",
                            seq_lens_ptr="*i32", query_start_loc_ptr="*i32", out_ptr="*bf16", partial_out_ptr="*fp32",
-                           partial_lse_ptr="*fp32", kv_scale_ptr="*fp32", scale_log2="fp32")
+                           partial_lse_ptr="*fp32", split_counts_ptr="*i32", kv_scale_ptr="*fp32", scale_log2="fp32")
     attention_constants = dict(GROUP=4, HEAD_DIM=128, KV_BLOCK_SIZE=32, BLOCK_Q=16, BLOCK_G=4, BLOCK_D=128,
-                               IS_SPLIT=False, IS_FP8_KV=True, DOT_PRECISION="tf32", **FP8_CONSTEXPRS,
+                               BLOCK_H=4, MERGE_CHUNK=1, MIN_SPLIT_KEYS=64, IS_SPLIT=False, IS_FP8_KV=True, DOT_PRECISION="tf32", **FP8_CONSTEXPRS,
                                BLOCK_N=DEFAULT_CONTEXT_CONFIG["BLOCK_N"])
     kernels = {
         "kv_write": (_rotary_kv_write_kernel, rotary_types, dict(

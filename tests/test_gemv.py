@@ -1,10 +1,13 @@
 """The GEMV for dense (16-bit) weights and the ``dense_linear`` op: the kernel against F.linear in the
 interpreter, the op's choice between it and cuBLAS by the plan's shapes, the blocks that call it, and the
-build's timing that fills the plan. The kernel's FP8 use is test_fp8.py's."""
+build's timing that fills the plan; the same for ``rms_norm_linear``, the one-row GEMV with the RMSNorm
+before it folded in (and the residual add in the GEMV before that norm). The kernel's FP8 use is
+test_fp8.py's."""
 
 from __future__ import annotations
 
 import logging
+from collections import Counter
 
 import pytest
 import torch
@@ -13,11 +16,15 @@ import torch.nn.functional as F
 from conftest import DEVICE, gpu
 from kiln.config import BuildConfig
 from kiln.convert import AutoModelForCausalLM
-from kiln.kernels import KernelOps, reference_plan
+from kiln.convert.converter import dummy_weights
+from kiln.kernels import OPS, KernelOps, reference_plan
 from kiln.kernels import gemv as gemv_module
 from kiln.kernels.gemv import GEMV_CANDIDATES, dense_linear_ref, dense_linear_triton, gemv
-from kiln.layers import kernel_ops_of, matmul_shapes
-from kiln.models import model_skeleton
+from kiln.kernels.norm import rms_norm_linear_ref, rms_norm_linear_triton
+from kiln.layers import (LayerContext, fold_norm_weights, kernel_ops_of, linear_method, load_parameters,
+                         matmul_shapes)
+from kiln.models import create_model, model_skeleton
+from test_fp8_fused_quantization import CONFIGS, counting_calls, forward
 
 pytest.importorskip("triton")
 
@@ -61,9 +68,9 @@ def test_gemv_of_a_dense_weight_is_f_linear(num_rows, config, dtype, has_bias):
 def test_dense_linear_takes_the_gemv_only_for_the_shapes_and_rows_the_plan_lists(monkeypatch):
     calls = []
 
-    def recorded_gemv(x, w, scale, bias, **config):
+    def recorded_gemv(x, w, scale, bias, residual=None, **config):
         calls.append((x.shape[0], config))
-        return gemv(x, w, scale, bias, **config)
+        return gemv(x, w, scale, bias, residual=residual, **config)
 
     monkeypatch.setattr(gemv_module, "gemv", recorded_gemv)
     one_row = {"BLOCK_M": 1, "BLOCK_N": 4, "BLOCK_K": 128, "num_warps": 4, "num_stages": 1}
@@ -91,9 +98,10 @@ def test_the_blocks_that_multiply_16_bit_weights_declare_dense_linear_at_their_s
     hidden, inter, vocab = config.hidden_size, config.intermediate_size, config.vocab_size
     qkv = (config.num_heads + 2 * config.num_kv_heads) * config.head_dim
     none = model_skeleton(config, BuildConfig(quantization="none"), torch.bfloat16)
-    assert "dense_linear" in kernel_ops_of(none)
+    assert "dense_linear" in kernel_ops_of(none) and "rms_norm_linear" in kernel_ops_of(none)
     assert matmul_shapes(none) == {"dense_linear": tuple(sorted({(qkv, hidden), (hidden, hidden), (2 * inter, hidden),
-                                                                 (hidden, inter), (vocab, hidden)}))}
+                                                                 (hidden, inter), (vocab, hidden)})),
+                                   "rms_norm_linear": ((qkv, hidden), (2 * inter, hidden))}
     linears = tuple(sorted({(qkv, hidden), (hidden, hidden), (2 * inter, hidden), (hidden, inter)}))
     for quantization in ("fp8", "int8_wo", "int4_wo"):
         quantized = model_skeleton(config, BuildConfig(quantization=quantization), torch.bfloat16)
@@ -200,3 +208,147 @@ def test_gpu_tuning_times_dense_linear_at_llama3_8b_shapes_and_its_choice_runs()
         x, weight, _ = dense_case(16, n, k, torch.bfloat16)
         for rows in (1, 7, 16):
             assert_matmul_close(dense_linear_triton(x[:rows], weight, None, **plan), F.linear(x[:rows], weight))
+
+
+# ---- the RMSNorm folded into the one-row GEMV ------------------------------------------------------------
+ONE_ROW_CONFIGS = [c for _, c in GEMV_CASES if c["BLOCK_M"] == 1]
+
+
+@pytest.mark.parametrize("config", ONE_ROW_CONFIGS, ids=["N4K128", "N8K64"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_rms_norm_folded_into_the_gemv_is_the_norm_then_the_linear(config, dtype, rounding_bf16_casts):
+    """Odd N (37) and K (300: a partial K step), with a bias: the product of the normalized row (the norm's
+    weight held by the Linear's) within the matmul's tolerance of the norm then F.linear; the row unchanged."""
+    x, weight, bias = dense_case(1, 37, 300, dtype)
+    x = x * 3  # an RMS far from 1, so a missing normalization shows
+    before = x.clone()
+    out = rms_norm_linear_triton(x, 1e-5, weight, bias, shapes={"37x300": config})
+    assert_matmul_close(out, rms_norm_linear_ref(x, 1e-5, weight, bias))
+    assert torch.equal(x, before)
+
+
+@pytest.mark.parametrize("num_rows,config", GEMV_CASES[:3], ids=["N4K128", "N8K64", "M16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_gemv_adds_its_product_to_the_residual_in_place(num_rows, config, dtype, rounding_bf16_casts):
+    """The product as the plain GEMV stores it, added to the residual as add_rms_norm adds (torch's add in
+    the dtype): bit for bit, written in place of the residual, which is returned."""
+    if dtype == torch.bfloat16 and config["BLOCK_M"] > 1:
+        pytest.skip("the interpreter's tl.dot mishandles bfloat16 (the GPU test covers it)")
+    x, weight, bias = dense_case(num_rows, 37, 300, dtype)
+    residual = torch.randn(num_rows, 37, device=DEVICE).to(dtype)
+    expected = residual + gemv(x, weight, None, bias, **config)
+    out = gemv(x, weight, None, bias, residual=residual, **config)
+    assert out is residual and torch.equal(out, expected)
+    reference = torch.randn(num_rows, 37, device=DEVICE).to(dtype)
+    expected = reference + F.linear(x, weight, bias)
+    assert dense_linear_ref(x, weight, bias, reference) is reference and torch.equal(reference, expected)
+
+
+def dense_model(config, ops: KernelOps, dtype: torch.dtype = torch.float32):
+    """The model unquantized with dummy weights (norm weights not all ones, so a weight applied wrongly
+    shows), loaded as the loader does: the norms the plan folds give their weight to the Linear after them."""
+    build = BuildConfig(quantization="none")
+    weights = dict(dummy_weights(model_skeleton(config, build, dtype), DEVICE))
+    generator = torch.Generator(DEVICE).manual_seed(0)  # the same weights for every plan
+    for name, tensor in weights.items():
+        if name.endswith("norm.weight"):
+            tensor.uniform_(0.5, 1.5, generator=generator)
+    model = create_model(config, LayerContext(ops, linear_method("none", build), dtype, DEVICE), max_positions=64)
+    load_parameters(model, weights)
+    fold_norm_weights(model)
+    return model
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_a_one_row_step_folds_every_norm_between_two_linears(family, monkeypatch):
+    """A one-token forward with rms_norm_linear listing qkv's and gate_up's shapes and dense_linear's GEMV
+    o's and down's: every layer's two norms fold into qkv's and gate_up's GEMVs (the first attn_norm without
+    a residual), o and down adding their products to the residual in their GEMVs; only the final norm (the
+    LM head's) runs its kernel; the logits are the reference plan's. Two rows fold nothing, and still give
+    the reference's logits (the norms' weights held by the Linears); a plan that lists no shape, or predates
+    the op, leaves the weights as they are."""
+    config = CONFIGS[family]
+    qkv = ((config.num_heads + 2 * config.num_kv_heads) * config.head_dim, config.hidden_size)
+    gate_up = (2 * config.intermediate_size, config.hidden_size)
+    o, down = (config.hidden_size, config.num_heads * config.head_dim), (config.hidden_size, config.intermediate_size)
+    reference = dense_model(config, KernelOps(reference_plan(OPS)))
+    one_row = {"shapes": {f"{n}x{k}": ONE_ROW_CONFIGS[0] for n, k in (qkv, gate_up)}}
+    plan = {**reference_plan(OPS), "rms_norm_linear": {"impl": "triton", "config": one_row},
+            "dense_linear": {"impl": "triton", "config": {"shapes": {f"{n}x{k}": {"1": ONE_ROW_CONFIGS[0]}
+                                                                     for n, k in (o, down)}}}}
+    ops = KernelOps(plan)
+    model = dense_model(config, ops)
+    for name, tensor in model.state_dict().items():  # the norms' weights moved into qkv's and gate_up's
+        folded = name.endswith(("attn_norm.weight", "mlp_norm.weight"))
+        assert torch.equal(tensor, torch.ones_like(tensor)) == folded, name
+    calls = Counter()
+    counting_calls(monkeypatch, ops, calls)
+    torch.testing.assert_close(forward(model, config, [1]), forward(reference, config, [1]), rtol=1e-5, atol=1e-5)
+    per_head_norms = 2 * config.num_layers if family == "qwen3" else 0  # q and k norms: not a Linear's input
+    assert calls["rms_norm_linear"] == 2 * config.num_layers and calls["add_rms_norm"] == 1
+    assert calls["rms_norm"] == per_head_norms
+    calls.clear()
+    torch.testing.assert_close(forward(model, config, [2]), forward(reference, config, [2]), rtol=1e-5, atol=1e-5)
+    assert calls["rms_norm_linear"] == 0 and calls["add_rms_norm"] == 2 * config.num_layers
+    for unfolding in ({**plan, "rms_norm_linear": {"impl": "triton", "config": {}}},
+                      reference_plan([op for op in OPS if op != "rms_norm_linear"])):
+        weights = dense_model(config, KernelOps(unfolding)).state_dict()
+        assert all(not torch.equal(t, torch.ones_like(t)) for name, t in weights.items() if name.endswith("norm.weight"))
+
+
+def test_tuning_folds_the_norm_where_the_fold_is_faster_and_agrees(monkeypatch, caplog):
+    """Fake times: the norm's kernel and dense_linear apart 10; a fold 12 - BLOCK_N / 4 (BLOCK_N 16 wins at
+    8; BLOCK_N 4 loses at 11). A weight below MIN_TUNED_MATMUL_BYTES is not timed; a fold whose product is
+    wrong is passed over with a warning; where apart is faster, nothing folds."""
+    from kiln.builder import tuning
+
+    timed = []
+
+    def fake_median_ms(fn):
+        timed.append(fn.keywords)
+        return 12.0 - fn.keywords["BLOCK_N"] / 4 if fn.keywords else 10.0
+
+    monkeypatch.setattr(tuning, "_median_ms", fake_median_ms)
+    monkeypatch.setattr(tuning, "MIN_TUNED_MATMUL_BYTES", 48 * 64 * 4)
+    config = AutoModelForCausalLM.from_preset("llama-3-8b").config
+    build = BuildConfig(max_batch_size=16, max_input_len=16, max_seq_len=32, max_num_tokens=32)
+    run = tuning.TuningRun(config, build, torch.float32, num_sms=1, device=DEVICE)
+    one_row = [c for c in GEMV_CANDIDATES if c["BLOCK_M"] == 1]
+    winner = next(c for c in one_row if c["BLOCK_N"] == 16)
+    assert run.tune_rms_norm_linear([(48, 64), (48, 32)], {}) == {"shapes": {"48x64": winner}}
+    assert timed == [{}] + one_row  # 48 x 32: not timed
+    monkeypatch.setattr(tuning, "gemv", lambda x, w, **config: F.linear(x, w))  # forgets the norm
+    with caplog.at_level(logging.WARNING):
+        assert run.tune_rms_norm_linear([(48, 64)], {}) == {}
+    assert "disagrees with the default's results; passed over" in caplog.text
+    monkeypatch.setattr(tuning, "_median_ms", lambda fn: 20.0 if fn.keywords else 10.0)  # apart is faster
+    assert run.tune_rms_norm_linear([(48, 64)], {}) == {}
+
+
+@gpu
+@pytest.mark.parametrize("n,k", [(6144, 4096), (28672, 4096)])
+def test_gpu_rms_norm_folded_into_the_gemv_at_llama3_8b_shapes(n, k):
+    """Compiled, bfloat16, every one-row GEMV candidate, qkv's and gate_up's shapes: the product against the
+    norm's kernel (weight ones: the Linear holds it) then cuBLAS."""
+    from kiln.kernels.norm import rms_norm_triton
+
+    x, weight, _ = dense_case(1, n, k, torch.bfloat16)
+    expected = F.linear(rms_norm_triton(x * 3, torch.ones(k, device=DEVICE, dtype=torch.bfloat16), 1e-5), weight)
+    for config in ONE_ROW_CONFIGS_8B:
+        assert_matmul_close(rms_norm_linear_triton(x * 3, 1e-5, weight, None, shapes={f"{n}x{k}": config}), expected)
+
+
+@gpu
+@pytest.mark.parametrize("n,k", [(4096, 4096), (4096, 14336)])
+def test_gpu_gemv_adds_to_the_residual_at_llama3_8b_shapes(n, k):
+    """Compiled, bfloat16, every one-row GEMV candidate, o's and down's shapes: bit for bit the GEMV's
+    product added to the residual by torch."""
+    x, weight, _ = dense_case(1, n, k, torch.bfloat16)
+    for config in ONE_ROW_CONFIGS_8B:
+        residual = torch.randn(1, n, device=DEVICE, dtype=torch.bfloat16)
+        expected = residual + gemv(x, weight, **config)
+        assert torch.equal(gemv(x, weight, residual=residual, **config), expected)
+
+
+ONE_ROW_CONFIGS_8B = [c for c in GEMV_CANDIDATES if c["BLOCK_M"] == 1]
+

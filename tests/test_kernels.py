@@ -220,6 +220,32 @@ def test_decode_reads_only_device_tensors():
     assert_close(attention.triton(stale, decode=decode), attention.reference(), ATTENTION_TOLERANCES)
 
 
+@pytest.mark.parametrize("min_split_keys,merge_pairs", [(4, 64), (4, 4), (64, 64)],
+                         ids=["merged", "merged_in_chunks", "mostly_alone"])
+def test_split_decode_leaves_its_split_counts_zero_for_the_next_launch(monkeypatch, min_split_keys, merge_pairs):
+    """The last split of each (sequence, KV head) merges the others' results and puts its count back to zero,
+    so the next launch on the same counts (the next layer, a graph replay) merges right too. The first batch
+    has a row without a query and one with a query but no keys; the second outgrows the counts, which are
+    reallocated (the old ones kept) and zero again. At 4 keys a split, rows of 3 to 70 keys run 1 to 4 of the
+    4 splits (merged in one round of loads, or one split at a time); at 64, all but the longest rows run one
+    split, which writes its output alone."""
+    from kiln.kernels import attention as attention_module
+
+    monkeypatch.setattr(attention_module, "_split_counts", {})
+    monkeypatch.setattr(attention_module, "_outgrown_split_counts", [])
+    monkeypatch.setattr(attention_module, "MIN_SPLIT_COUNTS", 8)
+    monkeypatch.setattr(attention_module, "MIN_SPLIT_KEYS", min_split_keys)
+    monkeypatch.setattr(attention_module, "MAX_MERGE_PAIRS", merge_pairs)
+    decode = [{"max_batch_size": 8, "num_splits": 4, "BLOCK_N": 16, "num_warps": 2, "num_stages": 1}]
+    small = AttentionCase([1, 0, 1, 1], [37, 5, 0, 64], 8, 2, 64, 16, torch.float32)
+    large = AttentionCase([1] * 5, [70, 3, 20, 1, 48], 8, 2, 64, 16, torch.float32)
+    for attention, num_counts in ((small, 8), (small, 8), (large, 16), (small, 16)):
+        assert_close(attention.triton(decode=decode), attention.reference(), ATTENTION_TOLERANCES)
+        counts = attention_module._split_counts[attention.q.device]
+        assert counts.numel() == num_counts and not counts.any()
+    assert [c.numel() for c in attention_module._outgrown_split_counts] == [8]
+
+
 @pytest.mark.parametrize("decode", DECODE_CONFIGS[1:], ids=["one_split", "three_splits"])
 def test_sliding_window_matches_reference(decode):
     context = AttentionCase([9, 20], [49, 33], 4, 2, 64, 16, torch.float32, sliding_window=24)

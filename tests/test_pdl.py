@@ -53,11 +53,11 @@ def test_pdl_needs_sm90_and_can_be_turned_off(monkeypatch, capability, setting, 
     assert launch == ({"PDL": True, "launch_pdl": True} if expected else {"PDL": False})
 
 
-def compile_decode_kernels(capability: int) -> dict[str, str]:
-    """PTX of the kernels of a Llama decode step for a GPU of this compute capability, bfloat16 at
-    Llama-3-8B's widths, with the PDL kiln launches them with there (on from sm90)."""
+def compile_decode_kernels(capability: int, names: list[str] | None = None) -> dict[str, str]:
+    """PTX of the kernels of a Llama decode step (those of ``names``, else all) for a GPU of this compute
+    capability, bfloat16 at Llama-3-8B's widths, with the PDL kiln launches them with there (on from sm90)."""
     from kiln.kernels.activation import _gelu_kernel, _silu_mul_fp8_kernel, _silu_mul_kernel
-    from kiln.kernels.attention import _paged_attention_kernel, _split_reduce_kernel
+    from kiln.kernels.attention import _paged_attention_kernel
     from kiln.kernels.fp8 import FP8_CONSTEXPRS, FP8_MAX, _quantize_fp8_kernel
     from kiln.kernels.gemv import _gemv_kernel
     from kiln.kernels.norm import _layer_norm_kernel, _rms_norm_kernel
@@ -71,16 +71,25 @@ def compile_decode_kernels(capability: int) -> dict[str, str]:
     int4, int8 = TENSOR_CORE_CONFIGS[4][0], TENSOR_CORE_CONFIGS[8][0]
     kernels = {
         "fp8_gemv": (_gemv_kernel, ints(_gemv_kernel, x_ptr="*bf16", w_ptr="*fp8e4nv", w_scale_ptr="*fp32",
-                                        bias_ptr="*bf16", out_ptr="*bf16"),
-                     dict(HAS_SCALE=True, HAS_BIAS=False, BLOCK_M=1, BLOCK_N=4, BLOCK_K=2048, DOT_PRECISION="tf32"),
+                                        bias_ptr="*bf16", out_ptr="*bf16", eps="fp32"),
+                     dict(HAS_SCALE=True, HAS_BIAS=False, NORM=False, ADD_RESIDUAL=False, BLOCK_M=1, BLOCK_N=4, BLOCK_K=2048, DOT_PRECISION="tf32"),
                      4, 1),
         "dense_gemv": (_gemv_kernel, ints(_gemv_kernel, x_ptr="*bf16", w_ptr="*bf16", w_scale_ptr="*bf16",
-                                          bias_ptr="*bf16", out_ptr="*bf16"),
-                       dict(HAS_SCALE=False, HAS_BIAS=True, BLOCK_M=1, BLOCK_N=4, BLOCK_K=1024, DOT_PRECISION="tf32"),
-                       4, 1),
+                                          bias_ptr="*bf16", out_ptr="*bf16", eps="fp32"),
+                       dict(HAS_SCALE=False, HAS_BIAS=True, NORM=False, ADD_RESIDUAL=False, BLOCK_M=1, BLOCK_N=4,
+                            BLOCK_K=1024, DOT_PRECISION="tf32"), 4, 1),
+        # The batch-1 folds: the norm in qkv's / gate_up's GEMV, the residual add in o's / down's.
+        "dense_norm_gemv": (_gemv_kernel, ints(_gemv_kernel, x_ptr="*bf16", w_ptr="*bf16", w_scale_ptr="*bf16",
+                                               bias_ptr="*bf16", out_ptr="*bf16", eps="fp32"),
+                            dict(HAS_SCALE=False, HAS_BIAS=False, NORM=True, ADD_RESIDUAL=False, BLOCK_M=1, BLOCK_N=4,
+                                 BLOCK_K=2048, DOT_PRECISION="tf32"), 4, 1),
+        "dense_residual_gemv": (_gemv_kernel, ints(_gemv_kernel, x_ptr="*bf16", w_ptr="*bf16", w_scale_ptr="*bf16",
+                                                   bias_ptr="*bf16", out_ptr="*bf16", eps="fp32"),
+                                dict(HAS_SCALE=False, HAS_BIAS=False, NORM=False, ADD_RESIDUAL=True, BLOCK_M=1,
+                                     BLOCK_N=4, BLOCK_K=2048, DOT_PRECISION="tf32"), 4, 1),
         "dense_gemv_16_rows": (_gemv_kernel, ints(_gemv_kernel, x_ptr="*bf16", w_ptr="*bf16", w_scale_ptr="*bf16",
-                                                  bias_ptr="*bf16", out_ptr="*bf16"),
-                               dict(HAS_SCALE=False, HAS_BIAS=True, BLOCK_M=16, BLOCK_N=16, BLOCK_K=512,
+                                                  bias_ptr="*bf16", out_ptr="*bf16", eps="fp32"),
+                               dict(HAS_SCALE=False, HAS_BIAS=True, NORM=False, ADD_RESIDUAL=False, BLOCK_M=16, BLOCK_N=16, BLOCK_K=512,
                                     DOT_PRECISION="tf32"), 4, 3),
         "int4_gemv": (_int4_gemv_kernel, ints(_int4_gemv_kernel, x_ptr="*bf16", input_order_ptr="*i32", w_ptr="*i32",
                                               scales_ptr="*fp16", zeros_ptr="*u8", out_ptr="*bf16"),
@@ -119,20 +128,22 @@ def compile_decode_kernels(capability: int) -> dict[str, str]:
         "decode_attention": (_paged_attention_kernel, ints(
             _paged_attention_kernel, q_ptr="*bf16", k_cache_ptr="*bf16", v_cache_ptr="*bf16", block_tables_ptr="*i32",
             seq_lens_ptr="*i32", query_start_loc_ptr="*i32", out_ptr="*bf16", partial_out_ptr="*fp32",
-            partial_lse_ptr="*fp32", kv_scale_ptr="*fp32", scale_log2="fp32"),
+            partial_lse_ptr="*fp32", split_counts_ptr="*i32", kv_scale_ptr="*fp32", scale_log2="fp32"),
             dict(GROUP=4, HEAD_DIM=128, KV_BLOCK_SIZE=32, BLOCK_Q=1, BLOCK_G=16, BLOCK_N=32, BLOCK_D=128,
-                 IS_SPLIT=True, IS_FP8_KV=False, IS_FP8_DOT=False, DOT_PRECISION="tf32", **FP8_CONSTEXPRS), 4, 2),
-        "split_reduce": (_split_reduce_kernel, ints(_split_reduce_kernel, partial_out_ptr="*fp32",
-                                                    partial_lse_ptr="*fp32", query_start_loc_ptr="*i32",
-                                                    out_ptr="*bf16"),
-                         dict(HEAD_DIM=128, BLOCK_S=16, BLOCK_D=128), 4, 1),
+                 BLOCK_H=4, MERGE_CHUNK=16, MIN_SPLIT_KEYS=64, IS_SPLIT=True, IS_FP8_KV=False, IS_FP8_DOT=False, DOT_PRECISION="tf32", **FP8_CONSTEXPRS), 4, 2),
     }
     return {name: compile_for(kernel, capability, types, constants, num_warps, num_stages)
-            for name, (kernel, types, constants, num_warps, num_stages) in kernels.items()}
+            for name, (kernel, types, constants, num_warps, num_stages) in kernels.items()
+            if names is None or name in names}
 
 
 def compile_for_ada_and_hopper() -> dict[str, dict[str, str]]:
     return {str(capability): compile_decode_kernels(capability) for capability in (89, 90)}
+
+
+def compile_split_decode_attention() -> dict[str, str]:
+    return {str(capability): compile_decode_kernels(capability, ["decode_attention"])["decode_attention"]
+            for capability in (89, 90)}
 
 
 @pytest.mark.skipif(ON_GPU, reason="the GPU tests run the kernels themselves")
@@ -151,6 +162,25 @@ def test_decode_kernels_wait_for_their_producer_on_hopper_and_the_gemvs_read_wei
         assert not re.search(r"cp\.async|st\.global|atom\.|red\.", before), name  # no copy or write before it
         loads_before = re.findall(r"ld\.global", before)
         assert bool(loads_before) == name.endswith("_gemv"), (name, len(loads_before))
+
+
+@pytest.mark.skipif(ON_GPU, reason="the GPU tests run the kernels themselves")
+def test_split_decode_counts_after_its_partials_and_merges_after_the_count(tmp_path):
+    """What split decode attention's in-kernel merge relies on, which the interpreter (one program at a time)
+    cannot show: every thread's partial stores, then a barrier, then one thread's acq_rel GPU-scope count,
+    handed to the other threads through shared memory behind a barrier; the merge's loads after it, all at
+    L2 (.cg); then the count's reset."""
+    for capability, code in compiled_apart(tmp_path, "test_pdl", "compile_split_decode_attention()").items():
+        count = re.search(r"@%p\d+ atom\.global\.gpu\.acq_rel\.add\.u32", code)
+        assert count and code.count("atom.global") == 2, capability
+        before, after = code[:count.start()], code[count.end():]
+        assert "bar.sync" in before[before.rfind("st.global"):], capability
+        broadcast = re.search(r"st\.shared\S* .*\n\s*(//.*\n\s*)*bar\.sync\s+0;\n\s*ld\.shared", after)
+        assert broadcast and "ld.global" not in after[:broadcast.start()], capability
+        loads = re.findall(r"ld\.global\S*", after)
+        assert loads and set(loads) <= {"ld.global.cg.b32", "ld.global.cg.v4.b32"}, (capability, set(loads))
+        reset = after.find("atom.global.gpu.relaxed.exch.b32")
+        assert reset > after.rfind("ld.global"), capability
 
 
 @gpu

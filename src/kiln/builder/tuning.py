@@ -7,7 +7,9 @@ runtime never tunes. Each op is timed at the sizes the runtime will see: decode 
 sequence, batch buckets 1, 2, 4, ... up to max_batch_size) and context batches (up to max_num_tokens);
 the ops that quantize for an FP8 Linear (``*_fp8``) only where they run, above MAX_GEMV_ROWS rows;
 ``dense_linear`` at each unquantized weight shape of the model and row bucket of the GEMV (1, and 2-16 rows),
-where cuBLAS competes with the GEMV's candidates and keeps the shape unless one is faster.
+where cuBLAS competes with the GEMV's candidates and keeps the shape unless one is faster;
+``rms_norm_linear`` at each unquantized weight an RMSNorm feeds, one row, where the norm's kernel followed by
+``dense_linear`` (as just tuned) competes with the GEMV that normalizes the row itself.
 """
 
 from __future__ import annotations
@@ -32,9 +34,9 @@ from kiln.kernels.activation import (DEFAULT_GELU_CONFIG, DEFAULT_SILU_MUL_CONFI
                                      silu_mul_triton)
 from kiln.kernels.attention import (DEFAULT_CONTEXT_CONFIG, AttentionMetadata, default_decode_config,
                                     paged_attention_triton)
-from kiln.kernels.gemv import GEMV_CANDIDATES, MAX_GEMV_ROWS, gemv, shape_key
+from kiln.kernels.gemv import GEMV_CANDIDATES, MAX_GEMV_ROWS, dense_linear_triton, gemv, shape_key
 from kiln.kernels.norm import (add_layer_norm_triton, add_rms_norm_fp8_triton, add_rms_norm_triton, default_norm_warps,
-                               layer_norm_triton, rms_norm_fp8_triton, rms_norm_triton)
+                               layer_norm_triton, rms_norm_fp8_triton, rms_norm_linear_ref, rms_norm_triton)
 from kiln.kernels.rotary import DEFAULT_ROTARY_CONFIG, rope_cos_sin, rotary_kv_write_triton
 from kiln.kernels.weight_only import DEFAULT_CONFIGS, weight_only_linear_triton
 from kiln.layers.linear import linear_method
@@ -118,7 +120,8 @@ def _default_configs(config: ModelConfig, build: BuildConfig, num_sms: int, ops:
                 "gelu": DEFAULT_GELU_CONFIG,
                 "rotary_kv_write": DEFAULT_ROTARY_CONFIG,
                 "attention": {"context": DEFAULT_CONTEXT_CONFIG, "decode": decode},
-                "dense_linear": {}}  # cuBLAS at every shape until timed
+                "dense_linear": {},  # cuBLAS at every shape until timed
+                "rms_norm_linear": {}}  # nothing folded until timed
     return {op: defaults[op] for op in OPS if op in ops}
 
 
@@ -261,9 +264,15 @@ class TuningRun:
                                                 "rotary_kv_write"),
             "attention": lambda: {"context": self.tune_context(), "decode": self.tune_decode()},
             "dense_linear": lambda: self.tune_dense_linear(shapes.get("dense_linear", ())),
+            "rms_norm_linear": lambda: self.tune_rms_norm_linear(shapes.get("rms_norm_linear", ()),
+                                                                 configs.get("dense_linear", {})),
             "weight_only_linear": lambda: self.tune_weight_only_linear(shapes.get("weight_only_linear", ())),
         }
-        return {op: tuners[op]() for op in OPS if op in ops}
+        configs: dict[str, Any] = {}
+        for op in OPS:  # in order: rms_norm_linear is timed against dense_linear's tuned config
+            if op in ops:
+                configs[op] = tuners[op]()
+        return configs
 
     def tune_dense_linear(self, shapes: Collection[tuple[int, int]]) -> dict[str, Any]:
         """Per weight shape (of MIN_TUNED_MATMUL_BYTES or more) and row bucket ("1": one row; "16": 2 to 16,
@@ -289,6 +298,36 @@ class TuningRun:
                                                               for x in xs))
                 if best:
                     chosen.setdefault(shape_key(n, k), {})[bucket] = best
+            del weight
+        return {"shapes": chosen} if chosen else {}
+
+    def tune_rms_norm_linear(self, shapes: Collection[tuple[int, int]], dense: dict[str, Any]) -> dict[str, Any]:
+        """Per weight shape (of MIN_TUNED_MATMUL_BYTES or more) an RMSNorm feeds, at one row: the GEMV that
+        normalizes the row itself with each one-row GEMV candidate, against add_rms_norm's kernel and then
+        dense_linear with its plan config ``dense`` (kept on a tie: the fold's residual add, in the GEMV
+        before the norm, is not timed); a fold whose product is not the reference's within the dtype's
+        rounding is passed over. The plan config lists the shapes that fold."""
+        chosen: dict[str, dict[str, int]] = {}
+        for n, k in shapes:
+            if n * k * self.dtype.itemsize < MIN_TUNED_MATMUL_BYTES:
+                continue
+            weight = self.randn(n, k) * k ** -0.5
+            # The norm's kernel adds x to its residual in place at every run: its own tensors.
+            x, residual, norm_weight = self.randn(1, k), self.randn(1, k), torch.ones(k, dtype=self.dtype,
+                                                                                     device=self.device)
+            row = self.randn(1, k)
+
+            def run(**config: Any) -> torch.Tensor:
+                if config:
+                    return gemv(row, weight, rms_eps=TUNING_EPS, **config)
+                normed, _ = add_rms_norm_triton(x, residual, norm_weight, TUNING_EPS)
+                return dense_linear_triton(normed, weight, None, **dense)
+
+            expected = rms_norm_linear_ref(row, TUNING_EPS, weight, None)
+            best = _fastest([{}] + [c for c in GEMV_CANDIDATES if c["BLOCK_M"] == 1], [run],
+                            f"rms_norm_linear {n}x{k}", accept=lambda c: not c or _agrees(run(**c), expected))
+            if best:
+                chosen[shape_key(n, k)] = best
             del weight
         return {"shapes": chosen} if chosen else {}
 

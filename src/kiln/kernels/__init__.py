@@ -5,8 +5,10 @@ have Triton implementations registered beside it. The plan maps op name -> {"imp
 The ``*_fp8`` ops are their plain op with its output quantized per token to e4m3 (an Fp8Activation), for
 the FP8 Linear it feeds: blocks call them only where that Linear's method wants its input so.
 ``dense_linear`` is the matmul of an unquantized weight (the engine dtype's): cuBLAS, or the GEMV for the shapes and row
-counts the build timed it faster at (its config lists them); ``weight_only_linear`` an INT8 / INT4 one,
-with the launch configs the build timed per shape.
+counts the build timed it faster at (its config lists them), adding the product to a residual where asked;
+``rms_norm_linear`` the one-row GEMV of a weight that holds an RMSNorm's weight, normalizing its input row
+itself, at the shapes the build timed that faster than the norm's kernel and ``dense_linear`` apart (its config
+lists them); ``weight_only_linear`` an INT8 / INT4 one, with the launch configs the build timed per shape.
 """
 
 from __future__ import annotations
@@ -21,16 +23,19 @@ from kiln.kernels.activation import gelu_ref, silu_mul_fp8_ref, silu_mul_ref
 from kiln.kernels.attention import AttentionMetadata, paged_attention_ref
 from kiln.kernels.gemv import dense_linear_ref
 from kiln.kernels.norm import (add_layer_norm_ref, add_rms_norm_fp8_ref, add_rms_norm_ref, layer_norm_ref,
-                               rms_norm_fp8_ref, rms_norm_ref)
+                               rms_norm_fp8_ref, rms_norm_linear_ref, rms_norm_ref)
 from kiln.kernels.rotary import rotary_kv_write_ref
 from kiln.kernels.weight_only import weight_only_linear_ref
 
 OPS = ("rms_norm", "add_rms_norm", "rms_norm_fp8", "add_rms_norm_fp8", "layer_norm", "add_layer_norm", "silu_mul",
-       "silu_mul_fp8", "gelu", "rotary_kv_write", "attention", "dense_linear", "weight_only_linear")
+       "silu_mul_fp8", "gelu", "rotary_kv_write", "attention", "dense_linear", "rms_norm_linear", "weight_only_linear")
+
+# The ops that multiply a weight: the build times them at each weight shape the model multiplies through them.
+MATMUL_OPS = ("dense_linear", "rms_norm_linear", "weight_only_linear")
 
 # The ops of the Llama-family decoder (Llama, Mistral, Qwen2): what a plan covers unless told the ops
 # its model calls (GPT-J: layer_norm, add_layer_norm, gelu, rotary_kv_write, attention, dense_linear).
-LLAMA_OPS = ("rms_norm", "add_rms_norm", "silu_mul", "rotary_kv_write", "attention", "dense_linear")
+LLAMA_OPS = ("rms_norm", "add_rms_norm", "silu_mul", "rotary_kv_write", "attention", "dense_linear", "rms_norm_linear")
 
 _REFERENCE: dict[str, Callable] = {
     "rms_norm": rms_norm_ref,
@@ -45,6 +50,7 @@ _REFERENCE: dict[str, Callable] = {
     "rotary_kv_write": rotary_kv_write_ref,
     "attention": paged_attention_ref,
     "dense_linear": dense_linear_ref,
+    "rms_norm_linear": rms_norm_linear_ref,
     "weight_only_linear": weight_only_linear_ref,
 }
 
@@ -105,9 +111,13 @@ class KernelOps:
         the ops the plan names instead."""
         return op in self.plan
 
+    def config(self, op: str) -> dict[str, Any]:
+        """The launch config the plan gives ``op`` (empty where it gives none)."""
+        return self.plan.get(op, {}).get("config") or {}
+
     @property
     def uses_triton(self) -> bool:
         return any(self.plan.get(op, {}).get("impl") == "triton" for op in OPS)
 
 
-__all__ = ["AttentionMetadata", "KernelOps", "LLAMA_OPS", "OPS", "check_ops", "reference_plan"]
+__all__ = ["AttentionMetadata", "KernelOps", "LLAMA_OPS", "MATMUL_OPS", "OPS", "check_ops", "reference_plan"]

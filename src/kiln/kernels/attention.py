@@ -8,8 +8,9 @@ The Triton path runs one flash-attention kernel in two launch shapes. Its rows a
 head) pairs of one KV head's group, so each key/value tile is loaded once for the whole group (GQA/MQA).
 Context batches tile the query tokens (BLOCK_M rows per program). Decode batches (one query per
 sequence) split each sequence's keys into ``num_splits`` ranges, one program each (flash-decoding), and
-a reduction kernel merges the partial results; decode reads only device tensors and shapes, so it can
-be captured in a CUDA graph.
+the last of a sequence's splits to finish merges their partial results (TensorRT-LLM's multi-block mode:
+no second kernel, whose launch would be one more dependent kernel boundary per layer); decode reads only
+device tensors and shapes, so it can be captured in a CUDA graph.
 
 An FP8 KV cache (float8_e4m3fn, k / k_scale and v / v_scale: rotary.py) is dequantized in registers:
 keys and values are converted to the query's dtype (exact), k_scale folds into the softmax scale and
@@ -247,16 +248,21 @@ def _attend_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.T
 def _paged_attention_kernel(
         q_ptr, q_row_stride, q_head_stride, k_cache_ptr, v_cache_ptr, cache_block_stride, cache_slot_stride,
         cache_head_stride, block_tables_ptr, block_table_stride, seq_lens_ptr, query_start_loc_ptr,
-        out_ptr, out_row_stride, out_head_stride, partial_out_ptr, partial_lse_ptr, kv_scale_ptr, scale_log2,
-        sliding_window, num_splits, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, KV_BLOCK_SIZE: tl.constexpr,
-        BLOCK_Q: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        out_ptr, out_row_stride, out_head_stride, partial_out_ptr, partial_lse_ptr, split_counts_ptr, kv_scale_ptr,
+        scale_log2, sliding_window, num_splits, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+        KV_BLOCK_SIZE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, MERGE_CHUNK: tl.constexpr, MIN_SPLIT_KEYS: tl.constexpr,
         IS_SPLIT: tl.constexpr, IS_FP8_KV: tl.constexpr, IS_FP8_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
         FP8_MAX: tl.constexpr, FP8_MAX_INV: tl.constexpr, MIN_AMAX: tl.constexpr, PDL: tl.constexpr):
     """Program (query tile, KV head, sequence * num_splits + split): BLOCK_Q query tokens x BLOCK_G heads
     of the group against the split's share of the keys the tile can see. Without IS_SPLIT the result is
-    written to out; with it, normalized partial outputs and their log2-sum-exp go to the partial buffers.
-    IS_FP8_KV: the caches are e4m3, scaled by kv_scale_ptr's (k_scale, v_scale); IS_FP8_DOT: the two
-    products are e4m3 dots (query rows quantized here, P as P * FP8_MAX)."""
+    written to out; with it (decode: one query tile), normalized partial outputs and their log2-sum-exp go
+    to the partial buffers, and the last split of the (sequence, KV head) to finish, counted in
+    split_counts_ptr (zero before and after every launch), merges them into out. A split takes at least
+    MIN_SPLIT_KEYS keys: the splits beyond those a short sequence needs return at once, and one that is
+    alone writes out as an unsplit program does (no count, no merge). IS_FP8_KV: the caches are
+    e4m3, scaled by kv_scale_ptr's (k_scale, v_scale); IS_FP8_DOT: the two products are e4m3 dots (query
+    rows quantized here, P as P * FP8_MAX)."""
     wait_for_producer(PDL)
     q_tile = tl.num_programs(0) - 1 - tl.program_id(0)  # the longest causal ranges start first
     kv_head = tl.program_id(1)
@@ -268,6 +274,17 @@ def _paged_attention_kernel(
     if q_tile * BLOCK_Q >= q_len:
         return
     context_len = seq_len - q_len  # keys before this step's queries (cached prefix, earlier chunks)
+    # Keys the tile can see: from the window start of its first query to its last query, shared
+    # evenly (in whole BLOCK_N tiles) among the splits that have MIN_SPLIT_KEYS of them at least.
+    kv_begin = tl.maximum(context_len + q_tile * BLOCK_Q - sliding_window + 1, 0)
+    kv_end = tl.minimum(seq_len, context_len + (q_tile + 1) * BLOCK_Q)
+    num_keys = tl.maximum(kv_end - kv_begin, 0)
+    active_splits = tl.minimum(tl.maximum(tl.cdiv(num_keys, MIN_SPLIT_KEYS), 1), num_splits)
+    if split >= active_splits:
+        return
+    split_len = tl.cdiv(tl.cdiv(num_keys, active_splits), BLOCK_N) * BLOCK_N
+    lo = kv_begin + split * split_len
+    hi = tl.minimum(lo + split_len, kv_end)
 
     rows = tl.arange(0, BLOCK_Q * BLOCK_G)
     token = q_tile * BLOCK_Q + rows // BLOCK_G
@@ -295,13 +312,6 @@ def _paged_attention_kernel(
         out_scale = out_scale * FP8_MAX_INV  # P entered the dot as P * FP8_MAX
     row_scale = row_scale * qk_scale
 
-    # Keys the tile can see: from the window start of its first query to its last query, shared
-    # evenly (in whole BLOCK_N tiles) among the splits.
-    kv_begin = tl.maximum(context_len + q_tile * BLOCK_Q - sliding_window + 1, 0)
-    kv_end = tl.minimum(seq_len, context_len + (q_tile + 1) * BLOCK_Q)
-    split_len = tl.cdiv(tl.cdiv(tl.maximum(kv_end - kv_begin, 0), num_splits), BLOCK_N) * BLOCK_N
-    lo = kv_begin + split * split_len
-    hi = tl.minimum(lo + split_len, kv_end)
 
     m = tl.full([BLOCK_Q * BLOCK_G], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_Q * BLOCK_G], tl.float32)
@@ -343,38 +353,62 @@ def _paged_attention_kernel(
     out = acc * (out_scale / l_safe)[:, None]
     out_mask = row_mask[:, None] & dim_mask[None, :]
     if IS_SPLIT:
-        partial = (seq * tl.num_programs(1) * GROUP + head) * num_splits + split
-        tl.store(partial_out_ptr + partial.to(tl.int64)[:, None] * HEAD_DIM + dims[None, :], out, mask=out_mask)
-        tl.store(partial_lse_ptr + partial, tl.where(l > 0, m + tl.log2(l_safe), float("-inf")), mask=row_mask)
-    else:
-        tl.store(out_ptr + (q_start + token).to(tl.int64)[:, None] * out_row_stride
-                 + head[:, None] * out_head_stride + dims[None, :], out.to(out_ptr.dtype.element_ty), mask=out_mask)
+        if active_splits > 1:  # a split alone writes out below, as an unsplit program does
+            partials = (seq * tl.num_programs(1) * GROUP + head) * num_splits  # the row's first split
+            tl.store(partial_out_ptr + (partials + split).to(tl.int64)[:, None] * HEAD_DIM + dims[None, :], out,
+                     mask=out_mask)
+            tl.store(partial_lse_ptr + partials + split, tl.where(l > 0, m + tl.log2(l_safe), float("-inf")),
+                     mask=row_mask)
+            # One thread takes the count: the barrier puts every thread's stores before its release (cumulative
+            # at GPU scope), and the program that acquires the last count (Triton hands it to all its threads
+            # through shared memory, behind a barrier) reads after them. Padded rows (no query) returned above
+            # in every split, and so did the splits beyond active_splits: the active ones all count.
+            tl.debug_barrier()
+            split_count = split_counts_ptr + seq * tl.num_programs(1) + kv_head
+            if tl.atomic_add(split_count, 1, sem="acq_rel", scope="gpu") < active_splits - 1:
+                return
+            _merge_splits(partial_out_ptr, partial_lse_ptr, (seq * tl.num_programs(1) + kv_head) * GROUP, num_splits,
+                          active_splits, out_ptr + q_start.to(tl.int64) * out_row_stride, out_head_stride,
+                          kv_head * GROUP, GROUP, HEAD_DIM, BLOCK_H, MERGE_CHUNK, BLOCK_D)
+            # Zero again for the next launch (the next layer's, a graph replay's), with no memset kernel: every
+            # active split of the row has counted, and the next launch touches it only after wait_for_producer.
+            tl.atomic_xchg(split_count, 0, sem="relaxed", scope="gpu")
+            return
+    tl.store(out_ptr + (q_start + token).to(tl.int64)[:, None] * out_row_stride
+             + head[:, None] * out_head_stride + dims[None, :], out.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
-@jit(do_not_specialize=["num_splits"], do_not_specialize_on_alignment=["query_start_loc_ptr", "num_splits"])
-def _split_reduce_kernel(partial_out_ptr, partial_lse_ptr, query_start_loc_ptr, out_ptr, out_row_stride,
-                         out_head_stride, num_splits, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr,
-                         BLOCK_D: tl.constexpr, PDL: tl.constexpr):
-    """Program (head, sequence): merges the sequence's split results weighted by their sum-exp."""
-    wait_for_producer(PDL)
-    head = tl.program_id(0)
-    seq = tl.program_id(1)
-    q_start = tl.load(query_start_loc_ptr + seq)
-    if tl.load(query_start_loc_ptr + seq + 1) == q_start:
-        return
-    splits = tl.arange(0, BLOCK_S)
+@jit
+def _merge_splits(partial_out_ptr, partial_lse_ptr, first_head, num_splits, active_splits, out_row_ptr,
+                  out_head_stride, out_head, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr,
+                  CHUNK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Writes the GROUP heads' merged outputs (from out_head on, in the output row at out_row_ptr): their
+    first active_splits split results, weighted by their sum-exp, CHUNK splits of every head at a time
+    with a running maximum, so that one round of loads covers CHUNK splits (a split with no key, lse
+    -inf, weighs nothing; a head whose splits saw none is zeros). Read at L2 (.cg): other SMs wrote them,
+    and this one's L1 may hold stale lines of the buffers' memory."""
+    heads = tl.arange(0, BLOCK_H)
     dims = tl.arange(0, BLOCK_D)
-    partial = (seq * tl.num_programs(0) + head) * num_splits + splits
-    lse = tl.load(partial_lse_ptr + partial, mask=splits < num_splits, other=float("-inf"))
-    lse_max = tl.max(lse, 0)
-    lse_max = tl.where(lse_max > float("-inf"), lse_max, 0.0)  # every split empty: a padded row, zeros
-    weight = tl.exp2(lse - lse_max)  # empty splits (lse -inf) weigh nothing
-    total = tl.sum(weight, 0)
-    parts = tl.load(partial_out_ptr + partial.to(tl.int64)[:, None] * HEAD_DIM + dims[None, :],
-                    mask=(splits < num_splits)[:, None] & (dims < HEAD_DIM)[None, :], other=0.0)
-    out = tl.sum(weight[:, None] * parts, 0) / tl.where(total > 0, total, 1.0)
-    tl.store(out_ptr + q_start.to(tl.int64) * out_row_stride + head * out_head_stride + dims,
-             out.to(out_ptr.dtype.element_ty), mask=dims < HEAD_DIM)
+    m = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    total = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
+    for s0 in range(0, active_splits, CHUNK):
+        splits = s0 + tl.arange(0, CHUNK)
+        mask = (heads < GROUP)[:, None] & (splits < active_splits)[None, :]
+        partial = (first_head + heads)[:, None] * num_splits + splits[None, :]  # [BLOCK_H, CHUNK]
+        lse = tl.load(partial_lse_ptr + partial, mask=mask, other=float("-inf"), cache_modifier=".cg")
+        parts = tl.load(partial_out_ptr + partial.to(tl.int64)[:, :, None] * HEAD_DIM + dims[None, None, :],
+                        mask=mask[:, :, None] & (dims < HEAD_DIM)[None, None, :], other=0.0, cache_modifier=".cg")
+        m_new = tl.maximum(m, tl.max(lse, 1))
+        m_shift = tl.where(m_new > float("-inf"), m_new, 0.0)
+        weight = tl.exp2(lse - m_shift[:, None])
+        alpha = tl.exp2(m - m_shift)
+        total = total * alpha + tl.sum(weight, 1)
+        acc = acc * alpha[:, None] + tl.sum(weight[:, :, None] * parts, 1)
+        m = m_new
+    out = acc / tl.where(total > 0, total, 1.0)[:, None]
+    tl.store(out_row_ptr + (out_head + heads)[:, None] * out_head_stride + dims[None, :],
+             out.to(out_row_ptr.dtype.element_ty), mask=(heads < GROUP)[:, None] & (dims < HEAD_DIM)[None, :])
 
 
 # The reduction dim of an e4m3 tl.dot (mma k32 on Ada and Hopper) must be at least this.
@@ -389,6 +423,13 @@ DEFAULT_CONTEXT_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_sta
 # over 4 warps; see default_decode_config. Chosen by arithmetic, not by a timing.
 MAX_DEFAULT_SPLITS = 16
 DEFAULT_DECODE_KERNEL = {"BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
+# Keys a decode split takes at least: a sequence shorter than num_splits * MIN_SPLIT_KEYS runs fewer splits
+# (the others return at once), and one of fewer keys runs one, which writes its output with no count and no
+# merge. Two tiles of the default 32 keys: chosen by arithmetic, not by a timing.
+MIN_SPLIT_KEYS = 64
+# Split results the merge reads in one round of loads, for all of a KV head's query heads together: at
+# most this many (head, split) pairs of head_dim floats (64 registers per thread at head_dim 128, 4 warps).
+MAX_MERGE_PAIRS = 64
 
 
 def default_decode_config(batch_size: int, num_kv_heads: int, num_sms: int) -> dict[str, Any]:
@@ -406,6 +447,31 @@ def decode_config(decode: list[dict[str, Any]] | None, batch_size: int, num_kv_h
     if not decode:
         return default_decode_config(batch_size, num_kv_heads, count_sms(device))
     return next((c for c in decode if c["max_batch_size"] >= batch_size), decode[-1])
+
+
+# Decode's split counts: one int32 per (sequence, KV head) of a batch, zero between launches (each launch's
+# last splits put them back), kept per device so that no launch memsets them. Launches on one device must
+# not overlap (the runtime's run on one stream at a time). Batches beyond MIN_SPLIT_COUNTS rows x KV heads
+# reallocate, outside a CUDA graph capture only: the runtime runs each graph's batch eagerly before
+# capturing it.
+MIN_SPLIT_COUNTS = 4096
+_split_counts: dict[torch.device, torch.Tensor] = {}
+# Outgrown buffers stay allocated: a CUDA graph captured with one still counts in it.
+_outgrown_split_counts: list[torch.Tensor] = []
+
+
+def split_counts(device: torch.device, size: int) -> torch.Tensor:
+    """The device's zeroed split counts, at least ``size`` of them."""
+    counts = _split_counts.get(device)
+    if counts is None or counts.numel() < size:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(f"decode attention needs {size} split counts on {device} inside a CUDA graph "
+                               "capture: run the batch eagerly before capturing it")
+        if counts is not None:
+            _outgrown_split_counts.append(counts)
+        counts = _split_counts[device] = torch.zeros(max(MIN_SPLIT_COUNTS, next_power_of_2(size)),
+                                                     dtype=torch.int32, device=device)
+    return counts
 
 
 def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
@@ -439,24 +505,22 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if is_split:
         partial_out = torch.empty(num_seqs, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
         partial_lse = torch.empty(num_seqs, num_heads, num_splits, dtype=torch.float32, device=q.device)
+        counts = split_counts(q.device, num_seqs * num_kv_heads)
     else:
-        partial_out = partial_lse = out  # not read without IS_SPLIT
+        partial_out = partial_lse = counts = out  # not read without IS_SPLIT
     _paged_attention_kernel[(num_q_tiles, num_kv_heads, num_seqs * num_splits)](
         q, q.stride(0), q.stride(1), k_cache, v_cache, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         meta.block_tables, meta.block_tables.stride(0), meta.seq_lens, meta.query_start_loc,
-        out, out.stride(0), out.stride(1), partial_out, partial_lse, kv_scale if is_fp8_kv else out,
+        out, out.stride(0), out.stride(1), partial_out, partial_lse, counts, kv_scale if is_fp8_kv else out,
         scale * math.log2(math.e), meta.sliding_window or (1 << 30), num_splits,
         GROUP=group, HEAD_DIM=head_dim, KV_BLOCK_SIZE=k_cache.shape[1], BLOCK_Q=block_q, BLOCK_G=block_g,
         # tl.dot needs K >= 16 (32 for e4m3 operands): small heads (stories260K's 8) are padded, masked by
         # HEAD_DIM, and so are FP8 dots' key tiles.
         BLOCK_N=max(MIN_FP8_DOT_K, config["BLOCK_N"]) if is_fp8_dot else config["BLOCK_N"],
         BLOCK_D=max(MIN_FP8_DOT_K if is_fp8_dot else 16, next_power_of_2(head_dim)),
-        IS_SPLIT=is_split, IS_FP8_KV=is_fp8_kv, IS_FP8_DOT=is_fp8_dot,
+        BLOCK_H=next_power_of_2(group), MERGE_CHUNK=min(next_power_of_2(num_splits),
+                                                        max(1, MAX_MERGE_PAIRS // next_power_of_2(group))),
+        MIN_SPLIT_KEYS=MIN_SPLIT_KEYS, IS_SPLIT=is_split, IS_FP8_KV=is_fp8_kv, IS_FP8_DOT=is_fp8_dot,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", **FP8_CONSTEXPRS,
         num_warps=config["num_warps"], num_stages=config["num_stages"], **pdl_launch(q.device))
-    if is_split:
-        _split_reduce_kernel[(num_heads, num_seqs)](
-            partial_out, partial_lse, meta.query_start_loc, out, out.stride(0), out.stride(1), num_splits,
-            HEAD_DIM=head_dim, BLOCK_S=next_power_of_2(num_splits), BLOCK_D=next_power_of_2(head_dim),
-            **pdl_launch(q.device))
     return out

@@ -18,16 +18,17 @@ from kiln.kernels.triton_jit import jit, pdl_launch, tl, wait_for_producer
 
 @jit
 def _gemv_step(w, x_ptrs, k_mask):
-    """A [BLOCK_N, BLOCK_K] weight tile times x's BLOCK_K inputs at x_ptrs, summed along K per column."""
-    x = tl.load(x_ptrs, mask=k_mask, other=0.0)
-    return tl.sum(w.to(tl.float32) * x.to(tl.float32)[None, :], axis=1)
+    """A [BLOCK_N, BLOCK_K] weight tile times x's BLOCK_K inputs at x_ptrs, summed along K per column, and
+    the inputs' squares (their part of the row's RMS, for NORM)."""
+    x = tl.load(x_ptrs, mask=k_mask, other=0.0).to(tl.float32)
+    return tl.sum(w.to(tl.float32) * x[None, :], axis=1), x * x
 
 
 @jit(do_not_specialize=["num_rows"])
 def _gemv_kernel(x_ptr, x_row_stride, w_ptr, w_row_stride, w_scale_ptr, w_scale_stride, bias_ptr, out_ptr,
-                 out_row_stride, num_rows, N, K, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                 PDL: tl.constexpr):
+                 out_row_stride, num_rows, N, K, eps, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 NORM: tl.constexpr, ADD_RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr):
     """Program (column block, row block): out[rows, cols] = x[rows] @ (w[cols] * w_scale[cols]).T + bias
     (no scale without HAS_SCALE), summed in float32 over all of K by this program alone (no split-K, no
     second kernel). Weights are read [BLOCK_N, BLOCK_K] at a time along their contiguous K, converted
@@ -35,7 +36,12 @@ def _gemv_kernel(x_ptr, x_row_stride, w_ptr, w_row_stride, w_scale_ptr, w_scale_
     bfloat16 / float16) and scaled once per column in the epilogue.
     BLOCK_M == 1: products on the CUDA cores, summed along K every step into one float per column;
     BLOCK_M >= 16: tl.dot. With PDL (wait_for_producer) BLOCK_M == 1 reads its first weight tile before
-    waiting for the kernel that writes x: those bytes stream in while that kernel ends."""
+    waiting for the kernel that writes x: those bytes stream in while that kernel ends.
+    NORM (BLOCK_M == 1): x is an RMSNorm's input whose weight is folded into w already (the RMSNorm's
+    consumer, prepared at load: kiln.layers.norm), so the product is (x @ w.T) * rsqrt(mean(x^2) + eps):
+    the squares are summed beside the products in the one pass over x that the GEMV makes anyway, and no
+    norm kernel runs. ADD_RESIDUAL: out is the residual, and the product, rounded to its dtype as a plain
+    GEMV stores it, is added to it in place (rounded as add_rms_norm adds): no add kernel after it."""
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < N
     row0 = tl.program_id(1) * BLOCK_M
@@ -45,11 +51,16 @@ def _gemv_kernel(x_ptr, x_row_stride, w_ptr, w_row_stride, w_scale_ptr, w_scale_
         x_ptrs = x_ptr + row0.to(tl.int64) * x_row_stride + ks
         w = tl.load(w_ptrs, mask=col_mask[:, None] & (ks < K)[None, :], other=0.0)
         wait_for_producer(PDL)
-        acc = _gemv_step(w, x_ptrs, ks < K)
+        acc, squares = _gemv_step(w, x_ptrs, ks < K)
         for k0 in range(BLOCK_K, K, BLOCK_K):
             k_mask = ks < K - k0
             w = tl.load(w_ptrs + k0, mask=col_mask[:, None] & k_mask[None, :], other=0.0)
-            acc += _gemv_step(w, x_ptrs + k0, k_mask)
+            step, step_squares = _gemv_step(w, x_ptrs + k0, k_mask)
+            acc += step
+            if NORM:
+                squares += step_squares
+        if NORM:
+            acc = acc * tl.rsqrt(tl.sum(squares, axis=0) / K + eps)
         out = acc[None, :]
     else:
         wait_for_producer(PDL)
@@ -71,8 +82,12 @@ def _gemv_kernel(x_ptr, x_row_stride, w_ptr, w_row_stride, w_scale_ptr, w_scale_
     if HAS_BIAS:
         out += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     out_rows = row0 + tl.arange(0, BLOCK_M)
-    tl.store(out_ptr + out_rows.to(tl.int64)[:, None] * out_row_stride + cols[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=(out_rows < num_rows)[:, None] & col_mask[None, :])
+    out_ptrs = out_ptr + out_rows.to(tl.int64)[:, None] * out_row_stride + cols[None, :]
+    out_mask = (out_rows < num_rows)[:, None] & col_mask[None, :]
+    out = out.to(out_ptr.dtype.element_ty)
+    if ADD_RESIDUAL:  # out_ptr is the residual: each program reads and writes its own columns alone
+        out = (out.to(tl.float32) + tl.load(out_ptrs, mask=out_mask, other=0.0).to(tl.float32)).to(out.dtype)
+    tl.store(out_ptrs, out, mask=out_mask)
 
 
 # Launch configs before tuning, by BLOCK_M, measured with e4m3 weights (a dense weight takes the GEMV only
@@ -119,24 +134,32 @@ def default_gemv_config(num_rows: int) -> dict[str, int]:
 
 
 def gemv(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None = None, bias: torch.Tensor | None = None,
-         **config: Any) -> torch.Tensor:
+         rms_eps: float | None = None, residual: torch.Tensor | None = None, **config: Any) -> torch.Tensor:
     """x [..., K] (16- or 32-bit) times w [N, K] (e4m3, or x's dtype), times ``w_scale`` ([N, 1] or 0-d
-    float32; None: none), plus ``bias``. ``config``: BLOCK_M (1, or a power of two >= 16), BLOCK_N, BLOCK_K,
-    num_warps, num_stages; default_gemv_config(rows) for what is not given."""
+    float32; None: none), plus ``bias``. ``rms_eps`` (one row): x is an RMSNorm's input, whose weight w
+    holds already: the product of its normalized row (see _gemv_kernel's NORM). ``residual`` [..., N]: the
+    product is added to it in place and it is returned. ``config``: BLOCK_M (1, or a power of two >= 16),
+    BLOCK_N, BLOCK_K, num_warps, num_stages; default_gemv_config(rows) for what is not given."""
     num_cols, n = x.shape[-1], w.shape[0]
     rows = x.reshape(-1, num_cols)
     assert rows.stride(-1) == 1 and w.stride(-1) == 1 and w.shape[1] == num_cols
     config = {**default_gemv_config(rows.shape[0]), **config}
     block_m, block_n = config.pop("BLOCK_M"), config["BLOCK_N"]
     assert block_m == 1 or block_m >= 16, "tl.dot needs BLOCK_M >= 16"
-    out = torch.empty(*x.shape[:-1], n, dtype=x.dtype, device=x.device)
+    assert rms_eps is None or (rows.shape[0] == 1 and block_m == 1), "the RMSNorm folds into one-row GEMVs only"
+    if residual is None:
+        out = torch.empty(*x.shape[:-1], n, dtype=x.dtype, device=x.device)
+    else:
+        assert residual.shape == (*x.shape[:-1], n) and residual.dtype == x.dtype and residual.is_contiguous()
+        out = residual
     if rows.shape[0] == 0:
         return out
     grid = (-(-n // block_n), -(-rows.shape[0] // block_m))
     _gemv_kernel[grid](
         rows, rows.stride(0), w, w.stride(0), w_scale if w_scale is not None else w,
         0 if w_scale is None or w_scale.numel() == 1 else 1, bias if bias is not None else w, out.view(-1, n), n,
-        rows.shape[0], n, num_cols, HAS_SCALE=w_scale is not None, HAS_BIAS=bias is not None, BLOCK_M=block_m,
+        rows.shape[0], n, num_cols, rms_eps or 0.0, HAS_SCALE=w_scale is not None, HAS_BIAS=bias is not None,
+        NORM=rms_eps is not None, ADD_RESIDUAL=residual is not None, BLOCK_M=block_m,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", **config, **pdl_launch(x.device))
     return out
 
@@ -150,19 +173,24 @@ def shape_key(out_features: int, in_features: int) -> str:
     return f"{out_features}x{in_features}"
 
 
-def dense_linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """A dense Linear's matmul: F.linear (cuBLAS on the GPU)."""
-    return F.linear(x, weight, bias)
+def dense_linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                     residual: torch.Tensor | None = None) -> torch.Tensor:
+    """A dense Linear's matmul: F.linear (cuBLAS on the GPU). With ``residual``: the product added to it in
+    place (rounded as add_rms_norm adds), which is returned."""
+    y = F.linear(x, weight, bias)
+    return y if residual is None else residual.add_(y)
 
 
 def dense_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                        residual: torch.Tensor | None = None,
                         shapes: dict[str, dict[str, dict[str, int]]] | None = None) -> torch.Tensor:
     """As dense_linear_ref; the GEMV for up to MAX_GEMV_ROWS rows where ``shapes`` (the kernel plan's,
     made by the build's timing) holds a config for this weight's shape and the rows' bucket (gemv_bucket),
-    cuBLAS elsewhere. A function of shapes alone: a CUDA graph replays the choice it captured."""
+    adding to ``residual`` in its epilogue; cuBLAS elsewhere. A function of shapes alone: a CUDA graph
+    replays the choice it captured."""
     num_rows = x.numel() // x.shape[-1]
     if shapes and 0 < num_rows <= MAX_GEMV_ROWS:
         config = shapes.get(shape_key(*weight.shape), {}).get(gemv_bucket(num_rows))
         if config is not None:
-            return gemv(x, weight, None, bias, **config)
-    return F.linear(x, weight, bias)
+            return gemv(x, weight, None, bias, residual=residual, **config)
+    return dense_linear_ref(x, weight, bias, residual)

@@ -5,6 +5,10 @@ RMSNorm (with the add or not) also comes quantized to e4m3 per token (``rms_norm
 the normalized row to the input dtype as the plain norm writes it, then quantizes it in its epilogue
 (kiln.kernels.fp8's ``fp8_row_scales`` / ``to_fp8``), so the bytes and scales are those of the plain
 norm followed by quantize_fp8_per_token, and no quantization kernel runs after it.
+
+RMSNorm also folds into the one-row GEMV of the unquantized Linear it feeds (``rms_norm_linear``), whose
+weight holds the norm's weight already (kiln.layers.norm, at load): the GEMV sums the row's squares beside
+its products and scales them by the row's 1 / RMS, so batch-1 decode runs no norm kernel there.
 """
 
 from __future__ import annotations
@@ -13,14 +17,24 @@ import torch
 import torch.nn.functional as F
 
 from kiln.kernels.fp8 import FP8_CONSTEXPRS, fp8_row_scales, to_fp8
+from kiln.kernels.gemv import dense_linear_ref, gemv, shape_key
 from kiln.kernels.triton_jit import jit, next_power_of_2, pdl_launch, tl, wait_for_producer
 from kiln.quantization.fp8 import FP8_DTYPE, Fp8Activation, quantize_fp8_per_token
 
 
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return weight * _normalized(x, eps)
+
+
+def _normalized(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / RMS(x) in float32, rounded to x's dtype."""
     xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def rms_norm_linear_ref(x: torch.Tensor, eps: float, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """dense_linear_ref of x's RMSNorm, the norm's weight held by ``weight`` already (so applied as ones)."""
+    return dense_linear_ref(_normalized(x, eps), weight, bias)
 
 
 def add_rms_norm_ref(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
@@ -214,3 +228,11 @@ def add_layer_norm_triton(x: torch.Tensor, residual: torch.Tensor, weight: torch
                           eps: float, num_warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """As add_layer_norm_ref in one pass; the new residual is written in place of ``residual``."""
     return _layer_norm(x, residual, weight, bias, eps, num_warps), residual
+
+
+def rms_norm_linear_triton(x: torch.Tensor, eps: float, weight: torch.Tensor, bias: torch.Tensor | None,
+                           shapes: dict[str, dict[str, int]] | None = None) -> torch.Tensor:
+    """As rms_norm_linear_ref for one row, in one kernel: the GEMV with the norm folded in, at the launch
+    config the plan lists for this weight's shape (``shapes``, made by the build's timing; a Linear folds
+    its norm only where it lists one: DenseLinearMethod.folds_norm)."""
+    return gemv(x, weight, None, bias, rms_eps=eps, **shapes[shape_key(*weight.shape)])

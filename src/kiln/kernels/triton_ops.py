@@ -13,7 +13,7 @@ from kiln.kernels.activation import gelu_triton, silu_mul_fp8_triton, silu_mul_t
 from kiln.kernels.attention import paged_attention_triton
 from kiln.kernels.gemv import dense_linear_triton
 from kiln.kernels.norm import (add_layer_norm_triton, add_rms_norm_fp8_triton, add_rms_norm_triton, layer_norm_triton,
-                               rms_norm_fp8_triton, rms_norm_triton)
+                               rms_norm_fp8_triton, rms_norm_linear_triton, rms_norm_triton)
 from kiln.kernels.rotary import rotary_kv_write_triton
 from kiln.kernels.weight_only import weight_only_linear_triton
 
@@ -30,5 +30,6 @@ IMPLS: dict[str, Callable] = {
     "rotary_kv_write": rotary_kv_write_triton,
     "attention": paged_attention_triton,
     "dense_linear": dense_linear_triton,
+    "rms_norm_linear": rms_norm_linear_triton,
     "weight_only_linear": weight_only_linear_triton,
 }

@@ -8,20 +8,42 @@ so FP8 or INT4 weight-only is one new method class and one line in ``LINEAR_METH
 A method that quantizes its input to e4m3 per token itself may say so (``wants_fp8_input``): the block
 before the Linear (an RMSNorm that ``feeds`` it, GatedMLP's SiLU·up before ``down``) then hands it the
 input already quantized, an Fp8Activation, from the epilogue of its own kernel.
+
+Batch-1 decode may fold the RMSNorm between two Linears into their kernels (``folds_norm``: where the build
+timed the op ``rms_norm_linear`` faster at the consumer's shape). The Linear before the norm (``Linear.then``)
+returns a PendingOutput, which the norm hands back to it to add to the residual in its own kernel
+(``apply_add``); the Linear after it, whose weight holds the norm's already (``fold_norm_weight``, at load),
+takes the residual as a NormedInput and normalizes it in its kernel. No norm kernel runs between them.
 """
 
 from __future__ import annotations
 
 import importlib
 from abc import ABC, abstractmethod
+from typing import NamedTuple
 
 import torch
 
 from kiln.config import BuildConfig
 from kiln.errors import ConfigError
+from kiln.kernels.gemv import shape_key
 from kiln.layers.base import SMALL_STD, CheckpointTensor, Layer, empty_parameter
 from kiln.layers.parallel import Shard
 from kiln.quantization.fp8 import Fp8Activation
+
+
+class NormedInput(NamedTuple):
+    """An RMSNorm's input row, left for the Linear after the norm to normalize in its own kernel (its weight
+    holds the norm's: LinearMethod.fold_norm_weight)."""
+    x: torch.Tensor
+    eps: float
+
+
+class PendingOutput(NamedTuple):
+    """A Linear's input, its product not yet made: the RMSNorm after it (``Linear.then``) has the Linear add
+    the product to the residual in its own kernel (LinearMethod.apply_add)."""
+    linear: Linear
+    x: torch.Tensor
 
 
 class LinearMethod(ABC):
@@ -34,6 +56,9 @@ class LinearMethod(ABC):
     # apply also takes x as an Fp8Activation wherever wants_fp8_input says so; blocks then declare the
     # *_fp8 kernel ops that make one (so the build tunes them).
     takes_fp8_input = False
+    # The ops that fold a neighbouring block into apply's kernel (folds_norm: rms_norm_linear), which that
+    # block declares (so the build times the fold at this Linear's shape).
+    folding_ops: tuple[str, ...] = ()
     # The kernel ops apply calls (layer.ops), which a Linear declares: the build tunes them at its shape.
     kernel_ops: tuple[str, ...] = ()
 
@@ -79,6 +104,24 @@ class LinearMethod(ABC):
         captured. Only for a method that ``takes_fp8_input``."""
         return False
 
+    def folds_norm(self, layer: Linear, num_rows: int) -> bool:
+        """Whether ``apply`` normalizes ``num_rows`` rows of the RMSNorm before it itself (takes a NormedInput),
+        its weight holding the norm's (fold_norm_weight). A function of shapes and the plan alone: a CUDA
+        graph replays the answer it captured."""
+        return False
+
+    def fold_norm_weight(self, layer: Linear, norm_weight: torch.Tensor) -> None:
+        """Load time, where ``folds_norm`` may say yes: the weight's input columns times the RMSNorm's weight."""
+        raise NotImplementedError(f"{type(self).__name__} does not fold an RMSNorm")
+
+    def adds_residual(self, layer: Linear, num_rows: int) -> bool:
+        """Whether ``apply_add`` adds the product to the residual in the matmul's own kernel, at ``num_rows``."""
+        return False
+
+    def apply_add(self, layer: Linear, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """residual + apply(x), written in place of ``residual`` and returned (where ``adds_residual``)."""
+        raise NotImplementedError(f"{type(self).__name__} does not add the residual in its kernel")
+
     def shard(self, weight, shard: Shard):
         """Build time, tensor parallelism: a rank's part of what ``convert`` takes (the float weight; a
         method that takes other inputs slices them here), before ``convert`` makes its tensors."""
@@ -103,9 +146,13 @@ class LinearMethod(ABC):
 
 class DenseLinearMethod(LinearMethod):
     """The weight as it is, in the engine dtype (float32, float16 or bfloat16), multiplied by the kernel op
-    ``dense_linear``: cuBLAS, or the GEMV at the shapes and row counts the build timed it faster at."""
+    ``dense_linear``: cuBLAS, or the GEMV at the shapes and row counts the build timed it faster at. One row
+    of a NormedInput goes to ``rms_norm_linear``, the GEMV with the norm folded in, at the shapes the build
+    timed that faster than the norm's kernel and ``dense_linear`` apart; ``dense_linear`` adds the residual
+    in its kernel where the GEMV runs (else right after cuBLAS)."""
 
     kernel_ops = ("dense_linear",)
+    folding_ops = ("rms_norm_linear",)
 
     def tensors(self, out_features, in_features, dtype):
         return {"weight": ((out_features, in_features), dtype)}
@@ -113,7 +160,22 @@ class DenseLinearMethod(LinearMethod):
     def convert(self, weight, dtype):
         return {"weight": weight.to(dtype)}
 
+    def folds_norm(self, layer, num_rows):
+        return num_rows == 1 and shape_key(layer.out_features, layer.in_features) in \
+            layer.ops.config("rms_norm_linear").get("shapes", {})
+
+    def fold_norm_weight(self, layer, norm_weight):
+        layer.weight.copy_((layer.weight.float() * norm_weight.float()).to(layer.weight.dtype))
+
+    def adds_residual(self, layer, num_rows):
+        return num_rows == 1
+
+    def apply_add(self, layer, x, residual):
+        return layer.ops.dense_linear(x, layer.weight, layer.bias, residual=residual)
+
     def apply(self, layer, x):
+        if isinstance(x, NormedInput):
+            return layer.ops.rms_norm_linear(x.x, x.eps, layer.weight, layer.bias)
         return layer.ops.dense_linear(x, layer.weight, layer.bias)
 
 
@@ -170,6 +232,7 @@ class Linear(Layer):
                 in_features = self.shards["weight"].size
         self.in_features, self.out_features = in_features, out_features
         self.is_row_parallel = ctx.tp.size > 1 and shard_dim == 1
+        self.norm_after: tuple = ()  # the RMSNorm its output goes to with the residual (then), not a submodule
         for name, (shape, dtype) in self.method.tensors(out_features, in_features, ctx.dtype).items():
             self.register_parameter(name, empty_parameter(shape, dtype))
         if bias:
@@ -204,6 +267,14 @@ class Linear(Layer):
         an Fp8Activation: asked by the block that makes the input, before it makes it."""
         return self.method.wants_fp8_input(self, rows.shape[0], rows.device)
 
-    def forward(self, x: torch.Tensor | Fp8Activation) -> torch.Tensor:
+    def then(self, norm) -> None:
+        """Declares that this Linear's output goes to ``norm`` (an RMSNorm) alone, with the residual: where
+        the norm folds into the Linear after it (RMSNorm.folds), forward returns a PendingOutput for the norm."""
+        self.norm_after = (norm,)
+
+    def forward(self, x: torch.Tensor | Fp8Activation | NormedInput) -> torch.Tensor | PendingOutput:
+        if (self.norm_after and isinstance(x, torch.Tensor) and not self.is_row_parallel
+                and self.norm_after[0].folds(x.shape[0]) and self.method.adds_residual(self, x.shape[0])):
+            return PendingOutput(self, x)
         y = self.method.apply(self, x)
         return self.tp.all_reduce(y) if self.is_row_parallel else y

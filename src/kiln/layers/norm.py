@@ -2,7 +2,10 @@
 
 An RMSNorm whose output goes to one Linear alone may be told so (``feeds``): where that Linear's method
 wants its input quantized to e4m3 (an FP8 Linear above 16 rows on a GPU), the norm's kernel writes it so,
-and no quantization kernel runs between them.
+and no quantization kernel runs between them. Where that Linear folds the norm into its own kernel
+(``folds``: an unquantized Linear at one row, at the shapes the build timed it faster at; its weight holds
+the norm's, ``fold_weight`` at load), the norm runs no kernel: the Linear before it adds its product to the
+residual in its own kernel (a PendingOutput), and the one after takes that residual as a NormedInput.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import torch
 
 from kiln.layers.base import ONES, SMALL_STD, Layer
 from kiln.layers.context import LayerContext
-from kiln.layers.linear import Linear
+from kiln.layers.linear import Linear, NormedInput, PendingOutput
 from kiln.quantization.fp8 import Fp8Activation
 
 
@@ -39,13 +42,41 @@ class RMSNorm(_Norm):
         one, quantized in the norm's kernel. Not for a norm whose output goes anywhere else too."""
         self.consumer = (linear,)
 
+    def follows(self, linear: Linear) -> None:
+        """Declares that ``linear``'s output is this norm's x, with the residual (Linear.then)."""
+        linear.then(self)
+
     @property
     def kernel_ops(self) -> tuple[str, ...]:
         is_fp8 = any(linear.method.takes_fp8_input for linear in self.consumer)
-        return ("rms_norm", "add_rms_norm") + (("rms_norm_fp8", "add_rms_norm_fp8") if is_fp8 else ())
+        return (("rms_norm", "add_rms_norm") + (("rms_norm_fp8", "add_rms_norm_fp8") if is_fp8 else ())
+                + (("rms_norm_linear",) if self.matmul_shape else ()))
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None
-                ) -> tuple[torch.Tensor | Fp8Activation, torch.Tensor]:
+    @property
+    def matmul_shape(self) -> tuple[int, int] | None:
+        """[out, in] of the Linear it feeds where that Linear may fold it in (rms_norm_linear's shapes)."""
+        folding = [linear for linear in self.consumer if "rms_norm_linear" in linear.method.folding_ops]
+        return folding[0].matmul_shape if folding else None
+
+    def folds(self, num_rows: int) -> bool:
+        """Whether the Linear it feeds normalizes ``num_rows`` rows itself (LinearMethod.folds_norm)."""
+        return bool(self.consumer) and self.consumer[0].method.folds_norm(self.consumer[0], num_rows)
+
+    def fold_weight(self) -> None:
+        """Load time: where the Linear it feeds may fold it in (at one row), that Linear's weight takes this
+        norm's weight and this one becomes ones, so that the norm's kernel (at other row counts) followed by
+        the Linear computes what it did before, rounded once more in the weight instead of in the norm."""
+        if self.consumer and self.consumer[0].method.folds_norm(self.consumer[0], 1):
+            self.consumer[0].method.fold_norm_weight(self.consumer[0], self.weight)
+            self.weight.fill_(1)
+
+    def forward(self, x: torch.Tensor | PendingOutput, residual: torch.Tensor | None
+                ) -> tuple[torch.Tensor | Fp8Activation | NormedInput, torch.Tensor]:
+        if isinstance(x, PendingOutput):  # the Linear before adds its product to the residual in its kernel
+            residual = x.linear.method.apply_add(x.linear, x.x, residual)
+            return NormedInput(residual, self.eps), residual
+        if residual is None and self.folds(x.shape[0]):
+            return NormedInput(x, self.eps), x
         if self.consumer and self.ops.planned("add_rms_norm_fp8") and self.consumer[0].wants_fp8_input(x):
             if residual is None:
                 return self.ops.rms_norm_fp8(x, self.weight, self.eps), x

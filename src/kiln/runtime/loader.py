@@ -18,7 +18,8 @@ from kiln.builder.plan import rank_config, reserved_bytes
 from kiln.errors import ConfigError, EngineError
 from kiln.kernels import KernelOps
 from kiln.kernels.triton_jit import compile_cache, use_compile_cache
-from kiln.layers import SINGLE, TensorParallel, kernel_ops_of, layer_context, load_parameters, matmul_shapes
+from kiln.layers import (SINGLE, TensorParallel, fold_norm_weights, kernel_ops_of, layer_context, load_parameters,
+                         matmul_shapes)
 from kiln.models import CausalLM, create_model, model_skeleton
 from kiln.runtime.kv_cache import max_live_blocks
 from kiln.engine.tokenizer import Tokenizer
@@ -68,6 +69,7 @@ def load_engine(engine_dir: str | Path, device: str | None = None, verify: bool 
     ctx = layer_context(manifest.build_config, ops, manifest.dtype, dev, tp)
     model = create_model(manifest.model_config, ctx, manifest.build_config.max_seq_len)
     load_parameters(model, weights)
+    fold_norm_weights(model)
     tokenizer = None
     if manifest.has_tokenizer:
         cfg = manifest.model_config
