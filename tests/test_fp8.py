@@ -340,8 +340,8 @@ def compile_kernels_for_ada_and_hopper() -> dict[str, str]:
         for block_m, config in DEFAULT_GEMV_CONFIGS.items():
             ptx[f"gemv_block_m{block_m}_sm{capability}"] = compile_for(
                 _gemv_kernel, capability, gemv_signature,
-                {"HAS_SCALE": True, "HAS_BIAS": True, "NORM": False, "ADD_RESIDUAL": False, "BLOCK_M": block_m,
-                 "DOT_PRECISION": "tf32",
+                {"HAS_SCALE": True, "HAS_BIAS": True, "NORM": False, "ADD_RESIDUAL": False, "SILU_MUL": False,
+                 "BLOCK_M": block_m, "DOT_PRECISION": "tf32",
                  "BLOCK_N": config["BLOCK_N"],
                  "BLOCK_K": config["BLOCK_K"]}, num_warps=config["num_warps"], num_stages=config["num_stages"])
     return ptx

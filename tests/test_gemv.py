@@ -19,6 +19,7 @@ from kiln.convert import AutoModelForCausalLM
 from kiln.convert.converter import dummy_weights
 from kiln.kernels import OPS, KernelOps, reference_plan
 from kiln.kernels import gemv as gemv_module
+from kiln.kernels.activation import silu_mul_triton
 from kiln.kernels.gemv import GEMV_CANDIDATES, dense_linear_ref, dense_linear_triton, gemv
 from kiln.kernels.norm import rms_norm_linear_ref, rms_norm_linear_triton
 from kiln.layers import (LayerContext, fold_norm_weights, kernel_ops_of, linear_method, load_parameters,
@@ -68,9 +69,9 @@ def test_gemv_of_a_dense_weight_is_f_linear(num_rows, config, dtype, has_bias):
 def test_dense_linear_takes_the_gemv_only_for_the_shapes_and_rows_the_plan_lists(monkeypatch):
     calls = []
 
-    def recorded_gemv(x, w, scale, bias, residual=None, **config):
+    def recorded_gemv(x, w, scale, bias, residual=None, silu_mul=False, **config):
         calls.append((x.shape[0], config))
-        return gemv(x, w, scale, bias, residual=residual, **config)
+        return gemv(x, w, scale, bias, residual=residual, silu_mul=silu_mul, **config)
 
     monkeypatch.setattr(gemv_module, "gemv", recorded_gemv)
     one_row = {"BLOCK_M": 1, "BLOCK_N": 4, "BLOCK_K": 128, "num_warps": 4, "num_stages": 1}
@@ -244,6 +245,25 @@ def test_gemv_adds_its_product_to_the_residual_in_place(num_rows, config, dtype,
     assert dense_linear_ref(x, weight, bias, reference) is reference and torch.equal(reference, expected)
 
 
+@pytest.mark.parametrize("num_rows,config", GEMV_CASES[:3], ids=["N4K128", "N8K64", "M16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("has_bias", [False, True], ids=["no_bias", "bias"])
+def test_gemv_of_a_gate_up_projection_takes_silu_mul_in_its_epilogue(num_rows, config, dtype, has_bias,
+                                                                     rounding_bf16_casts):
+    """[gate | up] of 2 x 37 rows (a partial pair block), K 300: bit for bit the GEMV's product and then
+    SiLU·up's kernel (the same arithmetic; torch's silu may differ from it by an ulp)."""
+    if dtype == torch.bfloat16 and config["BLOCK_M"] > 1:
+        pytest.skip("the interpreter's tl.dot mishandles bfloat16 (the GPU test covers it)")
+    x, weight, bias = dense_case(num_rows, 74, 300, dtype)
+    bias = bias if has_bias else None
+    out = gemv(x, weight, None, bias, silu_mul=True, **config)
+    assert out.shape == (num_rows, 37)
+    assert torch.equal(out, silu_mul_triton(gemv(x, weight, None, bias, **config)))
+    if num_rows == 1:  # with the norm folded in too (gate_up's GEMV at batch 1)
+        assert torch.equal(gemv(x, weight, None, bias, rms_eps=1e-5, silu_mul=True, **config),
+                           silu_mul_triton(gemv(x, weight, None, bias, rms_eps=1e-5, **config)))
+
+
 def dense_model(config, ops: KernelOps, dtype: torch.dtype = torch.float32):
     """The model unquantized with dummy weights (norm weights not all ones, so a weight applied wrongly
     shows), loaded as the loader does: the norms the plan folds give their weight to the Linear after them."""
@@ -263,10 +283,10 @@ def dense_model(config, ops: KernelOps, dtype: torch.dtype = torch.float32):
 def test_a_one_row_step_folds_every_norm_between_two_linears(family, monkeypatch):
     """A one-token forward with rms_norm_linear listing qkv's and gate_up's shapes and dense_linear's GEMV
     o's and down's: every layer's two norms fold into qkv's and gate_up's GEMVs (the first attn_norm without
-    a residual), o and down adding their products to the residual in their GEMVs; only the final norm (the
-    LM head's) runs its kernel; the logits are the reference plan's. Two rows fold nothing, and still give
-    the reference's logits (the norms' weights held by the Linears); a plan that lists no shape, or predates
-    the op, leaves the weights as they are."""
+    a residual), o and down adding their products to the residual in their GEMVs, gate_up's GEMV taking
+    SiLU·up; only the final norm (the LM head's) runs its kernel; the logits are the reference plan's. Two
+    rows fold nothing, and still give the reference's logits (the norms' weights held by the Linears); a
+    plan that lists no shape, or predates the op, leaves the weights as they are."""
     config = CONFIGS[family]
     qkv = ((config.num_heads + 2 * config.num_kv_heads) * config.head_dim, config.hidden_size)
     gate_up = (2 * config.intermediate_size, config.hidden_size)
@@ -286,14 +306,16 @@ def test_a_one_row_step_folds_every_norm_between_two_linears(family, monkeypatch
     torch.testing.assert_close(forward(model, config, [1]), forward(reference, config, [1]), rtol=1e-5, atol=1e-5)
     per_head_norms = 2 * config.num_layers if family == "qwen3" else 0  # q and k norms: not a Linear's input
     assert calls["rms_norm_linear"] == 2 * config.num_layers and calls["add_rms_norm"] == 1
-    assert calls["rms_norm"] == per_head_norms
+    assert calls["rms_norm"] == per_head_norms and calls["silu_mul"] == 0
     calls.clear()
     torch.testing.assert_close(forward(model, config, [2]), forward(reference, config, [2]), rtol=1e-5, atol=1e-5)
     assert calls["rms_norm_linear"] == 0 and calls["add_rms_norm"] == 2 * config.num_layers
+    assert calls["silu_mul"] == config.num_layers
     for unfolding in ({**plan, "rms_norm_linear": {"impl": "triton", "config": {}}},
                       reference_plan([op for op in OPS if op != "rms_norm_linear"])):
         weights = dense_model(config, KernelOps(unfolding)).state_dict()
-        assert all(not torch.equal(t, torch.ones_like(t)) for name, t in weights.items() if name.endswith("norm.weight"))
+        norms = [t for name, t in weights.items() if name.endswith("norm.weight")]
+        assert all(not torch.equal(t, torch.ones_like(t)) for t in norms)
 
 
 def test_tuning_folds_the_norm_where_the_fold_is_faster_and_agrees(monkeypatch, caplog):
@@ -336,6 +358,17 @@ def test_gpu_rms_norm_folded_into_the_gemv_at_llama3_8b_shapes(n, k):
     expected = F.linear(rms_norm_triton(x * 3, torch.ones(k, device=DEVICE, dtype=torch.bfloat16), 1e-5), weight)
     for config in ONE_ROW_CONFIGS_8B:
         assert_matmul_close(rms_norm_linear_triton(x * 3, 1e-5, weight, None, shapes={f"{n}x{k}": config}), expected)
+
+
+@gpu
+@pytest.mark.parametrize("num_rows", [1, 2, 16])
+def test_gpu_gemv_takes_silu_mul_at_llama3_8b_gate_up(num_rows):
+    """Compiled, bfloat16, every GEMV candidate of the row count, gate_up's shape: bit for bit the GEMV
+    then SiLU·up's kernel."""
+    x, weight, _ = dense_case(num_rows, 28672, 4096, torch.bfloat16)
+    for config in GEMV_CANDIDATES:
+        if (config["BLOCK_M"] == 1) == (num_rows == 1):
+            assert torch.equal(gemv(x, weight, silu_mul=True, **config), silu_mul_triton(gemv(x, weight, **config)))
 
 
 @gpu

@@ -68,29 +68,24 @@ def compile_decode_kernels(capability: int, names: list[str] | None = None) -> d
     def ints(kernel, **pointers):
         return {**{name: "i32" for name in kernel.arg_names}, **pointers}
 
+    def gemv(w_ptr="*bf16", w_scale_ptr="*bf16", num_stages=1, **constants):
+        """The GEMV (one row, a bf16 weight with a bias, unless told otherwise), as compile_for takes it."""
+        types = ints(_gemv_kernel, x_ptr="*bf16", w_ptr=w_ptr, w_scale_ptr=w_scale_ptr, bias_ptr="*bf16",
+                     out_ptr="*bf16", eps="fp32")
+        return (_gemv_kernel, types, {"HAS_SCALE": False, "HAS_BIAS": True, "NORM": False, "ADD_RESIDUAL": False,
+                                      "SILU_MUL": False, "BLOCK_M": 1, "BLOCK_N": 4, "BLOCK_K": 1024,
+                                      "DOT_PRECISION": "tf32", **constants}, 4, num_stages)
+
     int4, int8 = TENSOR_CORE_CONFIGS[4][0], TENSOR_CORE_CONFIGS[8][0]
     kernels = {
-        "fp8_gemv": (_gemv_kernel, ints(_gemv_kernel, x_ptr="*bf16", w_ptr="*fp8e4nv", w_scale_ptr="*fp32",
-                                        bias_ptr="*bf16", out_ptr="*bf16", eps="fp32"),
-                     dict(HAS_SCALE=True, HAS_BIAS=False, NORM=False, ADD_RESIDUAL=False, BLOCK_M=1, BLOCK_N=4, BLOCK_K=2048, DOT_PRECISION="tf32"),
-                     4, 1),
-        "dense_gemv": (_gemv_kernel, ints(_gemv_kernel, x_ptr="*bf16", w_ptr="*bf16", w_scale_ptr="*bf16",
-                                          bias_ptr="*bf16", out_ptr="*bf16", eps="fp32"),
-                       dict(HAS_SCALE=False, HAS_BIAS=True, NORM=False, ADD_RESIDUAL=False, BLOCK_M=1, BLOCK_N=4,
-                            BLOCK_K=1024, DOT_PRECISION="tf32"), 4, 1),
-        # The batch-1 folds: the norm in qkv's / gate_up's GEMV, the residual add in o's / down's.
-        "dense_norm_gemv": (_gemv_kernel, ints(_gemv_kernel, x_ptr="*bf16", w_ptr="*bf16", w_scale_ptr="*bf16",
-                                               bias_ptr="*bf16", out_ptr="*bf16", eps="fp32"),
-                            dict(HAS_SCALE=False, HAS_BIAS=False, NORM=True, ADD_RESIDUAL=False, BLOCK_M=1, BLOCK_N=4,
-                                 BLOCK_K=2048, DOT_PRECISION="tf32"), 4, 1),
-        "dense_residual_gemv": (_gemv_kernel, ints(_gemv_kernel, x_ptr="*bf16", w_ptr="*bf16", w_scale_ptr="*bf16",
-                                                   bias_ptr="*bf16", out_ptr="*bf16", eps="fp32"),
-                                dict(HAS_SCALE=False, HAS_BIAS=False, NORM=False, ADD_RESIDUAL=True, BLOCK_M=1,
-                                     BLOCK_N=4, BLOCK_K=2048, DOT_PRECISION="tf32"), 4, 1),
-        "dense_gemv_16_rows": (_gemv_kernel, ints(_gemv_kernel, x_ptr="*bf16", w_ptr="*bf16", w_scale_ptr="*bf16",
-                                                  bias_ptr="*bf16", out_ptr="*bf16", eps="fp32"),
-                               dict(HAS_SCALE=False, HAS_BIAS=True, NORM=False, ADD_RESIDUAL=False, BLOCK_M=16, BLOCK_N=16, BLOCK_K=512,
-                                    DOT_PRECISION="tf32"), 4, 3),
+        "fp8_gemv": gemv(w_ptr="*fp8e4nv", w_scale_ptr="*fp32", HAS_SCALE=True, HAS_BIAS=False, BLOCK_K=2048),
+        "dense_gemv": gemv(),
+        # The batch-1 folds: the norm in qkv's / gate_up's GEMV (SiLU·up in gate_up's), the residual add in o's /
+        # down's.
+        "dense_norm_gemv": gemv(NORM=True, BLOCK_K=2048),
+        "dense_silu_mul_gemv": gemv(NORM=True, SILU_MUL=True, BLOCK_K=2048),
+        "dense_residual_gemv": gemv(ADD_RESIDUAL=True, BLOCK_K=2048),
+        "dense_gemv_16_rows": gemv(BLOCK_M=16, BLOCK_N=16, BLOCK_K=512, num_stages=3),
         "int4_gemv": (_int4_gemv_kernel, ints(_int4_gemv_kernel, x_ptr="*bf16", input_order_ptr="*i32", w_ptr="*i32",
                                               scales_ptr="*fp16", zeros_ptr="*u8", out_ptr="*bf16"),
                       dict(GROUP_SIZE=128, HAS_INPUT_ORDER=False, BLOCK_N=int4["BLOCK_N"],
@@ -130,7 +125,8 @@ def compile_decode_kernels(capability: int, names: list[str] | None = None) -> d
             seq_lens_ptr="*i32", query_start_loc_ptr="*i32", out_ptr="*bf16", partial_out_ptr="*fp32",
             partial_lse_ptr="*fp32", split_counts_ptr="*i32", kv_scale_ptr="*fp32", scale_log2="fp32"),
             dict(GROUP=4, HEAD_DIM=128, KV_BLOCK_SIZE=32, BLOCK_Q=1, BLOCK_G=16, BLOCK_N=32, BLOCK_D=128,
-                 BLOCK_H=4, MERGE_CHUNK=16, MIN_SPLIT_KEYS=64, IS_SPLIT=True, IS_FP8_KV=False, IS_FP8_DOT=False, DOT_PRECISION="tf32", **FP8_CONSTEXPRS), 4, 2),
+                 BLOCK_H=4, MERGE_CHUNK=16, MIN_SPLIT_KEYS=64, IS_SPLIT=True, IS_FP8_KV=False, IS_FP8_DOT=False,
+                 DOT_PRECISION="tf32", **FP8_CONSTEXPRS), 4, 2),
     }
     return {name: compile_for(kernel, capability, types, constants, num_warps, num_stages)
             for name, (kernel, types, constants, num_warps, num_stages) in kernels.items()

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from kiln.kernels.fp8 import FP8_CONSTEXPRS, fp8_row_scales, to_fp8
+from kiln.kernels.gemv import silu_mul_values
 from kiln.kernels.norm import default_norm_warps
 from kiln.kernels.triton_jit import jit, next_power_of_2, pdl_launch, tl, wait_for_producer
 from kiln.quantization.fp8 import FP8_DTYPE, Fp8Activation, quantize_fp8_per_token
@@ -48,9 +49,7 @@ def _silu_mul(gate_ptrs, mask, num_cols):
     """silu(gate) * up of the gate columns at gate_ptrs (up num_cols further), in the input dtype."""
     gate = tl.load(gate_ptrs, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(gate_ptrs + num_cols, mask=mask, other=0.0)
-    # Rounded to the input dtype before the product, as F.silu(gate) * up does.
-    silu = (gate * tl.sigmoid(gate)).to(up.dtype).to(tl.float32)
-    return (silu * up.to(tl.float32)).to(up.dtype)
+    return silu_mul_values(gate, up)
 
 
 @jit

@@ -24,11 +24,20 @@ def _gemv_step(w, x_ptrs, k_mask):
     return tl.sum(w.to(tl.float32) * x[None, :], axis=1), x * x
 
 
+@jit
+def silu_mul_values(gate, up):
+    """silu(gate) * up in up's dtype, rounded as F.silu(gate) * up rounds (silu rounded to up's dtype before
+    the product): gate float32 (of a value in up's dtype), up in its dtype. The SiLU·up kernels' arithmetic,
+    and the GEMV's with SILU_MUL."""
+    silu = (gate * tl.sigmoid(gate)).to(up.dtype).to(tl.float32)
+    return (silu * up.to(tl.float32)).to(up.dtype)
+
+
 @jit(do_not_specialize=["num_rows"])
 def _gemv_kernel(x_ptr, x_row_stride, w_ptr, w_row_stride, w_scale_ptr, w_scale_stride, bias_ptr, out_ptr,
                  out_row_stride, num_rows, N, K, eps, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
-                 NORM: tl.constexpr, ADD_RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr):
+                 NORM: tl.constexpr, ADD_RESIDUAL: tl.constexpr, SILU_MUL: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr):
     """Program (column block, row block): out[rows, cols] = x[rows] @ (w[cols] * w_scale[cols]).T + bias
     (no scale without HAS_SCALE), summed in float32 over all of K by this program alone (no split-K, no
     second kernel). Weights are read [BLOCK_N, BLOCK_K] at a time along their contiguous K, converted
@@ -41,9 +50,19 @@ def _gemv_kernel(x_ptr, x_row_stride, w_ptr, w_row_stride, w_scale_ptr, w_scale_
     consumer, prepared at load: kiln.layers.norm), so the product is (x @ w.T) * rsqrt(mean(x^2) + eps):
     the squares are summed beside the products in the one pass over x that the GEMV makes anyway, and no
     norm kernel runs. ADD_RESIDUAL: out is the residual, and the product, rounded to its dtype as a plain
-    GEMV stores it, is added to it in place (rounded as add_rms_norm adds): no add kernel after it."""
-    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_mask = cols < N
+    GEMV stores it, is added to it in place (rounded as add_rms_norm adds): no add kernel after it.
+    SILU_MUL: w is a fused gate / up projection (gate's N / 2 rows, then up's) and out [rows, N / 2] is
+    silu(gate) * up of the products, rounded as a plain GEMV stores them and as silu_mul computes (bit for
+    bit the GEMV then SiLU·up's kernel): a program takes BLOCK_N / 2 columns of each, interleaved, so its
+    epilogue has each pair at hand, and no SiLU·up kernel runs."""
+    if SILU_MUL:  # weight rows: pair j's gate, then its up, for the program's BLOCK_N / 2 pairs
+        half = tl.arange(0, BLOCK_N) // 2
+        pairs = tl.program_id(0) * (BLOCK_N // 2) + half
+        cols = pairs + (tl.arange(0, BLOCK_N) % 2) * (N // 2)
+        col_mask = pairs < N // 2
+    else:
+        cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_mask = cols < N
     row0 = tl.program_id(1) * BLOCK_M
     ks = tl.arange(0, BLOCK_K)
     w_ptrs = w_ptr + cols.to(tl.int64)[:, None] * w_row_stride + ks[None, :]
@@ -82,9 +101,14 @@ def _gemv_kernel(x_ptr, x_row_stride, w_ptr, w_row_stride, w_scale_ptr, w_scale_
     if HAS_BIAS:
         out += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     out_rows = row0 + tl.arange(0, BLOCK_M)
+    out = out.to(out_ptr.dtype.element_ty)
+    if SILU_MUL:
+        gate, up = tl.split(tl.reshape(out, [BLOCK_M, BLOCK_N // 2, 2]))
+        out = silu_mul_values(gate.to(tl.float32), up)
+        cols = tl.program_id(0) * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+        col_mask = cols < N // 2
     out_ptrs = out_ptr + out_rows.to(tl.int64)[:, None] * out_row_stride + cols[None, :]
     out_mask = (out_rows < num_rows)[:, None] & col_mask[None, :]
-    out = out.to(out_ptr.dtype.element_ty)
     if ADD_RESIDUAL:  # out_ptr is the residual: each program reads and writes its own columns alone
         out = (out.to(tl.float32) + tl.load(out_ptrs, mask=out_mask, other=0.0).to(tl.float32)).to(out.dtype)
     tl.store(out_ptrs, out, mask=out_mask)
@@ -134,12 +158,14 @@ def default_gemv_config(num_rows: int) -> dict[str, int]:
 
 
 def gemv(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None = None, bias: torch.Tensor | None = None,
-         rms_eps: float | None = None, residual: torch.Tensor | None = None, **config: Any) -> torch.Tensor:
+         rms_eps: float | None = None, residual: torch.Tensor | None = None, silu_mul: bool = False,
+         **config: Any) -> torch.Tensor:
     """x [..., K] (16- or 32-bit) times w [N, K] (e4m3, or x's dtype), times ``w_scale`` ([N, 1] or 0-d
     float32; None: none), plus ``bias``. ``rms_eps`` (one row): x is an RMSNorm's input, whose weight w
     holds already: the product of its normalized row (see _gemv_kernel's NORM). ``residual`` [..., N]: the
-    product is added to it in place and it is returned. ``config``: BLOCK_M (1, or a power of two >= 16),
-    BLOCK_N, BLOCK_K, num_warps, num_stages; default_gemv_config(rows) for what is not given."""
+    product is added to it in place and it is returned. ``silu_mul``: w is a fused gate / up projection
+    and the output [..., N / 2] is silu(gate) * up (SILU_MUL). ``config``: BLOCK_M (1, or a power of two
+    >= 16), BLOCK_N, BLOCK_K, num_warps, num_stages; default_gemv_config(rows) for what is not given."""
     num_cols, n = x.shape[-1], w.shape[0]
     rows = x.reshape(-1, num_cols)
     assert rows.stride(-1) == 1 and w.stride(-1) == 1 and w.shape[1] == num_cols
@@ -147,19 +173,22 @@ def gemv(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None = None, 
     block_m, block_n = config.pop("BLOCK_M"), config["BLOCK_N"]
     assert block_m == 1 or block_m >= 16, "tl.dot needs BLOCK_M >= 16"
     assert rms_eps is None or (rows.shape[0] == 1 and block_m == 1), "the RMSNorm folds into one-row GEMVs only"
+    assert not silu_mul or (n % 2 == 0 and block_n % 2 == 0 and residual is None)
+    num_out = n // 2 if silu_mul else n
     if residual is None:
-        out = torch.empty(*x.shape[:-1], n, dtype=x.dtype, device=x.device)
+        out = torch.empty(*x.shape[:-1], num_out, dtype=x.dtype, device=x.device)
     else:
         assert residual.shape == (*x.shape[:-1], n) and residual.dtype == x.dtype and residual.is_contiguous()
         out = residual
     if rows.shape[0] == 0:
         return out
-    grid = (-(-n // block_n), -(-rows.shape[0] // block_m))
+    grid = (-(-num_out // (block_n // 2 if silu_mul else block_n)), -(-rows.shape[0] // block_m))
     _gemv_kernel[grid](
         rows, rows.stride(0), w, w.stride(0), w_scale if w_scale is not None else w,
-        0 if w_scale is None or w_scale.numel() == 1 else 1, bias if bias is not None else w, out.view(-1, n), n,
-        rows.shape[0], n, num_cols, rms_eps or 0.0, HAS_SCALE=w_scale is not None, HAS_BIAS=bias is not None,
-        NORM=rms_eps is not None, ADD_RESIDUAL=residual is not None, BLOCK_M=block_m,
+        0 if w_scale is None or w_scale.numel() == 1 else 1, bias if bias is not None else w, out.view(-1, num_out),
+        num_out, rows.shape[0], n, num_cols, rms_eps or 0.0, HAS_SCALE=w_scale is not None,
+        HAS_BIAS=bias is not None, NORM=rms_eps is not None, ADD_RESIDUAL=residual is not None, SILU_MUL=silu_mul,
+        BLOCK_M=block_m,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", **config, **pdl_launch(x.device))
     return out
 
@@ -174,23 +203,35 @@ def shape_key(out_features: int, in_features: int) -> str:
 
 
 def dense_linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                     residual: torch.Tensor | None = None) -> torch.Tensor:
+                     residual: torch.Tensor | None = None, silu_mul: bool = False) -> torch.Tensor:
     """A dense Linear's matmul: F.linear (cuBLAS on the GPU). With ``residual``: the product added to it in
-    place (rounded as add_rms_norm adds), which is returned."""
+    place (rounded as add_rms_norm adds), which is returned. With ``silu_mul`` (a fused gate / up
+    projection): silu_mul_ref of the product."""
+    from kiln.kernels.activation import silu_mul_ref  # activation -> norm -> gemv: imported when called
+
     y = F.linear(x, weight, bias)
+    if silu_mul:
+        return silu_mul_ref(y)
     return y if residual is None else residual.add_(y)
 
 
+def gemv_config(shapes: dict[str, dict[str, dict[str, int]]] | None, weight_shape: tuple[int, ...],
+                num_rows: int) -> dict[str, int] | None:
+    """The GEMV's config the plan's ``shapes`` (dense_linear's) give this weight at ``num_rows`` rows (None:
+    cuBLAS)."""
+    if not shapes or not 0 < num_rows <= MAX_GEMV_ROWS:
+        return None
+    return shapes.get(shape_key(*weight_shape), {}).get(gemv_bucket(num_rows))
+
+
 def dense_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                        residual: torch.Tensor | None = None,
+                        residual: torch.Tensor | None = None, silu_mul: bool = False,
                         shapes: dict[str, dict[str, dict[str, int]]] | None = None) -> torch.Tensor:
     """As dense_linear_ref; the GEMV for up to MAX_GEMV_ROWS rows where ``shapes`` (the kernel plan's,
     made by the build's timing) holds a config for this weight's shape and the rows' bucket (gemv_bucket),
-    adding to ``residual`` in its epilogue; cuBLAS elsewhere. A function of shapes alone: a CUDA graph
-    replays the choice it captured."""
-    num_rows = x.numel() // x.shape[-1]
-    if shapes and 0 < num_rows <= MAX_GEMV_ROWS:
-        config = shapes.get(shape_key(*weight.shape), {}).get(gemv_bucket(num_rows))
-        if config is not None:
-            return gemv(x, weight, None, bias, residual=residual, **config)
-    return dense_linear_ref(x, weight, bias, residual)
+    adding to ``residual`` or taking SiLU·up in its epilogue; cuBLAS elsewhere. A function of shapes alone:
+    a CUDA graph replays the choice it captured."""
+    config = gemv_config(shapes, weight.shape, x.numel() // x.shape[-1])
+    if config is not None:
+        return gemv(x, weight, None, bias, residual=residual, silu_mul=silu_mul, **config)
+    return dense_linear_ref(x, weight, bias, residual, silu_mul)

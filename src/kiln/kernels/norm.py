@@ -32,9 +32,10 @@ def _normalized(x: torch.Tensor, eps: float) -> torch.Tensor:
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
-def rms_norm_linear_ref(x: torch.Tensor, eps: float, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def rms_norm_linear_ref(x: torch.Tensor, eps: float, weight: torch.Tensor, bias: torch.Tensor | None,
+                        silu_mul: bool = False) -> torch.Tensor:
     """dense_linear_ref of x's RMSNorm, the norm's weight held by ``weight`` already (so applied as ones)."""
-    return dense_linear_ref(_normalized(x, eps), weight, bias)
+    return dense_linear_ref(_normalized(x, eps), weight, bias, silu_mul=silu_mul)
 
 
 def add_rms_norm_ref(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
@@ -231,8 +232,8 @@ def add_layer_norm_triton(x: torch.Tensor, residual: torch.Tensor, weight: torch
 
 
 def rms_norm_linear_triton(x: torch.Tensor, eps: float, weight: torch.Tensor, bias: torch.Tensor | None,
-                           shapes: dict[str, dict[str, int]] | None = None) -> torch.Tensor:
+                           silu_mul: bool = False, shapes: dict[str, dict[str, int]] | None = None) -> torch.Tensor:
     """As rms_norm_linear_ref for one row, in one kernel: the GEMV with the norm folded in, at the launch
     config the plan lists for this weight's shape (``shapes``, made by the build's timing; a Linear folds
     its norm only where it lists one: DenseLinearMethod.folds_norm)."""
-    return gemv(x, weight, None, bias, rms_eps=eps, **shapes[shape_key(*weight.shape)])
+    return gemv(x, weight, None, bias, rms_eps=eps, silu_mul=silu_mul, **shapes[shape_key(*weight.shape)])

@@ -26,7 +26,7 @@ import torch
 
 from kiln.config import BuildConfig
 from kiln.errors import ConfigError
-from kiln.kernels.gemv import shape_key
+from kiln.kernels.gemv import gemv_config, shape_key
 from kiln.layers.base import SMALL_STD, CheckpointTensor, Layer, empty_parameter
 from kiln.layers.parallel import Shard
 from kiln.quantization.fp8 import Fp8Activation
@@ -122,6 +122,15 @@ class LinearMethod(ABC):
         """residual + apply(x), written in place of ``residual`` and returned (where ``adds_residual``)."""
         raise NotImplementedError(f"{type(self).__name__} does not add the residual in its kernel")
 
+    def folds_silu_mul(self, layer: Linear, x) -> bool:
+        """Whether ``apply_silu_mul`` takes SiLU·up of this fused gate / up projection's product of ``x`` in
+        the matmul's own kernel. A function of shapes and the plan alone."""
+        return False
+
+    def apply_silu_mul(self, layer: Linear, x) -> torch.Tensor:
+        """silu(gate) * up of apply(x) [T, 2I] -> [T, I], where ``folds_silu_mul``."""
+        raise NotImplementedError(f"{type(self).__name__} does not take SiLU·up in its kernel")
+
     def shard(self, weight, shard: Shard):
         """Build time, tensor parallelism: a rank's part of what ``convert`` takes (the float weight; a
         method that takes other inputs slices them here), before ``convert`` makes its tensors."""
@@ -149,7 +158,8 @@ class DenseLinearMethod(LinearMethod):
     ``dense_linear``: cuBLAS, or the GEMV at the shapes and row counts the build timed it faster at. One row
     of a NormedInput goes to ``rms_norm_linear``, the GEMV with the norm folded in, at the shapes the build
     timed that faster than the norm's kernel and ``dense_linear`` apart; ``dense_linear`` adds the residual
-    in its kernel where the GEMV runs (else right after cuBLAS)."""
+    in its kernel where the GEMV runs (else right after cuBLAS). Wherever a fused gate / up projection runs
+    the GEMV, its epilogue takes SiLU·up (bit for bit SiLU·up's kernel after it, which then does not run)."""
 
     kernel_ops = ("dense_linear",)
     folding_ops = ("rms_norm_linear",)
@@ -169,6 +179,18 @@ class DenseLinearMethod(LinearMethod):
 
     def adds_residual(self, layer, num_rows):
         return num_rows == 1
+
+    def folds_silu_mul(self, layer, x):
+        if isinstance(x, NormedInput):  # rms_norm_linear: the GEMV
+            return True
+        shapes = layer.ops.config("dense_linear").get("shapes")
+        return isinstance(x, torch.Tensor) and gemv_config(shapes, (layer.out_features, layer.in_features),
+                                                           x.shape[0]) is not None
+
+    def apply_silu_mul(self, layer, x):
+        if isinstance(x, NormedInput):
+            return layer.ops.rms_norm_linear(x.x, x.eps, layer.weight, layer.bias, silu_mul=True)
+        return layer.ops.dense_linear(x, layer.weight, layer.bias, silu_mul=True)
 
     def apply_add(self, layer, x, residual):
         return layer.ops.dense_linear(x, layer.weight, layer.bias, residual=residual)

@@ -6,13 +6,14 @@ import torch
 from torch import nn
 
 from kiln.layers.context import LayerContext
-from kiln.layers.linear import Linear
+from kiln.layers.linear import Linear, NormedInput
 from kiln.quantization.fp8 import Fp8Activation
 
 
 class GatedMLP(nn.Module):
     """down(SiLU(gate(x)) * up(x)), gate and up in one fused projection. Where down's method wants its
-    input quantized to e4m3 (``Linear.wants_fp8_input``), SiLU·up's kernel writes it so."""
+    input quantized to e4m3 (``Linear.wants_fp8_input``), SiLU·up's kernel writes it so; where gate_up's
+    method takes SiLU·up in its own kernel (``folds_silu_mul``: the GEMV's epilogue), no SiLU·up kernel runs."""
 
     def __init__(self, hidden_size: int, intermediate_size: int, ctx: LayerContext):
         super().__init__()
@@ -26,7 +27,9 @@ class GatedMLP(nn.Module):
     def kernel_ops(self) -> tuple[str, ...]:
         return ("silu_mul", "silu_mul_fp8") if self.down.method.takes_fp8_input else ("silu_mul",)
 
-    def forward(self, x: torch.Tensor | Fp8Activation) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | Fp8Activation | NormedInput) -> torch.Tensor:
+        if self.gate_up.method.folds_silu_mul(self.gate_up, x):
+            return self.down(self.gate_up.method.apply_silu_mul(self.gate_up, x))
         gate_up = self.gate_up(x)
         if self.ops.planned("silu_mul_fp8") and self.down.wants_fp8_input(gate_up):
             return self.down(self.ops.silu_mul_fp8(gate_up))
