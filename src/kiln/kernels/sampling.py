@@ -17,13 +17,17 @@ with the same keys, a winner outside is rejected and the race run again over the
 until a winner is inside -- the largest key inside, the draw of masking then racing. Their acceptance sums
 (the row's mass, the mass not above the winner) round differently on the two sides, so they agree but for a
 winner whose mass lies within rounding of the cut-off.
+
+``argmax_triton`` is greedy decoding's argmax, torch.argmax's answer (the lowest index of the maximum, a NaN
+above everything) in a few microseconds for one row of Llama-3's logits, where torch's reduction takes ~30;
+``argmax_ref`` is torch's, the CPU's path.
 """
 
 from __future__ import annotations
 
 import torch
 
-from kiln.kernels.triton_jit import count_sms, jit, next_power_of_2, tl
+from kiln.kernels.triton_jit import count_sms, jit, next_power_of_2, pdl_launch, tl, wait_for_producer
 
 # splitmix64 (Steele, Lea, Flood 2014): the increments that spread seed, step and token over 64 bits, then
 # the finalizer's multipliers and shifts.
@@ -346,3 +350,119 @@ def nucleus_race_triton(logits: torch.Tensor, top_p: torch.Tensor, log_min_p: to
         logits, logits.stride(0), seeds, steps, top_p, log_min_p, tokens, races, vocab_size, MAX_RACES=max_races,
         BLOCK=min(BLOCK, next_power_of_2(vocab_size)), num_warps=num_warps)
     return tokens, races
+
+
+# ---- greedy: argmax ----------------------------------------------------------------------------------
+def argmax_ref(logits: torch.Tensor) -> torch.Tensor:
+    """logits [N, V] -> [N] int64: torch.argmax over each row (the CPU's path and the oracle)."""
+    return logits.argmax(dim=-1)
+
+
+if tl is not None:
+    # The low 32 bits of an argmax key, and a key below every value's (for the merge's padding lanes).
+    _KEY_LOW, _NO_KEY = tl.constexpr((1 << 32) - 1), tl.constexpr(-(1 << 63))
+
+
+@jit
+def _argmax_key(value, token):
+    """An int64 per (float32 value, int32 token) whose largest is torch.argmax's pick: ordered by value, every
+    NaN equal and above +inf, -0.0 equal to 0.0; then by the lower token. The value's bits as a signed int
+    in float order (a negative's magnitude bits flipped) above, 2**32 - 1 - token below (token ^ that mask,
+    the tensor on the left: in Triton's interpreter a constexpr minus a tensor stays a constexpr): one integer
+    max reduces a block where (max, then the lowest index of it) would take a reduction for each."""
+    bits = value.to(tl.int32, bitcast=True)
+    ordered = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    ordered = tl.where(value == 0.0, 0, ordered)
+    ordered = tl.where(value != value, 0x7FFFFFFF, ordered)
+    return (ordered.to(tl.int64) << 32) | (token.to(tl.int64) ^ _KEY_LOW)
+
+
+@jit
+def _argmax_token(key):
+    """The token of an ``_argmax_key``."""
+    return (key & _KEY_LOW) ^ _KEY_LOW
+
+
+# tokens_per_split is specialized: a multiple of BLOCK, it is divisible by 16 at every batch size (one compile),
+# and known so, the masks' runs of 4 let the loads be 16 bytes wide.
+@jit
+def _argmax_kernel(logits_ptr, logits_row_stride, out_ptr, vocab_size, tokens_per_split, BLOCK: tl.constexpr,
+                   PDL: tl.constexpr):
+    """Program (row, split): the argmax of the row's tokens [split * tokens_per_split, + tokens_per_split).
+    Alone in its row (one split), its token, into out [rows] int64; else its ``_argmax_key``, into out [rows,
+    splits] for ``_argmax_merge_kernel``. Each lane keeps its own best through the loop (a later token only
+    replaces an earlier one with a larger value, or the lane's first NaN: float compares, cheaper than keys
+    per element); one key reduction at the end."""
+    wait_for_producer(PDL)
+    row = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
+    num_splits = tl.num_programs(1)
+    start = split * tokens_per_split
+    end = tl.minimum(start + tokens_per_split, vocab_size)
+    row_ptr = logits_ptr + row * logits_row_stride
+    lanes = tl.arange(0, BLOCK)
+    best = tl.full([BLOCK], float("-inf"), tl.float32)
+    best_token = start + lanes
+    for block_start in range(start, end, BLOCK):
+        token = block_start + lanes
+        logit = tl.load(row_ptr + token, mask=token < end, other=float("-inf"))
+        is_better = (logit > best) | ((logit != logit) & (best == best))
+        best = tl.where(is_better, logit, best)
+        best_token = tl.where(is_better, token, best_token)
+    # A lane that met no token below end holds -inf at a token above every real one: it never wins.
+    key = tl.max(_argmax_key(best, best_token), axis=0)
+    tl.store(out_ptr + row * num_splits + split, tl.where(num_splits == 1, _argmax_token(key), key))
+
+
+@jit(do_not_specialize=["num_splits"])
+def _argmax_merge_kernel(keys_ptr, tokens_ptr, num_splits, BLOCK_SPLITS: tl.constexpr, PDL: tl.constexpr):
+    """Program row: the token of the largest of the row's splits' keys [rows, splits] (splits in token order,
+    so the first of equal values wins across them too), into tokens [rows] int64."""
+    wait_for_producer(PDL)
+    row = tl.program_id(0).to(tl.int64)
+    split = tl.arange(0, BLOCK_SPLITS)
+    keys = tl.load(keys_ptr + row * num_splits + split, mask=split < num_splits, other=_NO_KEY)
+    tl.store(tokens_ptr + row, _argmax_token(tl.max(keys, axis=0)))
+
+
+# Tokens per loop step and warps, and the splits, by arithmetic (nothing timed yet: a GPU run should sweep
+# BLOCK and num_warps at batch 1 and 512). One row of Llama-3's 128256 float32 logits is 513 KB, just written
+# by the LM head and so mostly in L2: read by one program it would be 32 loads of 16 KB one after another
+# (~5 us and more on one SM; torch's reduce_kernel<512,1> took 28-35 us on the H200). Split as ``race_splits``
+# splits the race (until the programs fill two waves of the SMs, at most one per BLOCK), it is 32 programs of
+# one BLOCK each: 4096 floats over 8 warps are 16 per thread, four 16-byte loads issued together, then one
+# reduction, ~1-2 us after launch; a one-warp merge over the 32 keys follows (a second launch, overlapping the
+# first's tail with PDL): a few us in all. 512 rows (263 MB, from HBM) are 512 programs of one split, resident
+# at once (256 threads each, no hash: few registers), each with 16 KB of loads in flight: 8 MB in all, above
+# the ~4-5 MB that Little's law asks of ~4.8 TB/s at ~1 us, so the pass runs near bandwidth (~55-65 us; torch
+# ~89 us). The per-element work (three compares, two selects) stays under the loads' time.
+DEFAULT_ARGMAX_CONFIG = {"BLOCK": 4096, "num_warps": 8}
+
+
+def argmax_triton(logits: torch.Tensor, BLOCK: int = DEFAULT_ARGMAX_CONFIG["BLOCK"],
+                  num_warps: int = DEFAULT_ARGMAX_CONFIG["num_warps"], num_splits: int | None = None) -> torch.Tensor:
+    """As argmax_ref for float32 logits [N, V] (rows of unit stride): [N] int64, the first index of each
+    row's maximum, the first NaN's where a row has one (torch.argmax takes NaN as the maximum), token 0 in a
+    row of -inf alone. ``num_splits`` (default: ``race_splits``) programs per row, each over a contiguous
+    run of tokens; above one, a second kernel merges their keys. Nothing read back to the host, the launch
+    shapes from the logits' shape alone: it may be captured in a CUDA graph."""
+    num_rows, vocab_size = logits.shape
+    assert logits.dtype == torch.float32 and logits.stride(-1) == 1
+    tokens = torch.empty(num_rows, dtype=torch.int64, device=logits.device)
+    if num_rows == 0:
+        return tokens
+    block = min(BLOCK, next_power_of_2(vocab_size))
+    num_blocks = -(-vocab_size // block)
+    if num_splits is None:
+        num_splits = race_splits(num_rows, vocab_size, block, count_sms(logits.device))
+    blocks_per_split = -(-num_blocks // num_splits)
+    num_splits = -(-num_blocks // blocks_per_split)  # none empty
+    keys = tokens if num_splits == 1 else torch.empty(num_rows, num_splits, dtype=torch.int64, device=logits.device)
+    pdl = pdl_launch(logits.device)
+    _argmax_kernel[(num_rows, num_splits)](logits, logits.stride(0), keys, vocab_size, blocks_per_split * block,
+                                           BLOCK=block, num_warps=num_warps, **pdl)
+    if num_splits > 1:
+        # BLOCK_SPLITS from the vocabulary alone: one compile serves every batch size.
+        _argmax_merge_kernel[(num_rows,)](keys, tokens, num_splits, BLOCK_SPLITS=next_power_of_2(num_blocks),
+                                          num_warps=1, **pdl)
+    return tokens

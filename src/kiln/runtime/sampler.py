@@ -6,7 +6,8 @@ Sampling is done by the exponential race in its Gumbel form, argmax(logit - log 
 which picks token i with probability softmax(logit)_i (``kiln.kernels.sampling``: one fused Triton pass
 on CUDA, its plain-PyTorch reference elsewhere). That form replaced argmax(softmax / E) together with
 the kernel: the same distribution from the same noise, but seeded requests draw other tokens than they
-did before it.
+did before it. Greedy rows take the argmax of their logits: torch.argmax's tokens, by a Triton kernel on CUDA
+(``argmax_triton``).
 
 Top-k, top-p and min-p apply in Hugging Face's order: top-k, then top-p over what top-k kept
 (renormalized), then min-p. Ties at top-p's cut-off: tokens of equal logits are kept or dropped together
@@ -29,8 +30,8 @@ from dataclasses import dataclass
 import torch
 
 from kiln.config import SamplingParams
-from kiln.kernels.sampling import (exponential_race_ref, exponential_race_triton, nucleus_race_ref,
-                                   nucleus_race_triton, wrap_int64)
+from kiln.kernels.sampling import (argmax_ref, argmax_triton, exponential_race_ref, exponential_race_triton,
+                                   nucleus_race_ref, nucleus_race_triton, wrap_int64)
 from kiln.runtime.sequence import Sequence
 from kiln.runtime.staging import HostStaging
 
@@ -168,31 +169,38 @@ def is_plain_greedy(rows: list[SamplingRow]) -> bool:
 
 def sample(logits: torch.Tensor, rows: list[SamplingRow], staging: HostStaging) -> torch.Tensor:
     """logits: [N, V] float32, one row per sampling row. Returns [N] int64 token ids on the device."""
+    # Greedy rows' argmax: the Triton kernels on CUDA (torch's one-block reduction took ~30 us of a batch-1
+    # step on the H200), torch's elsewhere; the same tokens.
+    argmax = argmax_triton if logits.is_cuda else argmax_ref
     if is_plain_greedy(rows):
-        return logits.argmax(dim=-1)
+        return argmax(logits)
     t = build_sampling_tensors(rows, logits.shape[-1], staging)
     if t.any_penalty:
         logits = apply_penalties(logits, rows, staging)
     if t.any_min_tokens:
         logits = mask_stop_tokens(logits, rows, staging)
-    greedy_tokens = logits.argmax(dim=-1)
     if not t.any_random:
-        return greedy_tokens
+        return argmax(logits)
+    # A batch without greedy rows skips their argmax (a pass over the logits that torch.where would drop).
+    any_greedy = any(r.params.is_greedy for r in rows)
     scaled = logits / t.temperature[:, None]
     if t.any_top_k:
         scaled = top_k_top_p_min_p(scaled, t)
     elif t.any_top_p or t.any_min_p:
         nucleus_race = nucleus_race_triton if logits.is_cuda else nucleus_race_ref
         tokens, _ = nucleus_race(scaled, t.top_p, t.min_p.log(), t.seeds, t.steps)
-        return torch.where(t.is_greedy, greedy_tokens, tokens)
+        return torch.where(t.is_greedy, argmax(logits), tokens) if any_greedy else tokens
     race = exponential_race_triton if logits.is_cuda else exponential_race_ref
-    return torch.where(t.is_greedy, greedy_tokens, race(scaled, t.seeds, t.steps))
+    tokens = race(scaled, t.seeds, t.steps)
+    return torch.where(t.is_greedy, argmax(logits), tokens) if any_greedy else tokens
 
 
 def compile_race(logits: torch.Tensor) -> None:
-    """Runs the race kernels (plain and nucleus) on a row of ``logits`` (a CUDA graph's output): they compile
-    for their vocabulary at load, not at the first sampled step (batch sizes, splits and where the per-row
-    parameters sit in the staging buffer change nothing they are specialized on)."""
+    """Runs the race kernels (plain and nucleus) and greedy's argmax (both its kernels: one row is split) on a
+    row of ``logits`` (a CUDA graph's output): they compile for their vocabulary at load, not at the first
+    sampled step (batch sizes, splits and where the per-row parameters sit in the staging buffer change
+    nothing they are specialized on)."""
+    argmax_triton(logits[:1])
     zeros = torch.zeros(1, dtype=torch.int64, device=logits.device)
     exponential_race_triton(logits[:1], zeros, zeros)
     ones = torch.ones(1, dtype=torch.float32, device=logits.device)
