@@ -126,13 +126,15 @@ FIGURES = ("b1_nopdl", "b1_unfolded", "b1", "b16", "ttft", "128_128", "128_128_s
 
 def sampler_costs() -> None:
     """GPU time (CUDA events, median of 20 after warm-up) of a step's sampling over [rows, 128256] float32
-    logits (N(0, 2), so top-p 0.95 keeps a large share, as on dummy weights): greedy argmax, the race in
+    logits (N(0, 2), so top-p 0.95 keeps a large share, as on dummy weights): greedy argmax (torch's, and
+    the Triton kernel's the sampler takes on CUDA), the race in
     torch (noise passes, then argmax) and in the Triton kernel, the nucleus race kernel at top-p 0.95 (and
     its mean races per row), the sort and masks alone (now top-k's path only), and sample() whole at
     temperature 0.8 with and without top-p 0.95 and with top-k 50 + top-p 0.95 (the sort's path; seeded
     rows)."""
     from kiln.config import SamplingParams
-    from kiln.kernels.sampling import exponential_race_ref, exponential_race_triton, nucleus_race_triton
+    from kiln.kernels.sampling import (argmax_triton, exponential_race_ref, exponential_race_triton,
+                                       nucleus_race_triton)
     from kiln.runtime.sampler import SamplingRow, build_sampling_tensors, sample, top_k_top_p_min_p
     from kiln.runtime.staging import HostStaging
 
@@ -155,7 +157,7 @@ def sampler_costs() -> None:
         logits = torch.randn(rows, vocab, device="cuda") * 2
         seeds = torch.arange(rows, device="cuda", dtype=torch.int64)
         steps = torch.full((rows,), 7, device="cuda", dtype=torch.int64)
-        figures = {"argmax": lambda: logits.argmax(dim=-1),
+        figures = {"argmax": lambda: logits.argmax(dim=-1), "argmax_triton": lambda: argmax_triton(logits),
                    "race_torch": lambda: exponential_race_ref(logits, seeds, steps),
                    "race_triton": lambda: exponential_race_triton(logits, seeds, steps)}
         nucleus = (logits, torch.full((rows,), 0.95, device="cuda"), torch.full((rows,), float("-inf"), device="cuda"),
