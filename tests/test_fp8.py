@@ -257,6 +257,21 @@ def test_gemv_matches_w8a16_reference(num_rows, n, k, config, scaling, has_bias,
     assert_close(out, fp8_w8a16_linear_ref(x, w_fp8, w_scale, bias))
 
 
+@pytest.mark.parametrize("scaling,has_bias", [("channel", True), ("tensor", False)])
+@pytest.mark.parametrize("num_rows", [1, 5])
+def test_fp8_gemv_of_a_gate_up_projection_takes_silu_mul_in_its_epilogue(num_rows, scaling, has_bias,
+                                                                         rounding_bf16_casts):
+    """What the FP8 method's apply_silu_mul runs (its default GEMV, the weight's scales, a bias or none):
+    bit for bit the GEMV's product, then SiLU·up's kernel. bfloat16 on the GPU, float16 in the interpreter
+    (its tl.dot, at 5 rows, mishandles bfloat16)."""
+    from kiln.kernels.activation import silu_mul_triton
+
+    dtype = torch.bfloat16 if ON_GPU else torch.float16
+    x, w_fp8, w_scale, bias = gemv_case(num_rows, 2 * 37, 300, dtype, scaling, has_bias)
+    out = fp8_gemv(x, w_fp8, w_scale, bias, silu_mul=True)
+    assert out.shape == (num_rows, 37) and torch.equal(out, silu_mul_triton(fp8_gemv(x, w_fp8, w_scale, bias)))
+
+
 @pytest.mark.parametrize("num_rows", [1, 5])
 def test_gemv_default_configs(num_rows):
     x, w_fp8, w_scale, bias = gemv_case(num_rows, 40, 1100, torch.float16, "channel", True)

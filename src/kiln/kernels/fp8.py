@@ -194,7 +194,7 @@ def fp8_gemv(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor, bias: 
              **config: Any) -> torch.Tensor:
     """As fp8_w8a16_linear_ref: x [..., K] (16- or 32-bit) times w_fp8 [N, K] with ``w_scale`` [N, 1] or
     0-d, through kiln.kernels.gemv (``config``: its launch options, default_gemv_config(rows) for what is
-    not given)."""
+    not given, and ``silu_mul`` for a fused gate / up projection whose epilogue takes SiLU·up)."""
     assert w_scale.dtype == torch.float32 and w_scale.is_contiguous() and w_scale.numel() in (1, w_fp8.shape[0])
     return gemv(x, w_fp8, w_scale, bias, **config)
 

@@ -19,7 +19,8 @@ from __future__ import annotations
 import torch
 
 from kiln.config import BuildConfig
-from kiln.kernels.fp8 import MAX_GEMV_ROWS, fp8_linear, fp8_matmul_gpu, scaled_mm_refusal, uses_scaled_mm
+from kiln.kernels.fp8 import (MAX_GEMV_ROWS, fp8_gemv, fp8_linear, fp8_matmul_gpu, scaled_mm_refusal,
+                              uses_scaled_mm)
 from kiln.layers.linear import Linear, LinearMethod
 from kiln.quantization.fp8 import (FP8_DTYPE, Fp8Activation, Fp8Linear, fp8_linear_ref, fp8_matmul_ref,
                                    quantize_fp8_weight, requantize_fp8_per_tensor)
@@ -86,6 +87,14 @@ class Fp8LinearMethod(LinearMethod):
         """Where apply's fp8_linear would quantize the rows itself: on CUDA, for _scaled_mm."""
         return device.type == "cuda" and uses_scaled_mm(num_rows, layer.out_features, layer.in_features,
                                                         layer.dtype, device)
+
+    def folds_silu_mul(self, layer, x):
+        """Where apply's fp8_linear takes the GEMV (on CUDA, up to MAX_GEMV_ROWS rows): its epilogue takes SiLU·up."""
+        return (isinstance(x, torch.Tensor) and x.is_cuda
+                and not uses_scaled_mm(x.shape[0], layer.out_features, layer.in_features, x.dtype, x.device))
+
+    def apply_silu_mul(self, layer, x):
+        return fp8_gemv(x, layer.weight, layer.weight_scale, layer.bias, silu_mul=True)
 
     def apply(self, layer: Linear, x: torch.Tensor | Fp8Activation) -> torch.Tensor:
         if isinstance(x, Fp8Activation):  # quantized by the kernel before (wants_fp8_input)
