@@ -121,7 +121,8 @@ def gemv_bandwidth() -> None:
     torch.cuda.empty_cache()
 
 
-FIGURES = ("b1_nopdl", "b1_unfolded", "b1", "b16", "ttft", "128_128", "128_128_sampled", "2048_128", "profile", "profile16")
+FIGURES = ("b1_nopdl", "b1_unfolded", "b1", "b16", "ttft", "128_128", "128_128_sampled", "2048_128", "profile",
+           "profile16")
 
 
 def sampler_costs() -> None:

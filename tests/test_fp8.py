@@ -7,6 +7,8 @@ cases run them compiled at Llama-3-8B's shapes (``python -m pytest tests/test_fp
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -352,12 +354,12 @@ def compile_kernels_for_ada_and_hopper() -> dict[str, str]:
                       "w_scale_ptr": "*fp32", "w_scale_stride": "i32", "bias_ptr": "*bf16", "out_ptr": "*bf16",
                       "out_row_stride": "i32", "num_rows": "i32", "N": "i32", "K": "i32", "eps": "fp32"}
     for capability in (89, 90):
-        for block_m, config in DEFAULT_GEMV_CONFIGS.items():
-            ptx[f"gemv_block_m{block_m}_sm{capability}"] = compile_for(
+        for (block_m, config), silu_mul in itertools.product(DEFAULT_GEMV_CONFIGS.items(), (False, True)):
+            # silu_mul: a gate / up projection's GEMV taking SiLU·up in its epilogue (the FP8 method's fold)
+            ptx[f"gemv_block_m{block_m}_{'silu_mul_' if silu_mul else ''}sm{capability}"] = compile_for(
                 _gemv_kernel, capability, gemv_signature,
-                {"HAS_SCALE": True, "HAS_BIAS": True, "NORM": False, "ADD_RESIDUAL": False, "SILU_MUL": False,
-                 "BLOCK_M": block_m, "DOT_PRECISION": "tf32",
-                 "BLOCK_N": config["BLOCK_N"],
+                {"HAS_SCALE": True, "HAS_BIAS": True, "NORM": False, "ADD_RESIDUAL": False, "SILU_MUL": silu_mul,
+                 "BLOCK_M": block_m, "DOT_PRECISION": "tf32", "BLOCK_N": config["BLOCK_N"],
                  "BLOCK_K": config["BLOCK_K"]}, num_warps=config["num_warps"], num_stages=config["num_stages"])
     return ptx
 

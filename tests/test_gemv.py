@@ -318,6 +318,20 @@ def test_a_one_row_step_folds_every_norm_between_two_linears(family, monkeypatch
         assert all(not torch.equal(t, torch.ones_like(t)) for t in norms)
 
 
+def test_a_row_parallel_linear_never_folds_the_norm():
+    """Its rank holds a slice of the row's columns: the RMS of the slice is not the row's."""
+    from types import SimpleNamespace
+
+    from kiln.layers import DenseLinearMethod
+
+    ops = KernelOps({**reference_plan(OPS), "rms_norm_linear": {"impl": "triton", "config": {
+        "shapes": {"48x64": ONE_ROW_CONFIGS[0]}}}})
+    for is_row_parallel, folds in ((False, True), (True, False)):
+        layer = SimpleNamespace(out_features=48, in_features=64, is_row_parallel=is_row_parallel, ops=ops)
+        assert DenseLinearMethod().folds_norm(layer, 1) == folds
+        assert not DenseLinearMethod().folds_norm(layer, 2)
+
+
 def test_tuning_folds_the_norm_where_the_fold_is_faster_and_agrees(monkeypatch, caplog):
     """Fake times: the norm's kernel and dense_linear apart 10; a fold 12 - BLOCK_N / 4 (BLOCK_N 16 wins at
     8; BLOCK_N 4 loses at 11). A weight below MIN_TUNED_MATMUL_BYTES is not timed; a fold whose product is
@@ -337,14 +351,14 @@ def test_tuning_folds_the_norm_where_the_fold_is_faster_and_agrees(monkeypatch, 
     run = tuning.TuningRun(config, build, torch.float32, num_sms=1, device=DEVICE)
     one_row = [c for c in GEMV_CANDIDATES if c["BLOCK_M"] == 1]
     winner = next(c for c in one_row if c["BLOCK_N"] == 16)
-    assert run.tune_rms_norm_linear([(48, 64), (48, 32)], {}) == {"shapes": {"48x64": winner}}
+    assert run.tune_rms_norm_linear([(48, 64), (48, 32)], {}, {}) == {"shapes": {"48x64": winner}}
     assert timed == [{}] + one_row  # 48 x 32: not timed
     monkeypatch.setattr(tuning, "gemv", lambda x, w, **config: F.linear(x, w))  # forgets the norm
     with caplog.at_level(logging.WARNING):
-        assert run.tune_rms_norm_linear([(48, 64)], {}) == {}
+        assert run.tune_rms_norm_linear([(48, 64)], {}, {}) == {}
     assert "disagrees with the default's results; passed over" in caplog.text
     monkeypatch.setattr(tuning, "_median_ms", lambda fn: 20.0 if fn.keywords else 10.0)  # apart is faster
-    assert run.tune_rms_norm_linear([(48, 64)], {}) == {}
+    assert run.tune_rms_norm_linear([(48, 64)], {}, {}) == {}
 
 
 @gpu

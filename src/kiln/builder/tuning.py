@@ -38,6 +38,7 @@ from kiln.kernels.gemv import GEMV_CANDIDATES, MAX_GEMV_ROWS, dense_linear_trito
 from kiln.kernels.norm import (add_layer_norm_triton, add_rms_norm_fp8_triton, add_rms_norm_triton, default_norm_warps,
                                layer_norm_triton, rms_norm_fp8_triton, rms_norm_linear_ref, rms_norm_triton)
 from kiln.kernels.rotary import DEFAULT_ROTARY_CONFIG, rope_cos_sin, rotary_kv_write_triton
+from kiln.kernels.triton_jit import MIN_TRITON_CAPABILITY
 from kiln.kernels.weight_only import DEFAULT_CONFIGS, weight_only_linear_triton
 from kiln.layers.linear import linear_method
 from kiln.models.config import ModelConfig
@@ -45,8 +46,6 @@ from kiln.quantization.fp8 import FP8_DTYPE
 
 logger = logging.getLogger(__name__)
 
-# The Triton kernels use bf16 tensor-core dots and cp.async pipelining: Ampere (sm80) and newer.
-MIN_TRITON_CAPABILITY = 80
 
 # do_bench budget per candidate and shape, in ms. do_bench repeats a run for REP_MS over its estimated
 # time including a 256 MB L2 flush (~0.1 ms on an H100 at 3 TB/s), so even the slowest run timed here
@@ -265,11 +264,12 @@ class TuningRun:
             "attention": lambda: {"context": self.tune_context(), "decode": self.tune_decode()},
             "dense_linear": lambda: self.tune_dense_linear(shapes.get("dense_linear", ())),
             "rms_norm_linear": lambda: self.tune_rms_norm_linear(shapes.get("rms_norm_linear", ()),
-                                                                 configs.get("dense_linear", {})),
+                                                                 configs.get("dense_linear", {}),
+                                                                 configs.get("add_rms_norm", {})),
             "weight_only_linear": lambda: self.tune_weight_only_linear(shapes.get("weight_only_linear", ())),
         }
         configs: dict[str, Any] = {}
-        for op in OPS:  # in order: rms_norm_linear is timed against dense_linear's tuned config
+        for op in OPS:  # in order: rms_norm_linear is timed against add_rms_norm's and dense_linear's tuned configs
             if op in ops:
                 configs[op] = tuners[op]()
         return configs
@@ -301,12 +301,13 @@ class TuningRun:
             del weight
         return {"shapes": chosen} if chosen else {}
 
-    def tune_rms_norm_linear(self, shapes: Collection[tuple[int, int]], dense: dict[str, Any]) -> dict[str, Any]:
+    def tune_rms_norm_linear(self, shapes: Collection[tuple[int, int]], dense: dict[str, Any],
+                             norm: dict[str, Any]) -> dict[str, Any]:
         """Per weight shape (of MIN_TUNED_MATMUL_BYTES or more) an RMSNorm feeds, at one row: the GEMV that
-        normalizes the row itself with each one-row GEMV candidate, against add_rms_norm's kernel and then
-        dense_linear with its plan config ``dense`` (kept on a tie: the fold's residual add, in the GEMV
-        before the norm, is not timed); a fold whose product is not the reference's within the dtype's
-        rounding is passed over. The plan config lists the shapes that fold."""
+        normalizes the row itself with each one-row GEMV candidate, against add_rms_norm's kernel with its
+        plan config ``norm`` and then dense_linear with its plan config ``dense`` (kept on a tie: the fold's
+        residual add, in the GEMV before the norm, is not timed); a fold whose product is not the
+        reference's within the dtype's rounding is passed over. The plan config lists the shapes that fold."""
         chosen: dict[str, dict[str, int]] = {}
         for n, k in shapes:
             if n * k * self.dtype.itemsize < MIN_TUNED_MATMUL_BYTES:
@@ -320,7 +321,7 @@ class TuningRun:
             def run(**config: Any) -> torch.Tensor:
                 if config:
                     return gemv(row, weight, rms_eps=TUNING_EPS, **config)
-                normed, _ = add_rms_norm_triton(x, residual, norm_weight, TUNING_EPS)
+                normed, _ = add_rms_norm_triton(x, residual, norm_weight, TUNING_EPS, **norm)
                 return dense_linear_triton(normed, weight, None, **dense)
 
             expected = rms_norm_linear_ref(row, TUNING_EPS, weight, None)

@@ -361,8 +361,9 @@ def _paged_attention_kernel(
                      mask=row_mask)
             # One thread takes the count: the barrier puts every thread's stores before its release (cumulative
             # at GPU scope), and the program that acquires the last count (Triton hands it to all its threads
-            # through shared memory, behind a barrier) reads after them. Padded rows (no query) returned above
-            # in every split, and so did the splits beyond active_splits: the active ones all count.
+            # through shared memory, behind a barrier) reads after them. Rows without a query returned above in
+            # every split (and the runtime's padded rows, with no keys, run one split), and so did the splits
+            # beyond active_splits: the active ones all count.
             tl.debug_barrier()
             split_count = split_counts_ptr + seq * tl.num_programs(1) + kv_head
             if tl.atomic_add(split_count, 1, sem="acq_rel", scope="gpu") < active_splits - 1:

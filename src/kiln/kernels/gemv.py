@@ -207,10 +207,11 @@ def dense_linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     """A dense Linear's matmul: F.linear (cuBLAS on the GPU). With ``residual``: the product added to it in
     place (rounded as add_rms_norm adds), which is returned. With ``silu_mul`` (a fused gate / up
     projection): silu_mul_ref of the product."""
-    from kiln.kernels.activation import silu_mul_ref  # activation -> norm -> gemv: imported when called
-
     y = F.linear(x, weight, bias)
     if silu_mul:
+        assert residual is None, "a gate / up projection's output goes to down, not to the residual"
+        from kiln.kernels.activation import silu_mul_ref  # activation -> norm -> gemv: imported when called
+
         return silu_mul_ref(y)
     return y if residual is None else residual.add_(y)
 

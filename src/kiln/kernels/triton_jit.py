@@ -27,6 +27,21 @@ except ImportError:
 
 logger = logging.getLogger(__name__)
 
+# kiln's Triton kernels use bf16 tensor-core dots and cp.async pipelining: Ampere (sm80) and newer.
+MIN_TRITON_CAPABILITY = 80
+
+
+def triton_runs_on(device: torch.device) -> bool:
+    """Whether kiln's Triton kernels run on ``device``: a CUDA GPU of sm80+, with Triton installed (the
+    runtime's kernels outside the plan, the sampler's, take their references elsewhere)."""
+    return device.type == "cuda" and triton is not None and _capability_at_least(device.index, MIN_TRITON_CAPABILITY)
+
+
+@functools.cache
+def _capability_at_least(index: int | None, capability: int) -> bool:
+    major, minor = torch.cuda.get_device_capability(index)
+    return 10 * major + minor >= capability
+
 
 def jit(fn: Callable | None = None, **options: Any):
     """``triton.jit``: ``@jit`` or ``@jit(do_not_specialize=[...], ...)``. An option this Triton lacks

@@ -40,5 +40,5 @@ def fold_norm_weights(model) -> None:
 
 __all__ = ["Attention", "DenseLinearMethod", "Embedding", "GatedMLP", "KvCacheScales", "LINEAR_METHODS", "LMHead",
            "Layer", "LayerContext", "LayerNorm", "Linear", "LinearMethod", "MLP", "RMSNorm", "Rotary", "SINGLE",
-           "Shard", "TensorParallel", "checkpoint_layers", "fold_norm_weights", "kernel_ops_of", "layer_context", "linear_method",
-           "load_parameters", "matmul_shapes"]
+           "Shard", "TensorParallel", "checkpoint_layers", "fold_norm_weights", "kernel_ops_of", "layer_context",
+           "linear_method", "load_parameters", "matmul_shapes"]

@@ -9,7 +9,7 @@ from torch import nn
 from kiln.kernels import AttentionMetadata
 from kiln.layers.base import ONES, Layer
 from kiln.layers.context import LayerContext
-from kiln.layers.linear import Linear
+from kiln.layers.linear import Linear, NormedInput, PendingOutput
 from kiln.layers.norm import RMSNorm
 from kiln.layers.rotary import Rotary
 from kiln.quantization.fp8 import Fp8Activation
@@ -54,10 +54,12 @@ class Attention(nn.Module):
         self.scale = head_dim ** -0.5
         self.use_fp8_context_fmha = ctx.use_fp8_context_fmha
 
-    def forward(self, x: torch.Tensor | Fp8Activation, positions: torch.Tensor, kv_cache: torch.Tensor,
-                slot_mapping: torch.Tensor, attn: AttentionMetadata) -> torch.Tensor:
-        """x [T, hidden] (an Fp8Activation where the norm before quantized it for an FP8 qkv); kv_cache [2,
-        blocks, block_size, Hkv, D], this layer's keys and values."""
+    def forward(self, x: torch.Tensor | Fp8Activation | NormedInput, positions: torch.Tensor,
+                kv_cache: torch.Tensor, slot_mapping: torch.Tensor, attn: AttentionMetadata
+                ) -> torch.Tensor | PendingOutput:
+        """x [T, hidden] (an Fp8Activation where the norm before quantized it for an FP8 qkv, a NormedInput
+        where qkv normalizes it); kv_cache [2, blocks, block_size, Hkv, D], this layer's keys and values. A
+        PendingOutput where o adds its product to the residual for the norm after it (Linear.then)."""
         num_tokens = positions.shape[0]
         q, k, v = self.qkv(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(num_tokens, self.num_heads, self.head_dim)

@@ -171,11 +171,12 @@ class DenseLinearMethod(LinearMethod):
         return {"weight": weight.to(dtype)}
 
     def folds_norm(self, layer, num_rows):
-        return num_rows == 1 and shape_key(layer.out_features, layer.in_features) in \
+        # Not a row-parallel Linear: its rank's slice of the row would give the slice's RMS.
+        return num_rows == 1 and not layer.is_row_parallel and shape_key(layer.out_features, layer.in_features) in \
             layer.ops.config("rms_norm_linear").get("shapes", {})
 
     def fold_norm_weight(self, layer, norm_weight):
-        layer.weight.copy_((layer.weight.float() * norm_weight.float()).to(layer.weight.dtype))
+        layer.weight.mul_(norm_weight)  # in float32, rounded once; in place: no copy of the weight at load
 
     def adds_residual(self, layer, num_rows):
         return num_rows == 1

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from kiln.layers.context import LayerContext
-from kiln.layers.linear import Linear, NormedInput
+from kiln.layers.linear import Linear, NormedInput, PendingOutput
 from kiln.quantization.fp8 import Fp8Activation
 
 
@@ -27,7 +27,7 @@ class GatedMLP(nn.Module):
     def kernel_ops(self) -> tuple[str, ...]:
         return ("silu_mul", "silu_mul_fp8") if self.down.method.takes_fp8_input else ("silu_mul",)
 
-    def forward(self, x: torch.Tensor | Fp8Activation | NormedInput) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | Fp8Activation | NormedInput) -> torch.Tensor | PendingOutput:
         if self.gate_up.method.folds_silu_mul(self.gate_up, x):
             return self.down(self.gate_up.method.apply_silu_mul(self.gate_up, x))
         gate_up = self.gate_up(x)

@@ -11,6 +11,7 @@ from torch import nn
 from kiln.errors import ConfigError
 from kiln.kernels import AttentionMetadata
 from kiln.layers import Attention, Embedding, GatedMLP, LayerContext, LMHead, RMSNorm, Rotary
+from kiln.layers.linear import PendingOutput
 from kiln.models.base import CausalLM
 from kiln.models.config import ModelConfig, check_activation, rope_from_hf, rope_to_hf
 
@@ -68,9 +69,11 @@ class LlamaLayer(nn.Module):
         self.mlp_norm.feeds(self.mlp.gate_up)
         self.mlp_norm.follows(self.attn.o)  # where the norm folds (batch-1 decode), o adds the residual
 
-    def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
+    def forward(self, hidden: torch.Tensor | PendingOutput, residual: torch.Tensor | None, positions: torch.Tensor,
                 kv_cache: torch.Tensor, slot_mapping: torch.Tensor, attn: AttentionMetadata
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+                ) -> tuple[torch.Tensor | PendingOutput, torch.Tensor]:
+        """(hidden, residual) of the layer; hidden a PendingOutput where down leaves its product for the next
+        layer's attn_norm to have added to the residual (batch-1 decode's norm fold)."""
         x, residual = self.attn_norm(hidden, residual)
         hidden = self.attn(x, positions, kv_cache, slot_mapping, attn)
         x, residual = self.mlp_norm(hidden, residual)

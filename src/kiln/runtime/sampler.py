@@ -32,6 +32,7 @@ import torch
 from kiln.config import SamplingParams
 from kiln.kernels.sampling import (argmax_ref, argmax_triton, exponential_race_ref, exponential_race_triton,
                                    nucleus_race_ref, nucleus_race_triton, wrap_int64)
+from kiln.kernels.triton_jit import triton_runs_on
 from kiln.runtime.sequence import Sequence
 from kiln.runtime.staging import HostStaging
 
@@ -169,9 +170,10 @@ def is_plain_greedy(rows: list[SamplingRow]) -> bool:
 
 def sample(logits: torch.Tensor, rows: list[SamplingRow], staging: HostStaging) -> torch.Tensor:
     """logits: [N, V] float32, one row per sampling row. Returns [N] int64 token ids on the device."""
-    # Greedy rows' argmax: the Triton kernels on CUDA (torch's one-block reduction took ~30 us of a batch-1
-    # step on the H200), torch's elsewhere; the same tokens.
-    argmax = argmax_triton if logits.is_cuda else argmax_ref
+    # The kernels where kiln's Triton runs (CUDA, sm80+; torch's one-block argmax took ~30 us of a batch-1
+    # step on the H200), their references elsewhere: greedy rows get the same tokens either way.
+    is_triton = triton_runs_on(logits.device)
+    argmax = argmax_triton if is_triton else argmax_ref
     if is_plain_greedy(rows):
         return argmax(logits)
     t = build_sampling_tensors(rows, logits.shape[-1], staging)
@@ -187,16 +189,16 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow], staging: HostStaging) 
     if t.any_top_k:
         scaled = top_k_top_p_min_p(scaled, t)
     elif t.any_top_p or t.any_min_p:
-        nucleus_race = nucleus_race_triton if logits.is_cuda else nucleus_race_ref
+        nucleus_race = nucleus_race_triton if is_triton else nucleus_race_ref
         tokens, _ = nucleus_race(scaled, t.top_p, t.min_p.log(), t.seeds, t.steps)
         return torch.where(t.is_greedy, argmax(logits), tokens) if any_greedy else tokens
-    race = exponential_race_triton if logits.is_cuda else exponential_race_ref
+    race = exponential_race_triton if is_triton else exponential_race_ref
     tokens = race(scaled, t.seeds, t.steps)
     return torch.where(t.is_greedy, argmax(logits), tokens) if any_greedy else tokens
 
 
 def compile_race(logits: torch.Tensor) -> None:
-    """Runs the race kernels (plain and nucleus) and greedy's argmax (both its kernels: one row is split) on a
+    """Runs the race kernels (plain and nucleus) and greedy's argmax (both its kernels where one row is split: vocabularies above one block) on a
     row of ``logits`` (a CUDA graph's output): they compile for their vocabulary at load, not at the first
     sampled step (batch sizes, splits and where the per-row parameters sit in the staging buffer change
     nothing they are specialized on)."""
