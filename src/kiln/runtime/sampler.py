@@ -198,10 +198,10 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow], staging: HostStaging) 
 
 
 def compile_race(logits: torch.Tensor) -> None:
-    """Runs the race kernels (plain and nucleus) and greedy's argmax (both its kernels where one row is split: vocabularies above one block) on a
-    row of ``logits`` (a CUDA graph's output): they compile for their vocabulary at load, not at the first
-    sampled step (batch sizes, splits and where the per-row parameters sit in the staging buffer change
-    nothing they are specialized on)."""
+    """Runs the race kernels (plain and nucleus) and greedy's argmax (both its kernels where a row is split:
+    vocabularies above one block) on a row of ``logits`` (a CUDA graph's output): they compile for their
+    vocabulary at load, not at the first sampled step (batch sizes, splits and where the per-row parameters
+    sit in the staging buffer change nothing they are specialized on)."""
     argmax_triton(logits[:1])
     zeros = torch.zeros(1, dtype=torch.int64, device=logits.device)
     exponential_race_triton(logits[:1], zeros, zeros)
