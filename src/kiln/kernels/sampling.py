@@ -117,6 +117,19 @@ def _race_key(logit, seed, step, token):
 
 
 @jit
+def _row_block(row_ptr, block_start, lanes, end):
+    """A block of the row's tokens from block_start, one per lane, and their logits (-inf from end on)."""
+    token = block_start + lanes
+    return token, tl.load(row_ptr + token, mask=token < end, other=float("-inf"))
+
+
+@jit
+def _keep_better(is_better, value, token, best, best_token):
+    """Each lane's best so far: (value, token) where ``is_better``, else what it kept."""
+    return tl.where(is_better, value, best), tl.where(is_better, token, best_token)
+
+
+@jit
 def _race_pass(row_ptr, seed, step, start, end, threshold, floor, BLOCK: tl.constexpr):
     """The largest key over the row's tokens [start, end) with a logit above ``threshold`` and at least
     ``floor`` (-inf and -inf: every token), and its token (the lowest of equal keys; ``start`` where every
@@ -126,12 +139,9 @@ def _race_pass(row_ptr, seed, step, start, end, threshold, floor, BLOCK: tl.cons
     best_key = tl.full([BLOCK], float("-inf"), tl.float32)
     best_token = start + lanes
     for block_start in range(start, end, BLOCK):
-        token = block_start + lanes
-        logit = tl.load(row_ptr + token, mask=token < end, other=float("-inf"))
+        token, logit = _row_block(row_ptr, block_start, lanes, end)
         key = tl.where((logit > threshold) & (logit >= floor), _race_key(logit, seed, step, token), float("-inf"))
-        is_better = key > best_key
-        best_key = tl.where(is_better, key, best_key)
-        best_token = tl.where(is_better, token, best_token)
+        best_key, best_token = _keep_better(key > best_key, key, token, best_key, best_token)
     top = tl.max(best_key, axis=0)
     return top, tl.min(tl.where(best_key == top, best_token, end), axis=0)
 
@@ -172,6 +182,19 @@ def race_splits(num_rows: int, vocab_size: int, block: int, num_sms: int) -> int
     return max(1, min(wanted, -(-vocab_size // block)))
 
 
+def split_rows(logits: torch.Tensor, BLOCK: int, num_splits: int | None) -> tuple[int, int, int]:
+    """How a kernel that splits each row of ``logits`` [N, V] into runs of whole blocks launches: (block,
+    splits, tokens per split). The block is BLOCK or the vocabulary's next power of two if smaller; the
+    splits ``num_splits`` (default: ``race_splits``), fewer where some would be empty."""
+    num_rows, vocab_size = logits.shape
+    block = min(BLOCK, next_power_of_2(vocab_size))
+    if num_splits is None:
+        num_splits = race_splits(num_rows, vocab_size, block, count_sms(logits.device))
+    num_blocks = -(-vocab_size // block)
+    blocks_per_split = -(-num_blocks // num_splits)
+    return block, -(-num_blocks // blocks_per_split), blocks_per_split * block
+
+
 def exponential_race_triton(logits: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor,
                             BLOCK: int = DEFAULT_RACE_CONFIG["BLOCK"],
                             num_warps: int = DEFAULT_RACE_CONFIG["num_warps"],
@@ -182,16 +205,11 @@ def exponential_race_triton(logits: torch.Tensor, seeds: torch.Tensor, steps: to
     num_rows, vocab_size = logits.shape
     assert logits.dtype == torch.float32 and logits.stride(-1) == 1
     assert seeds.dtype == steps.dtype == torch.int64
-    block = min(BLOCK, next_power_of_2(vocab_size))
-    if num_splits is None:
-        num_splits = race_splits(num_rows, vocab_size, block, count_sms(logits.device))
-    num_blocks = -(-vocab_size // block)
-    blocks_per_split = -(-num_blocks // num_splits)
-    num_splits = -(-num_blocks // blocks_per_split)  # none empty
+    block, num_splits, tokens_per_split = split_rows(logits, BLOCK, num_splits)
     keys = torch.empty(num_rows, num_splits, dtype=torch.float32, device=logits.device)
     tokens = torch.empty(num_rows, num_splits, dtype=torch.int64, device=logits.device)
     _exponential_race_kernel[(num_rows, num_splits)](
-        logits, logits.stride(0), seeds, steps, keys, tokens, vocab_size, blocks_per_split * block, BLOCK=block,
+        logits, logits.stride(0), seeds, steps, keys, tokens, vocab_size, tokens_per_split, BLOCK=block,
         num_warps=num_warps)
     if num_splits == 1:
         return tokens[:, 0]
@@ -404,11 +422,10 @@ def _argmax_kernel(logits_ptr, logits_row_stride, out_ptr, vocab_size, tokens_pe
     best = tl.full([BLOCK], float("-inf"), tl.float32)
     best_token = start + lanes
     for block_start in range(start, end, BLOCK):
-        token = block_start + lanes
-        logit = tl.load(row_ptr + token, mask=token < end, other=float("-inf"))
+        token, logit = _row_block(row_ptr, block_start, lanes, end)
+        # Larger, or the lane's first NaN (torch.argmax takes NaN as the maximum)
         is_better = (logit > best) | ((logit != logit) & (best == best))
-        best = tl.where(is_better, logit, best)
-        best_token = tl.where(is_better, token, best_token)
+        best, best_token = _keep_better(is_better, logit, token, best, best_token)
     # A lane that met no token below end holds -inf at a token above every real one: it never wins.
     key = tl.max(_argmax_key(best, best_token), axis=0)
     tl.store(out_ptr + row * num_splits + split, tl.where(num_splits == 1, _argmax_token(key), key))
@@ -451,18 +468,14 @@ def argmax_triton(logits: torch.Tensor, BLOCK: int = DEFAULT_ARGMAX_CONFIG["BLOC
     tokens = torch.empty(num_rows, dtype=torch.int64, device=logits.device)
     if num_rows == 0:
         return tokens
-    block = min(BLOCK, next_power_of_2(vocab_size))
-    num_blocks = -(-vocab_size // block)
-    if num_splits is None:
-        num_splits = race_splits(num_rows, vocab_size, block, count_sms(logits.device))
-    blocks_per_split = -(-num_blocks // num_splits)
-    num_splits = -(-num_blocks // blocks_per_split)  # none empty
+    block, num_splits, tokens_per_split = split_rows(logits, BLOCK, num_splits)
     keys = tokens if num_splits == 1 else torch.empty(num_rows, num_splits, dtype=torch.int64, device=logits.device)
     pdl = pdl_launch(logits.device)
-    _argmax_kernel[(num_rows, num_splits)](logits, logits.stride(0), keys, vocab_size, blocks_per_split * block,
+    _argmax_kernel[(num_rows, num_splits)](logits, logits.stride(0), keys, vocab_size, tokens_per_split,
                                            BLOCK=block, num_warps=num_warps, **pdl)
     if num_splits > 1:
-        # BLOCK_SPLITS from the vocabulary alone: one compile serves every batch size.
-        _argmax_merge_kernel[(num_rows,)](keys, tokens, num_splits, BLOCK_SPLITS=next_power_of_2(num_blocks),
+        # BLOCK_SPLITS from the vocabulary alone (its blocks bound the splits): one compile for every batch size.
+        max_splits = -(-vocab_size // block)
+        _argmax_merge_kernel[(num_rows,)](keys, tokens, num_splits, BLOCK_SPLITS=next_power_of_2(max_splits),
                                           num_warps=1, **pdl)
     return tokens
