@@ -53,10 +53,14 @@ GEMV_CASES = [(1, {"BLOCK_M": 1, "BLOCK_N": 4, "BLOCK_K": 128, "num_warps": 4, "
               (16, {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "num_warps": 4, "num_stages": 1})]
 
 
-@pytest.mark.parametrize("num_rows,config,dtype", [
-    # The interpreter's tl.dot mishandles bfloat16: the tensor-core cases of bfloat16 run on the GPU.
-    pytest.param(rows, config, dtype, marks=gpu if dtype == torch.bfloat16 and config["BLOCK_M"] > 1 else ())
-    for rows, config in GEMV_CASES for dtype in (torch.float32, torch.float16, torch.bfloat16)])
+def gemv_params(cases) -> list:
+    """(rows, config, dtype) of each case in each dtype. The interpreter's tl.dot mishandles bfloat16: the
+    tensor-core cases of bfloat16 are marked gpu and run there."""
+    return [pytest.param(rows, config, dtype, marks=gpu if dtype == torch.bfloat16 and config["BLOCK_M"] > 1 else ())
+            for rows, config in cases for dtype in (torch.float32, torch.float16, torch.bfloat16)]
+
+
+@pytest.mark.parametrize("num_rows,config,dtype", gemv_params(GEMV_CASES))
 @pytest.mark.parametrize("has_bias", [False, True], ids=["no_bias", "bias"])
 def test_gemv_of_a_dense_weight_is_f_linear(num_rows, config, dtype, has_bias):
     """Odd N (37: a partial column block) and K (300: a partial K step), no scale, bias or none."""
@@ -228,13 +232,10 @@ def test_rms_norm_folded_into_the_gemv_is_the_norm_then_the_linear(config, dtype
     assert torch.equal(x, before)
 
 
-@pytest.mark.parametrize("num_rows,config", GEMV_CASES[:3], ids=["N4K128", "N8K64", "M16"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("num_rows,config,dtype", gemv_params(GEMV_CASES[:3]))
 def test_gemv_adds_its_product_to_the_residual_in_place(num_rows, config, dtype, rounding_bf16_casts):
     """The product as the plain GEMV stores it, added to the residual as add_rms_norm adds (torch's add in
     the dtype): bit for bit, written in place of the residual, which is returned."""
-    if dtype == torch.bfloat16 and config["BLOCK_M"] > 1:
-        pytest.skip("the interpreter's tl.dot mishandles bfloat16 (the GPU test covers it)")
     x, weight, bias = dense_case(num_rows, 37, 300, dtype)
     residual = torch.randn(num_rows, 37, device=DEVICE).to(dtype)
     expected = residual + gemv(x, weight, None, bias, **config)
@@ -245,15 +246,12 @@ def test_gemv_adds_its_product_to_the_residual_in_place(num_rows, config, dtype,
     assert dense_linear_ref(x, weight, bias, reference) is reference and torch.equal(reference, expected)
 
 
-@pytest.mark.parametrize("num_rows,config", GEMV_CASES[:3], ids=["N4K128", "N8K64", "M16"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("num_rows,config,dtype", gemv_params(GEMV_CASES[:3]))
 @pytest.mark.parametrize("has_bias", [False, True], ids=["no_bias", "bias"])
 def test_gemv_of_a_gate_up_projection_takes_silu_mul_in_its_epilogue(num_rows, config, dtype, has_bias,
                                                                      rounding_bf16_casts):
     """[gate | up] of 2 x 37 rows (a partial pair block), K 300: bit for bit the GEMV's product and then
     SiLU·up's kernel (the same arithmetic; torch's silu may differ from it by an ulp)."""
-    if dtype == torch.bfloat16 and config["BLOCK_M"] > 1:
-        pytest.skip("the interpreter's tl.dot mishandles bfloat16 (the GPU test covers it)")
     x, weight, bias = dense_case(num_rows, 74, 300, dtype)
     bias = bias if has_bias else None
     out = gemv(x, weight, None, bias, silu_mul=True, **config)
