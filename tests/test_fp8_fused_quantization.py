@@ -20,7 +20,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import kiln.kernels.fp8
+import kiln.kernels.triton_jit
 import kiln.layers.fp8
 from conftest import DEVICE, ON_GPU, gpu
 from kiln.config import BuildConfig
@@ -194,7 +194,7 @@ def fake_linear(out_features: int, in_features: int, dtype: torch.dtype = torch.
 def test_fp8_wants_its_input_quantized_exactly_where_fp8_linear_quantizes(capability, monkeypatch):
     """On a GPU (its capability faked here), above MAX_GEMV_ROWS rows where row-wise _scaled_mm runs the
     shape: Hopper, bfloat16, in/out features multiples of 16. Nowhere else, the CPU included."""
-    monkeypatch.setattr(kiln.kernels.fp8, "_cuda_capability", lambda index: capability)
+    monkeypatch.setattr(kiln.kernels.triton_jit, "_cuda_capability", lambda index: capability)
     method, cuda = Fp8LinearMethod(), torch.device("cuda", 0)
     is_hopper = capability >= (9, 0)
     assert method.wants_fp8_input(fake_linear(6144, 4096), MAX_GEMV_ROWS + 1, cuda) == is_hopper

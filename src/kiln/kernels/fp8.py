@@ -24,14 +24,13 @@ activation scales [M, 1] (per token) or 0-d (static): see kiln.quantization.fp8.
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import torch
 
 from kiln.errors import ConfigError
 from kiln.kernels.gemv import MAX_GEMV_ROWS, default_gemv_config, gemv
-from kiln.kernels.triton_jit import jit, next_power_of_2, pdl_launch, tl, wait_for_producer
+from kiln.kernels.triton_jit import device_capability, jit, next_power_of_2, pdl_launch, tl, wait_for_producer
 from kiln.quantization.fp8 import FP8_DTYPE, FP8_MAX, FP8_MAX_INV, MIN_AMAX, Fp8Activation
 
 # ---- activation quantization ---------------------------------------------------------------------
@@ -109,20 +108,6 @@ def quantize_fp8_static_triton(x: torch.Tensor, scale: torch.Tensor, num_warps: 
 
 # ---- W8A8 through torch._scaled_mm ---------------------------------------------------------------
 
-def _capability(device: torch.device) -> tuple[int, int] | None:
-    """The CUDA device's (major, minor), None off CUDA. Asked twice per linear layer per step, so cached:
-    uncached it is a device-properties query each time (~10 us of host time, 2.5 ms per eager forward
-    of a 32-layer model, scripts/gpu_profile_prefill.py)."""
-    if device.type != "cuda":
-        return None
-    return _cuda_capability(device.index if device.index is not None else torch.cuda.current_device())
-
-
-@functools.cache
-def _cuda_capability(index: int) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(index)
-
-
 def scaled_mm_refusal(n: int, k: int, x_dtype: torch.dtype, is_rowwise: bool,
                       capability: tuple[int, int] | None) -> str | None:
     """Why ``torch._scaled_mm`` cannot run this linear layer (None: it can). ``capability``: the CUDA
@@ -170,7 +155,7 @@ def fp8_matmul_gpu(x: Fp8Activation, w_fp8: torch.Tensor, w_scale: torch.Tensor,
     ``use_fast_accum`` sums in the tensor cores' reduced precision: faster at large M, less accurate."""
     num_cols, n = x.data.shape[-1], w_fp8.shape[0]
     is_rowwise = x.scale.dim() > 0 or w_scale.dim() > 0
-    refusal = scaled_mm_refusal(n, num_cols, out_dtype, is_rowwise, _capability(x.data.device))
+    refusal = scaled_mm_refusal(n, num_cols, out_dtype, is_rowwise, device_capability(x.data.device))
     if refusal:
         raise ConfigError(f"FP8 linear {num_cols} -> {n}: {refusal}")
     x_fp8 = x.data.reshape(-1, num_cols)
@@ -213,7 +198,7 @@ def uses_scaled_mm(num_rows: int, n: int, k: int, dtype: torch.dtype, device: to
     """Whether fp8_linear multiplies ``num_rows`` rows of ``dtype`` on ``device`` by an [n, k] weight with
     ``_scaled_mm`` (quantizing them first) rather than the GEMV. A function of shapes alone, so a CUDA
     graph replays the choice it captured."""
-    return num_rows > max_gemv_rows and scaled_mm_refusal(n, k, dtype, is_rowwise, _capability(device)) is None
+    return num_rows > max_gemv_rows and scaled_mm_refusal(n, k, dtype, is_rowwise, device_capability(device)) is None
 
 
 def fp8_linear(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor, x_scale: torch.Tensor | None = None,
