@@ -343,7 +343,7 @@ def compile_for(kernel, capability: int, signature: dict[str, str], constexprs: 
 def compile_kernels_for_ada_and_hopper() -> dict[str, str]:
     """PTX of the quantization kernel (sm90) and of the GEMV's default configs (sm89, sm90), bfloat16."""
     from kiln.kernels.fp8 import FP8_MAX_INV, MIN_AMAX, _quantize_fp8_kernel
-    from kiln.kernels.gemv import DEFAULT_GEMV_CONFIGS, _gemv_kernel
+    from kiln.kernels.gemv import DEFAULT_GEMV_CONFIGS, NO_KV_WRITE, _gemv_kernel
 
     ptx = {"quantize": compile_for(
         _quantize_fp8_kernel, 90, {"x_ptr": "*bf16", "x_row_stride": "i32", "scale_ptr": "*fp32",
@@ -352,14 +352,18 @@ def compile_kernels_for_ada_and_hopper() -> dict[str, str]:
         num_warps=16, num_stages=1)}
     gemv_signature = {"x_ptr": "*bf16", "x_row_stride": "i32", "w_ptr": "*fp8e4nv", "w_row_stride": "i32",
                       "w_scale_ptr": "*fp32", "w_scale_stride": "i32", "bias_ptr": "*bf16", "out_ptr": "*bf16",
-                      "out_row_stride": "i32", "num_rows": "i32", "N": "i32", "K": "i32", "eps": "fp32"}
+                      "out_row_stride": "i32", "num_rows": "i32", "N": "i32", "K": "i32", "eps": "fp32",
+                      "positions_ptr": "*i64", "cos_sin_ptr": "*fp32", "cos_sin_row_stride": "i32",
+                      "slot_mapping_ptr": "*i64", "k_cache_ptr": "*fp8e4nv", "v_cache_ptr": "*fp8e4nv",
+                      "cache_block_stride": "i32", "cache_slot_stride": "i32", "kv_block_size": "i32",
+                      "kv_scale_ptr": "*fp32"}
     for capability in (89, 90):
         for (block_m, config), silu_mul in itertools.product(DEFAULT_GEMV_CONFIGS.items(), (False, True)):
             # silu_mul: a gate / up projection's GEMV taking SiLU·up in its epilogue (the FP8 method's fold)
             ptx[f"gemv_block_m{block_m}_{'silu_mul_' if silu_mul else ''}sm{capability}"] = compile_for(
                 _gemv_kernel, capability, gemv_signature,
-                {"HAS_SCALE": True, "HAS_BIAS": True, "NORM": False, "ADD_RESIDUAL": False, "SILU_MUL": silu_mul,
-                 "BLOCK_M": block_m, "DOT_PRECISION": "tf32", "BLOCK_N": config["BLOCK_N"],
+                {"HAS_SCALE": True, "HAS_BIAS": True, "NORM": False, "ADD_RESIDUAL": False, **NO_KV_WRITE,
+                 "SILU_MUL": silu_mul, "BLOCK_M": block_m, "DOT_PRECISION": "tf32", "BLOCK_N": config["BLOCK_N"],
                  "BLOCK_K": config["BLOCK_K"]}, num_warps=config["num_warps"], num_stages=config["num_stages"])
     return ptx
 

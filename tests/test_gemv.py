@@ -13,19 +13,21 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import DEVICE, gpu
-from kiln.config import BuildConfig
+from conftest import DEVICE, ON_GPU, gpu
+from kiln.config import BuildConfig, RopeConfig
 from kiln.convert import AutoModelForCausalLM
 from kiln.convert.converter import dummy_weights
-from kiln.kernels import OPS, KernelOps, reference_plan
+from kiln.kernels import OPS, AttentionMetadata, KernelOps, reference_plan
 from kiln.kernels import gemv as gemv_module
 from kiln.kernels.activation import silu_mul_triton
-from kiln.kernels.gemv import GEMV_CANDIDATES, dense_linear_ref, dense_linear_triton, gemv
+from kiln.kernels.gemv import GEMV_CANDIDATES, dense_linear_ref, dense_linear_triton, gemv, kv_write_fits
 from kiln.kernels.norm import rms_norm_linear_ref, rms_norm_linear_triton
+from kiln.kernels.rotary import KvWrite, qkv_rotary_kv_write_ref, rope_cos_sin
 from kiln.layers import (LayerContext, fold_norm_weights, kernel_ops_of, linear_method, load_parameters,
                          matmul_shapes)
 from kiln.models import create_model, model_skeleton
-from test_fp8_fused_quantization import CONFIGS, counting_calls, forward
+from kiln.quantization.fp8 import FP8_DTYPE
+from test_fp8_fused_quantization import BLOCK_SIZE, CONFIGS, counting_calls, forward, prompt_batch
 
 pytest.importorskip("triton")
 
@@ -73,9 +75,9 @@ def test_gemv_of_a_dense_weight_is_f_linear(num_rows, config, dtype, has_bias):
 def test_dense_linear_takes_the_gemv_only_for_the_shapes_and_rows_the_plan_lists(monkeypatch):
     calls = []
 
-    def recorded_gemv(x, w, scale, bias, residual=None, silu_mul=False, **config):
+    def recorded_gemv(x, w, scale, bias, residual=None, silu_mul=False, kv_write=None, **config):
         calls.append((x.shape[0], config))
-        return gemv(x, w, scale, bias, residual=residual, silu_mul=silu_mul, **config)
+        return gemv(x, w, scale, bias, residual=residual, silu_mul=silu_mul, kv_write=kv_write, **config)
 
     monkeypatch.setattr(gemv_module, "gemv", recorded_gemv)
     one_row = {"BLOCK_M": 1, "BLOCK_N": 4, "BLOCK_K": 128, "num_warps": 4, "num_stages": 1}
@@ -316,6 +318,47 @@ def test_a_one_row_step_folds_every_norm_between_two_linears(family, monkeypatch
         assert all(not torch.equal(t, torch.ones_like(t)) for t in norms)
 
 
+def decode_after_prompt(models: list, config, prompt_len: int = 5) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The first model reads a prompt of ``prompt_len`` tokens into a cache; each model then decodes one
+    token after it from a copy of that cache: its logits and its cache."""
+    input_ids, positions, slots, meta, rows = prompt_batch(config, [prompt_len])
+    cache = torch.zeros(config.num_layers, 2, 2, BLOCK_SIZE, config.num_kv_heads, config.head_dim,
+                        dtype=models[0].dtype, device=DEVICE)
+    models[0](input_ids, positions, cache, slots, meta, rows)
+    decode = AttentionMetadata(seq_lens=torch.tensor([prompt_len + 1], dtype=torch.int32, device=DEVICE),
+                               query_start_loc=torch.tensor([0, 1], dtype=torch.int32, device=DEVICE),
+                               block_tables=meta.block_tables, seq_lens_host=[prompt_len + 1], query_lens_host=[1])
+    token, position = input_ids[:1], torch.tensor([prompt_len], device=DEVICE)
+    slot = meta.block_tables[0, prompt_len // BLOCK_SIZE].long().view(1) * BLOCK_SIZE + prompt_len % BLOCK_SIZE
+    results = []
+    for model in models:
+        model_cache = cache.clone()
+        results.append((model(token, position, model_cache, slot, decode, rows[:1]), model_cache))
+    return results
+
+
+@pytest.mark.parametrize("family", ["llama", "gptj", "qwen3"])
+def test_a_one_row_decode_writes_the_kv_cache_in_the_qkv_gemv(family, monkeypatch):
+    """A one-token decode at position 5 with qkv's one-row GEMV planned (through rms_norm_linear for Llama,
+    dense_linear for GPT-J's LayerNorm): qkv's GEMV rotates q and k (rotate_half; GPT-J's interleaved partial)
+    and writes the cache, so no rotary kernel runs; logits and cache are the reference plan's. Qwen3's
+    per-head norms come between qkv and the rotation: it folds nothing."""
+    config = CONFIGS[family]
+    qkv = f"{(config.num_heads + 2 * config.num_kv_heads) * config.head_dim}x{config.hidden_size}"
+    plan = {**reference_plan(OPS), "rms_norm_linear": {"impl": "triton", "config": {"shapes": {
+        qkv: ONE_ROW_CONFIGS[0]}}}, "dense_linear": {"impl": "triton", "config": {"shapes": {
+            qkv: {"1": ONE_ROW_CONFIGS[0]}}}}}
+    ops = KernelOps(plan)
+    calls = Counter()
+    counting_calls(monkeypatch, ops, calls)
+    (logits, cache), (expected_logits, expected_cache) = decode_after_prompt(
+        [dense_model(config, ops), dense_model(config, KernelOps(reference_plan(OPS)))], config)
+    torch.testing.assert_close(logits, expected_logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cache, expected_cache, rtol=1e-5, atol=1e-5)
+    prompt_rotations = config.num_layers  # the prompt's five rows: the plan has no GEMV for them
+    assert calls["rotary_kv_write"] == prompt_rotations + (config.num_layers if family == "qwen3" else 0)
+
+
 def test_a_row_parallel_linear_never_folds_the_norm():
     """Its rank holds a slice of the row's columns: the RMS of the slice is not the row's."""
     from types import SimpleNamespace
@@ -359,6 +402,79 @@ def test_tuning_folds_the_norm_where_the_fold_is_faster_and_agrees(monkeypatch, 
     assert run.tune_rms_norm_linear([(48, 64)], {}, {}) == {}
 
 
+# (rotary dims of a 16-dim head, interleaved): rotate_half, partial rotate_half, GPT-J's interleaved partial
+ROTATIONS = [(16, False), (8, False), (8, True)]
+
+
+def kv_write_case(num_rows: int, rotation: tuple[int, bool], cache_dtype: torch.dtype, dtype: torch.dtype,
+                  seed: int = 0) -> KvWrite:
+    """A cache of 4 blocks of 16 slots for 2 KV heads of 16 dims (zeros), rows at random positions and slots,
+    the second row (where there is one) padding (slot -1)."""
+    generator = torch.Generator().manual_seed(seed)
+    rotary_dim, is_interleaved = rotation
+    cos_sin = rope_cos_sin(RopeConfig(), rotary_dim, 64).to(DEVICE)
+    positions = torch.randint(0, 64, (num_rows,), generator=generator)
+    slots = torch.randperm(64, generator=generator)[:num_rows]
+    slots[1:2] = -1
+    cache = torch.zeros(2, 4, 16, 2, 16, device=DEVICE, dtype=dtype).to(cache_dtype)
+    kv_scale = torch.tensor([0.5, 2.0], device=DEVICE) if cache_dtype == FP8_DTYPE else None
+    return KvWrite(positions.to(DEVICE), cos_sin, cache[0], cache[1], slots.to(DEVICE), is_interleaved, kv_scale)
+
+
+def assert_rotated_as(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """Bit for bit in the interpreter. Compiled, the GEMV's epilogue may contract the rotation's products
+    into FMAs (rotary_kv_write's kernel is built without), so there within one rounding of the dtype (of
+    e4m3 for an FP8 cache) of the largest value."""
+    if not ON_GPU:
+        assert torch.equal(actual.view(torch.uint8), expected.view(torch.uint8))
+        return
+    ulp = 2.0 ** -3 if expected.dtype == FP8_DTYPE else TOLERANCES[expected.dtype][1] * 2
+    expected = expected.float()
+    torch.testing.assert_close(actual.float(), expected, rtol=0, atol=ulp * expected.abs().max().item())
+
+
+def copied(write: KvWrite) -> KvWrite:
+    return write._replace(k_cache=write.k_cache.clone(), v_cache=write.v_cache.clone())
+
+
+def assert_same_cache(actual: KvWrite, expected: KvWrite) -> None:
+    for name in ("k_cache", "v_cache"):
+        assert_rotated_as(getattr(actual, name), getattr(expected, name))
+
+
+KV_WRITE_CASES = [(1, {"BLOCK_M": 1, "BLOCK_N": 4, "BLOCK_K": 32, "num_warps": 4, "num_stages": 1}),
+                  (1, {"BLOCK_M": 1, "BLOCK_N": 8, "BLOCK_K": 64, "num_warps": 2, "num_stages": 1}),
+                  (3, {"BLOCK_M": 16, "BLOCK_N": 8, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2})]
+
+
+@pytest.mark.parametrize("num_rows,config,dtype", gemv_params(KV_WRITE_CASES))
+@pytest.mark.parametrize("rotation", ROTATIONS, ids=["half", "half_partial", "interleaved_partial"])
+@pytest.mark.parametrize("fp8_cache", [False, True], ids=["cache_dtype", "fp8_cache"])
+def test_gemv_of_a_qkv_projection_rotates_and_writes_the_kv_cache_in_its_epilogue(
+        num_rows, config, dtype, rotation, fp8_cache, rounding_bf16_casts, rounding_fp8_casts):
+    """4 query heads and 2 KV heads of 16 dims, K 72 (a partial K step), a bias: rotated q, and the cache's
+    bytes (e4m3 with a scale for k and one for v, or the dtype), bit for bit the plain GEMV's product then
+    rotary_kv_write's reference (assert_rotated_as); a padding row (slot -1) writes nothing."""
+    if dtype == torch.float32 and fp8_cache:
+        pytest.skip("an FP8 cache is for 16-bit engines")
+    write = kv_write_case(num_rows, rotation, FP8_DTYPE if fp8_cache else dtype, dtype)
+    x, weight, bias = dense_case(num_rows, 8 * 16, 72, dtype)
+    assert kv_write_fits(config["BLOCK_N"], write)
+    expected_write = copied(write)
+    q = gemv(x, weight, None, bias, kv_write=write, **config)
+    assert_rotated_as(q, qkv_rotary_kv_write_ref(gemv(x, weight, None, bias, **config), expected_write))
+    assert_same_cache(write, expected_write)
+    written = [cache.float().view(-1, 32).ne(0).any(dim=-1).sum().item() for cache in (write.k_cache, write.v_cache)]
+    assert written == [num_rows - (num_rows > 1)] * 2  # one slot per row but the padding row
+
+
+def test_the_kv_write_takes_only_column_blocks_within_a_head_and_its_rotated_halves():
+    write = kv_write_case(1, (8, False), torch.float32, torch.float32)
+    assert [kv_write_fits(n, write) for n in (2, 4, 8, 16, 3)] == [True, True, True, False, False]
+    assert kv_write_fits(16, write._replace(is_interleaved=True))  # pairs side by side: a head's 16 columns
+    assert not kv_write_fits(32, write._replace(is_interleaved=True))  # two heads
+
+
 @gpu
 @pytest.mark.parametrize("n,k", [(6144, 4096), (28672, 4096)])
 def test_gpu_rms_norm_folded_into_the_gemv_at_llama3_8b_shapes(n, k):
@@ -393,6 +509,33 @@ def test_gpu_gemv_adds_to_the_residual_at_llama3_8b_shapes(n, k):
         residual = torch.randn(1, n, device=DEVICE, dtype=torch.bfloat16)
         expected = residual + gemv(x, weight, **config)
         assert torch.equal(gemv(x, weight, residual=residual, **config), expected)
+
+
+@gpu
+@pytest.mark.parametrize("num_rows", [1, 2, 16])
+@pytest.mark.parametrize("fp8_cache", [False, True], ids=["bf16_cache", "fp8_cache"])
+def test_gpu_gemv_writes_the_kv_cache_at_llama3_8b_qkv(num_rows, fp8_cache):
+    """Compiled, bfloat16, every GEMV candidate of the row count, qkv's shape (32 query heads, 8 KV heads of
+    128 dims, rotate_half): q and the cache as the plain GEMV then rotary_kv_write's kernel write them
+    (assert_rotated_as)."""
+    from kiln.kernels.rotary import rotary_kv_write_triton
+
+    x, weight, bias = dense_case(num_rows, 6144, 4096, torch.bfloat16)
+    generator = torch.Generator().manual_seed(0)
+    cache = torch.zeros(2, 8, 16, 8, 128, device=DEVICE, dtype=torch.bfloat16).to(
+        FP8_DTYPE if fp8_cache else torch.bfloat16)
+    write = KvWrite(torch.randint(0, 8192, (num_rows,), generator=generator).to(DEVICE),
+                    rope_cos_sin(RopeConfig(theta=500000.0), 128, 8192).to(DEVICE), cache[0], cache[1],
+                    torch.randperm(128, generator=generator)[:num_rows].to(DEVICE), False,
+                    torch.tensor([0.5, 2.0], device=DEVICE) if fp8_cache else None)
+    for config in GEMV_CANDIDATES:
+        if (config["BLOCK_M"] == 1) == (num_rows == 1):
+            expected_write = copied(write)
+            q, k, v = gemv(x, weight, None, bias, **config).split([4096, 1024, 1024], dim=-1)
+            expected = rotary_kv_write_triton(q.view(-1, 32, 128), k.view(-1, 8, 128), v.view(-1, 8, 128),
+                                              *expected_write)
+            assert_rotated_as(gemv(x, weight, None, bias, kv_write=write, **config), expected.view(-1, 4096))
+            assert_same_cache(write, expected_write)
 
 
 ONE_ROW_CONFIGS_8B = [c for c in GEMV_CANDIDATES if c["BLOCK_M"] == 1]

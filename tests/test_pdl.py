@@ -53,13 +53,17 @@ def test_pdl_needs_sm90_and_can_be_turned_off(monkeypatch, capability, setting, 
     assert launch == ({"PDL": True, "launch_pdl": True} if expected else {"PDL": False})
 
 
+# _gemv_kernel's KV_WRITE constants for Llama-3-8B's qkv (32 query heads, 8 KV heads of 128 dims, rotate_half).
+KV_WRITE_8B = dict(KV_WRITE=True, Q_SIZE=4096, KV_SIZE=1024, HEAD_DIM=128, ROTARY_DIM=128)
+
+
 def compile_decode_kernels(capability: int, names: list[str] | None = None) -> dict[str, str]:
     """PTX of the kernels of a Llama decode step (those of ``names``, else all) for a GPU of this compute
     capability, bfloat16 at Llama-3-8B's widths, with the PDL kiln launches them with there (on from sm90)."""
     from kiln.kernels.activation import _gelu_kernel, _silu_mul_fp8_kernel, _silu_mul_kernel
     from kiln.kernels.attention import _paged_attention_kernel
     from kiln.kernels.fp8 import FP8_CONSTEXPRS, FP8_MAX, _quantize_fp8_kernel
-    from kiln.kernels.gemv import _gemv_kernel
+    from kiln.kernels.gemv import NO_KV_WRITE, _gemv_kernel
     from kiln.kernels.norm import _layer_norm_kernel, _rms_norm_kernel
     from kiln.kernels.rotary import _rotary_kv_write_kernel
     from kiln.kernels.weight_only import (TENSOR_CORE_CONFIGS, _int4_gemv_kernel, _int8_gemv_kernel,
@@ -72,8 +76,10 @@ def compile_decode_kernels(capability: int, names: list[str] | None = None) -> d
         """The GEMV (one row, a bf16 weight with a bias, unless told otherwise), as compile_for takes it."""
         types = ints(_gemv_kernel, x_ptr="*bf16", w_ptr=w_ptr, w_scale_ptr=w_scale_ptr, bias_ptr="*bf16",
                      out_ptr="*bf16", eps="fp32")
+        types.update(positions_ptr="*i64", cos_sin_ptr="*fp32", slot_mapping_ptr="*i64", k_cache_ptr="*bf16",
+                     v_cache_ptr="*bf16", kv_scale_ptr="*fp32")
         return (_gemv_kernel, types, {"HAS_SCALE": False, "HAS_BIAS": True, "NORM": False, "ADD_RESIDUAL": False,
-                                      "SILU_MUL": False, "BLOCK_M": 1, "BLOCK_N": 4, "BLOCK_K": 1024,
+                                      "SILU_MUL": False, **NO_KV_WRITE, "BLOCK_M": 1, "BLOCK_N": 4, "BLOCK_K": 1024,
                                       "DOT_PRECISION": "tf32", **constants}, 4, num_stages)
 
     int4, int8 = TENSOR_CORE_CONFIGS[4][0], TENSOR_CORE_CONFIGS[8][0]
@@ -83,6 +89,8 @@ def compile_decode_kernels(capability: int, names: list[str] | None = None) -> d
         # The batch-1 folds: the norm in qkv's / gate_up's GEMV (SiLU·up in gate_up's), the residual add in o's /
         # down's.
         "dense_norm_gemv": gemv(NORM=True, BLOCK_K=2048),
+        # qkv's, writing the KV cache (rotate_half, Llama-3-8B's heads)
+        "dense_norm_kv_write_gemv": gemv(NORM=True, BLOCK_K=2048, **KV_WRITE_8B),
         "dense_silu_mul_gemv": gemv(NORM=True, SILU_MUL=True, BLOCK_K=2048),
         "dense_residual_gemv": gemv(ADD_RESIDUAL=True, BLOCK_K=2048),
         "dense_gemv_16_rows": gemv(BLOCK_M=16, BLOCK_N=16, BLOCK_K=512, num_stages=3),

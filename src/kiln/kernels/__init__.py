@@ -5,7 +5,8 @@ have Triton implementations registered beside it. The plan maps op name -> {"imp
 The ``*_fp8`` ops are their plain op with its output quantized per token to e4m3 (an Fp8Activation), for
 the FP8 Linear it feeds: blocks call them only where that Linear's method wants its input so.
 ``dense_linear`` is the matmul of an unquantized weight (the engine dtype's): cuBLAS, or the GEMV for the shapes and row
-counts the build timed it faster at (its config lists them), adding the product to a residual where asked;
+counts the build timed it faster at (its config lists them), adding the product to a residual, taking SiLU·up or
+rotating q and k and writing the KV cache (a fused QKV projection's) in the GEMV's epilogue where asked;
 ``rms_norm_linear`` the one-row GEMV of a weight that holds an RMSNorm's weight, normalizing its input row
 itself, at the shapes the build timed that faster than the norm's kernel and ``dense_linear`` apart (its config
 lists them); ``weight_only_linear`` an INT8 / INT4 one, with the launch configs the build timed per shape.

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from kiln.kernels.fp8 import FP8_CONSTEXPRS, fp8_row_scales, to_fp8
 from kiln.kernels.gemv import dense_linear_ref, gemv, shape_key
+from kiln.kernels.rotary import KvWrite
 from kiln.kernels.triton_jit import jit, next_power_of_2, pdl_launch, tl, wait_for_producer
 from kiln.quantization.fp8 import FP8_DTYPE, Fp8Activation, quantize_fp8_per_token
 
@@ -33,9 +34,9 @@ def _normalized(x: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def rms_norm_linear_ref(x: torch.Tensor, eps: float, weight: torch.Tensor, bias: torch.Tensor | None,
-                        silu_mul: bool = False) -> torch.Tensor:
+                        silu_mul: bool = False, kv_write: KvWrite | None = None) -> torch.Tensor:
     """dense_linear_ref of x's RMSNorm, the norm's weight held by ``weight`` already (so applied as ones)."""
-    return dense_linear_ref(_normalized(x, eps), weight, bias, silu_mul=silu_mul)
+    return dense_linear_ref(_normalized(x, eps), weight, bias, silu_mul=silu_mul, kv_write=kv_write)
 
 
 def add_rms_norm_ref(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
@@ -232,8 +233,10 @@ def add_layer_norm_triton(x: torch.Tensor, residual: torch.Tensor, weight: torch
 
 
 def rms_norm_linear_triton(x: torch.Tensor, eps: float, weight: torch.Tensor, bias: torch.Tensor | None,
-                           silu_mul: bool = False, shapes: dict[str, dict[str, int]] | None = None) -> torch.Tensor:
+                           silu_mul: bool = False, kv_write: KvWrite | None = None,
+                           shapes: dict[str, dict[str, int]] | None = None) -> torch.Tensor:
     """As rms_norm_linear_ref for one row, in one kernel: the GEMV with the norm folded in, at the launch
     config the plan lists for this weight's shape (``shapes``, made by the build's timing; a Linear folds
     its norm only where it lists one: DenseLinearMethod.folds_norm)."""
-    return gemv(x, weight, None, bias, rms_eps=eps, silu_mul=silu_mul, **shapes[shape_key(*weight.shape)])
+    return gemv(x, weight, None, bias, rms_eps=eps, silu_mul=silu_mul, kv_write=kv_write,
+                **shapes[shape_key(*weight.shape)])

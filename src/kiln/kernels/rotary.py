@@ -15,6 +15,7 @@ of quantizing what a 16-bit cache would hold.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -89,8 +90,37 @@ def rotary_kv_write_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, posit
     return q_rot
 
 
+class KvWrite(NamedTuple):
+    """What rotary_kv_write takes besides q, k and v, for a kernel that makes them itself: the GEMV of a
+    fused QKV projection rotates its q and k columns and writes k and v to the cache in its epilogue
+    (kiln.kernels.gemv, ``kv_write``), so that no rotary kernel runs after it. The arguments are
+    rotary_kv_write_ref's."""
+    positions: torch.Tensor
+    cos_sin_cache: torch.Tensor
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+    slot_mapping: torch.Tensor
+    is_interleaved: bool = False
+    kv_scale: torch.Tensor | None = None
+
+    @property
+    def kv_size(self) -> int:
+        """Columns of k (and of v) in a token's fused QKV output: KV heads x head_dim."""
+        return self.k_cache.shape[2] * self.k_cache.shape[3]
+
+
+def qkv_rotary_kv_write_ref(qkv: torch.Tensor, write: KvWrite) -> torch.Tensor:
+    """rotary_kv_write_ref of a fused QKV output [T, q_size + 2 * kv_size]: writes rotated k and v to the
+    cache; returns rotated q [T, q_size]."""
+    num_tokens, head_dim = qkv.shape[0], write.k_cache.shape[3]
+    q, k, v = qkv.split([qkv.shape[1] - 2 * write.kv_size, write.kv_size, write.kv_size], dim=-1)
+    q = rotary_kv_write_ref(q.reshape(num_tokens, -1, head_dim), k.reshape(num_tokens, -1, head_dim),
+                            v.reshape(num_tokens, -1, head_dim), *write)
+    return q.reshape(num_tokens, -1)
+
+
 @jit
-def _cache_value(x, scale, ROUND_DTYPE: tl.constexpr, IS_FP8: tl.constexpr, FP8_MAX: tl.constexpr):
+def cache_value(x, scale, ROUND_DTYPE: tl.constexpr, IS_FP8: tl.constexpr, FP8_MAX: tl.constexpr):
     """x rounded to the engine dtype (ROUND_DTYPE); for an FP8 cache also divided by the layer's scale (IEEE
     division, as torch divides), clamped to ±FP8_MAX and rounded to nearest even e4m3: the reference's
     arithmetic, bit for bit."""
@@ -112,12 +142,12 @@ def _rotate_heads(src, dst, head_mask, first, second, pairs, cos, sin, scale, RO
     x2 = tl.load(src + second, mask=mask).to(tl.float32)
     # The reference's operation order; built without FMA contraction (rotary_kv_write_triton), so the
     # rotated keys written to the cache are bit-identical to it.
-    tl.store(dst + first, _cache_value(x1 * cos - x2 * sin, scale, round_dtype, IS_FP8, FP8_MAX), mask=mask)
-    tl.store(dst + second, _cache_value(x2 * cos + x1 * sin, scale, round_dtype, IS_FP8, FP8_MAX), mask=mask)
+    tl.store(dst + first, cache_value(x1 * cos - x2 * sin, scale, round_dtype, IS_FP8, FP8_MAX), mask=mask)
+    tl.store(dst + second, cache_value(x2 * cos + x1 * sin, scale, round_dtype, IS_FP8, FP8_MAX), mask=mask)
     if ROTARY_DIM < HEAD_DIM:
         passed = ROTARY_DIM + tl.arange(0, BLOCK_PASS)[None, :]
         pass_mask = head_mask & (passed < HEAD_DIM)
-        tl.store(dst + passed, _cache_value(tl.load(src + passed, mask=pass_mask), scale, round_dtype, IS_FP8, FP8_MAX),
+        tl.store(dst + passed, cache_value(tl.load(src + passed, mask=pass_mask), scale, round_dtype, IS_FP8, FP8_MAX),
                  mask=pass_mask)
 
 
@@ -165,7 +195,7 @@ def _rotary_kv_write_kernel(
         value_mask = head_mask & (dims < HEAD_DIM)
         value = tl.load(v_ptr + token * v_row_stride + heads * v_head_stride + dims, mask=value_mask)
         tl.store(v_cache_ptr + slot_offset + heads * cache_head_stride + dims,
-                 _cache_value(value, v_scale, value.dtype, IS_FP8, FP8_MAX), mask=value_mask)
+                 cache_value(value, v_scale, value.dtype, IS_FP8, FP8_MAX), mask=value_mask)
         _rotate_heads(k_ptr + token * k_row_stride + heads * k_head_stride,
                       k_cache_ptr + slot_offset + heads * cache_head_stride, head_mask,
                       first, second, pairs, cos, sin, k_scale, ROTARY_DIM, HEAD_DIM, BLOCK_PASS, IS_FP8, FP8_MAX)

@@ -26,7 +26,8 @@ class KvCacheScales(Layer):
 
 
 class Attention(nn.Module):
-    """Fused QKV projection, optional per-head RMSNorm of q and k (Qwen3), rotary + KV cache write,
+    """Fused QKV projection, optional per-head RMSNorm of q and k (Qwen3), rotary + KV cache write (in the
+    projection's own kernel where its method folds it in: the GEMV of a few rows, without per-head norms),
     paged attention, output projection. A sliding window, where the model has one, reaches the kernel
     in AttentionMetadata (the runner sets it from the model config). With an FP8 KV cache the block
     holds its scales (``kv_scales``); FP8 context attention is the context's choice too."""
@@ -61,14 +62,18 @@ class Attention(nn.Module):
         where qkv normalizes it); kv_cache [2, blocks, block_size, Hkv, D], this layer's keys and values. A
         PendingOutput where o adds its product to the residual for the norm after it (Linear.then)."""
         num_tokens = positions.shape[0]
-        q, k, v = self.qkv(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(num_tokens, self.num_heads, self.head_dim)
-        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
-        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:  # each head's head_dim values, read in place from the fused output
-            q, k = self.q_norm.norm(q), self.k_norm.norm(k)
         kv_scale = None if self.kv_scales is None else self.kv_scales.scale
-        q = self.rotary(q, k, v, positions, kv_cache, slot_mapping, kv_scale)
+        write = self.rotary.kv_write(positions, kv_cache, slot_mapping, kv_scale)
+        if self.q_norm is None and self.qkv.method.folds_kv_write(self.qkv, x, write):
+            q = self.qkv.method.apply_kv_write(self.qkv, x, write).view(num_tokens, self.num_heads, self.head_dim)
+        else:
+            q, k, v = self.qkv(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+            q = q.view(num_tokens, self.num_heads, self.head_dim)
+            k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
+            v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+            if self.q_norm is not None:  # each head's head_dim values, read in place from the fused output
+                q, k = self.q_norm.norm(q), self.k_norm.norm(k)
+            q = self.rotary(q, k, v, write)
         out = self.ops.attention(q, kv_cache[0], kv_cache[1], attn, self.scale, kv_scale=kv_scale,
                                  fp8_context=self.use_fp8_context_fmha)
         return self.o(out.view(num_tokens, self.q_size))

@@ -26,7 +26,8 @@ import torch
 
 from kiln.config import BuildConfig
 from kiln.errors import ConfigError
-from kiln.kernels.gemv import gemv_config, shape_key
+from kiln.kernels.gemv import gemv_config, kv_write_fits, shape_key
+from kiln.kernels.rotary import KvWrite
 from kiln.layers.base import SMALL_STD, CheckpointTensor, Layer, empty_parameter
 from kiln.layers.parallel import Shard
 from kiln.quantization.fp8 import Fp8Activation
@@ -131,6 +132,17 @@ class LinearMethod(ABC):
         """silu(gate) * up of apply(x) [T, 2I] -> [T, I], where ``folds_silu_mul``."""
         raise NotImplementedError(f"{type(self).__name__} does not take SiLU·up in its kernel")
 
+    def folds_kv_write(self, layer: Linear, x, write: KvWrite) -> bool:
+        """Whether ``apply_kv_write`` rotates and writes to the cache this fused QKV projection's product of
+        ``x`` in the matmul's own kernel (``write``: the cache and the rotation). A function of shapes and the
+        plan alone."""
+        return False
+
+    def apply_kv_write(self, layer: Linear, x, write: KvWrite) -> torch.Tensor:
+        """qkv_rotary_kv_write_ref of apply(x) [T, q_size + 2 * kv_size] -> rotated q [T, q_size], where
+        ``folds_kv_write``."""
+        raise NotImplementedError(f"{type(self).__name__} does not write the KV cache in its kernel")
+
     def shard(self, weight, shard: Shard):
         """Build time, tensor parallelism: a rank's part of what ``convert`` takes (the float weight; a
         method that takes other inputs slices them here), before ``convert`` makes its tensors."""
@@ -181,17 +193,32 @@ class DenseLinearMethod(LinearMethod):
     def adds_residual(self, layer, num_rows):
         return num_rows == 1
 
+    @staticmethod
+    def gemv_config(layer, x) -> dict[str, int] | None:
+        """The GEMV's launch config where apply runs it for ``x`` (rms_norm_linear's, or dense_linear's at
+        x's rows), else None (cuBLAS)."""
+        shape = (layer.out_features, layer.in_features)
+        if isinstance(x, NormedInput):
+            return layer.ops.config("rms_norm_linear")["shapes"][shape_key(*shape)]
+        return gemv_config(layer.ops.config("dense_linear").get("shapes"), shape, x.shape[0]) if isinstance(
+            x, torch.Tensor) else None
+
     def folds_silu_mul(self, layer, x):
-        if isinstance(x, NormedInput):  # rms_norm_linear: the GEMV
-            return True
-        shapes = layer.ops.config("dense_linear").get("shapes")
-        return isinstance(x, torch.Tensor) and gemv_config(shapes, (layer.out_features, layer.in_features),
-                                                           x.shape[0]) is not None
+        return self.gemv_config(layer, x) is not None
 
     def apply_silu_mul(self, layer, x):
         if isinstance(x, NormedInput):
             return layer.ops.rms_norm_linear(x.x, x.eps, layer.weight, layer.bias, silu_mul=True)
         return layer.ops.dense_linear(x, layer.weight, layer.bias, silu_mul=True)
+
+    def folds_kv_write(self, layer, x, write):
+        config = self.gemv_config(layer, x)
+        return config is not None and kv_write_fits(config["BLOCK_N"], write)
+
+    def apply_kv_write(self, layer, x, write):
+        if isinstance(x, NormedInput):
+            return layer.ops.rms_norm_linear(x.x, x.eps, layer.weight, layer.bias, kv_write=write)
+        return layer.ops.dense_linear(x, layer.weight, layer.bias, kv_write=write)
 
     def apply_add(self, layer, x, residual):
         return layer.ops.dense_linear(x, layer.weight, layer.bias, residual=residual)

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from kiln.config import RopeConfig
-from kiln.kernels.rotary import rope_cos_sin
+from kiln.kernels.rotary import KvWrite, rope_cos_sin
 from kiln.layers.context import LayerContext
 
 
@@ -22,10 +22,13 @@ class Rotary(nn.Module):
                              persistent=False)
         self.is_interleaved, self.ops = is_interleaved, ctx.ops
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
-                kv_cache: torch.Tensor, slot_mapping: torch.Tensor, kv_scale: torch.Tensor | None = None
-                ) -> torch.Tensor:
-        """Writes rotated k and v to kv_cache [2, blocks, block_size, Hkv, D] at slot_mapping (an FP8 cache:
-        quantized with kv_scale, the layer's (k_scale, v_scale)); returns rotated q."""
-        return self.ops.rotary_kv_write(q, k, v, positions, self.cos_sin, kv_cache[0], kv_cache[1], slot_mapping,
-                                        is_interleaved=self.is_interleaved, kv_scale=kv_scale)
+    def kv_write(self, positions: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                 kv_scale: torch.Tensor | None = None) -> KvWrite:
+        """What rotating the tokens at ``positions`` and writing their keys and values to kv_cache [2, blocks,
+        block_size, Hkv, D] at slot_mapping takes (an FP8 cache: quantized with kv_scale, the layer's (k_scale,
+        v_scale)): for ``forward``, or for the QKV projection's kernel to do it (LinearMethod.folds_kv_write)."""
+        return KvWrite(positions, self.cos_sin, kv_cache[0], kv_cache[1], slot_mapping, self.is_interleaved, kv_scale)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, write: KvWrite) -> torch.Tensor:
+        """Writes rotated k and v to the cache as ``write`` says; returns rotated q."""
+        return self.ops.rotary_kv_write(q, k, v, *write)
