@@ -14,7 +14,8 @@ Phases:
            a llama-3-8b dummy engine of that quantization (max batch 512, 8192 tokens per iteration):
            batch-1 decode (against the floor: weight bytes read per token / copy bandwidth), the batch-1
            graph replay, the same two with the kernels launched without PDL (b1_nopdl) and with the plan
-           less its norm fold (b1_unfolded: the same engine, the norms' kernels between the GEMVs), batch-16 decode,
+           less its norm fold (b1_unfolded: the same engine, the norms' kernels between the GEMVs) and without
+           the KV write folded into qkv's GEMV (b1_rotary: the rotary kernel after it), batch-16 decode,
            TTFT at 128 and 2048 tokens, offline 128/128 (2048 requests);
            the same sampled (temperature 0.8, top-p 0.95, seeded: 128_128_sampled), 2048/128 (256
            requests), a batch-1 and a batch-16 profile by kernel (profile, profile16);
@@ -34,6 +35,8 @@ import statistics
 import subprocess
 import sys
 import time
+import traceback
+import unittest.mock
 from pathlib import Path
 
 import torch
@@ -45,6 +48,7 @@ from gpu_bench import RESULTS, log  # noqa: E402
 from kiln import Builder, BuildConfig, Executor, KvCacheConfig, RuntimeConfig  # noqa: E402
 from kiln.convert import AutoModelForCausalLM  # noqa: E402
 from kiln.kernels.triton_jit import pdl_disabled  # noqa: E402
+from kiln.layers import DenseLinearMethod  # noqa: E402
 from kiln.runtime.llm import DEFAULT_MODEL_DIR  # noqa: E402
 from kiln.runtime.loader import load_engine  # noqa: E402
 
@@ -121,8 +125,8 @@ def gemv_bandwidth() -> None:
     torch.cuda.empty_cache()
 
 
-FIGURES = ("b1_nopdl", "b1_unfolded", "b1", "b16", "ttft", "128_128", "128_128_sampled", "2048_128", "profile",
-           "profile16")
+FIGURES = ("b1_nopdl", "b1_unfolded", "b1_rotary", "b1", "b16", "ttft", "128_128", "128_128_sampled", "2048_128",
+           "profile", "profile16")
 
 
 def sampler_costs() -> None:
@@ -231,11 +235,24 @@ def engine_phase(quant: str, tmp: Path, out: Path, figures: set[str], max_batch_
             RESULTS[f"{key}_{op}_tuned"] = ", ".join(shape + buckets[shape] for shape in sorted(tuned)) or "none"
 
     def executor() -> tuple[Executor, float]:
-        """An executor (KV pool, CUDA graphs), warmed up, and the seconds its making took (warm-up apart)."""
+        """An executor (KV pool, CUDA graphs), warmed up, and the seconds its making took (warm-up apart).
+        Its memory in GB goes to RESULTS (key_memory): free and allocated before it, its KV pool, allocated
+        after it and at its peak."""
+        gib = 2 ** 30
+        memory = RESULTS.setdefault(f"{key}_memory", {})
+        memory.update(free_before=torch.cuda.mem_get_info()[0] / gib,
+                      allocated_before=torch.cuda.memory_allocated() / gib)
+        torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
         ex = Executor(engine, RuntimeConfig(kv_cache_config=KvCacheConfig(free_gpu_memory_fraction=0.9)))
         made_s = time.perf_counter() - t0
-        gpu_bench.run_requests(ex, torch.randint(0, vocab, (4, 128)).tolist(), 8)  # warm-up
+        memory.update(kv_pool=ex.pool.num_blocks * engine.manifest.memory_plan["kv_bytes_per_block"] / gib,
+                      allocated_after=torch.cuda.memory_allocated() / gib, peak=torch.cuda.max_memory_allocated() / gib)
+        try:
+            gpu_bench.run_requests(ex, torch.randint(0, vocab, (4, 128)).tolist(), 8)  # warm-up
+        except Exception:
+            ex.shutdown()  # its loop thread would keep it, and its KV pool, alive
+            raise
         return ex, made_s
 
     mcfg = engine.model_config
@@ -254,6 +271,18 @@ def engine_phase(quant: str, tmp: Path, out: Path, figures: set[str], max_batch_
             del ex, unfolded
             gc.collect()
             torch.cuda.empty_cache()
+    if "b1_rotary" in figures:
+        # The same engine with the KV write not folded into qkv's GEMV (the rotary kernel runs after it): the
+        # method says it does not fold it while this executor captures its graphs and runs. (A plain function:
+        # a Mock would keep every call's arguments, the activations of each forward.)
+        with unittest.mock.patch.object(DenseLinearMethod, "folds_kv_write", lambda *args: False):
+            ex, _ = executor()
+            try:
+                batch1_decode(ex, f"{key}_rotary")
+            finally:
+                ex.shutdown()
+                del ex
+                gc.collect()
     if "b1_nopdl" in figures:  # its own executor (graphs captured without PDL) first, then the usual one
         with pdl_disabled():
             ex, _ = executor()
@@ -329,6 +358,12 @@ def main() -> None:
                              int(max_batch or 512))
         except Exception as e:  # one phase's failure is recorded; the next still runs
             RESULTS[f"{phase}_error"] = f"{type(e).__name__}: {e}"[:300]
+            RESULTS[f"{phase}_error_memory_GB"] = {"allocated": torch.cuda.memory_allocated() / 2 ** 30,
+                                                   "peak": torch.cuda.max_memory_allocated() / 2 ** 30}
+            RESULTS[f"{phase}_error_at"] = traceback.format_exc()[-1500:]
+            del e
+            gc.collect()  # the failed phase's executor and engine, before the next phase loads its own
+            torch.cuda.empty_cache()
         gpu_bench.write_results(out / "gpu_check_quant.json")
     gpu_bench.write_results(out / "gpu_check_quant.json", "quantized engines and the hot path")
 

@@ -279,14 +279,15 @@ def test_sm80_weight_only_engine_builds_and_inspect_shows_packed_sizes_and_kv_po
 def test_memory_plan_and_kv_pool_leave_room_for_the_dequantized_weight(quantization, max_num_tokens, workspace,
                                                                         monkeypatch):
     """The builder's memory plan holds the largest Linear's workspace for max_num_tokens rows, and the
-    runtime sizes the KV pool from the memory left after it (on a GPU: CUDA's free memory, faked here)."""
+    runtime sizes the KV pool from the memory left after it, the activations and a full batch's logits (on a
+    GPU: CUDA's free memory, faked here)."""
     source = AutoModelForCausalLM.from_hugging_face(STORIES_DIR)
     build = {**BUILD, "max_num_tokens": max_num_tokens, "max_input_len": min(64, max_num_tokens)}
     manifest = Builder().build(source, BuildConfig(**build, quantization=quantization)).manifest
     plan = manifest.memory_plan
     assert plan["linear_workspace_bytes"] == workspace
     blocks = plan["kv_blocks_for_full_batch"]
-    free = plan["activation_bytes"] + workspace + blocks * plan["kv_bytes_per_block"]
+    free = plan["activation_bytes"] + workspace + plan["logits_bytes"] + blocks * plan["kv_bytes_per_block"]
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, 2 * free))
     on_gpu = SimpleNamespace(manifest=manifest, device=torch.device("cuda"))
     assert num_kv_blocks(on_gpu, KvCacheConfig(free_gpu_memory_fraction=1.0)) == blocks

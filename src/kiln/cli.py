@@ -302,7 +302,7 @@ def _kv_pools(m) -> dict[str, int]:
     if m.target == "cpu" or "linear_weights" not in m.memory_plan:
         return {}
     plan = m.memory_plan
-    used = plan["weight_bytes"] + reserved_bytes(plan) + plan["logits_bytes"]
+    used = plan["weight_bytes"] + reserved_bytes(plan)
     return {gpu.name: max(0, int((gpu.memory_gib * 2**30 - used) * KV_FRACTION) // plan["kv_bytes_per_token"])
             for gpu in load_gpus().values() if f"sm{gpu.sm}" == m.target}
 

@@ -96,9 +96,10 @@ def memory_plan(config: ModelConfig, build: BuildConfig, kv_cache_dtype: torch.d
 
 
 def reserved_bytes(plan: dict[str, int]) -> int:
-    """What the runtime keeps out of the KV pool for one iteration: activations and the largest Linear's
-    workspace (absent from plans made before it was counted)."""
-    return plan["activation_bytes"] + plan.get("linear_workspace_bytes", 0)
+    """What the runtime keeps out of the KV pool: one iteration's activations, the largest Linear's
+    workspace (absent from plans made before it was counted) and the float32 logits of a full batch (the
+    buffer the CUDA graphs write them into, or an eager step's)."""
+    return plan["activation_bytes"] + plan.get("linear_workspace_bytes", 0) + plan["logits_bytes"]
 
 
 def kernel_plan(target: str, config: ModelConfig, build: BuildConfig, dtype: torch.dtype,

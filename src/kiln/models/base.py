@@ -43,10 +43,13 @@ class CausalLM(nn.Module):
         return source
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
-                slot_mapping: torch.Tensor, attn: AttentionMetadata, logits_indices: torch.Tensor) -> torch.Tensor:
-        """Returns float32 logits for the tokens at logits_indices. kv_cache: [L, 2, blocks, block, Hkv, D]."""
+                slot_mapping: torch.Tensor, attn: AttentionMetadata, logits_indices: torch.Tensor,
+                logits_out: torch.Tensor | None = None) -> torch.Tensor:
+        """Returns float32 logits for the tokens at logits_indices (written into ``logits_out`` where given:
+        [len(logits_indices), vocab] float32). kv_cache: [L, 2, blocks, block, Hkv, D]."""
         hidden, residual = self.embed(input_ids), None
         for n, layer in enumerate(self.layers):
             hidden, residual = layer(hidden, residual, positions, kv_cache[n], slot_mapping, attn)
         x, _ = self.norm(hidden, residual)
-        return self.lm_head(x[logits_indices]).float()
+        logits = self.lm_head(x[logits_indices])
+        return logits.float() if logits_out is None else logits_out.copy_(logits)
