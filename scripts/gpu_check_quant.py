@@ -361,9 +361,10 @@ def main() -> None:
             RESULTS[f"{phase}_error_memory_GB"] = {"allocated": torch.cuda.memory_allocated() / 2 ** 30,
                                                    "peak": torch.cuda.max_memory_allocated() / 2 ** 30}
             RESULTS[f"{phase}_error_at"] = traceback.format_exc()[-1500:]
-            del e
-            gc.collect()  # the failed phase's executor and engine, before the next phase loads its own
-            torch.cuda.empty_cache()
+        # Out of the except block, where the exception (its frames: a failed phase's executor and engine) is
+        # no longer held: freed before the next phase loads its own.
+        gc.collect()
+        torch.cuda.empty_cache()
         gpu_bench.write_results(out / "gpu_check_quant.json")
     gpu_bench.write_results(out / "gpu_check_quant.json", "quantized engines and the hot path")
 
