@@ -13,10 +13,9 @@ Phases:
   none / fp8 / int8_wo / int4_wo
            a llama-3-8b dummy engine of that quantization (max batch 512, 8192 tokens per iteration):
            batch-1 decode (against the floor: weight bytes read per token / copy bandwidth), the batch-1
-           graph replay, the same two with the kernels launched without PDL (b1_nopdl), without the norm
-           fold (b1_unfolded: the same engine, the norms' kernels between the GEMVs; bf16: its plan less
-           rms_norm_linear, fp8: the method told not to fold) and without the KV write folded into qkv's
-           GEMV (b1_rotary: the rotary kernel after it), batch-16 decode,
+           graph replay, the same two with the kernels launched without PDL (b1_nopdl) and with the plan
+           less its norm fold (b1_unfolded: the same engine, the norms' kernels between the GEMVs) and without
+           the KV write folded into qkv's GEMV (b1_rotary: the rotary kernel after it), batch-16 decode,
            TTFT at 128 and 2048 tokens, offline 128/128 (2048 requests);
            the same sampled (temperature 0.8, top-p 0.95, seeded: 128_128_sampled), 2048/128 (256
            requests), a batch-1 and a batch-16 profile by kernel (profile, profile16);
@@ -50,7 +49,6 @@ from kiln import Builder, BuildConfig, Executor, KvCacheConfig, RuntimeConfig  #
 from kiln.convert import AutoModelForCausalLM  # noqa: E402
 from kiln.kernels.triton_jit import pdl_disabled  # noqa: E402
 from kiln.layers import DenseLinearMethod  # noqa: E402
-from kiln.layers.fp8 import Fp8LinearMethod  # noqa: E402
 from kiln.runtime.llm import DEFAULT_MODEL_DIR  # noqa: E402
 from kiln.runtime.loader import load_engine  # noqa: E402
 
@@ -273,27 +271,27 @@ def engine_phase(quant: str, tmp: Path, out: Path, figures: set[str], max_batch_
             del ex, unfolded
             gc.collect()
             torch.cuda.empty_cache()
-    def batch1_apart(name: str, context) -> None:
-        """Batch 1 of an executor of its own, made and run inside ``context`` (which changes a choice that its
-        CUDA graphs capture), before the usual one."""
-        with context:
+    if "b1_rotary" in figures:
+        # The same engine with the KV write not folded into qkv's GEMV (the rotary kernel runs after it): the
+        # method says it does not fold it while this executor captures its graphs and runs. (A plain function:
+        # a Mock would keep every call's arguments, the activations of each forward.)
+        with unittest.mock.patch.object(DenseLinearMethod, "folds_kv_write", lambda *args: False):
             ex, _ = executor()
             try:
-                batch1_decode(ex, f"{key}_{name}")
+                batch1_decode(ex, f"{key}_rotary")
             finally:
                 ex.shutdown()
                 del ex
                 gc.collect()
-                torch.cuda.empty_cache()
-
-    # (Plain functions patched in, not Mocks: a Mock would keep every call's arguments, each forward's
-    # activations.)
-    if "b1_unfolded" in figures and quant == "fp8":  # the FP8 fold is no plan entry: the method says no
-        batch1_apart("unfolded", unittest.mock.patch.object(Fp8LinearMethod, "folds_norm", lambda *args: False))
-    if "b1_rotary" in figures:  # the KV write not folded into qkv's GEMV: the rotary kernel runs after it
-        batch1_apart("rotary", unittest.mock.patch.object(DenseLinearMethod, "folds_kv_write", lambda *args: False))
-    if "b1_nopdl" in figures:  # graphs captured without PDL
-        batch1_apart("nopdl", pdl_disabled())
+    if "b1_nopdl" in figures:  # its own executor (graphs captured without PDL) first, then the usual one
+        with pdl_disabled():
+            ex, _ = executor()
+            try:
+                batch1_decode(ex, f"{key}_nopdl")
+            finally:
+                ex.shutdown()
+                del ex
+                gc.collect()
     ex, made_s = executor()
     RESULTS[f"{key}_load_s"] = engine_load_s + made_s  # the engine and its executor, as in earlier results
     try:

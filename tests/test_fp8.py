@@ -274,22 +274,6 @@ def test_fp8_gemv_of_a_gate_up_projection_takes_silu_mul_in_its_epilogue(num_row
     assert out.shape == (num_rows, 37) and torch.equal(out, silu_mul_triton(fp8_gemv(x, w_fp8, w_scale, bias)))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=DTYPE_ID)
-@pytest.mark.parametrize("scaling,has_bias", [("channel", True), ("tensor", False)])
-def test_fp8_gemv_normalizes_its_row_with_the_norms_weight(scaling, has_bias, dtype, rounding_bf16_casts):
-    """What the FP8 method runs for a folded RMSNorm (its weight not in the e4m3 weight: NORM_WEIGHT), one row,
-    K 300 (a partial K step): within the matmul's tolerance of the norm's reference then the W8A16 reference
-    (the fold does not round the normalized row to the dtype), at default and small tiles."""
-    from kiln.kernels.norm import rms_norm_ref
-
-    x, w_fp8, w_scale, bias = gemv_case(1, 40, 300, dtype, scaling, has_bias)
-    norm_weight = (torch.rand(300, device=DEVICE) + 0.5).to(dtype)
-    expected = fp8_w8a16_linear_ref(rms_norm_ref(x * 3, norm_weight, 1e-5), w_fp8, w_scale, bias)
-    for config in ({}, {"BLOCK_N": 8, "BLOCK_K": 64, "num_warps": 2}):
-        assert_close(fp8_gemv(x * 3, w_fp8, w_scale, bias, rms_eps=1e-5, norm_weight=norm_weight, **config),
-                     expected)
-
-
 @pytest.mark.parametrize("num_rows", [1, 5])
 def test_gemv_default_configs(num_rows):
     x, w_fp8, w_scale, bias = gemv_case(num_rows, 40, 1100, torch.float16, "channel", True)
@@ -369,19 +353,18 @@ def compile_kernels_for_ada_and_hopper() -> dict[str, str]:
     gemv_signature = {"x_ptr": "*bf16", "x_row_stride": "i32", "w_ptr": "*fp8e4nv", "w_row_stride": "i32",
                       "w_scale_ptr": "*fp32", "w_scale_stride": "i32", "bias_ptr": "*bf16", "out_ptr": "*bf16",
                       "out_row_stride": "i32", "num_rows": "i32", "N": "i32", "K": "i32", "eps": "fp32",
-                      "norm_weight_ptr": "*bf16", "positions_ptr": "*i64", "cos_sin_ptr": "*fp32",
-                      "cos_sin_row_stride": "i32", "slot_mapping_ptr": "*i64", "k_cache_ptr": "*fp8e4nv",
-                      "v_cache_ptr": "*fp8e4nv", "cache_block_stride": "i32", "cache_slot_stride": "i32",
-                      "kv_block_size": "i32", "kv_scale_ptr": "*fp32"}
+                      "positions_ptr": "*i64", "cos_sin_ptr": "*fp32", "cos_sin_row_stride": "i32",
+                      "slot_mapping_ptr": "*i64", "k_cache_ptr": "*fp8e4nv", "v_cache_ptr": "*fp8e4nv",
+                      "cache_block_stride": "i32", "cache_slot_stride": "i32", "kv_block_size": "i32",
+                      "kv_scale_ptr": "*fp32"}
     for capability in (89, 90):
         for (block_m, config), silu_mul in itertools.product(DEFAULT_GEMV_CONFIGS.items(), (False, True)):
             # silu_mul: a gate / up projection's GEMV taking SiLU·up in its epilogue (the FP8 method's fold)
             ptx[f"gemv_block_m{block_m}_{'silu_mul_' if silu_mul else ''}sm{capability}"] = compile_for(
                 _gemv_kernel, capability, gemv_signature,
-                {"HAS_SCALE": True, "HAS_BIAS": True, "NORM": False, "NORM_WEIGHT": False, "ADD_RESIDUAL": False,
-                 **NO_KV_WRITE, "SILU_MUL": silu_mul, "BLOCK_M": block_m, "DOT_PRECISION": "tf32",
-                 "BLOCK_N": config["BLOCK_N"], "BLOCK_K": config["BLOCK_K"]},
-                num_warps=config["num_warps"], num_stages=config["num_stages"])
+                {"HAS_SCALE": True, "HAS_BIAS": True, "NORM": False, "ADD_RESIDUAL": False, **NO_KV_WRITE,
+                 "SILU_MUL": silu_mul, "BLOCK_M": block_m, "DOT_PRECISION": "tf32", "BLOCK_N": config["BLOCK_N"],
+                 "BLOCK_K": config["BLOCK_K"]}, num_warps=config["num_warps"], num_stages=config["num_stages"])
     return ptx
 
 
@@ -431,19 +414,6 @@ def assert_matmul_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
     assert actual.dtype == expected.dtype and actual.shape == expected.shape
     torch.testing.assert_close(actual.float(), expected.float(), rtol=2.0 ** -7,
                                atol=1e-3 * expected.float().abs().max().item())
-
-
-@gpu
-@pytest.mark.parametrize("n,k", [(6144, 4096), (28672, 4096)])
-def test_gpu_fp8_gemv_with_the_norm_folded_in_at_llama3_8b_shapes(n, k):
-    """Compiled, bfloat16, qkv's and gate_up's shapes at the default one-row tile: the GEMV that normalizes
-    its row with the norm's weight against the norm's kernel then the GEMV."""
-    from kiln.kernels.norm import rms_norm_triton
-
-    x, w_fp8, w_scale, _ = gemv_case(1, n, k, torch.bfloat16, "channel", False)
-    norm_weight = (torch.rand(k, device=DEVICE) + 0.5).to(torch.bfloat16)
-    expected = fp8_gemv(rms_norm_triton(x * 3, norm_weight, 1e-5), w_fp8, w_scale)
-    assert_matmul_close(fp8_gemv(x * 3, w_fp8, w_scale, rms_eps=1e-5, norm_weight=norm_weight), expected)
 
 
 @gpu

@@ -30,8 +30,7 @@ from kiln.kernels.activation import silu_mul_fp8_ref, silu_mul_fp8_triton, silu_
 from kiln.kernels.fp8 import MAX_GEMV_ROWS, fp8_linear, fp8_matmul_gpu, quantize_fp8_per_token_triton
 from kiln.kernels.norm import (add_rms_norm_fp8_ref, add_rms_norm_fp8_triton, add_rms_norm_ref, add_rms_norm_triton,
                                rms_norm_fp8_ref, rms_norm_fp8_triton, rms_norm_ref, rms_norm_triton)
-from kiln.layers import (DenseLinearMethod, LayerContext, fold_norm_weights, kernel_ops_of, linear_method,
-                         load_parameters)
+from kiln.layers import DenseLinearMethod, LayerContext, kernel_ops_of, linear_method, load_parameters
 from kiln.layers.fp8 import Fp8LinearMethod
 from kiln.models import create_model, model_skeleton
 from kiln.models.config import ModelConfig
@@ -332,35 +331,6 @@ def test_fp8_model_forward_with_the_fused_kernels_equals_the_forward_without(fam
     counting_calls(monkeypatch, ops, calls)
     assert torch.equal(forward(model, config, [20, 13]), plain)
     assert calls["add_rms_norm_fp8"] == 3 and calls["silu_mul_fp8"] == 2
-
-
-@pytest.mark.skipif(ON_GPU, reason="the interpreter's; the gpu test below runs the kernels compiled")
-@pytest.mark.parametrize("family", ["llama", "qwen3"])
-def test_a_one_row_fp8_step_folds_every_norm_between_two_linears(family, monkeypatch):
-    """The GPU's one-row path in the interpreter (float16; CUDA-only choices forced): every layer's two norms
-    fold into qkv's and gate_up's GEMVs, which apply the norms' weights (not all ones here), o and down adding
-    their products to the residual in theirs; only the final norm runs its kernel, and no norm's weight moves
-    into an e4m3 weight. The logits are the unfolded GEMVs' within float16's rounding of the normalized rows,
-    which the fold does not round."""
-    from kiln.kernels.fp8 import fp8_gemv
-
-    config = CONFIGS[family]
-    ops = KernelOps(reference_plan(OPS))
-    model = fp8_model(config, ops, torch.float16)
-    norms = {name: t.clone() for name, t in model.state_dict().items() if name.endswith("norm.weight")}
-    # What a GPU multiplies one row with: the W8A16 GEMV (fp8_linear_ref would quantize the row too).
-    monkeypatch.setattr(kiln.layers.fp8, "fp8_linear_ref", lambda x, w, scale, bias=None: fp8_gemv(x, w, scale, bias))
-    unfolded = forward(model, config, [1])
-    monkeypatch.setattr(Fp8LinearMethod, "folds_norm",
-                        lambda self, layer, rows: rows == 1 and not layer.is_row_parallel)
-    monkeypatch.setattr(Fp8LinearMethod, "adds_residual", lambda self, layer, rows: rows == 1)
-    fold_norm_weights(model)  # as the loader does
-    assert all(torch.equal(model.state_dict()[name], t) for name, t in norms.items())  # nothing moved
-    calls = Counter()
-    counting_calls(monkeypatch, ops, calls)
-    torch.testing.assert_close(forward(model, config, [1]), unfolded, rtol=2e-3, atol=2e-3)
-    per_head_norms = 2 * config.num_layers if family == "qwen3" else 0
-    assert calls["add_rms_norm"] == 1 and calls["rms_norm"] == per_head_norms and calls["silu_mul"] == 0
 
 
 def test_the_fused_ops_are_declared_only_where_a_block_feeds_an_fp8_linear():

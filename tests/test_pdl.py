@@ -76,19 +76,15 @@ def compile_decode_kernels(capability: int, names: list[str] | None = None) -> d
         """The GEMV (one row, a bf16 weight with a bias, unless told otherwise), as compile_for takes it."""
         types = ints(_gemv_kernel, x_ptr="*bf16", w_ptr=w_ptr, w_scale_ptr=w_scale_ptr, bias_ptr="*bf16",
                      out_ptr="*bf16", eps="fp32")
-        types.update(norm_weight_ptr="*bf16", positions_ptr="*i64", cos_sin_ptr="*fp32", slot_mapping_ptr="*i64",
-                     k_cache_ptr="*bf16", v_cache_ptr="*bf16", kv_scale_ptr="*fp32")
-        return (_gemv_kernel, types, {"HAS_SCALE": False, "HAS_BIAS": True, "NORM": False, "NORM_WEIGHT": False,
-                                      "ADD_RESIDUAL": False, "SILU_MUL": False, **NO_KV_WRITE, "BLOCK_M": 1,
-                                      "BLOCK_N": 4, "BLOCK_K": 1024, "DOT_PRECISION": "tf32", **constants}, 4,
-                num_stages)
+        types.update(positions_ptr="*i64", cos_sin_ptr="*fp32", slot_mapping_ptr="*i64", k_cache_ptr="*bf16",
+                     v_cache_ptr="*bf16", kv_scale_ptr="*fp32")
+        return (_gemv_kernel, types, {"HAS_SCALE": False, "HAS_BIAS": True, "NORM": False, "ADD_RESIDUAL": False,
+                                      "SILU_MUL": False, **NO_KV_WRITE, "BLOCK_M": 1, "BLOCK_N": 4, "BLOCK_K": 1024,
+                                      "DOT_PRECISION": "tf32", **constants}, 4, num_stages)
 
     int4, int8 = TENSOR_CORE_CONFIGS[4][0], TENSOR_CORE_CONFIGS[8][0]
     kernels = {
         "fp8_gemv": gemv(w_ptr="*fp8e4nv", w_scale_ptr="*fp32", HAS_SCALE=True, HAS_BIAS=False, BLOCK_K=2048),
-        # an FP8 Linear's with the norm folded in, applying the norm's weight
-        "fp8_norm_gemv": gemv(w_ptr="*fp8e4nv", w_scale_ptr="*fp32", HAS_SCALE=True, HAS_BIAS=False, NORM=True,
-                              NORM_WEIGHT=True, BLOCK_K=2048),
         "dense_gemv": gemv(),
         # The batch-1 folds: the norm in qkv's / gate_up's GEMV (SiLU·up in gate_up's), the residual add in o's /
         # down's.

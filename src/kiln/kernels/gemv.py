@@ -19,15 +19,11 @@ from kiln.quantization.fp8 import FP8_DTYPE, FP8_MAX
 
 
 @jit
-def _gemv_step(w, x_ptrs, norm_weight_ptrs, k_mask, NORM_WEIGHT: tl.constexpr):
-    """A [BLOCK_N, BLOCK_K] weight tile times x's BLOCK_K inputs at x_ptrs (NORM_WEIGHT: each times the
-    RMSNorm's weight at norm_weight_ptrs), summed along K per column, and the inputs' squares (their part
-    of the row's RMS, for NORM)."""
+def _gemv_step(w, x_ptrs, k_mask):
+    """A [BLOCK_N, BLOCK_K] weight tile times x's BLOCK_K inputs at x_ptrs, summed along K per column, and
+    the inputs' squares (their part of the row's RMS, for NORM)."""
     x = tl.load(x_ptrs, mask=k_mask, other=0.0).to(tl.float32)
-    weighted = x
-    if NORM_WEIGHT:
-        weighted = x * tl.load(norm_weight_ptrs, mask=k_mask, other=0.0).to(tl.float32)
-    return tl.sum(w.to(tl.float32) * weighted[None, :], axis=1), x * x
+    return tl.sum(w.to(tl.float32) * x[None, :], axis=1), x * x
 
 
 @jit
@@ -84,10 +80,9 @@ def _rotate_and_write(out, out_rows, cols, col_mask, num_rows, q_ptr, q_row_stri
 @jit(do_not_specialize=["num_rows"],
      do_not_specialize_on_alignment=["positions_ptr", "slot_mapping_ptr"])  # views of the runtime's buffers
 def _gemv_kernel(x_ptr, x_row_stride, w_ptr, w_row_stride, w_scale_ptr, w_scale_stride, bias_ptr, out_ptr,
-                 out_row_stride, num_rows, N, K, eps, norm_weight_ptr, positions_ptr, cos_sin_ptr, cos_sin_row_stride,
-                 slot_mapping_ptr, k_cache_ptr, v_cache_ptr, cache_block_stride, cache_slot_stride, kv_block_size,
-                 kv_scale_ptr, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr,
-                 NORM_WEIGHT: tl.constexpr, ADD_RESIDUAL: tl.constexpr,
+                 out_row_stride, num_rows, N, K, eps, positions_ptr, cos_sin_ptr, cos_sin_row_stride, slot_mapping_ptr,
+                 k_cache_ptr, v_cache_ptr, cache_block_stride, cache_slot_stride, kv_block_size, kv_scale_ptr,
+                 HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr, ADD_RESIDUAL: tl.constexpr,
                  SILU_MUL: tl.constexpr, KV_WRITE: tl.constexpr, Q_SIZE: tl.constexpr, KV_SIZE: tl.constexpr,
                  HEAD_DIM: tl.constexpr, ROTARY_DIM: tl.constexpr, IS_INTERLEAVED: tl.constexpr,
                  IS_FP8_CACHE: tl.constexpr, FP8_MAX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -103,10 +98,8 @@ def _gemv_kernel(x_ptr, x_row_stride, w_ptr, w_row_stride, w_scale_ptr, w_scale_
     NORM (BLOCK_M == 1): x is an RMSNorm's input whose weight is folded into w already (the RMSNorm's
     consumer, prepared at load: kiln.layers.norm), so the product is (x @ w.T) * rsqrt(mean(x^2) + eps):
     the squares are summed beside the products in the one pass over x that the GEMV makes anyway, and no
-    norm kernel runs. NORM_WEIGHT (with NORM): w does not hold the norm's weight (e4m3 weights would need
-    requantizing), so x is multiplied by it (norm_weight_ptr) on its way into the products. ADD_RESIDUAL:
-    out is the residual, and the product, rounded to its dtype as a plain GEMV stores it, is added to it in
-    place (rounded as add_rms_norm adds): no add kernel after it.
+    norm kernel runs. ADD_RESIDUAL: out is the residual, and the product, rounded to its dtype as a plain
+    GEMV stores it, is added to it in place (rounded as add_rms_norm adds): no add kernel after it.
     SILU_MUL: w is a fused gate / up projection (gate's N / 2 rows, then up's) and out [rows, N / 2] is
     silu(gate) * up of the products, rounded as a plain GEMV stores them and as silu_mul computes (bit for
     bit the GEMV then SiLU·up's kernel): a program takes BLOCK_N / 2 columns of each, interleaved, so its
@@ -143,11 +136,11 @@ def _gemv_kernel(x_ptr, x_row_stride, w_ptr, w_row_stride, w_scale_ptr, w_scale_
         x_ptrs = x_ptr + row0.to(tl.int64) * x_row_stride + ks
         w = tl.load(w_ptrs, mask=col_mask[:, None] & (ks < K)[None, :], other=0.0)
         wait_for_producer(PDL)
-        acc, squares = _gemv_step(w, x_ptrs, norm_weight_ptr + ks, ks < K, NORM_WEIGHT)
+        acc, squares = _gemv_step(w, x_ptrs, ks < K)
         for k0 in range(BLOCK_K, K, BLOCK_K):
             k_mask = ks < K - k0
             w = tl.load(w_ptrs + k0, mask=col_mask[:, None] & k_mask[None, :], other=0.0)
-            step, step_squares = _gemv_step(w, x_ptrs + k0, norm_weight_ptr + k0 + ks, k_mask, NORM_WEIGHT)
+            step, step_squares = _gemv_step(w, x_ptrs + k0, k_mask)
             acc += step
             if NORM:
                 squares += step_squares
@@ -237,17 +230,16 @@ def default_gemv_config(num_rows: int) -> dict[str, int]:
 
 
 def gemv(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None = None, bias: torch.Tensor | None = None,
-         rms_eps: float | None = None, norm_weight: torch.Tensor | None = None, residual: torch.Tensor | None = None,
-         silu_mul: bool = False, kv_write: KvWrite | None = None, **config: Any) -> torch.Tensor:
+         rms_eps: float | None = None, residual: torch.Tensor | None = None, silu_mul: bool = False,
+         kv_write: KvWrite | None = None, **config: Any) -> torch.Tensor:
     """x [..., K] (16- or 32-bit) times w [N, K] (e4m3, or x's dtype), times ``w_scale`` ([N, 1] or 0-d
     float32; None: none), plus ``bias``. ``rms_eps`` (one row): x is an RMSNorm's input, whose weight w
-    holds already, or ``norm_weight`` [K] where it does not: the product of its normalized row (see
-    _gemv_kernel's NORM and NORM_WEIGHT). ``residual`` [..., N]: the product is added to it in place and it
-    is returned. ``silu_mul``: w is a fused gate / up projection and the output [..., N / 2] is silu(gate) *
-    up (SILU_MUL). ``kv_write``: w is a fused QKV projection whose k and v go to the cache, rotated as
-    rotary_kv_write does, and the output [..., q_size] is rotated q (KV_WRITE; where kv_write_fits).
-    ``config``: BLOCK_M (1, or a power of two >= 16), BLOCK_N, BLOCK_K, num_warps, num_stages;
-    default_gemv_config(rows) for what is not given."""
+    holds already: the product of its normalized row (see _gemv_kernel's NORM). ``residual`` [..., N]: the
+    product is added to it in place and it is returned. ``silu_mul``: w is a fused gate / up projection
+    and the output [..., N / 2] is silu(gate) * up (SILU_MUL). ``kv_write``: w is a fused QKV projection
+    whose k and v go to the cache, rotated as rotary_kv_write does, and the output [..., q_size] is rotated
+    q (KV_WRITE; where kv_write_fits). ``config``: BLOCK_M (1, or a power of two >= 16), BLOCK_N, BLOCK_K,
+    num_warps, num_stages; default_gemv_config(rows) for what is not given."""
     num_cols, n = x.shape[-1], w.shape[0]
     rows = x.reshape(-1, num_cols)
     assert rows.stride(-1) == 1 and w.stride(-1) == 1 and w.shape[1] == num_cols
@@ -255,7 +247,6 @@ def gemv(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None = None, 
     block_m, block_n = config.pop("BLOCK_M"), config["BLOCK_N"]
     assert block_m == 1 or block_m >= 16, "tl.dot needs BLOCK_M >= 16"
     assert rms_eps is None or (rows.shape[0] == 1 and block_m == 1), "the RMSNorm folds into one-row GEMVs only"
-    assert norm_weight is None or (rms_eps is not None and norm_weight.shape == (num_cols,))
     assert not silu_mul or (n % 2 == 0 and block_n % 2 == 0 and residual is None)
     assert kv_write is None or (kv_write_fits(block_n, kv_write) and not silu_mul and residual is None)
     num_out = n // 2 if silu_mul else n - 2 * kv_write.kv_size if kv_write is not None else n
@@ -271,9 +262,8 @@ def gemv(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None = None, 
     _gemv_kernel[grid](
         rows, rows.stride(0), w, w.stride(0), w_scale if w_scale is not None else w,
         0 if w_scale is None or w_scale.numel() == 1 else 1, bias if bias is not None else w, out.view(-1, num_out),
-        num_out, rows.shape[0], n, num_cols, rms_eps or 0.0, norm_weight if norm_weight is not None else w,
-        *write["pointers"], HAS_SCALE=w_scale is not None, HAS_BIAS=bias is not None, NORM=rms_eps is not None,
-        NORM_WEIGHT=norm_weight is not None, ADD_RESIDUAL=residual is not None, SILU_MUL=silu_mul,
+        num_out, rows.shape[0], n, num_cols, rms_eps or 0.0, *write["pointers"], HAS_SCALE=w_scale is not None,
+        HAS_BIAS=bias is not None, NORM=rms_eps is not None, ADD_RESIDUAL=residual is not None, SILU_MUL=silu_mul,
         **write["constants"], BLOCK_M=block_m,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", **config, **pdl_launch(x.device))
     return out

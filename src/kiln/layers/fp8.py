@@ -21,7 +21,7 @@ import torch
 from kiln.config import BuildConfig
 from kiln.kernels.fp8 import (MAX_GEMV_ROWS, fp8_gemv, fp8_linear, fp8_matmul_gpu, scaled_mm_refusal,
                               uses_scaled_mm)
-from kiln.layers.linear import Linear, LinearMethod, NormedInput
+from kiln.layers.linear import Linear, LinearMethod
 from kiln.quantization.fp8 import (FP8_DTYPE, Fp8Activation, Fp8Linear, fp8_linear_ref, fp8_matmul_ref,
                                    quantize_fp8_weight, requantize_fp8_per_tensor)
 
@@ -41,7 +41,6 @@ class Fp8LinearMethod(LinearMethod):
 
     takes_fp8_weights = True  # convert accepts an Fp8Linear as well as a float weight
     takes_fp8_input = True  # apply accepts an Fp8Activation where wants_fp8_input says so
-    holds_norm_weight = False  # a folded RMSNorm's weight is applied by the GEMV: e4m3 weights would need requantizing
 
     def __init__(self, scaling: str = "channel"):
         self.scaling = scaling  # one of BuildConfig's FP8_SCALINGS
@@ -89,30 +88,15 @@ class Fp8LinearMethod(LinearMethod):
         return device.type == "cuda" and uses_scaled_mm(num_rows, layer.out_features, layer.in_features,
                                                         layer.dtype, device)
 
-    def folds_norm(self, layer, num_rows):
-        """One row on a GPU (the GEMV's): it normalizes the row itself, with the norm's weight (NormedInput.weight).
-        Not a row-parallel Linear: its rank's slice of the row would give the slice's RMS."""
-        return num_rows == 1 and layer.weight.is_cuda and not layer.is_row_parallel
-
-    def adds_residual(self, layer, num_rows):
-        return num_rows == 1 and layer.weight.is_cuda
-
-    def apply_add(self, layer, x, residual):
-        return _gemv(layer, x, residual=residual)
-
     def folds_silu_mul(self, layer, x):
-        """Where apply's fp8_linear takes the GEMV (on CUDA, up to MAX_GEMV_ROWS rows; a NormedInput, one row):
-        its epilogue takes SiLU·up."""
-        return isinstance(x, NormedInput) or (
-            isinstance(x, torch.Tensor) and x.is_cuda
-            and not uses_scaled_mm(x.shape[0], layer.out_features, layer.in_features, x.dtype, x.device))
+        """Where apply's fp8_linear takes the GEMV (on CUDA, up to MAX_GEMV_ROWS rows): its epilogue takes SiLU·up."""
+        return (isinstance(x, torch.Tensor) and x.is_cuda
+                and not uses_scaled_mm(x.shape[0], layer.out_features, layer.in_features, x.dtype, x.device))
 
     def apply_silu_mul(self, layer, x):
-        return _gemv(layer, x, silu_mul=True)
+        return fp8_gemv(x, layer.weight, layer.weight_scale, layer.bias, silu_mul=True)
 
-    def apply(self, layer: Linear, x: torch.Tensor | Fp8Activation | NormedInput) -> torch.Tensor:
-        if isinstance(x, NormedInput):  # folds_norm: the GEMV normalizes the row
-            return _gemv(layer, x)
+    def apply(self, layer: Linear, x: torch.Tensor | Fp8Activation) -> torch.Tensor:
         if isinstance(x, Fp8Activation):  # quantized by the kernel before (wants_fp8_input)
             if x.data.is_cuda:
                 return fp8_matmul_gpu(x, layer.weight, layer.weight_scale, layer.bias, layer.dtype)
@@ -120,15 +104,6 @@ class Fp8LinearMethod(LinearMethod):
         if x.is_cuda:
             return fp8_linear(x, layer.weight, layer.weight_scale, bias=layer.bias)
         return fp8_linear_ref(x, layer.weight, layer.weight_scale, bias=layer.bias)
-
-
-def _gemv(layer: Linear, x: torch.Tensor | NormedInput, **options) -> torch.Tensor:
-    """fp8_gemv of x with the layer's weight (``options``: the GEMV's folds); a NormedInput's row is normalized
-    in the GEMV, with the norm's weight."""
-    if isinstance(x, NormedInput):
-        options.update(rms_eps=x.eps, norm_weight=x.weight)
-        x = x.x
-    return fp8_gemv(x, layer.weight, layer.weight_scale, layer.bias, **options)
 
 
 def large_batch_kernel(target: str, dtype: torch.dtype, scaling: str = "channel") -> str:

@@ -34,12 +34,10 @@ from kiln.quantization.fp8 import Fp8Activation
 
 
 class NormedInput(NamedTuple):
-    """An RMSNorm's input row, left for the Linear after the norm to normalize in its own kernel: its weight
-    holds the norm's (LinearMethod.fold_norm_weight), or the norm's ``weight`` comes along to be applied
-    there (a method that does not hold it: LinearMethod.holds_norm_weight)."""
+    """An RMSNorm's input row, left for the Linear after the norm to normalize in its own kernel (its weight
+    holds the norm's: LinearMethod.fold_norm_weight)."""
     x: torch.Tensor
     eps: float
-    weight: torch.Tensor | None = None
 
 
 class PendingOutput(NamedTuple):
@@ -62,9 +60,6 @@ class LinearMethod(ABC):
     # The ops that fold a neighbouring block into apply's kernel (folds_norm: rms_norm_linear), which that
     # block declares (so the build times the fold at this Linear's shape).
     folding_ops: tuple[str, ...] = ()
-    # Where folds_norm: whether fold_norm_weight takes the RMSNorm's weight into this method's weight at load
-    # (else a NormedInput brings the norm's weight, which apply's kernel applies).
-    holds_norm_weight = True
     # The kernel ops apply calls (layer.ops), which a Linear declares: the build tunes them at its shape.
     kernel_ops: tuple[str, ...] = ()
 

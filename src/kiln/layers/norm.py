@@ -3,9 +3,8 @@
 An RMSNorm whose output goes to one Linear alone may be told so (``feeds``): where that Linear's method
 wants its input quantized to e4m3 (an FP8 Linear above 16 rows on a GPU), the norm's kernel writes it so,
 and no quantization kernel runs between them. Where that Linear folds the norm into its own kernel
-(``folds``: an unquantized Linear at one row, at the shapes the build timed it faster at, its weight holding
-the norm's from load on, ``fold_weight``; an FP8 Linear at one row on a GPU, whose GEMV applies the norm's
-weight itself), the norm runs no kernel: the Linear before it adds its product to the
+(``folds``: an unquantized Linear at one row, at the shapes the build timed it faster at; its weight holds
+the norm's, ``fold_weight`` at load), the norm runs no kernel: the Linear before it adds its product to the
 residual in its own kernel (a PendingOutput), and the one after takes that residual as a NormedInput.
 """
 
@@ -64,30 +63,20 @@ class RMSNorm(_Norm):
         return bool(self.consumer) and self.consumer[0].method.folds_norm(self.consumer[0], num_rows)
 
     def fold_weight(self) -> None:
-        """Load time: where the Linear it feeds may fold it in (at one row) and holds the norm's weight in its
-        own (LinearMethod.holds_norm_weight), that Linear's weight takes this norm's weight and this one
-        becomes ones, so that the norm's kernel (at other row counts) followed by the Linear computes what it
-        did before, rounded once more in the weight instead of in the norm."""
-        if self._folds_into_weight:
+        """Load time: where the Linear it feeds may fold it in (at one row), that Linear's weight takes this
+        norm's weight and this one becomes ones, so that the norm's kernel (at other row counts) followed by
+        the Linear computes what it did before, rounded once more in the weight instead of in the norm."""
+        if self.consumer and self.consumer[0].method.folds_norm(self.consumer[0], 1):
             self.consumer[0].method.fold_norm_weight(self.consumer[0], self.weight)
             self.weight.fill_(1)
-
-    @property
-    def _folds_into_weight(self) -> bool:
-        method = self.consumer[0].method if self.consumer else None
-        return method is not None and method.holds_norm_weight and method.folds_norm(self.consumer[0], 1)
-
-    def _normed_input(self, x: torch.Tensor) -> NormedInput:
-        """x left for the Linear it feeds to normalize: with this norm's weight, unless that Linear holds it."""
-        return NormedInput(x, self.eps, None if self.consumer[0].method.holds_norm_weight else self.weight)
 
     def forward(self, x: torch.Tensor | PendingOutput, residual: torch.Tensor | None
                 ) -> tuple[torch.Tensor | Fp8Activation | NormedInput, torch.Tensor]:
         if isinstance(x, PendingOutput):  # the Linear before adds its product to the residual in its kernel
             residual = x.linear.method.apply_add(x.linear, x.x, residual)
-            return self._normed_input(residual), residual
+            return NormedInput(residual, self.eps), residual
         if residual is None and self.folds(x.shape[0]):
-            return self._normed_input(x), x
+            return NormedInput(x, self.eps), x
         if self.consumer and self.ops.planned("add_rms_norm_fp8") and self.consumer[0].wants_fp8_input(x):
             if residual is None:
                 return self.ops.rms_norm_fp8(x, self.weight, self.eps), x
