@@ -10,10 +10,13 @@ from __future__ import annotations
 import random
 import threading
 import time
+import traceback
+import weakref
 from collections import defaultdict
 from concurrent.futures import Future
 
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -450,14 +453,21 @@ def test_the_loop_thread_makes_the_runner_and_its_errors_reach_the_caller(engine
         assert threads == [ex._thread] and threads[0] is not threading.current_thread()
         assert run_requests(ex, [Request([1, 7, 8], sampling_params=GREEDY)])[0].result.is_final
 
+    allocated = []
+
     def fail(*args):
-        raise MemoryError("no room for the KV cache")
+        kv_cache = torch.empty(1024)  # what the runner had allocated before it failed
+        allocated.append(weakref.ref(kv_cache))
+        raise MemoryError("no room for the CUDA graphs")
 
     monkeypatch.setattr(executor_module, "make_runner", fail)
     before = threading.active_count()
-    with pytest.raises(MemoryError, match="no room"):
+    with pytest.raises(MemoryError, match="no room") as failure:
         make_executor(engine)
     assert threading.active_count() == before
+    # Freed while the caller still holds the error (a retry inside its except block has the memory back),
+    # the error keeping where it was raised.
+    assert allocated[0]() is None and "fail" in "".join(traceback.format_tb(failure.value.__traceback__))
 
 
 def test_await_responses_by_id_leaves_the_others(engine):

@@ -14,6 +14,7 @@ import queue
 import random
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -163,6 +164,9 @@ class Executor:
                                       self.config.enable_cuda_graphs)
             self.runner.peers = self.ranks
         except BaseException as e:  # raised by __init__, in the caller's thread
+            # Without the locals of the frames it passed through (the KV cache, captured graphs), so that a
+            # caller who catches it can retry, e.g. with a smaller free_gpu_memory_fraction, in that memory.
+            traceback.clear_frames(e.__traceback__)
             self._start_error = e
             return
         finally:
