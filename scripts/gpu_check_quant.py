@@ -18,7 +18,7 @@ Phases:
            the KV write folded into qkv's GEMV (b1_rotary: the rotary kernel after it), batch-16 decode,
            TTFT at 128 and 2048 tokens, offline 128/128 (2048 requests);
            the same sampled (temperature 0.8, top-p 0.95, seeded: 128_128_sampled), 2048/128 (256
-           requests), a batch-1 and a batch-16 profile by kernel (profile, profile16);
+           requests), a batch-1 and a batch-16 profile by kernel (profile, profile16; profileN for batch N);
            ``fp8:ttft+128_128`` picks figures; ``none@1024:128_128`` builds for max batch 1024 (not 512).
 OUT/gpu_check_quant.json holds every figure; a short table is printed last.
 """
@@ -319,10 +319,11 @@ def engine_phase(quant: str, tmp: Path, out: Path, figures: set[str], max_batch_
             RESULTS[f"{key}_{figure}_tok_s"] = count * osl / wall
             timeline(ex.get_latest_iteration_stats(), wall, out / f"timeline_{key}_{figure}.json")
             gpu_bench.write_results(out / "gpu_check_quant.json")
-        for batch in (1, 16):
-            if ("profile" if batch == 1 else f"profile{batch}") in figures:
-                gpu_bench.profile_decode(ex, vocab, out, batch)
-                os.replace(out / f"profile_decode_b{batch}.txt", out / f"profile_b{batch}_{key}.txt")
+        # profile: batch 1; profileN: batch N (profile16 among the defaults; profile1024 for a max-batch-1024 engine)
+        for figure in sorted(f for f in figures if f.startswith("profile")):
+            batch = int(figure.removeprefix("profile") or 1)
+            gpu_bench.profile_decode(ex, vocab, out, batch)
+            os.replace(out / f"profile_decode_b{batch}.txt", out / f"profile_b{batch}_{key}.txt")
     finally:
         ex.shutdown()
         del ex, engine
