@@ -70,15 +70,18 @@ def test_cuda_graphs_give_the_eager_tokens(tmp_path):
 
 
 class _EagerReplay:
-    """A captured graph's stand-in: replay runs the forward again on the arguments it was captured with."""
+    """A captured graph's stand-in: replay runs the forward again on the arguments it was captured with,
+    which write its logits into the buffer all graphs share (runner.graph_logits), first filled with NaN as
+    if another graph had written there since: no step may read logits a later step's graph overwrites."""
 
-    def __init__(self, model, args):
-        self.model, self.args = model, args
+    def __init__(self, model, args, shared_logits: torch.Tensor):
+        self.model, self.args, self.shared_logits = model, args, shared_logits
         with torch.inference_mode():
             self.logits = model.forward(*args)
 
     def replay(self) -> None:
-        self.logits.copy_(self.model.forward(*self.args))
+        self.shared_logits.fill_(float("nan"))
+        self.model.forward(*self.args)
 
 
 def test_padded_graph_inputs_give_the_eager_tokens(tiny_hf_checkpoint, tiny_engine):
@@ -95,6 +98,6 @@ def test_padded_graph_inputs_give_the_eager_tokens(tiny_hf_checkpoint, tiny_engi
     ex = Executor(engine)
     runner = ex.runner
     for key in runner.graph_keys(graph_batch_sizes(TINY_BUILD["max_batch_size"]), graph_context_sizes(32)):
-        replay = _EagerReplay(model, runner.stage_graph_inputs(key))
+        replay = _EagerReplay(model, runner.stage_graph_inputs(key), runner.graph_logits)
         runner.add_graph(key, replay, replay.logits)
     _check(eager, _tokens(ex, prompts, 3, keys), keys)

@@ -97,8 +97,9 @@ def memory_plan(config: ModelConfig, build: BuildConfig, kv_cache_dtype: torch.d
 
 def reserved_bytes(plan: dict[str, int]) -> int:
     """What the runtime keeps out of the KV pool: one iteration's activations, the largest Linear's
-    workspace (absent from plans made before it was counted) and the float32 logits of a full batch (the
-    buffer the CUDA graphs write them into, or an eager step's)."""
+    workspace (absent from plans made before it was counted) and the float32 logits of a full decode batch
+    (the buffer the CUDA graphs write them into). An eager step's own logits are not counted beside them:
+    a step with prompt logprobs may compute up to max_num_tokens rows of them."""
     return plan["activation_bytes"] + plan.get("linear_workspace_bytes", 0) + plan["logits_bytes"]
 
 

@@ -106,9 +106,9 @@ def tune_at_first_load(engine_dir: Path, manifest: EngineManifest, device: torch
 
 def num_kv_blocks(engine: LoadedEngine, kv: KvCacheConfig) -> int:
     """Blocks for the pool: ``max_tokens`` if given, and on a GPU at most ``free_gpu_memory_fraction`` of
-    the memory free after weights, activations and the largest Linear's workspace (the memory plan's
-    ``reserved_bytes``: a weight-only engine's dequantized weight); on the CPU, enough for a full batch at
-    max_seq_len.
+    the memory free after weights, activations, the largest Linear's workspace (a weight-only engine's
+    dequantized weight) and a full batch's logits (the memory plan's ``reserved_bytes``); on the CPU,
+    enough for a full batch at max_seq_len.
     Never more than MAX_POOL_FULL_BATCHES full batches at max_seq_len: beyond that, extra blocks only
     keep more cached prefixes, while a small model would otherwise take the whole GPU."""
     m = engine.manifest

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import functools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -278,9 +279,18 @@ class ModelRunner:
         keys += [(t, s) for t in context_sizes for s in CONTEXT_GRAPH_SEQS if s <= min(t, max_seqs)]
         return sorted(keys, key=lambda k: k if isinstance(k, int) else k[0], reverse=True)
 
+    @functools.cached_property
+    def graph_logits(self) -> torch.Tensor:
+        """The buffer every graph writes its logits into, from its first row: a graph's output outlives its
+        capture, and one per graph would add up (~70 decode graphs at max batch 1024: 17 GB of float32
+        logits for Llama-3's vocabulary). Safe to share: the graphs replay one at a time on one stream,
+        and each step's sampling reads its logits before the next step's graph is launched after it."""
+        return torch.empty(len(self._row_keys), self.model.config.vocab_size, dtype=torch.float32,
+                           device=self.device)
+
     def stage_graph_inputs(self, key: int | tuple[int, int]) -> tuple:
         """Writes and uploads the padded inputs of graph ``key`` (every row padding) and returns the forward
-        arguments to capture: the launch sizes they freeze are the graph's."""
+        arguments to capture: the launch sizes they freeze are the graph's; the logits go to graph_logits."""
         if isinstance(key, int):  # decode: one token per sequence
             self._fill_padding(0, key)
             self.buffers.np_logits_indices[:key] = range(key)
@@ -291,7 +301,7 @@ class ModelRunner:
             args = self._forward_args(num_tokens, num_seqs, num_seqs, [0] * num_seqs,
                                       [num_tokens] + [0] * (num_seqs - 1))
         self.buffers.upload()
-        return args
+        return (*args, self.graph_logits[:args[5].shape[0]])
 
     def add_graph(self, key: int | tuple[int, int], graph, logits: torch.Tensor) -> None:
         """Makes ``graph`` (anything with ``replay()`` that writes ``logits``) run the plans ``key`` holds."""
@@ -307,15 +317,8 @@ class ModelRunner:
         t0 = time.perf_counter()
         pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream(self.device)
-        # Every graph writes its logits into the first rows of one buffer: a graph's output outlives its
-        # capture, and one per graph would add up (~70 decode graphs at max batch 1024: 17 GB of float32
-        # logits for Llama-3's vocabulary). Safe to share: the graphs replay one at a time on one stream,
-        # and each step's sampling reads its logits before the next step's graph is launched after it.
-        shared_logits = torch.empty(len(self._row_keys), self.model.config.vocab_size, dtype=torch.float32,
-                                    device=self.device)
         for key in self.graph_keys(batch_sizes, context_sizes):
             args = self.stage_graph_inputs(key)
-            args = (*args, shared_logits[:args[5].shape[0]])
             stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(stream):
                 for _ in range(2):  # compile and autotune outside the capture
