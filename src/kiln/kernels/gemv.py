@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from kiln.kernels.rotary import KvWrite, cache_value, qkv_rotary_kv_write_ref
+from kiln.kernels.rotary import KvWrite, cache_slot_offset, cache_value, qkv_rotary_kv_write_ref
 from kiln.kernels.triton_jit import jit, pdl_launch, tl, wait_for_producer
 from kiln.quantization.fp8 import FP8_DTYPE, FP8_MAX
 
@@ -61,8 +61,7 @@ def _rotate_and_write(out, out_rows, cols, col_mask, num_rows, q_ptr, q_row_stri
                  mask=row_mask[:, None] & col_mask[None, :])
     else:
         slots = tl.load(slot_mapping_ptr + out_rows, mask=row_mask, other=-1).to(tl.int64)
-        blocks = slots // kv_block_size
-        slot_offsets = blocks * cache_block_stride + (slots - blocks * kv_block_size) * cache_slot_stride
+        slot_offsets = cache_slot_offset(slots, kv_block_size, cache_block_stride, cache_slot_stride)
         is_key = first_col < Q_SIZE + KV_SIZE
         cache_ptr = k_cache_ptr
         dims = cols - Q_SIZE
@@ -257,7 +256,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None = None, 
         out = residual
     if rows.shape[0] == 0:
         return out
-    write = kv_write_arguments(kv_write, rows.shape[0], w)
+    write = kv_write_arguments(kv_write, rows, w)
     grid = (-(-n // block_n), -(-rows.shape[0] // block_m))  # SILU_MUL: BLOCK_N / 2 pairs, so BLOCK_N columns
     _gemv_kernel[grid](
         rows, rows.stride(0), w, w.stride(0), w_scale if w_scale is not None else w,
@@ -284,12 +283,14 @@ NO_KV_WRITE = {"KV_WRITE": False, "Q_SIZE": 0, "KV_SIZE": 0, "HEAD_DIM": 1, "ROT
                "IS_FP8_CACHE": False, "FP8_MAX": FP8_MAX}
 
 
-def kv_write_arguments(write: KvWrite | None, num_rows: int, w: torch.Tensor) -> dict[str, Any]:
-    """_gemv_kernel's KV_WRITE arguments: its pointers (placeholders without ``write``: not read) and constants."""
+def kv_write_arguments(write: KvWrite | None, rows: torch.Tensor, w: torch.Tensor) -> dict[str, Any]:
+    """_gemv_kernel's KV_WRITE arguments for ``rows`` (the GEMV's input): its pointers (placeholders without
+    ``write``: not read) and constants."""
     if write is None:
         return {"pointers": (w, w, 0, w, w, w, 0, 0, 1, w), "constants": NO_KV_WRITE}
     k_cache = write.k_cache
-    assert write.positions.shape[0] >= num_rows and write.slot_mapping.shape[0] >= num_rows
+    assert write.positions.shape[0] >= rows.shape[0] and write.slot_mapping.shape[0] >= rows.shape[0]
+    assert write.cos_sin_cache.stride(1) == 1 and k_cache.dtype in (rows.dtype, FP8_DTYPE)
     is_fp8 = k_cache.dtype == FP8_DTYPE
     assert not is_fp8 or (write.kv_scale is not None and write.kv_scale.dtype == torch.float32)
     return {"pointers": (write.positions, write.cos_sin_cache, write.cos_sin_cache.stride(0), write.slot_mapping,

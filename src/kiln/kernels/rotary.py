@@ -120,6 +120,13 @@ def qkv_rotary_kv_write_ref(qkv: torch.Tensor, write: KvWrite) -> torch.Tensor:
 
 
 @jit
+def cache_slot_offset(slot, kv_block_size, cache_block_stride, cache_slot_stride):
+    """Where a flat cache slot (block * block_size + offset) starts in a [blocks, block_size, ...] cache."""
+    block = slot // kv_block_size
+    return block * cache_block_stride + (slot - block * kv_block_size) * cache_slot_stride
+
+
+@jit
 def cache_value(x, scale, ROUND_DTYPE: tl.constexpr, IS_FP8: tl.constexpr, FP8_MAX: tl.constexpr):
     """x rounded to the engine dtype (ROUND_DTYPE); for an FP8 cache also divided by the layer's scale (IEEE
     division, as torch divides), clamped to ±FP8_MAX and rounded to nearest even e4m3: the reference's
@@ -183,8 +190,7 @@ def _rotary_kv_write_kernel(
                       first, second, pairs, cos, sin, 1.0, ROTARY_DIM, HEAD_DIM, BLOCK_PASS, False, FP8_MAX)
     else:
         slot = tl.load(slot_mapping_ptr + token)
-        block = slot // kv_block_size
-        slot_offset = block * cache_block_stride + (slot - block * kv_block_size) * cache_slot_stride
+        slot_offset = cache_slot_offset(slot, kv_block_size, cache_block_stride, cache_slot_stride)
         head_mask = heads < tl.where(slot >= 0, NUM_KV_HEADS, 0)  # padding writes nothing
         k_scale = 1.0
         v_scale = 1.0

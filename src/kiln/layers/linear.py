@@ -171,7 +171,9 @@ class DenseLinearMethod(LinearMethod):
     of a NormedInput goes to ``rms_norm_linear``, the GEMV with the norm folded in, at the shapes the build
     timed that faster than the norm's kernel and ``dense_linear`` apart; ``dense_linear`` adds the residual
     in its kernel where the GEMV runs (else right after cuBLAS). Wherever a fused gate / up projection runs
-    the GEMV, its epilogue takes SiLU·up (bit for bit SiLU·up's kernel after it, which then does not run)."""
+    the GEMV, its epilogue takes SiLU·up (bit for bit SiLU·up's kernel after it, which then does not run);
+    wherever a fused QKV projection does, its epilogue rotates q and k and writes k and v to the KV cache
+    (rotary_kv_write's work, whose kernel then does not run)."""
 
     kernel_ops = ("dense_linear",)
     folding_ops = ("rms_norm_linear",)
