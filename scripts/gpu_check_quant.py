@@ -2,6 +2,7 @@
 
     PYTHONPATH=src python3 scripts/gpu_check_quant.py --out $OUT --phases tests,tuning,none,fp8
     PYTHONPATH=src python3 scripts/gpu_check_quant.py --out $OUT --phases gemv,int8_wo,int4_wo
+    PYTHONPATH=src python3 scripts/gpu_check_quant.py --out $OUT --isolate --phases none@1024:128_128,fp8:b1
 
 Phases:
   tests    pytest -m gpu over the whole suite (every GPU-marked test: kernels, executor, engines);
@@ -332,16 +333,42 @@ def engine_phase(quant: str, tmp: Path, out: Path, figures: set[str], max_batch_
         shutil.rmtree(engine_dir, ignore_errors=True)
 
 
+def run_isolated(phases: list[str], out: Path) -> None:
+    """Each phase by this script in a process of its own, one after another; every process's figures (its
+    ceilings keyed by the phase) merged into OUT/gpu_check_quant.json and printed as one table."""
+    for n, phase in enumerate(phases):
+        phase_out = out / f"{n}_{phase.replace(':', '_').replace('+', '_').replace('@', '_')}"
+        log(f"{phase} (in its own process: {phase_out})")
+        proc = subprocess.run([sys.executable, __file__, "--out", str(phase_out), "--phases", phase],
+                              capture_output=True, text=True)
+        (phase_out / "log.txt").write_text(proc.stdout + proc.stderr)
+        results_file = phase_out / "gpu_check_quant.json"
+        figures = json.loads(results_file.read_text()) if results_file.exists() else {}
+        if proc.returncode:
+            figures[f"{phase}_exit"] = f"exit {proc.returncode}: {proc.stderr[-300:]}"
+        for name, value in figures.items():
+            shared = name in ("device", "torch", "copy_bandwidth_TBps", "gemm_bf16_TFLOPs")
+            RESULTS[f"{name} ({phase})" if shared and name in RESULTS else name] = value
+        gpu_bench.write_results(out / "gpu_check_quant.json")
+    gpu_bench.write_results(out / "gpu_check_quant.json", "quantized engines and the hot path")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.environ.get("OUT", "gpu_out"))
     ap.add_argument("--phases", default="tests,tuning,none,fp8",
                     help="comma list; an engine phase may name its figures: fp8:b1+ttft (default: all of "
                          + "+".join(FIGURES) + ")")
+    ap.add_argument("--isolate", action="store_true",
+                    help="run each phase in a Python process of its own (OUT/<n>_<phase>/), so that no phase "
+                         "inherits another's GPU memory or failure; their figures merged into OUT's table")
     args = ap.parse_args()
     out, tmp = Path(args.out), Path("/tmp/kiln_quant")
     out.mkdir(parents=True, exist_ok=True)
     tmp.mkdir(parents=True, exist_ok=True)
+    if args.isolate:
+        run_isolated(args.phases.split(","), out)
+        return
     RESULTS["device"] = torch.cuda.get_device_name()
     RESULTS["torch"] = torch.__version__
     gpu_bench.measure_ceilings()
