@@ -272,27 +272,24 @@ def engine_phase(quant: str, tmp: Path, out: Path, figures: set[str], max_batch_
             del ex, unfolded
             gc.collect()
             torch.cuda.empty_cache()
+    def batch1_apart(name: str, context) -> None:
+        """Batch 1 of an executor of its own, made and run inside ``context`` (which changes a choice its CUDA
+        graphs capture), before the usual one."""
+        with context:
+            ex, _ = executor()
+            try:
+                batch1_decode(ex, f"{key}_{name}")
+            finally:
+                ex.shutdown()
+                del ex
+                gc.collect()
+
     if "b1_rotary" in figures:
-        # The same engine with the KV write not folded into qkv's GEMV (the rotary kernel runs after it): the
-        # method says it does not fold it while this executor captures its graphs and runs. (A plain function:
-        # a Mock would keep every call's arguments, the activations of each forward.)
-        with unittest.mock.patch.object(DenseLinearMethod, "folds_kv_write", lambda *args: False):
-            ex, _ = executor()
-            try:
-                batch1_decode(ex, f"{key}_rotary")
-            finally:
-                ex.shutdown()
-                del ex
-                gc.collect()
-    if "b1_nopdl" in figures:  # its own executor (graphs captured without PDL) first, then the usual one
-        with pdl_disabled():
-            ex, _ = executor()
-            try:
-                batch1_decode(ex, f"{key}_nopdl")
-            finally:
-                ex.shutdown()
-                del ex
-                gc.collect()
+        # The KV write not folded into qkv's GEMV (the rotary kernel runs after it): the method says it does
+        # not fold it. (A plain function: a Mock would keep every call's arguments, each forward's activations.)
+        batch1_apart("rotary", unittest.mock.patch.object(DenseLinearMethod, "folds_kv_write", lambda *args: False))
+    if "b1_nopdl" in figures:  # graphs captured without PDL
+        batch1_apart("nopdl", pdl_disabled())
     ex, made_s = executor()
     RESULTS[f"{key}_load_s"] = engine_load_s + made_s  # the engine and its executor, as in earlier results
     try:
