@@ -209,26 +209,24 @@ class DenseLinearMethod(LinearMethod):
         return self.gemv_config(layer, x) is not None
 
     def apply_silu_mul(self, layer, x):
-        if isinstance(x, NormedInput):
-            return layer.ops.rms_norm_linear(x.x, x.eps, layer.weight, layer.bias, silu_mul=True)
-        return layer.ops.dense_linear(x, layer.weight, layer.bias, silu_mul=True)
+        return self.apply(layer, x, silu_mul=True)
 
     def folds_kv_write(self, layer, x, write):
         config = self.gemv_config(layer, x)
         return config is not None and kv_write_fits(config["BLOCK_N"], write)
 
     def apply_kv_write(self, layer, x, write):
-        if isinstance(x, NormedInput):
-            return layer.ops.rms_norm_linear(x.x, x.eps, layer.weight, layer.bias, kv_write=write)
-        return layer.ops.dense_linear(x, layer.weight, layer.bias, kv_write=write)
+        return self.apply(layer, x, kv_write=write)
 
     def apply_add(self, layer, x, residual):
-        return layer.ops.dense_linear(x, layer.weight, layer.bias, residual=residual)
+        return self.apply(layer, x, residual=residual)
 
-    def apply(self, layer, x):
+    def apply(self, layer, x, **epilogue):
+        """``epilogue``: dense_linear's / rms_norm_linear's options for what the folds add (residual,
+        silu_mul, kv_write)."""
         if isinstance(x, NormedInput):
-            return layer.ops.rms_norm_linear(x.x, x.eps, layer.weight, layer.bias)
-        return layer.ops.dense_linear(x, layer.weight, layer.bias)
+            return layer.ops.rms_norm_linear(x.x, x.eps, layer.weight, layer.bias, **epilogue)
+        return layer.ops.dense_linear(x, layer.weight, layer.bias, **epilogue)
 
 
 # BuildConfig.quantization -> method: its class, or "module:Class" for one in its own file (imported when
