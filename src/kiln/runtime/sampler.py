@@ -68,6 +68,7 @@ class SamplingTensors:
     seeds: torch.Tensor
     steps: torch.Tensor
     any_random: bool
+    any_greedy: bool
     any_top_k: bool
     any_top_p: bool
     any_min_p: bool
@@ -90,6 +91,7 @@ def build_sampling_tensors(rows: list[SamplingRow], vocab_size: int, staging: Ho
         temperature=temperature, is_greedy=is_greedy, top_k=top_k, top_p=top_p, min_p=min_p, seeds=seeds,
         steps=steps,
         any_random=not all(greedy),
+        any_greedy=any(greedy),
         any_top_k=any(not g and 0 < p.top_k < vocab_size for p, g in zip(ps, greedy)),
         any_top_p=any(not g and p.top_p < 1.0 for p, g in zip(ps, greedy)),
         any_min_p=any(not g and p.min_p > 0 for p, g in zip(ps, greedy)),
@@ -183,18 +185,17 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow], staging: HostStaging) 
         logits = mask_stop_tokens(logits, rows, staging)
     if not t.any_random:
         return argmax(logits)
-    # A batch without greedy rows skips their argmax (a pass over the logits that torch.where would drop).
-    any_greedy = any(r.params.is_greedy for r in rows)
     scaled = logits / t.temperature[:, None]
     if t.any_top_k:
         scaled = top_k_top_p_min_p(scaled, t)
     elif t.any_top_p or t.any_min_p:
         nucleus_race = nucleus_race_triton if is_triton else nucleus_race_ref
         tokens, _ = nucleus_race(scaled, t.top_p, t.min_p.log(), t.seeds, t.steps)
-        return torch.where(t.is_greedy, argmax(logits), tokens) if any_greedy else tokens
+        return torch.where(t.is_greedy, argmax(logits), tokens) if t.any_greedy else tokens
     race = exponential_race_triton if is_triton else exponential_race_ref
     tokens = race(scaled, t.seeds, t.steps)
-    return torch.where(t.is_greedy, argmax(logits), tokens) if any_greedy else tokens
+    # A batch without greedy rows skips their argmax (a pass over the logits that torch.where would drop).
+    return torch.where(t.is_greedy, argmax(logits), tokens) if t.any_greedy else tokens
 
 
 def compile_race(logits: torch.Tensor) -> None:
