@@ -33,7 +33,9 @@ CANDIDATES = {
     "bf16": [None],
     "fp8": ROW_CANDIDATES,
     "int8": ROW_CANDIDATES,
-    "int4": [cfg(n, k, w, st) for n, k, w, st in itertools.product((8, 16), (1024, 2048), (2, 4), (1, 2, 3))],
+    # The nine tiles of the 2026-12-03 (sixth session) comparison, before and after ONE_BITS.
+    "int4": [cfg(n, k, w) for n, k, w in [(8, 2048, 4), (4, 2048, 4), (16, 2048, 4), (8, 1024, 4), (8, 4096, 4),
+                                          (16, 4096, 4), (8, 2048, 8), (16, 2048, 8), (8, 4096, 8)]],
 }
 # More than one row (--rows): the tensor-core tiles (BLOCK_M 16) of the weight-only kernels.
 TILE_CANDIDATES = {

@@ -505,7 +505,7 @@ def test_gpu_dequantize_then_cublas_in_a_cuda_graph():
 @pytest.mark.parametrize("quantization,bits", [("int4_wo", 4), ("int8_wo", 8)])
 def test_tuning_picks_weight_only_configs_per_shape_and_keeps_the_defaults_elsewhere(quantization, bits,
                                                                                        monkeypatch):
-    """Fake times: each bucket's default 10; the GEMV variant with BLOCK_N 16 and the tensor-core variant
+    """Fake times: each bucket's default 10; the GEMV variant with 8 warps and the tensor-core variant
     with BLOCK_N 32 5, the rest 20. The winners replace their buckets for the timed shape, each run on
     the kernels (interpreter) and matching the default's product; the dequantize bucket is kept; a shape
     below MIN_TUNED_MATMUL_BYTES is not timed; buckets the engine never runs keep their defaults."""
@@ -520,7 +520,8 @@ def test_tuning_picks_weight_only_configs_per_shape_and_keeps_the_defaults_elsew
         timed.append((fn.args[0].shape[0], config["BLOCK_M"], config["BLOCK_N"]))
         if config in (default for default in DEFAULT_CONFIGS[bits]):
             return 10.0
-        return 5.0 if config["BLOCK_N"] == (16 if config["BLOCK_M"] == 1 else 32) else 20.0
+        is_winner = config["num_warps"] == 8 if config["BLOCK_M"] == 1 else config["BLOCK_N"] == 32
+        return 5.0 if is_winner else 20.0
 
     monkeypatch.setattr(tuning, "_median_ms", fake_median_ms)
     monkeypatch.setattr(tuning, "MIN_TUNED_MATMUL_BYTES", 48 * 256 * 4)
@@ -530,7 +531,7 @@ def test_tuning_picks_weight_only_configs_per_shape_and_keeps_the_defaults_elsew
     plan = tuning.TuningRun(config, build, torch.float32, num_sms=1, device=DEVICE).tune_weight_only_linear(
         [(48, 256), (48, 128)])
     defaults = DEFAULT_CONFIGS[bits]
-    expected = [{**defaults[0], "BLOCK_N": 16}, {**defaults[1], "BLOCK_N": 32}, *defaults[2:]]
+    expected = [{**defaults[0], "num_warps": 8}, {**defaults[1], "BLOCK_N": 32}, *defaults[2:]]
     assert plan == {"shapes": {"48x256": expected}}
     assert {rows for rows, _, _ in timed} == {1, 2, 16}  # no step has more than max_num_tokens = 16 rows
     x = torch.randn(5, 256, device=DEVICE)  # 5 rows: the tuned tensor-core bucket

@@ -132,21 +132,31 @@ def _int8_gemv_kernel(
     tl.store(out_ptr + row * out_row_stride + cols, out.to(out_ptr.dtype.element_ty), mask=col_mask)
 
 
+# 1.0's bits, passed to the INT4 kernels as a run-time argument (``one_bits``) rather than written in them:
+# ptxas then reads it from the constant bank and keeps the mask as the mask-and-OR's immediate. With both
+# constants in the code it kept 1.0 as the immediate and rebuilt the mask in a register before nearly every
+# nibble (a MOV each, ~10% of the GEMV's instructions in ptxas's SASS for sm90). The tensor-core kernel
+# keeps the constant (ONE_BITS_CONSTANT): with the argument, int4_wo decode at batch 16 went from 1,607 to
+# 1,289 tok/s on the H200 (docs/benchmarks.md, "H200: 2026-12-03, sixth session").
+ONE_BITS = 0x3F800000
+ONE_BITS_CONSTANT = tl.constexpr(ONE_BITS) if tl is not None else ONE_BITS
+
+
 @jit
-def _nibble_as_float(words, NIBBLE: tl.constexpr):
+def _nibble_as_float(words, one_bits, NIBBLE: tl.constexpr):
     """Nibble NIBBLE of each word as the float 1 + q / 16, exactly: q shifted into bits 19-22 (the top of
-    1.0's mantissa) by one shift and one mask-and-OR."""
+    1.0's mantissa) by one shift and one mask-and-OR with ``one_bits`` (ONE_BITS)."""
     if NIBBLE < 5:
         bits = words << (19 - 4 * NIBBLE)
     else:
         bits = words >> (4 * NIBBLE - 19)
-    return ((bits & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)
+    return ((bits & 0x780000) | one_bits).to(tl.float32, bitcast=True)
 
 
 @jit(do_not_specialize=["num_rows"])
 def _int4_gemv_kernel(
         x_ptr, x_row_stride, input_order_ptr, w_ptr, w_row_stride, scales_ptr, scales_row_stride, zeros_ptr,
-        out_ptr, out_row_stride, num_rows, num_cols, num_inputs, num_blocks,
+        out_ptr, out_row_stride, num_rows, num_cols, num_inputs, num_blocks, one_bits,
         GROUP_SIZE: tl.constexpr, HAS_INPUT_ORDER: tl.constexpr, BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr,
         EVEN: tl.constexpr, PDL: tl.constexpr):
     """Program (output channel tile, row of x): one row against BLOCK_N channels over all of K, BLOCKS
@@ -167,12 +177,12 @@ def _int4_gemv_kernel(
     x_row = x_ptr + row * x_row_stride
     words = _int4_words(w_ptrs, col_mask, blocks < num_blocks, EVEN)
     wait_for_producer(PDL)
-    out = _int4_step(words, x_row, input_order_ptr, 0, blocks, lanes, meta_offsets, col_mask, num_blocks,
+    out = _int4_step(words, one_bits, x_row, input_order_ptr, 0, blocks, lanes, meta_offsets, col_mask, num_blocks,
                      num_inputs, scales_ptr, zeros_ptr, GROUP_SIZE, HAS_INPUT_ORDER, BLOCKS, EVEN)
     for block0 in range(BLOCKS, num_blocks, BLOCKS):
         words = _int4_words(w_ptrs + block0 * INT4_RUN, col_mask, block0 + blocks < num_blocks, EVEN)
-        out += _int4_step(words, x_row, input_order_ptr, block0, blocks, lanes, meta_offsets, col_mask, num_blocks,
-                          num_inputs, scales_ptr, zeros_ptr, GROUP_SIZE, HAS_INPUT_ORDER, BLOCKS, EVEN)
+        out += _int4_step(words, one_bits, x_row, input_order_ptr, block0, blocks, lanes, meta_offsets, col_mask,
+                          num_blocks, num_inputs, scales_ptr, zeros_ptr, GROUP_SIZE, HAS_INPUT_ORDER, BLOCKS, EVEN)
     tl.store(out_ptr + row * out_row_stride + cols, tl.sum(out, axis=1).to(out_ptr.dtype.element_ty), mask=col_mask)
 
 
@@ -187,9 +197,9 @@ def _int4_words(w_ptrs, col_mask, block_mask, EVEN: tl.constexpr):
 
 
 @jit
-def _int4_step(words, x_row, input_order_ptr, block0, blocks, lanes, meta_offsets, col_mask, num_blocks, num_inputs,
-               scales_ptr, zeros_ptr, GROUP_SIZE: tl.constexpr, HAS_INPUT_ORDER: tl.constexpr, BLOCKS: tl.constexpr,
-               EVEN: tl.constexpr):
+def _int4_step(words, one_bits, x_row, input_order_ptr, block0, blocks, lanes, meta_offsets, col_mask, num_blocks,
+               num_inputs, scales_ptr, zeros_ptr, GROUP_SIZE: tl.constexpr, HAS_INPUT_ORDER: tl.constexpr,
+               BLOCKS: tl.constexpr, EVEN: tl.constexpr):
     """One step of _int4_gemv_kernel: BLOCKS blocks of packed words from block block0 on, times x,
     corrected per group: [BLOCK_N, BLOCKS] sums."""
     GROUPS_PER_BLOCK: tl.constexpr = INT4_BLOCK // GROUP_SIZE
@@ -206,7 +216,7 @@ def _int4_step(words, x_row, input_order_ptr, block0, blocks, lanes, meta_offset
                 x = tl.load(x_row + ks).to(tl.float32)
             else:
                 x = _load_inputs(x_row, True, input_order_ptr, ks, num_inputs, HAS_INPUT_ORDER).to(tl.float32)
-            acc += x[None, :, :] * _nibble_as_float(words, j)
+            acc += x[None, :, :] * _nibble_as_float(words, one_bits, j)
             x_sum += x
         meta = meta_offsets + block0 * GROUPS_PER_BLOCK + g
         if EVEN:
@@ -273,7 +283,7 @@ def _weight_only_gemm_kernel(
                     run_start = k_start + (g * (GROUP_SIZE // INT4_RUN) + r) * INT4_RUN
                     x_t = _load_inputs(x_rows, row_mask[None, :], input_order_ptr, (run_start + lanes)[:, None],
                                        num_inputs, HAS_INPUT_ORDER)
-                    w = _nibble_as_float(packed, g * (GROUP_SIZE // INT4_RUN) + r).to(x_t.dtype)
+                    w = _nibble_as_float(packed, ONE_BITS_CONSTANT, g * (GROUP_SIZE // INT4_RUN) + r).to(x_t.dtype)
                     group_acc = tl.dot(w, x_t, group_acc, input_precision=DOT_PRECISION)
                     x_sum += tl.sum(x_t.to(tl.float32), axis=0)
                 meta = cols_64 * scales_row_stride + (k_start // GROUP_SIZE + g)
@@ -346,7 +356,12 @@ def _dequantize_weight_kernel(
 # qkv / o / gate_up / down (N x K = 6144 x 4096, 4096 x 4096, 28672 x 4096, 4096 x 14336), in
 # microseconds, against the copy bandwidth:
 #   INT4 (2026-12-02, copy 4.25 TB/s): 10.3 / 8.1 / 34.6 / 21.5 (1.28 / 1.08 / 1.80 / 1.43 TB/s); the GEMV
-#     before: 15.2 / 13.0 / 55.0 / 41.9. Timed again 2026-12-03: 11.2 / 8.4 / 36.6 / 20.9
+#     before: 15.2 / 13.0 / 55.0 / 41.9. Timed again 2026-12-03: 11.2 / 8.4 / 36.6 / 20.9. With 1.0's bits
+#     as an argument (ONE_BITS; 2026-12-03, sixth session, docs/results/h200/
+#     probe_int4_one_bits_2026-12-03f.json), BLOCK_N 16, BLOCK_K 2048, 4 warps: 8.8 / 7.3 / 30.1 / 22.2,
+#     68.4 in all, against 72.1 for the kernel before at its default (BLOCK_N 8: 8.7 / 8.3 / 34.2 / 20.9);
+#     each shape's best of nine tiles 8.8 / 5.8 / 30.1 / 19.9 (64.6) against 8.7 / 6.1 / 33.5 / 20.9 (69.3)
+#     before. The build's tuning picks per shape.
 #   INT8 (H200, 2026-12-03, sweep_gemv.py --only-options as of fa771fc, torch 2.11, copy 4.27 TB/s,
 #     docs/results/h200/sweep_gemv_options.json): BLOCK_N 4, BLOCK_K 2048, 4 warps 10.2 / 7.6 / 33.7 /
 #     19.5, 71.0 in all; BLOCK_K 1024 (the default before) 10.8 / 7.4 / 37.3 / 18.8, 74.3; BLOCK_K 4096
@@ -377,7 +392,7 @@ def _dequantize_weight_kernel(
 DEQUANT_MIN_ROWS = {4: 64, 8: 128}
 DEQUANTIZE_CONFIG: dict[str, Any] = {"dequantize": True, "BLOCK_N": 8, "BLOCK_K": 1024, "num_warps": 4}
 TENSOR_CORE_CONFIGS: dict[int, list[dict[str, Any]]] = {  # the Triton kernels alone, at every batch size
-    4: [{"max_rows": 1, "BLOCK_M": 1, "BLOCK_N": 8, "BLOCK_K": 2048, "num_warps": 4, "num_stages": 1},
+    4: [{"max_rows": 1, "BLOCK_M": 1, "BLOCK_N": 16, "BLOCK_K": 2048, "num_warps": 4, "num_stages": 1},
         {"max_rows": 16, "BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 1, "num_warps": 4, "num_stages": 3},
         {"max_rows": 64, "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 4, "num_stages": 3},
         {"max_rows": 1 << 30, "BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 4,
@@ -534,7 +549,7 @@ def _weight_only_matmul(x: torch.Tensor, bits: int, qweight: torch.Tensor, scale
         num_blocks = qweight.shape[1] // INT4_RUN
         even = num_cols % config["BLOCK_N"] == 0 and num_blocks % tile_runs == 0 and num_inputs == 128 * num_blocks
         _int4_gemv_kernel[(num_tiles_n, num_rows)](
-            *args, num_blocks, GROUP_SIZE=group_size, HAS_INPUT_ORDER=input_order is not None,
+            *args, num_blocks, ONE_BITS, GROUP_SIZE=group_size, HAS_INPUT_ORDER=input_order is not None,
             BLOCK_N=config["BLOCK_N"], BLOCKS=tile_runs, EVEN=even, num_warps=config["num_warps"],
             num_stages=config["num_stages"], **pdl_launch(x.device))
     elif num_rows:
