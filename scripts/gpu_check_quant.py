@@ -228,11 +228,13 @@ def engine_phase(quant: str, tmp: Path, out: Path, figures: set[str], max_batch_
     engine = load_engine(engine_dir, verify=False, progress=False)
     engine_load_s = time.perf_counter() - t0
     # The weight shapes whose build timing moved them off their default kernel: the GEMV instead of cuBLAS
-    # for an unquantized weight (with its row buckets), other tiles for a weight-only one.
-    for op in ("dense_linear", "rms_norm_linear", "weight_only_linear"):
+    # for an unquantized weight (with its row buckets), other tiles for a weight-only one, other GEMV configs
+    # (with their row buckets) for an FP8 one.
+    for op in ("dense_linear", "rms_norm_linear", "weight_only_linear", "fp8_linear"):
         tuned = engine.manifest.kernel_plan.get(op, {}).get("config", {}).get("shapes", {})
         if op in engine.manifest.kernel_plan:
-            buckets = {shape: ":" + "+".join(tuned[shape]) if op == "dense_linear" else "" for shape in tuned}
+            buckets = {shape: ":" + "+".join(tuned[shape]) if op in ("dense_linear", "fp8_linear") else ""
+                       for shape in tuned}
             RESULTS[f"{key}_{op}_tuned"] = ", ".join(shape + buckets[shape] for shape in sorted(tuned)) or "none"
 
     def executor() -> tuple[Executor, float]:

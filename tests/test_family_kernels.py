@@ -275,6 +275,8 @@ def test_default_plan_covers_the_ops_the_model_uses():
     x, weight, bias = layer_norm_inputs(3, 64, torch.float32)
     assert_close(ops.layer_norm(x, weight, bias, 1e-5), layer_norm_ref(x, weight, bias, 1e-5))
     assert ops.rms_norm is rms_norm_ref  # not in the plan: the reference
+    # Untuned (kiln build --no-tune), every op has its default config: the quantized matmuls' included.
+    assert set(_default_configs(TINY_MODEL, TINY_BUILD, num_sms=1, ops=OPS)) == set(OPS)
 
 
 def test_tuning_only_the_ops_the_model_uses(monkeypatch):

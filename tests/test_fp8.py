@@ -14,8 +14,8 @@ import torch
 
 from conftest import DEVICE, ON_GPU, gpu
 from kiln.errors import ConfigError
-from kiln.kernels.fp8 import (fp8_gemv, fp8_linear, fp8_linear_gpu, quantize_fp8_per_token_triton,
-                              quantize_fp8_static_triton, scaled_mm_refusal)
+from kiln.kernels.fp8 import (fp8_gemv, fp8_linear, fp8_linear_gpu, fp8_linear_op_ref, fp8_linear_triton,
+                              quantize_fp8_per_token_triton, quantize_fp8_static_triton, scaled_mm_refusal)
 from kiln.quantization.fp8 import (FP8_DTYPE, FP8_MAX, Fp8Linear, dequantize_fp8, fp8_linear_ref,
                                    fp8_w8a16_linear_ref, fuse_fp8_linears, quantize_fp8_per_token,
                                    quantize_fp8_static, quantize_fp8_weight, requantize_fp8_per_tensor)
@@ -272,6 +272,63 @@ def test_fp8_gemv_of_a_gate_up_projection_takes_silu_mul_in_its_epilogue(num_row
     x, w_fp8, w_scale, bias = gemv_case(num_rows, 2 * 37, 300, dtype, scaling, has_bias)
     out = fp8_gemv(x, w_fp8, w_scale, bias, silu_mul=True)
     assert out.shape == (num_rows, 37) and torch.equal(out, silu_mul_triton(fp8_gemv(x, w_fp8, w_scale, bias)))
+
+
+def test_fp8_linear_op_takes_the_plans_config_for_the_weights_shape_and_row_bucket():
+    """The op as a GPU engine binds it: the GEMV with the config the plan's shapes give this [N, K] at this
+    row count's bucket, bit for bit fp8_gemv with it; its default where the plan has none (another shape,
+    another bucket, no plan); with silu_mul, SiLU·up in the same GEMV's epilogue. The CPU's reference: the
+    W8A8 product, then silu_mul_ref."""
+    from kiln.kernels.activation import silu_mul_ref
+
+    tuned = {"BLOCK_M": 1, "BLOCK_N": 16, "BLOCK_K": 256, "num_warps": 4, "num_stages": 1}
+    shapes = {"74x300": {"1": tuned}}
+    one, w_fp8, w_scale, bias = gemv_case(1, 74, 300, torch.float16, "channel", True)
+    five = randn(5, 300, dtype=torch.float16)
+    assert torch.equal(fp8_linear_triton(one, w_fp8, w_scale, bias, shapes=shapes),
+                       fp8_gemv(one, w_fp8, w_scale, bias, **tuned))
+    assert torch.equal(fp8_linear_triton(one, w_fp8, w_scale, bias, silu_mul=True, shapes=shapes),
+                       fp8_gemv(one, w_fp8, w_scale, bias, silu_mul=True, **tuned))
+    for x, plan in [(five, shapes), (one, {"40x300": {"1": tuned}}), (one, None)]:
+        assert torch.equal(fp8_linear_triton(x, w_fp8, w_scale, bias, shapes=plan), fp8_gemv(x, w_fp8, w_scale, bias))
+    assert torch.equal(fp8_linear_op_ref(five, w_fp8, w_scale, bias), fp8_linear_ref(five, w_fp8, w_scale, bias=bias))
+    assert torch.equal(fp8_linear_op_ref(five, w_fp8, w_scale, bias, silu_mul=True),
+                       silu_mul_ref(fp8_linear_ref(five, w_fp8, w_scale, bias=bias)))
+
+
+def test_tuning_picks_fp8_gemv_configs_per_shape_and_row_bucket(monkeypatch):
+    """Fake times: the GEMV's default 10, one candidate per bucket 5 (BLOCK_N 16 at one row, 32 at 16), the
+    rest 20. The 16-row winner goes into the plan for the timed shape, run on the kernel (interpreter) and
+    agreeing with the default's product; one row is not timed (its default stays); a shape below
+    MIN_TUNED_MATMUL_BYTES (a byte a weight) is not timed; the rows timed are a step's, up to max_num_tokens."""
+    from kiln.builder import tuning
+    from kiln.config import BuildConfig
+    from kiln.convert import AutoModelForCausalLM
+    from kiln.kernels import KernelOps
+
+    timed = []
+
+    def fake_median_ms(fn):
+        config, rows = fn.keywords, fn.args[0].shape[0]
+        timed.append((rows, config.get("BLOCK_M"), config.get("BLOCK_N")))
+        if not config:
+            return 10.0
+        return 5.0 if config["BLOCK_N"] == (16 if config["BLOCK_M"] == 1 else 32) else 20.0
+
+    monkeypatch.setattr(tuning, "_median_ms", fake_median_ms)
+    monkeypatch.setattr(tuning, "MIN_TUNED_MATMUL_BYTES", 48 * 256)
+    config = AutoModelForCausalLM.from_preset("llama-3-8b").config
+    build = BuildConfig(max_batch_size=16, max_input_len=16, max_seq_len=32, max_num_tokens=16, quantization="fp8")
+    plan = tuning.TuningRun(config, build, torch.float16, num_sms=1, device=DEVICE).tune_fp8_linear(
+        [(48, 256), (48, 128)])
+    candidates = tuning.GEMV_CANDIDATES
+    winner = next(c for c in candidates if c["BLOCK_M"] == 16 and c["BLOCK_N"] == 32)
+    assert plan == {"shapes": {"48x256": {"16": winner}}}
+    assert {rows for rows, _, _ in timed} == {2, 16}  # each candidate and the default at 2 and 16 rows
+    assert len(timed) == 2 * (1 + sum(c["BLOCK_M"] == 16 for c in candidates))
+    ops = KernelOps({"fp8_linear": {"impl": "triton", "config": plan}})
+    x, w_fp8, w_scale, _ = gemv_case(5, 48, 256, torch.float16, "channel", False)
+    assert torch.equal(ops.fp8_linear(x, w_fp8, w_scale), fp8_gemv(x, w_fp8, w_scale, **winner))
 
 
 @pytest.mark.parametrize("num_rows", [1, 5])

@@ -21,7 +21,6 @@ import pytest
 import torch
 
 import kiln.kernels.triton_jit
-import kiln.layers.fp8
 from conftest import DEVICE, ON_GPU, gpu
 from kiln.config import BuildConfig
 from kiln.convert.converter import dummy_weights
@@ -252,13 +251,13 @@ def forward(model, config: ModelConfig, q_lens: list[int]) -> torch.Tensor:
 
 
 def counting_calls(monkeypatch, ops: KernelOps, calls: Counter) -> None:
-    """Counts each op the model calls through ``ops`` (the blocks read them from it at every call)."""
+    """Counts each op the model calls through ``ops`` (the blocks read them from it at every call);
+    fp8_linear's as "quantized by the Linear": the FP8 Linear calls it for an unquantized input (an
+    Fp8Activation goes to the matmul as it is), and its reference, the CPU's W8A8, quantizes it first."""
     for op in OPS:
-        fn = getattr(ops, op)
-        monkeypatch.setattr(ops, op, lambda *args, _fn=fn, _op=op, **kwargs: calls.update([_op]) or _fn(*args, **kwargs))
-    quantizing = kiln.layers.fp8.fp8_linear_ref  # the CPU's W8A8 of an unquantized input: quantizes it first
-    monkeypatch.setattr(kiln.layers.fp8, "fp8_linear_ref",
-                        lambda *args, **kwargs: calls.update(["quantized by the Linear"]) or quantizing(*args, **kwargs))
+        fn, name = getattr(ops, op), "quantized by the Linear" if op == "fp8_linear" else op
+        monkeypatch.setattr(ops, op, lambda *args, _fn=fn, _name=name, **kwargs: calls.update([_name])
+                            or _fn(*args, **kwargs))
 
 
 def always_fp8_input(monkeypatch) -> None:
@@ -321,9 +320,10 @@ def test_an_engine_whose_plan_predates_the_fused_ops_keeps_the_unfused_path(monk
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
 def test_fp8_model_forward_with_the_fused_kernels_equals_the_forward_without(family, monkeypatch, rounding_casts):
     """Triton's kernels in the interpreter (float16: its tl.dot mishandles bfloat16): the fused norm and
-    SiLU·up kernels against the plain kernels followed by fp8_linear_ref's quantization."""
+    SiLU·up kernels against the plain kernels followed by fp8_linear_ref's quantization (the FP8 Linear's
+    own op the reference: the Triton one, in the interpreter, is the W8A16 GEMV at any row count)."""
     config = CONFIGS[family]
-    ops = KernelOps({op: {"impl": "triton", "config": {}} for op in OPS})
+    ops = KernelOps({op: {"impl": "reference" if op == "fp8_linear" else "triton", "config": {}} for op in OPS})
     model = fp8_model(config, ops, torch.float16)
     plain = forward(model, config, [20, 13])
     always_fp8_input(monkeypatch)

@@ -17,6 +17,7 @@ from kiln.convert import AutoModelForCausalLM
 from kiln.bench.report import engine_details
 from kiln.engine import EngineManifest
 from kiln.errors import ConfigError
+from kiln.kernels import KernelOps, reference_plan
 from kiln.layers import linear_method
 from kiln.layers.fp8 import Fp8LinearMethod, large_batch_kernel
 from kiln.quantization.fp8 import FP8_DTYPE, fp8_linear_ref
@@ -31,6 +32,7 @@ class FakeLinear:
 
     def __init__(self, stored: dict[str, torch.Tensor], bias: torch.Tensor | None):
         self.weight, self.weight_scale, self.bias = stored["weight"], stored["weight_scale"], bias
+        self.ops = KernelOps(reference_plan())  # a CPU engine's
 
 
 @pytest.mark.parametrize("scaling", ["channel", "tensor"])

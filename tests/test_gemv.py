@@ -99,8 +99,8 @@ def test_dense_linear_takes_the_gemv_only_for_the_shapes_and_rows_the_plan_lists
 
 def test_the_blocks_that_multiply_16_bit_weights_declare_dense_linear_at_their_shapes():
     """An unquantized Llama multiplies every Linear and its LM head through dense_linear; a quantized one
-    only its LM head (a weight-only one its Linears through weight_only_linear, an FP8 one through its
-    method's kernels); the CPU's reference plan binds F.linear."""
+    only its LM head (a weight-only one its Linears through weight_only_linear, an FP8 one through
+    fp8_linear); the CPU's reference plan binds F.linear."""
     config = AutoModelForCausalLM.from_preset("llama-3-8b").config
     hidden, inter, vocab = config.hidden_size, config.intermediate_size, config.vocab_size
     qkv = (config.num_heads + 2 * config.num_kv_heads) * config.head_dim
@@ -113,8 +113,8 @@ def test_the_blocks_that_multiply_16_bit_weights_declare_dense_linear_at_their_s
     for quantization in ("fp8", "int8_wo", "int4_wo"):
         quantized = model_skeleton(config, BuildConfig(quantization=quantization), torch.bfloat16)
         assert "dense_linear" in kernel_ops_of(quantized)
-        assert matmul_shapes(quantized) == ({"dense_linear": ((vocab, hidden),)} if quantization == "fp8" else
-                                            {"dense_linear": ((vocab, hidden),), "weight_only_linear": linears})
+        linears_op = "fp8_linear" if quantization == "fp8" else "weight_only_linear"
+        assert matmul_shapes(quantized) == {"dense_linear": ((vocab, hidden),), linears_op: linears}
     assert KernelOps(reference_plan()).dense_linear is dense_linear_ref
 
 

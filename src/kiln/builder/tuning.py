@@ -9,7 +9,9 @@ the ops that quantize for an FP8 Linear (``*_fp8``) only where they run, above M
 ``dense_linear`` at each unquantized weight shape of the model and row bucket of the GEMV (1, and 2-16 rows),
 where cuBLAS competes with the GEMV's candidates and keeps the shape unless one is faster;
 ``rms_norm_linear`` at each unquantized weight an RMSNorm feeds, one row, where the norm's kernel followed by
-``dense_linear`` (as just tuned) competes with the GEMV that normalizes the row itself.
+``dense_linear`` (as just tuned) competes with the GEMV that normalizes the row itself; ``fp8_linear`` at each
+FP8 weight shape and row bucket of the GEMV, its default config against its candidates;
+``weight_only_linear`` at each INT8 / INT4 weight shape and bucket of rows its Triton kernels take.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from kiln.kernels.activation import (DEFAULT_GELU_CONFIG, DEFAULT_SILU_MUL_CONFI
                                      silu_mul_triton)
 from kiln.kernels.attention import (DEFAULT_CONTEXT_CONFIG, AttentionMetadata, default_decode_config,
                                     paged_attention_triton)
+from kiln.kernels.fp8 import fp8_gemv
 from kiln.kernels.gemv import GEMV_CANDIDATES, MAX_GEMV_ROWS, dense_linear_triton, gemv, shape_key
 from kiln.kernels.norm import (add_layer_norm_triton, add_rms_norm_fp8_triton, add_rms_norm_triton, default_norm_warps,
                                layer_norm_triton, rms_norm_fp8_triton, rms_norm_linear_ref, rms_norm_triton)
@@ -120,7 +123,9 @@ def _default_configs(config: ModelConfig, build: BuildConfig, num_sms: int, ops:
                 "rotary_kv_write": DEFAULT_ROTARY_CONFIG,
                 "attention": {"context": DEFAULT_CONTEXT_CONFIG, "decode": decode},
                 "dense_linear": {},  # cuBLAS at every shape until timed
-                "rms_norm_linear": {}}  # nothing folded until timed
+                "rms_norm_linear": {},  # nothing folded until timed
+                "weight_only_linear": {},  # the kernels' DEFAULT_CONFIGS at every shape
+                "fp8_linear": {}}  # the GEMV's default config at every shape
     return {op: defaults[op] for op in OPS if op in ops}
 
 
@@ -268,6 +273,7 @@ class TuningRun:
                                                                  configs.get("dense_linear", {}),
                                                                  configs.get("add_rms_norm", {})),
             "weight_only_linear": lambda: self.tune_weight_only_linear(shapes.get("weight_only_linear", ())),
+            "fp8_linear": lambda: self.tune_fp8_linear(shapes.get("fp8_linear", ())),
         }
         configs: dict[str, Any] = {}
         for op in OPS:  # in order: rms_norm_linear is timed against add_rms_norm's and dense_linear's tuned configs
@@ -280,18 +286,12 @@ class TuningRun:
         timed at 2 and 16), the fastest of cuBLAS and the GEMV's candidates for that bucket (cuBLAS on a
         tie); a GEMV whose product is not cuBLAS's within the dtype's rounding is passed over. The plan config
         lists the GEMV's shapes only."""
-        # A step's rows are its tokens: decodes and prompts alike, up to max_num_tokens.
-        bucket_rows = {"1": [1], "16": sorted({2, min(MAX_GEMV_ROWS, self.build.max_num_tokens)})
-                       if self.build.max_num_tokens >= 2 else []}
         chosen: dict[str, dict[str, dict[str, int]]] = {}
         for n, k in shapes:
             if n * k * self.dtype.itemsize < MIN_TUNED_MATMUL_BYTES:
                 continue
             weight = self.randn(n, k) * k ** -0.5
-            for bucket, rows in bucket_rows.items():
-                if not rows:
-                    continue
-                xs = [self.randn(r, k) for r in rows]
+            for bucket, xs in self.gemv_buckets(k).items():
                 candidates = [{}] + [c for c in GEMV_CANDIDATES if str(c["BLOCK_M"]) == bucket]
                 best = _fastest(candidates, [partial(_dense_candidate, x, weight) for x in xs],
                                 f"dense_linear {n}x{k}, {bucket} row(s)",
@@ -300,6 +300,41 @@ class TuningRun:
                 if best:
                     chosen.setdefault(shape_key(n, k), {})[bucket] = best
             del weight
+        return {"shapes": chosen} if chosen else {}
+
+    def gemv_buckets(self, k: int, buckets: Collection[str] = ("1", "16")) -> dict[str, list[torch.Tensor]]:
+        """Per row bucket of the GEMV the engine runs, of ``buckets`` ("1": one row; "16": 2 to 16 rows),
+        random inputs of ``k`` features at its first and last row counts (a step's rows are its tokens,
+        decodes and prompts alike, up to max_num_tokens)."""
+        rows = {"1": [1], "16": sorted({2, min(MAX_GEMV_ROWS, self.build.max_num_tokens)})
+                if self.build.max_num_tokens >= 2 else []}
+        return {bucket: [self.randn(r, k) for r in rows[bucket]] for bucket in buckets if rows[bucket]}
+
+    def tune_fp8_linear(self, shapes: Collection[tuple[int, int]]) -> dict[str, Any]:
+        """Per FP8 weight shape (of MIN_TUNED_MATMUL_BYTES or more: a byte a weight), at 2 to 16 rows (the
+        "16" bucket of gemv_buckets), the fastest of the GEMV's default config and its candidates (the default
+        on a tie); a candidate whose product is not the default's within the dtype's rounding is passed
+        over. One row keeps the default, chosen in-graph (kiln.kernels.gemv): timed here, one launch at a
+        time, the build moved Llama-3-8B's qkv to a config that made batch-1 decode slower on the H200
+        (replay 2.628 -> 2.656 ms; docs/benchmarks.md, "H200: 2026-12-03, sixth session"). Above
+        MAX_GEMV_ROWS rows fp8_linear takes _scaled_mm, which has no config. The plan config lists the
+        shapes whose 16-row config changed."""
+        method = linear_method(self.build.quantization, self.build)
+        chosen: dict[str, dict[str, dict[str, int]]] = {}
+        for n, k in shapes:
+            if n * k < MIN_TUNED_MATMUL_BYTES:
+                continue
+            stored = method.convert(torch.randn(n, k, device=self.device) * k ** -0.5, self.dtype)
+            weight, scale = stored["weight"], stored["weight_scale"]
+            for bucket, xs in self.gemv_buckets(k, ("16",)).items():
+                candidates = [{}] + [c for c in GEMV_CANDIDATES if str(c["BLOCK_M"]) == bucket]
+                best = _fastest(candidates, [partial(fp8_gemv, x, weight, scale) for x in xs],
+                                f"fp8_linear {n}x{k}, {bucket} row(s)",
+                                accept=lambda c: not c or all(_agrees(fp8_gemv(x, weight, scale, **c),
+                                                                      fp8_gemv(x, weight, scale)) for x in xs))
+                if best:
+                    chosen.setdefault(shape_key(n, k), {})[bucket] = best
+            del stored, weight, scale
         return {"shapes": chosen} if chosen else {}
 
     def tune_rms_norm_linear(self, shapes: Collection[tuple[int, int]], dense: dict[str, Any],

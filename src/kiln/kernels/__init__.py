@@ -9,7 +9,9 @@ counts the build timed it faster at (its config lists them), adding the product 
 rotating q and k and writing the KV cache (a fused QKV projection's) in the GEMV's epilogue where asked;
 ``rms_norm_linear`` the one-row GEMV of a weight that holds an RMSNorm's weight, normalizing its input row
 itself, at the shapes the build timed that faster than the norm's kernel and ``dense_linear`` apart (its config
-lists them); ``weight_only_linear`` an INT8 / INT4 one, with the launch configs the build timed per shape.
+lists them); ``weight_only_linear`` an INT8 / INT4 one, with the launch configs the build timed per shape;
+``fp8_linear`` an FP8 one (e4m3 weights, activations per token): the W8A16 GEMV up to 16 rows with the launch
+config the build timed per shape and row bucket, row-wise ``_scaled_mm`` above.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any
 from kiln.errors import EngineError
 from kiln.kernels.activation import gelu_ref, silu_mul_fp8_ref, silu_mul_ref
 from kiln.kernels.attention import AttentionMetadata, paged_attention_ref
+from kiln.kernels.fp8 import fp8_linear_op_ref
 from kiln.kernels.gemv import dense_linear_ref
 from kiln.kernels.norm import (add_layer_norm_ref, add_rms_norm_fp8_ref, add_rms_norm_ref, layer_norm_ref,
                                rms_norm_fp8_ref, rms_norm_linear_ref, rms_norm_ref)
@@ -29,10 +32,11 @@ from kiln.kernels.rotary import rotary_kv_write_ref
 from kiln.kernels.weight_only import weight_only_linear_ref
 
 OPS = ("rms_norm", "add_rms_norm", "rms_norm_fp8", "add_rms_norm_fp8", "layer_norm", "add_layer_norm", "silu_mul",
-       "silu_mul_fp8", "gelu", "rotary_kv_write", "attention", "dense_linear", "rms_norm_linear", "weight_only_linear")
+       "silu_mul_fp8", "gelu", "rotary_kv_write", "attention", "dense_linear", "rms_norm_linear", "weight_only_linear",
+       "fp8_linear")
 
 # The ops that multiply a weight: the build times them at each weight shape the model multiplies through them.
-MATMUL_OPS = ("dense_linear", "rms_norm_linear", "weight_only_linear")
+MATMUL_OPS = ("dense_linear", "rms_norm_linear", "weight_only_linear", "fp8_linear")
 
 # The ops of the Llama-family decoder (Llama, Mistral, Qwen2): what a plan covers unless told the ops
 # its model calls (GPT-J: layer_norm, add_layer_norm, gelu, rotary_kv_write, attention, dense_linear).
@@ -53,6 +57,7 @@ _REFERENCE: dict[str, Callable] = {
     "dense_linear": dense_linear_ref,
     "rms_norm_linear": rms_norm_linear_ref,
     "weight_only_linear": weight_only_linear_ref,
+    "fp8_linear": fp8_linear_op_ref,
 }
 
 
@@ -84,8 +89,9 @@ def reference_plan(ops: Collection[str] = OPS) -> dict[str, dict[str, Any]]:
 
 
 # Ops that a Triton plan made before they existed binds to their Triton implementation at its default config
-# (what such engines ran then: the weight-only Triton kernels' default tiles), not to the reference.
-TRITON_WHEN_UNPLANNED = ("weight_only_linear",)
+# (what such engines ran then: the weight-only Triton kernels' default tiles, fp8_linear's GEMV defaults), not
+# to the reference.
+TRITON_WHEN_UNPLANNED = ("weight_only_linear", "fp8_linear")
 
 
 class KernelOps:

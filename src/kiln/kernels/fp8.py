@@ -29,9 +29,9 @@ from typing import Any
 import torch
 
 from kiln.errors import ConfigError
-from kiln.kernels.gemv import MAX_GEMV_ROWS, default_gemv_config, gemv
+from kiln.kernels.gemv import MAX_GEMV_ROWS, default_gemv_config, gemv, gemv_config
 from kiln.kernels.triton_jit import device_capability, jit, next_power_of_2, pdl_launch, tl, wait_for_producer
-from kiln.quantization.fp8 import FP8_DTYPE, FP8_MAX, FP8_MAX_INV, MIN_AMAX, Fp8Activation
+from kiln.quantization.fp8 import FP8_DTYPE, FP8_MAX, FP8_MAX_INV, MIN_AMAX, Fp8Activation, fp8_linear_ref
 
 # ---- activation quantization ---------------------------------------------------------------------
 
@@ -213,6 +213,33 @@ def fp8_linear(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor, x_sc
                       max_gemv_rows):
         return fp8_linear_gpu(x, w_fp8, w_scale, x_scale, bias)
     return fp8_gemv(x, w_fp8, w_scale, bias, **(gemv or {}))
+
+
+# ---- the kernel op ``fp8_linear`` -----------------------------------------------------------------
+
+def fp8_linear_op_ref(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None,
+                      silu_mul: bool = False) -> torch.Tensor:
+    """The ``fp8_linear`` op's reference, the CPU path: fp8_linear_ref (W8A8, activations per token), with
+    ``silu_mul`` (a fused gate / up projection) silu_mul_ref of the product."""
+    y = fp8_linear_ref(x, w_fp8, w_scale, bias=bias)
+    if silu_mul:
+        from kiln.kernels.activation import silu_mul_ref  # activation -> fp8: imported when called
+
+        return silu_mul_ref(y)
+    return y
+
+
+def fp8_linear_triton(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None,
+                      silu_mul: bool = False, shapes: dict[str, dict[str, dict[str, int]]] | None = None
+                      ) -> torch.Tensor:
+    """The ``fp8_linear`` op on the GPU: fp8_linear, whose GEMV (up to MAX_GEMV_ROWS rows) takes the launch
+    config the build timed for this weight's shape and the rows' bucket (``shapes``, the plan's, keyed as
+    dense_linear's; default_gemv_config where it has none). With ``silu_mul`` the GEMV takes SiLU·up in its
+    epilogue (the Linear asks so only where fp8_linear takes the GEMV). A function of shapes alone."""
+    config = gemv_config(shapes, w_fp8.shape, x.numel() // x.shape[-1])
+    if silu_mul:
+        return fp8_gemv(x, w_fp8, w_scale, bias, silu_mul=True, **(config or {}))
+    return fp8_linear(x, w_fp8, w_scale, bias=bias, gemv=config)
 
 
 # ---- timing (called from a GPU script, not a test) -----------------------------------------------

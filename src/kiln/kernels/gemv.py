@@ -330,8 +330,8 @@ def dense_linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 
 def gemv_config(shapes: dict[str, dict[str, dict[str, int]]] | None, weight_shape: tuple[int, ...],
                 num_rows: int) -> dict[str, int] | None:
-    """The GEMV's config the plan's ``shapes`` (dense_linear's) give this weight at ``num_rows`` rows (None:
-    cuBLAS)."""
+    """The GEMV's config the plan's ``shapes`` (dense_linear's or fp8_linear's) give this weight at ``num_rows``
+    rows (None: none, so cuBLAS for dense_linear, the GEMV's default for fp8_linear)."""
     if not shapes or not 0 < num_rows <= MAX_GEMV_ROWS:
         return None
     return shapes.get(shape_key(*weight_shape), {}).get(gemv_bucket(num_rows))

@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 from kiln.kernels.activation import gelu_triton, silu_mul_fp8_triton, silu_mul_triton
 from kiln.kernels.attention import paged_attention_triton
+from kiln.kernels.fp8 import fp8_linear_triton
 from kiln.kernels.gemv import dense_linear_triton
 from kiln.kernels.norm import (add_layer_norm_triton, add_rms_norm_fp8_triton, add_rms_norm_triton, layer_norm_triton,
                                rms_norm_fp8_triton, rms_norm_linear_triton, rms_norm_triton)
@@ -32,4 +33,5 @@ IMPLS: dict[str, Callable] = {
     "dense_linear": dense_linear_triton,
     "rms_norm_linear": rms_norm_linear_triton,
     "weight_only_linear": weight_only_linear_triton,
+    "fp8_linear": fp8_linear_triton,
 }

@@ -1,14 +1,15 @@
 """FP8 W8A8: e4m3 weights with a float32 scale per output channel (or one per tensor), activations
 quantized per token at run time (kiln.quantization.fp8 holds the convention and the reference;
-kiln.kernels.fp8 the GPU path).
+kiln.kernels.fp8 the GPU path, the kernel op ``fp8_linear``).
 
 Build time: each float checkpoint weight [N, K] becomes ``weight`` (float8_e4m3fn [N, K]) and
 ``weight_scale`` (float32 [N, 1], amax of the row / 448; with ``BuildConfig.fp8_scaling="tensor"`` one
 0-d scale, amax of the weight / 448). A fused weight (Q/K/V, gate/up) is quantized row by row, so
-fusing costs nothing per channel; per tensor, the fused weight shares one scale. Run time: on CUDA
-``fp8_linear`` (the W8A16 GEMV up to 16 rows, row-wise ``torch._scaled_mm`` above where the target
-allows: see ``large_batch_kernel``); on the CPU ``fp8_linear_ref`` (the W8A8 arithmetic in float32),
-which is how CI runs every FP8 engine. Where ``_scaled_mm`` runs, the input comes quantized already
+fusing costs nothing per channel; per tensor, the fused weight shares one scale. Run time: the kernel op
+``fp8_linear``: on a GPU engine the W8A16 GEMV up to 16 rows, with the launch config the build timed for
+the weight's shape, and row-wise ``torch._scaled_mm`` above where the target allows (see
+``large_batch_kernel``); on a CPU engine ``fp8_linear_ref`` (the W8A8 arithmetic in float32), which is how
+CI runs every FP8 engine. Where ``_scaled_mm`` runs, the input comes quantized already
 (``wants_fp8_input``): the RMSNorm or SiLU·up kernel before the Linear writes it in e4m3 with its scales
 (an Fp8Activation), and ``apply`` multiplies it as it is. The embedding and the LM head are not
 ``Linear``s: they stay in the engine dtype.
@@ -19,11 +20,10 @@ from __future__ import annotations
 import torch
 
 from kiln.config import BuildConfig
-from kiln.kernels.fp8 import (MAX_GEMV_ROWS, fp8_gemv, fp8_linear, fp8_matmul_gpu, scaled_mm_refusal,
-                              uses_scaled_mm)
+from kiln.kernels.fp8 import MAX_GEMV_ROWS, fp8_matmul_gpu, scaled_mm_refusal, uses_scaled_mm
 from kiln.layers.linear import Linear, LinearMethod
-from kiln.quantization.fp8 import (FP8_DTYPE, Fp8Activation, Fp8Linear, fp8_linear_ref, fp8_matmul_ref,
-                                   quantize_fp8_weight, requantize_fp8_per_tensor)
+from kiln.quantization.fp8 import (FP8_DTYPE, Fp8Activation, Fp8Linear, fp8_matmul_ref, quantize_fp8_weight,
+                                   requantize_fp8_per_tensor)
 
 # FP8 tensor cores: Ada (sm89) and Hopper (sm90+). Below, no FP8 matmul and no e4m3 conversion in hardware.
 MIN_FP8_CAPABILITY = 89
@@ -41,6 +41,7 @@ class Fp8LinearMethod(LinearMethod):
 
     takes_fp8_weights = True  # convert accepts an Fp8Linear as well as a float weight
     takes_fp8_input = True  # apply accepts an Fp8Activation where wants_fp8_input says so
+    kernel_ops = ("fp8_linear",)
 
     def __init__(self, scaling: str = "channel"):
         self.scaling = scaling  # one of BuildConfig's FP8_SCALINGS
@@ -89,21 +90,19 @@ class Fp8LinearMethod(LinearMethod):
                                                         layer.dtype, device)
 
     def folds_silu_mul(self, layer, x):
-        """Where apply's fp8_linear takes the GEMV (on CUDA, up to MAX_GEMV_ROWS rows): its epilogue takes SiLU·up."""
+        """Where the fp8_linear op takes the GEMV (on CUDA, up to MAX_GEMV_ROWS rows): its epilogue takes SiLU·up."""
         return (isinstance(x, torch.Tensor) and x.is_cuda
                 and not uses_scaled_mm(x.shape[0], layer.out_features, layer.in_features, x.dtype, x.device))
 
     def apply_silu_mul(self, layer, x):
-        return fp8_gemv(x, layer.weight, layer.weight_scale, layer.bias, silu_mul=True)
+        return layer.ops.fp8_linear(x, layer.weight, layer.weight_scale, layer.bias, silu_mul=True)
 
     def apply(self, layer: Linear, x: torch.Tensor | Fp8Activation) -> torch.Tensor:
         if isinstance(x, Fp8Activation):  # quantized by the kernel before (wants_fp8_input)
             if x.data.is_cuda:
                 return fp8_matmul_gpu(x, layer.weight, layer.weight_scale, layer.bias, layer.dtype)
             return fp8_matmul_ref(x, layer.weight, layer.weight_scale, layer.bias, layer.dtype)
-        if x.is_cuda:
-            return fp8_linear(x, layer.weight, layer.weight_scale, bias=layer.bias)
-        return fp8_linear_ref(x, layer.weight, layer.weight_scale, bias=layer.bias)
+        return layer.ops.fp8_linear(x, layer.weight, layer.weight_scale, layer.bias)
 
 
 def large_batch_kernel(target: str, dtype: torch.dtype, scaling: str = "channel") -> str:
