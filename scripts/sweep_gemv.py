@@ -33,7 +33,8 @@ CANDIDATES = {
     "bf16": [None],
     "fp8": ROW_CANDIDATES,
     "int8": ROW_CANDIDATES,
-    # The nine tiles of the 2026-12-03 (sixth session) comparison, before and after ONE_BITS.
+    # The nine tiles of the 2026-12-03 (sixth session) comparison (benchmarks.md), for the INT4 GEMV of the
+    # src on PYTHONPATH (that comparison ran 543debb's and 8f82604's).
     "int4": [cfg(n, k, w) for n, k, w in [(8, 2048, 4), (4, 2048, 4), (16, 2048, 4), (8, 1024, 4), (8, 4096, 4),
                                           (16, 4096, 4), (8, 2048, 8), (16, 2048, 8), (8, 4096, 8)]],
 }

@@ -274,32 +274,51 @@ def test_fp8_gemv_of_a_gate_up_projection_takes_silu_mul_in_its_epilogue(num_row
     assert out.shape == (num_rows, 37) and torch.equal(out, silu_mul_triton(fp8_gemv(x, w_fp8, w_scale, bias)))
 
 
-def test_fp8_linear_op_takes_the_plans_config_for_the_weights_shape_and_row_bucket():
+def recording_gemv_configs(monkeypatch) -> list[dict]:
+    """The launch options each fp8_gemv call gets from now on (fp8_linear's GEMV included), in order."""
+    import kiln.kernels.fp8
+
+    configs, gemv = [], kiln.kernels.fp8.fp8_gemv
+
+    def recording(*args, **config):
+        configs.append(config)
+        return gemv(*args, **config)
+
+    monkeypatch.setattr(kiln.kernels.fp8, "fp8_gemv", recording)
+    return configs
+
+
+def test_fp8_linear_op_takes_the_plans_config_for_the_weights_shape_and_row_bucket(monkeypatch):
     """The op as a GPU engine binds it: the GEMV with the config the plan's shapes give this [N, K] at this
-    row count's bucket, bit for bit fp8_gemv with it; its default where the plan has none (another shape,
-    another bucket, no plan); with silu_mul, SiLU·up in the same GEMV's epilogue. The CPU's reference: the
-    W8A8 product, then silu_mul_ref."""
+    row count's bucket, its default where the plan has none (another bucket, another shape, no plan); with
+    silu_mul, SiLU·up in the same GEMV's epilogue, with the same config. The CPU's reference: the W8A8
+    product, then silu_mul_ref."""
     from kiln.kernels.activation import silu_mul_ref
 
-    tuned = {"BLOCK_M": 1, "BLOCK_N": 16, "BLOCK_K": 256, "num_warps": 4, "num_stages": 1}
-    shapes = {"74x300": {"1": tuned}}
-    one, w_fp8, w_scale, bias = gemv_case(1, 74, 300, torch.float16, "channel", True)
-    five = randn(5, 300, dtype=torch.float16)
-    assert torch.equal(fp8_linear_triton(one, w_fp8, w_scale, bias, shapes=shapes),
-                       fp8_gemv(one, w_fp8, w_scale, bias, **tuned))
-    assert torch.equal(fp8_linear_triton(one, w_fp8, w_scale, bias, silu_mul=True, shapes=shapes),
-                       fp8_gemv(one, w_fp8, w_scale, bias, silu_mul=True, **tuned))
-    for x, plan in [(five, shapes), (one, {"40x300": {"1": tuned}}), (one, None)]:
-        assert torch.equal(fp8_linear_triton(x, w_fp8, w_scale, bias, shapes=plan), fp8_gemv(x, w_fp8, w_scale, bias))
+    tuned = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 256, "num_warps": 4, "num_stages": 1}
+    shapes = {"74x300": {"16": tuned}}
+    five, w_fp8, w_scale, bias = gemv_case(5, 74, 300, torch.float16, "channel", True)
+    one = randn(1, 300, dtype=torch.float16)
+    configs = recording_gemv_configs(monkeypatch)
+    out = fp8_linear_triton(five, w_fp8, w_scale, bias, shapes=shapes)
+    assert configs == [tuned] and torch.equal(out, fp8_gemv(five, w_fp8, w_scale, bias, **tuned))
+    configs.clear()
+    out = fp8_linear_triton(five, w_fp8, w_scale, bias, silu_mul=True, shapes=shapes)
+    assert configs == [{"silu_mul": True, **tuned}]
+    assert torch.equal(out, fp8_gemv(five, w_fp8, w_scale, bias, silu_mul=True, **tuned))
+    for x, plan in [(one, shapes), (five, {"40x300": {"16": tuned}}), (five, None)]:
+        configs.clear()
+        out = fp8_linear_triton(x, w_fp8, w_scale, bias, shapes=plan)
+        assert configs == [{}] and torch.equal(out, fp8_gemv(x, w_fp8, w_scale, bias))
     assert torch.equal(fp8_linear_op_ref(five, w_fp8, w_scale, bias), fp8_linear_ref(five, w_fp8, w_scale, bias=bias))
     assert torch.equal(fp8_linear_op_ref(five, w_fp8, w_scale, bias, silu_mul=True),
                        silu_mul_ref(fp8_linear_ref(five, w_fp8, w_scale, bias=bias)))
 
 
-def test_tuning_picks_fp8_gemv_configs_per_shape_and_row_bucket(monkeypatch):
-    """Fake times: the GEMV's default 10, one candidate per bucket 5 (BLOCK_N 16 at one row, 32 at 16), the
-    rest 20. The 16-row winner goes into the plan for the timed shape, run on the kernel (interpreter) and
-    agreeing with the default's product; one row is not timed (its default stays); a shape below
+def test_tuning_picks_fp8_gemv_configs_per_shape_at_2_to_16_rows(monkeypatch):
+    """Fake times: the GEMV's default 10, the 16-row candidate with BLOCK_N 32 5, the rest 20. The winner
+    goes into the plan for the timed shape, checked on the kernel (interpreter) against the default's
+    product, and the op then runs the GEMV with it; one row is not timed (its default stays); a shape below
     MIN_TUNED_MATMUL_BYTES (a byte a weight) is not timed; the rows timed are a step's, up to max_num_tokens."""
     from kiln.builder import tuning
     from kiln.config import BuildConfig
@@ -313,7 +332,7 @@ def test_tuning_picks_fp8_gemv_configs_per_shape_and_row_bucket(monkeypatch):
         timed.append((rows, config.get("BLOCK_M"), config.get("BLOCK_N")))
         if not config:
             return 10.0
-        return 5.0 if config["BLOCK_N"] == (16 if config["BLOCK_M"] == 1 else 32) else 20.0
+        return 5.0 if config["BLOCK_N"] == 32 else 20.0
 
     monkeypatch.setattr(tuning, "_median_ms", fake_median_ms)
     monkeypatch.setattr(tuning, "MIN_TUNED_MATMUL_BYTES", 48 * 256)
@@ -328,7 +347,9 @@ def test_tuning_picks_fp8_gemv_configs_per_shape_and_row_bucket(monkeypatch):
     assert len(timed) == 2 * (1 + sum(c["BLOCK_M"] == 16 for c in candidates))
     ops = KernelOps({"fp8_linear": {"impl": "triton", "config": plan}})
     x, w_fp8, w_scale, _ = gemv_case(5, 48, 256, torch.float16, "channel", False)
-    assert torch.equal(ops.fp8_linear(x, w_fp8, w_scale), fp8_gemv(x, w_fp8, w_scale, **winner))
+    configs = recording_gemv_configs(monkeypatch)
+    ops.fp8_linear(x, w_fp8, w_scale)
+    assert configs == [winner]
 
 
 @pytest.mark.parametrize("num_rows", [1, 5])

@@ -10,7 +10,7 @@ the ops that quantize for an FP8 Linear (``*_fp8``) only where they run, above M
 where cuBLAS competes with the GEMV's candidates and keeps the shape unless one is faster;
 ``rms_norm_linear`` at each unquantized weight an RMSNorm feeds, one row, where the norm's kernel followed by
 ``dense_linear`` (as just tuned) competes with the GEMV that normalizes the row itself; ``fp8_linear`` at each
-FP8 weight shape and row bucket of the GEMV, its default config against its candidates;
+FP8 weight shape, 2-16 rows, the GEMV's default config against its candidates (one row keeps the default);
 ``weight_only_linear`` at each INT8 / INT4 weight shape and bucket of rows its Triton kernels take.
 """
 
@@ -192,9 +192,10 @@ def _weight_only_candidate(x: torch.Tensor, operands: tuple, **config: Any) -> t
     return weight_only_linear_triton(x, *operands, shapes=shapes)
 
 
-# Weights of fewer bytes (in the engine dtype) than this keep their default kernel untimed: read in about a
-# microsecond at the bandwidths kiln targets, so the candidates differ there by their launches alone, and
-# timing them would compile every candidate into the build of a small model (stories260K's are all below).
+# Weights of fewer bytes (in the engine dtype; FP8 ones at a byte a weight) than this keep their default
+# kernel untimed: read in about a microsecond at the bandwidths kiln targets, so the candidates differ there by
+# their launches alone, and timing them would compile every candidate into the build of a small model
+# (stories260K's are all below).
 MIN_TUNED_MATMUL_BYTES = 1 << 20
 
 # How far a candidate's product may be from the default's (relative, of the largest output) before the
@@ -209,13 +210,18 @@ def _agrees(actual: torch.Tensor, expected: torch.Tensor) -> bool:
 
 
 def _variants(config: dict[str, Any]) -> list[dict[str, Any]]:
-    """A weight-only bucket's config and its variants, one launch option changed at a time: BLOCK_N (more,
-    narrower programs where N is small) and, for the GEMV, BLOCK_K and num_warps (8 warps: the INT4 GEMV's
-    best at the Llama-3-8B down projection, K 14336, on the H200)."""
-    options = {"BLOCK_N": (4, 8, 16), "BLOCK_K": (1024, 2048, 4096), "num_warps": (4, 8)} if config[
-        "BLOCK_M"] == 1 else {"BLOCK_N": (16, 32, 64, 128)}
-    return [config] + [{**config, name: value} for name, values in options.items() for value in values
-                       if value != config[name]]
+    """A weight-only bucket's config and its variants. The tensor-core tiles: BLOCK_N changed (more,
+    narrower programs where N is small). The GEMV: every tile of BLOCK_N 4 / 8 / 16, BLOCK_K 1024 / 2048 /
+    4096 and 4 or 8 warps (18 in all), since the best are more than one option away from the default: on
+    the H200 the INT4 GEMV's best at the Llama-3-8B down projection was BLOCK_N 8, 8 warps, at o BLOCK_N 8,
+    BLOCK_K 4096, from the default BLOCK_N 16, BLOCK_K 2048, 4 warps (docs/benchmarks.md, "H200: 2026-12-03,
+    sixth session")."""
+    if config["BLOCK_M"] == 1:
+        tiles = itertools.product((4, 8, 16), (1024, 2048, 4096), (4, 8))
+        others = [{**config, "BLOCK_N": n, "BLOCK_K": k, "num_warps": w} for n, k, w in tiles]
+    else:
+        others = [{**config, "BLOCK_N": n} for n in (16, 32, 64, 128)]
+    return [config] + [c for c in others if c != config]
 
 
 class TuningRun:
@@ -291,28 +297,38 @@ class TuningRun:
             if n * k * self.dtype.itemsize < MIN_TUNED_MATMUL_BYTES:
                 continue
             weight = self.randn(n, k) * k ** -0.5
-            for bucket, xs in self.gemv_buckets(k).items():
-                candidates = [{}] + [c for c in GEMV_CANDIDATES if str(c["BLOCK_M"]) == bucket]
-                best = _fastest(candidates, [partial(_dense_candidate, x, weight) for x in xs],
-                                f"dense_linear {n}x{k}, {bucket} row(s)",
-                                accept=lambda c: not c or all(_agrees(gemv(x, weight, **c), F.linear(x, weight))
-                                                              for x in xs))
-                if best:
-                    chosen.setdefault(shape_key(n, k), {})[bucket] = best
+            buckets = self.gemv_choices(f"dense_linear {n}x{k}", k, ("1", "16"),
+                                        lambda x, **config: _dense_candidate(x, weight, **config))
+            if buckets:
+                chosen[shape_key(n, k)] = buckets
             del weight
         return {"shapes": chosen} if chosen else {}
 
-    def gemv_buckets(self, k: int, buckets: Collection[str] = ("1", "16")) -> dict[str, list[torch.Tensor]]:
-        """Per row bucket of the GEMV the engine runs, of ``buckets`` ("1": one row; "16": 2 to 16 rows),
-        random inputs of ``k`` features at its first and last row counts (a step's rows are its tokens,
-        decodes and prompts alike, up to max_num_tokens)."""
+    def gemv_choices(self, name: str, k: int, buckets: Collection[str], run: Callable[..., torch.Tensor]
+                     ) -> dict[str, dict[str, int]]:
+        """Per row bucket of the GEMV of ``buckets`` ("1": one row; "16": 2 to 16 rows, up to max_num_tokens:
+        a step's rows are its tokens, decodes and prompts alike) that the engine runs, the fastest of ``run``'s
+        default (``run(x)``: cuBLAS for dense_linear, the GEMV's default config for fp8_linear) and the GEMV's
+        candidates for the bucket (``run(x, **config)``), timed at the bucket's first and last row counts on
+        random inputs of ``k`` features; the default on a tie, and a candidate whose product is not the
+        default's within the dtype's rounding is passed over. Returns the buckets a candidate won."""
         rows = {"1": [1], "16": sorted({2, min(MAX_GEMV_ROWS, self.build.max_num_tokens)})
                 if self.build.max_num_tokens >= 2 else []}
-        return {bucket: [self.randn(r, k) for r in rows[bucket]] for bucket in buckets if rows[bucket]}
+        chosen = {}
+        for bucket in buckets:
+            xs = [self.randn(r, k) for r in rows[bucket]]
+            if not xs:
+                continue
+            candidates = [{}] + [c for c in GEMV_CANDIDATES if str(c["BLOCK_M"]) == bucket]
+            best = _fastest(candidates, [partial(run, x) for x in xs], f"{name}, {bucket} row(s)",
+                            accept=lambda c: not c or all(_agrees(run(x, **c), run(x)) for x in xs))
+            if best:
+                chosen[bucket] = best
+        return chosen
 
     def tune_fp8_linear(self, shapes: Collection[tuple[int, int]]) -> dict[str, Any]:
         """Per FP8 weight shape (of MIN_TUNED_MATMUL_BYTES or more: a byte a weight), at 2 to 16 rows (the
-        "16" bucket of gemv_buckets), the fastest of the GEMV's default config and its candidates (the default
+        "16" bucket of gemv_choices), the fastest of the GEMV's default config and its candidates (the default
         on a tie); a candidate whose product is not the default's within the dtype's rounding is passed
         over. One row keeps the default, chosen in-graph (kiln.kernels.gemv): timed here, one launch at a
         time, the build moved Llama-3-8B's qkv to a config that made batch-1 decode slower on the H200
@@ -325,16 +341,11 @@ class TuningRun:
             if n * k < MIN_TUNED_MATMUL_BYTES:
                 continue
             stored = method.convert(torch.randn(n, k, device=self.device) * k ** -0.5, self.dtype)
-            weight, scale = stored["weight"], stored["weight_scale"]
-            for bucket, xs in self.gemv_buckets(k, ("16",)).items():
-                candidates = [{}] + [c for c in GEMV_CANDIDATES if str(c["BLOCK_M"]) == bucket]
-                best = _fastest(candidates, [partial(fp8_gemv, x, weight, scale) for x in xs],
-                                f"fp8_linear {n}x{k}, {bucket} row(s)",
-                                accept=lambda c: not c or all(_agrees(fp8_gemv(x, weight, scale, **c),
-                                                                      fp8_gemv(x, weight, scale)) for x in xs))
-                if best:
-                    chosen.setdefault(shape_key(n, k), {})[bucket] = best
-            del stored, weight, scale
+            buckets = self.gemv_choices(f"fp8_linear {n}x{k}", k, ("16",), lambda x, **config: fp8_gemv(
+                x, stored["weight"], stored["weight_scale"], **config))
+            if buckets:
+                chosen[shape_key(n, k)] = buckets
+            del stored
         return {"shapes": chosen} if chosen else {}
 
     def tune_rms_norm_linear(self, shapes: Collection[tuple[int, int]], dense: dict[str, Any],

@@ -10,8 +10,8 @@ rotating q and k and writing the KV cache (a fused QKV projection's) in the GEMV
 ``rms_norm_linear`` the one-row GEMV of a weight that holds an RMSNorm's weight, normalizing its input row
 itself, at the shapes the build timed that faster than the norm's kernel and ``dense_linear`` apart (its config
 lists them); ``weight_only_linear`` an INT8 / INT4 one, with the launch configs the build timed per shape;
-``fp8_linear`` an FP8 one (e4m3 weights, activations per token): the W8A16 GEMV up to 16 rows with the launch
-config the build timed per shape and row bucket, row-wise ``_scaled_mm`` above.
+``fp8_linear`` an FP8 one (e4m3 weights, activations per token): the W8A16 GEMV up to 16 rows (at 2-16 rows
+with the launch config the build timed per shape), row-wise ``_scaled_mm`` above.
 """
 
 from __future__ import annotations

@@ -219,8 +219,9 @@ def fp8_linear(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor, x_sc
 
 def fp8_linear_op_ref(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None,
                       silu_mul: bool = False) -> torch.Tensor:
-    """The ``fp8_linear`` op's reference, the CPU path: fp8_linear_ref (W8A8, activations per token), with
-    ``silu_mul`` (a fused gate / up projection) silu_mul_ref of the product."""
+    """The ``fp8_linear`` op's reference, a CPU engine's path (on any device it is given: float32
+    arithmetic): fp8_linear_ref (W8A8, activations per token), with ``silu_mul`` (a fused gate / up
+    projection) silu_mul_ref of the product."""
     y = fp8_linear_ref(x, w_fp8, w_scale, bias=bias)
     if silu_mul:
         from kiln.kernels.activation import silu_mul_ref  # activation -> fp8: imported when called

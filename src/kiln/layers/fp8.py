@@ -6,12 +6,14 @@ Build time: each float checkpoint weight [N, K] becomes ``weight`` (float8_e4m3f
 ``weight_scale`` (float32 [N, 1], amax of the row / 448; with ``BuildConfig.fp8_scaling="tensor"`` one
 0-d scale, amax of the weight / 448). A fused weight (Q/K/V, gate/up) is quantized row by row, so
 fusing costs nothing per channel; per tensor, the fused weight shares one scale. Run time: the kernel op
-``fp8_linear``: on a GPU engine the W8A16 GEMV up to 16 rows, with the launch config the build timed for
-the weight's shape, and row-wise ``torch._scaled_mm`` above where the target allows (see
+``fp8_linear``: on a GPU engine the W8A16 GEMV up to 16 rows (at 2-16 rows with the launch config the build
+timed for the weight's shape), and row-wise ``torch._scaled_mm`` above where the target allows (see
 ``large_batch_kernel``); on a CPU engine ``fp8_linear_ref`` (the W8A8 arithmetic in float32), which is how
-CI runs every FP8 engine. Where ``_scaled_mm`` runs, the input comes quantized already
-(``wants_fp8_input``): the RMSNorm or SiLU·up kernel before the Linear writes it in e4m3 with its scales
-(an Fp8Activation), and ``apply`` multiplies it as it is. The embedding and the LM head are not
+CI runs every FP8 engine. Which of the two runs is the plan's choice, not the device's: a CPU engine's
+reference run on a GPU multiplies in float32 there, as the weight-only methods' references do. Where
+``_scaled_mm`` runs, the input comes quantized already (``wants_fp8_input``): the RMSNorm or SiLU·up kernel
+before the Linear writes it in e4m3 with its scales (an Fp8Activation), and ``apply`` multiplies it as it
+is. The embedding and the LM head are not
 ``Linear``s: they stay in the engine dtype.
 """
 
