@@ -186,14 +186,12 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow], staging: HostStaging) 
     if not t.any_random:
         return argmax(logits)
     scaled = logits / t.temperature[:, None]
-    if t.any_top_k:
-        scaled = top_k_top_p_min_p(scaled, t)
-    elif t.any_top_p or t.any_min_p:
+    if not t.any_top_k and (t.any_top_p or t.any_min_p):
         nucleus_race = nucleus_race_triton if is_triton else nucleus_race_ref
         tokens, _ = nucleus_race(scaled, t.top_p, t.min_p.log(), t.seeds, t.steps)
-        return torch.where(t.is_greedy, argmax(logits), tokens) if t.any_greedy else tokens
-    race = exponential_race_triton if is_triton else exponential_race_ref
-    tokens = race(scaled, t.seeds, t.steps)
+    else:
+        race = exponential_race_triton if is_triton else exponential_race_ref
+        tokens = race(top_k_top_p_min_p(scaled, t) if t.any_top_k else scaled, t.seeds, t.steps)
     # A batch without greedy rows skips their argmax (a pass over the logits that torch.where would drop).
     return torch.where(t.is_greedy, argmax(logits), tokens) if t.any_greedy else tokens
 
