@@ -42,10 +42,6 @@ class RMSNorm(_Norm):
         one, quantized in the norm's kernel. Not for a norm whose output goes anywhere else too."""
         self.consumer = (linear,)
 
-    def follows(self, linear: Linear) -> None:
-        """Declares that ``linear``'s output is this norm's x, with the residual (Linear.then)."""
-        linear.then(self)
-
     @property
     def kernel_ops(self) -> tuple[str, ...]:
         is_fp8 = any(linear.method.takes_fp8_input for linear in self.consumer)

@@ -67,7 +67,7 @@ class LlamaLayer(nn.Module):
         # Each norm's output goes to one projection alone: an FP8 one may take it quantized by the norm.
         self.attn_norm.feeds(self.attn.qkv)
         self.mlp_norm.feeds(self.mlp.gate_up)
-        self.mlp_norm.follows(self.attn.o)  # where the norm folds (batch-1 decode), o adds the residual
+        self.attn.o.then(self.mlp_norm)  # where the norm folds (batch-1 decode), o adds the residual
 
     def forward(self, hidden: torch.Tensor | PendingOutput, residual: torch.Tensor | None, positions: torch.Tensor,
                 kv_cache: torch.Tensor, slot_mapping: torch.Tensor, attn: AttentionMetadata
@@ -89,7 +89,7 @@ class LlamaForCausalLM(CausalLM):
         rotary = Rotary(config.rope, config.rotary_size, max_positions, ctx)
         self.layers = nn.ModuleList(LlamaLayer(config, rotary, ctx, self.qk_norm) for _ in range(config.num_layers))
         for before, after in zip(self.layers, self.layers[1:]):
-            after.attn_norm.follows(before.mlp.down)
+            before.mlp.down.then(after.attn_norm)
         self.norm = RMSNorm(config.hidden_size, config.norm_eps, ctx)
         self.lm_head = LMHead(config.vocab_size, config.hidden_size, ctx,
                               tied=self.embed if config.tie_word_embeddings else None)
