@@ -61,3 +61,30 @@ def test_a_method_registered_by_a_test_builds_and_runs_stories260k(monkeypatch, 
         load_engine(engine_dir, progress=False)
     with pytest.raises(ConfigError, match="unknown quantization 'fp3'; this kiln knows none"):
         Builder().build(source, BuildConfig(**BUILD, quantization="fp3"))
+
+
+
+# Each fold a LinearMethod may offer: the question the blocks ask (and its arguments after the layer), then
+# the work they call where the answer is yes (and its arguments after the layer). The base class answers no
+# and raises if the work is called anyway.
+FOLDS = [("folds_norm", (1,), "fold_norm_weight", (None,)),
+         ("adds_residual", (1,), "apply_add", (None, None)),
+         ("folds_silu_mul", (torch.zeros(1, 4),), "apply_silu_mul", (None,)),
+         ("folds_kv_write", (torch.zeros(1, 4), None), "apply_kv_write", (None, None))]
+
+
+@pytest.mark.parametrize("name", list(LINEAR_METHODS))
+def test_a_method_that_may_fold_does_the_fold_and_one_that_does_not_refuses_by_name(name):
+    """Every registered method overrides a fold's work wherever it overrides its question (else a yes would
+    reach the base class's NotImplementedError at run time); where it keeps the base's question it answers
+    no, and calling the work anyway names the method."""
+    from kiln.layers.linear import _method_class
+
+    method = _method_class(name)
+    for question, question_args, work, work_args in FOLDS:
+        asks = getattr(method, question) is not getattr(LinearMethod, question)
+        assert asks == (getattr(method, work) is not getattr(LinearMethod, work)), (method.__name__, question, work)
+        if not asks:
+            assert getattr(method(), question)(None, *question_args) is False
+            with pytest.raises(NotImplementedError, match=method.__name__):
+                getattr(method(), work)(None, *work_args)
